@@ -1,0 +1,42 @@
+# resilience: PGXS build.  `make test` and `make demo` are the two commands a
+# newcomer needs (see README.md); the rest is ordinary PGXS.
+
+EXTENSION = resilience
+MODULE_big = resilience
+OBJS = \
+	src/resilience.o \
+	src/shmem.o \
+	src/ratelimit.o \
+	src/worker.o
+
+DATA = $(wildcard resilience--*.sql)
+PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
+
+# pg_regress: one test per capability, the SQL contract with its errors.
+REGRESS = setup ratelimit ratelimit_errors
+
+# Isolation specs: one per race we promise to win.
+ISOLATION = ratelimit_shared
+ISOLATION_OPTS = --inputdir=test
+
+# TAP tests (crash, restart, workers) live in test/t.
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: test demo bench
+
+# Every suite on a throwaway cluster; installs what is missing (as root).
+test:
+	bash tools/test.sh
+
+# A short guided scenario on a throwaway cluster.
+demo:
+	bash tools/demo.sh
+
+# Side-by-side throughput ratios (SELECT 1, plain SQL, Redis).
+bench:
+	bash bench/run.sh

@@ -1,0 +1,68 @@
+/*-------------------------------------------------------------------------
+ *
+ * compat.h
+ *		The one place that knows about differences between PostgreSQL
+ *		major versions (14 to 17).  Code elsewhere calls the _compat
+ *		wrappers instead of testing PG_VERSION_NUM itself.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef RESILIENCE_COMPAT_H
+#define RESILIENCE_COMPAT_H
+
+#include "postgres.h"
+
+#if PG_VERSION_NUM < 140000
+#error "resilience requires PostgreSQL 14 or later"
+#endif
+
+/*
+ * PostgreSQL 15 added shmem_request_hook; before it, shared memory and
+ * LWLock tranches are requested directly from _PG_init.
+ */
+#if PG_VERSION_NUM >= 150000
+#define RESILIENCE_HAS_SHMEM_REQUEST_HOOK 1
+#endif
+
+/* MarkGUCPrefixReserved is the PostgreSQL 15 name of EmitWarningsOnPlaceholders. */
+#if PG_VERSION_NUM < 150000
+#define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
+#endif
+
+/* PostgreSQL 17 registers custom wait events by name. */
+#if PG_VERSION_NUM >= 170000
+#include "utils/wait_event.h"
+#define resilience_wait_event_compat(name) WaitEventExtensionNew(name)
+#else
+#define resilience_wait_event_compat(name) PG_WAIT_EXTENSION
+#endif
+
+/* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
+#if PG_VERSION_NUM < 150000
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/tuplestore.h"
+
+static inline void
+InitMaterializedSRF(FunctionCallInfo fcinfo, bits32 flags)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	MemoryContext oldcontext;
+	TupleDesc	tupdesc;
+
+	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
+		!(rsinfo->allowedModes & SFRM_Materialize))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("set-valued function called in context that cannot accept a set")));
+	oldcontext = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	rsinfo->returnMode = SFRM_Materialize;
+	rsinfo->setResult = tuplestore_begin_heap(true, false, work_mem);
+	rsinfo->setDesc = CreateTupleDescCopy(tupdesc);
+	MemoryContextSwitchTo(oldcontext);
+}
+#endif
+
+#endif							/* RESILIENCE_COMPAT_H */

@@ -1,0 +1,854 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The launcher, one worker per database, and the job scheduler.
+ *
+ * The launcher is a static background worker started by the postmaster.  It
+ * connects to no database (it reads only the shared catalog pg_database) and
+ * keeps one dynamic worker running per database named in
+ * resilience.database_names, at most resilience.max_workers of them.
+ *
+ * Launcher state machine, per shared slot:
+ *
+ *	  free --(name listed, database exists)--> launched
+ *	  launched --(worker exits or crashes)--> free, restarted after naptime
+ *	  launched --(name no longer listed)--> stop requested --> free
+ *	  launched --(DROP/RENAME DATABASE in progress)--> dropping: the worker is
+ *		  asked to leave and is not restarted until that transaction ends
+ *
+ * Each worker waits (latch, woken by SIGHUP, a stop request or its next job
+ * being due) until CREATE EXTENSION resilience exists in its database, and
+ * while the server is in recovery, then runs the jobs below on their own
+ * intervals.  A job is a SQL call run in its own transaction; it takes a
+ * conditional lock on the extension first, so DROP EXTENSION never waits for
+ * more than one job and a job never fails because the extension vanished.
+ * A failing job is logged and recorded in the workers view; the worker goes
+ * on.  Failures of the launcher are logged once per kind.
+ *
+ * The worker status in shared memory is guarded by one LWLock; it changes a
+ * few times per job run, never on a hot path.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "shmem.h"
+
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/pg_database.h"
+#include "catalog/pg_extension.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lmgr.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "storage/shmem.h"
+#include "tcop/utility.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/varlena.h"
+
+#define WORKER_TRANCHE "resilience_workers"
+#define MAX_JOBS 4
+#define ERROR_LEN 256
+/* How long DROP DATABASE waits for the worker to leave. */
+#define RELEASE_WAIT_MS 10000
+
+/* A scheduled job: a SQL call and the GUC holding its interval (0 = off). */
+typedef struct WorkerJob
+{
+	const char *name;
+	const char *sql;
+	int		   *interval_ms;
+} WorkerJob;
+
+static const WorkerJob jobs[] = {
+	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms},
+};
+
+#define NUM_JOBS lengthof(jobs)
+StaticAssertDecl(lengthof(jobs) <= MAX_JOBS, "too many worker jobs");
+
+typedef enum WorkerState
+{
+	WORKER_STOPPED,
+	WORKER_STARTING,
+	WORKER_WAITING_EXTENSION,
+	WORKER_IN_RECOVERY,
+	WORKER_IDLE,
+	WORKER_RUNNING
+} WorkerState;
+
+static const char *const worker_state_names[] = {
+	"stopped", "starting", "waiting_for_extension", "in_recovery", "idle", "running"
+};
+
+typedef struct JobStatus
+{
+	TimestampTz last_start;
+	TimestampTz last_end;
+	int64		runs;
+	int64		failures;
+	TimestampTz last_error_at;
+	char		last_error[ERROR_LEN];
+} JobStatus;
+
+typedef struct WorkerSlot
+{
+	bool		in_use;			/* assigned to a database by the launcher */
+	bool		stop_requested;
+	bool		dropping;		/* DROP/RENAME DATABASE under way */
+	Oid			dboid;
+	char		dbname[NAMEDATALEN];
+	pid_t		pid;			/* 0 when no process runs */
+	WorkerState state;
+	TimestampTz started_at;
+	JobStatus	jobs[MAX_JOBS];
+} WorkerSlot;
+
+typedef struct WorkerShared
+{
+	LWLock	   *lock;
+	pid_t		launcher_pid;
+	WorkerSlot	slots[FLEXIBLE_ARRAY_MEMBER];
+} WorkerShared;
+
+static WorkerShared *worker_shared = NULL;
+static ProcessUtility_hook_type prev_ProcessUtility = NULL;
+
+/* Slots this backend marked as dropping, cleared at transaction end. */
+static int	dropping_slot = -1;
+
+PGDLLEXPORT void resilience_launcher_main(Datum main_arg);
+PGDLLEXPORT void resilience_worker_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(worker_status);
+
+/* ---- shared memory ---- */
+
+Size
+worker_shmem_size(void)
+{
+	return add_size(offsetof(WorkerShared, slots),
+					mul_size(resilience_max_workers, sizeof(WorkerSlot)));
+}
+
+void
+worker_shmem_request(void)
+{
+	RequestNamedLWLockTranche(WORKER_TRANCHE, 1);
+}
+
+void
+worker_shmem_init(void)
+{
+	bool		found;
+
+	worker_shared = ShmemInitStruct("resilience workers", worker_shmem_size(), &found);
+	if (!found)
+	{
+		memset(worker_shared, 0, worker_shmem_size());
+		worker_shared->lock = &(GetNamedLWLockTranche(WORKER_TRANCHE))->lock;
+	}
+}
+
+/* Set the latch of a backend by pid, if it is still one of ours. */
+static void
+wake_pid(pid_t pid)
+{
+	PGPROC	   *proc;
+
+	if (pid == 0)
+		return;
+	proc = BackendPidGetProc(pid);
+	if (proc)
+		SetLatch(&proc->procLatch);
+}
+
+/* ---- registration ---- */
+
+void
+worker_register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_launcher_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "resilience launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "resilience launcher");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* ---- the launcher ---- */
+
+typedef struct LauncherState
+{
+	int			nslots;
+	BackgroundWorkerHandle *handles[FLEXIBLE_ARRAY_MEMBER];
+} LauncherState;
+
+/* Log a launcher problem the first time it happens for this name. */
+static void
+log_once(List **seen, const char *name, const char *fmt)
+{
+	ListCell   *lc;
+
+	foreach(lc, *seen)
+		if (strcmp((char *) lfirst(lc), name) == 0)
+			return;
+	*seen = lappend(*seen, MemoryContextStrdup(TopMemoryContext, name));
+	ereport(LOG, (errmsg(fmt, name)));
+}
+
+static void
+forget_once(List **seen, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, *seen)
+		if (strcmp((char *) lfirst(lc), name) == 0)
+		{
+			*seen = foreach_delete_current(*seen, lc);
+			return;
+		}
+}
+
+static bool
+launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "resilience worker %u", dboid);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "resilience worker");
+	worker.bgw_main_arg = Int32GetDatum(slotno);
+	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
+	worker.bgw_notify_pid = MyProcPid;
+	return RegisterDynamicBackgroundWorker(&worker, handle);
+}
+
+/*
+ * The OID of a database, or InvalidOid.  A heap scan of pg_database (as the
+ * autovacuum launcher does): with no database selected, the launcher cannot
+ * open the catalog's indexes before the shared relcache init file exists.
+ */
+static Oid
+database_oid(const char *name)
+{
+	Relation	rel;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	Oid			dboid = InvalidOid;
+	MemoryContext caller_context = CurrentMemoryContext;
+
+	StartTransactionCommand();
+	rel = table_open(DatabaseRelationId, AccessShareLock);
+	scan = table_beginscan_catalog(rel, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		Form_pg_database db = (Form_pg_database) GETSTRUCT(tuple);
+
+		if (strcmp(NameStr(db->datname), name) == 0)
+		{
+			dboid = db->oid;
+			break;
+		}
+	}
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller_context);
+	return dboid;
+}
+
+/* One pass: bring the running workers in line with resilience.database_names. */
+static void
+launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
+{
+	char	   *names_copy = pstrdup(resilience_database_names);
+	List	   *names = NIL;
+	TimestampTz now = GetCurrentTimestamp();
+	ListCell   *lc;
+	int			i;
+
+	if (!SplitGUCList(names_copy, ',', &names))
+	{
+		log_once(logged, resilience_database_names,
+				 "resilience.database_names \"%s\" is not a valid list of names");
+		names = NIL;
+	}
+
+	/* notice workers that are gone; stop those no longer wanted */
+	for (i = 0; i < resilience_max_workers; i++)
+	{
+		WorkerSlot *slot = &worker_shared->slots[i];
+		bool		wanted = false;
+		pid_t		pid;
+
+		if (!slot->in_use || slot->dropping)
+			continue;
+		if (ls->handles[i] &&
+			GetBackgroundWorkerPid(ls->handles[i], &pid) == BGWH_STOPPED)
+		{
+			pfree(ls->handles[i]);
+			ls->handles[i] = NULL;
+			next_start[i] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
+			LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+			slot->pid = 0;
+			slot->state = WORKER_STOPPED;
+			LWLockRelease(worker_shared->lock);
+		}
+		foreach(lc, names)
+			if (strcmp(slot->dbname, (char *) lfirst(lc)) == 0)
+				wanted = true;
+		if (!wanted || slot->stop_requested)
+		{
+			if (ls->handles[i] == NULL)
+			{
+				LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+				memset(slot, 0, sizeof(WorkerSlot));
+				LWLockRelease(worker_shared->lock);
+			}
+			else if (!slot->stop_requested)
+			{
+				slot->stop_requested = true;
+				wake_pid(slot->pid);
+			}
+		}
+	}
+
+	/* start what is missing */
+	foreach(lc, names)
+	{
+		char	   *name = (char *) lfirst(lc);
+		int			slotno = -1;
+		int			free_slot = -1;
+		Oid			dboid;
+
+		for (i = 0; i < resilience_max_workers; i++)
+		{
+			if (worker_shared->slots[i].in_use &&
+				strcmp(worker_shared->slots[i].dbname, name) == 0)
+				slotno = i;
+			else if (!worker_shared->slots[i].in_use && ls->handles[i] == NULL &&
+					 free_slot < 0)
+				free_slot = i;
+		}
+		if (slotno >= 0)
+		{
+			WorkerSlot *slot = &worker_shared->slots[slotno];
+
+			if (ls->handles[slotno] || slot->dropping || slot->stop_requested ||
+				now < next_start[slotno])
+				continue;
+		}
+		else if (free_slot < 0)
+		{
+			log_once(logged, name,
+					 "resilience.max_workers is reached: no worker for database \"%s\"");
+			continue;
+		}
+
+		dboid = database_oid(name);
+		if (!OidIsValid(dboid))
+		{
+			log_once(logged, name,
+					 "database \"%s\" listed in resilience.database_names does not exist");
+			if (slotno >= 0)
+			{
+				LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+				memset(&worker_shared->slots[slotno], 0, sizeof(WorkerSlot));
+				LWLockRelease(worker_shared->lock);
+			}
+			continue;
+		}
+		forget_once(logged, name);
+
+		if (slotno < 0)
+		{
+			slotno = free_slot;
+			LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+			memset(&worker_shared->slots[slotno], 0, sizeof(WorkerSlot));
+			worker_shared->slots[slotno].in_use = true;
+			strlcpy(worker_shared->slots[slotno].dbname, name, NAMEDATALEN);
+			LWLockRelease(worker_shared->lock);
+		}
+		worker_shared->slots[slotno].dboid = dboid;
+		if (!launch_worker(slotno, dboid, &ls->handles[slotno]))
+		{
+			ls->handles[slotno] = NULL;
+			next_start[slotno] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
+			log_once(logged, "max_worker_processes",
+					 "resilience could not start a worker: no free background worker slot (raise %s)");
+		}
+		else
+			forget_once(logged, "max_worker_processes");
+	}
+	list_free(names);
+	pfree(names_copy);
+}
+
+/*
+ * A new launcher has no handles for workers a previous launcher started (it
+ * exits only when terminated; after a crash shared memory starts empty):
+ * ask them to stop, wait for them, and start from empty slots.
+ */
+static void
+launcher_adopt_slots(void)
+{
+	int			waited;
+	int			i;
+	bool		alive = true;
+
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	worker_shared->launcher_pid = MyProcPid;
+	for (i = 0; i < resilience_max_workers; i++)
+		if (worker_shared->slots[i].pid != 0)
+		{
+			worker_shared->slots[i].stop_requested = true;
+			wake_pid(worker_shared->slots[i].pid);
+		}
+	LWLockRelease(worker_shared->lock);
+
+	for (waited = 0; alive && waited < RELEASE_WAIT_MS && !ShutdownRequestPending; waited += 10)
+	{
+		alive = false;
+		for (i = 0; i < resilience_max_workers; i++)
+			if (worker_shared->slots[i].pid != 0)
+				alive = true;
+		if (alive)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 10, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	memset(worker_shared->slots, 0, resilience_max_workers * sizeof(WorkerSlot));
+	LWLockRelease(worker_shared->lock);
+}
+
+void
+resilience_launcher_main(Datum main_arg)
+{
+	LauncherState *ls;
+	TimestampTz *next_start;
+	List	   *logged = NIL;
+	MemoryContext loop_context;
+	uint32		wait_event = resilience_wait_event_compat("ResilienceLauncherMain");
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+
+	ls = MemoryContextAllocZero(TopMemoryContext,
+								offsetof(LauncherState, handles) +
+								resilience_max_workers * sizeof(BackgroundWorkerHandle *));
+	ls->nslots = resilience_max_workers;
+	next_start = MemoryContextAllocZero(TopMemoryContext,
+										resilience_max_workers * sizeof(TimestampTz));
+
+	launcher_adopt_slots();
+	loop_context = AllocSetContextCreate(TopMemoryContext, "resilience launcher",
+										 ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		CHECK_FOR_INTERRUPTS();
+		/* exit 1: the postmaster restarts us unless it is shutting down */
+		if (ShutdownRequestPending)
+			proc_exit(1);
+		MemoryContextReset(loop_context);
+		MemoryContextSwitchTo(loop_context);
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		launcher_reconcile(ls, next_start, &logged);
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 resilience_worker_naptime_ms, wait_event);
+		ResetLatch(MyLatch);
+	}
+}
+
+/* ---- a worker ---- */
+
+static WorkerSlot *my_slot = NULL;
+
+static void
+set_state(WorkerState state)
+{
+	if (my_slot->state == state)
+		return;
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	my_slot->state = state;
+	LWLockRelease(worker_shared->lock);
+}
+
+static void
+worker_detach(int code, Datum arg)
+{
+	LWLockReleaseAll();
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	my_slot->pid = 0;
+	my_slot->state = WORKER_STOPPED;
+	LWLockRelease(worker_shared->lock);
+	wake_pid(worker_shared->launcher_pid);
+}
+
+/* Does the extension exist in this database?  (Own short transaction.) */
+static bool
+extension_exists(void)
+{
+	bool		exists;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	exists = OidIsValid(get_extension_oid("resilience", true));
+	CommitTransactionCommand();
+	return exists;
+}
+
+/* Run one job in its own transaction; errors are caught and recorded. */
+static void
+run_job(int jobno, MemoryContext job_context)
+{
+	const WorkerJob *job = &jobs[jobno];
+	JobStatus  *status = &my_slot->jobs[jobno];
+	TimestampTz start = GetCurrentTimestamp();
+	ErrorData  *edata = NULL;
+	bool		ran = false;
+
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	my_slot->state = WORKER_RUNNING;
+	status->last_start = start;
+	LWLockRelease(worker_shared->lock);
+
+	PG_TRY();
+	{
+		Oid			extoid;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, job->sql);
+
+		/*
+		 * DROP EXTENSION holds an exclusive lock on the extension: skip the
+		 * job rather than wait, and look again after locking in case the
+		 * drop committed in between.
+		 */
+		extoid = get_extension_oid("resilience", true);
+		if (OidIsValid(extoid) &&
+			ConditionalLockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock) &&
+			get_extension_oid("resilience", true) == extoid)
+		{
+			int			ret = SPI_execute(job->sql, false, 0);
+
+			if (ret < 0)
+				elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
+			ran = true;
+		}
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(job_context);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	pgstat_report_stat(true);
+
+	if (edata)
+		ereport(LOG,
+				(errmsg("resilience job \"%s\" failed in database \"%s\": %s",
+						job->name, my_slot->dbname, edata->message)));
+
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	my_slot->state = WORKER_IDLE;
+	status->last_end = GetCurrentTimestamp();
+	if (ran)
+		status->runs++;
+	if (edata)
+	{
+		status->failures++;
+		status->last_error_at = status->last_end;
+		strlcpy(status->last_error, edata->message, ERROR_LEN);
+	}
+	LWLockRelease(worker_shared->lock);
+}
+
+void
+resilience_worker_main(Datum main_arg)
+{
+	int			slotno = DatumGetInt32(main_arg);
+	Oid			dboid;
+	bool		logged_recovery = false;
+	uint32		wait_event = resilience_wait_event_compat("ResilienceWorkerMain");
+	MemoryContext job_context;
+
+	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+
+	my_slot = &worker_shared->slots[slotno];
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	my_slot->pid = MyProcPid;
+	my_slot->state = WORKER_STARTING;
+	my_slot->started_at = GetCurrentTimestamp();
+	LWLockRelease(worker_shared->lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	job_context = AllocSetContextCreate(TopMemoryContext, "resilience worker jobs",
+										ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		long		timeout = resilience_worker_naptime_ms;
+		TimestampTz now;
+		int			i;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (my_slot->stop_requested || ShutdownRequestPending)
+			proc_exit(0);
+		MemoryContextReset(job_context);
+
+		if (RecoveryInProgress())
+		{
+			if (!logged_recovery)
+				ereport(LOG,
+						(errmsg("resilience worker for database \"%s\" is waiting for recovery to end",
+								my_slot->dbname)));
+			logged_recovery = true;
+			set_state(WORKER_IN_RECOVERY);
+		}
+		else if (!extension_exists())
+			set_state(WORKER_WAITING_EXTENSION);
+		else
+		{
+			set_state(WORKER_IDLE);
+			for (i = 0; i < NUM_JOBS; i++)
+			{
+				int			interval = *jobs[i].interval_ms;
+				TimestampTz due;
+
+				if (interval <= 0)
+					continue;
+				due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				if (GetCurrentTimestamp() >= due)
+				{
+					run_job(i, job_context);
+					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				}
+				now = GetCurrentTimestamp();
+				timeout = Min(timeout, Max((due - now) / 1000, 1));
+				if (my_slot->stop_requested || ShutdownRequestPending)
+					proc_exit(0);
+			}
+		}
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, wait_event);
+		ResetLatch(MyLatch);
+	}
+}
+
+/* ---- DROP / RENAME DATABASE must not wait for our worker ---- */
+
+static void
+release_at_xact_end(XactEvent event, void *arg)
+{
+	if (dropping_slot < 0 || worker_shared == NULL)
+		return;
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
+	{
+		/* a plain store: the launcher only reads this flag */
+		worker_shared->slots[dropping_slot].dropping = false;
+		dropping_slot = -1;
+		wake_pid(worker_shared->launcher_pid);
+	}
+}
+
+/*
+ * Ask the worker connected to `dbname` to leave and wait (bounded) until it
+ * has; the launcher does not restart it before this transaction ends.
+ */
+static void
+release_database(const char *dbname)
+{
+	static bool callback_registered = false;
+	int			slotno = -1;
+	pid_t		pid = 0;
+	int			waited;
+	int			i;
+
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < resilience_max_workers; i++)
+	{
+		WorkerSlot *slot = &worker_shared->slots[i];
+
+		if (slot->in_use && strcmp(slot->dbname, dbname) == 0)
+		{
+			slot->dropping = true;
+			slot->stop_requested = true;
+			pid = slot->pid;
+			slotno = i;
+			break;
+		}
+	}
+	LWLockRelease(worker_shared->lock);
+	if (slotno < 0)
+		return;
+
+	if (!callback_registered)
+	{
+		RegisterXactCallback(release_at_xact_end, NULL);
+		callback_registered = true;
+	}
+	dropping_slot = slotno;
+	wake_pid(pid);
+	for (waited = 0; waited < RELEASE_WAIT_MS && worker_shared->slots[slotno].pid != 0; waited += 10)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+static void
+resilience_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
+						  bool readOnlyTree, ProcessUtilityContext context,
+						  ParamListInfo params, QueryEnvironment *queryEnv,
+						  DestReceiver *dest, QueryCompletion *qc)
+{
+	Node	   *parsetree = pstmt->utilityStmt;
+
+	if (worker_shared != NULL)
+	{
+		if (IsA(parsetree, DropdbStmt))
+			release_database(((DropdbStmt *) parsetree)->dbname);
+		else if (IsA(parsetree, RenameStmt) &&
+				 ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
+			release_database(((RenameStmt *) parsetree)->subname);
+	}
+
+	if (prev_ProcessUtility)
+		prev_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+							queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params,
+								queryEnv, dest, qc);
+}
+
+void
+worker_utility_hook_init(void)
+{
+	prev_ProcessUtility = ProcessUtility_hook;
+	ProcessUtility_hook = resilience_ProcessUtility;
+}
+
+/* ---- the workers view ---- */
+
+/*
+ * worker_status() → one row per worker and job: database, pid, state, start
+ * time, job, interval, last run, its duration, runs, failures, last error.
+ * Empty without preloading (no worker runs then).
+ */
+Datum
+worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	WorkerSlot *copy;
+	int			nslots = resilience_max_workers;
+	int			i;
+	int			j;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!resilience_preloaded || worker_shared == NULL)
+		return (Datum) 0;
+
+	copy = palloc(nslots * sizeof(WorkerSlot));
+	LWLockAcquire(worker_shared->lock, LW_SHARED);
+	memcpy(copy, worker_shared->slots, nslots * sizeof(WorkerSlot));
+	LWLockRelease(worker_shared->lock);
+
+	for (i = 0; i < nslots; i++)
+	{
+		WorkerSlot *slot = &copy[i];
+
+		if (!slot->in_use)
+			continue;
+		for (j = 0; j < NUM_JOBS; j++)
+		{
+			JobStatus  *js = &slot->jobs[j];
+			Datum		values[12];
+			bool		nulls[12] = {0};
+
+			values[0] = CStringGetTextDatum(slot->dbname);
+			values[1] = Int32GetDatum(slot->pid);
+			nulls[1] = slot->pid == 0;
+			values[2] = CStringGetTextDatum(worker_state_names[slot->state]);
+			values[3] = TimestampTzGetDatum(slot->started_at);
+			nulls[3] = slot->started_at == 0;
+			values[4] = CStringGetTextDatum(jobs[j].name);
+			values[5] = DirectFunctionCall7(make_interval,
+											Int32GetDatum(0), Int32GetDatum(0),
+											Int32GetDatum(0), Int32GetDatum(0),
+											Int32GetDatum(0), Int32GetDatum(0),
+											Float8GetDatum(*jobs[j].interval_ms / 1000.0));
+			values[6] = TimestampTzGetDatum(js->last_start);
+			nulls[6] = js->last_start == 0;
+			values[7] = Float8GetDatum((js->last_end - js->last_start) / 1000.0);
+			nulls[7] = js->last_start == 0 || js->last_end < js->last_start;
+			values[8] = Int64GetDatum(js->runs);
+			values[9] = Int64GetDatum(js->failures);
+			values[10] = CStringGetTextDatum(js->last_error);
+			nulls[10] = js->last_error[0] == '\0';
+			values[11] = TimestampTzGetDatum(js->last_error_at);
+			nulls[11] = js->last_error_at == 0;
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
+	}
+	return (Datum) 0;
+}
