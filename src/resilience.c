@@ -3,11 +3,11 @@
  * resilience.c
  *		_PG_init: settings, hooks and the launcher, and nothing else.
  *
- * Loaded from shared_preload_libraries, the library requests its shared
- * memory and starts the launcher.  Loaded any other way (CREATE EXTENSION
- * alone), it only defines its settings: the table-backed features work, and
- * every shared-memory function raises 55000 with a hint.  Under pg_upgrade
- * (binary-upgrade mode) it starts nothing.
+ * Loaded from shared_preload_libraries, the library defines its settings,
+ * requests its shared memory and starts the launcher.  Loaded any other way
+ * (CREATE EXTENSION alone), it does nothing here: the table-backed features
+ * work, and every shared-memory function raises 55000 with a hint.  Under
+ * pg_upgrade (binary-upgrade mode) it starts nothing.
  *
  *-------------------------------------------------------------------------
  */
@@ -41,6 +41,14 @@ void		_PG_init(void);
 void
 _PG_init(void)
 {
+	/*
+	 * Every setting so far concerns shared memory or the workers, and
+	 * PGC_POSTMASTER ones cannot be defined after startup: without
+	 * preloading there is nothing to set.
+	 */
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
 	DefineCustomIntVariable("resilience.max_keys",
 							"Number of rate-limit keys kept in shared memory.",
 							"Each key costs about 130 bytes plus resilience.max_key_length.",
@@ -86,7 +94,7 @@ _PG_init(void)
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("resilience");
 
-	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
+	if (IsBinaryUpgrade)
 		return;
 
 	resilience_preloaded = true;

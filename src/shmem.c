@@ -32,7 +32,8 @@
  * At a clean shutdown the postmaster writes pg_stat/resilience.state (magic,
  * PostgreSQL major version, format version, then one section per capability)
  * through a .tmp file and durable_rename.  At startup it is read and
- * unlinked, so after a crash (no write at exit) state starts afresh.  A file
+ * unlinked, so after a crash or an immediate shutdown (no write at exit)
+ * state starts afresh.  A file
  * that is missing, from another version or damaged is logged and ignored:
  * startup never fails over it.
  *
@@ -42,6 +43,8 @@
 
 #include <unistd.h>
 
+#include "catalog/pg_control.h"
+#include "common/controldata_utils.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -617,6 +620,22 @@ state_write_section(FILE *file, uint32 section, uint32 nrecords)
 	state_write(file, header, sizeof(header));
 }
 
+/*
+ * Did the server just shut down cleanly?  An immediate shutdown also ends the
+ * postmaster with exit code 0, but leaves the control file "in production";
+ * its shared memory may then hold locks of killed backends, so it must not
+ * be read.
+ */
+static bool
+shut_down_cleanly(void)
+{
+	bool		crc_ok;
+	ControlFileData *control = get_controlfile(DataDir, &crc_ok);
+
+	return crc_ok && (control->state == DB_SHUTDOWNED ||
+					  control->state == DB_SHUTDOWNED_IN_RECOVERY);
+}
+
 /* Write the state at a clean shutdown (never after a crash). */
 static void
 state_save(int code, Datum arg)
@@ -625,7 +644,7 @@ state_save(int code, Datum arg)
 	uint32		header[3] = {STATE_MAGIC, PG_VERSION_NUM / 100, STATE_FORMAT};
 	bool		ok;
 
-	if (code != 0)
+	if (code != 0 || !shut_down_cleanly())
 		return;
 
 	file = AllocateFile(STATE_FILE ".tmp", PG_BINARY_W);

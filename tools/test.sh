@@ -3,7 +3,8 @@
 #   pg_regress (sql/, expected/), isolation (test/specs), pgTAP (test/pgtap),
 #   TAP (test/t, PostgreSQL::Test::Cluster; each test makes its own nodes).
 # Ends with one line "N passed, N failed"; exits non-zero on any failure.
-# SUITES="regress isolation pgtap tap" selects suites; KEEP_WORK=1 keeps files.
+# SUITES="regress isolation pgtap tap" selects suites, TAP_FILES the TAP
+# files (default test/t/*.pl); KEEP_WORK=1 keeps the temporary files.
 . "$(dirname "$0")/cluster.sh"
 
 ensure_packages
@@ -68,7 +69,7 @@ for suite in $SUITES; do
 		rm -rf "$WORK/src/tmp_check"
 		as_owner mkdir -p "$WORK/src/tmp_check"
 		TESTDIR="$WORK/src" PG_REGRESS="$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/regress/pg_regress" \
-			run_tap_count tap --lib "$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/perl" test/t/*.pl
+			run_tap_count tap --lib "$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/perl" ${TAP_FILES:-test/t/*.pl}
 		if [ "${FAILURES[*]}" != "${FAILURES[*]/tap/}" ]; then
 			for f in "$WORK"/src/tmp_check/log/*; do
 				[ -f "$f" ] && { say "--- $f (tail)"; tail -n 40 "$f"; }
