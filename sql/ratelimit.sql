@@ -41,6 +41,10 @@ SELECT allowed, remaining, "limit",
 SELECT allowed, remaining FROM resilience.window_limit_check('w:cost', 10, '1 minute', 4);
 SELECT allowed, remaining FROM resilience.window_limit_check('w:cost', 10, '1 minute', 7);
 SELECT allowed, remaining FROM resilience.window_limit_check('w:cost', 10, '1 minute', 0);
+-- Changing a key's window keeps what it counted (conservatively).
+SELECT resilience.window_limit('w:change', 3, '1 hour', 3);
+SELECT allowed, remaining FROM resilience.window_limit_check('w:change', 3, '10 minutes', 0);
+SELECT allowed, remaining FROM resilience.window_limit_check('w:change', 5, '1 minute', 2);
 -- Buckets and windows with the same key are separate.
 SELECT resilience.rate_limit('w:basic', 1, 1);
 

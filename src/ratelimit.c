@@ -59,7 +59,7 @@
 #define TOKEN_EPSILON 1e-9
 #define NS_PER_SEC 1e9
 #define NS_PER_MS INT64CONST(1000000)
-/* Longest window accepted (also the cap on reported waits). */
+/* Longest window accepted. */
 #define MAX_WINDOW_NS (INT64CONST(366) * 86400 * INT64CONST(1000000000))
 #define NEVER (-1)
 
@@ -250,11 +250,27 @@ window_decide(RateState *s, bool fresh, const RateRequest *req, int64 now,
 	int32		need = Max(req->cost, 1);
 	int64		n;
 
-	if (fresh || s->u.window.slot_ns != slot_ns)
+	if (fresh)
 	{
 		memset(s->u.window.counts, 0, sizeof(s->u.window.counts));
 		s->u.window.slot_ns = slot_ns;
 		s->u.window.base = cur;
+	}
+	else if (s->u.window.slot_ns != slot_ns)
+	{
+		/*
+		 * The key's window changed: carry every request still counted into
+		 * the newest slot of the new ring, as if just made.  That over-counts,
+		 * so the new window is never exceeded.
+		 */
+		window_advance(s, now / s->u.window.slot_ns);
+		for (n = 0; n < WINDOW_SLOTS; n++)
+			sum += s->u.window.counts[n];
+		memset(s->u.window.counts, 0, sizeof(s->u.window.counts));
+		s->u.window.counts[slot_index(cur)] = (int32) Min(sum, PG_INT32_MAX);
+		s->u.window.slot_ns = slot_ns;
+		s->u.window.base = cur;
+		sum = 0;
 	}
 	window_advance(s, cur);
 	s->limit = req->limit;
@@ -484,11 +500,8 @@ policy_lookup(text *name_text)
 		bool		isnull;
 		int			ret;
 
-		policy_relid = get_relname_relid("rate_limit_policies",
-										 get_namespace_oid("resilience", false));
 		SPI_connect();
-		ret = SPI_execute_with_args("SELECT capacity, refill_per_sec, "
-									"extract(epoch FROM \"window\")::float8 "
+		ret = SPI_execute_with_args("SELECT capacity, refill_per_sec, \"window\" "
 									"FROM resilience.rate_limit_policies WHERE name = $1",
 									1, argtypes, values, NULL, true, 1);
 		if (ret != SPI_OK_SELECT)
@@ -506,12 +519,20 @@ policy_lookup(text *name_text)
 		if (isnull)
 			fetched.rate = 0;
 		{
-			double		secs = DatumGetFloat8(SPI_getbinval(SPI_tuptable->vals[0],
-															SPI_tuptable->tupdesc, 3, &isnull));
+			Datum		window = SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 3, &isnull);
 
-			fetched.window_ns = isnull ? 0 : (int64) (secs * NS_PER_SEC);
+			fetched.window_ns = isnull ? 0 :
+				window_ns_from_interval(DatumGetIntervalP(window));
 		}
 		SPI_finish();
+
+		/*
+		 * Only now: an invalidation processed during the query (at its lock
+		 * acquisition) resets policy_relid, and later ones must still match.
+		 */
+		policy_relid = get_relname_relid("rate_limit_policies",
+										 get_namespace_oid("resilience", false));
 
 		if (policy_cache == NULL)
 		{
@@ -582,6 +603,8 @@ decide(RateRequest *req, RateDecision *d)
 					 errmsg("rate-limit table is full"),
 					 errdetail("All %d entries (resilience.max_keys) are in use.",
 							   resilience_max_keys),
+					 resilience_when_full == WHEN_FULL_EVICT ?
+					 errhint("Every key is in use and none could be evicted; raise resilience.max_keys (server restart).") :
 					 errhint("Raise resilience.max_keys (server restart), or set resilience.when_full to evict, allow or deny.")));
 		}
 	}
@@ -988,7 +1011,7 @@ ratelimit_state_save(FILE *file)
 bool
 ratelimit_state_load(FILE *file, uint32 nrecords)
 {
-	char	   *key = palloc(resilience_max_key_length);
+	char	   *key = palloc(PG_UINT16_MAX);
 	int64		now = resilience_clock_ns();
 	uint32		i;
 
@@ -1002,8 +1025,7 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 
 		if (!state_read(file, &rec, sizeof(rec)) ||
 			(rec.kind != KIND_BUCKET && rec.kind != KIND_WINDOW) ||
-			rec.keylen == 0 || rec.keylen > resilience_max_key_length ||
-			rec.limit <= 0 ||
+			rec.keylen == 0 || rec.limit <= 0 ||
 			(rec.kind == KIND_WINDOW && rec.slot_ns <= 0) ||
 			!state_read(file, key, rec.keylen))
 		{
@@ -1011,6 +1033,8 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 			return false;
 		}
 
+		if (rec.keylen > resilience_max_key_length)
+			continue;			/* max_key_length was lowered: drop this key */
 		entry = shm_table_enter(rate_table, shm_table_hash(rec.kind, key, rec.keylen),
 								rec.kind, key, rec.keylen, false, rate_entry_idle,
 								&found);

@@ -393,7 +393,8 @@ shm_table_enter(ShmTable *table, uint32 hash, uint8 kind, const char *key,
 	if (idx == SHM_NIL)
 	{
 		LWLockRelease(lock);
-		if (evict)
+		/* a sweep can come back empty when its victims are busy: try again */
+		for (int attempt = 0; evict && idx == SHM_NIL && attempt < 3; attempt++)
 			idx = evict_one(table, idle);
 		if (idx == SHM_NIL)
 		{
