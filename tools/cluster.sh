@@ -103,11 +103,15 @@ start_cluster() {
 	as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/server.log" -w start >/dev/null ||
 		{ tail -n 30 "$WORK/server.log"; die "server did not start"; }
 	export PGHOST="$SOCK" PGPORT="$PORT" PGUSER=postgres PGDATABASE=postgres
+	PG_PID=$(head -n 1 "$DATA/postmaster.pid")
 }
 
 stop_cluster() {
+	local pid
 	if [ -n "${CLUSTER_STARTED:-}" ]; then
-		as_owner "$BINDIR/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true
+		pid=$(head -n 1 "$DATA/postmaster.pid" 2>/dev/null || echo "${PG_PID:-}")
+		as_owner "$BINDIR/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 ||
+			{ [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null; } || true
 		CLUSTER_STARTED=""
 	fi
 }

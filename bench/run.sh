@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# `make bench`: throughput of resilience.rate_limit side by side with SELECT 1,
+# a PL/pgSQL token bucket over a logged and an unlogged table, and a Redis
+# token bucket in Lua, all measured in this one run with the same client count.
+# Prints a table of throughputs and ratios against the targets of issue 2.
+# Performance is reported, not asserted: exits 0 whenever the runs succeed.
+#   BENCH_SECONDS=10   length of each run
+#   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
+. "$(dirname "$0")/../tools/cluster.sh"
+
+BENCH_DIR="$SRC_DIR/bench"
+DURATION=${BENCH_SECONDS:-10}
+CLIENTS=8
+THREADS=2	# pgbench -j
+# A huge bucket: every call is admitted, so each one does the same work.
+CAPACITY=1000000
+REFILL=1000000
+COST=1
+NKEYS=100000
+
+REDIS_STARTED=""
+
+# Private Redis on a unix socket in $WORK: no TCP, no persistence.
+start_redis() {
+	REDIS_SOCK="$WORK/redis.sock"
+	as_owner redis-server --port 0 --unixsocket "$REDIS_SOCK" --unixsocketperm 700 \
+		--save '' --appendonly no --daemonize yes --dir "$WORK" \
+		--pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
+	REDIS_STARTED=1
+	local _
+	for _ in $(seq 50); do
+		if redis-cli -s "$REDIS_SOCK" ping >/dev/null 2>&1; then
+			REDIS_PID=$(cat "$WORK/redis.pid")
+			return 0
+		fi
+		sleep 0.1
+	done
+	cat "$WORK/redis.log"
+	die "redis-server did not start"
+}
+
+stop_redis() {
+	[ -n "$REDIS_STARTED" ] || return 0
+	redis-cli -s "$REDIS_SOCK" shutdown nosave >/dev/null 2>&1 ||
+		{ [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID"; }
+	REDIS_STARTED=""
+}
+
+# cluster.sh's cleanup stops the cluster and exits with the status it sees:
+# stop Redis first, then hand it our exit status.
+bench_cleanup() {
+	local rc=$?
+	set +e
+	stop_redis
+	(exit "$rc")
+	cleanup
+}
+trap bench_cleanup EXIT
+
+declare -A TPUT LABEL
+ORDER=()
+
+# run_pgbench id label script: one pgbench run; records its tps.
+run_pgbench() {
+	local id=$1 out="$OUT/$1.txt"
+	say "-- $2: pgbench -f bench/$3"
+	if ! pgbench -n -M prepared -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
+		-f "$BENCH_DIR/$3" >"$out" 2>&1; then
+		cat "$out"
+		die "pgbench $id failed"
+	fi
+	# pgbench counts SQL errors as failed transactions; any would void the run.
+	grep -q '^number of failed transactions: 0 ' "$out" || { cat "$out"; die "pgbench $id had failures"; }
+	TPUT[$id]=$(awk '/^tps = /{ print $3; exit }' "$out")
+	LABEL[$id]=$2
+	ORDER+=("$id")
+}
+
+# redis_rps out requests args...: one redis-benchmark run, prints requests/s.
+# One client thread (the default): on 2 cores it beat --threads 2 for Redis.
+redis_rps() {
+	local out=$1 n=$2
+	shift 2
+	redis-benchmark -s "$REDIS_SOCK" -c "$CLIENTS" -n "$n" --csv "$@" \
+		>"$out" 2>&1 || { cat "$out"; die "redis-benchmark failed"; }
+	# An error reply would be "counted" as a request: refuse the run instead.
+	! grep -qi 'error' "$out" || { cat "$out"; die "redis-benchmark got errors"; }
+	awk -F'"' '$2 != "test" && $4 != "" { print $4; exit }' "$out"
+}
+
+# run_redis id label args...: a probe run of about a second sizes the real
+# one so that it lasts about $DURATION seconds like the pgbench runs.
+run_redis() {
+	local id=$1 rps n
+	say "-- $2: redis-benchmark ${*:3}"
+	rps=$(redis_rps "$OUT/$id.probe.txt" 50000 "${@:3}")
+	n=$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { n = int(r * d); print (n < 1000 ? 1000 : n) }')
+	TPUT[$id]=$(redis_rps "$OUT/$id.txt" "$n" "${@:3}")
+	LABEL[$id]=$2
+	ORDER+=("$id")
+}
+
+ensure_packages "postgresql-client-$PG_MAJOR" redis-server redis-tools
+build_and_install
+# 100k random keys must fit without eviction; room for 8 clients and more.
+# fsync stays off as in the test harness (reported below).
+start_cluster "resilience.max_keys = 200000" "max_connections = 100" "shared_buffers = 256MB"
+start_redis
+OUT="$WORK/bench"
+mkdir -p "$OUT"
+
+say "Setting up (tables, functions, $NKEYS keys pre-populated everywhere)"
+psql -X -q -f "$BENCH_DIR/setup.sql" >"$OUT/setup.txt" 2>&1 || { cat "$OUT/setup.txt"; die "setup failed"; }
+grep -q ' t *| t *| t *| f *$' "$OUT/setup.txt" || { cat "$OUT/setup.txt"; die "sanity check failed"; }
+
+SHA=$(redis-cli -s "$REDIS_SOCK" SCRIPT LOAD "$(cat "$BENCH_DIR/bucket.lua")")
+[ "$(redis-cli -s "$REDIS_SOCK" EVALSHA "$SHA" 1 hot $CAPACITY $REFILL $COST)" = 1 ] ||
+	die "the Redis bucket script does not admit a call"
+# redis-benchmark's -r keys are __rand_int__ = 12 zero-padded digits, 0..r-1.
+redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
+	local k = string.format('k:%012d', i)
+	redis.call('HSET', k, 'tokens', ARGV[1], 'ts', 0)
+	redis.call('PEXPIRE', k, 600000)
+end" 0 $CAPACITY >/dev/null
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+say "Running: $CLIENTS clients, ${DURATION}s per run"
+run_pgbench select1 "SELECT 1" select1.sql
+run_pgbench rl_random "rate_limit, random keys" rate_limit_random.sql
+run_pgbench rl_hot "rate_limit, hot key" rate_limit_hot.sql
+run_pgbench logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
+run_pgbench logged_hot "PL/pgSQL bucket, logged table, hot key" bucket_logged_hot.sql
+run_pgbench unlogged_random "PL/pgSQL bucket, unlogged table, random keys" bucket_unlogged_random.sql
+run_pgbench unlogged_hot "PL/pgSQL bucket, unlogged table, hot key" bucket_unlogged_hot.sql
+run_redis redis_random "Redis+Lua bucket, random keys" \
+	-r $NKEYS EVALSHA "$SHA" 1 k:__rand_int__ $CAPACITY $REFILL $COST
+run_redis redis_hot "Redis+Lua bucket, hot key" EVALSHA "$SHA" 1 hot $CAPACITY $REFILL $COST
+[ "$(redis-cli -s "$REDIS_SOCK" DBSIZE)" -eq $((NKEYS + 1)) ] ||
+	die "Redis holds $(redis-cli -s "$REDIS_SOCK" DBSIZE) keys, expected $((NKEYS + 1))"
+
+# ratio_line label numerator-id denominator-id [target-op target]
+ratio_line() {
+	awk -v l="$1" -v a="${TPUT[$2]}" -v b="${TPUT[$3]}" -v op="${4:-}" -v t="${5:-}" 'BEGIN {
+		r = a / b
+		if (op == "") { printf "  %-48s %7.3f\n", l, r; exit }
+		ok = (op == ">=") ? r >= t : r > t
+		printf "  %-48s %7.3f   %2s %-4s  %s\n", l, r, op, t, ok ? "PASS" : "BELOW"
+	}'
+}
+
+report() {
+	say ""
+	say "== resilience bench: $(date -u '+%Y-%m-%d %H:%M UTC')"
+	say "machine:    $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+	say "load avg:   $LOAD_BEFORE before the runs, $(cut -d' ' -f1-3 /proc/loadavg) after" \
+		"(other work on the machine makes the figures noisy)"
+	say "PostgreSQL: $(psql -X -Atc 'SHOW server_version'), unix socket," \
+		"shared_buffers=$(psql -X -Atc 'SHOW shared_buffers')," \
+		"resilience.max_keys=$(psql -X -Atc 'SHOW resilience.max_keys')"
+	say "            synchronous_commit=$(psql -X -Atc 'SHOW synchronous_commit')," \
+		"fsync=$(psql -X -Atc 'SHOW fsync') as in the test harness" \
+		"(commits of the logged table do not wait for the disk)"
+	say "Redis:      $(redis-server --version | awk '{ print $3 }' | cut -d= -f2), unix socket, no persistence;" \
+		"time from TIME inside the script (Redis 7 replicates script effects)"
+	say "load:       $CLIENTS clients; pgbench -n -M prepared -j $THREADS -T $DURATION;" \
+		"redis-benchmark (one client thread), EVALSHA, -n sized to last ~${DURATION}s"
+	say "bucket:     capacity $CAPACITY, refill $REFILL/s, cost $COST (every call admitted);" \
+		"random = $NKEYS pre-populated keys, hot = one key"
+	say ""
+	printf '  %-48s %12s\n' "workload" "calls/s"
+	local id
+	for id in "${ORDER[@]}"; do
+		printf '  %-48s %12.0f\n' "${LABEL[$id]}" "${TPUT[$id]}"
+	done
+	say ""
+	printf '  %-48s %7s   %-7s  %s\n' "ratio" "value" "target" ""
+	ratio_line "rate_limit random / SELECT 1" rl_random select1 ">=" 0.9
+	ratio_line "rate_limit hot / SELECT 1" rl_hot select1 ">=" 0.8
+	ratio_line "rate_limit hot / unlogged-table bucket hot" rl_hot unlogged_hot ">=" 4
+	ratio_line "rate_limit random / Redis+Lua random" rl_random redis_random ">" 1
+	ratio_line "rate_limit hot / Redis+Lua hot" rl_hot redis_hot ">" 1
+	say "  for context:"
+	ratio_line "SELECT 1 / unlogged-table bucket hot" select1 unlogged_hot
+	ratio_line "SELECT 1 / Redis+Lua random" select1 redis_random
+	ratio_line "rate_limit random / logged-table bucket random" rl_random logged_random
+	ratio_line "rate_limit random / unlogged-table bucket random" rl_random unlogged_random
+}
+
+report | tee "$OUT/summary.txt"
+# A copy of the summary in bench/results/ (gitignored), when the checkout is writable.
+if mkdir -p "$BENCH_DIR/results" 2>/dev/null &&
+	cp "$OUT/summary.txt" "$BENCH_DIR/results/$(date -u +%Y%m%d-%H%M%S).txt" 2>/dev/null; then
+	say "summary copied to bench/results/"
+fi
