@@ -118,6 +118,196 @@ COMMENT ON FUNCTION resilience._rate_limit_sweep() IS
 'Internal (part of run_reaper): drop keys whose state is worth nothing (full bucket, empty window)';
 
 ------------------------------------------------------------------------------
+-- Lease locks with fencing tokens; advisory-lock helpers on text names
+------------------------------------------------------------------------------
+
+-- Every fencing token comes from this one sequence: strictly increasing for
+-- every name, across rollbacks, crashes, restarts and failover (docs/locks.md).
+CREATE SEQUENCE resilience.fencing_tokens;
+COMMENT ON SEQUENCE resilience.fencing_tokens IS
+'Source of every fencing token; never reset it (dumped and restored with its value)';
+SELECT pg_catalog.pg_extension_config_dump('resilience.fencing_tokens', '');
+
+CREATE TABLE resilience.leases (
+    name text PRIMARY KEY,
+    owner text NOT NULL,
+    token bigint NOT NULL,
+    acquired_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+) WITH (fillfactor = 70);   -- room for HOT updates: every acquire, renew and release is one
+COMMENT ON TABLE resilience.leases IS
+'Lease locks: a lease is held while expires_at is in the future; released leases have expires_at set to the release time';
+SELECT pg_catalog.pg_extension_config_dump('resilience.leases', '');
+
+CREATE TABLE resilience.fences (
+    resource text PRIMARY KEY,
+    token bigint NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+COMMENT ON TABLE resilience.fences IS
+'The highest fencing token each guarded resource has accepted; writes with an older token are refused';
+SELECT pg_catalog.pg_extension_config_dump('resilience.fences', '');
+
+-- Lease and fence functions are SECURITY DEFINER so that callers need no
+-- privileges on the tables (nobody may forge a token or move a fence back);
+-- they pin search_path, and their SQL qualifies every name and operator.
+CREATE FUNCTION resilience.lock_acquire(
+    name text, ttl interval, owner text DEFAULT NULL, wait interval DEFAULT '0')
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'lock_acquire'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.lock_acquire(text, interval, text, interval) IS
+'Take the lease name for ttl; returns its fencing token, or NULL if not acquired within wait';
+
+CREATE FUNCTION resilience.lock_renew(name text, token bigint, ttl interval)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'lock_renew'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.lock_renew(text, bigint, interval) IS
+'Extend a lease held under token to ttl from now; false if the lease was lost';
+
+CREATE FUNCTION resilience.lock_release(name text, token bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'lock_release'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.lock_release(text, bigint) IS
+'Release a lease held under token; false (never an error) if that token no longer holds it';
+
+CREATE FUNCTION resilience.lock_check(name text, token bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'lock_check'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.lock_check(text, bigint) IS
+'Does token hold the lease right now?';
+
+CREATE FUNCTION resilience.fence(resource text, token bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'fence'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.fence(text, bigint) IS
+'Record token as the newest for resource; raises RS001 if the resource has accepted a newer one';
+
+CREATE FUNCTION resilience.fence_check(resource text, token bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'fence_check'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.fence_check(text, bigint) IS
+'Like fence, as a boolean for WHERE clauses: UPDATE ... WHERE resilience.fence_check(resource, token)';
+
+-- Advisory helpers: PostgreSQL advisory locks on text names (64-bit hash, in
+-- a key space of their own), each returning a fencing token.
+CREATE FUNCTION resilience.advisory_xact_lock(name text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'advisory_xact_lock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.advisory_xact_lock(text) IS
+'Wait for the advisory lock on name, held until the transaction ends; returns a fencing token';
+
+CREATE FUNCTION resilience.advisory_lock(name text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'advisory_lock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.advisory_lock(text) IS
+'Wait for the session advisory lock on name (not through transaction-pooling proxies); returns a fencing token';
+
+CREATE FUNCTION resilience.try_advisory_lock(name text, timeout interval DEFAULT '0')
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'try_advisory_lock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.try_advisory_lock(text, interval) IS
+'Session advisory lock on name if granted within timeout: a fencing token, else NULL';
+
+CREATE FUNCTION resilience.advisory_unlock(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'advisory_unlock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.advisory_unlock(text) IS
+'Release the session advisory lock on name; false if this session did not hold it';
+
+CREATE FUNCTION resilience.lock_key(name text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'lock_key'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.lock_key(text) IS
+'The 64-bit key of the advisory helper lock on name (pg_locks: classid = high 32 bits, objid = low, objsubid = 3)';
+
+CREATE FUNCTION resilience._lock_waiters(OUT name text, OUT pid integer)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'lock_waiters'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._lock_waiters() IS
+'Internal: one row per session waiting in lock_acquire, with the lease it waits for';
+
+CREATE FUNCTION resilience._advisory_lock_names(OUT key bigint, OUT name text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'advisory_lock_names'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._advisory_lock_names() IS
+'Internal: names the advisory helpers have locked, by key (for the locks view)';
+
+CREATE VIEW resilience.locks AS
+    SELECT 'lease'::text AS kind, l.name, l.owner, l.token, l.acquired_at, l.expires_at,
+           (SELECT count(*) FROM resilience._lock_waiters() w
+             WHERE w.name OPERATOR(pg_catalog.=) l.name)::integer AS waiters,
+           NULL::integer AS pid
+      FROM resilience.leases l
+     WHERE l.expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
+    UNION ALL
+    SELECT 'advisory', n.name, a.application_name, NULL, NULL, NULL,
+           (SELECT count(*) FROM pg_catalog.pg_locks q
+             WHERE q.locktype OPERATOR(pg_catalog.=) 'advisory' AND NOT q.granted
+               AND q.database OPERATOR(pg_catalog.=) g.database
+               AND q.classid OPERATOR(pg_catalog.=) g.classid
+               AND q.objid OPERATOR(pg_catalog.=) g.objid
+               AND q.objsubid OPERATOR(pg_catalog.=) g.objsubid)::integer,
+           g.pid
+      FROM pg_catalog.pg_locks g
+      LEFT JOIN resilience._advisory_lock_names() n
+        ON n.key OPERATOR(pg_catalog.=) ((g.classid::bigint OPERATOR(pg_catalog.<<) 32)
+                                         OPERATOR(pg_catalog.|) g.objid::bigint)
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) g.pid
+     WHERE g.locktype OPERATOR(pg_catalog.=) 'advisory' AND g.granted
+       AND g.objsubid OPERATOR(pg_catalog.=) 3
+       AND g.database OPERATOR(pg_catalog.=)
+           (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+COMMENT ON VIEW resilience.locks IS
+'Held leases (with sessions waiting for them) and advisory locks taken through the helpers, by name';
+
+-- Long-expired leases are only history: the reaper removes them (tokens come
+-- from the sequence, so forgetting a lease never lets a token repeat).
+CREATE FUNCTION resilience._reap_leases(
+    older_than interval DEFAULT '1 hour', batch_size integer DEFAULT 1000, max_batches integer DEFAULT 10)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.leases
+             WHERE expires_at < clock_timestamp() - older_than
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.leases l USING doomed WHERE l.ctid = doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+COMMENT ON FUNCTION resilience._reap_leases(interval, integer, integer) IS
+'Internal (part of run_reaper): delete leases expired for longer than older_than, in bounded batches';
+
+------------------------------------------------------------------------------
 -- Workers and jobs
 ------------------------------------------------------------------------------
 
@@ -126,6 +316,8 @@ RETURNS SETOF record
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$
     SELECT 'rate_limit_keys', resilience._rate_limit_sweep()
+    UNION ALL
+    SELECT 'leases', resilience._reap_leases()
 $$;
 COMMENT ON FUNCTION resilience.run_reaper() IS
 'The reaper job the worker runs every resilience.reaper_interval: removes what has expired, per item';

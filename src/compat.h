@@ -37,6 +37,31 @@
 #define resilience_wait_event_compat(name) PG_WAIT_EXTENSION
 #endif
 
+/*
+ * This backend's index among the PGPROCs, and how many backends there can be
+ * (PostgreSQL 14 has not computed MaxBackends yet when _PG_init requests
+ * shared memory).
+ */
+#if PG_VERSION_NUM >= 170000
+#define MyProcNumber_compat MyProcNumber
+#else
+#define MyProcNumber_compat (MyProc->pgprocno)
+#endif
+
+#if PG_VERSION_NUM >= 150000
+#define resilience_max_backends_compat() (MaxBackends)
+#else
+#define resilience_max_backends_compat() \
+	(MaxConnections + autovacuum_max_workers + 1 + max_worker_processes + max_wal_senders)
+#endif
+
+/* PostgreSQL 17 added LockHeldByMe's orstronger argument. */
+#if PG_VERSION_NUM >= 170000
+#define LockHeldByMe_compat(tag, mode) LockHeldByMe(tag, mode, false)
+#else
+#define LockHeldByMe_compat(tag, mode) LockHeldByMe(tag, mode)
+#endif
+
 /* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
 #if PG_VERSION_NUM < 150000
 #include "funcapi.h"

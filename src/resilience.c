@@ -26,6 +26,7 @@ char	   *resilience_database_names = NULL;
 int			resilience_max_workers = 8;
 int			resilience_worker_naptime_ms = 10000;
 int			resilience_reaper_interval_ms = 60000;
+int			resilience_max_lock_names = 10000;
 bool		resilience_preloaded = false;
 
 static const struct config_enum_entry when_full_options[] = {
@@ -92,6 +93,12 @@ _PG_init(void)
 							&resilience_reaper_interval_ms,
 							60000, 0, 86400000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.max_lock_names",
+							"Advisory-lock names remembered for the resilience.locks view.",
+							"Each costs about 300 bytes; the least recently used are forgotten first.",
+							&resilience_max_lock_names,
+							10000, 16, 10000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("resilience");
 
 	if (IsBinaryUpgrade)

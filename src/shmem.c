@@ -562,9 +562,11 @@ resilience_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 #endif
-	RequestAddinShmemSpace(add_size(ratelimit_shmem_size(), worker_shmem_size()));
+	RequestAddinShmemSpace(add_size(add_size(ratelimit_shmem_size(), worker_shmem_size()),
+									locks_shmem_size()));
 	ratelimit_shmem_request();
 	worker_shmem_request();
+	locks_shmem_request();
 }
 
 static void
@@ -576,6 +578,7 @@ resilience_shmem_startup(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	ratelimit_shmem_init();
 	worker_shmem_init();
+	locks_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */

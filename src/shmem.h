@@ -93,6 +93,11 @@ extern void ratelimit_shmem_init(void);
 extern bool ratelimit_state_save(FILE *file);
 extern bool ratelimit_state_load(FILE *file, uint32 nrecords);
 
+/* locks.c */
+extern Size locks_shmem_size(void);
+extern void locks_shmem_request(void);
+extern void locks_shmem_init(void);
+
 /* worker.c */
 extern Size worker_shmem_size(void);
 extern void worker_shmem_request(void);

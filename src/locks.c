@@ -1,0 +1,911 @@
+/*-------------------------------------------------------------------------
+ *
+ * locks.c
+ *		Lease locks with fencing tokens, fences, and advisory-lock helpers
+ *		on text names.
+ *
+ * Leases are rows of resilience.leases, so they survive across transactions,
+ * connections, restarts and failover, and work through transaction-pooling
+ * proxies.  A lease is taken by an UPDATE of an expired (or released) row or
+ * an INSERT ... ON CONFLICT DO NOTHING of a new one: a failed attempt locks
+ * nothing, so it never blocks the holder's renew or release.
+ *
+ * Tokens come from one sequence, resilience.fencing_tokens, so they strictly
+ * increase for every name forever: a sequence is not transactional (a
+ * rollback never gives a value back) and WAL-logs ahead of what it hands out.
+ * Before a token leaves this function, the WAL record covering it is flushed
+ * (and, with synchronous replication, confirmed by the standby): a token can
+ * therefore never be issued twice, not after a crash, an immediate shutdown,
+ * or the promotion of a synchronous standby.  See docs/locks.md.
+ *
+ * Waiting for a lease sleeps on one of LOCK_WAIT_CVS condition variables
+ * (chosen by the name's hash) until the holder's expiry or the end of the
+ * wait, and is woken when a release or renewal of that name commits.  Without
+ * shared_preload_libraries there are no condition variables and a waiter
+ * re-checks every LOCK_POLL_MS instead.
+ *
+ * Advisory helpers map a name to a 64-bit key with hash_bytes_extended and
+ * take a PostgreSQL advisory lock in a key space of our own (locktag field 4
+ * = ADVISORY_SPACE; PostgreSQL uses 1 and 2 for its bigint and int4-pair
+ * forms), so they never collide with the application's own advisory locks.
+ * When preloaded, a shared dictionary remembers which name a key came from
+ * for the resilience.locks view.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "shmem.h"
+
+#include "access/relation.h"
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/namespace.h"
+#include "commands/sequence.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "replication/syncrep.h"
+#include "storage/bufmgr.h"
+#include "storage/condition_variable.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
+#define LOCK_NAME_MAX 255
+#define LOCK_WAIT_CVS 256
+#define LOCK_POLL_MS 10
+#define ADVISORY_SPACE 3
+#define ADVISORY_SEED UINT64CONST(0x7265736c6c6f636b) /* "reslleock" */
+#define MAX_TTL_USECS (INT64CONST(7) * USECS_PER_DAY)
+#define MAX_WAIT_USECS USECS_PER_DAY
+#define NAMES_TRANCHE "resilience_lock_names"
+#define NAMES_PARTITIONS 16
+
+/* Shared state: wait queues, who waits for what, and advisory names. */
+typedef struct LockWaitSlot
+{
+	pg_atomic_uint32 waiting;	/* 1 while the backend waits for `name` */
+	int			pid;
+	char		name[LOCK_NAME_MAX + 1];
+} LockWaitSlot;
+
+typedef struct LocksShared
+{
+	ConditionVariable cvs[LOCK_WAIT_CVS];
+	int			nslots;
+	LockWaitSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} LocksShared;
+
+/* Payload of the advisory-name dictionary: the key the name hashes to. */
+typedef struct AdvisoryName
+{
+	uint64		key;
+} AdvisoryName;
+
+static LocksShared *locks_shared = NULL;
+static ShmTable *advisory_names = NULL;
+
+/* Names released or renewed by this transaction: wake their waiters at commit. */
+static List *wake_at_commit = NIL;
+static bool xact_callback_registered = false;
+
+/* Cached OID of the token sequence (reset when the extension's objects change). */
+static Oid	token_seq_oid = InvalidOid;
+
+PG_FUNCTION_INFO_V1(lock_acquire);
+PG_FUNCTION_INFO_V1(lock_renew);
+PG_FUNCTION_INFO_V1(lock_release);
+PG_FUNCTION_INFO_V1(lock_check);
+PG_FUNCTION_INFO_V1(fence);
+PG_FUNCTION_INFO_V1(fence_check);
+PG_FUNCTION_INFO_V1(advisory_xact_lock);
+PG_FUNCTION_INFO_V1(advisory_lock);
+PG_FUNCTION_INFO_V1(try_advisory_lock);
+PG_FUNCTION_INFO_V1(advisory_unlock);
+PG_FUNCTION_INFO_V1(lock_key);
+PG_FUNCTION_INFO_V1(lock_waiters);
+PG_FUNCTION_INFO_V1(advisory_lock_names);
+
+/* ---- shared memory ---- */
+
+static int
+wait_slot_count(void)
+{
+	return resilience_max_backends_compat();
+}
+
+Size
+locks_shmem_size(void)
+{
+	Size		size = add_size(offsetof(LocksShared, slots),
+								mul_size(wait_slot_count(), sizeof(LockWaitSlot)));
+
+	return add_size(size, shm_table_size(resilience_max_lock_names,
+										 sizeof(AdvisoryName), LOCK_NAME_MAX));
+}
+
+void
+locks_shmem_request(void)
+{
+	shm_table_request_locks(NAMES_TRANCHE, NAMES_PARTITIONS);
+}
+
+void
+locks_shmem_init(void)
+{
+	bool		found;
+	int			i;
+
+	locks_shared = ShmemInitStruct("resilience locks",
+								   add_size(offsetof(LocksShared, slots),
+											mul_size(wait_slot_count(), sizeof(LockWaitSlot))),
+								   &found);
+	if (!found)
+	{
+		for (i = 0; i < LOCK_WAIT_CVS; i++)
+			ConditionVariableInit(&locks_shared->cvs[i]);
+		locks_shared->nslots = wait_slot_count();
+		for (i = 0; i < locks_shared->nslots; i++)
+		{
+			pg_atomic_init_u32(&locks_shared->slots[i].waiting, 0);
+			locks_shared->slots[i].name[0] = '\0';
+		}
+	}
+	advisory_names = shm_table_init("resilience advisory lock names",
+									resilience_max_lock_names, sizeof(AdvisoryName),
+									LOCK_NAME_MAX, NAMES_TRANCHE, NAMES_PARTITIONS);
+}
+
+static inline uint32
+name_hash(const char *name, int len)
+{
+	return hash_bytes((const unsigned char *) name, len);
+}
+
+/* ---- arguments ---- */
+
+/* A lease, resource or lock name: not NULL, 1..LOCK_NAME_MAX bytes. */
+static text *
+name_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	text	   *name;
+	int			len;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+	name = PG_GETARG_TEXT_PP(argno);
+	len = VARSIZE_ANY_EXHDR(name);
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", what)));
+	if (len > LOCK_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long", what),
+				 errdetail("It is %d bytes; at most %d are allowed.", len, LOCK_NAME_MAX),
+				 errhint("Hash long names, e.g. with md5().")));
+	return name;
+}
+
+static int64
+token_arg(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("token must not be null"),
+				 errhint("Pass the token lock_acquire returned; NULL means the lease was not acquired.")));
+	return PG_GETARG_INT64(argno);
+}
+
+static int64
+interval_usecs(Interval *iv)
+{
+	int128		usecs = (int128) iv->time + (int128) iv->day * USECS_PER_DAY +
+		(int128) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+
+	if (usecs > PG_INT64_MAX || usecs < PG_INT64_MIN)
+		return usecs > 0 ? PG_INT64_MAX : PG_INT64_MIN;
+	return (int64) usecs;
+}
+
+static char *
+interval_text(Interval *iv)
+{
+	return DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(iv)));
+}
+
+/* A lease TTL: more than zero, at most 7 days. */
+static Interval *
+ttl_arg(FunctionCallInfo fcinfo, int argno)
+{
+	Interval   *ttl;
+	int64		usecs;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("ttl must not be null")));
+	ttl = PG_GETARG_INTERVAL_P(argno);
+	usecs = interval_usecs(ttl);
+	if (usecs <= 0 || usecs > MAX_TTL_USECS)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("ttl must be positive and at most 7 days"),
+				 errdetail("ttl is %s.", interval_text(ttl)),
+				 errhint("Size a lease at 2 to 3 times the work it guards, and renew it for longer work.")));
+	return ttl;
+}
+
+/* A wait: zero or more, at most a day; microseconds. */
+static int64
+wait_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	Interval   *wait;
+	int64		usecs;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+	wait = PG_GETARG_INTERVAL_P(argno);
+	usecs = interval_usecs(wait);
+	if (usecs < 0 || usecs > MAX_WAIT_USECS)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be between 0 and 1 day", what),
+				 errdetail("%s is %s.", what, interval_text(wait))));
+	return usecs;
+}
+
+/* ---- tokens ---- */
+
+static void
+token_seq_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == token_seq_oid)
+		token_seq_oid = InvalidOid;
+}
+
+static Oid
+token_seq(void)
+{
+	static bool callback_registered = false;
+
+	if (!OidIsValid(token_seq_oid))
+	{
+		if (!callback_registered)
+		{
+			CacheRegisterRelcacheCallback(token_seq_invalidate, (Datum) 0);
+			callback_registered = true;
+		}
+		token_seq_oid = get_relname_relid("fencing_tokens",
+										  get_namespace_oid("resilience", false));
+		if (!OidIsValid(token_seq_oid))
+			elog(ERROR, "sequence resilience.fencing_tokens does not exist");
+	}
+	return token_seq_oid;
+}
+
+/*
+ * Make sure the WAL record that covers the sequence's current value is
+ * durable (and, under synchronous replication, on the standby) before a token
+ * is handed out.  The sequence logs 32 values ahead, so this flushes at most
+ * once per 32 tokens, and not at all when a commit already did.
+ */
+static void
+make_token_durable(void)
+{
+	Relation	rel = relation_open(token_seq(), AccessShareLock);
+	Buffer		buf = ReadBuffer(rel, 0);
+	XLogRecPtr	lsn;
+
+	LockBuffer(buf, BUFFER_LOCK_SHARE);
+	lsn = PageGetLSN(BufferGetPage(buf));
+	UnlockReleaseBuffer(buf);
+	relation_close(rel, AccessShareLock);
+
+	if (lsn > GetFlushRecPtr(NULL))
+		XLogFlush(lsn);
+	SyncRepWaitForLSN(lsn, false);
+}
+
+/* The next fencing token, durable. */
+static int64
+next_token(void)
+{
+	int64		token = nextval_internal(token_seq(), false);
+
+	make_token_durable();
+	return token;
+}
+
+/* ---- waking waiters at commit ---- */
+
+static void
+locks_xact_callback(XactEvent event, void *arg)
+{
+	ListCell   *lc;
+
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT)
+	{
+		if (locks_shared)
+			foreach(lc, wake_at_commit)
+				ConditionVariableBroadcast(&locks_shared->cvs[lfirst_int(lc) % LOCK_WAIT_CVS]);
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		wake_at_commit = NIL;	/* the list lived in TopTransactionContext */
+}
+
+/* Remember to wake the waiters of `name` when this transaction commits. */
+static void
+wake_waiters_at_commit(const char *name, int len)
+{
+	MemoryContext old;
+
+	if (!locks_shared)
+		return;
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(locks_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	wake_at_commit = lappend_int(wake_at_commit, (int) (name_hash(name, len) & 0x7fffffff));
+	MemoryContextSwitchTo(old);
+}
+
+/* ---- leases ---- */
+
+typedef enum LeasePlan
+{
+	PLAN_TAKEOVER,
+	PLAN_INSERT,
+	PLAN_EXPIRY,
+	PLAN_RENEW,
+	PLAN_RELEASE,
+	PLAN_CHECK,
+	PLAN_FENCE,
+	PLAN_FENCE_CURRENT,
+	NUM_PLANS
+} LeasePlan;
+
+static const char *const plan_sql[NUM_PLANS] = {
+	/* take over an expired or released lease */
+	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
+	" acquired_at = $3, expires_at = $4"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3 RETURNING token",
+	/* a name never seen (or reaped) */
+	"INSERT INTO resilience.leases (name, owner, token, acquired_at, expires_at)"
+	" VALUES ($1, $2, pg_catalog.nextval('resilience.fencing_tokens'), $3, $4)"
+	" ON CONFLICT (name) DO NOTHING RETURNING token",
+	/* when the current holder's lease ends */
+	"SELECT expires_at FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
+	"UPDATE resilience.leases SET expires_at = $4"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	"UPDATE resilience.leases SET expires_at = $3"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	"SELECT token FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3",
+	/* a fence moves forward only */
+	"INSERT INTO resilience.fences AS f (resource, token, updated_at) VALUES ($1, $2, $3)"
+	" ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at"
+	" WHERE f.token OPERATOR(pg_catalog.<=) excluded.token RETURNING token",
+	"SELECT token FROM resilience.fences WHERE resource OPERATOR(pg_catalog.=) $1",
+};
+
+static const int plan_nargs[NUM_PLANS] = {4, 4, 1, 4, 3, 3, 3, 1};
+
+static SPIPlanPtr plans[NUM_PLANS];
+
+/* Run one of the statements above (inside SPI); returns rows processed. */
+static uint64
+run_plan(LeasePlan which, Datum *values)
+{
+	static Oid	argtypes[NUM_PLANS][4] = {
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+		{TEXTOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID},
+		{TEXTOID},
+	};
+	int			ret;
+
+	if (plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which], argtypes[which]);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		plans[which] = plan;
+	}
+	ret = SPI_execute_plan(plans[which], values, NULL, false, 1);
+	if (ret < 0)
+		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
+	return SPI_processed;
+}
+
+static Datum
+first_value(bool *isnull)
+{
+	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, isnull);
+}
+
+/* The default owner: application_name/pid, stable for a connection. */
+static text *
+default_owner(void)
+{
+	const char *app = application_name && application_name[0] ? application_name : "backend";
+
+	return cstring_to_text(psprintf("%s/%d", app, MyProcPid));
+}
+
+/*
+ * One attempt at a lease: take it over if expired or released, or create it.
+ * Returns true with *token set; otherwise *held_until is when the current
+ * holder's lease ends (now, if the row vanished meanwhile).
+ */
+static bool
+lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
+				  int64 *token, TimestampTz *held_until)
+{
+	Datum		values[4];
+	bool		isnull;
+
+	values[0] = PointerGetDatum(name);
+	values[1] = PointerGetDatum(owner);
+	values[2] = TimestampTzGetDatum(now);
+	values[3] = DirectFunctionCall2(timestamptz_pl_interval,
+									TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
+	if (run_plan(PLAN_TAKEOVER, values) == 1 || run_plan(PLAN_INSERT, values) == 1)
+	{
+		*token = DatumGetInt64(first_value(&isnull));
+		return true;
+	}
+	*held_until = now;
+	if (run_plan(PLAN_EXPIRY, values) == 1)
+		*held_until = DatumGetTimestampTz(first_value(&isnull));
+	return false;
+}
+
+/*
+ * Sleep up to sleep_ms for a lease to be released or renewed, visible in the
+ * locks view as a waiter meanwhile.
+ */
+static void
+lease_wait(const char *name, int len, long sleep_ms)
+{
+	LockWaitSlot *volatile slot = NULL;
+
+	if (!locks_shared)
+	{
+		/* no condition variables without preloading: re-check often */
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Min(sleep_ms, LOCK_POLL_MS), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		return;
+	}
+	if (MyProcNumber_compat < locks_shared->nslots)
+	{
+		slot = &locks_shared->slots[MyProcNumber_compat];
+		strlcpy(slot->name, name, sizeof(slot->name));
+		slot->pid = MyProcPid;
+		pg_write_barrier();
+		pg_atomic_write_u32(&slot->waiting, 1);
+	}
+	PG_TRY();
+	{
+		(void) ConditionVariableTimedSleep(&locks_shared->cvs[(name_hash(name, len) & 0x7fffffff) % LOCK_WAIT_CVS],
+										   sleep_ms, PG_WAIT_EXTENSION);
+	}
+	PG_FINALLY();
+	{
+		/* also when cancelled or timed out by statement_timeout */
+		if (slot)
+			pg_atomic_write_u32(&slot->waiting, 0);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * lock_acquire(name, ttl, owner, wait) → fencing token, or NULL if the lease
+ * could not be taken within wait.
+ */
+Datum
+lock_acquire(PG_FUNCTION_ARGS)
+{
+	text	   *name = name_arg(fcinfo, 0, "lease name");
+	Interval   *ttl = ttl_arg(fcinfo, 1);
+	text	   *owner = PG_ARGISNULL(2) ? default_owner() : PG_GETARG_TEXT_PP(2);
+	int64		wait = wait_arg(fcinfo, 3, "wait");
+	TimestampTz deadline = GetCurrentTimestamp() + wait;
+	int64		token = 0;
+	bool		got = false;
+	bool		waited = false;
+
+	if (VARSIZE_ANY_EXHDR(owner) > LOCK_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("owner is too long"),
+				 errdetail("It is %d bytes; at most %d are allowed.",
+						   (int) VARSIZE_ANY_EXHDR(owner), LOCK_NAME_MAX)));
+
+	SPI_connect();
+	for (;;)
+	{
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz held_until;
+
+		if (lease_try_acquire(name, owner, ttl, now, &token, &held_until))
+		{
+			got = true;
+			break;
+		}
+		if (now >= deadline)
+			break;
+		/* until it expires, a release or renewal commits, or the wait ends */
+		lease_wait(text_to_cstring(name), VARSIZE_ANY_EXHDR(name),
+				   Max((Min(held_until, deadline) - now + 999) / 1000, 1));
+		waited = true;
+	}
+	if (waited && locks_shared)
+		ConditionVariableCancelSleep();
+	SPI_finish();
+
+	if (!got)
+		PG_RETURN_NULL();
+	/* the lease must outlive a crash once the caller has seen its token */
+	ForceSyncCommit();
+	make_token_durable();
+	PG_RETURN_INT64(token);
+}
+
+/* Shared by renew, release and check: run the plan, true if a row matched. */
+static bool
+lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
+{
+	text	   *name = name_arg(fcinfo, 0, "lease name");
+	int64		token = token_arg(fcinfo, 1);
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		values[4];
+	bool		matched;
+
+	values[0] = PointerGetDatum(name);
+	values[1] = Int64GetDatum(token);
+	values[2] = TimestampTzGetDatum(now);
+	if (ttl)
+		values[3] = DirectFunctionCall2(timestamptz_pl_interval,
+										TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
+	SPI_connect();
+	matched = run_plan(which, values) == 1;
+	SPI_finish();
+	if (matched && which == PLAN_RENEW)
+		ForceSyncCommit();		/* a renewal the holder relies on must not be lost */
+	if (matched && which != PLAN_CHECK)
+		wake_waiters_at_commit(VARDATA_ANY(name), VARSIZE_ANY_EXHDR(name));
+	return matched;
+}
+
+/* lock_renew(name, token, ttl) → false if the lease was lost; the token stays. */
+Datum
+lock_renew(PG_FUNCTION_ARGS)
+{
+	Interval   *ttl = ttl_arg(fcinfo, 2);
+
+	PG_RETURN_BOOL(lease_statement(fcinfo, PLAN_RENEW, ttl));
+}
+
+/* lock_release(name, token) → false if that token no longer holds the lease. */
+Datum
+lock_release(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(lease_statement(fcinfo, PLAN_RELEASE, NULL));
+}
+
+/* lock_check(name, token) → does that token hold the lease right now? */
+Datum
+lock_check(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(lease_statement(fcinfo, PLAN_CHECK, NULL));
+}
+
+/* ---- fences ---- */
+
+/* Record token for resource unless it has seen a newer one; true if accepted. */
+static bool
+fence_advance(text *resource, int64 token, int64 *seen)
+{
+	Datum		values[3];
+	bool		accepted;
+	bool		isnull;
+
+	values[0] = PointerGetDatum(resource);
+	values[1] = Int64GetDatum(token);
+	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+	SPI_connect();
+	accepted = run_plan(PLAN_FENCE, values) == 1;
+	if (!accepted && seen && run_plan(PLAN_FENCE_CURRENT, values) == 1)
+		*seen = DatumGetInt64(first_value(&isnull));
+	SPI_finish();
+	return accepted;
+}
+
+/* fence(resource, token): raise RS001 if resource has seen a newer token. */
+Datum
+fence(PG_FUNCTION_ARGS)
+{
+	text	   *resource = name_arg(fcinfo, 0, "resource");
+	int64		token = token_arg(fcinfo, 1);
+	int64		seen = 0;
+
+	if (!fence_advance(resource, token, &seen))
+		ereport(ERROR,
+				(errcode(MAKE_SQLSTATE('R', 'S', '0', '0', '1')),
+				 errmsg("fencing token %lld is stale for resource \"%s\"",
+						(long long) token, text_to_cstring(resource)),
+				 errdetail("The resource has already accepted token %lld.", (long long) seen),
+				 errhint("The lease behind this token was lost; stop and acquire it again.")));
+	PG_RETURN_VOID();
+}
+
+/* fence_check(resource, token) → the same test as fence, as a boolean for WHERE. */
+Datum
+fence_check(PG_FUNCTION_ARGS)
+{
+	text	   *resource = name_arg(fcinfo, 0, "resource");
+	int64		token = token_arg(fcinfo, 1);
+
+	PG_RETURN_BOOL(fence_advance(resource, token, NULL));
+}
+
+/* ---- advisory helpers ---- */
+
+static uint64
+advisory_key(text *name)
+{
+	return hash_bytes_extended((const unsigned char *) VARDATA_ANY(name),
+							   VARSIZE_ANY_EXHDR(name), ADVISORY_SEED);
+}
+
+static void
+advisory_tag(LOCKTAG *tag, uint64 key)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (key >> 32), (uint32) key,
+						 ADVISORY_SPACE);
+}
+
+/* Any name may be forgotten: the dictionary only labels the locks view. */
+static bool
+name_idle(ShmEntry *entry, void *payload, int64 now)
+{
+	return true;
+}
+
+/* Remember which name a key came from, for the locks view (best effort). */
+static void
+remember_name(text *name, uint64 key)
+{
+	const char *str = VARDATA_ANY(name);
+	int			len = VARSIZE_ANY_EXHDR(name);
+	uint32		hash = shm_table_hash(0, str, len);
+	LWLock	   *lock;
+	ShmEntry   *entry;
+	bool		found;
+
+	if (!advisory_names)
+		return;
+	lock = shm_table_lock(advisory_names, hash);
+	LWLockAcquire(lock, LW_SHARED);
+	entry = shm_table_find(advisory_names, hash, 0, str, len);
+	if (entry)
+	{
+		entry->referenced = true;	/* a plain store: only the CLOCK hint */
+		LWLockRelease(lock);
+		return;
+	}
+	LWLockRelease(lock);
+	entry = shm_table_enter(advisory_names, hash, 0, str, len, true, name_idle, &found);
+	if (entry)
+	{
+		((AdvisoryName *) shm_entry_payload(advisory_names, entry))->key = key;
+		LWLockRelease(lock);
+	}
+}
+
+/* Take the helper lock for name; returns whether it was granted. */
+static bool
+advisory_take(text *name, bool session, int64 wait_usecs)
+{
+	uint64		key = advisory_key(name);
+	LOCKTAG		tag;
+	LockAcquireResult res;
+
+	advisory_tag(&tag, key);
+	remember_name(name, key);
+	if (wait_usecs == 0)
+		return LockAcquire(&tag, ExclusiveLock, session, true) != LOCKACQUIRE_NOT_AVAIL;
+	if (wait_usecs < 0)
+	{
+		(void) LockAcquire(&tag, ExclusiveLock, session, false);
+		return true;
+	}
+
+	/*
+	 * Wait at most wait_usecs: the lock manager's own lock_timeout does the
+	 * timing, in a subtransaction so that its error can be caught cleanly.
+	 * A shorter lock_timeout of the caller's is honoured the same way.
+	 */
+	{
+		MemoryContext oldcontext = CurrentMemoryContext;
+		ResourceOwner oldowner = CurrentResourceOwner;
+		int			saved_timeout = LockTimeout;
+		int			timeout_ms = (int) Max((wait_usecs + 999) / 1000, 1);
+		bool		granted = false;
+
+		if (saved_timeout > 0)
+			timeout_ms = Min(timeout_ms, saved_timeout);
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(oldcontext);
+		PG_TRY();
+		{
+			LockTimeout = timeout_ms;
+			res = LockAcquire(&tag, ExclusiveLock, session, false);
+			LockTimeout = saved_timeout;
+			granted = (res != LOCKACQUIRE_NOT_AVAIL);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			LockTimeout = saved_timeout;
+			MemoryContextSwitchTo(oldcontext);
+			edata = CopyErrorData();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcontext);
+			CurrentResourceOwner = oldowner;
+			if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+				ReThrowError(edata);
+			FlushErrorState();
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+		return granted;
+	}
+}
+
+/* advisory_xact_lock(name) → token; the lock is held until transaction end. */
+Datum
+advisory_xact_lock(PG_FUNCTION_ARGS)
+{
+	text	   *name = name_arg(fcinfo, 0, "lock name");
+
+	advisory_take(name, false, -1);
+	PG_RETURN_INT64(next_token());
+}
+
+/* advisory_lock(name) → token; a session lock, held until advisory_unlock. */
+Datum
+advisory_lock(PG_FUNCTION_ARGS)
+{
+	text	   *name = name_arg(fcinfo, 0, "lock name");
+
+	advisory_take(name, true, -1);
+	PG_RETURN_INT64(next_token());
+}
+
+/* try_advisory_lock(name, timeout) → token, or NULL if not granted in time. */
+Datum
+try_advisory_lock(PG_FUNCTION_ARGS)
+{
+	text	   *name = name_arg(fcinfo, 0, "lock name");
+	int64		wait = wait_arg(fcinfo, 1, "timeout");
+
+	if (!advisory_take(name, true, wait))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64(next_token());
+}
+
+/* advisory_unlock(name) → false if this session did not hold it. */
+Datum
+advisory_unlock(PG_FUNCTION_ARGS)
+{
+	text	   *name = name_arg(fcinfo, 0, "lock name");
+	LOCKTAG		tag;
+
+	advisory_tag(&tag, advisory_key(name));
+	if (!LockHeldByMe_compat(&tag, ExclusiveLock))
+		PG_RETURN_BOOL(false);	/* LockRelease would warn */
+	PG_RETURN_BOOL(LockRelease(&tag, ExclusiveLock, true));
+}
+
+/* ---- the locks view ---- */
+
+/* lock_key(name) → the 64-bit key an advisory helper lock on name uses. */
+Datum
+lock_key(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64((int64) advisory_key(PG_GETARG_TEXT_PP(0)));
+}
+
+/* lock_waiters() → (name, pid) of each session waiting in lock_acquire. */
+Datum
+lock_waiters(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!locks_shared)
+		return (Datum) 0;
+	for (i = 0; i < locks_shared->nslots; i++)
+	{
+		LockWaitSlot *slot = &locks_shared->slots[i];
+		char		name[LOCK_NAME_MAX + 1];
+		Datum		values[2];
+		bool		nulls[2] = {false, false};
+
+		if (pg_atomic_read_u32(&slot->waiting) == 0)
+			continue;
+		pg_read_barrier();
+		strlcpy(name, slot->name, sizeof(name));
+		values[0] = CStringGetTextDatum(name);
+		values[1] = Int32GetDatum(slot->pid);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+typedef struct NameList
+{
+	ReturnSetInfo *rsinfo;
+} NameList;
+
+static void
+emit_name(ShmEntry *entry, void *payload, const char *key, void *arg)
+{
+	ReturnSetInfo *rsinfo = ((NameList *) arg)->rsinfo;
+	Datum		values[2];
+	bool		nulls[2] = {false, false};
+
+	values[0] = Int64GetDatum((int64) ((AdvisoryName *) payload)->key);
+	values[1] = PointerGetDatum(cstring_to_text_with_len(key, entry->keylen));
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/* advisory_lock_names() → (key, name) of names the helpers have locked. */
+Datum
+advisory_lock_names(PG_FUNCTION_ARGS)
+{
+	NameList	list;
+
+	InitMaterializedSRF(fcinfo, 0);
+	list.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	if (advisory_names)
+		shm_table_visit(advisory_names, emit_name, &list);
+	return (Datum) 0;
+}
