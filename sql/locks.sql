@@ -39,6 +39,13 @@ SELECT clock_timestamp() AS before \gset
 SELECT resilience.lock_acquire('job:wait', '1 minute', 'worker-c', wait => '200 milliseconds') IS NULL AS gave_up;
 SELECT clock_timestamp() - :'before'::timestamptz >= interval '190 milliseconds' AS waited_the_wait;
 
+-- Waiting honours statement_timeout (and cancellation); no waiter is left behind.
+SELECT resilience.lock_acquire('job:timeout', '1 minute', 'holder') IS NOT NULL AS held;
+SET statement_timeout = '200ms';
+SELECT resilience.lock_acquire('job:timeout', '1 minute', 'waiter', wait => '10 seconds');
+RESET statement_timeout;
+SELECT waiters FROM resilience.locks WHERE name = 'job:timeout';
+
 -- The default owner names the application and backend.
 SET application_name = 'billing';
 SELECT resilience.lock_acquire('job:owner', '1 minute') IS NOT NULL AS held;
