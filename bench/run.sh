@@ -5,6 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
+#   BENCH_SECTIONS="ratelimit locks"   which comparisons to run
 #   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
 . "$(dirname "$0")/../tools/cluster.sh"
 
@@ -123,20 +124,40 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks}
+section() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "Running: $CLIENTS clients, ${DURATION}s per run"
 run_pgbench select1 "SELECT 1" select1.sql
-run_pgbench rl_random "rate_limit, random keys" rate_limit_random.sql
-run_pgbench rl_hot "rate_limit, hot key" rate_limit_hot.sql
-run_pgbench logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
-run_pgbench logged_hot "PL/pgSQL bucket, logged table, hot key" bucket_logged_hot.sql
-run_pgbench unlogged_random "PL/pgSQL bucket, unlogged table, random keys" bucket_unlogged_random.sql
-run_pgbench unlogged_hot "PL/pgSQL bucket, unlogged table, hot key" bucket_unlogged_hot.sql
-run_redis redis_random "Redis+Lua bucket, random keys" \
-	-r $NKEYS EVALSHA "$SHA" 1 k:__rand_int__ $CAPACITY $REFILL $COST
-run_redis redis_hot "Redis+Lua bucket, hot key" EVALSHA "$SHA" 1 hot $CAPACITY $REFILL $COST
-[ "$(redis-cli -s "$REDIS_SOCK" DBSIZE)" -eq $((NKEYS + 1)) ] ||
-	die "Redis holds $(redis-cli -s "$REDIS_SOCK" DBSIZE) keys, expected $((NKEYS + 1))"
+if section ratelimit; then
+	run_pgbench rl_random "rate_limit, random keys" rate_limit_random.sql
+	run_pgbench rl_hot "rate_limit, hot key" rate_limit_hot.sql
+	run_pgbench logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
+	run_pgbench logged_hot "PL/pgSQL bucket, logged table, hot key" bucket_logged_hot.sql
+	run_pgbench unlogged_random "PL/pgSQL bucket, unlogged table, random keys" bucket_unlogged_random.sql
+	run_pgbench unlogged_hot "PL/pgSQL bucket, unlogged table, hot key" bucket_unlogged_hot.sql
+	run_redis redis_random "Redis+Lua bucket, random keys" \
+		-r $NKEYS EVALSHA "$SHA" 1 k:__rand_int__ $CAPACITY $REFILL $COST
+	run_redis redis_hot "Redis+Lua bucket, hot key" EVALSHA "$SHA" 1 hot $CAPACITY $REFILL $COST
+	[ "$(redis-cli -s "$REDIS_SOCK" DBSIZE)" -eq $((NKEYS + 1)) ] ||
+		die "Redis holds $(redis-cli -s "$REDIS_SOCK" DBSIZE) keys, expected $((NKEYS + 1))"
+fi
+
+# Locks: 1,000 names or one hot name; raw advisory lock + sequence, and a
+# hand-written lease table, as baselines.
+if section locks; then
+	psql -X -q -f "$BENCH_DIR/locks_setup.sql" >"$OUT/locks_setup.txt" 2>&1 ||
+		{ cat "$OUT/locks_setup.txt"; die "locks setup failed"; }
+	run_pgbench adv_raw_random "pg_advisory_xact_lock(hashtext) + nextval, 1000 keys" advisory_raw_random.sql
+	run_pgbench adv_random "advisory_xact_lock, 1000 keys" advisory_random.sql
+	run_pgbench adv_raw_hot "pg_advisory_xact_lock(hashtext) + nextval, hot key" advisory_raw_hot.sql
+	run_pgbench adv_hot "advisory_xact_lock, hot key" advisory_hot.sql
+	run_pgbench lease_table_random "hand-written lease table cycle, 1000 keys" lease_table_random.sql
+	run_pgbench lease_random "lock_acquire + lock_release, 1000 keys" lease_random.sql
+	run_pgbench lease_table_hot "hand-written lease table cycle, hot key" lease_table_hot.sql
+	run_pgbench lease_hot "lock_acquire + lock_release, hot key" lease_hot.sql
+fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
@@ -174,6 +195,18 @@ report() {
 	done
 	say ""
 	printf '  %-48s %7s   %-7s  %s\n' "ratio" "value" "target" ""
+	section ratelimit && report_ratelimit
+	section locks && report_locks
+}
+
+report_locks() {
+	ratio_line "advisory helper / raw advisory+nextval, 1000" adv_random adv_raw_random ">=" 0.9
+	ratio_line "advisory helper / raw advisory+nextval, hot" adv_hot adv_raw_hot ">=" 0.9
+	ratio_line "lease cycle / hand-written table, 1000" lease_random lease_table_random ">=" 1.0
+	ratio_line "lease cycle / hand-written table, hot" lease_hot lease_table_hot ">=" 1.0
+}
+
+report_ratelimit() {
 	ratio_line "rate_limit random / SELECT 1" rl_random select1 ">=" 0.9
 	ratio_line "rate_limit hot / SELECT 1" rl_hot select1 ">=" 0.8
 	ratio_line "rate_limit hot / unlogged-table bucket hot" rl_hot unlogged_hot ">=" 4

@@ -1,0 +1,1 @@
+SELECT resilience.advisory_xact_lock('hot');
