@@ -8,7 +8,14 @@ OBJS = \
 	src/shmem.o \
 	src/ratelimit.o \
 	src/locks.o \
+	src/outbox.o \
+	src/relay.o \
+	src/sink_http.o \
+	src/sink_notify.o \
 	src/worker.o
+
+# the outbox's http sink
+SHLIB_LINK += -lcurl
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"

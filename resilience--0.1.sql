@@ -308,6 +308,320 @@ COMMENT ON FUNCTION resilience._reap_leases(interval, integer, integer) IS
 'Internal (part of run_reaper): delete leases expired for longer than older_than, in bounded batches';
 
 ------------------------------------------------------------------------------
+-- Transactional outbox and relay (tables: work without preloading; the
+-- worker that relays on commit needs shared_preload_libraries)
+------------------------------------------------------------------------------
+
+-- Roles: resilience_admin manages routes and dead letters and runs the relay
+-- by hand; resilience_user publishes and consumes.  Roles are cluster-wide and
+-- outlive the extension; they are created only if missing.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'resilience_user') THEN
+        CREATE ROLE resilience_user NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'resilience_admin') THEN
+        CREATE ROLE resilience_admin NOLOGIN;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('resilience_admin', 'resilience_user', 'MEMBER') THEN
+        GRANT resilience_user TO resilience_admin;
+    END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA resilience TO resilience_user;
+
+-- Event ids are taken from it at publish, and each event's commit order
+-- (seq) at commit, under a lock on its key: so for one key, seq order is
+-- commit order (docs/outbox.md, "Per-key order").  CACHE 1 on purpose: a
+-- per-backend cache would hand out values out of order.
+CREATE SEQUENCE resilience.outbox_seq CACHE 1;
+SELECT pg_catalog.pg_extension_config_dump('resilience.outbox_seq', '');
+
+CREATE TABLE resilience.outbox_routes (
+    id serial PRIMARY KEY,
+    topic_pattern text NOT NULL,
+    sink text NOT NULL,
+    target text NOT NULL,
+    options jsonb NOT NULL DEFAULT '{}',
+    enabled boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE resilience.outbox_routes IS
+'Where events go: every route whose topic_pattern (LIKE) matches an event''s topic gets it, through sink notify, http or queue';
+SELECT pg_catalog.pg_extension_config_dump('resilience.outbox_routes', '');
+SELECT pg_catalog.pg_extension_config_dump('resilience.outbox_routes_id_seq', '');
+
+-- One row per event and route (route_id NULL: the event matched no route
+-- yet; it is routed when a matching route is created).  Delivered rows are
+-- deleted, or kept (delivered_at set) for resilience.outbox_retention.
+-- Vacuum-friendly: rows are inserted once, claimed by a HOT update (claim
+-- columns are not indexed) and deleted in batches; autovacuum visits the
+-- table after every few thousand dead rows instead of a fraction of it.
+CREATE TABLE resilience.outbox (
+    id bigint NOT NULL,
+    seq bigint NOT NULL,
+    route_id integer,
+    topic text NOT NULL,
+    key text,
+    payload jsonb NOT NULL,
+    headers jsonb NOT NULL,
+    published_at timestamptz NOT NULL,
+    not_before timestamptz NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    claimed_by text,
+    claim_until timestamptz,
+    last_error text,
+    delivered_at timestamptz
+) WITH (fillfactor = 80,
+        autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
+        autovacuum_vacuum_cost_delay = 0);
+CREATE INDEX outbox_pending ON resilience.outbox (route_id, seq) WHERE delivered_at IS NULL;
+CREATE INDEX outbox_id ON resilience.outbox (id);
+COMMENT ON TABLE resilience.outbox IS
+'Events waiting for delivery, one row per route; written at commit by outbox_publish, removed once delivered';
+SELECT pg_catalog.pg_extension_config_dump('resilience.outbox', '');
+
+CREATE TABLE resilience.outbox_dead_letters (
+    id bigint NOT NULL,
+    seq bigint NOT NULL,
+    route_id integer NOT NULL,
+    topic text NOT NULL,
+    key text,
+    payload jsonb NOT NULL,
+    headers jsonb NOT NULL,
+    published_at timestamptz NOT NULL,
+    attempts integer NOT NULL,
+    last_error text,
+    dead_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    blocking boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (route_id, id)
+);
+CREATE INDEX outbox_dead_letters_blocking ON resilience.outbox_dead_letters (route_id, key) WHERE blocking;
+COMMENT ON TABLE resilience.outbox_dead_letters IS
+'Events a route gave up on (max_attempts, or a permanent error), with the last error; outbox_redrive puts them back';
+SELECT pg_catalog.pg_extension_config_dump('resilience.outbox_dead_letters', '');
+
+-- Routes are checked (sink, target, options) when written.
+CREATE FUNCTION resilience._outbox_route_check()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'outbox_route_check'
+LANGUAGE C;
+COMMENT ON FUNCTION resilience._outbox_route_check() IS
+'Internal: validates a route (sink, target URL or channel, options) before it is written';
+
+CREATE TRIGGER route_check
+    BEFORE INSERT OR UPDATE ON resilience.outbox_routes
+    FOR EACH ROW EXECUTE FUNCTION resilience._outbox_route_check();
+
+CREATE FUNCTION resilience._outbox_routes_invalidate()
+RETURNS void
+AS 'MODULE_PATHNAME', 'outbox_routes_invalidate'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._outbox_routes_invalidate() IS
+'Internal: makes every backend reload its cached routes when this transaction commits';
+
+-- After routes change: events that matched no route are routed to the new
+-- ones; the pending events of deleted routes are discarded.
+CREATE FUNCTION resilience._outbox_routes_changed()
+RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM resilience._outbox_routes_invalidate();
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM resilience.outbox o
+         WHERE o.route_id IN (SELECT d.id FROM old_routes d)
+           AND NOT EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = o.route_id);
+    ELSE
+        INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload, headers, published_at, not_before)
+        SELECT o.id, o.seq, r.id, o.topic, o.key, o.payload, o.headers, o.published_at, o.not_before
+          FROM resilience.outbox o JOIN resilience.outbox_routes r ON o.topic LIKE r.topic_pattern COLLATE "C"
+         WHERE o.route_id IS NULL;
+        DELETE FROM resilience.outbox o
+         WHERE o.route_id IS NULL
+           AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE o.topic LIKE r.topic_pattern COLLATE "C");
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION resilience._outbox_routes_changed() IS
+'Internal: routes waiting unrouted events to new routes, drops the pending events of deleted routes';
+
+CREATE TRIGGER routes_changed_ins
+    AFTER INSERT ON resilience.outbox_routes
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._outbox_routes_changed();
+CREATE TRIGGER routes_changed_upd
+    AFTER UPDATE ON resilience.outbox_routes
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._outbox_routes_changed();
+CREATE TRIGGER routes_changed_del
+    AFTER DELETE ON resilience.outbox_routes
+    REFERENCING OLD TABLE AS old_routes
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._outbox_routes_changed();
+CREATE TRIGGER routes_changed_trunc
+    AFTER TRUNCATE ON resilience.outbox_routes
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._outbox_routes_changed();
+
+CREATE FUNCTION resilience.outbox_publish(
+    topic text, payload jsonb, key text DEFAULT NULL, headers jsonb DEFAULT '{}',
+    deliver_after interval DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'outbox_publish'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: a NULL topic or payload raises 22004
+COMMENT ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval) IS
+'Publish an event in this transaction: it exists for the relay if and only if the transaction commits; returns its id (the Idempotency-Key)';
+
+-- The pull API (sink queue, target = consumer name).  SECURITY DEFINER so
+-- that consumers need no privileges on the tables.
+CREATE FUNCTION resilience.outbox_claim(
+    consumer text, batch integer DEFAULT 100, visibility interval DEFAULT '30 seconds')
+RETURNS TABLE (id bigint, topic text, key text, payload jsonb, headers jsonb,
+               published_at timestamptz, attempts integer)
+AS 'MODULE_PATHNAME', 'outbox_claim'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_claim(text, integer, interval) IS
+'Claim up to batch events of consumer''s queue routes for visibility: no other consumer gets them meanwhile; one event per key at a time, in commit order';
+
+CREATE FUNCTION resilience.outbox_ack(consumer text, ids bigint[])
+RETURNS integer
+AS 'MODULE_PATHNAME', 'outbox_ack'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_ack(text, bigint[]) IS
+'Mark events consumer claimed as delivered; returns how many were still claimed by it';
+
+CREATE FUNCTION resilience.outbox_nack(consumer text, id bigint, delay interval DEFAULT '0')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'outbox_nack'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_nack(text, bigint, interval) IS
+'Give back an event consumer claimed, to be claimed again after delay (a dead letter after the route''s max_attempts)';
+
+CREATE FUNCTION resilience.outbox_redrive(
+    ids bigint[] DEFAULT NULL, topic_pattern text DEFAULT NULL, route_id integer DEFAULT NULL)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'outbox_redrive'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_redrive(bigint[], text, integer) IS
+'Put dead letters back in the outbox (by ids, and/or topic pattern, and/or route), with their attempts reset; returns how many';
+
+CREATE FUNCTION resilience.outbox_event(id bigint)
+RETURNS TABLE (topic text, key text, payload jsonb, headers jsonb, published_at timestamptz)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT o.topic, o.key, o.payload, o.headers, o.published_at
+      FROM resilience.outbox o WHERE o.id OPERATOR(pg_catalog.=) $1 LIMIT 1
+$$;
+COMMENT ON FUNCTION resilience.outbox_event(bigint) IS
+'An event still in the outbox by id: how a NOTIFY listener fetches a payload too large for NOTIFY';
+
+CREATE PROCEDURE resilience.relay_outbox(max_batches integer DEFAULT 10, INOUT delivered bigint DEFAULT NULL)
+AS 'MODULE_PATHNAME', 'relay_outbox'
+LANGUAGE C;   -- no SECURITY DEFINER or SET: either would forbid its commits; it switches to the owner itself
+COMMENT ON PROCEDURE resilience.relay_outbox(integer, bigint) IS
+'Run the relay by hand (CALL, outside a transaction block): each batch is claimed and committed, delivered with no transaction open, then recorded';
+
+CREATE FUNCTION resilience._outbox_relay_stats(
+    OUT route_id integer, OUT destination text, OUT delivered bigint, OUT retries bigint,
+    OUT delivered_per_sec double precision, OUT breaker text, OUT breaker_until timestamptz,
+    OUT last_error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'outbox_relay_stats'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._outbox_relay_stats() IS
+'Internal: per-route counters and per-destination breaker state kept by the relay in shared memory';
+
+CREATE FUNCTION resilience._outbox_redact(target text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'outbox_redact'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._outbox_redact(text) IS
+'Internal: a route target with credentials and query string removed, for views and logs';
+
+CREATE VIEW resilience.outbox_status AS
+    SELECT r.id AS route_id, r.topic_pattern, r.sink,
+           resilience._outbox_redact(r.target) AS target, r.enabled,
+           coalesce(p.backlog, 0) AS backlog,
+           pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) p.oldest AS oldest_pending_age,
+           coalesce(p.in_flight, 0) AS in_flight,
+           coalesce(p.retrying, 0) AS retrying,
+           s.delivered_per_sec, s.delivered, s.retries,
+           coalesce(d.dead_letters, 0) AS dead_letters,
+           coalesce(s.breaker, 'closed') AS breaker, s.breaker_until, s.last_error
+      FROM resilience.outbox_routes r
+      LEFT JOIN (SELECT o.route_id, count(*) AS backlog, min(o.published_at) AS oldest,
+                        count(*) FILTER (WHERE o.claim_until OPERATOR(pg_catalog.>) pg_catalog.now()) AS in_flight,
+                        count(*) FILTER (WHERE o.attempts OPERATOR(pg_catalog.>) 0) AS retrying
+                   FROM resilience.outbox o WHERE o.delivered_at IS NULL GROUP BY o.route_id) p
+        ON p.route_id OPERATOR(pg_catalog.=) r.id
+      LEFT JOIN (SELECT x.route_id, count(*) AS dead_letters
+                   FROM resilience.outbox_dead_letters x GROUP BY x.route_id) d
+        ON d.route_id OPERATOR(pg_catalog.=) r.id
+      LEFT JOIN resilience._outbox_relay_stats() s ON s.route_id OPERATOR(pg_catalog.=) r.id
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, count(*), pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) min(o.published_at),
+           0, 0, NULL, NULL, NULL, 0, NULL, NULL, NULL
+      FROM resilience.outbox o WHERE o.route_id IS NULL HAVING count(*) OPERATOR(pg_catalog.>) 0;
+COMMENT ON VIEW resilience.outbox_status IS
+'Per route: backlog, oldest pending age, in flight, retrying, delivered/s, dead letters, breaker; a row with route_id NULL counts events no route matched yet';
+
+-- Delivered events kept for resilience.outbox_retention (and oversized NOTIFY
+-- events, kept at least an hour for outbox_event) are removed in batches.
+CREATE FUNCTION resilience._outbox_reap(batch_size integer DEFAULT 5000, max_batches integer DEFAULT 20)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.outbox
+             WHERE delivered_at IS NOT NULL AND not_before < clock_timestamp()
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.outbox o USING doomed WHERE o.ctid = doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed + n;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+COMMENT ON FUNCTION resilience._outbox_reap(integer, integer) IS
+'Internal (part of run_reaper): delete delivered events whose retention has passed, in bounded batches';
+
+-- Privileges.  Tables: no direct access for the roles except what the admin
+-- manages (routes, dead letters); everything else goes through the
+-- functions.  Functions are executable by PUBLIC by default: revoke that
+-- from all of them and grant by role.
+REVOKE ALL ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval),
+    resilience.outbox_claim(text, integer, interval), resilience.outbox_ack(text, bigint[]),
+    resilience.outbox_nack(text, bigint, interval), resilience.outbox_event(bigint),
+    resilience.outbox_redrive(bigint[], text, integer), resilience._outbox_relay_stats(),
+    resilience._outbox_routes_invalidate(), resilience._outbox_routes_changed(),
+    resilience._outbox_route_check(), resilience._outbox_reap(integer, integer)
+    FROM PUBLIC;
+REVOKE ALL ON PROCEDURE resilience.relay_outbox(integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval),
+    resilience.outbox_claim(text, integer, interval), resilience.outbox_ack(text, bigint[]),
+    resilience.outbox_nack(text, bigint, interval), resilience.outbox_event(bigint)
+    TO resilience_user;
+GRANT EXECUTE ON FUNCTION resilience.outbox_redrive(bigint[], text, integer),
+    resilience._outbox_relay_stats() TO resilience_admin;
+GRANT EXECUTE ON PROCEDURE resilience.relay_outbox(integer, bigint) TO resilience_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON resilience.outbox_routes TO resilience_admin;
+GRANT USAGE ON SEQUENCE resilience.outbox_routes_id_seq TO resilience_admin;
+GRANT SELECT, DELETE ON resilience.outbox_dead_letters TO resilience_admin;
+GRANT SELECT ON resilience.outbox_status TO resilience_admin;
+
+------------------------------------------------------------------------------
 -- Workers and jobs
 ------------------------------------------------------------------------------
 
@@ -318,6 +632,8 @@ AS $$
     SELECT 'rate_limit_keys', resilience._rate_limit_sweep()
     UNION ALL
     SELECT 'leases', resilience._reap_leases()
+    UNION ALL
+    SELECT 'outbox_delivered', resilience._outbox_reap()
 $$;
 COMMENT ON FUNCTION resilience.run_reaper() IS
 'The reaper job the worker runs every resilience.reaper_interval: removes what has expired, per item';

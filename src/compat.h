@@ -62,6 +62,24 @@
 #define LockHeldByMe_compat(tag, mode) LockHeldByMe(tag, mode)
 #endif
 
+/*
+ * A procedure's SPI_commit starts the next transaction itself from
+ * PostgreSQL 15 on; before, SPI_start_transaction must follow it.
+ */
+#if PG_VERSION_NUM >= 150000
+#define resilience_spi_commit_compat() SPI_commit()
+#else
+#define resilience_spi_commit_compat() (SPI_commit(), SPI_start_transaction())
+#endif
+
+/* A uniform random double in [0, 1): pg_prng arrived in PostgreSQL 15. */
+#if PG_VERSION_NUM >= 150000
+#include "common/pg_prng.h"
+#define resilience_random_compat() pg_prng_double(&pg_global_prng_state)
+#else
+#define resilience_random_compat() ((double) random() / ((double) MAX_RANDOM_VALUE + 1))
+#endif
+
 /* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
 #if PG_VERSION_NUM < 150000
 #include "funcapi.h"

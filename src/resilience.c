@@ -27,6 +27,13 @@ int			resilience_max_workers = 8;
 int			resilience_worker_naptime_ms = 10000;
 int			resilience_reaper_interval_ms = 60000;
 int			resilience_max_lock_names = 10000;
+int			resilience_relay_interval_ms = 10000;
+int			resilience_outbox_batch_size = 500;
+int			resilience_outbox_http_parallelism = 16;
+char	   *resilience_outbox_http_allowed_hosts = NULL;
+int			resilience_outbox_retention_s = 0;
+int			resilience_outbox_breaker_failures = 5;
+int			resilience_outbox_breaker_open_ms = 30000;
 bool		resilience_preloaded = false;
 
 static const struct config_enum_entry when_full_options[] = {
@@ -99,6 +106,51 @@ _PG_init(void)
 							&resilience_max_lock_names,
 							10000, 16, 10000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	/* the outbox relay; read with GetConfigOption where preloading is optional */
+	DefineCustomIntVariable("resilience.relay_interval",
+							"Safety poll of the outbox relay (0 disables the relay in the worker).",
+							"The relay is woken when a publishing transaction commits; this only "
+							"bounds how long an event can wait if a wake-up is missed.",
+							&resilience_relay_interval_ms,
+							10000, 0, 86400000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.outbox_batch_size",
+							"Most events the relay claims at once.",
+							NULL,
+							&resilience_outbox_batch_size,
+							500, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.outbox_http_parallelism",
+							"Most HTTP requests the relay has in flight at once.",
+							NULL,
+							&resilience_outbox_http_parallelism,
+							16, 1, 256,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("resilience.outbox_http_allowed_hosts",
+							   "Hosts the outbox http sink may reach; empty means loopback only.",
+							   "A comma-separated list of host names or addresses; *.example.com "
+							   "allows the subdomains of example.com.",
+							   &resilience_outbox_http_allowed_hosts,
+							   "",
+							   PGC_SIGHUP, GUC_LIST_INPUT, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.outbox_retention",
+							"How long delivered outbox events are kept (0: deleted at once).",
+							NULL,
+							&resilience_outbox_retention_s,
+							0, 0, 366 * 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.outbox_breaker_failures",
+							"Consecutive failures after which the relay stops calling a destination.",
+							NULL,
+							&resilience_outbox_breaker_failures,
+							5, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.outbox_breaker_open_time",
+							"How long an open breaker keeps the relay away from a destination before a probe.",
+							NULL,
+							&resilience_outbox_breaker_open_ms,
+							30000, 10, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("resilience");
 
 	if (IsBinaryUpgrade)

@@ -30,6 +30,13 @@ extern int	resilience_max_workers;
 extern int	resilience_worker_naptime_ms;
 extern int	resilience_reaper_interval_ms;
 extern int	resilience_max_lock_names;
+extern int	resilience_relay_interval_ms;
+extern int	resilience_outbox_batch_size;
+extern int	resilience_outbox_http_parallelism;
+extern char *resilience_outbox_http_allowed_hosts;
+extern int	resilience_outbox_retention_s;
+extern int	resilience_outbox_breaker_failures;
+extern int	resilience_outbox_breaker_open_ms;
 
 /* True once _PG_init ran from shared_preload_libraries. */
 extern bool resilience_preloaded;
@@ -53,5 +60,6 @@ extern void resilience_require_preload(const char *feature);
 /* worker.c */
 extern void worker_register_launcher(void);
 extern void worker_utility_hook_init(void);
+extern bool worker_stop_requested(void);
 
 #endif							/* RESILIENCE_H */

@@ -562,11 +562,13 @@ resilience_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 #endif
-	RequestAddinShmemSpace(add_size(add_size(ratelimit_shmem_size(), worker_shmem_size()),
-									locks_shmem_size()));
+	RequestAddinShmemSpace(add_size(add_size(add_size(ratelimit_shmem_size(), worker_shmem_size()),
+											 locks_shmem_size()),
+									relay_shmem_size()));
 	ratelimit_shmem_request();
 	worker_shmem_request();
 	locks_shmem_request();
+	relay_shmem_request();
 }
 
 static void
@@ -579,6 +581,7 @@ resilience_shmem_startup(void)
 	ratelimit_shmem_init();
 	worker_shmem_init();
 	locks_shmem_init();
+	relay_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */

@@ -98,6 +98,11 @@ extern Size locks_shmem_size(void);
 extern void locks_shmem_request(void);
 extern void locks_shmem_init(void);
 
+/* relay.c */
+extern Size relay_shmem_size(void);
+extern void relay_shmem_request(void);
+extern void relay_shmem_init(void);
+
 /* worker.c */
 extern Size worker_shmem_size(void);
 extern void worker_shmem_request(void);

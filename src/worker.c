@@ -19,9 +19,14 @@
  * Each worker waits (latch, woken by SIGHUP, a stop request or its next job
  * being due) until CREATE EXTENSION resilience exists in its database, and
  * while the server is in recovery, then runs the jobs below on their own
- * intervals.  A job is a SQL call run in its own transaction; it takes a
- * conditional lock on the extension first, so DROP EXTENSION never waits for
- * more than one job and a job never fails because the extension vanished.
+ * intervals.  A job is either a SQL call run in its own transaction, or a C
+ * function called with no transaction open that runs its own (the outbox
+ * relay: it must not keep a transaction open across network I/O) and says
+ * when it wants to run next.  Either takes a conditional lock on the
+ * extension first (worker_lock_extension), so DROP EXTENSION never waits for
+ * more than one transaction and a job never fails because the extension
+ * vanished.  worker_wake(dboid) runs the jobs marked on_wake of that
+ * database's worker at once (a publishing transaction calls it at commit).
  * A failing job is logged and recorded in the workers view; the worker goes
  * on.  Failures of the launcher are logged once per kind.
  *
@@ -31,6 +36,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "outbox.h"
 
 #include "access/heapam.h"
 #include "access/htup_details.h"
@@ -67,16 +73,23 @@
 /* How long DROP DATABASE waits for the worker to leave. */
 #define RELEASE_WAIT_MS 10000
 
-/* A scheduled job: a SQL call and the GUC holding its interval (0 = off). */
+/*
+ * A scheduled job: a SQL call, or a C function called between transactions
+ * that returns how many ms until it wants to run again (-1: its interval);
+ * the GUC holding its interval (0 = off); whether worker_wake runs it.
+ */
 typedef struct WorkerJob
 {
 	const char *name;
 	const char *sql;
+	long		(*run) (void);
 	int		   *interval_ms;
+	bool		on_wake;
 } WorkerJob;
 
 static const WorkerJob jobs[] = {
-	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms},
+	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", NULL, &resilience_reaper_interval_ms, false},
+	{"relay", NULL, relay_worker_job, &resilience_relay_interval_ms, true},
 };
 
 #define NUM_JOBS lengthof(jobs)
@@ -114,6 +127,7 @@ typedef struct WorkerSlot
 	Oid			dboid;
 	char		dbname[NAMEDATALEN];
 	pid_t		pid;			/* 0 when no process runs */
+	bool		wake_pending;	/* set by worker_wake, cleared by the worker */
 	WorkerState state;
 	TimestampTz started_at;
 	JobStatus	jobs[MAX_JOBS];
@@ -176,6 +190,35 @@ wake_pid(pid_t pid)
 	proc = BackendPidGetProc(pid);
 	if (proc)
 		SetLatch(&proc->procLatch);
+}
+
+/*
+ * Run the on_wake jobs (the outbox relay) of the worker of database dboid
+ * now.  Called at commit by publishing transactions: cheap, takes no lock,
+ * and sets the latch only if the worker has not been woken already.  The
+ * worker clears the flag before it looks, so a wake is never lost.
+ */
+void
+worker_wake(Oid dboid)
+{
+	int			i;
+
+	if (worker_shared == NULL)
+		return;
+	for (i = 0; i < resilience_max_workers; i++)
+	{
+		WorkerSlot *slot = &worker_shared->slots[i];
+
+		if (slot->in_use && slot->dboid == dboid)
+		{
+			if (!slot->wake_pending)
+			{
+				slot->wake_pending = true;
+				wake_pid(slot->pid);
+			}
+			return;
+		}
+	}
 }
 
 /* ---- registration ---- */
@@ -534,8 +577,34 @@ extension_exists(void)
 	return exists;
 }
 
-/* Run one job in its own transaction; errors are caught and recorded. */
-static void
+/*
+ * In a transaction: lock the extension against DROP EXTENSION, without
+ * waiting; false if it is being dropped or is gone.  Looks again after
+ * locking in case the drop committed in between.
+ */
+bool
+worker_lock_extension(void)
+{
+	Oid			extoid = get_extension_oid("resilience", true);
+
+	return OidIsValid(extoid) &&
+		ConditionalLockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock) &&
+		get_extension_oid("resilience", true) == extoid;
+}
+
+/* Should a job that runs for long give up now (stop or shutdown requested)? */
+bool
+worker_stop_requested(void)
+{
+	return ShutdownRequestPending || (my_slot != NULL && my_slot->stop_requested);
+}
+
+/*
+ * Run one job: a SQL job in its own transaction, a C job as it likes.
+ * Errors are caught and recorded.  Returns the C job's wish (ms until its
+ * next run), -1 otherwise.
+ */
+static long
 run_job(int jobno, MemoryContext job_context)
 {
 	const WorkerJob *job = &jobs[jobno];
@@ -543,6 +612,7 @@ run_job(int jobno, MemoryContext job_context)
 	TimestampTz start = GetCurrentTimestamp();
 	ErrorData  *edata = NULL;
 	bool		ran = false;
+	long		next = -1;
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	my_slot->state = WORKER_RUNNING;
@@ -551,23 +621,21 @@ run_job(int jobno, MemoryContext job_context)
 
 	PG_TRY();
 	{
-		Oid			extoid;
-
+		if (job->run)
+		{
+			next = job->run();
+			ran = true;
+		}
+		else
+		{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, job->sql);
 
-		/*
-		 * DROP EXTENSION holds an exclusive lock on the extension: skip the
-		 * job rather than wait, and look again after locking in case the
-		 * drop committed in between.
-		 */
-		extoid = get_extension_oid("resilience", true);
-		if (OidIsValid(extoid) &&
-			ConditionalLockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock) &&
-			get_extension_oid("resilience", true) == extoid)
+		/* DROP EXTENSION holds an exclusive lock: skip the job, not wait */
+		if (worker_lock_extension())
 		{
 			int			ret = SPI_execute(job->sql, false, 0);
 
@@ -578,6 +646,7 @@ run_job(int jobno, MemoryContext job_context)
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
+		}
 	}
 	PG_CATCH();
 	{
@@ -609,6 +678,7 @@ run_job(int jobno, MemoryContext job_context)
 		strlcpy(status->last_error, edata->message, ERROR_LEN);
 	}
 	LWLockRelease(worker_shared->lock);
+	return next;
 }
 
 void
@@ -619,6 +689,7 @@ resilience_worker_main(Datum main_arg)
 	bool		logged_recovery = false;
 	uint32		wait_event = resilience_wait_event_compat("ResilienceWorkerMain");
 	MemoryContext job_context;
+	TimestampTz next_due[MAX_JOBS] = {0};
 
 	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -673,14 +744,29 @@ resilience_worker_main(Datum main_arg)
 
 				if (interval <= 0)
 					continue;
-				due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				if (jobs[i].run)
+					due = next_due[i];
+				else
+					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				if (jobs[i].on_wake && my_slot->wake_pending)
+				{
+					/* clear first: a wake after this is seen next time */
+					my_slot->wake_pending = false;
+					pg_memory_barrier();
+					due = 0;
+				}
 				if (GetCurrentTimestamp() >= due)
 				{
-					run_job(i, job_context);
+					long		wish = run_job(i, job_context);
+
 					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+					if (wish >= 0)
+						due = Min(due, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wish));
+					next_due[i] = due;
+					MemoryContextReset(job_context);
 				}
 				now = GetCurrentTimestamp();
-				timeout = Min(timeout, Max((due - now) / 1000, 1));
+				timeout = Min(timeout, Max((due - now) / 1000, 0));
 				if (my_slot->stop_requested || ShutdownRequestPending)
 					proc_exit(0);
 			}

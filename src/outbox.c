@@ -1,0 +1,1566 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.c
+ *		The transactional outbox: publishing, routes, claims, the pull API
+ *		(queue routes), dead letters and redrive.
+ *
+ * Publishing
+ * ----------
+ * outbox_publish checks its arguments, matches the event against the routes
+ * (cached per backend, reloaded when resilience.outbox_routes changes) and
+ * takes its id from resilience.outbox_seq, but writes nothing: the event is
+ * kept in transaction memory (dropped with a rolled-back subtransaction) and
+ * written when the transaction commits, from the pre-commit callback:
+ *
+ *	1. take a transaction lock on each distinct key of the transaction's
+ *	   events, in one global order (by 64-bit hash), so two committing
+ *	   transactions never deadlock on them;
+ *	2. only then take each event's seq from the same sequence and insert one
+ *	   row per matching route (or one unrouted row).
+ *
+ * The key locks are released after the commit is visible.  So if two
+ * transactions publish events with key k, the one that commits first has
+ * inserted its rows and become visible before the other can take its seq:
+ * for one key, seq order is commit order.  Ids (taken at publish) carry no
+ * order; they are what consumers deduplicate on.
+ *
+ * Claims: which events may go now
+ * -------------------------------
+ * The rows of a route are read in seq order, all of them that are not yet
+ * delivered (in flight and waiting rows included), so the first row met for
+ * a key is that key's oldest undelivered event.  A key's rows are taken
+ * while they are ready (not claimed, not_before reached); the first row that
+ * is not ready blocks the rest of its key.  Rows without a key are taken
+ * when ready.  No cursor or high-water mark is kept between claims: a row
+ * whose transaction committed late (with a lower id, or even a lower seq
+ * than rows already delivered for other keys) is simply read next time.
+ *
+ * Concurrent claimers (the worker, relay_outbox by hand, queue consumers)
+ * read without locks, then lock the chosen rows FOR UPDATE SKIP LOCKED,
+ * which re-checks that each is still unclaimed.  A chosen row that could not
+ * be locked (another claimer has it, or it changed) drops every later row of
+ * its key from the claim, so a key is never claimed past a row someone else
+ * holds.  A row of key k that did not exist when the rows were read
+ * committed later, so it has a higher seq than every row of k that was read.
+ *
+ * Routes with on_dead_letter = 'block' also treat a key with a blocking
+ * dead letter as blocked; the dead letters are read both before and after
+ * the rows, so a dead letter being moved in or redriven out meanwhile is
+ * seen in one of the two.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "outbox.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
+#include "catalog/pg_type.h"
+#include "commands/sequence.h"
+#include "commands/trigger.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+
+/* locktag field 4 of the key locks; locks.c uses 3, PostgreSQL 1 and 2 */
+#define OUTBOX_LOCK_SPACE 4
+#define OUTBOX_KEY_SEED UINT64CONST(0x6f7574626f786b79)
+#define HEADER_NAME_MAX 128
+#define HEADER_VALUE_MAX 4096
+#define MAX_DELAY_USECS (INT64CONST(366) * USECS_PER_DAY)
+
+PG_FUNCTION_INFO_V1(outbox_publish);
+PG_FUNCTION_INFO_V1(outbox_route_check);
+PG_FUNCTION_INFO_V1(outbox_routes_invalidate);
+PG_FUNCTION_INFO_V1(outbox_claim);
+PG_FUNCTION_INFO_V1(outbox_ack);
+PG_FUNCTION_INFO_V1(outbox_nack);
+PG_FUNCTION_INFO_V1(outbox_redrive);
+PG_FUNCTION_INFO_V1(outbox_redact);
+
+/* An event published by this transaction, written at commit. */
+typedef struct PendingEvent
+{
+	int64		id;
+	SubTransactionId subid;
+	text	   *topic;
+	text	   *key;			/* NULL for none */
+	Jsonb	   *payload;
+	Jsonb	   *headers;
+	TimestampTz published_at;
+	TimestampTz not_before;
+	int			nroutes;		/* 0: unrouted */
+	int32	   *routes;
+} PendingEvent;
+
+/* What a publishing backend remembers of a route. */
+typedef struct CachedRoute
+{
+	int32		id;
+	bool		push;			/* delivered by the relay (not queue) */
+	OutboxPayloadKind payload;
+	text	   *pattern;
+} CachedRoute;
+
+static List *pending_events = NIL;	/* in TopTransactionContext */
+static bool wake_at_commit = false;
+static bool callbacks_registered = false;
+
+static MemoryContext route_cache_context = NULL;
+static CachedRoute *route_cache = NULL;
+static int	route_cache_len = 0;
+static bool route_cache_valid = false;
+
+static Oid	cached_outbox_relid = InvalidOid;
+static Oid	cached_routes_relid = InvalidOid;
+static Oid	cached_seq_relid = InvalidOid;
+static Oid	cached_owner = InvalidOid;
+static SPIPlanPtr insert_plan = NULL;
+
+/* ---- settings, ownership, names ---- */
+
+/*
+ * An integer setting, also when the library is not preloaded (then only a
+ * placeholder may exist): its value parsed with its unit, or dflt.
+ */
+int
+outbox_setting_int(const char *name, int dflt, int flags)
+{
+	const char *value = GetConfigOption(name, true, false);
+	int			result;
+
+	if (value == NULL || !parse_int(value, &result, flags, NULL))
+		return dflt;
+	return result;
+}
+
+/* Forget cached OIDs and routes when our relations change. */
+static void
+outbox_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == cached_outbox_relid ||
+		relid == cached_routes_relid || relid == cached_seq_relid)
+	{
+		route_cache_valid = false;
+		if (relid != cached_routes_relid)
+		{
+			cached_outbox_relid = InvalidOid;
+			cached_seq_relid = InvalidOid;
+			cached_owner = InvalidOid;
+		}
+	}
+}
+
+static void
+register_relcache_callback(void)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(outbox_relcache_callback, (Datum) 0);
+		registered = true;
+	}
+}
+
+/* Look up the outbox relations (once per backend, again after invalidation). */
+static void
+lookup_relations(void)
+{
+	Oid			nsp;
+	HeapTuple	tuple;
+
+	register_relcache_callback();
+	if (OidIsValid(cached_outbox_relid) && OidIsValid(cached_routes_relid))
+		return;
+	nsp = get_namespace_oid("resilience", false);
+	cached_outbox_relid = get_relname_relid("outbox", nsp);
+	cached_routes_relid = get_relname_relid("outbox_routes", nsp);
+	cached_seq_relid = get_relname_relid("outbox_seq", nsp);
+	if (!OidIsValid(cached_outbox_relid) || !OidIsValid(cached_routes_relid) ||
+		!OidIsValid(cached_seq_relid))
+		elog(ERROR, "the resilience outbox tables do not exist");
+	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(cached_outbox_relid));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", cached_outbox_relid);
+	cached_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+}
+
+/*
+ * Act as the owner of the outbox tables (the extension's owner) until the
+ * caller restores the saved user and context: publishers and relay callers need
+ * no privileges on the tables, and no user code runs meanwhile.
+ */
+void
+outbox_become_owner(Oid *save_userid, int *save_sec)
+{
+	lookup_relations();
+	GetUserIdAndSecContext(save_userid, save_sec);
+	SetUserIdAndSecContext(cached_owner,
+						   *save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+}
+
+/* search_path = pg_catalog, pg_temp until AtEOXact_GUC(true, level). */
+int
+outbox_pin_search_path(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+	return level;
+}
+
+/* A target fit for views and logs: no user info, no query string. */
+char *
+outbox_redact_target(const char *target)
+{
+	const char *scheme_end = strstr(target, "://");
+	const char *host;
+	const char *at;
+	const char *path_end;
+	StringInfoData buf;
+
+	if (scheme_end == NULL)
+		return pstrdup(target);
+	host = scheme_end + 3;
+	initStringInfo(&buf);
+	appendBinaryStringInfo(&buf, target, host - target);
+	at = strchr(host, '@');
+	if (at && at < host + strcspn(host, "/?#"))
+		host = at + 1;
+	path_end = host + strcspn(host, "?#");
+	appendBinaryStringInfo(&buf, host, path_end - host);
+	if (*path_end != '\0')
+		appendStringInfoString(&buf, "?...");
+	return buf.data;
+}
+
+/* _outbox_redact(target) → the target without credentials or query string. */
+Datum
+outbox_redact(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(outbox_redact_target(text_to_cstring(PG_GETARG_TEXT_PP(0)))));
+}
+
+/* ---- routes ---- */
+
+static const char *const sink_names[] = {"notify", "http", "queue"};
+
+static void
+route_error(const char *msg, const char *detail, const char *hint)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid outbox route: %s", msg),
+			 detail ? errdetail_internal("%s", detail) : 0,
+			 hint ? errhint("%s", hint) : 0));
+}
+
+/* A whole number from a JSON value, or an error naming the option. */
+static int
+option_int(JsonbValue *v, const char *name, int min, int max)
+{
+	int64		n;
+
+	if (v->type != jbvNumeric)
+		route_error(psprintf("option \"%s\" must be a number", name), NULL, NULL);
+	n = DatumGetInt64(DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)));
+	if (n < min || n > max)
+		route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
+					psprintf("It is %lld.", (long long) n), NULL);
+	return (int) n;
+}
+
+static char *
+option_string(JsonbValue *v, const char *name)
+{
+	if (v->type != jbvString)
+		route_error(psprintf("option \"%s\" must be a string", name), NULL, NULL);
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/* Is this a valid HTTP header name (an RFC 9110 token)? */
+static bool
+header_name_ok(const char *name, int len)
+{
+	int			i;
+
+	if (len == 0 || len > HEADER_NAME_MAX)
+		return false;
+	for (i = 0; i < len; i++)
+	{
+		unsigned char c = name[i];
+
+		if (!(isalnum(c) || strchr("!#$%&'*+-.^_`|~", c)))
+			return false;
+	}
+	return true;
+}
+
+/* Header names the relay sets itself. */
+static bool
+header_reserved(const char *name)
+{
+	return pg_strcasecmp(name, "Idempotency-Key") == 0 ||
+		pg_strcasecmp(name, "Content-Type") == 0 ||
+		pg_strcasecmp(name, "Content-Length") == 0 ||
+		pg_strcasecmp(name, "Host") == 0 ||
+		pg_strcasecmp(name, "Transfer-Encoding") == 0 ||
+		pg_strcasecmp(name, "Connection") == 0 ||
+		pg_strcasecmp(name, "Expect") == 0;
+}
+
+/*
+ * Check a JSON object of headers and return them as "Name: value" strings;
+ * what names the object in messages.  Raises 22023 on anything invalid.
+ */
+static List *
+parse_headers(JsonbContainer *container, const char *what)
+{
+	JsonbIterator *it = JsonbIteratorInit(container);
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	List	   *result = NIL;
+
+	if (!JsonContainerIsObject(container))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object of header names and string values", what)));
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *name;
+		char	   *value;
+
+		if (tok != WJB_KEY)
+			continue;
+		tok = JsonbIteratorNext(&it, &v, true);
+		name = pnstrdup(k.val.string.val, k.val.string.len);
+		if (!header_name_ok(name, k.val.string.len))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: \"%s\" is not a valid header name", what, name),
+					 errhint("Header names are 1 to %d letters, digits and !#$%%&'*+-.^_`|~.",
+							 HEADER_NAME_MAX)));
+		if (header_reserved(name))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: header \"%s\" is set by the relay", what, name),
+					 errdetail("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection and Expect cannot be given.")));
+		if (v.type != jbvString)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: the value of header \"%s\" must be a string", what, name)));
+		value = pnstrdup(v.val.string.val, v.val.string.len);
+		if (v.val.string.len > HEADER_VALUE_MAX || strpbrk(value, "\r\n") != NULL ||
+			(int) strlen(value) != v.val.string.len)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s: the value of header \"%s\" is not allowed", what, name),
+					 errdetail("Values are at most %d bytes, without line breaks or NUL.",
+							   HEADER_VALUE_MAX)));
+		result = lappend(result, psprintf("%s: %s", name, value));
+	}
+	return result;
+}
+
+/*
+ * Parse (and, when validating, check) a route.  With validate, anything
+ * wrong raises 22023 with the reason; without, the row is trusted.
+ */
+static OutboxRoute *
+parse_route(int32 id, const char *pattern, const char *sink, const char *target,
+			Jsonb *options, bool enabled, bool validate)
+{
+	OutboxRoute *r = palloc0(sizeof(OutboxRoute));
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			i;
+
+	r->id = id;
+	r->enabled = enabled;
+	r->pattern = pstrdup(pattern);
+	r->target = pstrdup(target);
+	r->sink = -1;
+	for (i = 0; i < lengthof(sink_names); i++)
+		if (strcmp(sink, sink_names[i]) == 0)
+			r->sink = i;
+	if ((int) r->sink < 0)
+		route_error(psprintf("unknown sink \"%s\"", sink), NULL,
+					"The sinks are notify, http and queue.");
+	if (validate)
+	{
+		if (pattern[0] == '\0' || strlen(pattern) > OUTBOX_TOPIC_MAX)
+			route_error("topic_pattern must be 1 to 255 bytes", NULL,
+						"It is a LIKE pattern: orders.% matches every topic starting with \"orders.\".");
+		if (target[0] == '\0')
+			route_error("target must not be empty", NULL, NULL);
+		if (r->sink == SINK_NOTIFY && strlen(target) >= NAMEDATALEN)
+			route_error("a notify target (channel name) must be shorter than 64 bytes", NULL, NULL);
+		if (r->sink == SINK_QUEUE && strlen(target) > OUTBOX_KEY_MAX)
+			route_error("a queue target (consumer name) must be at most 255 bytes", NULL, NULL);
+	}
+	if (r->sink == SINK_HTTP)
+	{
+		const char *problem = outbox_destination_allowed(target, &r->destination);
+
+		if (problem && validate)
+			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
+						"Targets are http:// or https:// URLs; hosts other than loopback must be "
+						"listed in resilience.outbox_http_allowed_hosts.");
+	}
+
+	/* defaults */
+	r->payload = r->sink == SINK_HTTP ? PAYLOAD_OBJECT_OR_ARRAY : PAYLOAD_ANY;
+	r->max_attempts = 10;
+	r->timeout_ms = 10000;
+	r->connect_timeout_ms = 2000;
+	r->backoff_base_ms = 500;
+	r->backoff_max_ms = 300000;
+
+	if (!JB_ROOT_IS_OBJECT(options))
+		route_error("options must be a JSON object", NULL, NULL);
+	it = JsonbIteratorInit(&options->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *name;
+
+		if (tok != WJB_KEY)
+			continue;
+		(void) JsonbIteratorNext(&it, &v, true);
+		name = pnstrdup(k.val.string.val, k.val.string.len);
+		if (strcmp(name, "payload") == 0)
+		{
+			char	   *s = option_string(&v, name);
+
+			if (strcmp(s, "any") == 0)
+				r->payload = PAYLOAD_ANY;
+			else if (strcmp(s, "object") == 0)
+				r->payload = PAYLOAD_OBJECT;
+			else if (strcmp(s, "array") == 0)
+				r->payload = PAYLOAD_ARRAY;
+			else if (strcmp(s, "object_or_array") == 0)
+				r->payload = PAYLOAD_OBJECT_OR_ARRAY;
+			else
+				route_error("option \"payload\" must be any, object, array or object_or_array", NULL, NULL);
+		}
+		else if (strcmp(name, "max_attempts") == 0)
+			r->max_attempts = option_int(&v, name, 1, 1000);
+		else if (strcmp(name, "timeout_ms") == 0)
+			r->timeout_ms = option_int(&v, name, 1, 600000);
+		else if (strcmp(name, "connect_timeout_ms") == 0)
+			r->connect_timeout_ms = option_int(&v, name, 1, 600000);
+		else if (strcmp(name, "backoff_base_ms") == 0)
+			r->backoff_base_ms = option_int(&v, name, 1, 3600000);
+		else if (strcmp(name, "backoff_max_ms") == 0)
+			r->backoff_max_ms = option_int(&v, name, 1, 86400000);
+		else if (strcmp(name, "on_dead_letter") == 0)
+		{
+			char	   *s = option_string(&v, name);
+
+			if (strcmp(s, "block") == 0)
+				r->block_on_dead_letter = true;
+			else if (strcmp(s, "skip") != 0)
+				route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
+		}
+		else if (strcmp(name, "headers") == 0 && r->sink == SINK_HTTP)
+		{
+			if (v.type != jbvBinary)
+				route_error("option \"headers\" must be a JSON object", NULL, NULL);
+			r->headers = parse_headers(v.val.binary.data, "option \"headers\"");
+		}
+		else
+			route_error(psprintf("unknown option \"%s\" for sink %s", name, sink_names[r->sink]),
+						NULL,
+						"Options are payload, max_attempts, on_dead_letter, and for http "
+						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms, headers.");
+	}
+	if (validate && r->connect_timeout_ms > r->timeout_ms)
+		route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
+	if (validate && r->backoff_max_ms < r->backoff_base_ms)
+		route_error("backoff_max_ms must not be less than backoff_base_ms", NULL, NULL);
+	return r;
+}
+
+/* Trigger: check a route before it is written. */
+Datum
+outbox_route_check(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	Datum		values[6];
+	bool		isnull[6];
+	const char *cols[6] = {"id", "topic_pattern", "sink", "target", "options", "enabled"};
+	int			i;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "outbox_route_check must be called as a trigger");
+	tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? trigdata->tg_newtuple : trigdata->tg_trigtuple;
+	desc = RelationGetDescr(trigdata->tg_relation);
+	for (i = 0; i < 6; i++)
+	{
+		int			attno = SPI_fnumber(desc, cols[i]);
+
+		if (attno <= 0)
+			elog(ERROR, "column %s of outbox_routes is missing", cols[i]);
+		values[i] = heap_getattr(tuple, attno, desc, &isnull[i]);
+		if (isnull[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("%s of an outbox route must not be null", cols[i])));
+	}
+	(void) parse_route(DatumGetInt32(values[0]), TextDatumGetCString(values[1]),
+					   TextDatumGetCString(values[2]), TextDatumGetCString(values[3]),
+					   DatumGetJsonbP(values[4]), DatumGetBool(values[5]), true);
+	return PointerGetDatum(tuple);
+}
+
+/* _outbox_routes_invalidate(): every backend reloads routes after commit. */
+Datum
+outbox_routes_invalidate(PG_FUNCTION_ARGS)
+{
+	lookup_relations();
+	CacheInvalidateRelcacheByRelid(cached_routes_relid);
+	PG_RETURN_VOID();
+}
+
+/*
+ * The routes, parsed (caller is connected to SPI, in a transaction):
+ * push_only gives the enabled notify and http routes; otherwise the enabled
+ * queue routes of queue_consumer, or every route when it is NULL.
+ */
+List *
+outbox_load_routes(bool push_only, const char *queue_consumer)
+{
+	List	   *routes = NIL;
+	uint64		i;
+	int			ret;
+
+	ret = SPI_execute("SELECT id, topic_pattern, sink, target, options, enabled"
+					  " FROM resilience.outbox_routes ORDER BY id", true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading resilience.outbox_routes failed: %s", SPI_result_code_string(ret));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		bool		isnull;
+		OutboxRoute *r;
+
+		r = parse_route(DatumGetInt32(SPI_getbinval(t, d, 1, &isnull)),
+						SPI_getvalue(t, d, 2), SPI_getvalue(t, d, 3), SPI_getvalue(t, d, 4),
+						DatumGetJsonbP(SPI_getbinval(t, d, 5, &isnull)),
+						DatumGetBool(SPI_getbinval(t, d, 6, &isnull)), false);
+		if (queue_consumer == NULL && !push_only)
+			routes = lappend(routes, r);
+		else if (!r->enabled)
+			continue;
+		else if (push_only && r->sink != SINK_QUEUE)
+			routes = lappend(routes, r);
+		else if (!push_only && r->sink == SINK_QUEUE && strcmp(r->target, queue_consumer) == 0)
+			routes = lappend(routes, r);
+	}
+	return routes;
+}
+
+/* Reload the routes a publishing backend matches topics against. */
+static void
+load_route_cache(void)
+{
+	List	   *routes;
+	ListCell   *lc;
+	int			n = 0;
+	Oid			save_userid;
+	int			save_sec;
+
+	if (route_cache_valid)
+		return;
+	if (route_cache_context == NULL)
+		route_cache_context = AllocSetContextCreate(CacheMemoryContext, "resilience outbox routes",
+													ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(route_cache_context);
+	route_cache = NULL;
+	route_cache_len = 0;
+
+	outbox_become_owner(&save_userid, &save_sec);
+	SPI_connect();
+	routes = outbox_load_routes(false, NULL);
+	route_cache = MemoryContextAlloc(route_cache_context,
+									 sizeof(CachedRoute) * Max(list_length(routes), 1));
+	foreach(lc, routes)
+	{
+		OutboxRoute *r = lfirst(lc);
+		CachedRoute *c = &route_cache[n++];
+
+		c->id = r->id;
+		c->push = r->sink != SINK_QUEUE;
+		c->payload = r->payload;
+		c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
+		SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
+		memcpy(VARDATA(c->pattern), r->pattern, strlen(r->pattern));
+	}
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
+	route_cache_len = n;
+	/* an invalidation that arrived while loading leaves the flag false */
+	route_cache_valid = true;
+}
+
+/* ---- publishing ---- */
+
+static const char *
+payload_kind_name(OutboxPayloadKind kind)
+{
+	switch (kind)
+	{
+		case PAYLOAD_OBJECT:
+			return "a JSON object";
+		case PAYLOAD_ARRAY:
+			return "a JSON array";
+		case PAYLOAD_OBJECT_OR_ARRAY:
+			return "a JSON object or array";
+		default:
+			return "any JSON value";
+	}
+}
+
+static bool
+payload_fits(Jsonb *payload, OutboxPayloadKind kind)
+{
+	bool		object = JB_ROOT_IS_OBJECT(payload);
+	bool		array = JB_ROOT_IS_ARRAY(payload) && !JB_ROOT_IS_SCALAR(payload);
+
+	switch (kind)
+	{
+		case PAYLOAD_OBJECT:
+			return object;
+		case PAYLOAD_ARRAY:
+			return array;
+		case PAYLOAD_OBJECT_OR_ARRAY:
+			return object || array;
+		default:
+			return true;
+	}
+}
+
+/* A text argument: not NULL, 1..max bytes. */
+static text *
+name_arg(FunctionCallInfo fcinfo, int argno, const char *what, int max, bool nullable)
+{
+	text	   *t;
+	int			len;
+
+	if (PG_ARGISNULL(argno))
+	{
+		if (nullable)
+			return NULL;
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+	}
+	t = PG_GETARG_TEXT_PP(argno);
+	len = VARSIZE_ANY_EXHDR(t);
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", what),
+				 nullable ? errhint("Pass NULL for none.") : 0));
+	if (len > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long", what),
+				 errdetail("It is %d bytes; at most %d are allowed.", len, max),
+				 errhint("Hash long values, e.g. with md5().")));
+	return t;
+}
+
+static int64
+interval_usecs(Interval *iv)
+{
+	int128		usecs = (int128) iv->time + (int128) iv->day * USECS_PER_DAY +
+		(int128) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+
+	if (usecs > PG_INT64_MAX || usecs < PG_INT64_MIN)
+		return usecs > 0 ? PG_INT64_MAX : PG_INT64_MIN;
+	return (int64) usecs;
+}
+
+/* An interval argument in [0, 366 days] (or (0, ...] when !zero_ok). */
+static int64
+delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
+{
+	Interval   *iv;
+	int64		usecs;
+
+	if (PG_ARGISNULL(argno))
+		return 0;
+	iv = PG_GETARG_INTERVAL_P(argno);
+	usecs = interval_usecs(iv);
+	if (usecs < 0 || (usecs == 0 && !zero_ok) || usecs > MAX_DELAY_USECS)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg(zero_ok ? "%s must be between 0 and 366 days" :
+						"%s must be positive and at most 366 days", what),
+				 errdetail("%s is %s.", what,
+						   DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(iv))))));
+	return usecs;
+}
+
+static void outbox_xact_callback(XactEvent event, void *arg);
+static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+									SubTransactionId parentSubid, void *arg);
+
+/* Wake this database's relay when the transaction commits. */
+static void
+wake_relay_at_commit(void)
+{
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(outbox_xact_callback, NULL);
+		RegisterSubXactCallback(outbox_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+	wake_at_commit = true;
+}
+
+/*
+ * outbox_publish(topic, payload, key, headers, deliver_after) → event id.
+ * Checks everything now; the rows are written when the transaction commits.
+ */
+Datum
+outbox_publish(PG_FUNCTION_ARGS)
+{
+	text	   *topic = name_arg(fcinfo, 0, "topic", OUTBOX_TOPIC_MAX, false);
+	text	   *key = name_arg(fcinfo, 2, "key", OUTBOX_KEY_MAX, true);
+	Jsonb	   *payload;
+	Jsonb	   *headers = NULL;
+	int64		delay = delay_arg(fcinfo, 4, "deliver_after", true);
+	MemoryContext old;
+	PendingEvent *ev;
+	int32	   *matched;
+	int			nmatched = 0;
+	int			i;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null"),
+				 errhint("Publish a JSON null as 'null'::jsonb if that is what you mean.")));
+	payload = PG_GETARG_JSONB_P(1);
+	if (!PG_ARGISNULL(3))
+	{
+		headers = PG_GETARG_JSONB_P(3);
+		(void) parse_headers(&headers->root, "headers");
+	}
+	PreventCommandIfReadOnly("outbox_publish()");
+
+	lookup_relations();
+	load_route_cache();
+	matched = palloc(sizeof(int32) * Max(route_cache_len, 1));
+	for (i = 0; i < route_cache_len; i++)
+	{
+		CachedRoute *r = &route_cache[i];
+
+		if (!DatumGetBool(DirectFunctionCall2Coll(textlike, C_COLLATION_OID,
+												  PointerGetDatum(topic),
+												  PointerGetDatum(r->pattern))))
+			continue;
+		if (!payload_fits(payload, r->payload))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("payload must be %s", payload_kind_name(r->payload)),
+					 errdetail("Topic \"%s\" goes to route %d, which accepts %s.",
+							   text_to_cstring(topic), r->id, payload_kind_name(r->payload)),
+					 errhint("Change the payload, or the route's option \"payload\".")));
+		matched[nmatched++] = r->id;
+		if (r->push)
+			wake_relay_at_commit();
+	}
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(outbox_xact_callback, NULL);
+		RegisterSubXactCallback(outbox_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	ev = palloc(sizeof(PendingEvent));
+	ev->id = nextval_internal(cached_seq_relid, false);
+	ev->subid = GetCurrentSubTransactionId();
+	ev->topic = (text *) PG_DETOAST_DATUM_COPY(PointerGetDatum(topic));
+	ev->key = key ? (text *) PG_DETOAST_DATUM_COPY(PointerGetDatum(key)) : NULL;
+	ev->payload = (Jsonb *) PG_DETOAST_DATUM_COPY(JsonbPGetDatum(payload));
+	ev->headers = headers ? (Jsonb *) PG_DETOAST_DATUM_COPY(JsonbPGetDatum(headers)) : NULL;
+	ev->published_at = GetCurrentTimestamp();
+	ev->not_before = ev->published_at + delay;
+	ev->nroutes = nmatched;
+	ev->routes = palloc(sizeof(int32) * Max(nmatched, 1));
+	memcpy(ev->routes, matched, sizeof(int32) * nmatched);
+	pending_events = lappend(pending_events, ev);
+	MemoryContextSwitchTo(old);
+
+	PG_RETURN_INT64(ev->id);
+}
+
+static int
+compare_uint64(const void *a, const void *b)
+{
+	uint64		x = *(const uint64 *) a;
+	uint64		y = *(const uint64 *) b;
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+static uint64
+key_hash(text *key)
+{
+	return hash_bytes_extended((const unsigned char *) VARDATA_ANY(key),
+							   VARSIZE_ANY_EXHDR(key), OUTBOX_KEY_SEED);
+}
+
+/*
+ * Pre-commit: lock the keys in hash order, then take each event's seq and
+ * write its rows.  See the top of the file for why this gives commit order.
+ */
+static void
+flush_pending_events(void)
+{
+	uint64	   *hashes;
+	int			nhashes = 0;
+	ListCell   *lc;
+	int			i;
+	Oid			save_userid;
+	int			save_sec;
+	static Datum values[9];
+	static char nulls[9];
+	Oid			argtypes[9] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
+	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+
+	hashes = palloc(sizeof(uint64) * list_length(pending_events));
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+
+		if (ev->key)
+			hashes[nhashes++] = key_hash(ev->key);
+	}
+	qsort(hashes, nhashes, sizeof(uint64), compare_uint64);
+	for (i = 0; i < nhashes; i++)
+	{
+		LOCKTAG		tag;
+
+		if (i > 0 && hashes[i] == hashes[i - 1])
+			continue;
+		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (hashes[i] >> 32),
+							 (uint32) hashes[i], OUTBOX_LOCK_SPACE);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	}
+
+	lookup_relations();
+	outbox_become_owner(&save_userid, &save_sec);
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (insert_plan == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
+									   " key, payload, headers, published_at, not_before)"
+									   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+									   9, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+		int64		seq = nextval_internal(cached_seq_relid, false);
+
+		values[0] = Int64GetDatum(ev->id);
+		values[1] = Int64GetDatum(seq);
+		values[3] = PointerGetDatum(ev->topic);
+		values[4] = PointerGetDatum(ev->key);
+		nulls[4] = ev->key ? ' ' : 'n';
+		values[5] = JsonbPGetDatum(ev->payload);
+		values[6] = ev->headers ? JsonbPGetDatum(ev->headers) :
+			DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+		values[7] = TimestampTzGetDatum(ev->published_at);
+		values[8] = TimestampTzGetDatum(ev->not_before);
+		for (i = 0; i < Max(ev->nroutes, 1); i++)
+		{
+			int			ret;
+
+			values[2] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
+			nulls[2] = ev->nroutes ? ' ' : 'n';
+			ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
+		}
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
+	pending_events = NIL;
+}
+
+static void
+outbox_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			if (pending_events != NIL)
+				flush_pending_events();
+			break;
+		case XACT_EVENT_COMMIT:
+			if (wake_at_commit)
+				worker_wake(MyDatabaseId);
+			pending_events = NIL;
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* a prepared transaction's events wait for the safety poll */
+			pending_events = NIL;	/* freed with TopTransactionContext */
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/* A rolled-back subtransaction takes its events with it. */
+static void
+outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	ListCell   *lc;
+
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		foreach(lc, pending_events)
+		{
+			PendingEvent *ev = lfirst(lc);
+
+			if (ev->subid == mySubid)
+				pending_events = foreach_delete_current(pending_events, lc);
+		}
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		foreach(lc, pending_events)
+		{
+			PendingEvent *ev = lfirst(lc);
+
+			if (ev->subid == mySubid)
+				ev->subid = parentSubid;
+		}
+	}
+}
+
+/* ---- claims ---- */
+
+typedef struct KeyEntry
+{
+	char		key[OUTBOX_KEY_MAX + 1];
+} KeyEntry;
+
+typedef struct Candidate
+{
+	ItemPointerData ctid;
+	char	   *key;
+	bool		dead;			/* queue head out of attempts */
+	bool		keep;
+} Candidate;
+
+static HTAB *
+key_set(const char *name)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = OUTBOX_KEY_MAX + 1;
+	ctl.entrysize = sizeof(KeyEntry);
+	ctl.hcxt = CurrentMemoryContext;
+	return hash_create(name, 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+}
+
+static bool
+key_in(HTAB *set, const char *key)
+{
+	return hash_search(set, key, HASH_FIND, NULL) != NULL;
+}
+
+static void
+key_add(HTAB *set, const char *key)
+{
+	(void) hash_search(set, key, HASH_ENTER, NULL);
+}
+
+/* Add the keys of route's blocking dead letters to set. */
+static void
+load_blocked_keys(int32 route_id, HTAB *set)
+{
+	Datum		arg = Int32GetDatum(route_id);
+	Oid			argtype = INT4OID;
+	uint64		i;
+	int			ret;
+
+	ret = SPI_execute_with_args("SELECT key FROM resilience.outbox_dead_letters"
+								" WHERE route_id = $1 AND blocking AND key IS NOT NULL",
+								1, &argtype, &arg, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading dead letters failed: %s", SPI_result_code_string(ret));
+	for (i = 0; i < SPI_processed; i++)
+		key_add(set, SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1));
+}
+
+static Datum
+tid_array(List *candidates)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(list_length(candidates), 1));
+	ListCell   *lc;
+	int			n = 0;
+
+	foreach(lc, candidates)
+		elems[n++] = PointerGetDatum(&((Candidate *) lfirst(lc))->ctid);
+	return PointerGetDatum(construct_array(elems, n, TIDOID, sizeof(ItemPointerData), false,
+										   TYPALIGN_SHORT));
+}
+
+static int
+compare_items(const ListCell *a, const ListCell *b)
+{
+	OutboxItem *x = lfirst(a);
+	OutboxItem *y = lfirst(b);
+
+	return x->seq < y->seq ? -1 : (x->seq > y->seq ? 1 : 0);
+}
+
+/* Claim up to limit rows of one route into claim->items. */
+static int
+claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
+{
+	static SPIPlanPtr scan_plan = NULL;
+	HTAB	   *blocked = key_set("outbox blocked keys");
+	HTAB	   *open = key_set("outbox open keys");
+	List	   *cands = NIL;
+	List	   *valid = NIL;
+	Portal		portal;
+	Datum		args[4];
+	Oid			types[4] = {INT4OID, TIMESTAMPTZOID, TEXTOID, TIMESTAMPTZOID};
+	bool		done = false;
+	ListCell   *lc;
+	uint64		i;
+	int			ret;
+	int			nvalid = 0;
+	int			fetch = Min(Max(limit * 2, 64), 4096);
+	MemoryContext old_context = CurrentMemoryContext;
+
+	if (route->probe_only)
+		limit = Min(limit, 1);
+	if (route->block_on_dead_letter)
+		load_blocked_keys(route->id, blocked);
+
+	if (scan_plan == NULL)
+	{
+		Oid			t = INT4OID;
+		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts"
+									   " FROM resilience.outbox"
+									   " WHERE route_id = $1 AND delivered_at IS NULL"
+									   " ORDER BY route_id, seq", 1, &t);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		scan_plan = plan;
+	}
+	args[0] = Int32GetDatum(route->id);
+	portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
+	while (!done)
+	{
+		SPI_cursor_fetch(portal, true, fetch);
+		if (SPI_processed == 0)
+		{
+			claim->exhausted = claim->exhausted && true;
+			break;
+		}
+		for (i = 0; i < SPI_processed && !done; i++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[i];
+			TupleDesc	d = SPI_tuptable->tupdesc;
+			bool		n_key,
+						n_claim,
+						isnull;
+			ItemPointer ctid = (ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull));
+			char	   *key = SPI_getvalue(t, d, 2);
+			TimestampTz not_before = DatumGetTimestampTz(SPI_getbinval(t, d, 3, &isnull));
+			TimestampTz claim_until = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &n_claim));
+			int			attempts = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));
+			bool		ready = (n_claim || claim_until <= claim->now) && not_before <= claim->now;
+			Candidate  *c;
+
+			n_key = key == NULL;
+			if (!ready)
+			{
+				TimestampTz due = n_claim ? not_before : Max(not_before, claim_until);
+
+				if (claim->next_due == 0 || due < claim->next_due)
+					claim->next_due = due;
+				if (!n_key)
+					key_add(blocked, key);
+				continue;
+			}
+			if (!n_key && key_in(blocked, key))
+				continue;
+			if (!n_key && key_in(open, key) && !claim->runs)
+				continue;
+			c = palloc0(sizeof(Candidate));
+			ItemPointerCopy(ctid, &c->ctid);
+			c->key = key;
+			if (claim->count_attempt && attempts >= route->max_attempts)
+				c->dead = true;
+			cands = lappend(cands, c);
+			if (!n_key)
+			{
+				if (c->dead)
+					key_add(blocked, key);
+				else if (claim->runs)
+					key_add(open, key);
+				else
+					key_add(blocked, key);	/* heads only */
+			}
+			if (list_length(cands) >= limit)
+			{
+				done = true;
+				claim->exhausted = false;
+			}
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+	if (cands == NIL)
+		return 0;
+
+	/* a dead letter moved in meanwhile blocks its key too */
+	if (route->block_on_dead_letter)
+	{
+		HTAB	   *late = key_set("outbox late blocked keys");
+
+		load_blocked_keys(route->id, late);
+		foreach(lc, cands)
+		{
+			Candidate  *c = lfirst(lc);
+
+			if (c->key && key_in(late, c->key))
+				cands = foreach_delete_current(cands, lc);
+		}
+		if (cands == NIL)
+			return 0;
+	}
+
+	/* lock what is still unclaimed; skip what another claimer holds */
+	args[0] = tid_array(cands);
+	args[1] = TimestampTzGetDatum(claim->now);
+	types[0] = TIDARRAYOID;
+	ret = SPI_execute_with_args("SELECT ctid FROM resilience.outbox"
+								" WHERE ctid = ANY($1) AND delivered_at IS NULL"
+								" AND (claim_until IS NULL OR claim_until <= $2) AND not_before <= $2"
+								" FOR UPDATE SKIP LOCKED",
+								2, types, args, NULL, false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "locking outbox rows failed: %s", SPI_result_code_string(ret));
+	{
+		HTAB	   *broken = key_set("outbox broken keys");
+		ItemPointerData *locked = palloc(sizeof(ItemPointerData) * Max(SPI_processed, 1));
+		uint64		nlocked = SPI_processed;
+
+		for (i = 0; i < nlocked; i++)
+		{
+			bool		isnull;
+
+			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
+																		SPI_tuptable->tupdesc, 1,
+																		&isnull)),
+							&locked[i]);
+		}
+		foreach(lc, cands)
+		{
+			Candidate  *c = lfirst(lc);
+			bool		got = false;
+
+			for (i = 0; i < nlocked && !got; i++)
+				got = ItemPointerEquals(&locked[i], &c->ctid);
+			if (c->key && key_in(broken, c->key))
+				continue;
+			if (!got)
+			{
+				if (c->key)
+					key_add(broken, c->key);
+				continue;
+			}
+			if (c->dead)
+			{
+				OutboxItem *item = MemoryContextAllocZero(old_context, sizeof(OutboxItem));
+
+				ItemPointerCopy(&c->ctid, &item->ctid);
+				item->route_id = route->id;
+				item->route = route;
+				item->key = c->key;
+				claim->dead = lappend(claim->dead, item);
+				continue;
+			}
+			valid = lappend(valid, c);
+		}
+	}
+	if (valid == NIL)
+		return 0;
+
+	/* claim them */
+	{
+		List	   *got = NIL;
+		MemoryContext old;
+
+		args[0] = tid_array(valid);
+		args[1] = CStringGetTextDatum(claim->claimer);
+		args[2] = TimestampTzGetDatum(claim->now + claim->visibility_ms * 1000);
+		args[3] = Int32GetDatum(claim->count_attempt ? 1 : 0);
+		types[0] = TIDARRAYOID;
+		types[1] = TEXTOID;
+		types[2] = TIMESTAMPTZOID;
+		types[3] = INT4OID;
+		ret = SPI_execute_with_args("UPDATE resilience.outbox"
+									" SET claimed_by = $2, claim_until = $3, attempts = attempts + $4"
+									" WHERE ctid = ANY($1)"
+									" RETURNING ctid, id, seq, key, topic, payload::text, headers::text,"
+									" published_at, attempts",
+									4, types, args, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "claiming outbox rows failed: %s", SPI_result_code_string(ret));
+		old = MemoryContextSwitchTo(claim->result_cxt ? claim->result_cxt : old_context);
+		for (i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[i];
+			TupleDesc	d = SPI_tuptable->tupdesc;
+			OutboxItem *item = palloc0(sizeof(OutboxItem));
+			bool		isnull;
+
+			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
+			item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
+			item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
+			item->key = SPI_getvalue(t, d, 4);
+			item->topic = SPI_getvalue(t, d, 5);
+			item->payload = SPI_getvalue(t, d, 6);
+			item->headers = SPI_getvalue(t, d, 7);
+			item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
+			item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
+			item->route_id = route->id;
+			item->route = route;
+			item->retry_after_ms = -1;
+			got = lappend(got, item);
+			nvalid++;
+		}
+		list_sort(got, compare_items);
+		claim->items = list_concat(claim->items, got);
+		MemoryContextSwitchTo(old);
+	}
+	return nvalid;
+}
+
+/*
+ * Claim up to claim->limit items from claim->routes, for claim->visibility_ms
+ * (caller: connected to SPI, in a transaction with a snapshot).  Routes are
+ * visited from a rotating start so that none starves when batches fill up.
+ */
+void
+outbox_claim_rows(OutboxClaim *claim)
+{
+	static uint32 rotation = 0;
+	int			nroutes = list_length(claim->routes);
+	int			remaining = claim->limit;
+	int			i;
+
+	claim->items = NIL;
+	claim->dead = NIL;
+	claim->exhausted = true;
+	claim->next_due = 0;
+	if (nroutes == 0)
+		return;
+	rotation++;
+	for (i = 0; i < nroutes && remaining > 0; i++)
+	{
+		OutboxRoute *route = list_nth(claim->routes, (rotation + i) % nroutes);
+
+		CHECK_FOR_INTERRUPTS();
+		remaining -= claim_route(claim, route, remaining);
+	}
+	if (remaining <= 0)
+		claim->exhausted = false;
+}
+
+/* ---- dead letters and outcomes ---- */
+
+/*
+ * Move a claimed row to the dead letters (caller holds its claim), with
+ * error as its last error (NULL: keep the row's), and log it.
+ */
+void
+outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const char *claimer)
+{
+	Datum		args[6];
+	Oid			types[6] = {TIDOID, INT4OID, TEXTOID, BOOLOID, INT4OID, TEXTOID};
+	char		nulls[6] = {' ', ' ', error ? ' ' : 'n', ' ', ' ', claimer ? ' ' : 'n'};
+	int			ret;
+
+	args[0] = PointerGetDatum(&item->ctid);
+	args[1] = Int32GetDatum(item->route_id);
+	args[2] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	args[3] = BoolGetDatum(item->route->block_on_dead_letter && item->key != NULL);
+	args[4] = Int32GetDatum(add_attempts);
+	args[5] = claimer ? CStringGetTextDatum(claimer) : (Datum) 0;
+	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox"
+								"   WHERE ctid = $1 AND route_id = $2"
+								"     AND ($6::text IS NULL OR claimed_by = $6) RETURNING *)"
+								" INSERT INTO resilience.outbox_dead_letters AS x"
+								" (id, seq, route_id, topic, key, payload, headers, published_at,"
+								"  attempts, last_error, blocking)"
+								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
+								"  attempts + $5, coalesce($3, last_error, 'max_attempts reached'), $4 FROM d"
+								" ON CONFLICT (route_id, id) DO UPDATE SET attempts = excluded.attempts,"
+								"  last_error = excluded.last_error, dead_at = now(), blocking = excluded.blocking"
+								" RETURNING id, topic, attempts",
+								6, types, args, nulls, false, 0);
+	if (ret != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "moving an event to the dead letters failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+		ereport(LOG,
+				(errmsg("resilience outbox: event %s (topic \"%s\") of route %d is a dead letter after %s attempts: %s",
+						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2),
+						item->route_id,
+						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3),
+						error ? error : "max_attempts reached")));
+}
+
+/* ---- the pull API ---- */
+
+/* outbox_claim(consumer, batch, visibility) → the claimed events. */
+Datum
+outbox_claim(PG_FUNCTION_ARGS)
+{
+	text	   *consumer = name_arg(fcinfo, 0, "consumer", OUTBOX_KEY_MAX, false);
+	int			batch;
+	int64		visibility;
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	OutboxClaim claim;
+	ListCell   *lc;
+
+	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) <= 0 || PG_GETARG_INT32(1) > 10000)
+		ereport(ERROR,
+				(errcode(PG_ARGISNULL(1) ? ERRCODE_NULL_VALUE_NOT_ALLOWED : ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("batch must be between 1 and 10000")));
+	batch = PG_GETARG_INT32(1);
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("visibility must not be null")));
+	visibility = delay_arg(fcinfo, 2, "visibility", false);
+
+	InitMaterializedSRF(fcinfo, 0);
+	memset(&claim, 0, sizeof(claim));
+	SPI_connect();
+	claim.routes = outbox_load_routes(false, text_to_cstring(consumer));
+	claim.limit = batch;
+	claim.runs = false;
+	claim.count_attempt = true;
+	claim.claimer = text_to_cstring(consumer);
+	claim.visibility_ms = visibility / 1000;
+	claim.now = GetCurrentTimestamp();
+	outbox_claim_rows(&claim);
+	foreach(lc, claim.dead)
+		outbox_dead_letter(lfirst(lc), NULL, 0, NULL);
+	foreach(lc, claim.items)
+	{
+		OutboxItem *item = lfirst(lc);
+		Datum		values[7];
+		bool		nulls[7] = {0};
+
+		values[0] = Int64GetDatum(item->id);
+		values[1] = CStringGetTextDatum(item->topic);
+		values[2] = item->key ? CStringGetTextDatum(item->key) : (Datum) 0;
+		nulls[2] = item->key == NULL;
+		values[3] = DirectFunctionCall1(jsonb_in, CStringGetDatum(item->payload));
+		values[4] = DirectFunctionCall1(jsonb_in, CStringGetDatum(item->headers));
+		values[5] = TimestampTzGetDatum(item->published_at);
+		values[6] = Int32GetDatum(item->attempts);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/* outbox_ack(consumer, ids) → how many of them consumer still had claimed. */
+Datum
+outbox_ack(PG_FUNCTION_ARGS)
+{
+	text	   *consumer = name_arg(fcinfo, 0, "consumer", OUTBOX_KEY_MAX, false);
+	int			retention = outbox_setting_int("resilience.outbox_retention", 0, GUC_UNIT_S);
+	Datum		args[3];
+	Oid			types[3] = {TEXTOID, INT8ARRAYOID, INTERVALOID};
+	int			ret;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("ids must not be null")));
+	args[0] = PointerGetDatum(consumer);
+	args[1] = PG_GETARG_DATUM(1);
+	args[2] = DirectFunctionCall7(make_interval, Int32GetDatum(0), Int32GetDatum(0),
+								  Int32GetDatum(0), Int32GetDatum(0), Int32GetDatum(0),
+								  Int32GetDatum(0), Float8GetDatum((double) retention));
+	SPI_connect();
+	if (retention > 0)
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
+									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
+									" WHERE id = ANY($2) AND claimed_by = $1 AND delivered_at IS NULL",
+									3, types, args, NULL, false, 0);
+	else
+		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
+									" WHERE id = ANY($2) AND claimed_by = $1 AND delivered_at IS NULL",
+									2, types, args, NULL, false, 0);
+	if (ret < 0)
+		elog(ERROR, "acknowledging outbox events failed: %s", SPI_result_code_string(ret));
+	ret = (int) SPI_processed;
+	SPI_finish();
+	PG_RETURN_INT32(ret);
+}
+
+/* outbox_nack(consumer, id, delay) → false if consumer did not hold it. */
+Datum
+outbox_nack(PG_FUNCTION_ARGS)
+{
+	text	   *consumer = name_arg(fcinfo, 0, "consumer", OUTBOX_KEY_MAX, false);
+	int64		delay;
+	Datum		args[3];
+	Oid			types[3] = {TEXTOID, INT8OID, TIMESTAMPTZOID};
+	bool		found;
+	uint64		i;
+	int			ret;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("id must not be null")));
+	delay = delay_arg(fcinfo, 2, "delay", true);
+	args[0] = PointerGetDatum(consumer);
+	args[1] = PG_GETARG_DATUM(1);
+	args[2] = TimestampTzGetDatum(GetCurrentTimestamp() + delay);
+	SPI_connect();
+	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
+								" not_before = $3, last_error = 'nacked by ' || $1"
+								" WHERE id = $2 AND claimed_by = $1 AND delivered_at IS NULL"
+								" RETURNING ctid, route_id, key, attempts",
+								3, types, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "giving back an outbox event failed: %s", SPI_result_code_string(ret));
+	found = SPI_processed > 0;
+	if (found)
+	{
+		List	   *routes = outbox_load_routes(false, NULL);
+		SPITupleTable *tt = SPI_tuptable;
+		uint64		n = SPI_processed;
+
+		for (i = 0; i < n; i++)
+		{
+			bool		isnull;
+			int32		route_id = DatumGetInt32(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull));
+			int			attempts = DatumGetInt32(SPI_getbinval(tt->vals[i], tt->tupdesc, 4, &isnull));
+			ListCell   *lc;
+
+			foreach(lc, routes)
+			{
+				OutboxRoute *r = lfirst(lc);
+
+				if (r->id == route_id && attempts >= r->max_attempts)
+				{
+					OutboxItem	item;
+
+					memset(&item, 0, sizeof(item));
+					ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tt->vals[i], tt->tupdesc, 1, &isnull)),
+									&item.ctid);
+					item.route_id = route_id;
+					item.route = r;
+					item.key = SPI_getvalue(tt->vals[i], tt->tupdesc, 3);
+					outbox_dead_letter(&item, psprintf("nacked by %s after %d attempts",
+													   text_to_cstring(consumer), attempts), 0, NULL);
+				}
+			}
+		}
+	}
+	SPI_finish();
+	PG_RETURN_BOOL(found);
+}
+
+/* outbox_redrive(ids, topic_pattern, route_id) → dead letters put back. */
+Datum
+outbox_redrive(PG_FUNCTION_ARGS)
+{
+	Datum		args[3];
+	Oid			types[3] = {INT8ARRAYOID, TEXTOID, INT4OID};
+	char		nulls[3];
+	int			ret;
+	int			i;
+
+	if (PG_ARGISNULL(0) && PG_ARGISNULL(1) && PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("outbox_redrive needs ids, a topic_pattern or a route_id"),
+				 errhint("To redrive every dead letter, pass topic_pattern => '%%'.")));
+	for (i = 0; i < 3; i++)
+	{
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+		args[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
+	}
+	SPI_connect();
+	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox_dead_letters x"
+								"  WHERE ($1 IS NULL OR x.id = ANY($1))"
+								"    AND ($2 IS NULL OR x.topic LIKE $2 COLLATE \"C\")"
+								"    AND ($3 IS NULL OR x.route_id = $3)"
+								"    AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = x.route_id)"
+								"  RETURNING *)"
+								" INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload,"
+								"  headers, published_at, not_before, last_error)"
+								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
+								"  now(), 'redriven after: ' || last_error FROM d",
+								3, types, args, nulls, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "redriving dead letters failed: %s", SPI_result_code_string(ret));
+	ret = (int) SPI_processed;
+	SPI_finish();
+	if (ret > 0)
+		wake_relay_at_commit();
+	PG_RETURN_INT32(ret);
+}

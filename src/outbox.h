@@ -1,0 +1,135 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.h
+ *		The transactional outbox: what outbox.c (publishing, routes, claims,
+ *		the pull API), relay.c (the relay) and the sinks share.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef RESILIENCE_OUTBOX_H
+#define RESILIENCE_OUTBOX_H
+
+#include "resilience.h"
+
+#include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
+#include "storage/itemptr.h"
+
+#define OUTBOX_TOPIC_MAX 255
+#define OUTBOX_KEY_MAX 255
+#define OUTBOX_ERROR_MAX 300
+
+typedef enum OutboxSink
+{
+	SINK_NOTIFY,
+	SINK_HTTP,
+	SINK_QUEUE
+} OutboxSink;
+
+/* What a route accepts as payload (route option "payload"). */
+typedef enum OutboxPayloadKind
+{
+	PAYLOAD_ANY,
+	PAYLOAD_OBJECT,
+	PAYLOAD_ARRAY,
+	PAYLOAD_OBJECT_OR_ARRAY
+} OutboxPayloadKind;
+
+/* A route with its options parsed (defaults filled in). */
+typedef struct OutboxRoute
+{
+	int32		id;
+	OutboxSink	sink;
+	bool		enabled;
+	char	   *pattern;
+	char	   *target;
+	char	   *destination;	/* http: scheme://host:port, the breaker's key */
+	OutboxPayloadKind payload;
+	int			max_attempts;
+	int			timeout_ms;
+	int			connect_timeout_ms;
+	int			backoff_base_ms;
+	int			backoff_max_ms;
+	bool		block_on_dead_letter;
+	bool		probe_only;		/* relay: half-open breaker, claim one event */
+	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
+} OutboxRoute;
+
+/* One claimed delivery: an event on one route. */
+typedef struct OutboxItem
+{
+	ItemPointerData ctid;		/* of the claimed row version */
+	int64		id;
+	int64		seq;
+	int32		route_id;
+	OutboxRoute *route;
+	char	   *topic;
+	char	   *key;			/* NULL for none */
+	char	   *payload;		/* JSON text */
+	char	   *headers;		/* JSON object text */
+	TimestampTz published_at;
+	int			attempts;		/* before this delivery */
+
+	/* outcome, filled by the sinks */
+	int			outcome;		/* OutboxOutcome */
+	int			http_status;
+	int64		retry_after_ms; /* -1: none given */
+	char		error[OUTBOX_ERROR_MAX];
+	bool		keep;			/* keep the row after delivery (NOTIFY too large) */
+} OutboxItem;
+
+typedef enum OutboxOutcome
+{
+	OUTCOME_NOT_TRIED,			/* released without an attempt */
+	OUTCOME_DELIVERED,
+	OUTCOME_RETRY,				/* failed; retry with backoff */
+	OUTCOME_DEAD				/* failed for good: dead letter now */
+} OutboxOutcome;
+
+/* What a claim asks for. */
+typedef struct OutboxClaim
+{
+	List	   *routes;			/* OutboxRoute *, to claim from */
+	int			limit;			/* at most this many items */
+	bool		runs;			/* may take several events of one key, in order */
+	bool		count_attempt;	/* queue: a claim counts as an attempt */
+	const char *claimer;
+	int64		visibility_ms;
+	TimestampTz now;
+	MemoryContext result_cxt;	/* where items are built (NULL: current) */
+	/* results */
+	List	   *items;			/* OutboxItem *, in seq order per route */
+	List	   *dead;			/* OutboxItem *: queue heads out of attempts */
+	bool		exhausted;		/* every pending row was looked at */
+	TimestampTz next_due;		/* earliest time a blocked row becomes ready */
+} OutboxClaim;
+
+/* outbox.c */
+extern List *outbox_load_routes(bool push_only, const char *queue_consumer);
+extern void outbox_claim_rows(OutboxClaim *claim);
+extern void outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts,
+							   const char *claimer);
+extern char *outbox_redact_target(const char *target);
+extern int	outbox_setting_int(const char *name, int dflt, int flags);
+extern void outbox_become_owner(Oid *save_userid, int *save_sec);
+extern int	outbox_pin_search_path(void);
+extern const char *outbox_destination_allowed(const char *url, char **destination);
+extern bool outbox_loopback_only(void);
+
+/* relay.c */
+extern bool relay_may_start(OutboxItem *item);
+extern void relay_item_done(OutboxItem *item);
+extern long relay_worker_job(void);
+
+/* sink_http.c */
+extern void http_deliver(List *items);
+extern bool http_host_allowed(const char *host, const char *allow_list);
+
+/* sink_notify.c */
+extern void notify_deliver(List *items);
+
+/* worker.c */
+extern void worker_wake(Oid dboid);
+extern bool worker_lock_extension(void);
+
+#endif							/* RESILIENCE_OUTBOX_H */

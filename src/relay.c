@@ -1,0 +1,893 @@
+/*-------------------------------------------------------------------------
+ *
+ * relay.c
+ *		The outbox relay: claim a batch, deliver it, record the outcomes;
+ *		retries with backoff and full jitter, a breaker per destination,
+ *		dead letters.
+ *
+ * A batch takes up to three steps, and never keeps a transaction open
+ * across network I/O:
+ *
+ *	1. claim (one transaction): read the routes, claim ready events
+ *	   (outbox_claim_rows: per-key order, see outbox.c) for a while long
+ *	   enough to deliver them, deliver the NOTIFY ones (NOTIFY is itself
+ *	   transactional: it is sent when this transaction commits, together
+ *	   with the removal of the rows), commit;
+ *	2. deliver the HTTP ones with no transaction open (sink_http.c);
+ *	3. record (one transaction): delete the delivered rows (or mark them
+ *	   delivered, for resilience.outbox_retention), schedule retries, move
+ *	   dead letters, release what was not tried; commit.
+ *
+ * If the relay dies between 1 and 3 its claims expire (after the route's
+ * timeout plus CLAIM_SLACK_MS), and a relay started afterwards releases at
+ * once the claims of relay processes that no longer exist, so after a crash
+ * in-flight events go out again within seconds: at least once, never lost.
+ *
+ * The relay runs in the database's worker (relay_worker_job, woken by
+ * worker_wake when a publishing transaction commits, and by a slow safety
+ * poll, resilience.relay_interval), or by hand: CALL relay_outbox(n), a
+ * procedure that commits between the steps (SPI_commit).  Either way the
+ * relay's SQL runs as the owner of the outbox tables with search_path
+ * pinned, and runs no user code.
+ *
+ * The breaker
+ * -----------
+ * Until the shared breaker capability lands, the relay keeps a minimal one
+ * per destination (scheme://host:port): resilience.outbox_breaker_failures
+ * consecutive failures (timeouts, connection errors, 408, 429, 5xx) open it
+ * for resilience.outbox_breaker_open_time; then one probe is let through
+ * (half-open): success closes it, failure opens it again.  A Retry-After
+ * answer also pauses the destination for that long.  While a destination
+ * is open or paused its routes are not claimed at all.  The state and the
+ * per-route counters live in shared memory under one LWLock (touched a few
+ * times per batch); without preloading, in the relaying process.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "outbox.h"
+#include "shmem.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#define RELAY_TRANCHE "resilience_relay"
+#define RELAY_MAX_ROUTES 256
+#define RELAY_MAX_DESTS 128
+#define DEST_LEN 256
+#define STATS_ERROR_LEN 160
+#define CLAIM_SLACK_MS 30000
+#define MAX_RETRY_AFTER_MS (3600 * 1000)
+#define WORKER_MAX_BATCHES 50
+#define RATE_WINDOW_US (10 * USECS_PER_SEC)
+
+typedef enum BreakerState
+{
+	BREAKER_CLOSED,
+	BREAKER_OPEN,
+	BREAKER_HALF_OPEN
+} BreakerState;
+
+static const char *const breaker_names[] = {"closed", "open", "half_open"};
+
+typedef struct RouteStats
+{
+	int32		route_id;		/* 0: free */
+	int64		delivered;
+	int64		retries;
+	TimestampTz window_start;	/* delivered/s: counts of this and the last window */
+	int64		window_count;
+	int64		last_window_count;
+	int64		last_window_us;
+	char		last_error[STATS_ERROR_LEN];
+} RouteStats;
+
+typedef struct DestState
+{
+	char		dest[DEST_LEN]; /* "" : free */
+	BreakerState state;
+	int			failures;		/* consecutive */
+	TimestampTz open_until;
+	TimestampTz paused_until;	/* Retry-After */
+	bool		probing;		/* half-open probe in flight */
+} DestState;
+
+typedef struct RelayShared
+{
+	LWLock	   *lock;
+	RouteStats	routes[RELAY_MAX_ROUTES];
+	DestState	dests[RELAY_MAX_DESTS];
+} RelayShared;
+
+static RelayShared *relay_shared = NULL;	/* shared memory, or process-local */
+
+/* One relay run: how its transactions are started and ended. */
+typedef struct RelayRun
+{
+	bool		procedure;		/* CALL relay_outbox: SPI_commit between steps */
+	Oid			save_userid;
+	int			save_sec;
+	int			guc_level;
+	bool		in_phase;
+	MemoryContext batch_cxt;
+	int64		delivered;
+	TimestampTz next_due;
+	bool		more;
+} RelayRun;
+
+static uint64 claim_round = 0;
+static bool orphans_released = false;
+
+PG_FUNCTION_INFO_V1(relay_outbox);
+PG_FUNCTION_INFO_V1(outbox_relay_stats);
+
+/* ---- shared state ---- */
+
+Size
+relay_shmem_size(void)
+{
+	return MAXALIGN(sizeof(RelayShared));
+}
+
+void
+relay_shmem_request(void)
+{
+	RequestNamedLWLockTranche(RELAY_TRANCHE, 1);
+}
+
+void
+relay_shmem_init(void)
+{
+	bool		found;
+
+	relay_shared = ShmemInitStruct("resilience relay", relay_shmem_size(), &found);
+	if (!found)
+	{
+		memset(relay_shared, 0, relay_shmem_size());
+		relay_shared->lock = &(GetNamedLWLockTranche(RELAY_TRANCHE))->lock;
+	}
+}
+
+/* The state, in shared memory or (not preloaded) in this process. */
+static RelayShared *
+relay_state(void)
+{
+	if (relay_shared == NULL)
+		relay_shared = MemoryContextAllocZero(TopMemoryContext, sizeof(RelayShared));
+	return relay_shared;
+}
+
+static void
+state_lock(RelayShared *rs)
+{
+	if (rs->lock)
+		LWLockAcquire(rs->lock, LW_EXCLUSIVE);
+}
+
+static void
+state_unlock(RelayShared *rs)
+{
+	if (rs->lock)
+		LWLockRelease(rs->lock);
+}
+
+/* The stats slot of a route (taking a free one); NULL if all are used. */
+static RouteStats *
+route_stats(RelayShared *rs, int32 route_id)
+{
+	int			i;
+	RouteStats *free_slot = NULL;
+
+	for (i = 0; i < RELAY_MAX_ROUTES; i++)
+	{
+		if (rs->routes[i].route_id == route_id)
+			return &rs->routes[i];
+		if (rs->routes[i].route_id == 0 && free_slot == NULL)
+			free_slot = &rs->routes[i];
+	}
+	if (free_slot)
+	{
+		memset(free_slot, 0, sizeof(RouteStats));
+		free_slot->route_id = route_id;
+	}
+	return free_slot;
+}
+
+/* The breaker of a destination (taking a free one); NULL if all are used. */
+static DestState *
+dest_state(RelayShared *rs, const char *dest)
+{
+	int			i;
+	DestState  *free_slot = NULL;
+
+	for (i = 0; i < RELAY_MAX_DESTS; i++)
+	{
+		if (strcmp(rs->dests[i].dest, dest) == 0)
+			return &rs->dests[i];
+		if (rs->dests[i].dest[0] == '\0' && free_slot == NULL)
+			free_slot = &rs->dests[i];
+	}
+	if (free_slot)
+	{
+		memset(free_slot, 0, sizeof(DestState));
+		strlcpy(free_slot->dest, dest, DEST_LEN);
+	}
+	return free_slot;
+}
+
+/*
+ * May the relay send to dest now?  Sets *probe when only one request may go
+ * (half-open).  An open breaker whose time is up turns half-open here.
+ */
+static bool
+breaker_allows(const char *dest, bool *probe)
+{
+	RelayShared *rs = relay_state();
+	TimestampTz now = GetCurrentTimestamp();
+	DestState  *d;
+	bool		allowed = true;
+	bool		half_opened = false;
+
+	*probe = false;
+	state_lock(rs);
+	d = dest_state(rs, dest);
+	if (d)
+	{
+		if (now < d->paused_until)
+			allowed = false;
+		else if (d->state == BREAKER_OPEN && now >= d->open_until)
+		{
+			d->state = BREAKER_HALF_OPEN;
+			d->probing = false;
+			half_opened = true;
+		}
+		if (allowed && d->state == BREAKER_OPEN)
+			allowed = false;
+		if (allowed && d->state == BREAKER_HALF_OPEN)
+		{
+			allowed = !d->probing;
+			*probe = true;
+		}
+	}
+	state_unlock(rs);
+	if (half_opened)
+		ereport(LOG,
+				(errmsg("resilience outbox: breaker for %s is half-open, sending a probe", dest)));
+	return allowed;
+}
+
+/* Is item allowed to start now?  Called by the HTTP sink before each request. */
+bool
+relay_may_start(OutboxItem *item)
+{
+	RelayShared *rs = relay_state();
+	DestState  *d;
+	bool		ok = true;
+
+	if (item->route->destination == NULL)
+		return true;
+	state_lock(rs);
+	d = dest_state(rs, item->route->destination);
+	if (d)
+	{
+		if (d->state == BREAKER_OPEN || GetCurrentTimestamp() < d->paused_until)
+			ok = false;
+		else if (d->state == BREAKER_HALF_OPEN)
+		{
+			ok = !d->probing;
+			d->probing = true;
+		}
+	}
+	state_unlock(rs);
+	return ok;
+}
+
+/* Feed an attempt's outcome to its destination's breaker. */
+void
+relay_item_done(OutboxItem *item)
+{
+	RelayShared *rs = relay_state();
+	TimestampTz now = GetCurrentTimestamp();
+	int			threshold = outbox_setting_int("resilience.outbox_breaker_failures", 5, 0);
+	int			open_ms = outbox_setting_int("resilience.outbox_breaker_open_time", 30000, GUC_UNIT_MS);
+	bool		failed = item->outcome == OUTCOME_RETRY;
+	DestState  *d;
+	const char *transition = NULL;
+	int			failures = 0;
+
+	if (item->route->destination == NULL)
+		return;
+	state_lock(rs);
+	d = dest_state(rs, item->route->destination);
+	if (d)
+	{
+		if (item->retry_after_ms > 0)
+			d->paused_until = Max(d->paused_until,
+								  now + Min(item->retry_after_ms, MAX_RETRY_AFTER_MS) * 1000);
+		if (d->state == BREAKER_HALF_OPEN)
+			d->probing = false;
+		if (!failed)
+		{
+			if (d->state != BREAKER_CLOSED)
+				transition = "closed";
+			d->state = BREAKER_CLOSED;
+			d->failures = 0;
+		}
+		else
+		{
+			d->failures++;
+			failures = d->failures;
+			if (d->state == BREAKER_HALF_OPEN ||
+				(d->state == BREAKER_CLOSED && d->failures >= threshold))
+			{
+				transition = "opened";
+				d->state = BREAKER_OPEN;
+				d->open_until = now + (int64) open_ms * 1000;
+			}
+		}
+	}
+	state_unlock(rs);
+	if (transition)
+		ereport(LOG,
+				(errmsg("resilience outbox: breaker for %s %s%s", item->route->destination,
+						transition,
+						failures ? psprintf(" after %d consecutive failures", failures) : "")));
+}
+
+/* Count what a batch did for the status view. */
+static void
+record_stats(int32 route_id, int delivered, int retries, const char *error)
+{
+	RelayShared *rs = relay_state();
+	TimestampTz now = GetCurrentTimestamp();
+	RouteStats *st;
+
+	state_lock(rs);
+	st = route_stats(rs, route_id);
+	if (st)
+	{
+		st->delivered += delivered;
+		st->retries += retries;
+		if (st->window_start == 0)
+			st->window_start = now;
+		if (now - st->window_start >= RATE_WINDOW_US)
+		{
+			st->last_window_count = st->window_count;
+			st->last_window_us = now - st->window_start;
+			st->window_count = 0;
+			st->window_start = now;
+		}
+		st->window_count += delivered;
+		if (error)
+			strlcpy(st->last_error, error, STATS_ERROR_LEN);
+	}
+	state_unlock(rs);
+}
+
+/* ---- transactions ---- */
+
+/* Start a step's transaction; false if the extension is being dropped. */
+static bool
+phase_begin(RelayRun *run, const char *activity)
+{
+	if (!run->procedure)
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+	}
+	PushActiveSnapshot(GetTransactionSnapshot());
+	run->in_phase = true;
+	pgstat_report_activity(STATE_RUNNING, activity);
+	outbox_become_owner(&run->save_userid, &run->save_sec);
+	run->guc_level = outbox_pin_search_path();
+	return run->procedure || worker_lock_extension();
+}
+
+/* Commit a step's transaction. */
+static void
+phase_end(RelayRun *run)
+{
+	AtEOXact_GUC(true, run->guc_level);
+	SetUserIdAndSecContext(run->save_userid, run->save_sec);
+	PopActiveSnapshot();
+	run->in_phase = false;
+	if (!run->procedure)
+	{
+		SPI_finish();
+		CommitTransactionCommand();
+	}
+	else
+		resilience_spi_commit_compat();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Release claims left by relay processes that no longer exist (a crash, a
+ * kill): their events go out again now rather than when the claims expire.
+ */
+static void
+release_orphaned_claims(void)
+{
+	uint64		i;
+	int			ret;
+	SPITupleTable *tt;
+	uint64		n;
+
+	ret = SPI_execute("SELECT DISTINCT o.claimed_by FROM resilience.outbox o"
+					  " JOIN resilience.outbox_routes r ON r.id = o.route_id AND r.sink <> 'queue'"
+					  " WHERE o.claimed_by LIKE 'relay:%' AND o.delivered_at IS NULL", true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "looking for orphaned claims failed: %s", SPI_result_code_string(ret));
+	tt = SPI_tuptable;
+	n = SPI_processed;
+	for (i = 0; i < n; i++)
+	{
+		char	   *claimer = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+		int			pid = atoi(claimer + strlen("relay:"));
+		Datum		arg = CStringGetTextDatum(claimer);
+		Oid			type = TEXTOID;
+
+		if (pid == MyProcPid || BackendPidGetProc(pid) != NULL)
+			continue;
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
+									" WHERE claimed_by = $1 AND delivered_at IS NULL",
+									1, &type, &arg, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "releasing orphaned claims failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed > 0)
+			ereport(LOG,
+					(errmsg("resilience outbox: released %llu events claimed by relay process %d, which is gone",
+							(unsigned long long) SPI_processed, pid)));
+	}
+}
+
+/* ---- outcomes ---- */
+
+/* Full jitter: a uniform delay in [0, min(cap, base * 2^(attempt-1))] ms. */
+static int64
+backoff_ms(OutboxRoute *route, int attempt)
+{
+	double		ceiling = route->backoff_base_ms;
+	int			i;
+
+	for (i = 1; i < attempt && ceiling < route->backoff_max_ms; i++)
+		ceiling *= 2;
+	ceiling = Min(ceiling, route->backoff_max_ms);
+	return (int64) (resilience_random_compat() * ceiling);
+}
+
+static Datum
+text_or_null(const char *s, char *null)
+{
+	*null = s ? ' ' : 'n';
+	return s ? CStringGetTextDatum(s) : (Datum) 0;
+}
+
+/* An array of the items' ctids, and one of their ids. */
+static void
+item_arrays(List *items, Datum *tids, Datum *ids)
+{
+	Datum	   *t = palloc(sizeof(Datum) * Max(list_length(items), 1));
+	Datum	   *i = palloc(sizeof(Datum) * Max(list_length(items), 1));
+	ListCell   *lc;
+	int			n = 0;
+
+	foreach(lc, items)
+	{
+		OutboxItem *item = lfirst(lc);
+
+		t[n] = PointerGetDatum(&item->ctid);
+		i[n] = Int64GetDatum(item->id);
+		n++;
+	}
+	*tids = PointerGetDatum(construct_array(t, n, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+	*ids = PointerGetDatum(construct_array(i, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+/*
+ * Delivered rows still claimed by claimer: deleted (keep_secs < 0), or kept
+ * that long, marked delivered.  The id is checked along with the ctid.
+ */
+static void
+finish_rows(List *items, const char *claimer, int keep_secs)
+{
+	Datum		args[4];
+	Oid			types[4] = {TIDARRAYOID, INT8ARRAYOID, TEXTOID, INT4OID};
+	int			ret;
+
+	if (items == NIL)
+		return;
+	item_arrays(items, &args[0], &args[1]);
+	args[2] = CStringGetTextDatum(claimer);
+	args[3] = Int32GetDatum(keep_secs);
+	if (keep_secs < 0)
+		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
+									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									3, types, args, NULL, false, 0);
+	else
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
+									" not_before = now() + make_interval(secs => $4),"
+									" claimed_by = NULL, claim_until = NULL"
+									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									4, types, args, NULL, false, 0);
+	if (ret < 0)
+		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
+}
+
+/* Write what happened to a batch's items (in the record transaction). */
+static void
+record_outcomes(List *items, const char *claimer)
+{
+	int			retention = outbox_setting_int("resilience.outbox_retention", 0, GUC_UNIT_S);
+	TimestampTz now = GetCurrentTimestamp();
+	List	   *done = NIL;
+	List	   *release = NIL;
+	ListCell   *lc;
+	Datum		args[5];
+	Oid			types[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	int			ret;
+
+	foreach(lc, items)
+	{
+		OutboxItem *item = lfirst(lc);
+		int			attempt = item->attempts + 1;
+
+		switch (item->outcome)
+		{
+			case OUTCOME_DELIVERED:
+				done = lappend(done, item);
+				record_stats(item->route_id, 1, 0, NULL);
+				break;
+			case OUTCOME_NOT_TRIED:
+				release = lappend(release, item);
+				break;
+			case OUTCOME_RETRY:
+				if (attempt < item->route->max_attempts)
+				{
+					int64		delay = backoff_ms(item->route, attempt);
+
+					if (item->retry_after_ms > 0)
+						delay = Max(delay, Min(item->retry_after_ms, MAX_RETRY_AFTER_MS));
+					args[0] = PointerGetDatum(&item->ctid);
+					args[1] = CStringGetTextDatum(claimer);
+					args[2] = TimestampTzGetDatum(now + delay * 1000);
+					args[3] = text_or_null(item->error, &nulls[3]);
+					types[0] = TIDOID;
+					types[1] = TEXTOID;
+					types[2] = TIMESTAMPTZOID;
+					types[3] = TEXTOID;
+					ret = SPI_execute_with_args("UPDATE resilience.outbox SET attempts = attempts + 1,"
+												" not_before = $3, last_error = $4,"
+												" claimed_by = NULL, claim_until = NULL"
+												" WHERE ctid = $1 AND claimed_by = $2",
+												4, types, args, nulls, false, 0);
+					if (ret != SPI_OK_UPDATE)
+						elog(ERROR, "scheduling a retry failed: %s", SPI_result_code_string(ret));
+					nulls[3] = ' ';
+					record_stats(item->route_id, 0, 1, item->error);
+					break;
+				}
+				/* out of attempts */
+				/* FALLTHROUGH */
+			case OUTCOME_DEAD:
+				outbox_dead_letter(item, item->error[0] ? item->error : "failed", 1, claimer);
+				record_stats(item->route_id, 0, 0, item->error);
+				break;
+		}
+	}
+
+	if (done != NIL)
+	{
+		List	   *kept = NIL;
+		List	   *gone = NIL;
+		List	   *fetchable = NIL;
+
+		/* rows to keep: for the retention, or an hour for outbox_event */
+		foreach(lc, done)
+		{
+			OutboxItem *item = lfirst(lc);
+
+			if (item->keep)
+				fetchable = lappend(fetchable, item);
+			else if (retention > 0)
+				kept = lappend(kept, item);
+			else
+				gone = lappend(gone, item);
+		}
+		finish_rows(gone, claimer, -1);
+		finish_rows(kept, claimer, retention);
+		finish_rows(fetchable, claimer, Max(retention, 3600));
+	}
+	if (release != NIL)
+	{
+		item_arrays(release, &args[0], &args[1]);
+		args[2] = CStringGetTextDatum(claimer);
+		types[0] = TIDARRAYOID;
+		types[1] = INT8ARRAYOID;
+		types[2] = TEXTOID;
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
+									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									3, types, args, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "releasing claims failed: %s", SPI_result_code_string(ret));
+	}
+}
+
+/* ---- a batch ---- */
+
+/*
+ * One batch: claim, deliver, record.  Returns the number delivered; sets
+ * run->more when there may be more ready now, run->next_due otherwise.
+ */
+static int
+relay_batch(RelayRun *run)
+{
+	OutboxClaim claim;
+	List	   *routes;
+	List	   *claimable = NIL;
+	List	   *http_items = NIL;
+	List	   *notify_items = NIL;
+	ListCell   *lc;
+	MemoryContext old;
+	char	   *claimer;
+	int			visibility = 0;
+	int			delivered = 0;
+
+	MemoryContextReset(run->batch_cxt);
+	run->more = false;
+	if (!phase_begin(run, "resilience relay: claiming"))
+	{
+		phase_end(run);
+		return 0;
+	}
+	old = MemoryContextSwitchTo(run->batch_cxt);
+	routes = outbox_load_routes(true, NULL);
+	if (!orphans_released || run->procedure)
+	{
+		release_orphaned_claims();
+		orphans_released = true;
+	}
+	foreach(lc, routes)
+	{
+		OutboxRoute *r = lfirst(lc);
+		bool		probe = false;
+
+		if (r->sink == SINK_HTTP && !breaker_allows(r->destination, &probe))
+			continue;
+		r->probe_only = probe;
+		visibility = Max(visibility, r->timeout_ms);
+		claimable = lappend(claimable, r);
+	}
+	claimer = psprintf("relay:%d:" UINT64_FORMAT, MyProcPid, ++claim_round);
+	memset(&claim, 0, sizeof(claim));
+	claim.routes = claimable;
+	claim.limit = outbox_setting_int("resilience.outbox_batch_size", 500, 0);
+	claim.runs = true;
+	claim.count_attempt = false;
+	claim.claimer = claimer;
+	claim.visibility_ms = visibility + CLAIM_SLACK_MS;
+	claim.now = GetCurrentTimestamp();
+	claim.result_cxt = run->batch_cxt;
+	outbox_claim_rows(&claim);
+	MemoryContextSwitchTo(old);
+
+	foreach(lc, claim.items)
+	{
+		OutboxItem *item = lfirst(lc);
+
+		if (item->route->sink == SINK_NOTIFY)
+			notify_items = lappend(notify_items, item);
+		else
+			http_items = lappend(http_items, item);
+	}
+	if (notify_items != NIL)
+	{
+		notify_deliver(notify_items);
+		record_outcomes(notify_items, claimer);
+		delivered += list_length(notify_items);
+	}
+	phase_end(run);
+
+	if (http_items != NIL)
+	{
+		ListCell   *lc2;
+
+		pgstat_report_activity(STATE_RUNNING, "resilience relay: delivering (no transaction open)");
+		old = MemoryContextSwitchTo(run->batch_cxt);
+		http_deliver(http_items);
+		MemoryContextSwitchTo(old);
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		(void) phase_begin(run, "resilience relay: recording");
+		record_outcomes(http_items, claimer);
+		phase_end(run);
+		foreach(lc2, http_items)
+			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
+				delivered++;
+	}
+	run->more = !claim.exhausted;
+	run->next_due = claim.next_due;
+	run->delivered += delivered;
+	return delivered;
+}
+
+/* Set up a run's memory. */
+static void
+run_init(RelayRun *run, bool procedure)
+{
+	memset(run, 0, sizeof(RelayRun));
+	run->procedure = procedure;
+	run->batch_cxt = AllocSetContextCreate(TopMemoryContext, "resilience relay batch",
+										   ALLOCSET_DEFAULT_SIZES);
+}
+
+/*
+ * The worker's relay job, called with no transaction open: batches until
+ * nothing is ready (or WORKER_MAX_BATCHES, to let other jobs run).  Returns
+ * ms until it wants to run again: 0 if more is ready, else when the next
+ * retry or deliver_after falls due (-1: no idea, the safety poll).
+ */
+long
+relay_worker_job(void)
+{
+	RelayRun	run;
+	int			i;
+	long		wish = -1;
+
+	run_init(&run, false);
+	PG_TRY();
+	{
+		for (i = 0; i < WORKER_MAX_BATCHES && !worker_stop_requested(); i++)
+		{
+			(void) relay_batch(&run);
+			if (!run.more)
+				break;
+		}
+	}
+	PG_FINALLY();
+	{
+		MemoryContextDelete(run.batch_cxt);
+	}
+	PG_END_TRY();
+	if (run.more)
+		wish = 0;
+	else if (run.next_due > 0)
+		wish = Max((run.next_due - GetCurrentTimestamp()) / 1000 + 1, 0);
+	return wish;
+}
+
+/*
+ * CALL relay_outbox(max_batches) → delivered: the relay by hand.  A
+ * procedure, so that it can commit between claiming and recording: no
+ * transaction stays open while it waits for endpoints.
+ */
+Datum
+relay_outbox(PG_FUNCTION_ARGS)
+{
+	CallContext *cc = (CallContext *) fcinfo->context;
+	RelayRun	run;
+	int			max_batches;
+	int			i;
+	TupleDesc	tupdesc;
+	Datum		value;
+	bool		isnull = false;
+
+	if (PG_ARGISNULL(0) || PG_GETARG_INT32(0) <= 0)
+		ereport(ERROR,
+				(errcode(PG_ARGISNULL(0) ? ERRCODE_NULL_VALUE_NOT_ALLOWED : ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max_batches must be a positive number")));
+	max_batches = PG_GETARG_INT32(0);
+	if (cc == NULL || !IsA(cc, CallContext) || cc->atomic)
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("relay_outbox cannot run inside a transaction block"),
+				 errdetail("It commits after claiming each batch, so that no transaction stays open while events are delivered."),
+				 errhint("CALL resilience.relay_outbox() on its own, outside BEGIN ... COMMIT and functions.")));
+
+	SPI_connect_ext(SPI_OPT_NONATOMIC);
+	run_init(&run, true);
+	for (i = 0; i < max_batches; i++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		(void) relay_batch(&run);
+		if (!run.more)
+			break;
+	}
+	MemoryContextDelete(run.batch_cxt);
+	SPI_finish();
+
+	value = Int64GetDatum(run.delivered);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) == TYPEFUNC_COMPOSITE)
+	{
+		tupdesc = BlessTupleDesc(tupdesc);
+		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, &value, &isnull)));
+	}
+	PG_RETURN_DATUM(value);
+}
+
+/* ---- the status view ---- */
+
+/*
+ * _outbox_relay_stats() → per route: destination, delivered, retries,
+ * delivered/s, breaker state, last error.  Empty without preloading.
+ */
+Datum
+outbox_relay_stats(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	RelayShared *copy;
+	List	   *routes;
+	ListCell   *lc;
+	TimestampTz now = GetCurrentTimestamp();
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!resilience_preloaded || relay_shared == NULL || relay_shared->lock == NULL)
+		return (Datum) 0;
+	copy = palloc(sizeof(RelayShared));
+	LWLockAcquire(relay_shared->lock, LW_SHARED);
+	memcpy(copy, relay_shared, sizeof(RelayShared));
+	LWLockRelease(relay_shared->lock);
+
+	SPI_connect();
+	routes = outbox_load_routes(false, NULL);
+	foreach(lc, routes)
+	{
+		OutboxRoute *r = lfirst(lc);
+		RouteStats *st = NULL;
+		DestState  *d = NULL;
+		Datum		values[8];
+		bool		nulls[8] = {0};
+		int			i;
+
+		for (i = 0; i < RELAY_MAX_ROUTES; i++)
+			if (copy->routes[i].route_id == r->id)
+				st = &copy->routes[i];
+		if (r->destination)
+			for (i = 0; i < RELAY_MAX_DESTS; i++)
+				if (strcmp(copy->dests[i].dest, r->destination) == 0)
+					d = &copy->dests[i];
+		values[0] = Int32GetDatum(r->id);
+		values[1] = r->destination ? CStringGetTextDatum(r->destination) : (Datum) 0;
+		nulls[1] = r->destination == NULL;
+		values[2] = Int64GetDatum(st ? st->delivered : 0);
+		values[3] = Int64GetDatum(st ? st->retries : 0);
+		nulls[4] = st == NULL;
+		if (st)
+		{
+			/* the current window if it is long enough, else the last one */
+			int64		span = now - st->window_start;
+
+			if (span >= USECS_PER_SEC || st->last_window_us == 0)
+				values[4] = Float8GetDatum(span > 0 ? st->window_count * 1e6 / span : 0);
+			else
+				values[4] = Float8GetDatum(st->last_window_count * 1e6 / st->last_window_us);
+			if (now - st->window_start > 2 * RATE_WINDOW_US)
+				values[4] = Float8GetDatum(0);
+		}
+		values[5] = CStringGetTextDatum(d ? (d->state == BREAKER_CLOSED && now < d->paused_until ?
+											 "paused" : breaker_names[d->state]) : "closed");
+		values[6] = TimestampTzGetDatum(d ? (d->state == BREAKER_OPEN ? d->open_until : d->paused_until) : 0);
+		nulls[6] = d == NULL || (d->state != BREAKER_OPEN && now >= d->paused_until);
+		values[7] = st && st->last_error[0] ? CStringGetTextDatum(st->last_error) : (Datum) 0;
+		nulls[7] = !(st && st->last_error[0]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}

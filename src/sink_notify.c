@@ -1,0 +1,69 @@
+/*-------------------------------------------------------------------------
+ *
+ * sink_notify.c
+ *		The notify sink: NOTIFY channel (the route's target) with the event.
+ *
+ * The payload is a JSON envelope:
+ *	  {"id": 42, "topic": "orders.created", "key": "o-1", "headers": {...},
+ *	   "payload": {...}}
+ * NOTIFY payloads must be shorter than 8000 bytes.  A longer envelope is
+ * replaced by {"id", "topic", "key", "payload_omitted": true}, and the
+ * event is kept in the outbox (delivered) for at least an hour, so that the
+ * listener can fetch it with resilience.outbox_event(id).
+ *
+ * NOTIFY is transactional: the relay calls this in its claim transaction,
+ * and the notifications go out when that transaction commits, together with
+ * the removal of the events; if it rolls back, neither happens.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "outbox.h"
+
+#include "commands/async.h"
+#include "lib/stringinfo.h"
+#include "utils/json.h"
+
+/* NOTIFY refuses payloads of 8000 bytes or more (async.c). */
+#define NOTIFY_PAYLOAD_LIMIT 7999
+
+/* The envelope of an event, with or without its payload and headers. */
+static char *
+envelope(OutboxItem *item, bool whole)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "{\"id\": " INT64_FORMAT ", \"topic\": ", item->id);
+	escape_json(&buf, item->topic);
+	appendStringInfoString(&buf, ", \"key\": ");
+	if (item->key)
+		escape_json(&buf, item->key);
+	else
+		appendStringInfoString(&buf, "null");
+	if (whole)
+		appendStringInfo(&buf, ", \"headers\": %s, \"payload\": %s}", item->headers, item->payload);
+	else
+		appendStringInfoString(&buf, ", \"payload_omitted\": true}");
+	return buf.data;
+}
+
+/* Queue a NOTIFY for each item (sent at commit); all count as delivered. */
+void
+notify_deliver(List *items)
+{
+	ListCell   *lc;
+
+	foreach(lc, items)
+	{
+		OutboxItem *item = lfirst(lc);
+		char	   *msg = envelope(item, true);
+
+		if (strlen(msg) > NOTIFY_PAYLOAD_LIMIT)
+		{
+			msg = envelope(item, false);
+			item->keep = true;
+		}
+		Async_Notify(item->route->target, msg);
+		item->outcome = OUTCOME_DELIVERED;
+	}
+}
