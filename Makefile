@@ -21,7 +21,7 @@ DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors locks locks_errors
+REGRESS = setup ratelimit ratelimit_errors locks locks_errors outbox outbox_errors
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover

@@ -1489,9 +1489,9 @@ outbox_nack(PG_FUNCTION_ARGS)
 	found = SPI_processed > 0;
 	if (found)
 	{
-		List	   *routes = outbox_load_routes(false, NULL);
 		SPITupleTable *tt = SPI_tuptable;
 		uint64		n = SPI_processed;
+		List	   *routes = outbox_load_routes(false, NULL);
 
 		for (i = 0; i < n; i++)
 		{

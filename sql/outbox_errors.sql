@@ -1,0 +1,72 @@
+-- Bad input: a specific SQLSTATE, nothing changed.
+SET client_min_messages = warning;
+DELETE FROM resilience.outbox_routes;
+TRUNCATE resilience.outbox;
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
+VALUES ('hook.%', 'http', 'http://127.0.0.1:9/h'), ('q.%', 'queue', 'c');
+
+-- publish
+SELECT sqlstate_of($$SELECT resilience.outbox_publish(NULL, '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.outbox_publish('t', NULL)$$);
+SELECT resilience.outbox_publish('', '{}');
+SELECT sqlstate_of($$SELECT resilience.outbox_publish(repeat('t', 256), '{}')$$);
+SELECT resilience.outbox_publish('t', '{}', '');
+SELECT sqlstate_of($$SELECT resilience.outbox_publish('t', '{}', repeat('k', 256))$$);
+SELECT resilience.outbox_publish('t', '{}', 'k', '[1]');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"Bad Name": "x"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-Num": 1}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-A": "line\nbreak"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"Idempotency-Key": "mine"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{}', '-1 second');
+SELECT sqlstate_of($$SELECT resilience.outbox_publish('t', '{}', 'k', '{}', '400 days')$$);
+-- the http route takes JSON objects or arrays; the queue route anything
+SELECT resilience.outbox_publish('hook.x', '42');
+SELECT sqlstate_of($$SELECT resilience.outbox_publish('hook.x', '"text"')$$);
+SELECT resilience.outbox_publish('hook.x', '[1, 2]') > 0 AS array_ok;
+SELECT resilience.outbox_publish('q.x', '42') > 0 AS scalar_ok_for_queue;
+SELECT count(*) AS written FROM resilience.outbox;
+
+-- routes
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'kafka', 'k');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'http', 'not a url');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'http', 'ftp://127.0.0.1/x');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'http', 'http:///x');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'http', 'http://example.com/hook');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'http', 'http://10.0.0.1/hook');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'notify', repeat('c', 64));
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('', 'queue', 'c');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'queue', '');
+SELECT sqlstate_of($$INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES (NULL, 'queue', 'c')$$);
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '[]');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"max_attempts": 0}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"max_attempts": "3"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"retries": 3}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"on_dead_letter": "drop"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"payload": "xml"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'queue', 'c', '{"headers": {}}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"timeout_ms": 100, "connect_timeout_ms": 200}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"backoff_base_ms": 100, "backoff_max_ms": 50}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"headers": {"Content-Type": "text/plain"}}');
+UPDATE resilience.outbox_routes SET sink = 'smtp' WHERE target = 'c';
+SELECT count(*) AS routes FROM resilience.outbox_routes;
+
+-- the pull API
+SELECT sqlstate_of($$SELECT * FROM resilience.outbox_claim(NULL, 1, '1 minute')$$);
+SELECT * FROM resilience.outbox_claim('c', 0, '1 minute');
+SELECT * FROM resilience.outbox_claim('c', -5, '1 minute');
+SELECT sqlstate_of($$SELECT * FROM resilience.outbox_claim('c', NULL, '1 minute')$$);
+SELECT * FROM resilience.outbox_claim('c', 1, '0 seconds');
+SELECT * FROM resilience.outbox_claim('c', 1, '-1 minute');
+SELECT sqlstate_of($$SELECT * FROM resilience.outbox_claim('c', 1, NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.outbox_ack('c', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.outbox_ack('', ARRAY[1]::bigint[])$$);
+SELECT sqlstate_of($$SELECT resilience.outbox_nack('c', NULL)$$);
+SELECT resilience.outbox_nack('c', 1, '-1 second');
+SELECT resilience.outbox_redrive();
+CALL resilience.relay_outbox(0);
+SELECT sqlstate_of($$CALL resilience.relay_outbox(NULL)$$);
+SELECT count(*) AS still_written FROM resilience.outbox;
+
+DELETE FROM resilience.outbox_routes;
+TRUNCATE resilience.outbox;
+RESET client_min_messages;
