@@ -24,7 +24,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors outbox outbox_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover
+ISOLATION = ratelimit_shared lease_race lease_takeover outbox_order outbox_consumers
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.
