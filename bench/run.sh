@@ -5,9 +5,11 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks outbox"   which comparisons to run
+#   BENCH_OUTBOX_MINUTES=10   the outbox section's sustained run (see bench/outbox.sh)
 #   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
 . "$(dirname "$0")/../tools/cluster.sh"
+. "$(dirname "$0")/outbox.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -52,6 +54,7 @@ stop_redis() {
 bench_cleanup() {
 	local rc=$?
 	set +e
+	stop_receiver
 	stop_redis
 	(exit "$rc")
 	cleanup
@@ -124,7 +127,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks outbox}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -157,6 +160,11 @@ if section locks; then
 	run_pgbench lease_random "lock_acquire + lock_release, 1000 keys" lease_random.sql
 	run_pgbench lease_table_hot "hand-written lease table cycle, hot key" lease_table_hot.sql
 	run_pgbench lease_hot "lock_acquire + lock_release, hot key" lease_hot.sql
+fi
+
+# Outbox: publish vs INSERT, relay throughput, latency, sustained size.
+if section outbox; then
+	run_outbox_section
 fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
@@ -197,6 +205,8 @@ report() {
 	printf '  %-48s %7s   %-7s  %s\n' "ratio" "value" "target" ""
 	section ratelimit && report_ratelimit
 	section locks && report_locks
+	section outbox && report_outbox
+	true
 }
 
 report_locks() {

@@ -126,6 +126,11 @@ static CachedRoute *route_cache = NULL;
 static int	route_cache_len = 0;
 static bool route_cache_valid = false;
 
+static void outbox_xact_callback(XactEvent event, void *arg);
+static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+									SubTransactionId parentSubid, void *arg);
+static void wake_relay_at_commit(void);
+
 static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
@@ -543,6 +548,7 @@ outbox_routes_invalidate(PG_FUNCTION_ARGS)
 {
 	lookup_relations();
 	CacheInvalidateRelcacheByRelid(cached_routes_relid);
+	wake_relay_at_commit();		/* an enabled or new route may have work */
 	PG_RETURN_VOID();
 }
 
@@ -554,6 +560,7 @@ outbox_routes_invalidate(PG_FUNCTION_ARGS)
 List *
 outbox_load_routes(bool push_only, const char *queue_consumer)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	List	   *routes = NIL;
 	uint64		i;
 	int			ret;
@@ -562,6 +569,8 @@ outbox_load_routes(bool push_only, const char *queue_consumer)
 					  " FROM resilience.outbox_routes ORDER BY id", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading resilience.outbox_routes failed: %s", SPI_result_code_string(ret));
+	/* SPI leaves its own context current: the routes go where the caller was */
+	MemoryContextSwitchTo(caller);
 	for (i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];
@@ -727,10 +736,6 @@ delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
 						   DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(iv))))));
 	return usecs;
 }
-
-static void outbox_xact_callback(XactEvent event, void *arg);
-static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
-									SubTransactionId parentSubid, void *arg);
 
 /* Wake this database's relay when the transaction commits. */
 static void
@@ -1298,6 +1303,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 void
 outbox_claim_rows(OutboxClaim *claim)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	static uint32 rotation = 0;
 	int			nroutes = list_length(claim->routes);
 	int			remaining = claim->limit;
@@ -1316,6 +1322,7 @@ outbox_claim_rows(OutboxClaim *claim)
 
 		CHECK_FOR_INTERRUPTS();
 		remaining -= claim_route(claim, route, remaining);
+		MemoryContextSwitchTo(caller);	/* SPI calls leave theirs current */
 	}
 	if (remaining <= 0)
 		claim->exhausted = false;

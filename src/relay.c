@@ -234,7 +234,7 @@ dest_state(RelayShared *rs, const char *dest)
  * (half-open).  An open breaker whose time is up turns half-open here.
  */
 static bool
-breaker_allows(const char *dest, bool *probe)
+breaker_allows(const char *dest, bool *probe, TimestampTz *until)
 {
 	RelayShared *rs = relay_state();
 	TimestampTz now = GetCurrentTimestamp();
@@ -262,6 +262,7 @@ breaker_allows(const char *dest, bool *probe)
 			allowed = !d->probing;
 			*probe = true;
 		}
+		*until = Max(d->paused_until, d->state == BREAKER_OPEN ? d->open_until : 0);
 	}
 	state_unlock(rs);
 	if (half_opened)
@@ -529,9 +530,20 @@ finish_rows(List *items, const char *claimer, int keep_secs)
 		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
 }
 
-/* Write what happened to a batch's items (in the record transaction). */
+/* Keep the earliest time something falls due (0: nothing known). */
 static void
-record_outcomes(List *items, const char *claimer)
+due_at(TimestampTz *next_due, TimestampTz t)
+{
+	if (t > 0 && (*next_due == 0 || t < *next_due))
+		*next_due = t;
+}
+
+/*
+ * Write what happened to a batch's items (in the record transaction);
+ * retries scheduled make *next_due earlier.
+ */
+static void
+record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 {
 	int			retention = outbox_setting_int("resilience.outbox_retention", 0, GUC_UNIT_S);
 	TimestampTz now = GetCurrentTimestamp();
@@ -556,6 +568,7 @@ record_outcomes(List *items, const char *claimer)
 				break;
 			case OUTCOME_NOT_TRIED:
 				release = lappend(release, item);
+				due_at(next_due, now);	/* look again at once */
 				break;
 			case OUTCOME_RETRY:
 				if (attempt < item->route->max_attempts)
@@ -564,6 +577,7 @@ record_outcomes(List *items, const char *claimer)
 
 					if (item->retry_after_ms > 0)
 						delay = Max(delay, Min(item->retry_after_ms, MAX_RETRY_AFTER_MS));
+					due_at(next_due, now + delay * 1000);
 					args[0] = PointerGetDatum(&item->ctid);
 					args[1] = CStringGetTextDatum(claimer);
 					args[2] = TimestampTzGetDatum(now + delay * 1000);
@@ -644,6 +658,7 @@ relay_batch(RelayRun *run)
 	List	   *http_items = NIL;
 	List	   *notify_items = NIL;
 	ListCell   *lc;
+	TimestampTz next_due = 0;
 	MemoryContext old;
 	char	   *claimer;
 	int			visibility = 0;
@@ -662,14 +677,19 @@ relay_batch(RelayRun *run)
 	{
 		release_orphaned_claims();
 		orphans_released = true;
+		MemoryContextSwitchTo(run->batch_cxt);	/* SPI left its own current */
 	}
 	foreach(lc, routes)
 	{
 		OutboxRoute *r = lfirst(lc);
 		bool		probe = false;
+		TimestampTz until = 0;
 
-		if (r->sink == SINK_HTTP && !breaker_allows(r->destination, &probe))
+		if (r->sink == SINK_HTTP && !breaker_allows(r->destination, &probe, &until))
+		{
+			due_at(&next_due, until);
 			continue;
+		}
 		r->probe_only = probe;
 		visibility = Max(visibility, r->timeout_ms);
 		claimable = lappend(claimable, r);
@@ -685,8 +705,7 @@ relay_batch(RelayRun *run)
 	claim.now = GetCurrentTimestamp();
 	claim.result_cxt = run->batch_cxt;
 	outbox_claim_rows(&claim);
-	MemoryContextSwitchTo(old);
-
+	/* the lists must outlive this transaction (and SPI's memory) */
 	foreach(lc, claim.items)
 	{
 		OutboxItem *item = lfirst(lc);
@@ -696,10 +715,11 @@ relay_batch(RelayRun *run)
 		else
 			http_items = lappend(http_items, item);
 	}
+	MemoryContextSwitchTo(old);
 	if (notify_items != NIL)
 	{
 		notify_deliver(notify_items);
-		record_outcomes(notify_items, claimer);
+		record_outcomes(notify_items, claimer, &next_due);
 		delivered += list_length(notify_items);
 	}
 	phase_end(run);
@@ -715,14 +735,15 @@ relay_batch(RelayRun *run)
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		(void) phase_begin(run, "resilience relay: recording");
-		record_outcomes(http_items, claimer);
+		record_outcomes(http_items, claimer, &next_due);
 		phase_end(run);
 		foreach(lc2, http_items)
 			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
 				delivered++;
 	}
 	run->more = !claim.exhausted;
-	run->next_due = claim.next_due;
+	due_at(&next_due, claim.next_due);
+	run->next_due = next_due;
 	run->delivered += delivered;
 	return delivered;
 }

@@ -191,6 +191,7 @@ sub process_input
 		my $body = substr($c->{in}, $end + 4, $len);
 		substr($c->{in}, 0, $end + 4 + $len) = '';
 		my $resp = handle_request($method, $target, \%h, $body);
+		$c->{close} = 1 if lc($h{connection} // '') eq 'close';
 		if (defined $resp) { queue_response($fd, $resp); }
 		else { $c->{held} = 1; }
 	}
@@ -229,6 +230,7 @@ while (!$stop && time - $started < $max_seconds)
 		my $n = syswrite($s, $c->{out});
 		if (!defined $n) { close_conn($fd); next; }
 		substr($c->{out}, 0, $n) = '';
+		close_conn($fd) if $c->{close} && !length $c->{out};
 	}
 	for my $s (@{ $r || [] })
 	{

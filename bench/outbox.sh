@@ -1,0 +1,127 @@
+# Sourced by bench/run.sh: the outbox section of `make bench` (issue 5).
+#   outbox_publish in a transaction vs a plain INSERT of the same row;
+#   relay throughput (events/s) to NOTIFY and to the local HTTP receiver,
+#   and the same backlog drained by a DELETE ... SKIP LOCKED ... RETURNING
+#   loop to NOTIFY; commit-to-delivery latency p50/p99 at 100 events/s;
+#   a sustained publish-and-relay run at 80% of the HTTP relay's capacity,
+#   with the outbox table's size every minute.
+#   BENCH_OUTBOX_EVENTS=50000   backlog drained in the throughput runs
+#   BENCH_OUTBOX_MINUTES=10     length of the sustained run (0 skips it)
+
+OUTBOX_EVENTS=${BENCH_OUTBOX_EVENTS:-50000}
+OUTBOX_MINUTES=${BENCH_OUTBOX_MINUTES:-10}
+RECEIVER_PID=""
+
+start_receiver() {
+	rm -f "$WORK/receiver.port"
+	as_owner perl "$SRC_DIR/test/receiver.pl" --port-file "$WORK/receiver.port" \
+		--log "$WORK/receiver.log" --max-seconds 7200 &
+	RECEIVER_PID=$!
+	local _
+	for _ in $(seq 100); do
+		[ -s "$WORK/receiver.port" ] && break
+		sleep 0.05
+	done
+	[ -s "$WORK/receiver.port" ] || die "the HTTP receiver did not start"
+	RECEIVER_URL="http://127.0.0.1:$(cat "$WORK/receiver.port")"
+}
+
+stop_receiver() {
+	[ -n "$RECEIVER_PID" ] && kill "$RECEIVER_PID" 2>/dev/null
+	RECEIVER_PID=""
+}
+
+now_ms() { date +%s%3N; }
+
+# drain id label route-topic: publish a backlog with the route disabled,
+# enable it (which wakes the relay), time until the route's backlog is gone.
+outbox_drain() {
+	local id=$1 topic=$3 t0 t1
+	say "-- $2: $OUTBOX_EVENTS events"
+	psql -X -q -v ON_ERROR_STOP=1 -c "UPDATE resilience.outbox_routes SET enabled = false WHERE topic_pattern = '$topic'" \
+		-c "SELECT count(resilience.outbox_publish('$topic', jsonb_build_object('order', i, 'amount', 1999))) FROM generate_series(1, $OUTBOX_EVENTS) i" >/dev/null
+	t0=$(now_ms)
+	psql -X -q -c "UPDATE resilience.outbox_routes SET enabled = true WHERE topic_pattern = '$topic'"
+	while [ "$(psql -X -Atc "SELECT count(*) FROM resilience.outbox o JOIN resilience.outbox_routes r ON r.id = o.route_id WHERE r.topic_pattern = '$topic'")" != 0 ]; do
+		sleep 0.05
+		[ $(($(now_ms) - t0)) -lt 600000 ] || die "the relay did not drain $topic in 10 minutes"
+	done
+	t1=$(now_ms)
+	TPUT[$id]=$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')
+	LABEL[$id]=$2
+	ORDER+=("$id")
+}
+
+outbox_reference_drain() {
+	local t0 t1
+	say "-- reference: DELETE ... SKIP LOCKED ... RETURNING loop to NOTIFY: $OUTBOX_EVENTS events"
+	psql -X -q -c "INSERT INTO bench_outbox (topic, payload) SELECT 'bench.ref', jsonb_build_object('order', i, 'amount', 1999) FROM generate_series(1, $OUTBOX_EVENTS) i"
+	t0=$(now_ms)
+	psql -X -q -c "CALL bench_reference_drain(500)"
+	t1=$(now_ms)
+	TPUT[ref_drain]=$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')
+	LABEL[ref_drain]="reference: DELETE SKIP LOCKED loop to NOTIFY (events/s)"
+	ORDER+=(ref_drain)
+}
+
+outbox_latency() {
+	say "-- commit-to-delivery latency, 100 events/s for 30 s"
+	local before
+	before=$(wc -l <"$WORK/receiver.log")
+	pgbench -n -c 2 -j 2 -R 100 -T 30 -f "$BENCH_DIR/outbox_latency.sql" >"$OUT/outbox_latency.txt" 2>&1 ||
+		{ cat "$OUT/outbox_latency.txt"; die "pgbench latency run failed"; }
+	sleep 2
+	tail -n +$((before + 1)) "$WORK/receiver.log" | awk -F'\t' '$4 == "/lat" && $2 == 200 {
+		if (match($7, /"t": "[0-9.]+"/)) { t = substr($7, RSTART + 6, RLENGTH - 7); print $1 - t }
+	}' | sort -n >"$OUT/outbox_latency_ms.txt"
+	LAT_N=$(wc -l <"$OUT/outbox_latency_ms.txt")
+	LAT_P50=$(awk -v n="$LAT_N" 'NR == int(n * 0.50 + 0.5) { printf "%.1f", $1 }' "$OUT/outbox_latency_ms.txt")
+	LAT_P99=$(awk -v n="$LAT_N" 'NR == int(n * 0.99 + 0.5) { printf "%.1f", $1 }' "$OUT/outbox_latency_ms.txt")
+}
+
+outbox_size() { psql -X -Atc "SELECT pg_total_relation_size('resilience.outbox')"; }
+
+outbox_sustained() {
+	local rate minutes=$OUTBOX_MINUTES i
+	rate=$(awk -v t="${TPUT[http_drain]}" 'BEGIN { printf "%d", t * 0.8 }')
+	SUSTAINED_RATE=$rate
+	say "-- sustained: publish and relay at $rate events/s (80% of the HTTP relay) for $minutes min"
+	psql -X -q -c "VACUUM resilience.outbox"
+	SIZES=("$(outbox_size)")
+	pgbench -n -c 4 -j 2 -R "$rate" -T $((minutes * 60)) -f "$BENCH_DIR/outbox_sustained.sql" \
+		>"$OUT/outbox_sustained.txt" 2>&1 &
+	local pgb=$!
+	for i in $(seq "$minutes"); do
+		sleep 60
+		SIZES+=("$(outbox_size)")
+	done
+	wait "$pgb" || { cat "$OUT/outbox_sustained.txt"; die "pgbench sustained run failed"; }
+	SUSTAINED_TPS=$(awk '/^tps = / { printf "%.0f", $3; exit }' "$OUT/outbox_sustained.txt")
+	SUSTAINED_BACKLOG=$(psql -X -Atc "SELECT count(*) FROM resilience.outbox")
+}
+
+run_outbox_section() {
+	start_receiver
+	psql -X -q -v receiver="$RECEIVER_URL" -f "$BENCH_DIR/outbox_setup.sql" >"$OUT/outbox_setup.txt" 2>&1 ||
+		{ cat "$OUT/outbox_setup.txt"; die "outbox setup failed"; }
+	run_pgbench outbox_insert "plain INSERT of the same row, in a transaction" outbox_insert.sql
+	run_pgbench outbox_publish "outbox_publish, in a transaction" outbox_publish.sql
+	psql -X -q -c "TRUNCATE resilience.outbox, bench_outbox"
+	outbox_drain notify_drain "relay to NOTIFY (events/s)" bench.notify
+	outbox_reference_drain
+	outbox_drain http_drain "relay to the local HTTP receiver (events/s)" bench.http
+	outbox_latency
+	if [ "$OUTBOX_MINUTES" -gt 0 ]; then outbox_sustained; fi
+}
+
+report_outbox() {
+	ratio_line "outbox_publish / plain INSERT" outbox_publish outbox_insert ">=" 0.8
+	ratio_line "relay to NOTIFY / reference loop" notify_drain ref_drain
+	awk -v t="${TPUT[notify_drain]}" 'BEGIN { printf "  %-48s %7.0f   >= 20000 %s\n", "relay to NOTIFY, events/s", t, t >= 20000 ? "PASS" : "BELOW" }'
+	awk -v t="${TPUT[http_drain]}" 'BEGIN { printf "  %-48s %7.0f   >= 5000  %s\n", "relay to HTTP (loopback), events/s", t, t >= 5000 ? "PASS" : "BELOW" }'
+	awk -v p="$LAT_P99" -v m="$LAT_P50" -v n="$LAT_N" 'BEGIN { printf "  %-48s %7.1f   <= 20    %s   (p50 %.1f ms, %d events)\n", "commit-to-delivery p99 at 100/s, ms", p, p <= 20 ? "PASS" : "ABOVE", m, n }'
+	if [ "$OUTBOX_MINUTES" -gt 0 ]; then
+		say "  sustained run: $SUSTAINED_RATE events/s asked, $SUSTAINED_TPS published/s, backlog at the end: $SUSTAINED_BACKLOG"
+		say "  outbox table size (bytes) at start and after each minute: ${SIZES[*]}"
+	fi
+}
