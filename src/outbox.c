@@ -705,17 +705,6 @@ name_arg(FunctionCallInfo fcinfo, int argno, const char *what, int max, bool nul
 	return t;
 }
 
-static int64
-interval_usecs(Interval *iv)
-{
-	int128		usecs = (int128) iv->time + (int128) iv->day * USECS_PER_DAY +
-		(int128) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
-
-	if (usecs > PG_INT64_MAX || usecs < PG_INT64_MIN)
-		return usecs > 0 ? PG_INT64_MAX : PG_INT64_MIN;
-	return (int64) usecs;
-}
-
 /* An interval argument in [0, 366 days] (or (0, ...] when !zero_ok). */
 static int64
 delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
@@ -726,7 +715,7 @@ delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
 	if (PG_ARGISNULL(argno))
 		return 0;
 	iv = PG_GETARG_INTERVAL_P(argno);
-	usecs = interval_usecs(iv);
+	usecs = resilience_interval_usecs(iv);
 	if (usecs < 0 || (usecs == 0 && !zero_ok) || usecs > MAX_DELAY_USECS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

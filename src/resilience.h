@@ -12,6 +12,8 @@
 
 #include <time.h>
 
+#include "datatype/timestamp.h"
+
 /* What a shared-memory table does when it is full (resilience.when_full). */
 typedef enum ResilienceWhenFull
 {
@@ -52,6 +54,18 @@ resilience_clock_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64) ts.tv_sec * INT64CONST(1000000000) + ts.tv_nsec;
+}
+
+/* An interval in microseconds (months as 30 days), clamped to int64. */
+static inline int64
+resilience_interval_usecs(const Interval *iv)
+{
+	int128		usecs = (int128) iv->time + (int128) iv->day * USECS_PER_DAY +
+		(int128) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+
+	if (usecs > PG_INT64_MAX || usecs < PG_INT64_MIN)
+		return usecs > 0 ? PG_INT64_MAX : PG_INT64_MIN;
+	return (int64) usecs;
 }
 
 /* shmem.c: raise 55000 unless the library was preloaded. */

@@ -194,6 +194,14 @@ sub process_input
 		$c->{close} = 1 if lc($h{connection} // '') eq 'close';
 		if (defined $resp) { queue_response($fd, $resp); }
 		else { $c->{held} = 1; }
+		if ($mode{mode} eq 'down' && $listener)
+		{
+			# answer /_control first, then refuse everything at once
+			$c->{sock}->blocking(1);
+			syswrite($c->{sock}, $c->{out});
+			go_down();
+			return;
+		}
 	}
 }
 
