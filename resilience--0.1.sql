@@ -556,7 +556,9 @@ CREATE VIEW resilience.outbox_status AS
       FROM resilience.outbox_routes r
       LEFT JOIN (SELECT o.route_id, count(*) AS backlog, min(o.published_at) AS oldest,
                         count(*) FILTER (WHERE o.claim_until OPERATOR(pg_catalog.>) pg_catalog.now()) AS in_flight,
-                        count(*) FILTER (WHERE o.attempts OPERATOR(pg_catalog.>) 0) AS retrying
+                        count(*) FILTER (WHERE o.attempts OPERATOR(pg_catalog.>) 0
+                                           AND (o.claim_until IS NULL
+                                                OR o.claim_until OPERATOR(pg_catalog.<=) pg_catalog.now())) AS retrying
                    FROM resilience.outbox o WHERE o.delivered_at IS NULL GROUP BY o.route_id) p
         ON p.route_id OPERATOR(pg_catalog.=) r.id
       LEFT JOIN (SELECT x.route_id, count(*) AS dead_letters

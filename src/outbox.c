@@ -1098,10 +1098,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	{
 		SPI_cursor_fetch(portal, true, fetch);
 		if (SPI_processed == 0)
-		{
-			claim->exhausted = claim->exhausted && true;
 			break;
-		}
 		for (i = 0; i < SPI_processed && !done; i++)
 		{
 			HeapTuple	t = SPI_tuptable->vals[i];

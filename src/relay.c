@@ -122,7 +122,7 @@ typedef struct RelayRun
 	Oid			save_userid;
 	int			save_sec;
 	int			guc_level;
-	bool		in_phase;
+	bool		in_phase;		/* a step runs as the owner, search_path pinned */
 	MemoryContext batch_cxt;
 	int64		delivered;
 	TimestampTz next_due;
@@ -392,19 +392,25 @@ phase_begin(RelayRun *run, const char *activity)
 		SPI_connect();
 	}
 	PushActiveSnapshot(GetTransactionSnapshot());
-	run->in_phase = true;
 	pgstat_report_activity(STATE_RUNNING, activity);
+	/* the worker must not wait for, nor trip over, DROP EXTENSION */
+	run->in_phase = run->procedure || worker_lock_extension();
+	if (!run->in_phase)
+		return false;
 	outbox_become_owner(&run->save_userid, &run->save_sec);
 	run->guc_level = outbox_pin_search_path();
-	return run->procedure || worker_lock_extension();
+	return true;
 }
 
 /* Commit a step's transaction. */
 static void
 phase_end(RelayRun *run)
 {
-	AtEOXact_GUC(true, run->guc_level);
-	SetUserIdAndSecContext(run->save_userid, run->save_sec);
+	if (run->in_phase)
+	{
+		AtEOXact_GUC(true, run->guc_level);
+		SetUserIdAndSecContext(run->save_userid, run->save_sec);
+	}
 	PopActiveSnapshot();
 	run->in_phase = false;
 	if (!run->procedure)
@@ -734,8 +740,8 @@ relay_batch(RelayRun *run)
 		MemoryContextSwitchTo(old);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
-		(void) phase_begin(run, "resilience relay: recording");
-		record_outcomes(http_items, claimer, &next_due);
+		if (phase_begin(run, "resilience relay: recording"))
+			record_outcomes(http_items, claimer, &next_due);
 		phase_end(run);
 		foreach(lc2, http_items)
 			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
