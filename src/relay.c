@@ -314,6 +314,13 @@ relay_item_done(OutboxItem *item)
 		return;
 	state_lock(rs);
 	d = dest_state(rs, item->route->destination);
+	if (d && item->outcome == OUTCOME_NOT_TRIED)
+	{
+		/* abandoned (shutdown): no verdict, but a probe is over */
+		if (d->state == BREAKER_HALF_OPEN)
+			d->probing = false;
+		d = NULL;
+	}
 	if (d)
 	{
 		if (item->retry_after_ms > 0)

@@ -389,6 +389,7 @@ abandon(Transfer *transfers, int n)
 			curl_slist_free_all(t->headers);
 			t->headers = NULL;
 			t->item->outcome = OUTCOME_NOT_TRIED;
+			relay_item_done(t->item);
 		}
 		if (t->easy)
 			curl_easy_cleanup(t->easy);

@@ -599,6 +599,33 @@ worker_stop_requested(void)
 	return ShutdownRequestPending || (my_slot != NULL && my_slot->stop_requested);
 }
 
+/* A SQL job in its own transaction; false if the extension is being dropped. */
+static bool
+run_sql_job(const WorkerJob *job)
+{
+	bool		ran = false;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, job->sql);
+
+	/* DROP EXTENSION holds an exclusive lock: skip the job, not wait */
+	if (worker_lock_extension())
+	{
+		int			ret = SPI_execute(job->sql, false, 0);
+
+		if (ret < 0)
+			elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
+		ran = true;
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return ran;
+}
+
 /*
  * Run one job: a SQL job in its own transaction, a C job as it likes.
  * Errors are caught and recorded.  Returns the C job's wish (ms until its
@@ -627,26 +654,7 @@ run_job(int jobno, MemoryContext job_context)
 			ran = true;
 		}
 		else
-		{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		SPI_connect();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, job->sql);
-
-		/* DROP EXTENSION holds an exclusive lock: skip the job, not wait */
-		if (worker_lock_extension())
-		{
-			int			ret = SPI_execute(job->sql, false, 0);
-
-			if (ret < 0)
-				elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
-			ran = true;
-		}
-		SPI_finish();
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-		}
+			ran = run_sql_job(job);
 	}
 	PG_CATCH();
 	{
