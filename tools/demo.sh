@@ -14,7 +14,7 @@ step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 explain() { printf '%s\n' "$*" | fold -s -w 78; }
 sql() {
 	printf '%s\n' "$1" | sed "s/^/  ${DIM}sql> /; s/\$/${PLAIN}/"
-	as_owner psql -X -q -v ON_ERROR_STOP=1 -P footer=off -c "$1" | sed 's/^/  /'
+	as_owner psql -X -v ON_ERROR_STOP=1 -P footer=off -c "$1" | sed 's/^/  /'
 }
 
 say
