@@ -55,9 +55,11 @@
 #include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/varlena.h"
 
@@ -110,7 +112,8 @@ typedef struct WorkerSlot
 {
 	bool		in_use;			/* assigned to a database by the launcher */
 	bool		stop_requested;
-	bool		dropping;		/* DROP/RENAME DATABASE under way */
+	pid_t		dropping_pid;	/* backend running DROP/RENAME DATABASE on
+								 * it, or 0 */
 	Oid			dboid;
 	char		dbname[NAMEDATALEN];
 	pid_t		pid;			/* 0 when no process runs */
@@ -129,8 +132,12 @@ typedef struct WorkerShared
 static WorkerShared *worker_shared = NULL;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 
-/* Slots this backend marked as dropping, cleared at transaction end. */
-static int	dropping_slot = -1;
+/*
+ * Whether this backend marked slots as dropping (dropping_pid = MyProcPid).
+ * A transaction can rename several databases, so the marks are found by pid
+ * at transaction end rather than remembered one by one.
+ */
+static bool holds_dropping_slots = false;
 
 PGDLLEXPORT void resilience_launcher_main(Datum main_arg);
 PGDLLEXPORT void resilience_worker_main(Datum main_arg);
@@ -230,10 +237,17 @@ forget_once(List **seen, const char *name)
 		}
 }
 
+/*
+ * Register the dynamic worker for a slot.  The handle outlives this pass of
+ * the launcher loop (whose memory context is reset every time round), so it
+ * is allocated in TopMemoryContext and freed when the worker is seen gone.
+ */
 static bool
 launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
+	MemoryContext oldcontext;
+	bool		ok;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -246,7 +260,10 @@ launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
 	worker.bgw_main_arg = Int32GetDatum(slotno);
 	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
 	worker.bgw_notify_pid = MyProcPid;
-	return RegisterDynamicBackgroundWorker(&worker, handle);
+	oldcontext = MemoryContextSwitchTo(TopMemoryContext);
+	ok = RegisterDynamicBackgroundWorker(&worker, handle);
+	MemoryContextSwitchTo(oldcontext);
+	return ok;
 }
 
 /*
@@ -307,7 +324,7 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		bool		wanted = false;
 		pid_t		pid;
 
-		if (!slot->in_use || slot->dropping)
+		if (!slot->in_use || slot->dropping_pid != 0)
 			continue;
 		if (ls->handles[i] &&
 			GetBackgroundWorkerPid(ls->handles[i], &pid) == BGWH_STOPPED)
@@ -360,7 +377,7 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		{
 			WorkerSlot *slot = &worker_shared->slots[slotno];
 
-			if (ls->handles[slotno] || slot->dropping || slot->stop_requested ||
+			if (ls->handles[slotno] || slot->dropping_pid != 0 || slot->stop_requested ||
 				now < next_start[slotno])
 				continue;
 		}
@@ -697,16 +714,46 @@ resilience_worker_main(Datum main_arg)
 static void
 release_at_xact_end(XactEvent event, void *arg)
 {
-	if (dropping_slot < 0 || worker_shared == NULL)
+	int			i;
+
+	if (!holds_dropping_slots || worker_shared == NULL)
 		return;
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
 	{
-		/* a plain store: the launcher only reads this flag */
-		worker_shared->slots[dropping_slot].dropping = false;
-		dropping_slot = -1;
+		/*
+		 * Plain stores: only this backend sets or clears its marks, and the
+		 * launcher only reads them (it never reuses a marked slot).
+		 */
+		for (i = 0; i < resilience_max_workers; i++)
+			if (worker_shared->slots[i].dropping_pid == MyProcPid)
+				worker_shared->slots[i].dropping_pid = 0;
+		holds_dropping_slots = false;
 		wake_pid(worker_shared->launcher_pid);
 	}
+}
+
+/*
+ * Could this user drop or rename the database?  Only its owner (or a
+ * superuser) can, and not while connected to it; anyone else gets an error
+ * from the command itself, and must not be able to stop our worker by
+ * trying.  The same test as dropdb() and RenameDatabase() make.
+ */
+static bool
+may_drop_database(const char *dbname)
+{
+	Oid			dboid = get_database_oid(dbname, true);
+	HeapTuple	tuple;
+	Oid			owner;
+
+	if (!OidIsValid(dboid) || dboid == MyDatabaseId)
+		return false;
+	tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
+	if (!HeapTupleIsValid(tuple))
+		return false;
+	owner = ((Form_pg_database) GETSTRUCT(tuple))->datdba;
+	ReleaseSysCache(tuple);
+	return has_privs_of_role(GetUserId(), owner);
 }
 
 /*
@@ -722,6 +769,17 @@ release_database(const char *dbname)
 	int			waited;
 	int			i;
 
+	if (!may_drop_database(dbname))
+		return;
+
+	/* before marking anything, so that the mark is always cleared */
+	if (!callback_registered)
+	{
+		RegisterXactCallback(release_at_xact_end, NULL);
+		callback_registered = true;
+	}
+	holds_dropping_slots = true;
+
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < resilience_max_workers; i++)
 	{
@@ -729,7 +787,7 @@ release_database(const char *dbname)
 
 		if (slot->in_use && strcmp(slot->dbname, dbname) == 0)
 		{
-			slot->dropping = true;
+			slot->dropping_pid = MyProcPid;
 			slot->stop_requested = true;
 			pid = slot->pid;
 			slotno = i;
@@ -740,12 +798,6 @@ release_database(const char *dbname)
 	if (slotno < 0)
 		return;
 
-	if (!callback_registered)
-	{
-		RegisterXactCallback(release_at_xact_end, NULL);
-		callback_registered = true;
-	}
-	dropping_slot = slotno;
 	wake_pid(pid);
 	for (waited = 0; waited < RELEASE_WAIT_MS && worker_shared->slots[slotno].pid != 0; waited += 10)
 	{
