@@ -100,6 +100,7 @@ static const char *const worker_state_names[] = {
 
 typedef struct JobStatus
 {
+	int			interval_ms;	/* as the worker last read it */
 	TimestampTz last_start;
 	TimestampTz last_end;
 	int64		runs;
@@ -211,27 +212,51 @@ typedef struct LauncherState
 	BackgroundWorkerHandle *handles[FLEXIBLE_ARRAY_MEMBER];
 } LauncherState;
 
-/* Log a launcher problem the first time it happens for this name. */
-static void
-log_once(List **seen, const char *name, const char *fmt)
-{
-	ListCell   *lc;
+/* Launcher problems, each logged once per name until it goes away. */
+static const char *const MSG_BAD_LIST =
+"resilience.database_names \"%s\" is not a valid list of names";
+static const char *const MSG_NO_DATABASE =
+"database \"%s\" listed in resilience.database_names does not exist";
+static const char *const MSG_MAX_WORKERS =
+"resilience.max_workers is reached: no worker for database \"%s\"";
+static const char *const MSG_NO_BGW_SLOT =
+"resilience could not start a worker for database \"%s\": no free background worker slot (raise max_worker_processes)";
 
-	foreach(lc, *seen)
-		if (strcmp((char *) lfirst(lc), name) == 0)
-			return;
-	*seen = lappend(*seen, MemoryContextStrdup(TopMemoryContext, name));
-	ereport(LOG, (errmsg(fmt, name)));
+static char *
+once_key(const char *msg, const char *name)
+{
+	return psprintf("%p %s", msg, name);
 }
 
+/* Log a launcher problem the first time it happens for this name. */
 static void
-forget_once(List **seen, const char *name)
+log_once(List **seen, const char *msg, const char *name)
 {
+	char	   *key = once_key(msg, name);
+	MemoryContext oldcontext;
 	ListCell   *lc;
 
 	foreach(lc, *seen)
-		if (strcmp((char *) lfirst(lc), name) == 0)
+		if (strcmp((char *) lfirst(lc), key) == 0)
+			return;
+	/* the list outlives the launcher's per-loop memory context */
+	oldcontext = MemoryContextSwitchTo(TopMemoryContext);
+	*seen = lappend(*seen, pstrdup(key));
+	MemoryContextSwitchTo(oldcontext);
+	ereport(LOG, (errmsg_internal(msg, name)));
+}
+
+/* The problem went away: log it again if it comes back. */
+static void
+forget_once(List **seen, const char *msg, const char *name)
+{
+	char	   *key = once_key(msg, name);
+	ListCell   *lc;
+
+	foreach(lc, *seen)
+		if (strcmp((char *) lfirst(lc), key) == 0)
 		{
+			pfree(lfirst(lc));
 			*seen = foreach_delete_current(*seen, lc);
 			return;
 		}
@@ -312,10 +337,11 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 
 	if (!SplitGUCList(names_copy, ',', &names))
 	{
-		log_once(logged, resilience_database_names,
-				 "resilience.database_names \"%s\" is not a valid list of names");
+		log_once(logged, MSG_BAD_LIST, resilience_database_names);
 		names = NIL;
 	}
+	else
+		forget_once(logged, MSG_BAD_LIST, resilience_database_names);
 
 	/* notice workers that are gone; stop those no longer wanted */
 	for (i = 0; i < resilience_max_workers; i++)
@@ -383,16 +409,14 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		}
 		else if (free_slot < 0)
 		{
-			log_once(logged, name,
-					 "resilience.max_workers is reached: no worker for database \"%s\"");
+			log_once(logged, MSG_MAX_WORKERS, name);
 			continue;
 		}
 
 		dboid = database_oid(name);
 		if (!OidIsValid(dboid))
 		{
-			log_once(logged, name,
-					 "database \"%s\" listed in resilience.database_names does not exist");
+			log_once(logged, MSG_NO_DATABASE, name);
 			if (slotno >= 0)
 			{
 				LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
@@ -401,7 +425,8 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 			}
 			continue;
 		}
-		forget_once(logged, name);
+		forget_once(logged, MSG_NO_DATABASE, name);
+		forget_once(logged, MSG_MAX_WORKERS, name);
 
 		if (slotno < 0)
 		{
@@ -417,11 +442,10 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		{
 			ls->handles[slotno] = NULL;
 			next_start[slotno] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
-			log_once(logged, "max_worker_processes",
-					 "resilience could not start a worker: no free background worker slot (raise %s)");
+			log_once(logged, MSG_NO_BGW_SLOT, name);
 		}
 		else
-			forget_once(logged, "max_worker_processes");
+			forget_once(logged, MSG_NO_BGW_SLOT, name);
 	}
 	list_free(names);
 	pfree(names_copy);
@@ -532,8 +556,11 @@ worker_detach(int code, Datum arg)
 {
 	LWLockReleaseAll();
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
-	my_slot->pid = 0;
-	my_slot->state = WORKER_STOPPED;
+	if (my_slot->pid == MyProcPid)	/* not if a new launcher gave it away */
+	{
+		my_slot->pid = 0;
+		my_slot->state = WORKER_STOPPED;
+	}
 	LWLockRelease(worker_shared->lock);
 	wake_pid(worker_shared->launcher_pid);
 }
@@ -665,9 +692,13 @@ resilience_worker_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-		if (my_slot->stop_requested || ShutdownRequestPending)
+		/* asked to stop, or our slot was taken back by a new launcher */
+		if (my_slot->stop_requested || ShutdownRequestPending ||
+			my_slot->pid != MyProcPid)
 			proc_exit(0);
 		MemoryContextReset(job_context);
+		for (i = 0; i < NUM_JOBS; i++)	/* for the view */
+			my_slot->jobs[i].interval_ms = *jobs[i].interval_ms;
 
 		if (RecoveryInProgress())
 		{
@@ -888,7 +919,7 @@ worker_status(PG_FUNCTION_ARGS)
 											Int32GetDatum(0), Int32GetDatum(0),
 											Int32GetDatum(0), Int32GetDatum(0),
 											Int32GetDatum(0), Int32GetDatum(0),
-											Float8GetDatum(*jobs[j].interval_ms / 1000.0));
+											Float8GetDatum(js->interval_ms / 1000.0));
 			values[6] = TimestampTzGetDatum(js->last_start);
 			nulls[6] = js->last_start == 0;
 			values[7] = Float8GetDatum((js->last_end - js->last_start) / 1000.0);
