@@ -256,8 +256,9 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		4, {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID}
 	},
 	/*
-	 * One bounded batch: lock up to $2 dead rows, skipping any another
-	 * transaction holds, and delete exactly those (by ctid, a TID scan).
+	 * One bounded batch: lock up to $2 dead rows, oldest first (the
+	 * expires_at index), skipping any another transaction holds, and delete
+	 * exactly those (by ctid, a TID scan).
 	 */
 	[STMT_REAP_KEYS] = {
 		"DELETE FROM resilience.idempotency_keys"
@@ -266,7 +267,7 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"   WHERE expires_at OPERATOR(pg_catalog.<=) $1"
 		"     AND (state OPERATOR(pg_catalog.<>) 'started'"
 		"          OR locked_until OPERATOR(pg_catalog.<=) $1)"
-		"   LIMIT $2 FOR UPDATE SKIP LOCKED))",
+		"   ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 		2, {TIMESTAMPTZOID, INT8OID}
 	},
 	[STMT_REAP_INBOX] = {
@@ -274,7 +275,7 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		" WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY("
 		"  SELECT ctid FROM resilience.inbox"
 		"   WHERE expires_at OPERATOR(pg_catalog.<=) $1"
-		"   LIMIT $2 FOR UPDATE SKIP LOCKED))",
+		"   ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 		2, {TIMESTAMPTZOID, INT8OID}
 	},
 };
