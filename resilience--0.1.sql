@@ -169,18 +169,19 @@ SELECT pg_catalog.pg_extension_config_dump('resilience.inbox', '');
 -- only way in (a stored response is readable only by whoever can replay it).
 REVOKE ALL ON resilience.idempotency_keys, resilience.inbox FROM PUBLIC;
 
--- These are SECURITY DEFINER so that callers need no privileges on the
--- tables; they pin search_path, and their SQL qualifies every name and
--- operator.  None of them runs caller-supplied SQL: idempotent() below does,
--- and it is SECURITY INVOKER.
+-- Callers need no privileges on the tables.  The C functions below read
+-- through the primary key directly and run their writing statements as the
+-- tables' owner, qualifying every name and operator (src/idempotency.c,
+-- "Privileges"): the effect of SECURITY DEFINER with a pinned search_path,
+-- without its cost on every call.  None of them runs caller-supplied SQL:
+-- idempotent(), which does, is SECURITY INVOKER.
 CREATE FUNCTION resilience.idempotency_begin(
     scope text, key text, request jsonb,
     ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes',
     OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
 RETURNS record
 AS 'MODULE_PATHNAME', 'idempotency_begin'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER   -- not STRICT: NULLs raise 22004
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
 COMMENT ON FUNCTION resilience.idempotency_begin(text, text, jsonb, interval, interval) IS
 'Start or resume work under an idempotency key: proceed (from recovery_point), replay (the stored response), in_progress or mismatch';
 
@@ -189,16 +190,14 @@ CREATE FUNCTION resilience._idempotency_begin_wait(
     OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
 RETURNS record
 AS 'MODULE_PATHNAME', 'idempotency_begin_wait'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience._idempotency_begin_wait(text, text, jsonb, interval, interval) IS
 'Internal (idempotent): idempotency_begin that waits up to lock_timeout for a transaction holding the key';
 
 CREATE FUNCTION resilience.idempotency_checkpoint(scope text, key text, recovery_point text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'idempotency_checkpoint'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience.idempotency_checkpoint(text, text, text) IS
 'Record the phase a key in progress has reached (a retry resumes there) and renew its lock';
 
@@ -206,8 +205,7 @@ CREATE FUNCTION resilience.idempotency_complete(
     scope text, key text, response jsonb, status_code integer DEFAULT NULL)
 RETURNS void
 AS 'MODULE_PATHNAME', 'idempotency_complete'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience.idempotency_complete(text, text, jsonb, integer) IS
 'Store the response of a key in progress; every later begin with the same request replays it';
 
@@ -215,8 +213,7 @@ CREATE FUNCTION resilience.idempotency_fail(
     scope text, key text, error jsonb, retryable boolean, status_code integer DEFAULT NULL)
 RETURNS void
 AS 'MODULE_PATHNAME', 'idempotency_fail'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience.idempotency_fail(text, text, jsonb, boolean, integer) IS
 'End an attempt with an error: retryable ones are not cached (the next begin proceeds), others are replayed';
 
@@ -260,24 +257,21 @@ CREATE FUNCTION resilience.inbox_accept(
     consumer text, message_id text, ttl interval DEFAULT '7 days')
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'inbox_accept'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER   -- not STRICT: NULLs raise 22004
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
 COMMENT ON FUNCTION resilience.inbox_accept(text, text, interval) IS
 'True the first time consumer sees message_id (within ttl), false afterwards; forgotten if the transaction rolls back';
 
 CREATE FUNCTION resilience._idempotency_reap()
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'idempotency_reap'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience._idempotency_reap() IS
 'Internal (part of run_reaper): delete expired idempotency keys in batches of resilience.reaper_batch_size';
 
 CREATE FUNCTION resilience._inbox_reap()
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'inbox_reap'
-LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience._inbox_reap() IS
 'Internal (part of run_reaper): delete expired inbox rows in batches of resilience.reaper_batch_size';
 

@@ -3,7 +3,7 @@
 -- SQL as the caller; and a hostile search_path (an "=" operator that is
 -- always true, ahead of pg_catalog) changes nothing.
 BEGIN;
-SELECT plan(17);
+SELECT plan(15);
 
 CREATE ROLE idem_app;
 GRANT USAGE ON SCHEMA resilience TO idem_app;
@@ -19,7 +19,7 @@ SELECT table_privs_are('resilience', 'inbox', 'public', ARRAY[]::text[],
 SELECT table_privs_are('resilience', 'idempotency_keys', 'idem_app', ARRAY[]::text[],
     'nor has an application role');
 
--- SECURITY DEFINER functions pin search_path; idempotent() is not one.
+-- Any SECURITY DEFINER function pins search_path; idempotent() is not one.
 SELECT is_empty($$
     SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
      WHERE n.nspname = 'resilience' AND p.prosecdef
@@ -50,36 +50,49 @@ SELECT is(resilience.idempotent('sec', 'who', '{}', $$SELECT to_jsonb(current_us
 SELECT throws_ok($$SELECT resilience.idempotent('sec', 'secret', '{}', 'SELECT to_jsonb(v) FROM idem_secret')$$,
     '42501', NULL, 'so the SQL cannot read what the caller cannot');
 
--- A hostile search_path: text = text is always true in idem_evil.  The calls
--- run under it and record what happened; pgTAP checks afterwards (pgTAP itself
--- would be fooled by the operator).
+-- A hostile search_path: text = text is always true in idem_evil, ahead of
+-- pg_catalog.  Had any statement inside the functions compared keys with a
+-- bare "=", it would also checkpoint, complete or lock the bystander key.  The calls run under that path and
+-- record what happened; pgTAP checks afterwards (pgTAP itself would be fooled).
+SELECT outcome FROM resilience.idempotency_begin('sec', 'bystander', '{}');   -- in progress throughout
 CREATE FUNCTION idem_evil.always(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
 CREATE OPERATOR idem_evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = idem_evil.always);
 CREATE TEMP TABLE evil (step text, result text);
 SET search_path = idem_evil, pg_catalog, public;
 DO $$
+DECLARE
+    r record;
 BEGIN
-    PERFORM resilience.idempotency_complete('sec', 'never-begun', '{}');
-    INSERT INTO pg_temp.evil VALUES ('complete', 'no error');
-EXCEPTION WHEN OTHERS THEN
-    INSERT INTO pg_temp.evil VALUES ('complete', SQLSTATE);
+    SELECT * INTO r FROM resilience.idempotency_begin('sec', 'evil', '{"x": 1}');
+    INSERT INTO pg_temp.evil VALUES ('begin', r.outcome);
+    PERFORM resilience.idempotency_checkpoint('sec', 'evil', 'phase 1');
+    PERFORM resilience.idempotency_complete('sec', 'evil', '{"done": 1}', 200);
+    SELECT * INTO r FROM resilience.idempotency_begin('sec', 'evil', '{"x": 2}');
+    INSERT INTO pg_temp.evil VALUES ('other request', r.outcome);
+    INSERT INTO pg_temp.evil
+    VALUES ('inbox', resilience.inbox_accept('sec', 'evil')::text || ' ' || resilience.inbox_accept('sec', 'evil')::text);
+    INSERT INTO pg_temp.evil SELECT 'reaper', string_agg(removed::text, ' ') FROM resilience.run_reaper();
+    BEGIN
+        PERFORM resilience.idempotency_complete('sec', 'never-begun', '{}');
+        INSERT INTO pg_temp.evil VALUES ('complete unknown', 'no error');
+    EXCEPTION WHEN OTHERS THEN
+        INSERT INTO pg_temp.evil VALUES ('complete unknown', SQLSTATE);
+    END;
 END
 $$;
 INSERT INTO pg_temp.evil
 SELECT 'idempotent', resilience.idempotent('sec', 'who2', '{}', $$SELECT to_jsonb(42)$$)::text;
 RESET search_path;
 RESET ROLE;
-SELECT is((SELECT result FROM evil WHERE step = 'complete'), '42704',
-    'with "=" hijacked, completing an unknown key still fails (and completes no other key)');
-SELECT is((SELECT result FROM evil WHERE step = 'idempotent'), '42',
-    'and idempotent() still runs the SQL of a new key');
 
-SELECT is((SELECT string_agg(key || ':' || state, ' ' ORDER BY key)
+SELECT is((SELECT string_agg(step || ': ' || result, ', ') FROM evil),
+    'begin: proceed, other request: mismatch, inbox: true false, reaper: 0 0 0, complete unknown: 42704, idempotent: 42',
+    'with "=" hijacked, every function still does exactly what it should');
+SELECT is((SELECT string_agg(key || ' ' || state || ' ' || coalesce(response::text, '-') || coalesce(' @' || recovery_point, ''),
+                              ', ' ORDER BY key)
              FROM resilience.idempotency_keys WHERE scope = 'sec'),
-    'k1:completed who:completed who2:completed',
-    'exactly the keys used were written, each completed once');
-SELECT is((SELECT response FROM resilience.idempotency_keys WHERE scope = 'sec' AND key = 'who2'), '42'::jsonb,
-    'with its own result');
+    'bystander started -, evil completed {"done": 1} @phase 1, k1 completed {"r": 1}, who completed "idem_app", who2 completed 42',
+    'and changed no other key: exactly the keys used were written, each with its own result');
 
 SELECT * FROM finish();
 ROLLBACK;
