@@ -65,8 +65,8 @@
  * every name and operator, so the caller's search_path cannot change what it
  * does.  None of these functions runs caller-supplied SQL: idempotent(),
  * which does, is PL/pgSQL and SECURITY INVOKER.  They are not SECURITY
- * DEFINER because switching identity and search_path on every call would
- * cost a replay (one index probe) about 5% of its throughput.
+ * DEFINER because that saves and restores search_path on every call, a few
+ * percent of a replay (one index probe, which needs no privilege at all).
  *
  *-------------------------------------------------------------------------
  */
@@ -89,7 +89,6 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
-#include "storage/lmgr.h"
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -97,8 +96,8 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
-#include "utils/syscache.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 /* Longest scope, key, consumer, message id or recovery point (Stripe's limit). */
@@ -416,6 +415,7 @@ resilience_relid(const char *name)
 	return relid;
 }
 
+/* The state column's text as a KeyState. */
 static KeyState
 parse_state(Datum d)
 {
@@ -536,6 +536,7 @@ spi_connect_as_owner(const char *table, Oid *save_userid, int *save_sec_context)
 	SetUserIdAndSecContext(owner, *save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 }
 
+/* Back to the caller's identity, and SPI_finish. */
 static void
 spi_finish(Oid save_userid, int save_sec_context)
 {
@@ -569,6 +570,7 @@ run(Statement which, Datum *values, const char *nulls)
 
 /* ---- the key lock ---- */
 
+/* The lock tag of a key: a 64-bit hash of scope and key, in our own key space. */
 static void
 key_locktag(LOCKTAG *tag, text *scope, text *key)
 {
@@ -580,19 +582,14 @@ key_locktag(LOCKTAG *tag, text *scope, text *key)
 						 KEY_LOCK_SPACE);
 }
 
-typedef struct WaitContext
-{
-	text	   *scope;
-	text	   *key;
-} WaitContext;
-
+/* Error context of a wait for a key's lock (a lock_timeout error says which key). */
 static void
 wait_error_context(void *arg)
 {
-	WaitContext *w = (WaitContext *) arg;
+	const BeginArgs *a = (const BeginArgs *) arg;
 
 	errcontext("waiting for the transaction that holds idempotency key \"%s\" in scope \"%s\"",
-			   text_to_cstring(w->key), text_to_cstring(w->scope));
+			   text_to_cstring(a->key), text_to_cstring(a->scope));
 }
 
 /*
@@ -607,7 +604,6 @@ lock_key(const BeginArgs *a, bool wait)
 	int			nestlevel;
 	char		timeout[32];
 	ErrorContextCallback errcallback;
-	WaitContext w = {a->scope, a->key};
 
 	key_locktag(&tag, a->scope, a->key);
 	if (LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
@@ -622,7 +618,7 @@ lock_key(const BeginArgs *a, bool wait)
 	(void) set_config_option("lock_timeout", timeout, PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 	errcallback.callback = wait_error_context;
-	errcallback.arg = &w;
+	errcallback.arg = (void *) a;
 	errcallback.previous = error_context_stack;
 	error_context_stack = &errcallback;
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
@@ -631,6 +627,7 @@ lock_key(const BeginArgs *a, bool wait)
 	return true;
 }
 
+/* Release the key's lock taken by lock_key (once: an earlier hold stays). */
 static void
 unlock_key(const BeginArgs *a)
 {
@@ -739,6 +736,7 @@ done:
 	return outcome;
 }
 
+/* idempotency_begin, waiting for a transaction holding the key or not. */
 static Datum
 begin_common(FunctionCallInfo fcinfo, bool wait)
 {
@@ -817,17 +815,32 @@ idempotency_begin_wait(PG_FUNCTION_ARGS)
 /* ---- checkpoint, complete, fail ---- */
 
 /*
- * Run a transition of a started key; if no started row matched, raise 42704
- * (never begun) or 55000 (in another state), having changed nothing.
+ * Run a transition of a started key: the statement's parameters are the
+ * function's arguments (validated by the caller) and then the time.  If no
+ * started row matched, raise 42704 (never begun) or 55000 (in another
+ * state), having changed nothing.
  */
 static void
-transition(Statement which, text *scope, text *key, Datum *values, const char *nulls,
-		   const char *verb)
+transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 {
+	text	   *scope = PG_GETARG_TEXT_PP(0);
+	text	   *key = PG_GETARG_TEXT_PP(1);
+	Datum		values[8];
+	char		nulls[8];
 	KeyRow		row;
 	uint64		n;
+	int			i;
 	Oid			save_userid;
 	int			save_sec_context;
+
+	Assert(PG_NARGS() + 1 == statements[which].nargs);
+	for (i = 0; i < PG_NARGS(); i++)
+	{
+		values[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+	}
+	values[i] = TimestampTzGetDatum(GetCurrentTimestamp());
+	nulls[i] = ' ';
 
 	spi_connect_as_owner("idempotency_keys", &save_userid, &save_sec_context);
 	n = run(which, values, nulls);
@@ -856,15 +869,10 @@ transition(Statement which, text *scope, text *key, Datum *values, const char *n
 Datum
 idempotency_checkpoint(PG_FUNCTION_ARGS)
 {
-	text	   *scope = name_arg(fcinfo, 0, "scope");
-	text	   *key = name_arg(fcinfo, 1, "key");
-	Datum		values[4];
-
-	values[0] = PointerGetDatum(scope);
-	values[1] = PointerGetDatum(key);
-	values[2] = PointerGetDatum(name_arg(fcinfo, 2, "recovery_point"));
-	values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
-	transition(STMT_CHECKPOINT, scope, key, values, "    ", "checkpoint");
+	(void) name_arg(fcinfo, 0, "scope");
+	(void) name_arg(fcinfo, 1, "key");
+	(void) name_arg(fcinfo, 2, "recovery_point");
+	transition(fcinfo, STMT_CHECKPOINT, "checkpoint");
 	PG_RETURN_VOID();
 }
 
@@ -872,20 +880,10 @@ idempotency_checkpoint(PG_FUNCTION_ARGS)
 Datum
 idempotency_complete(PG_FUNCTION_ARGS)
 {
-	text	   *scope = name_arg(fcinfo, 0, "scope");
-	text	   *key = name_arg(fcinfo, 1, "key");
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
-
+	(void) name_arg(fcinfo, 0, "scope");
+	(void) name_arg(fcinfo, 1, "key");
 	check_status_code(fcinfo, 3);
-	values[0] = PointerGetDatum(scope);
-	values[1] = PointerGetDatum(key);
-	values[2] = PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2);
-	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
-	values[3] = PG_ARGISNULL(3) ? (Datum) 0 : PG_GETARG_DATUM(3);
-	nulls[3] = PG_ARGISNULL(3) ? 'n' : ' ';
-	values[4] = TimestampTzGetDatum(GetCurrentTimestamp());
-	transition(STMT_COMPLETE, scope, key, values, nulls, "complete");
+	transition(fcinfo, STMT_COMPLETE, "complete");
 	PG_RETURN_VOID();
 }
 
@@ -897,26 +895,15 @@ idempotency_complete(PG_FUNCTION_ARGS)
 Datum
 idempotency_fail(PG_FUNCTION_ARGS)
 {
-	text	   *scope = name_arg(fcinfo, 0, "scope");
-	text	   *key = name_arg(fcinfo, 1, "key");
-	Datum		values[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
-
+	(void) name_arg(fcinfo, 0, "scope");
+	(void) name_arg(fcinfo, 1, "key");
 	if (PG_ARGISNULL(3))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("retryable must not be null"),
 				 errhint("true lets the next attempt proceed; false stores the error and replays it.")));
 	check_status_code(fcinfo, 4);
-	values[0] = PointerGetDatum(scope);
-	values[1] = PointerGetDatum(key);
-	values[2] = PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2);
-	nulls[2] = PG_ARGISNULL(2) ? 'n' : ' ';
-	values[3] = PG_GETARG_DATUM(3);
-	values[4] = PG_ARGISNULL(4) ? (Datum) 0 : PG_GETARG_DATUM(4);
-	nulls[4] = PG_ARGISNULL(4) ? 'n' : ' ';
-	values[5] = TimestampTzGetDatum(GetCurrentTimestamp());
-	transition(STMT_FAIL, scope, key, values, nulls, "fail");
+	transition(fcinfo, STMT_FAIL, "fail");
 	PG_RETURN_VOID();
 }
 
