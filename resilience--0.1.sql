@@ -165,16 +165,15 @@ COMMENT ON TABLE resilience.inbox IS
 'Message ids each consumer has accepted, remembered until expires_at';
 SELECT pg_catalog.pg_extension_config_dump('resilience.inbox', '');
 
--- Callers need no privilege on the tables: the functions below are their
--- only way in (a stored response is readable only by whoever can replay it).
+-- Callers get no privilege on the tables: the functions below are their only
+-- way in (a stored response is readable only by whoever can replay it).
 REVOKE ALL ON resilience.idempotency_keys, resilience.inbox FROM PUBLIC;
 
--- Callers need no privileges on the tables.  The C functions below read
--- through the primary key directly and run their writing statements as the
--- tables' owner, qualifying every name and operator (src/idempotency.c,
--- "Privileges"): the effect of SECURITY DEFINER with a pinned search_path,
--- without its cost on every call.  None of them runs caller-supplied SQL:
--- idempotent(), which does, is SECURITY INVOKER.
+-- The C functions below read through the primary key directly and run their
+-- writing statements as the tables' owner, qualifying every name and
+-- operator (src/idempotency.c, "Privileges"): the effect of SECURITY DEFINER
+-- with a pinned search_path, without its cost on every call.  None of them
+-- runs caller-supplied SQL: idempotent(), which does, is SECURITY INVOKER.
 CREATE FUNCTION resilience.idempotency_begin(
     scope text, key text, request jsonb,
     ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes',
