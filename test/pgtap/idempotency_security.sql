@@ -72,7 +72,8 @@ BEGIN
     INSERT INTO pg_temp.evil
     VALUES ('inbox', resilience.inbox_accept('sec', 'evil')::text || ' ' || resilience.inbox_accept('sec', 'evil')::text);
     INSERT INTO pg_temp.evil SELECT 'reaper', string_agg(removed::text, ' ' ORDER BY item)
-      FROM resilience.run_reaper() WHERE item IN ('idempotency_keys', 'inbox');
+      FROM resilience.run_reaper()
+     WHERE item OPERATOR(pg_catalog.=) ANY (ARRAY['idempotency_keys', 'inbox']);   -- not "=": hijacked here
     BEGIN
         PERFORM resilience.idempotency_complete('sec', 'never-begun', '{}');
         INSERT INTO pg_temp.evil VALUES ('complete unknown', 'no error');
