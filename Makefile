@@ -8,16 +8,17 @@ OBJS = \
 	src/shmem.o \
 	src/ratelimit.o \
 	src/locks.o \
+	src/idempotency.o \
 	src/worker.o
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors locks locks_errors
+REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover
+ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait inbox_accept idempotency_reaper
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

@@ -30,6 +30,8 @@ extern int	resilience_max_workers;
 extern int	resilience_worker_naptime_ms;
 extern int	resilience_reaper_interval_ms;
 extern int	resilience_max_lock_names;
+extern int	resilience_reaper_batch_size;
+extern int	resilience_reaper_max_batches;
 
 /* True once _PG_init ran from shared_preload_libraries. */
 extern bool resilience_preloaded;

@@ -76,5 +76,21 @@ sql "UPDATE accounts SET balance = balance - 10
 sql "SELECT balance FROM accounts WHERE id = 42;"
 sql "SELECT kind, name, owner, token, expires_at > now() AS held FROM resilience.locks;"
 
+step "9. Idempotency keys: a retried request takes effect once"
+explain "A client retries a payment after a timeout, sending the same Idempotency-Key. The handler asks idempotency_begin first. The first attempt may proceed: it makes the payment and stores its response in the same transaction, so both commit or neither does."
+sql "CREATE TABLE payments (id serial PRIMARY KEY, amount int);"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');
+INSERT INTO payments (amount) VALUES (1000);
+SELECT resilience.idempotency_complete('payments', 'key-123', '{\"payment\": 1}', 201);"
+explain "The retry gets the stored response (an HTTP layer answers it with Idempotent-Replayed: true); the same key with a different request is a mismatch (HTTP 422). One payment was made."
+sql "SELECT * FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 5}');"
+sql "SELECT count(*) AS payments FROM payments;"
+explain "idempotent() does it in one call: the statement runs once per key, and later calls return its result."
+sql "SELECT resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS first_call,
+       resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS retry;"
+explain "Message consumers deduplicate with inbox_accept: true the first time, false for a redelivery."
+sql "SELECT resilience.inbox_accept('billing', 'msg-1') AS first, resilience.inbox_accept('billing', 'msg-1') AS redelivered;"
+
 step "Done"
-explain "Reference: docs/rate-limiting.md, docs/locks.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/locks.md, docs/idempotency.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
