@@ -8,6 +8,7 @@ OBJS = \
 	src/shmem.o \
 	src/ratelimit.o \
 	src/locks.o \
+	src/idempotency.o \
 	src/outbox.o \
 	src/relay.o \
 	src/sink_http.o \
@@ -21,10 +22,12 @@ DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors locks locks_errors outbox outbox_errors
+REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
+	outbox outbox_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover outbox_order outbox_consumers
+ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait inbox_accept idempotency_reaper \
+	outbox_order outbox_consumers
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

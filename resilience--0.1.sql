@@ -281,13 +281,14 @@ COMMENT ON VIEW resilience.locks IS
 
 -- Long-expired leases are only history: the reaper removes them (tokens come
 -- from the sequence, so forgetting a lease never lets a token repeat).
-CREATE FUNCTION resilience._reap_leases(
-    older_than interval DEFAULT '1 hour', batch_size integer DEFAULT 1000, max_batches integer DEFAULT 10)
+CREATE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    batch_size integer := coalesce(current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(current_setting('resilience.reaper_max_batches', true)::integer, 20);
     removed bigint := 0;
     n bigint;
 BEGIN
@@ -304,8 +305,165 @@ BEGIN
     RETURN removed;
 END
 $$;
-COMMENT ON FUNCTION resilience._reap_leases(interval, integer, integer) IS
-'Internal (part of run_reaper): delete leases expired for longer than older_than, in bounded batches';
+COMMENT ON FUNCTION resilience._reap_leases(interval) IS
+'Internal (part of run_reaper): delete leases expired for longer than older_than, in batches of resilience.reaper_batch_size';
+
+------------------------------------------------------------------------------
+-- Idempotency keys and the consumer inbox (tables; work without preloading)
+------------------------------------------------------------------------------
+
+-- One row per (scope, key).  Keys are opaque: compared byte for byte (C
+-- collation), at most 255 characters (Stripe's limit).  src/idempotency.c
+-- reads rows by column number: keep the column order in step with it.
+--
+-- The functions below are the only writers and check every value they write
+-- (lengths, states, status codes), so the tables carry no CHECK constraints:
+-- PostgreSQL re-reads each constraint's expression for every INSERT and
+-- UPDATE statement, which cost 40% of the throughput of a new key.
+-- Invariants: state is started, retry, completed or failed; locked_until is
+-- set exactly when state = started; fingerprint is 32 bytes.
+CREATE TABLE resilience.idempotency_keys (
+    scope text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    fingerprint bytea NOT NULL,         -- SHA-256 of the request's jsonb text
+    state text NOT NULL,
+    recovery_point text,                -- the last checkpoint; NULL: none yet
+    response jsonb,
+    status_code integer,
+    error jsonb,                        -- from idempotency_fail; replayed when failed
+    attempts integer NOT NULL,          -- how many times begin answered proceed
+    lock_timeout interval NOT NULL,
+    locked_until timestamptz,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (scope, key)
+) WITH (fillfactor = 80);   -- room for the HOT update that completes a new key
+CREATE INDEX idempotency_keys_expires_at ON resilience.idempotency_keys (expires_at);
+COMMENT ON TABLE resilience.idempotency_keys IS
+'Idempotency keys: the request fingerprint (SHA-256), the state, the last checkpoint, the stored response, the lock expiry; reaped after expires_at';
+SELECT pg_catalog.pg_extension_config_dump('resilience.idempotency_keys', '');
+
+CREATE TABLE resilience.inbox (
+    consumer text COLLATE "C" NOT NULL,
+    message_id text COLLATE "C" NOT NULL,
+    accepted_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT inbox_pkey PRIMARY KEY (consumer, message_id)
+);
+CREATE INDEX inbox_expires_at ON resilience.inbox (expires_at);
+COMMENT ON TABLE resilience.inbox IS
+'Message ids each consumer has accepted, remembered until expires_at';
+SELECT pg_catalog.pg_extension_config_dump('resilience.inbox', '');
+
+-- Callers get no privilege on the tables: the functions below are their only
+-- way in (a stored response is readable only by whoever can replay it).
+REVOKE ALL ON resilience.idempotency_keys, resilience.inbox FROM PUBLIC;
+
+-- The C functions below read through the primary key directly and run their
+-- writing statements as the tables' owner, qualifying every name and
+-- operator (src/idempotency.c, "Privileges"): the effect of SECURITY DEFINER
+-- with a pinned search_path, without its cost on every call.  None of them
+-- runs caller-supplied SQL: idempotent(), which does, is SECURITY INVOKER.
+CREATE FUNCTION resilience.idempotency_begin(
+    scope text, key text, request jsonb,
+    ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes',
+    OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'idempotency_begin'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.idempotency_begin(text, text, jsonb, interval, interval) IS
+'Start or resume work under an idempotency key: proceed (from recovery_point), replay (the stored response), in_progress or mismatch';
+
+CREATE FUNCTION resilience._idempotency_begin_wait(
+    scope text, key text, request jsonb, ttl interval, lock_timeout interval,
+    OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'idempotency_begin_wait'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._idempotency_begin_wait(text, text, jsonb, interval, interval) IS
+'Internal (idempotent): idempotency_begin that waits up to lock_timeout for a transaction holding the key';
+
+CREATE FUNCTION resilience.idempotency_checkpoint(scope text, key text, recovery_point text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_checkpoint'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_checkpoint(text, text, text) IS
+'Record the phase a key in progress has reached (a retry resumes there) and renew its lock';
+
+CREATE FUNCTION resilience.idempotency_complete(
+    scope text, key text, response jsonb, status_code integer DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_complete'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_complete(text, text, jsonb, integer) IS
+'Store the response of a key in progress; every later begin with the same request replays it';
+
+CREATE FUNCTION resilience.idempotency_fail(
+    scope text, key text, error jsonb, retryable boolean, status_code integer DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_fail'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_fail(text, text, jsonb, boolean, integer) IS
+'End an attempt with an error: retryable ones are not cached (the next begin proceeds), others are replayed';
+
+-- SECURITY INVOKER, and no SET clause: sql runs as the caller, with the
+-- caller's search_path, exactly as if the caller had run it.
+CREATE FUNCTION resilience.idempotent(
+    scope text, key text, request jsonb, sql text,
+    ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE   -- not STRICT: NULLs raise 22004
+AS $$
+DECLARE
+    b record;
+    result jsonb;
+BEGIN
+    IF sql IS NULL THEN
+        RAISE EXCEPTION 'sql must not be null' USING ERRCODE = '22004';
+    END IF;
+    b := resilience._idempotency_begin_wait(scope, key, request, ttl, lock_timeout);
+    IF b.outcome OPERATOR(pg_catalog.=) 'replay' THEN
+        RETURN b.response;
+    ELSIF b.outcome OPERATOR(pg_catalog.=) 'mismatch' THEN
+        RAISE EXCEPTION 'idempotency key "%" in scope "%" was used with a different request', key, scope
+            USING ERRCODE = '22023',
+                  HINT = 'Use a new key for a new request.';
+    ELSIF b.outcome OPERATOR(pg_catalog.=) 'in_progress' THEN
+        RAISE EXCEPTION 'idempotency key "%" in scope "%" is in progress', key, scope
+            USING ERRCODE = '55P03',
+                  DETAIL = 'An attempt that began in another transaction holds its lock.',
+                  HINT = 'Retry after its lock_timeout.';
+    END IF;
+    EXECUTE sql INTO result;
+    PERFORM resilience.idempotency_complete(scope, key, result);
+    RETURN result;
+END
+$$;
+COMMENT ON FUNCTION resilience.idempotent(text, text, jsonb, text, interval, interval) IS
+'Run sql (returning jsonb) at most once per key, in the caller''s transaction and with the caller''s privileges; replay its result afterwards';
+
+CREATE FUNCTION resilience.inbox_accept(
+    consumer text, message_id text, ttl interval DEFAULT '7 days')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'inbox_accept'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.inbox_accept(text, text, interval) IS
+'True the first time consumer sees message_id (within ttl), false afterwards; forgotten if the transaction rolls back';
+
+CREATE FUNCTION resilience._idempotency_reap()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'idempotency_reap'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._idempotency_reap() IS
+'Internal (part of run_reaper): delete expired idempotency keys in batches of resilience.reaper_batch_size';
+
+CREATE FUNCTION resilience._inbox_reap()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'inbox_reap'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._inbox_reap() IS
+'Internal (part of run_reaper): delete expired inbox rows in batches of resilience.reaper_batch_size';
 
 ------------------------------------------------------------------------------
 -- Transactional outbox and relay (tables: work without preloading; the
@@ -597,7 +755,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION resilience._outbox_reap(integer, integer) IS
-'Internal (part of run_reaper): delete delivered events whose retention has passed, in bounded batches';
+'Internal (part of run_reaper): delete delivered events whose retention has passed, in batches of resilience.reaper_batch_size';
 
 -- Privileges.  Tables: no direct access for the roles except what the admin
 -- manages (routes, dead letters); everything else goes through the
@@ -632,10 +790,12 @@ RETURNS SETOF record
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$
     SELECT 'rate_limit_keys', resilience._rate_limit_sweep()
-    UNION ALL
-    SELECT 'leases', resilience._reap_leases()
-    UNION ALL
-    SELECT 'outbox_delivered', resilience._outbox_reap()
+    UNION ALL SELECT 'leases', resilience._reap_leases()
+    UNION ALL SELECT 'idempotency_keys', resilience._idempotency_reap()
+    UNION ALL SELECT 'inbox', resilience._inbox_reap()
+    UNION ALL SELECT 'outbox_delivered', resilience._outbox_reap(
+        coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000),
+        coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20))
 $$;
 COMMENT ON FUNCTION resilience.run_reaper() IS
 'The reaper job the worker runs every resilience.reaper_interval: removes what has expired, per item';

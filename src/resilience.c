@@ -27,6 +27,8 @@ int			resilience_max_workers = 8;
 int			resilience_worker_naptime_ms = 10000;
 int			resilience_reaper_interval_ms = 60000;
 int			resilience_max_lock_names = 10000;
+int			resilience_reaper_batch_size = 5000;
+int			resilience_reaper_max_batches = 20;
 int			resilience_relay_interval_ms = 10000;
 int			resilience_outbox_batch_size = 500;
 int			resilience_outbox_http_parallelism = 16;
@@ -50,9 +52,29 @@ void
 _PG_init(void)
 {
 	/*
-	 * Every setting so far concerns shared memory or the workers, and
+	 * The reaper's batch settings serve table-backed features, which work
+	 * without preloading (run_reaper() by hand, or from pg_cron): define them
+	 * whenever the library is loaded.  They are read in C by the reaper
+	 * functions, so the library is loaded whenever they matter, and a value
+	 * from postgresql.conf is picked up here even when it was loaded late.
+	 */
+	DefineCustomIntVariable("resilience.reaper_batch_size",
+							"Rows the reaper deletes per batch (per table).",
+							"Each batch is one short statement that skips locked rows.",
+							&resilience_reaper_batch_size,
+							5000, 1, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.reaper_max_batches",
+							"Most batches one reaper run deletes per table.",
+							"Bounds the length of one run's transaction; the rest waits for the next run.",
+							&resilience_reaper_max_batches,
+							20, 1, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	/*
+	 * The other settings concern shared memory or the workers, and
 	 * PGC_POSTMASTER ones cannot be defined after startup: without
-	 * preloading there is nothing to set.
+	 * preloading there is nothing more to set.
 	 */
 	if (!process_shared_preload_libraries_in_progress)
 		return;

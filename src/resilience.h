@@ -32,6 +32,8 @@ extern int	resilience_max_workers;
 extern int	resilience_worker_naptime_ms;
 extern int	resilience_reaper_interval_ms;
 extern int	resilience_max_lock_names;
+extern int	resilience_reaper_batch_size;
+extern int	resilience_reaper_max_batches;
 extern int	resilience_relay_interval_ms;
 extern int	resilience_outbox_batch_size;
 extern int	resilience_outbox_http_parallelism;

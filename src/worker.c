@@ -61,9 +61,11 @@
 #include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/varlena.h"
 
@@ -111,6 +113,7 @@ static const char *const worker_state_names[] = {
 
 typedef struct JobStatus
 {
+	int			interval_ms;	/* as the worker last read it */
 	TimestampTz last_start;
 	TimestampTz last_end;
 	int64		runs;
@@ -123,7 +126,8 @@ typedef struct WorkerSlot
 {
 	bool		in_use;			/* assigned to a database by the launcher */
 	bool		stop_requested;
-	bool		dropping;		/* DROP/RENAME DATABASE under way */
+	pid_t		dropping_pid;	/* backend running DROP/RENAME DATABASE on
+								 * it, or 0 */
 	Oid			dboid;
 	char		dbname[NAMEDATALEN];
 	pid_t		pid;			/* 0 when no process runs */
@@ -143,8 +147,12 @@ typedef struct WorkerShared
 static WorkerShared *worker_shared = NULL;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 
-/* Slots this backend marked as dropping, cleared at transaction end. */
-static int	dropping_slot = -1;
+/*
+ * Whether this backend marked slots as dropping (dropping_pid = MyProcPid).
+ * A transaction can rename several databases, so the marks are found by pid
+ * at transaction end rather than remembered one by one.
+ */
+static bool holds_dropping_slots = false;
 
 PGDLLEXPORT void resilience_launcher_main(Datum main_arg);
 PGDLLEXPORT void resilience_worker_main(Datum main_arg);
@@ -247,36 +255,67 @@ typedef struct LauncherState
 	BackgroundWorkerHandle *handles[FLEXIBLE_ARRAY_MEMBER];
 } LauncherState;
 
-/* Log a launcher problem the first time it happens for this name. */
-static void
-log_once(List **seen, const char *name, const char *fmt)
-{
-	ListCell   *lc;
+/* Launcher problems, each logged once per name until it goes away. */
+static const char *const MSG_BAD_LIST =
+"resilience.database_names \"%s\" is not a valid list of names";
+static const char *const MSG_NO_DATABASE =
+"database \"%s\" listed in resilience.database_names does not exist";
+static const char *const MSG_MAX_WORKERS =
+"resilience.max_workers is reached: no worker for database \"%s\"";
+static const char *const MSG_NO_BGW_SLOT =
+"resilience could not start a worker for database \"%s\": no free background worker slot (raise max_worker_processes)";
 
-	foreach(lc, *seen)
-		if (strcmp((char *) lfirst(lc), name) == 0)
-			return;
-	*seen = lappend(*seen, MemoryContextStrdup(TopMemoryContext, name));
-	ereport(LOG, (errmsg(fmt, name)));
+static char *
+once_key(const char *msg, const char *name)
+{
+	return psprintf("%p %s", msg, name);
 }
 
+/* Log a launcher problem the first time it happens for this name. */
 static void
-forget_once(List **seen, const char *name)
+log_once(List **seen, const char *msg, const char *name)
 {
+	char	   *key = once_key(msg, name);
+	MemoryContext oldcontext;
 	ListCell   *lc;
 
 	foreach(lc, *seen)
-		if (strcmp((char *) lfirst(lc), name) == 0)
+		if (strcmp((char *) lfirst(lc), key) == 0)
+			return;
+	/* the list outlives the launcher's per-loop memory context */
+	oldcontext = MemoryContextSwitchTo(TopMemoryContext);
+	*seen = lappend(*seen, pstrdup(key));
+	MemoryContextSwitchTo(oldcontext);
+	ereport(LOG, (errmsg_internal(msg, name)));
+}
+
+/* The problem went away: log it again if it comes back. */
+static void
+forget_once(List **seen, const char *msg, const char *name)
+{
+	char	   *key = once_key(msg, name);
+	ListCell   *lc;
+
+	foreach(lc, *seen)
+		if (strcmp((char *) lfirst(lc), key) == 0)
 		{
+			pfree(lfirst(lc));
 			*seen = foreach_delete_current(*seen, lc);
 			return;
 		}
 }
 
+/*
+ * Register the dynamic worker for a slot.  The handle outlives this pass of
+ * the launcher loop (whose memory context is reset every time round), so it
+ * is allocated in TopMemoryContext and freed when the worker is seen gone.
+ */
 static bool
 launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
+	MemoryContext oldcontext;
+	bool		ok;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -289,7 +328,10 @@ launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
 	worker.bgw_main_arg = Int32GetDatum(slotno);
 	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
 	worker.bgw_notify_pid = MyProcPid;
-	return RegisterDynamicBackgroundWorker(&worker, handle);
+	oldcontext = MemoryContextSwitchTo(TopMemoryContext);
+	ok = RegisterDynamicBackgroundWorker(&worker, handle);
+	MemoryContextSwitchTo(oldcontext);
+	return ok;
 }
 
 /*
@@ -338,10 +380,11 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 
 	if (!SplitGUCList(names_copy, ',', &names))
 	{
-		log_once(logged, resilience_database_names,
-				 "resilience.database_names \"%s\" is not a valid list of names");
+		log_once(logged, MSG_BAD_LIST, resilience_database_names);
 		names = NIL;
 	}
+	else
+		forget_once(logged, MSG_BAD_LIST, resilience_database_names);
 
 	/* notice workers that are gone; stop those no longer wanted */
 	for (i = 0; i < resilience_max_workers; i++)
@@ -350,7 +393,7 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		bool		wanted = false;
 		pid_t		pid;
 
-		if (!slot->in_use || slot->dropping)
+		if (!slot->in_use || slot->dropping_pid != 0)
 			continue;
 		if (ls->handles[i] &&
 			GetBackgroundWorkerPid(ls->handles[i], &pid) == BGWH_STOPPED)
@@ -403,22 +446,20 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		{
 			WorkerSlot *slot = &worker_shared->slots[slotno];
 
-			if (ls->handles[slotno] || slot->dropping || slot->stop_requested ||
+			if (ls->handles[slotno] || slot->dropping_pid != 0 || slot->stop_requested ||
 				now < next_start[slotno])
 				continue;
 		}
 		else if (free_slot < 0)
 		{
-			log_once(logged, name,
-					 "resilience.max_workers is reached: no worker for database \"%s\"");
+			log_once(logged, MSG_MAX_WORKERS, name);
 			continue;
 		}
 
 		dboid = database_oid(name);
 		if (!OidIsValid(dboid))
 		{
-			log_once(logged, name,
-					 "database \"%s\" listed in resilience.database_names does not exist");
+			log_once(logged, MSG_NO_DATABASE, name);
 			if (slotno >= 0)
 			{
 				LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
@@ -427,7 +468,8 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 			}
 			continue;
 		}
-		forget_once(logged, name);
+		forget_once(logged, MSG_NO_DATABASE, name);
+		forget_once(logged, MSG_MAX_WORKERS, name);
 
 		if (slotno < 0)
 		{
@@ -443,11 +485,10 @@ launcher_reconcile(LauncherState *ls, TimestampTz *next_start, List **logged)
 		{
 			ls->handles[slotno] = NULL;
 			next_start[slotno] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
-			log_once(logged, "max_worker_processes",
-					 "resilience could not start a worker: no free background worker slot (raise %s)");
+			log_once(logged, MSG_NO_BGW_SLOT, name);
 		}
 		else
-			forget_once(logged, "max_worker_processes");
+			forget_once(logged, MSG_NO_BGW_SLOT, name);
 	}
 	list_free(names);
 	pfree(names_copy);
@@ -558,8 +599,11 @@ worker_detach(int code, Datum arg)
 {
 	LWLockReleaseAll();
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
-	my_slot->pid = 0;
-	my_slot->state = WORKER_STOPPED;
+	if (my_slot->pid == MyProcPid)	/* not if a new launcher gave it away */
+	{
+		my_slot->pid = 0;
+		my_slot->state = WORKER_STOPPED;
+	}
 	LWLockRelease(worker_shared->lock);
 	wake_pid(worker_shared->launcher_pid);
 }
@@ -727,9 +771,13 @@ resilience_worker_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-		if (my_slot->stop_requested || ShutdownRequestPending)
+		/* asked to stop, or our slot was taken back by a new launcher */
+		if (my_slot->stop_requested || ShutdownRequestPending ||
+			my_slot->pid != MyProcPid)
 			proc_exit(0);
 		MemoryContextReset(job_context);
+		for (i = 0; i < NUM_JOBS; i++)	/* for the view */
+			my_slot->jobs[i].interval_ms = *jobs[i].interval_ms;
 
 		if (RecoveryInProgress())
 		{
@@ -791,16 +839,46 @@ resilience_worker_main(Datum main_arg)
 static void
 release_at_xact_end(XactEvent event, void *arg)
 {
-	if (dropping_slot < 0 || worker_shared == NULL)
+	int			i;
+
+	if (!holds_dropping_slots || worker_shared == NULL)
 		return;
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
 	{
-		/* a plain store: the launcher only reads this flag */
-		worker_shared->slots[dropping_slot].dropping = false;
-		dropping_slot = -1;
+		/*
+		 * Plain stores: only this backend sets or clears its marks, and the
+		 * launcher only reads them (it never reuses a marked slot).
+		 */
+		for (i = 0; i < resilience_max_workers; i++)
+			if (worker_shared->slots[i].dropping_pid == MyProcPid)
+				worker_shared->slots[i].dropping_pid = 0;
+		holds_dropping_slots = false;
 		wake_pid(worker_shared->launcher_pid);
 	}
+}
+
+/*
+ * Could this user drop or rename the database?  Only its owner (or a
+ * superuser) can, and not while connected to it; anyone else gets an error
+ * from the command itself, and must not be able to stop our worker by
+ * trying.  The same test as dropdb() and RenameDatabase() make.
+ */
+static bool
+may_drop_database(const char *dbname)
+{
+	Oid			dboid = get_database_oid(dbname, true);
+	HeapTuple	tuple;
+	Oid			owner;
+
+	if (!OidIsValid(dboid) || dboid == MyDatabaseId)
+		return false;
+	tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
+	if (!HeapTupleIsValid(tuple))
+		return false;
+	owner = ((Form_pg_database) GETSTRUCT(tuple))->datdba;
+	ReleaseSysCache(tuple);
+	return has_privs_of_role(GetUserId(), owner);
 }
 
 /*
@@ -816,6 +894,17 @@ release_database(const char *dbname)
 	int			waited;
 	int			i;
 
+	if (!may_drop_database(dbname))
+		return;
+
+	/* before marking anything, so that the mark is always cleared */
+	if (!callback_registered)
+	{
+		RegisterXactCallback(release_at_xact_end, NULL);
+		callback_registered = true;
+	}
+	holds_dropping_slots = true;
+
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < resilience_max_workers; i++)
 	{
@@ -823,7 +912,7 @@ release_database(const char *dbname)
 
 		if (slot->in_use && strcmp(slot->dbname, dbname) == 0)
 		{
-			slot->dropping = true;
+			slot->dropping_pid = MyProcPid;
 			slot->stop_requested = true;
 			pid = slot->pid;
 			slotno = i;
@@ -834,12 +923,6 @@ release_database(const char *dbname)
 	if (slotno < 0)
 		return;
 
-	if (!callback_registered)
-	{
-		RegisterXactCallback(release_at_xact_end, NULL);
-		callback_registered = true;
-	}
-	dropping_slot = slotno;
 	wake_pid(pid);
 	for (waited = 0; waited < RELEASE_WAIT_MS && worker_shared->slots[slotno].pid != 0; waited += 10)
 	{
@@ -930,7 +1013,7 @@ worker_status(PG_FUNCTION_ARGS)
 											Int32GetDatum(0), Int32GetDatum(0),
 											Int32GetDatum(0), Int32GetDatum(0),
 											Int32GetDatum(0), Int32GetDatum(0),
-											Float8GetDatum(*jobs[j].interval_ms / 1000.0));
+											Float8GetDatum(js->interval_ms / 1000.0));
 			values[6] = TimestampTzGetDatum(js->last_start);
 			nulls[6] = js->last_start == 0;
 			values[7] = Float8GetDatum((js->last_end - js->last_start) / 1000.0);

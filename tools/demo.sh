@@ -14,7 +14,7 @@ step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 explain() { printf '%s\n' "$*" | fold -s -w 78; }
 sql() {
 	printf '%s\n' "$1" | sed "s/^/  ${DIM}sql> /; s/\$/${PLAIN}/"
-	as_owner psql -X -q -v ON_ERROR_STOP=1 -P footer=off -c "$1" | sed 's/^/  /'
+	as_owner psql -X -v ON_ERROR_STOP=1 -P footer=off -c "$1" | sed 's/^/  /'
 }
 
 say
@@ -60,5 +60,37 @@ as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/server.log" -w restart >/dev/null
 sql "SELECT allowed, remaining FROM resilience.rate_limit_check('user:99', 5, 0.001, cost => 0);"
 explain "The bucket still holds the 1 token it had: a restart is not a way around a limit. (After a crash buckets start full; see docs/rate-limiting.md.)"
 
+step "8. A lease with a fencing token"
+explain "lock_acquire takes a named lease for a while and returns a fencing token. The guarded data remembers the newest token it accepted, so a holder whose lease ran out while it was paused cannot overwrite the work of the next holder. (The demo keeps each worker's token in a small table.)"
+sql "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts VALUES (42, 100);
+CREATE TABLE tokens (worker text, token bigint);"
+sql "INSERT INTO tokens SELECT 'A', resilience.lock_acquire('account:42', '1 second', 'worker-A') RETURNING *;"
+explain "worker-A now stalls (a long GC pause, say) for 1.5 seconds. Its lease expires, and worker-B takes it over with a newer token, then writes through the fence:"
+sleep 1.5
+sql "INSERT INTO tokens SELECT 'B', resilience.lock_acquire('account:42', '30 seconds', 'worker-B') RETURNING *;"
+sql "UPDATE accounts SET balance = balance - 30
+ WHERE id = 42 AND resilience.fence_check('account:42', (SELECT token FROM tokens WHERE worker = 'B'));"
+explain "worker-A wakes up and tries its write with its old token: the fence refuses it, and the UPDATE changes nothing."
+sql "UPDATE accounts SET balance = balance - 10
+ WHERE id = 42 AND resilience.fence_check('account:42', (SELECT token FROM tokens WHERE worker = 'A'));"
+sql "SELECT balance FROM accounts WHERE id = 42;"
+sql "SELECT kind, name, owner, token, expires_at > now() AS held FROM resilience.locks;"
+
+step "9. Idempotency keys: a retried request takes effect once"
+explain "A client retries a payment after a timeout, sending the same Idempotency-Key. The handler asks idempotency_begin first. The first attempt may proceed: it makes the payment and stores its response in the same transaction, so both commit or neither does."
+sql "CREATE TABLE payments (id serial PRIMARY KEY, amount int);"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');
+INSERT INTO payments (amount) VALUES (1000);
+SELECT resilience.idempotency_complete('payments', 'key-123', '{\"payment\": 1}', 201);"
+explain "The retry gets the stored response (an HTTP layer answers it with Idempotent-Replayed: true); the same key with a different request is a mismatch (HTTP 422). One payment was made."
+sql "SELECT * FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 5}');"
+sql "SELECT count(*) AS payments FROM payments;"
+explain "idempotent() does it in one call: the statement runs once per key, and later calls return its result."
+sql "SELECT resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS first_call,
+       resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS retry;"
+explain "Message consumers deduplicate with inbox_accept: true the first time, false for a redelivery."
+sql "SELECT resilience.inbox_accept('billing', 'msg-1') AS first, resilience.inbox_accept('billing', 'msg-1') AS redelivered;"
+
 step "Done"
-explain "Reference: docs/rate-limiting.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/locks.md, docs/idempotency.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."

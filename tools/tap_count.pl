@@ -1,8 +1,9 @@
 #!/usr/bin/perl
 # Run TAP test files (Perl TAP tests, or pgTAP SQL files with --pgtap) and end
 # with a line "TAPCOUNT <passed> <failed>" that tools/test.sh adds to its total.
-# A file that dies, exits non-zero or breaks its plan counts as one failure
-# even when none of its assertions failed.
+# Each file runs in a harness of its own, so a file that bails out does not
+# stop the others.  A file that dies, bails out, exits non-zero or breaks its
+# plan counts as one failure even when none of its assertions failed.
 use strict;
 use warnings;
 use TAP::Harness;
@@ -27,10 +28,19 @@ elsif (@ARGV && $ARGV[0] eq '--lib')
 	$args{lib} = [ shift @ARGV, '.' ];
 }
 
-my $agg = TAP::Harness->new(\%args)->runtests(@ARGV);
-my %failed_files = map { $_ => 1 } $agg->failed;
-my $broken = grep { !$failed_files{$_} } do {
-	my %seen;
-	grep { !$seen{$_}++ } ($agg->parse_errors, $agg->exit, $agg->wait);
-};
-printf "TAPCOUNT %d %d\n", scalar($agg->passed), scalar($agg->failed) + $broken;
+my ($passed, $failed) = (0, 0);
+for my $file (@ARGV)
+{
+	my $agg = eval { TAP::Harness->new(\%args)->runtests($file) };
+	if (!$agg)
+	{
+		print "$file: the harness stopped: $@";
+		$failed++;
+		next;
+	}
+	$passed += $agg->passed;
+	$failed += $agg->failed;
+	$failed++
+	  if !$agg->failed && ($agg->parse_errors || $agg->exit || $agg->wait);
+}
+print "TAPCOUNT $passed $failed\n";
