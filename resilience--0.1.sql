@@ -760,14 +760,16 @@ COMMENT ON FUNCTION resilience._outbox_reap(integer, integer) IS
 -- Privileges.  Tables: no direct access for the roles except what the admin
 -- manages (routes, dead letters); everything else goes through the
 -- functions.  Functions are executable by PUBLIC by default: revoke that
--- from all of them and grant by role.
+-- from the outbox's and grant by role.
 REVOKE ALL ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval),
     resilience.outbox_claim(text, integer, interval), resilience.outbox_ack(text, bigint[]),
     resilience.outbox_nack(text, bigint, interval), resilience.outbox_event(bigint),
     resilience.outbox_redrive(bigint[], text, integer), resilience._outbox_relay_stats(),
     resilience._outbox_routes_invalidate(), resilience._outbox_routes_changed(),
-    resilience._outbox_route_check(), resilience._outbox_reap(integer, integer)
+    resilience._outbox_route_check()
     FROM PUBLIC;
+-- (_outbox_reap stays executable by PUBLIC, like the other reapers that
+-- run_reaper() calls: it only removes delivered events whose time is up.)
 REVOKE ALL ON PROCEDURE resilience.relay_outbox(integer, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval),
     resilience.outbox_claim(text, integer, interval), resilience.outbox_ack(text, bigint[]),

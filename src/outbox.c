@@ -603,6 +603,7 @@ load_route_cache(void)
 	int			n = 0;
 	Oid			save_userid;
 	int			save_sec;
+	int			guc_level;
 
 	if (route_cache_valid)
 		return;
@@ -614,6 +615,7 @@ load_route_cache(void)
 	route_cache_len = 0;
 
 	outbox_become_owner(&save_userid, &save_sec);
+	guc_level = outbox_pin_search_path();
 	SPI_connect();
 	routes = outbox_load_routes(false, NULL);
 	route_cache = MemoryContextAlloc(route_cache_context,
@@ -631,6 +633,7 @@ load_route_cache(void)
 		memcpy(VARDATA(c->pattern), r->pattern, strlen(r->pattern));
 	}
 	SPI_finish();
+	AtEOXact_GUC(true, guc_level);
 	SetUserIdAndSecContext(save_userid, save_sec);
 	route_cache_len = n;
 	/* an invalidation that arrived while loading leaves the flag false */
