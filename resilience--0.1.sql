@@ -529,13 +529,16 @@ CREATE TABLE resilience.outbox (
     claimed_by text,
     claim_until timestamptz,
     last_error text,
-    delivered_at timestamptz
+    delivered_at timestamptz,
+    pull boolean NOT NULL DEFAULT false   -- a queue route's row: found by id (ack, nack)
 ) WITH (fillfactor = 80,
         autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
         autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
         autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX outbox_pending ON resilience.outbox (route_id, seq) WHERE delivered_at IS NULL;
-CREATE INDEX outbox_id ON resilience.outbox (id);
+-- By id only where ids are looked up: queue routes (ack, nack) and delivered
+-- rows kept (outbox_event).  The rows of push routes go into one index.
+CREATE INDEX outbox_id ON resilience.outbox (id) WHERE pull OR delivered_at IS NOT NULL;
 COMMENT ON TABLE resilience.outbox IS
 'Events waiting for delivery, one row per route; written at commit by outbox_publish, removed once delivered';
 SELECT pg_catalog.pg_extension_config_dump('resilience.outbox', '');
@@ -593,10 +596,14 @@ BEGIN
          WHERE o.route_id IN (SELECT d.id FROM old_routes d)
            AND NOT EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = o.route_id);
     ELSE
-        INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload, headers, published_at, not_before)
-        SELECT o.id, o.seq, r.id, o.topic, o.key, o.payload, o.headers, o.published_at, o.not_before
+        INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload, headers, published_at, not_before, pull)
+        SELECT o.id, o.seq, r.id, o.topic, o.key, o.payload, o.headers, o.published_at, o.not_before, r.sink = 'queue'
           FROM resilience.outbox o JOIN resilience.outbox_routes r ON o.topic LIKE r.topic_pattern COLLATE "C"
          WHERE o.route_id IS NULL;
+        -- a route whose sink changed: its rows are looked up by id or not
+        UPDATE resilience.outbox o SET pull = (r.sink = 'queue')
+          FROM resilience.outbox_routes r
+         WHERE TG_OP = 'UPDATE' AND r.id = o.route_id AND o.pull <> (r.sink = 'queue');
         DELETE FROM resilience.outbox o
          WHERE o.route_id IS NULL
            AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE o.topic LIKE r.topic_pattern COLLATE "C");
@@ -673,10 +680,11 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT o.topic, o.key, o.payload, o.headers, o.published_at
-      FROM resilience.outbox o WHERE o.id OPERATOR(pg_catalog.=) $1 LIMIT 1
+      FROM resilience.outbox o
+     WHERE o.id OPERATOR(pg_catalog.=) $1 AND (o.pull OR o.delivered_at IS NOT NULL) LIMIT 1
 $$;
 COMMENT ON FUNCTION resilience.outbox_event(bigint) IS
-'An event still in the outbox by id: how a NOTIFY listener fetches a payload too large for NOTIFY';
+'An event kept after delivery (a payload too large for NOTIFY, or resilience.outbox_retention), or waiting on a queue route';
 
 CREATE PROCEDURE resilience.relay_outbox(max_batches integer DEFAULT 10, INOUT delivered bigint DEFAULT NULL)
 AS 'MODULE_PATHNAME', 'relay_outbox'

@@ -1,8 +1,9 @@
 -- make bench, outbox section: routes, the reference table and its drain loop.
 DELETE FROM resilience.outbox_routes;
 TRUNCATE resilience.outbox;
--- publish: a queue route nobody consumes (rows are written, nothing drains them)
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('bench.pub', 'queue', 'nobody');
+-- publish: a paused webhook route (rows are written, nothing drains them)
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, enabled)
+VALUES ('bench.pub', 'http', :'receiver' || '/paused', false);
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, enabled)
 VALUES ('bench.notify', 'notify', 'bench', false),
        ('bench.http', 'http', :'receiver' || '/bench', false),
@@ -26,11 +27,11 @@ DECLARE
     n bigint;
 BEGIN
     LOOP
-        WITH d AS (SELECT id FROM bench_outbox ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED)
+        WITH d AS (SELECT id FROM bench_outbox ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED),
+             gone AS (DELETE FROM bench_outbox o USING d WHERE o.id = d.id RETURNING o.*)
         SELECT count(pg_notify('bench_ref', json_build_object('id', b.id, 'topic', b.topic, 'key', b.key,
                                                                'payload', b.payload)::text))
-          INTO n
-          FROM (DELETE FROM bench_outbox o USING d WHERE o.id = d.id RETURNING o.*) b;
+          INTO n FROM gone b;
         COMMIT;
         EXIT WHEN n = 0;
     END LOOP;

@@ -106,6 +106,7 @@ typedef struct PendingEvent
 	TimestampTz not_before;
 	int			nroutes;		/* 0: unrouted */
 	int32	   *routes;
+	bool	   *pull;			/* per route: a queue route */
 } PendingEvent;
 
 /* What a publishing backend remembers of a route. */
@@ -757,6 +758,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 	MemoryContext old;
 	PendingEvent *ev;
 	int32	   *matched;
+	bool	   *pull;
 	int			nmatched = 0;
 	int			i;
 
@@ -776,6 +778,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 	lookup_relations();
 	load_route_cache();
 	matched = palloc(sizeof(int32) * Max(route_cache_len, 1));
+	pull = palloc(sizeof(bool) * Max(route_cache_len, 1));
 	for (i = 0; i < route_cache_len; i++)
 	{
 		CachedRoute *r = &route_cache[i];
@@ -791,6 +794,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 					 errdetail("Topic \"%s\" goes to route %d, which accepts %s.",
 							   text_to_cstring(topic), r->id, payload_kind_name(r->payload)),
 					 errhint("Change the payload, or the route's option \"payload\".")));
+		pull[nmatched] = !r->push;
 		matched[nmatched++] = r->id;
 		if (r->push)
 			wake_relay_at_commit();
@@ -815,6 +819,8 @@ outbox_publish(PG_FUNCTION_ARGS)
 	ev->nroutes = nmatched;
 	ev->routes = palloc(sizeof(int32) * Max(nmatched, 1));
 	memcpy(ev->routes, matched, sizeof(int32) * nmatched);
+	ev->pull = palloc(sizeof(bool) * Max(nmatched, 1));
+	memcpy(ev->pull, pull, sizeof(bool) * nmatched);
 	pending_events = lappend(pending_events, ev);
 	MemoryContextSwitchTo(old);
 
@@ -850,10 +856,10 @@ flush_pending_events(void)
 	int			i;
 	Oid			save_userid;
 	int			save_sec;
-	static Datum values[9];
-	static char nulls[9];
-	Oid			argtypes[9] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
-	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	static Datum values[10];
+	static char nulls[10];
+	Oid			argtypes[10] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
+	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID};
 
 	hashes = palloc(sizeof(uint64) * list_length(pending_events));
 	foreach(lc, pending_events)
@@ -882,9 +888,9 @@ flush_pending_events(void)
 	if (insert_plan == NULL)
 	{
 		SPIPlanPtr	plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
-									   " key, payload, headers, published_at, not_before)"
-									   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-									   9, argtypes);
+									   " key, payload, headers, published_at, not_before, pull)"
+									   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+									   10, argtypes);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -912,6 +918,7 @@ flush_pending_events(void)
 
 			values[2] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
 			nulls[2] = ev->nroutes ? ' ' : 'n';
+			values[9] = BoolGetDatum(ev->nroutes ? ev->pull[i] : false);
 			ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
 			if (ret != SPI_OK_INSERT)
 				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
@@ -1441,11 +1448,11 @@ outbox_ack(PG_FUNCTION_ARGS)
 	if (retention > 0)
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
 									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
-									" WHERE id = ANY($2) AND claimed_by = $1 AND delivered_at IS NULL",
+									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL",
 									3, types, args, NULL, false, 0);
 	else
 		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE id = ANY($2) AND claimed_by = $1 AND delivered_at IS NULL",
+									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL",
 									2, types, args, NULL, false, 0);
 	if (ret < 0)
 		elog(ERROR, "acknowledging outbox events failed: %s", SPI_result_code_string(ret));
@@ -1477,7 +1484,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 	SPI_connect();
 	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
 								" not_before = $3, last_error = 'nacked by ' || $1"
-								" WHERE id = $2 AND claimed_by = $1 AND delivered_at IS NULL"
+								" WHERE id = $2 AND pull AND claimed_by = $1 AND delivered_at IS NULL"
 								" RETURNING ctid, route_id, key, attempts",
 								3, types, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
@@ -1548,9 +1555,11 @@ outbox_redrive(PG_FUNCTION_ARGS)
 								"    AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = x.route_id)"
 								"  RETURNING *)"
 								" INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload,"
-								"  headers, published_at, not_before, last_error)"
+								"  headers, published_at, not_before, last_error, pull)"
 								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
-								"  now(), 'redriven after: ' || last_error FROM d",
+								"  now(), 'redriven after: ' || last_error,"
+								"  (SELECT r.sink = 'queue' FROM resilience.outbox_routes r WHERE r.id = d.route_id)"
+								" FROM d",
 								3, types, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "redriving dead letters failed: %s", SPI_result_code_string(ret));
