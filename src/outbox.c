@@ -1056,6 +1056,12 @@ tid_array(List *candidates)
 }
 
 static int
+compare_tids(const void *a, const void *b)
+{
+	return ItemPointerCompare((ItemPointer) a, (ItemPointer) b);
+}
+
+static int
 compare_items(const ListCell *a, const ListCell *b)
 {
 	OutboxItem *x = lfirst(a);
@@ -1208,13 +1214,13 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 																		&isnull)),
 							&locked[i]);
 		}
+		qsort(locked, nlocked, sizeof(ItemPointerData), compare_tids);
 		foreach(lc, cands)
 		{
 			Candidate  *c = lfirst(lc);
-			bool		got = false;
+			bool		got = bsearch(&c->ctid, locked, nlocked, sizeof(ItemPointerData),
+									  compare_tids) != NULL;
 
-			for (i = 0; i < nlocked && !got; i++)
-				got = ItemPointerEquals(&locked[i], &c->ctid);
 			if (c->key && key_in(broken, c->key))
 				continue;
 			if (!got)

@@ -16,6 +16,8 @@
 #   mode=down                       close every socket and refuse connections ...
 #   ... &for=SECONDS or &count=N    ... for that long / that many requests
 #   retry_after=S                   with mode=fail: send Retry-After: S
+#   match=TEXT                      with mode=fail: only requests whose body
+#                                   contains TEXT fail
 #   delay_ms=D                      answer every request D ms late (any mode)
 # GET /_stats answers "requests=N failed=N".  It exits on SIGTERM, SIGINT, or
 # after --max-seconds (default 3600) so that it never outlives a test.
@@ -114,6 +116,7 @@ sub handle_control
 	my %new = (mode => $q{mode} || 'ok');
 	$new{status} = $q{status} || 500;
 	$new{retry_after} = $q{retry_after} if defined $q{retry_after};
+	$new{match} = $q{match} if defined $q{match};
 	$new{until} = time + $q{for} if defined $q{for};
 	$new{count} = $q{count} if defined $q{count};
 	$new{delay_ms} = $q{delay_ms} // $mode{delay_ms} // 0;
@@ -131,7 +134,7 @@ sub handle_request
 	%mode = (mode => 'ok', delay_ms => $mode{delay_ms} // 0) if mode_expired();
 	my $status = 200;
 	my @extra;
-	if ($mode{mode} eq 'fail')
+	if ($mode{mode} eq 'fail' && (!defined $mode{match} || index($body, $mode{match}) >= 0))
 	{
 		$status = $mode{status};
 		push @extra, "Retry-After: $mode{retry_after}" if defined $mode{retry_after};

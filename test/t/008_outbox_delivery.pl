@@ -167,6 +167,23 @@ ok( $node->poll_query_until('postgres',
 		q{SELECT breaker FROM resilience.outbox_status WHERE topic_pattern = 'hook.%'}, 'closed'),
 	'and the breaker closes');
 
+# --- one failing key holds up only itself ---
+$recv->control('mode=fail&status=500&match=stuck-&for=4');
+$node->safe_psql('postgres', q{
+SELECT resilience.outbox_publish('hook.keys', '{"m": "stuck-1"}', 'stuck');
+SELECT resilience.outbox_publish('hook.keys', '{"m": "stuck-2"}', 'stuck');
+SELECT resilience.outbox_publish('hook.keys', jsonb_build_object('m', 'free-' || i), 'free-' || i)
+  FROM generate_series(1, 20) i;});
+ok( $recv->wait_for(sub { (grep { $_->{status} == 200 && $_->{body} =~ /"m": "free-/ } @{ $_[0] }) >= 20 }, 30),
+	'the other keys are all delivered while one key keeps failing');
+is(scalar(grep { $_->{status} == 200 } by_body('stuck-1')), 0, 'meanwhile the failing key has not got through');
+is(scalar(by_body('stuck-2')), 0, 'and its next event was not sent');
+ok(wait_marker('stuck-2', 30), 'once the endpoint accepts it, the key goes on');
+my @stuck = grep { $_->{body} =~ /stuck-/ } $recv->records;
+my ($first_ok) = grep { $stuck[$_]{status} == 200 && $stuck[$_]{body} =~ /stuck-1/ } 0 .. $#stuck;
+my ($second) = grep { $stuck[$_]{body} =~ /stuck-2/ } 0 .. $#stuck;
+cmp_ok($first_ok, '<', $second, "the key's second event is sent only after its first succeeded");
+
 # --- non-retryable 4xx: dead letter, redrive, delivered ---
 $recv->control('mode=fail&status=400&count=1');
 my $did = $node->safe_psql('postgres', q{SELECT resilience.outbox_publish('hook.bad', '{"m": "rejected"}')});
