@@ -14,7 +14,8 @@ RECEIVER_PID=""
 
 start_receiver() {
 	rm -f "$WORK/receiver.port"
-	as_owner perl "$SRC_DIR/test/receiver.pl" --port-file "$WORK/receiver.port" \
+	# (not through runuser: $! must be the receiver itself, so that kill stops it)
+	perl "$SRC_DIR/test/receiver.pl" --port-file "$WORK/receiver.port" \
 		--log "$WORK/receiver.log" --max-seconds 7200 &
 	RECEIVER_PID=$!
 	local _
