@@ -132,6 +132,13 @@ static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid
 									SubTransactionId parentSubid, void *arg);
 static void wake_relay_at_commit(void);
 
+/*
+ * OIDs of our relations and their owner.  An invalidation only marks them to
+ * be looked up again (vacuum and analyze send them all the time); they are
+ * never zeroed, so a use right after lookup_relations() stays valid even if
+ * an invalidation arrives in between.
+ */
+static bool relations_valid = false;
 static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
@@ -155,21 +162,15 @@ outbox_setting_int(const char *name, int dflt, int flags)
 	return result;
 }
 
-/* Forget cached OIDs and routes when our relations change. */
+/* Reload the routes when they change; look up our relations again. */
 static void
 outbox_relcache_callback(Datum arg, Oid relid)
 {
+	if (relid == InvalidOid || relid == cached_routes_relid)
+		route_cache_valid = false;
 	if (relid == InvalidOid || relid == cached_outbox_relid ||
 		relid == cached_routes_relid || relid == cached_seq_relid)
-	{
-		route_cache_valid = false;
-		if (relid != cached_routes_relid)
-		{
-			cached_outbox_relid = InvalidOid;
-			cached_seq_relid = InvalidOid;
-			cached_owner = InvalidOid;
-		}
-	}
+		relations_valid = false;
 }
 
 static void
@@ -191,21 +192,34 @@ lookup_relations(void)
 	Oid			nsp;
 	HeapTuple	tuple;
 
+	Oid			outbox_relid;
+	Oid			routes_relid;
+	Oid			seq_relid;
+
 	register_relcache_callback();
-	if (OidIsValid(cached_outbox_relid) && OidIsValid(cached_routes_relid))
+	if (relations_valid)
 		return;
+	relations_valid = true;		/* an invalidation from here on unsets it */
 	nsp = get_namespace_oid("resilience", false);
-	cached_outbox_relid = get_relname_relid("outbox", nsp);
-	cached_routes_relid = get_relname_relid("outbox_routes", nsp);
-	cached_seq_relid = get_relname_relid("outbox_seq", nsp);
-	if (!OidIsValid(cached_outbox_relid) || !OidIsValid(cached_routes_relid) ||
-		!OidIsValid(cached_seq_relid))
+	outbox_relid = get_relname_relid("outbox", nsp);
+	routes_relid = get_relname_relid("outbox_routes", nsp);
+	seq_relid = get_relname_relid("outbox_seq", nsp);
+	if (!OidIsValid(outbox_relid) || !OidIsValid(routes_relid) || !OidIsValid(seq_relid))
+	{
+		relations_valid = false;
 		elog(ERROR, "the resilience outbox tables do not exist");
-	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(cached_outbox_relid));
+	}
+	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(outbox_relid));
 	if (!HeapTupleIsValid(tuple))
-		elog(ERROR, "cache lookup failed for relation %u", cached_outbox_relid);
+	{
+		relations_valid = false;
+		elog(ERROR, "cache lookup failed for relation %u", outbox_relid);
+	}
 	cached_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
 	ReleaseSysCache(tuple);
+	cached_outbox_relid = outbox_relid;
+	cached_routes_relid = routes_relid;
+	cached_seq_relid = seq_relid;
 }
 
 /*
@@ -601,13 +615,14 @@ load_route_cache(void)
 {
 	List	   *routes;
 	ListCell   *lc;
-	int			n = 0;
+	volatile int n = 0;
 	Oid			save_userid;
 	int			save_sec;
 	int			guc_level;
 
 	if (route_cache_valid)
 		return;
+	route_cache_valid = true;	/* an invalidation while loading unsets it */
 	if (route_cache_context == NULL)
 		route_cache_context = AllocSetContextCreate(CacheMemoryContext, "resilience outbox routes",
 													ALLOCSET_SMALL_SIZES);
@@ -617,28 +632,35 @@ load_route_cache(void)
 
 	outbox_become_owner(&save_userid, &save_sec);
 	guc_level = outbox_pin_search_path();
-	SPI_connect();
-	routes = outbox_load_routes(false, NULL);
-	route_cache = MemoryContextAlloc(route_cache_context,
-									 sizeof(CachedRoute) * Max(list_length(routes), 1));
-	foreach(lc, routes)
+	PG_TRY();
 	{
-		OutboxRoute *r = lfirst(lc);
-		CachedRoute *c = &route_cache[n++];
+		SPI_connect();
+		routes = outbox_load_routes(false, NULL);
+		route_cache = MemoryContextAlloc(route_cache_context,
+										 sizeof(CachedRoute) * Max(list_length(routes), 1));
+		foreach(lc, routes)
+		{
+			OutboxRoute *r = lfirst(lc);
+			CachedRoute *c = &route_cache[n++];
 
-		c->id = r->id;
-		c->push = r->sink != SINK_QUEUE;
-		c->payload = r->payload;
-		c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
-		SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
-		memcpy(VARDATA(c->pattern), r->pattern, strlen(r->pattern));
+			c->id = r->id;
+			c->push = r->sink != SINK_QUEUE;
+			c->payload = r->payload;
+			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
+			SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
+			memcpy(VARDATA(c->pattern), r->pattern, strlen(r->pattern));
+		}
+		SPI_finish();
 	}
-	SPI_finish();
+	PG_CATCH();
+	{
+		route_cache_valid = false;	/* never match against half a list */
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	AtEOXact_GUC(true, guc_level);
 	SetUserIdAndSecContext(save_userid, save_sec);
 	route_cache_len = n;
-	/* an invalidation that arrived while loading leaves the flag false */
-	route_cache_valid = true;
 }
 
 /* ---- publishing ---- */

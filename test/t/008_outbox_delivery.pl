@@ -132,6 +132,21 @@ my $inversions = $node->safe_psql('postgres', q{
 SELECT count(*) FROM resilience.outbox_status WHERE backlog > 0});
 is($inversions, '0', 'nothing left in the outbox');
 
+# --- publishing while vacuum and route changes invalidate the caches ---
+$node->pgbench(
+	'-n -c 4 -j 2 -T 5',
+	0,
+	[qr{processed: \d+}],
+	[qr{^$}],
+	'publishers never fail while VACUUM and route changes invalidate their caches',
+	{
+		'008_publish@20' => q{SELECT resilience.outbox_publish('load.inval', '{"m": "inval"}', 'k' || random());},
+		'008_vacuum@1' => q{VACUUM (ANALYZE) resilience.outbox;},
+		'008_routes@1' => q{UPDATE resilience.outbox_routes SET enabled = enabled WHERE false;}
+	});
+ok($node->poll_query_until('postgres', q{SELECT count(*) FROM resilience.outbox}, '0'),
+	'and everything they published is delivered');
+
 # --- 500s are retried with the same Idempotency-Key ---
 $recv->control('mode=fail&status=500&count=2');
 my $rid = $node->safe_psql('postgres', q{SELECT resilience.outbox_publish('hook.retry', '{"m": "retry"}')});
