@@ -6,17 +6,21 @@ MODULE_big = resilience
 OBJS = \
 	src/resilience.o \
 	src/shmem.o \
+	src/args.o \
 	src/ratelimit.o \
+	src/breaker.o \
+	src/bulkhead.o \
+	src/backoff.o \
 	src/worker.o
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors
+REGRESS = setup ratelimit ratelimit_errors breaker breaker_errors bulkhead retry
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared
+ISOLATION = ratelimit_shared breaker_shared bulkhead_wakeup retry_serialization
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

@@ -327,26 +327,6 @@ rate_entry_idle(ShmEntry *entry, void *payload, int64 now)
 
 /* ---- argument checking (before any shared state is touched) ---- */
 
-static text *
-required_text(FunctionCallInfo fcinfo, int argno, const char *what)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", what)));
-	return PG_GETARG_TEXT_PP(argno);
-}
-
-static int32
-required_int(FunctionCallInfo fcinfo, int argno, const char *what)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", what)));
-	return PG_GETARG_INT32(argno);
-}
-
 /* Store the key (prefixed with the policy name, if any) into req. */
 static void
 request_key(RateRequest *req, text *key, const char *policy)
@@ -416,9 +396,7 @@ window_ns_from_interval(Interval *window)
 {
 	int128		usec;
 
-	usec = (int128) window->time +
-		(int128) window->day * USECS_PER_DAY +
-		(int128) window->month * DAYS_PER_MONTH * USECS_PER_DAY;
+	usec = resilience_interval_usec(window);
 	if (usec <= 0 || usec * 1000 > MAX_WINDOW_NS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -600,16 +578,16 @@ decide(RateRequest *req, RateDecision *d)
 static void
 parse_bucket(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_BUCKET;
-	req->limit = required_int(fcinfo, 1, "capacity");
+	req->limit = resilience_arg_int(fcinfo, 1, "capacity");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("refill_per_sec must not be null")));
 	req->rate = PG_GETARG_FLOAT8(2);
-	req->cost = required_int(fcinfo, 3, "cost");
+	req->cost = resilience_arg_int(fcinfo, 3, "cost");
 	check_capacity(req->limit, "capacity");
 	check_rate(req->rate);
 	check_cost(req->cost, req->limit, "capacity");
@@ -619,16 +597,16 @@ parse_bucket(FunctionCallInfo fcinfo, RateRequest *req)
 static void
 parse_window(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_WINDOW;
-	req->limit = required_int(fcinfo, 1, "max");
+	req->limit = resilience_arg_int(fcinfo, 1, "max");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("window must not be null")));
 	req->window_ns = window_ns_from_interval(PG_GETARG_INTERVAL_P(2));
-	req->cost = required_int(fcinfo, 3, "cost");
+	req->cost = resilience_arg_int(fcinfo, 3, "cost");
 	check_capacity(req->limit, "max");
 	check_cost(req->cost, req->limit, "max");
 	request_key(req, key, NULL);
@@ -637,11 +615,11 @@ parse_window(FunctionCallInfo fcinfo, RateRequest *req)
 static void
 parse_policy(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
-	text	   *policy_name = required_text(fcinfo, 1, "policy");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
+	text	   *policy_name = resilience_arg_text(fcinfo, 1, "policy");
 	PolicyCacheEntry *policy;
 
-	req->cost = required_int(fcinfo, 2, "cost");
+	req->cost = resilience_arg_int(fcinfo, 2, "cost");
 	policy = policy_lookup(policy_name);
 	req->limit = policy->capacity;
 	req->rate = policy->rate;
@@ -764,7 +742,7 @@ rate_limit_policy_check(PG_FUNCTION_ARGS)
 Datum
 rate_limit_reset(PG_FUNCTION_ARGS)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 	RateRequest req;
 	bool		removed = false;
 

@@ -561,9 +561,12 @@ resilience_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 #endif
-	RequestAddinShmemSpace(add_size(ratelimit_shmem_size(), worker_shmem_size()));
+	RequestAddinShmemSpace(add_size(add_size(ratelimit_shmem_size(), worker_shmem_size()),
+									add_size(breaker_shmem_size(), bulkhead_shmem_size())));
 	ratelimit_shmem_request();
 	worker_shmem_request();
+	breaker_shmem_request();
+	bulkhead_shmem_request();
 }
 
 static void
@@ -575,6 +578,8 @@ resilience_shmem_startup(void)
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	ratelimit_shmem_init();
 	worker_shmem_init();
+	breaker_shmem_init();
+	bulkhead_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */
@@ -658,6 +663,7 @@ state_save(int code, Datum arg)
 	}
 	ok = state_write(file, header, sizeof(header));
 	ok = ok && ratelimit_state_save(file);
+	ok = ok && breaker_state_save(file);
 	if (ok)
 		state_write_section(file, STATE_SECTION_END, 0);
 	ok = ok && !ferror(file);
@@ -714,6 +720,8 @@ state_load(void)
 			break;
 		else if (section[0] == STATE_SECTION_RATELIMIT)
 			ok = ratelimit_state_load(file, section[1]);
+		else if (section[0] == STATE_SECTION_BREAKER)
+			ok = breaker_state_load(file, section[1]);
 		else
 			ok = false;
 		if (!ok)

@@ -82,6 +82,7 @@ extern void resilience_shmem_hooks(void);
 /* State kept across a clean restart: one section per capability. */
 #define STATE_SECTION_END 0
 #define STATE_SECTION_RATELIMIT 1
+#define STATE_SECTION_BREAKER 2
 extern void state_write_section(FILE *file, uint32 section, uint32 nrecords);
 extern bool state_write(FILE *file, const void *data, Size len);
 extern bool state_read(FILE *file, void *data, Size len);
@@ -92,6 +93,18 @@ extern void ratelimit_shmem_request(void);
 extern void ratelimit_shmem_init(void);
 extern bool ratelimit_state_save(FILE *file);
 extern bool ratelimit_state_load(FILE *file, uint32 nrecords);
+
+/* breaker.c */
+extern Size breaker_shmem_size(void);
+extern void breaker_shmem_request(void);
+extern void breaker_shmem_init(void);
+extern bool breaker_state_save(FILE *file);
+extern bool breaker_state_load(FILE *file, uint32 nrecords);
+
+/* bulkhead.c */
+extern Size bulkhead_shmem_size(void);
+extern void bulkhead_shmem_request(void);
+extern void bulkhead_shmem_init(void);
 
 /* worker.c */
 extern Size worker_shmem_size(void);
