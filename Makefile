@@ -31,7 +31,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-.PHONY: test demo bench
+.PHONY: test demo bench bench-breakers
 
 # Every suite on a throwaway cluster; installs what is missing (as root).
 test:
@@ -44,3 +44,7 @@ demo:
 # Side-by-side throughput ratios (SELECT 1, plain SQL, Redis).
 bench:
 	bash bench/run.sh
+
+# Breaker and bulkhead calls as ratios to SELECT 1.
+bench-breakers:
+	bash bench/breakers.sh

@@ -57,6 +57,7 @@ PG_FUNCTION_INFO_V1(retry);
 
 /* ---- backoff ---- */
 
+/* The jitter argument: none, full, equal or decorrelated (22004, 22023). */
 static Jitter
 jitter_arg(FunctionCallInfo fcinfo, int argno)
 {
@@ -128,6 +129,7 @@ backoff_usec(int attempt, int64 base, int64 cap, Jitter jitter, int64 previous)
 	return t;					/* keep the compiler quiet */
 }
 
+/* An interval of usec microseconds. */
 static Interval *
 interval_from_usec(int64 usec)
 {
@@ -337,7 +339,7 @@ retry(PG_FUNCTION_ARGS)
 		resilience_arg_name(fcinfo, 5, "circuit breaker name", breaker);
 
 	SPI_connect_ext(SPI_OPT_NONATOMIC);
-	mcxt = CurrentMemoryContext;	/* SPI's procedure context: lives across commits */
+	mcxt = CurrentMemoryContext;	/* SPI's: lives across commits */
 	previous = base;
 	for (attempt = 1;; attempt++)
 	{
@@ -361,7 +363,7 @@ retry(PG_FUNCTION_ARGS)
 
 			edata->context = edata->context ?
 				psprintf("%s\n%s", edata->context, note) : note;
-			/* the abort pops our SPI connection; ReThrowError copies edata first */
+			/* ReThrowError copies edata; the abort pops our SPI level */
 			ReThrowError(edata);
 		}
 		previous = backoff_usec(attempt - 1, base, cap, jitter, previous);

@@ -133,7 +133,7 @@ typedef struct Breaker
 	uint64		config_gen;		/* the generation cfg was read at */
 	int64		since;			/* clock reading of the last transition */
 	uint64		not_permitted;	/* calls refused */
-	/* the window's totals; the probes' results in HALF_OPEN; frozen when open */
+	/* window totals; probe results when half-open; frozen when open */
 	int32		calls;
 	int32		failures;
 	int32		slow;
@@ -151,13 +151,13 @@ typedef struct Breaker
 			int64		width;	/* of a bucket, ns */
 			int64		base;	/* newest bucket number (clock / width) */
 			int32		nbuckets;
-			TimeBucket	buckets[TIME_BUCKETS];	/* bucket n lives at n % nbuckets */
+			TimeBucket	buckets[TIME_BUCKETS];	/* bucket n at n % nbuckets */
 		}			time;
 		struct
 		{
 			int32		head;	/* oldest probe in flight */
 			int32		inflight;
-			int32		taken;	/* permitted and not freed: in flight + reported */
+			int32		taken;	/* in flight + reported */
 			int64		started[MAX_PROBES];
 		}			probes;
 	}			u;
@@ -167,7 +167,7 @@ typedef struct BreakerShared
 {
 	pg_atomic_uint64 config_gen;
 	slock_t		mutex;			/* protects defaults */
-	BreakerConfig defaults;		/* the defaults configurations were last read with */
+	BreakerConfig defaults;		/* the defaults last read with */
 } BreakerShared;
 
 typedef enum BreakerOp
@@ -199,7 +199,7 @@ typedef struct BreakerCall
 	int64		duration_ns;	/* OP_RECORD; NO_WAIT when unknown */
 	bool		allowed;		/* OP_ALLOW */
 	int32		state;			/* after the operation */
-	int64		wait_ns;		/* until a probe may be permitted; NO_WAIT if never */
+	int64		wait_ns;		/* until a probe may pass, or NO_WAIT */
 	int			ntransitions;
 	Transition	transitions[2]; /* at most one by time, one by the operation */
 } BreakerCall;
@@ -233,6 +233,7 @@ static void breaker_defaults(BreakerConfig *cfg);
 
 /* ---- shared memory ---- */
 
+/* Shared memory for the breaker table and the configuration generation. */
 Size
 breaker_shmem_size(void)
 {
@@ -241,12 +242,14 @@ breaker_shmem_size(void)
 								   BREAKER_KEY_LEN));
 }
 
+/* The partition locks of the breaker table. */
 void
 breaker_shmem_request(void)
 {
 	shm_table_request_locks(BREAKER_TRANCHE, BREAKER_PARTITIONS);
 }
 
+/* Create or attach to the breaker table (AddinShmemInitLock held). */
 void
 breaker_shmem_init(void)
 {
@@ -265,14 +268,16 @@ breaker_shmem_init(void)
 								   BREAKER_TRANCHE, BREAKER_PARTITIONS);
 }
 
-/* ---- the state machine (runs under the entry spinlock: no errors, no calls) ---- */
+/* ---- the state machine (under the entry spinlock: no errors, no calls) ---- */
 
+/* The outcome bits of call i of a count window. */
 static inline int
 count_get(Breaker *b, int i)
 {
 	return (b->u.count.outcomes[i >> 2] >> ((i & 3) * 2)) & 3;
 }
 
+/* Store the outcome bits of call i of a count window. */
 static inline void
 count_set(Breaker *b, int i, int outcome)
 {
@@ -329,6 +334,7 @@ time_advance(Breaker *b, int64 now)
 	b->u.time.base = cur;
 }
 
+/* Add a call's outcome to the window and its totals. */
 static void
 window_record(Breaker *b, int outcome, int64 now)
 {
@@ -373,6 +379,7 @@ rates_exceed(Breaker *b)
 		 (double) b->slow * 100.0 >= b->cfg.slow_rate_threshold * b->calls);
 }
 
+/* Move to another state, noting the transition for the log. */
 static void
 transition(Breaker *b, int32 to, int64 now, BreakerCall *call)
 {
@@ -450,6 +457,7 @@ breaker_wait(Breaker *b, int64 now)
 	return NO_WAIT;
 }
 
+/* breaker_allow: is a call permitted (taking a probe slot if half-open)? */
 static void
 breaker_admit(Breaker *b, int64 now, BreakerCall *call)
 {
@@ -478,6 +486,7 @@ breaker_admit(Breaker *b, int64 now, BreakerCall *call)
 		b->not_permitted++;
 }
 
+/* breaker_record: count an outcome where the state says to, and decide. */
 static void
 breaker_outcome(Breaker *b, int64 now, BreakerCall *call)
 {
@@ -517,7 +526,7 @@ breaker_outcome(Breaker *b, int64 now, BreakerCall *call)
 static void
 breaker_apply(Breaker *b, int64 now, BreakerCall *call)
 {
-	now = Max(now, b->since);	/* another backend may have read a later clock */
+	now = Max(now, b->since);	/* another backend may have read later */
 	call->allowed = false;
 	call->ntransitions = 0;
 	breaker_settle(b, now, call);
@@ -561,6 +570,7 @@ breaker_configure(Breaker *b, const BreakerConfig *cfg, uint64 gen, int64 now)
 
 /* ---- configuration ---- */
 
+/* The configuration the resilience.breaker_* settings give. */
 static void
 breaker_defaults(BreakerConfig *cfg)
 {
@@ -600,6 +610,7 @@ breaker_check_defaults(void)
 		pg_atomic_fetch_add_u64(&breaker_shared->config_gen, 1);
 }
 
+/* Column col of the configuration row (microseconds) in ns, or dflt if NULL. */
 static int64
 column_ns(int col, int64 dflt)
 {
@@ -609,6 +620,7 @@ column_ns(int col, int64 dflt)
 	return isnull ? dflt : DatumGetInt64(d) * 1000;
 }
 
+/* Integer column col of the configuration row, or dflt if NULL. */
 static int32
 column_int(int col, int32 dflt)
 {
@@ -618,6 +630,7 @@ column_int(int col, int32 dflt)
 	return isnull ? dflt : DatumGetInt32(d);
 }
 
+/* Float column col of the configuration row, or dflt if NULL. */
 static double
 column_float(int col, double dflt)
 {
@@ -734,6 +747,7 @@ breaker_config_changed(PG_FUNCTION_ARGS)
 
 /* ---- operations ---- */
 
+/* The table key of a breaker of this database (name already checked). */
 static void
 breaker_key_of(const char *name, BreakerKey *k)
 {
@@ -757,6 +771,7 @@ breaker_key_arg(FunctionCallInfo fcinfo, int argno, BreakerKey *k)
 	breaker_key_of(name, k);
 }
 
+/* Log a transition at LOG with the numbers that caused it. */
 static void
 breaker_log(const char *name, Transition *t)
 {
@@ -810,7 +825,7 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 	entry = shm_table_find(breaker_table, k->hash, KIND_BREAKER, k->key, k->keylen);
 	if (entry)
 	{
-		Breaker    *b = shm_entry_payload(breaker_table, entry);
+		Breaker	   *b = shm_entry_payload(breaker_table, entry);
 		int64		now = resilience_clock_ns();
 
 		SpinLockAcquire(&entry->mutex);
@@ -849,7 +864,7 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 		now = resilience_clock_ns();
 		SpinLockAcquire(&entry->mutex);
 		{
-			Breaker    *b = shm_entry_payload(breaker_table, entry);
+			Breaker	   *b = shm_entry_payload(breaker_table, entry);
 
 			if (!found)
 			{
@@ -873,7 +888,7 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 		breaker_log(k->name, &call->transitions[i]);
 }
 
-/* Refuse a call: ERRCODE_CIRCUIT_BREAKER_OPEN with the time to the next probe. */
+/* Refuse a call: RS001, with the time until the next probe. */
 static void
 breaker_refuse(const char *name, BreakerCall *call)
 {
@@ -898,6 +913,7 @@ breaker_refuse(const char *name, BreakerCall *call)
 			 errhint("Fail fast: do not call the dependency, and do not retry until then.")));
 }
 
+/* breaker_guard for C callers (the retry procedure). */
 void
 breaker_guard_name(const char *name)
 {
@@ -911,6 +927,7 @@ breaker_guard_name(const char *name)
 		breaker_refuse(name, &call);
 }
 
+/* breaker_record for C callers (the retry procedure). */
 void
 breaker_record_name(const char *name, bool success, int64 duration_usec)
 {
@@ -924,7 +941,7 @@ breaker_record_name(const char *name, bool success, int64 duration_usec)
 	breaker_run(&k, &call);
 }
 
-/* breaker_allow(name) → may a call be made now?  (Takes a probe slot if half-open.) */
+/* breaker_allow(name) → may a call be made now? (Takes a probe slot.) */
 Datum
 breaker_allow(PG_FUNCTION_ARGS)
 {
@@ -952,7 +969,7 @@ breaker_guard(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
-/* breaker_record(name, success, duration default null): report a call's outcome. */
+/* breaker_record(name, success, duration): report a call's outcome. */
 Datum
 breaker_record(PG_FUNCTION_ARGS)
 {
@@ -973,6 +990,7 @@ breaker_record(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* The breaker_force_* functions: put the named breaker in a forced state. */
 static Datum
 breaker_force(FunctionCallInfo fcinfo, BreakerOp op, const char *fn)
 {
@@ -1048,7 +1066,7 @@ breaker_state(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(state_names[copy.state]));
 }
 
-/* breaker_reset(name) → forget the breaker (closed, empty window); true if it existed. */
+/* breaker_reset(name) → forget the breaker; true if it existed. */
 Datum
 breaker_reset(PG_FUNCTION_ARGS)
 {
@@ -1077,6 +1095,7 @@ typedef struct BreakerCopy
 	Breaker		b;
 } BreakerCopy;
 
+/* shm_table_visit callback: copy the breakers of this database. */
 static void
 copy_breaker(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
@@ -1115,7 +1134,7 @@ breaker_entries(PG_FUNCTION_ARGS)
 	foreach(lc, list)
 	{
 		BreakerCopy *c = lfirst(lc);
-		Breaker    *b = &c->b;
+		Breaker	   *b = &c->b;
 		int64		now = Max(resilience_clock_ns(), b->since);
 		BreakerCall ignored = {0};
 		int64		wait;
@@ -1149,7 +1168,7 @@ breaker_entries(PG_FUNCTION_ARGS)
 static bool
 breaker_idle(ShmEntry *entry, void *payload, int64 now)
 {
-	Breaker    *b = (Breaker *) payload;
+	Breaker	   *b = (Breaker *) payload;
 
 	if (b->state == BS_CLOSED && b->cfg.window_type == WINDOW_TIME)
 		time_advance(b, Max(now, b->since));
@@ -1191,12 +1210,13 @@ typedef struct BreakerSaveContext
 	bool		ok;
 } BreakerSaveContext;
 
+/* shm_table_visit callback: count a breaker, or write it to the state file. */
 static void
 save_breaker(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
 	BreakerSaveContext *ctx = (BreakerSaveContext *) arg;
 	BreakerSaved rec;
-	Breaker    *b = &rec.b;
+	Breaker	   *b = &rec.b;
 
 	memset(&rec, 0, sizeof(rec));
 	memcpy(b, payload, sizeof(Breaker));
@@ -1220,6 +1240,7 @@ save_breaker(ShmEntry *entry, void *payload, const char *key, void *arg)
 	ctx->count++;
 }
 
+/* Write the breaker section of the state file. */
 bool
 breaker_state_save(FILE *file)
 {
@@ -1239,7 +1260,7 @@ breaker_state_save(FILE *file)
 static bool
 breaker_saved_valid(BreakerSaved *rec)
 {
-	Breaker    *b = &rec->b;
+	Breaker	   *b = &rec->b;
 
 	return rec->keylen > sizeof(Oid) && rec->keylen <= BREAKER_KEY_LEN &&
 		b->state >= BS_CLOSED && b->state <= BS_DISABLED &&
@@ -1259,7 +1280,7 @@ breaker_saved_valid(BreakerSaved *rec)
 		  b->u.time.width > 0));
 }
 
-/* Restore saved breakers; downtime is not credited to an open breaker's timeout. */
+/* Restore saved breakers; downtime does not count towards open_timeout. */
 bool
 breaker_state_load(FILE *file, uint32 nrecords)
 {
@@ -1271,7 +1292,7 @@ breaker_state_load(FILE *file, uint32 nrecords)
 	{
 		BreakerSaved rec;
 		ShmEntry   *entry;
-		Breaker    *b;
+		Breaker	   *b;
 		bool		found;
 
 		if (!state_read(file, &rec, sizeof(rec)) ||

@@ -62,7 +62,7 @@
 #define BULKHEAD_TRANCHE "resilience_bulkheads"
 #define KIND_BULKHEAD 1
 #define BULKHEAD_KEY_LEN (NAMEDATALEN - 1)
-/* Longest single sleep; longer waits sleep again (the wait list keeps our place). */
+/* Longest single sleep; a longer wait sleeps again, keeping its place. */
 #define MAX_SLEEP_MS 3600000
 
 typedef struct Bulkhead
@@ -73,7 +73,7 @@ typedef struct Bulkhead
 	int32		waiting;
 	int32		handoffs;
 	uint64		acquired;
-	uint64		rejected;		/* refused at once: no wait allowed, or queue full */
+	uint64		rejected;		/* refused at once: no wait, or queue full */
 	uint64		timed_out;		/* waited max_wait in vain */
 } Bulkhead;
 
@@ -107,18 +107,21 @@ PG_FUNCTION_INFO_V1(bulkhead_sweep);
 
 /* ---- shared memory ---- */
 
+/* Shared memory for the bulkhead table. */
 Size
 bulkhead_shmem_size(void)
 {
 	return shm_table_size(resilience_max_bulkheads, sizeof(Bulkhead), BULKHEAD_KEY_LEN);
 }
 
+/* The partition locks of the bulkhead table. */
 void
 bulkhead_shmem_request(void)
 {
 	shm_table_request_locks(BULKHEAD_TRANCHE, BULKHEAD_PARTITIONS);
 }
 
+/* Create or attach to the bulkhead table (AddinShmemInitLock held). */
 void
 bulkhead_shmem_init(void)
 {
@@ -178,6 +181,7 @@ bulkhead_take_handoff(Bulkhead *b)
 	return true;
 }
 
+/* Wake the n longest waiters (outside the spinlock). */
 static void
 signal_waiters(Bulkhead *b, int n)
 {
@@ -255,6 +259,7 @@ release_held(bool everything, SubTransactionId subid)
 	}
 }
 
+/* At the end of a transaction, its permits go back. */
 static void
 bulkhead_xact_callback(XactEvent event, void *arg)
 {
@@ -287,6 +292,7 @@ bulkhead_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 				held[i].subid = parentSubid;
 }
 
+/* At backend exit, leave a wait and give back every permit. */
 static void
 bulkhead_exit(int code, Datum arg)
 {
@@ -352,7 +358,7 @@ bulkhead_wait(ShmEntry *entry, int64 deadline)
 			}
 			if (!timed_out)
 			{
-				/* signalled: a permit was handed to us (or to a waiter before us) */
+				/* signalled: a permit was handed to the waiters */
 				bool		took;
 
 				LWLockAcquire(lock, LW_SHARED);
@@ -474,6 +480,7 @@ permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
 	return outcome == ENTER_ACQUIRED ? entry : NULL;
 }
 
+/* bulkhead_acquire and bulkhead_acquire_session: check, take, remember. */
 static Datum
 acquire(FunctionCallInfo fcinfo, bool session, const char *fn)
 {
@@ -524,7 +531,7 @@ bulkhead_acquire(PG_FUNCTION_ARGS)
 	return acquire(fcinfo, false, "bulkhead_acquire");
 }
 
-/* bulkhead_acquire_session(...) → boolean: a permit held until bulkhead_release. */
+/* bulkhead_acquire_session(...) → boolean: a permit until released. */
 Datum
 bulkhead_acquire_session(PG_FUNCTION_ARGS)
 {
@@ -571,6 +578,7 @@ typedef struct BulkheadCopy
 	Bulkhead	b;
 } BulkheadCopy;
 
+/* shm_table_visit callback: copy a bulkhead for the view. */
 static void
 copy_bulkhead(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
@@ -614,7 +622,7 @@ bulkhead_entries(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* Nobody holds or waits for a permit: dropping the bulkhead loses only counters. */
+/* Nobody holds or waits: dropping the bulkhead loses only counters. */
 static bool
 bulkhead_idle(ShmEntry *entry, void *payload, int64 now)
 {

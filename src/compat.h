@@ -72,16 +72,15 @@ InitMaterializedSRF(FunctionCallInfo fcinfo, bits32 flags)
  * made here, atomically with leaving, under the list's own spinlock.  Call
  * only after ConditionVariablePrepareToSleep(cv).
  */
-#if PG_VERSION_NUM >= 160000
 #include "storage/condition_variable.h"
 
+#if PG_VERSION_NUM >= 160000
 static inline bool
 ConditionVariableCancelSleep_compat(ConditionVariable *cv)
 {
 	return ConditionVariableCancelSleep();
 }
 #else
-#include "storage/condition_variable.h"
 #include "storage/proc.h"
 #include "storage/proclist.h"
 
@@ -96,7 +95,7 @@ ConditionVariableCancelSleep_compat(ConditionVariable *cv)
 	else
 		signaled = true;
 	SpinLockRelease(&cv->mutex);
-	ConditionVariableCancelSleep(); /* forgets the target; we are off the list */
+	ConditionVariableCancelSleep(); /* forget the target: we are off the list */
 	return signaled;
 }
 #endif

@@ -212,7 +212,7 @@ _PG_init(void)
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("resilience.max_bulkheads",
 							"Number of bulkheads kept in shared memory.",
-							"Each bulkhead costs about 200 bytes.",
+							"Each bulkhead costs about 150 bytes.",
 							&resilience_max_bulkheads,
 							1000, 16, 1000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
