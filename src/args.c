@@ -34,6 +34,20 @@ resilience_arg_int(FunctionCallInfo fcinfo, int argno, const char *what)
 	return PG_GETARG_INT32(argno);
 }
 
+/* An integer argument that must be positive (22004, 22023). */
+int32
+resilience_arg_positive(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	int32		value = resilience_arg_int(fcinfo, argno, what);
+
+	if (value <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be positive", what),
+				 errdetail("%s is %d.", what, value)));
+	return value;
+}
+
 /*
  * A name of a breaker or bulkhead: not NULL, 1 to NAMEDATALEN - 1 bytes.
  * Copies it NUL-terminated into name (NAMEDATALEN bytes) and returns its

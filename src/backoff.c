@@ -325,12 +325,7 @@ retry(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sql must not be empty")));
-	max_attempts = resilience_arg_int(fcinfo, 1, "max_attempts");
-	if (max_attempts <= 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("max_attempts must be positive"),
-				 errdetail("max_attempts is %d; 1 means no retry.", max_attempts)));
+	max_attempts = resilience_arg_positive(fcinfo, 1, "max_attempts");
 	base = resilience_arg_duration(fcinfo, 2, "base", false);
 	cap = resilience_arg_duration(fcinfo, 3, "cap", false);
 	check_base_cap(base, cap);

@@ -72,8 +72,13 @@
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #define BREAKER_PARTITIONS 16
@@ -610,49 +615,56 @@ breaker_check_defaults(void)
 		pg_atomic_fetch_add_u64(&breaker_shared->config_gen, 1);
 }
 
-/* Column col of the configuration row (microseconds) in ns, or dflt if NULL. */
-static int64
-column_ns(int col, int64 dflt)
+/* Column col of the configuration row into *d; false if it is NULL. */
+static bool
+config_column(int col, Datum *d)
 {
 	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
 
-	return isnull ? dflt : DatumGetInt64(d) * 1000;
+	*d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
+	return !isnull;
 }
 
-/* Integer column col of the configuration row, or dflt if NULL. */
-static int32
-column_int(int col, int32 dflt)
+/* The owner of a table. */
+static Oid
+table_owner(Oid relid)
 {
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
+	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	Oid			owner;
 
-	return isnull ? dflt : DatumGetInt32(d);
-}
-
-/* Float column col of the configuration row, or dflt if NULL. */
-static double
-column_float(int col, double dflt)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
-
-	return isnull ? dflt : DatumGetFloat8(d);
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+	return owner;
 }
 
 /*
  * A breaker's configuration: its row of resilience.breaker_config as last
  * committed (the table's CHECK constraints validated it), NULL columns and
- * missing rows taking the defaults.
+ * missing rows taking the defaults.  The row is read as the table's owner,
+ * so callers need no privilege on it, with every name in the query
+ * qualified.
  */
 static void
 breaker_load_config(const char *name, BreakerConfig *cfg)
 {
+	Oid			relid = get_relname_relid("breaker_config",
+										  get_namespace_oid("resilience", false));
+	Oid			save_userid;
+	int			save_sec_context;
 	Datum		values[1];
+	Datum		d;
 	int			ret;
 
+	if (!OidIsValid(relid))
+		elog(ERROR, "table resilience.breaker_config does not exist");
 	breaker_defaults(cfg);
 	values[0] = CStringGetTextDatum(name);
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(table_owner(relid),
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
 	SPI_connect();
 	if (config_plan == NULL)
 	{
@@ -660,12 +672,10 @@ breaker_load_config(const char *name, BreakerConfig *cfg)
 		SPIPlanPtr	plan;
 
 		plan = SPI_prepare("SELECT failure_rate_threshold, slow_call_rate_threshold,"
-						   " (extract(epoch FROM slow_call_duration) * 1000000)::int8,"
-						   " window_type = 'time', window_size, minimum_calls,"
-						   " (extract(epoch FROM open_timeout) * 1000000)::int8,"
-						   " half_open_calls,"
-						   " (extract(epoch FROM probe_timeout) * 1000000)::int8"
-						   " FROM resilience.breaker_config WHERE name = $1",
+						   " slow_call_duration, window_type, window_size, minimum_calls,"
+						   " open_timeout, half_open_calls, probe_timeout"
+						   " FROM resilience.breaker_config"
+						   " WHERE name OPERATOR(pg_catalog.=) $1",
 						   1, argtypes);
 		if (plan == NULL)
 			elog(ERROR, "could not prepare the query of resilience.breaker_config: %s",
@@ -680,22 +690,28 @@ breaker_load_config(const char *name, BreakerConfig *cfg)
 			 SPI_result_code_string(ret));
 	if (SPI_processed > 0)
 	{
-		bool		isnull;
-		Datum		is_time;
-
-		cfg->failure_rate_threshold = column_float(1, cfg->failure_rate_threshold);
-		cfg->slow_rate_threshold = column_float(2, cfg->slow_rate_threshold);
-		cfg->slow_call_ns = column_ns(3, cfg->slow_call_ns);
-		is_time = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull);
-		if (!isnull)
-			cfg->window_type = DatumGetBool(is_time) ? WINDOW_TIME : WINDOW_COUNT;
-		cfg->window_size = column_int(5, cfg->window_size);
-		cfg->minimum_calls = column_int(6, cfg->minimum_calls);
-		cfg->open_timeout_ns = column_ns(7, cfg->open_timeout_ns);
-		cfg->half_open_calls = column_int(8, cfg->half_open_calls);
-		cfg->probe_timeout_ns = column_ns(9, cfg->probe_timeout_ns);
+		if (config_column(1, &d))
+			cfg->failure_rate_threshold = DatumGetFloat8(d);
+		if (config_column(2, &d))
+			cfg->slow_rate_threshold = DatumGetFloat8(d);
+		if (config_column(3, &d))
+			cfg->slow_call_ns = resilience_interval_usec(DatumGetIntervalP(d)) * 1000;
+		if (config_column(4, &d))
+			cfg->window_type = strcmp(TextDatumGetCString(d), "time") == 0 ?
+				WINDOW_TIME : WINDOW_COUNT;
+		if (config_column(5, &d))
+			cfg->window_size = DatumGetInt32(d);
+		if (config_column(6, &d))
+			cfg->minimum_calls = DatumGetInt32(d);
+		if (config_column(7, &d))
+			cfg->open_timeout_ns = resilience_interval_usec(DatumGetIntervalP(d)) * 1000;
+		if (config_column(8, &d))
+			cfg->half_open_calls = DatumGetInt32(d);
+		if (config_column(9, &d))
+			cfg->probe_timeout_ns = resilience_interval_usec(DatumGetIntervalP(d)) * 1000;
 	}
 	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
 }
 
 /* At commit of a change to breaker_config, every breaker re-reads its row. */
@@ -913,18 +929,38 @@ breaker_refuse(const char *name, BreakerCall *call)
 			 errhint("Fail fast: do not call the dependency, and do not retry until then.")));
 }
 
+/* Ask for a call (a probe slot if half-open); RS001 if refused and raise. */
+static bool
+breaker_ask(BreakerKey *k, bool raise)
+{
+	BreakerCall call = {OP_ALLOW};
+
+	breaker_run(k, &call);
+	if (!call.allowed && raise)
+		breaker_refuse(k->name, &call);
+	return call.allowed;
+}
+
+/* Report an outcome; duration_ns is NO_WAIT when unknown. */
+static void
+breaker_report(BreakerKey *k, bool success, int64 duration_ns)
+{
+	BreakerCall call = {OP_RECORD};
+
+	call.success = success;
+	call.duration_ns = duration_ns;
+	breaker_run(k, &call);
+}
+
 /* breaker_guard for C callers (the retry procedure). */
 void
 breaker_guard_name(const char *name)
 {
 	BreakerKey	k;
-	BreakerCall call = {OP_ALLOW};
 
 	resilience_require_preload("breaker_guard");
 	breaker_key_of(name, &k);
-	breaker_run(&k, &call);
-	if (!call.allowed)
-		breaker_refuse(name, &call);
+	breaker_ask(&k, true);
 }
 
 /* breaker_record for C callers (the retry procedure). */
@@ -932,13 +968,10 @@ void
 breaker_record_name(const char *name, bool success, int64 duration_usec)
 {
 	BreakerKey	k;
-	BreakerCall call = {OP_RECORD};
 
 	resilience_require_preload("breaker_record");
 	breaker_key_of(name, &k);
-	call.success = success;
-	call.duration_ns = duration_usec < 0 ? NO_WAIT : duration_usec * 1000;
-	breaker_run(&k, &call);
+	breaker_report(&k, success, duration_usec < 0 ? NO_WAIT : duration_usec * 1000);
 }
 
 /* breaker_allow(name) → may a call be made now? (Takes a probe slot.) */
@@ -946,12 +979,10 @@ Datum
 breaker_allow(PG_FUNCTION_ARGS)
 {
 	BreakerKey	k;
-	BreakerCall call = {OP_ALLOW};
 
 	resilience_require_preload("breaker_allow");
 	breaker_key_arg(fcinfo, 0, &k);
-	breaker_run(&k, &call);
-	PG_RETURN_BOOL(call.allowed);
+	PG_RETURN_BOOL(breaker_ask(&k, false));
 }
 
 /* breaker_guard(name): like breaker_allow, but raises RS001 when refused. */
@@ -959,13 +990,10 @@ Datum
 breaker_guard(PG_FUNCTION_ARGS)
 {
 	BreakerKey	k;
-	BreakerCall call = {OP_ALLOW};
 
 	resilience_require_preload("breaker_guard");
 	breaker_key_arg(fcinfo, 0, &k);
-	breaker_run(&k, &call);
-	if (!call.allowed)
-		breaker_refuse(k.name, &call);
+	breaker_ask(&k, true);
 	PG_RETURN_VOID();
 }
 
@@ -974,7 +1002,6 @@ Datum
 breaker_record(PG_FUNCTION_ARGS)
 {
 	BreakerKey	k;
-	BreakerCall call = {OP_RECORD};
 
 	resilience_require_preload("breaker_record");
 	breaker_key_arg(fcinfo, 0, &k);
@@ -983,10 +1010,8 @@ breaker_record(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("success must not be null"),
 				 errhint("Pass true for a call that succeeded, false for one that failed.")));
-	call.success = PG_GETARG_BOOL(1);
-	call.duration_ns = PG_ARGISNULL(2) ? NO_WAIT :
-		resilience_arg_duration(fcinfo, 2, "duration", true) * 1000;
-	breaker_run(&k, &call);
+	breaker_report(&k, PG_GETARG_BOOL(1), PG_ARGISNULL(2) ? NO_WAIT :
+				   resilience_arg_duration(fcinfo, 2, "duration", true) * 1000);
 	PG_RETURN_VOID();
 }
 
@@ -1202,19 +1227,11 @@ typedef struct BreakerSaved
 	Breaker		b;
 } BreakerSaved;
 
-typedef struct BreakerSaveContext
-{
-	FILE	   *file;
-	int64		now;
-	uint32		count;
-	bool		ok;
-} BreakerSaveContext;
-
 /* shm_table_visit callback: count a breaker, or write it to the state file. */
 static void
 save_breaker(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
-	BreakerSaveContext *ctx = (BreakerSaveContext *) arg;
+	StateSaveContext *ctx = (StateSaveContext *) arg;
 	BreakerSaved rec;
 	Breaker	   *b = &rec.b;
 
@@ -1244,16 +1261,7 @@ save_breaker(ShmEntry *entry, void *payload, const char *key, void *arg)
 bool
 breaker_state_save(FILE *file)
 {
-	BreakerSaveContext ctx = {NULL, resilience_clock_ns(), 0, true};
-
-	if (breaker_table == NULL)
-		return true;
-	shm_table_visit(breaker_table, save_breaker, &ctx); /* count */
-	state_write_section(file, STATE_SECTION_BREAKER, ctx.count);
-	ctx.file = file;
-	ctx.count = 0;
-	shm_table_visit(breaker_table, save_breaker, &ctx);
-	return ctx.ok;
+	return state_save_table(file, STATE_SECTION_BREAKER, breaker_table, save_breaker);
 }
 
 /* Is a saved breaker something this version could have written? */

@@ -493,12 +493,7 @@ acquire(FunctionCallInfo fcinfo, bool session, const char *fn)
 
 	resilience_require_preload(fn);
 	len = resilience_arg_name(fcinfo, 0, "bulkhead name", name);
-	max_concurrent = resilience_arg_int(fcinfo, 1, "max_concurrent");
-	if (max_concurrent <= 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("max_concurrent must be positive"),
-				 errdetail("max_concurrent is %d.", max_concurrent)));
+	max_concurrent = resilience_arg_positive(fcinfo, 1, "max_concurrent");
 	wait_usec = resilience_arg_duration(fcinfo, 2, "max_wait", true);
 	if (!PG_ARGISNULL(3))
 	{

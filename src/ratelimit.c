@@ -902,18 +902,10 @@ typedef struct RateSaved
 	int64		idle_ns;		/* time since last use */
 } RateSaved;
 
-typedef struct SaveContext
-{
-	FILE	   *file;
-	int64		now;
-	uint32		count;
-	bool		ok;
-} SaveContext;
-
 static void
 save_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
-	SaveContext *ctx = (SaveContext *) arg;
+	StateSaveContext *ctx = (StateSaveContext *) arg;
 	RateState	copy = *(RateState *) payload;
 	RateState  *s = &copy;
 	RateSaved	rec;
@@ -947,16 +939,7 @@ save_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 bool
 ratelimit_state_save(FILE *file)
 {
-	SaveContext ctx = {NULL, resilience_clock_ns(), 0, true};
-
-	if (rate_table == NULL)
-		return true;
-	shm_table_visit(rate_table, save_entry, &ctx);	/* count */
-	state_write_section(file, STATE_SECTION_RATELIMIT, ctx.count);
-	ctx.file = file;
-	ctx.count = 0;
-	shm_table_visit(rate_table, save_entry, &ctx);
-	return ctx.ok;
+	return state_save_table(file, STATE_SECTION_RATELIMIT, rate_table, save_entry);
 }
 
 /*

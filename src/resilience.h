@@ -92,6 +92,7 @@ extern void resilience_require_preload(const char *feature);
 /* args.c: argument checking shared by the SQL functions (22004, 22023). */
 extern text *resilience_arg_text(FunctionCallInfo fcinfo, int argno, const char *what);
 extern int32 resilience_arg_int(FunctionCallInfo fcinfo, int argno, const char *what);
+extern int32 resilience_arg_positive(FunctionCallInfo fcinfo, int argno, const char *what);
 extern int	resilience_arg_name(FunctionCallInfo fcinfo, int argno, const char *what,
 								char *name);
 extern int64 resilience_arg_duration(FunctionCallInfo fcinfo, int argno, const char *what,

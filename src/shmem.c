@@ -625,6 +625,22 @@ state_write_section(FILE *file, uint32 section, uint32 nrecords)
 	state_write(file, header, sizeof(header));
 }
 
+/* Write a table as one section: a pass to count its entries, one to write them. */
+bool
+state_save_table(FILE *file, uint32 section, ShmTable *table, ShmVisitFn save)
+{
+	StateSaveContext ctx = {NULL, resilience_clock_ns(), 0, true};
+
+	if (table == NULL)
+		return true;
+	shm_table_visit(table, save, &ctx);
+	state_write_section(file, section, ctx.count);
+	ctx.file = file;
+	ctx.count = 0;
+	shm_table_visit(table, save, &ctx);
+	return ctx.ok;
+}
+
 /*
  * Did the server just shut down cleanly?  An immediate shutdown also ends the
  * postmaster with exit code 0, but leaves the control file "in production";

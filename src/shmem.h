@@ -84,6 +84,20 @@ extern void resilience_shmem_hooks(void);
 #define STATE_SECTION_RATELIMIT 1
 #define STATE_SECTION_BREAKER 2
 extern void state_write_section(FILE *file, uint32 section, uint32 nrecords);
+
+/*
+ * What a table's save callback (a ShmVisitFn) gets: it counts every entry,
+ * and writes it too once file is set.
+ */
+typedef struct StateSaveContext
+{
+	FILE	   *file;			/* NULL while counting */
+	int64		now;
+	uint32		count;
+	bool		ok;
+} StateSaveContext;
+extern bool state_save_table(FILE *file, uint32 section, ShmTable *table,
+							 ShmVisitFn save);
 extern bool state_write(FILE *file, const void *data, Size len);
 extern bool state_read(FILE *file, void *data, Size len);
 
