@@ -56,6 +56,26 @@ CALL resilience.retry($q$
     3, '1 ms', '2 ms', 'none');
 SELECT last_value AS attempts FROM attempts;
 
+-- Errors raised at COMMIT are caught and retried too: a deferred constraint
+-- trigger fails the first two commits with a serialization failure.
+CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('attempts') < 3 THEN
+        RAISE EXCEPTION 'conflict found at commit' USING ERRCODE = 'serialization_failure';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TABLE committed (v int UNIQUE DEFERRABLE INITIALLY DEFERRED);
+CREATE CONSTRAINT TRIGGER check_at_commit AFTER INSERT ON committed
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit();
+ALTER SEQUENCE attempts RESTART;
+CALL resilience.retry($$INSERT INTO committed VALUES (1)$$, base => '1 ms', cap => '2 ms');
+SELECT last_value AS attempts FROM attempts;
+SELECT * FROM committed;
+-- a commit-time error that is not retryable is raised at once
+CALL resilience.retry($$INSERT INTO committed VALUES (1)$$);
+SELECT * FROM committed;
+
 -- Retries go inside the breaker: each attempt asks it and reports to it; an
 -- open breaker stops the retries at once (RS001 is not retryable).
 INSERT INTO resilience.breaker_config (name, window_size, minimum_calls, open_timeout)
