@@ -4,7 +4,9 @@
 #  - concurrent failures open a breaker exactly once (one transition logged);
 #  - a bulkhead never lets more than max_concurrent sessions hold a permit at
 #    once (checked from timestamps taken inside the permit's lifetime), and
-#    every caller eventually gets one within its max_wait.
+#    every caller eventually gets one within its max_wait;
+#  - a full breaker table (resilience.max_breakers) raises 53200, evicts
+#    nothing, and breaker_reset makes room.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -17,6 +19,7 @@ $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'resilience'
 resilience.reaper_interval = 0
 resilience.database_names = ''
+resilience.max_breakers = 16
 max_connections = 40
 });
 $node->start;
@@ -104,6 +107,25 @@ is( $node->safe_psql('postgres', qq{
 SELECT acquired - $acquired_before || '/' || in_use || '/' || waiting || '/' || timed_out
   FROM resilience.bulkheads WHERE name = 'load:bh'}),
 	"$spans/0/0/0", 'the counters add up, and nothing is left held or waiting');
+
+# --- a full breaker table ---
+$node->safe_psql('postgres', q{
+SELECT resilience.breaker_force_open('full:' || i)
+  FROM generate_series(1, 16 - (SELECT count(*) FROM resilience.breakers)) i});
+is($node->safe_psql('postgres', 'SELECT count(*) FROM resilience.breakers'), '16', 'the breaker table is full');
+my ($ret, $out, $err) = $node->psql('postgres', q{\set VERBOSITY verbose
+SELECT resilience.breaker_allow('full:one-more')});
+like($err, qr/53200.*circuit breaker table is full/s, 'a new breaker in a full table: 53200');
+like($err, qr/HINT:.*resilience.max_breakers/, '... with a hint');
+is( $node->safe_psql('postgres', q{
+SELECT string_agg(state, ',') FROM (SELECT DISTINCT state FROM resilience.breakers WHERE name LIKE 'full:%') s}),
+	'forced_open', 'no breaker was evicted to make room');
+is($node->safe_psql('postgres', q{SELECT resilience.breaker_allow('load:storm')}), 'f',
+	'breakers already in the table keep working');
+is( $node->safe_psql('postgres', q{
+SELECT resilience.breaker_reset('full:1');
+SELECT resilience.breaker_allow('full:one-more')}),
+	"t\nt", 'breaker_reset makes room for a new breaker');
 
 $node->stop;
 done_testing();
