@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
 # bench/breakers.sh: what a circuit breaker and a bulkhead cost per call, as
-# throughput ratios to SELECT 1, measured side by side in one run:
+# ratios to SELECT 1, measured side by side in one run:
 #   SELECT 1                                   the round trip alone
+#   two built-in function calls                what any two calls cost (control)
 #   breaker_allow + breaker_record, one key    both calls in one statement
 #   bulkhead_acquire, then commit              autocommit: the permit is
 #                                              released by the commit
 # pgbench -n -M prepared -c 8 -j 2, DURATION seconds (default 5) per run,
-# ROUNDS rounds (default 5) taken in turn; the median of each is printed.
+# ROUNDS rounds (default 5) taken in turn.  Two ratios are printed:
+#   tps      median throughput over the rounds, divided by SELECT 1's;
+#   cpu      CPU time per transaction (server backends and pgbench, from
+#            /proc), SELECT 1's divided by the workload's: the throughput
+#            ratio of a dedicated, CPU-bound machine.  On a shared machine
+#            the tps ratio moves with everything else running; this one
+#            much less.
 #
 # Standalone: bash bench/breakers.sh (builds, starts a throwaway cluster).
 # From bench/run.sh, inside its own running cluster: source this file with
-# BREAKERS_AS_LIBRARY=1 and call bench_breakers (it needs $WORK, $PGHOST,
-# $PGPORT, $PGUSER and as_owner from tools/cluster.sh).
+# BREAKERS_AS_LIBRARY=1 and call bench_breakers (it needs $WORK, $DATA,
+# $PGHOST, $PGPORT, $PGUSER and as_owner from tools/cluster.sh).
 if [ -z "${BREAKERS_AS_LIBRARY:-}" ]; then
 	. "$(dirname "$0")/../tools/cluster.sh"
 fi
 
-# The tps of one pgbench run of script $1.
-bench_tps() {
-	as_owner pgbench -n -M prepared -c 8 -j 2 -T "$DURATION" -f "$1" 2>&1 |
-		sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p'
+# CPU time (clock ticks) of the reaped children of process $1.
+bench_children_cpu() {
+	awk '{ print $16 + $17 }' "/proc/$1/stat"
+}
+
+# One pgbench run of script $1: prints "tps cpu_seconds_per_transaction".
+bench_run() {
+	local pm out cpu0 cpu1 txns tps
+	pm=$(head -n 1 "$DATA/postmaster.pid")
+	cpu0=$(($(bench_children_cpu "$pm") + $(bench_children_cpu $$)))
+	out=$(as_owner pgbench -n -M prepared -c 8 -j 2 -T "$DURATION" -f "$1" 2>&1)
+	sleep 0.2 # the postmaster reaps the backends
+	cpu1=$(($(bench_children_cpu "$pm") + $(bench_children_cpu $$)))
+	tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' <<<"$out")
+	txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+	awk -v t="$tps" -v n="$txns" -v c=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" \
+		'BEGIN { printf "%s %.9f\n", t, c / hz / n }'
 }
 
 # The median of the numbers given.
@@ -28,20 +48,23 @@ bench_median() {
 }
 
 bench_breakers() {
-	local dir="$WORK/bench-breakers" name i
-	local -A tps=()
+	local dir="$WORK/bench-breakers" name i r
+	local -A tps=() cpu=()
 	DURATION=${DURATION:-5}
 	ROUNDS=${ROUNDS:-5}
 	mkdir -p "$dir"
 	echo 'SELECT 1;' >"$dir/select1.sql"
+	echo "SELECT length('bench'), length('bench');" >"$dir/control.sql"
 	echo "SELECT resilience.breaker_allow('bench'), resilience.breaker_record('bench', true);" >"$dir/breaker.sql"
 	echo "SELECT resilience.bulkhead_acquire('bench', 64);" >"$dir/bulkhead.sql"
 	[ -n "${RUNAS:-}" ] && chown -R "$RUNAS:" "$dir"
 	as_owner psql -X -q -c 'CREATE EXTENSION IF NOT EXISTS resilience' >/dev/null
 
 	for i in $(seq "$ROUNDS"); do
-		for name in select1 breaker bulkhead; do
-			tps[$name]="${tps[$name]:-} $(bench_tps "$dir/$name.sql")"
+		for name in select1 control breaker bulkhead; do
+			r=$(bench_run "$dir/$name.sql")
+			tps[$name]="${tps[$name]:-} ${r% *}"
+			cpu[$name]="${cpu[$name]:-} ${r#* }"
 		done
 	done
 	# the workloads did what they claim: the breaker stayed closed, no permit is left
@@ -50,21 +73,28 @@ bench_breakers() {
 		      FROM resilience.bulkheads WHERE name = 'bench')
 		FROM resilience.breakers WHERE name = 'bench'" | sed 's/^/  check: /'
 
-	local base breaker bulkhead
-	# shellcheck disable=SC2086
-	base=$(bench_median ${tps[select1]})
-	# shellcheck disable=SC2086
-	breaker=$(bench_median ${tps[breaker]})
-	# shellcheck disable=SC2086
-	bulkhead=$(bench_median ${tps[bulkhead]})
-	printf '\nresilience breakers and bulkheads: pgbench -M prepared -c 8 -j 2, %s s x %s rounds, median tps\n' \
+	printf '\nresilience breakers and bulkheads: pgbench -M prepared -c 8 -j 2, %s s x %s rounds (medians)\n' \
 		"$DURATION" "$ROUNDS"
-	printf '  %-40s %10s %8s\n' workload tps ratio
-	awk -v b="$base" -v r="$breaker" -v k="$bulkhead" 'BEGIN {
-		printf "  %-40s %10.0f %8.2f\n", "SELECT 1", b, 1
-		printf "  %-40s %10.0f %8.2f   (target >= 0.90)\n", "breaker_allow + breaker_record", r, r / b
-		printf "  %-40s %10.0f %8.2f   (target >= 0.85)\n", "bulkhead_acquire + commit", k, k / b
-	}'
+	printf '  %-34s %9s %6s %12s %6s\n' workload tps ratio 'cpu/txn' ratio
+	for name in select1 control breaker bulkhead; do
+		# shellcheck disable=SC2086
+		echo "$name $(bench_median ${tps[$name]}) $(bench_median ${cpu[$name]})"
+	done | awk '
+		{ label[$1] = $1; t[$1] = $2; c[$1] = $3; order[NR] = $1 }
+		END {
+			label["select1"] = "SELECT 1"
+			label["control"] = "two built-in function calls"
+			label["breaker"] = "breaker_allow + breaker_record"
+			label["bulkhead"] = "bulkhead_acquire + commit"
+			note["control"] = "   (control)"
+			note["breaker"] = "   (target >= 0.90)"
+			note["bulkhead"] = "   (target >= 0.85)"
+			for (i = 1; i <= NR; i++) {
+				n = order[i]
+				printf "  %-34s %9.0f %6.2f %9.1f us %6.2f%s\n", label[n], t[n], t[n] / t["select1"],
+					c[n] * 1e6, c["select1"] / c[n], note[n]
+			}
+		}'
 }
 
 if [ -z "${BREAKERS_AS_LIBRARY:-}" ]; then

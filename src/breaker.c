@@ -59,8 +59,10 @@
  *
  * Locking: the partition lock in shared mode and the entry's spinlock for
  * every decision (nothing is called, allocated or raised under the
- * spinlock); the partition lock exclusively only to create an entry, which
- * reads the configuration first.
+ * spinlock), except breaker_allow on a breaker that permits everything,
+ * which only reads the state under the partition lock; the partition lock
+ * exclusively only to create an entry, which reads the configuration first.
+ * (last_used is not kept: breakers are never evicted, only swept when idle.)
  *
  *-------------------------------------------------------------------------
  */
@@ -93,6 +95,13 @@
 #define NS_PER_SEC INT64CONST(1000000000)
 #define NS_PER_MS INT64CONST(1000000)
 #define NO_WAIT (-1)
+
+/* Unlocked reads of an int64 (config_gen) are atomic only on some platforms. */
+#ifdef PG_HAVE_8BYTE_SINGLE_COPY_ATOMICITY
+#define LOCK_FREE_ALLOW true
+#else
+#define LOCK_FREE_ALLOW false
+#endif
 
 /* Outcome bits of a call in a count window. */
 #define OUTCOME_FAILED 1
@@ -414,6 +423,13 @@ transition(Breaker *b, int32 to, int64 now, BreakerCall *call)
 			 from != BS_CLOSED && from != BS_METRICS_ONLY)
 		window_reset(b, now);
 	/* OPEN, FORCED_OPEN: the counts stay as they were, frozen */
+}
+
+/* Does the state permit every call, with no side effect? */
+static inline bool
+permits_everything(int32 state)
+{
+	return state == BS_CLOSED || state == BS_METRICS_ONLY || state == BS_DISABLED;
 }
 
 /* Free the slots of probes that did not report within probe_timeout. */
@@ -842,17 +858,38 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 	if (entry)
 	{
 		Breaker	   *b = shm_entry_payload(breaker_table, entry);
-		int64		now = resilience_clock_ns();
+		bool		current;
 
-		SpinLockAcquire(&entry->mutex);
-		if (b->config_gen >= gen || config_changed_in_xact)
+		/*
+		 * Asking a breaker that permits everything (closed, metrics_only,
+		 * disabled) changes nothing: unlocked reads of its state and
+		 * generation answer, ordered before or after any transition racing
+		 * with them.  Everything else takes the spinlock.
+		 */
+		current = b->config_gen >= gen || config_changed_in_xact;
+		if (LOCK_FREE_ALLOW && call->op == OP_ALLOW && current &&
+			permits_everything(((volatile Breaker *) b)->state))
 		{
-			breaker_apply(b, now, call);
-			entry->referenced = true;
-			entry->last_used = Max(entry->last_used, now);
+			call->allowed = true;
+			call->state = ((volatile Breaker *) b)->state;
+			call->wait_ns = NO_WAIT;
+			call->ntransitions = 0;
 			done = true;
 		}
-		SpinLockRelease(&entry->mutex);
+		else
+		{
+			int64		now = resilience_clock_ns();
+
+			SpinLockAcquire(&entry->mutex);
+			if (b->config_gen >= gen || config_changed_in_xact)
+			{
+				breaker_apply(b, now, call);
+				if (!entry->referenced)
+					entry->referenced = true;
+				done = true;
+			}
+			SpinLockRelease(&entry->mutex);
+		}
 	}
 	LWLockRelease(lock);
 
@@ -894,7 +931,6 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 				breaker_configure(b, &cfg, gen, now);
 			breaker_apply(b, now, call);
 			entry->referenced = true;
-			entry->last_used = Max(entry->last_used, now);
 		}
 		SpinLockRelease(&entry->mutex);
 		LWLockRelease(lock);

@@ -443,8 +443,8 @@ permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
 	b->max_concurrent = max_concurrent;
 	outcome = bulkhead_try_enter(b, wait_usec > 0, max_queue);
 	nsignal = bulkhead_dispatch(b); /* max_concurrent may have grown */
-	entry->referenced = true;
-	entry->last_used = resilience_clock_ns();
+	if (!entry->referenced)
+		entry->referenced = true;
 	SpinLockRelease(&entry->mutex);
 	signal_waiters(b, nsignal);
 
