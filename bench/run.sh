@@ -5,7 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers"   which comparisons to run
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
 #                      other work on a shared machine then weighs on both
 #                      sides of a ratio alike
@@ -137,7 +137,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -183,6 +183,15 @@ run_idempotency() {
 	run_pgbench idem_pk "primary-key SELECT of the same row" idempotency_pk_select.sql
 }
 
+# Breakers and bulkheads: one breaker (two calls per statement) and one
+# bulkhead (its permit released by the commit), against SELECT 1 and, for
+# context, a statement of two trivial built-in calls.
+run_breakers() {
+	run_pgbench two_calls "two built-in function calls (control)" two_calls.sql
+	run_pgbench breaker "breaker_allow + breaker_record" breaker.sql
+	run_pgbench bulkhead "bulkhead_acquire + commit" bulkhead.sql
+}
+
 section locks && load_sql locks_setup.sql
 section idempotency && load_sql idempotency_setup.sql
 
@@ -190,7 +199,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "Running: $CLIENTS clients, ${DURATION}s per run, $ROUNDS round(s)"
 for round in $(seq "$ROUNDS"); do
 	run_pgbench select1 "SELECT 1" select1.sql
-	for s in ratelimit locks idempotency; do
+	for s in ratelimit locks idempotency breakers; do
 		if section "$s"; then "run_$s"; fi
 	done
 done
@@ -234,6 +243,13 @@ report() {
 	section ratelimit && report_ratelimit
 	section locks && report_locks
 	section idempotency && report_idempotency
+	section breakers && report_breakers
+}
+
+report_breakers() {
+	ratio_line "breaker_allow + breaker_record / SELECT 1" breaker select1 ">=" 0.9
+	ratio_line "bulkhead_acquire + commit / SELECT 1" bulkhead select1 ">=" 0.85
+	ratio_line "two built-in calls / SELECT 1 (control)" two_calls select1
 }
 
 report_idempotency() {
