@@ -6,9 +6,13 @@ MODULE_big = resilience
 OBJS = \
 	src/resilience.o \
 	src/shmem.o \
+	src/args.o \
 	src/ratelimit.o \
 	src/locks.o \
 	src/idempotency.o \
+	src/breaker.o \
+	src/bulkhead.o \
+	src/backoff.o \
 	src/outbox.o \
 	src/relay.o \
 	src/sink_http.o \
@@ -23,10 +27,11 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
-	outbox outbox_errors
+	breaker breaker_errors bulkhead retry outbox outbox_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait inbox_accept idempotency_reaper \
+ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
+	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	outbox_order outbox_consumers
 ISOLATION_OPTS = --inputdir=test
 
@@ -38,7 +43,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-.PHONY: test demo bench
+.PHONY: test demo bench bench-breakers
 
 # Every suite on a throwaway cluster; installs what is missing (as root).
 test:
@@ -51,3 +56,7 @@ demo:
 # Side-by-side throughput ratios (SELECT 1, plain SQL, Redis).
 bench:
 	bash bench/run.sh
+
+# Breaker and bulkhead calls as ratios to SELECT 1.
+bench-breakers:
+	bash bench/breakers.sh

@@ -50,9 +50,7 @@ outbox_drain() {
 		[ $(($(now_ms) - t0)) -lt 600000 ] || die "the relay did not drain $topic in 10 minutes"
 	done
 	t1=$(now_ms)
-	TPUT[$id]=$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')
-	LABEL[$id]=$2
-	ORDER+=("$id")
+	record "$id" "$2" "$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')"
 }
 
 outbox_reference_drain() {
@@ -62,9 +60,8 @@ outbox_reference_drain() {
 	t0=$(now_ms)
 	psql -X -q -c "CALL bench_reference_drain(500)"
 	t1=$(now_ms)
-	TPUT[ref_drain]=$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')
-	LABEL[ref_drain]="reference: DELETE SKIP LOCKED loop to NOTIFY (events/s)"
-	ORDER+=(ref_drain)
+	record ref_drain "reference: DELETE SKIP LOCKED loop to NOTIFY (events/s)" \
+		"$(awk -v n="$OUTBOX_EVENTS" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", n * 1000 / ms }')"
 }
 
 outbox_latency() {
@@ -89,7 +86,7 @@ outbox_backlog() { psql -X -Atc "SELECT count(*) FROM resilience.outbox"; }
 # for 60 s at the rate it drained a backlog alone, and count what it
 # delivered meanwhile.  Then let it drain what is left.
 outbox_calibrate() {
-	local probe=${TPUT[http_drain]} published backlog t0
+	local probe=$(tput http_drain) published backlog t0
 	say "-- calibration: HTTP relay capacity while publishing (60 s at $probe events/s)"
 	pgbench -n -c 4 -j 2 -R "$probe" -T 60 -f "$BENCH_DIR/outbox_sustained.sql" \
 		>"$OUT/outbox_calibration.txt" 2>&1 || { cat "$OUT/outbox_calibration.txt"; die "pgbench calibration failed"; }
@@ -142,8 +139,8 @@ report_outbox() {
 	ratio_line "outbox_publish / plain INSERT" outbox_publish outbox_insert ">=" 0.8
 	ratio_line "outbox_publish without a key / plain INSERT" outbox_publish_nokey outbox_insert
 	ratio_line "relay to NOTIFY / reference loop" notify_drain ref_drain
-	awk -v t="${TPUT[notify_drain]}" 'BEGIN { ok = (t >= 20000) ? "PASS" : "BELOW"; printf "  %-48s %7.0f   >= 20000 %s\n", "relay to NOTIFY, events/s", t, ok }'
-	awk -v t="${TPUT[http_drain]}" 'BEGIN { ok = (t >= 5000) ? "PASS" : "BELOW"; printf "  %-48s %7.0f   >= 5000  %s\n", "relay to HTTP (loopback), events/s", t, ok }'
+	awk -v t="$(tput notify_drain)" 'BEGIN { ok = (t >= 20000) ? "PASS" : "BELOW"; printf "  %-48s %7.0f   >= 20000 %s\n", "relay to NOTIFY, events/s", t, ok }'
+	awk -v t="$(tput http_drain)" 'BEGIN { ok = (t >= 5000) ? "PASS" : "BELOW"; printf "  %-48s %7.0f   >= 5000  %s\n", "relay to HTTP (loopback), events/s", t, ok }'
 	awk -v p="$LAT_P99" -v m="$LAT_P50" -v n="$LAT_N" 'BEGIN { ok = (p <= 20) ? "PASS" : "ABOVE"; printf "  %-48s %7.1f   <= 20    %s   (p50 %.1f ms, %d events)\n", "commit-to-delivery p99 at 100/s, ms", p, ok, m, n }'
 	if [ "$OUTBOX_MINUTES" -gt 0 ]; then
 		say "  HTTP relay capacity while publishing (calibration): $MIXED_CAPACITY events/s"

@@ -82,7 +82,6 @@
 #define OUTBOX_KEY_SEED UINT64CONST(0x6f7574626f786b79)
 #define HEADER_NAME_MAX 128
 #define HEADER_VALUE_MAX 4096
-#define MAX_DELAY_USECS (INT64CONST(366) * USECS_PER_DAY)
 
 PG_FUNCTION_INFO_V1(outbox_publish);
 PG_FUNCTION_INFO_V1(outbox_route_check);
@@ -731,25 +730,13 @@ name_arg(FunctionCallInfo fcinfo, int argno, const char *what, int max, bool nul
 	return t;
 }
 
-/* An interval argument in [0, 366 days] (or (0, ...] when !zero_ok). */
+/* An interval argument in microseconds; NULL means none (0). */
 static int64
 delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
 {
-	Interval   *iv;
-	int64		usecs;
-
 	if (PG_ARGISNULL(argno))
 		return 0;
-	iv = PG_GETARG_INTERVAL_P(argno);
-	usecs = resilience_interval_usecs(iv);
-	if (usecs < 0 || (usecs == 0 && !zero_ok) || usecs > MAX_DELAY_USECS)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg(zero_ok ? "%s must be between 0 and 366 days" :
-						"%s must be positive and at most 366 days", what),
-				 errdetail("%s is %s.", what,
-						   DatumGetCString(DirectFunctionCall1(interval_out, IntervalPGetDatum(iv))))));
-	return usecs;
+	return resilience_arg_duration(fcinfo, argno, what, zero_ok);
 }
 
 /* Wake this database's relay when the transaction commits. */
@@ -1414,11 +1401,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 				(errcode(PG_ARGISNULL(1) ? ERRCODE_NULL_VALUE_NOT_ALLOWED : ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("batch must be between 1 and 10000")));
 	batch = PG_GETARG_INT32(1);
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("visibility must not be null")));
-	visibility = delay_arg(fcinfo, 2, "visibility", false);
+	visibility = resilience_arg_duration(fcinfo, 2, "visibility", false);
 
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&claim, 0, sizeof(claim));

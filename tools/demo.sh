@@ -60,7 +60,21 @@ as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/server.log" -w restart >/dev/null
 sql "SELECT allowed, remaining FROM resilience.rate_limit_check('user:99', 5, 0.001, cost => 0);"
 explain "The bucket still holds the 1 token it had: a restart is not a way around a limit. (After a crash buckets start full; see docs/rate-limiting.md.)"
 
-step "8. A lease with a fencing token"
+step "8. A circuit breaker shared by every connection"
+explain "A dependency (a payments API, say) starts failing. Every application instance reports its calls to one breaker in shared memory; once half of the last 4 calls failed, the breaker opens for everyone and callers fail fast instead of waiting on timeouts."
+sql "INSERT INTO resilience.breaker_config (name, window_size, minimum_calls, open_timeout, half_open_calls)
+VALUES ('payments-api', 4, 4, '2 seconds', 1);"
+sql "SELECT ok AS call_succeeded FROM unnest(array[true, false, false, true]) ok, resilience.breaker_record('payments-api', ok);
+SELECT resilience.breaker_state('payments-api') AS state, resilience.breaker_allow('payments-api') AS may_call;"
+explain "Two seconds later it lets one probe through (half_open); a successful probe closes it again."
+sleep 2.1
+sql "SELECT resilience.breaker_allow('payments-api') AS probe_allowed, resilience.breaker_state('payments-api') AS state;"
+sql "SELECT resilience.breaker_state('payments-api') AS state FROM resilience.breaker_record('payments-api', true);"
+explain "A bulkhead caps how many sessions use a dependency at once; the permit goes back when the transaction ends."
+sql "SELECT resilience.bulkhead_acquire('reports', 2) AS got_permit;
+SELECT name, in_use, max_concurrent FROM resilience.bulkheads WHERE name = 'reports';"
+
+step "9. A lease with a fencing token"
 explain "lock_acquire takes a named lease for a while and returns a fencing token. The guarded data remembers the newest token it accepted, so a holder whose lease ran out while it was paused cannot overwrite the work of the next holder. (The demo keeps each worker's token in a small table.)"
 sql "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts VALUES (42, 100);
 CREATE TABLE tokens (worker text, token bigint);"
@@ -76,7 +90,7 @@ sql "UPDATE accounts SET balance = balance - 10
 sql "SELECT balance FROM accounts WHERE id = 42;"
 sql "SELECT kind, name, owner, token, expires_at > now() AS held FROM resilience.locks;"
 
-step "9. Idempotency keys: a retried request takes effect once"
+step "10. Idempotency keys: a retried request takes effect once"
 explain "A client retries a payment after a timeout, sending the same Idempotency-Key. The handler asks idempotency_begin first. The first attempt may proceed: it makes the payment and stores its response in the same transaction, so both commit or neither does."
 sql "CREATE TABLE payments (id serial PRIMARY KEY, amount int);"
 sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');
@@ -93,4 +107,4 @@ explain "Message consumers deduplicate with inbox_accept: true the first time, f
 sql "SELECT resilience.inbox_accept('billing', 'msg-1') AS first, resilience.inbox_accept('billing', 'msg-1') AS redelivered;"
 
 step "Done"
-explain "Reference: docs/rate-limiting.md, docs/locks.md, docs/idempotency.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
