@@ -8,13 +8,14 @@ OBJS = \
 	src/shmem.o \
 	src/ratelimit.o \
 	src/locks.o \
+	src/saga.o \
 	src/worker.o
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors locks locks_errors
+REGRESS = setup ratelimit ratelimit_errors locks locks_errors sagas sagas_errors
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover

@@ -62,6 +62,22 @@
 #define LockHeldByMe_compat(tag, mode) LockHeldByMe(tag, mode)
 #endif
 
+/* PostgreSQL 16 replaced pg_proc_aclcheck with object_aclcheck. */
+#if PG_VERSION_NUM >= 160000
+#define pg_proc_aclcheck_compat(proc, role, mode) \
+	object_aclcheck(ProcedureRelationId, (proc), (role), (mode))
+#else
+#define pg_proc_aclcheck_compat(proc, role, mode) pg_proc_aclcheck((proc), (role), (mode))
+#endif
+
+/* A uniform random double in [0, 1); pg_prng arrived in PostgreSQL 15. */
+#if PG_VERSION_NUM >= 150000
+#include "common/pg_prng.h"
+#define resilience_random_compat() pg_prng_double(&pg_global_prng_state)
+#else
+#define resilience_random_compat() ((double) random() / ((double) MAX_RANDOM_VALUE + 1))
+#endif
+
 /* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
 #if PG_VERSION_NUM < 150000
 #include "funcapi.h"

@@ -30,6 +30,9 @@ extern int	resilience_max_workers;
 extern int	resilience_worker_naptime_ms;
 extern int	resilience_reaper_interval_ms;
 extern int	resilience_max_lock_names;
+extern int	resilience_saga_interval_ms;
+extern int	resilience_saga_retention_s;
+extern int	resilience_saga_stuck_after_s;
 
 /* True once _PG_init ran from shared_preload_libraries. */
 extern bool resilience_preloaded;
@@ -53,5 +56,6 @@ extern void resilience_require_preload(const char *feature);
 /* worker.c */
 extern void worker_register_launcher(void);
 extern void worker_utility_hook_init(void);
+extern void worker_wake(Oid dboid);
 
 #endif							/* RESILIENCE_H */

@@ -22,8 +22,13 @@
  * intervals.  A job is a SQL call run in its own transaction; it takes a
  * conditional lock on the extension first, so DROP EXTENSION never waits for
  * more than one job and a job never fails because the extension vanished.
- * A failing job is logged and recorded in the workers view; the worker goes
- * on.  Failures of the launcher are logged once per kind.
+ * A job marked says_when returns how many ms until it wants to run again: 0
+ * means it did some work and may have more, and it is called again at once,
+ * each call in a new transaction, for up to JOB_BURST_MS at a time (the
+ * sagas job: one saga step per transaction).  worker_wake(dboid) runs the
+ * jobs marked on_wake of that database's worker at once (saga_start calls
+ * it at commit).  A failing job is logged and recorded in the workers view;
+ * the worker goes on.  Failures of the launcher are logged once per kind.
  *
  * The worker status in shared memory is guarded by one LWLock; it changes a
  * few times per job run, never on a hot path.
@@ -68,17 +73,26 @@
 #define ERROR_LEN 256
 /* How long DROP DATABASE waits for the worker to leave. */
 #define RELEASE_WAIT_MS 10000
+/* How long a says_when job with more to do runs before the others' turn. */
+#define JOB_BURST_MS 1000
 
-/* A scheduled job: a SQL call and the GUC holding its interval (0 = off). */
+/*
+ * A scheduled job: a SQL call and the GUC holding its interval (0 = off);
+ * says_when: the SQL returns one bigint, the ms until the job wants to run
+ * again (0: at once, -1: after its interval); on_wake: worker_wake runs it.
+ */
 typedef struct WorkerJob
 {
 	const char *name;
 	const char *sql;
 	int		   *interval_ms;
+	bool		says_when;
+	bool		on_wake;
 } WorkerJob;
 
 static const WorkerJob jobs[] = {
-	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms},
+	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false},
+	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true},
 };
 
 #define NUM_JOBS lengthof(jobs)
@@ -118,6 +132,7 @@ typedef struct WorkerSlot
 	Oid			dboid;
 	char		dbname[NAMEDATALEN];
 	pid_t		pid;			/* 0 when no process runs */
+	bool		wake_pending;	/* set by worker_wake, cleared by the worker */
 	WorkerState state;
 	TimestampTz started_at;
 	JobStatus	jobs[MAX_JOBS];
@@ -184,6 +199,35 @@ wake_pid(pid_t pid)
 	proc = BackendPidGetProc(pid);
 	if (proc)
 		SetLatch(&proc->procLatch);
+}
+
+/*
+ * Run the on_wake jobs (the sagas) of the worker of database dboid now.
+ * Called at commit: cheap, takes no lock, and sets the latch only if the
+ * worker has not been woken already.  The worker clears the flag before it
+ * looks at the jobs, so a wake is never lost.
+ */
+void
+worker_wake(Oid dboid)
+{
+	int			i;
+
+	if (worker_shared == NULL)
+		return;
+	for (i = 0; i < resilience_max_workers; i++)
+	{
+		WorkerSlot *slot = &worker_shared->slots[i];
+
+		if (slot->in_use && slot->dboid == dboid)
+		{
+			if (!slot->wake_pending)
+			{
+				slot->wake_pending = true;
+				wake_pid(slot->pid);
+			}
+			return;
+		}
+	}
 }
 
 /* ---- registration ---- */
@@ -578,8 +622,11 @@ extension_exists(void)
 	return exists;
 }
 
-/* Run one job in its own transaction; errors are caught and recorded. */
-static void
+/*
+ * Run one job in its own transaction; errors are caught and recorded.
+ * Returns what a says_when job wants (ms until its next run), else -1.
+ */
+static long
 run_job(int jobno, MemoryContext job_context)
 {
 	const WorkerJob *job = &jobs[jobno];
@@ -587,6 +634,7 @@ run_job(int jobno, MemoryContext job_context)
 	TimestampTz start = GetCurrentTimestamp();
 	ErrorData  *edata = NULL;
 	bool		ran = false;
+	long		wish = -1;
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	my_slot->state = WORKER_RUNNING;
@@ -617,6 +665,14 @@ run_job(int jobno, MemoryContext job_context)
 
 			if (ret < 0)
 				elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
+			if (job->says_when && SPI_processed == 1)
+			{
+				bool		isnull;
+				Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+				if (!isnull)
+					wish = (long) Min(DatumGetInt64(d), (int64) INT_MAX);
+			}
 			ran = true;
 		}
 		SPI_finish();
@@ -653,6 +709,28 @@ run_job(int jobno, MemoryContext job_context)
 		strlcpy(status->last_error, edata->message, ERROR_LEN);
 	}
 	LWLockRelease(worker_shared->lock);
+	return wish;
+}
+
+/*
+ * Run a job; a says_when job that has more to do (wishes 0) runs again at
+ * once, each run in a transaction of its own, for up to JOB_BURST_MS.
+ */
+static long
+run_job_burst(int jobno, MemoryContext job_context)
+{
+	TimestampTz burst_end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), JOB_BURST_MS);
+	long		wish;
+
+	for (;;)
+	{
+		wish = run_job(jobno, job_context);
+		MemoryContextReset(job_context);
+		CHECK_FOR_INTERRUPTS();
+		if (wish != 0 || GetCurrentTimestamp() >= burst_end || ConfigReloadPending ||
+			my_slot->stop_requested || ShutdownRequestPending)
+			return wish;
+	}
 }
 
 void
@@ -663,6 +741,7 @@ resilience_worker_main(Datum main_arg)
 	bool		logged_recovery = false;
 	uint32		wait_event = resilience_wait_event_compat("ResilienceWorkerMain");
 	MemoryContext job_context;
+	TimestampTz next_due[MAX_JOBS] = {0};
 
 	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -713,6 +792,14 @@ resilience_worker_main(Datum main_arg)
 			set_state(WORKER_WAITING_EXTENSION);
 		else
 		{
+			/* clear first: a wake after this is seen next time round */
+			bool		woken = my_slot->wake_pending;
+
+			if (woken)
+			{
+				my_slot->wake_pending = false;
+				pg_memory_barrier();
+			}
 			set_state(WORKER_IDLE);
 			for (i = 0; i < NUM_JOBS; i++)
 			{
@@ -722,13 +809,21 @@ resilience_worker_main(Datum main_arg)
 				if (interval <= 0)
 					continue;
 				due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				if (jobs[i].says_when)
+					due = Min(due, next_due[i]);
+				if (woken && jobs[i].on_wake)
+					due = 0;
 				if (GetCurrentTimestamp() >= due)
 				{
-					run_job(i, job_context);
+					long		wish = run_job_burst(i, job_context);
+
 					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+					if (wish >= 0)
+						due = Min(due, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wish));
+					next_due[i] = due;
 				}
 				now = GetCurrentTimestamp();
-				timeout = Min(timeout, Max((due - now) / 1000, 1));
+				timeout = Min(timeout, Max((due - now) / 1000, 0));
 				if (my_slot->stop_requested || ShutdownRequestPending)
 					proc_exit(0);
 			}

@@ -118,7 +118,7 @@ note '1. the launcher starts a worker that waits for the extension, then ticks';
 	is($w->{state}, 'waiting_for_extension', 'still waiting after naptimes');
 	is($w->{runs}, '0', 'no job ran without the extension');
 	is($node->safe_psql('monitor',
-			"SELECT last_run IS NULL FROM resilience.workers WHERE database = 'postgres'"),
+			"SELECT last_run IS NULL FROM resilience.workers WHERE database = 'postgres' AND job = 'reaper'"),
 		't', 'no last run without the extension');
 	my $pid = $w->{pid};
 
@@ -135,7 +135,7 @@ note '1. the launcher starts a worker that waits for the extension, then ticks';
 	is($node->safe_psql('monitor', q{
 		SELECT last_run > now() - interval '5 s' AND failures = 0
 		   AND last_error IS NULL AND job_interval = interval '200 ms'
-		FROM resilience.workers WHERE database = 'postgres'}),
+		FROM resilience.workers WHERE database = 'postgres' AND job = 'reaper'}),
 		't', 'last run is recent, no failures, interval shown');
 
 	stop_cleanly($node, 'start');
@@ -477,7 +477,7 @@ note '8. a failing job is recorded, and the worker goes on';
 	like($w->{state}, qr/^(idle|running)$/, 'the worker is idle or running');
 	is($node->safe_psql('monitor', q{
 		SELECT last_error_at > now() - interval '5 s'
-		FROM resilience.workers WHERE database = 'postgres'}),
+		FROM resilience.workers WHERE database = 'postgres' AND job = 'reaper'}),
 		't', 'last_error_at is recent');
 	like(slurp_file($node->logfile, $offset),
 		qr/LOG:  resilience job "reaper" failed in database "postgres": reaper broken on purpose/,
