@@ -18,7 +18,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors sagas sagas_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover
+ISOLATION = ratelimit_shared lease_race lease_takeover saga_reply_timeout saga_ticks saga_start_key saga_abort_race
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.
