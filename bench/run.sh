@@ -5,9 +5,11 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks sagas"   which comparisons to run
+#   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
 . "$(dirname "$0")/../tools/cluster.sh"
+. "$(dirname "$0")/sagas.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -124,7 +126,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks sagas}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -157,6 +159,12 @@ if section locks; then
 	run_pgbench lease_random "lock_acquire + lock_release, 1000 keys" lease_random.sql
 	run_pgbench lease_table_hot "hand-written lease table cycle, hot key" lease_table_hot.sql
 	run_pgbench lease_hot "lock_acquire + lock_release, hot key" lease_hot.sql
+fi
+
+# Sagas: 3-step sagas of trivial steps, end to end and drained, and their
+# cost against calling the steps directly.
+if section sagas; then
+	run_sagas_section
 fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
@@ -197,6 +205,8 @@ report() {
 	printf '  %-48s %7s   %-7s  %s\n' "ratio" "value" "target" ""
 	section ratelimit && report_ratelimit
 	section locks && report_locks
+	section sagas && report_sagas
+	true
 }
 
 report_locks() {

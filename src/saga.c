@@ -537,6 +537,12 @@ static SPIPlanPtr plans[NUM_PLANS];
 /*
  * Run one of the statements above (inside SPI); isnull may be NULL when no
  * argument is NULL.  Returns the number of rows processed.
+ *
+ * Every statement has an index to use, and must use it whatever the
+ * statistics say: a plan made while a table was empty (new, or vacuumed
+ * after the reaper emptied it) would otherwise scan the whole table on
+ * every step until the next ANALYZE.  So they are planned, and run, with
+ * enable_seqscan off, for these statements only.
  */
 static uint64
 run_plan(SagaPlan which, Datum *values, const bool *isnull)
@@ -544,6 +550,7 @@ run_plan(SagaPlan which, Datum *values, const bool *isnull)
 	char		nulls[11];
 	int			i;
 	int			ret;
+	int			nestlevel;
 
 	if (plans[which] == NULL)
 	{
@@ -557,7 +564,11 @@ run_plan(SagaPlan which, Datum *values, const bool *isnull)
 	}
 	for (i = 0; i < plan_nargs[which]; i++)
 		nulls[i] = (isnull && isnull[i]) ? 'n' : ' ';
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	ret = SPI_execute_plan(plans[which], values, nulls, false, 0);
+	AtEOXact_GUC(true, nestlevel);
 	if (ret < 0)
 		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
 	return SPI_processed;
