@@ -212,6 +212,7 @@ static Oid	def_cache_relid = InvalidOid;
 
 /* ---- JSON ---- */
 
+/* Start an empty JSON object. */
 static void
 jb_init(JsonBuf *jb)
 {
@@ -220,6 +221,7 @@ jb_init(JsonBuf *jb)
 	jb->first = true;
 }
 
+/* Write a key (and the comma before it). */
 static void
 jb_key(JsonBuf *jb, const char *key)
 {
@@ -230,6 +232,7 @@ jb_key(JsonBuf *jb, const char *key)
 	appendStringInfoChar(&jb->buf, ':');
 }
 
+/* key: a string, or null. */
 static void
 jb_str(JsonBuf *jb, const char *key, const char *value)
 {
@@ -240,6 +243,7 @@ jb_str(JsonBuf *jb, const char *key, const char *value)
 		appendStringInfoString(&jb->buf, "null");
 }
 
+/* key: an integer. */
 static void
 jb_int(JsonBuf *jb, const char *key, int64 value)
 {
@@ -247,6 +251,7 @@ jb_int(JsonBuf *jb, const char *key, int64 value)
 	appendStringInfo(&jb->buf, INT64_FORMAT, value);
 }
 
+/* key: a boolean. */
 static void
 jb_bool(JsonBuf *jb, const char *key, bool value)
 {
@@ -254,12 +259,14 @@ jb_bool(JsonBuf *jb, const char *key, bool value)
 	appendStringInfoString(&jb->buf, value ? "true" : "false");
 }
 
+/* key: a timestamp, as an ISO string. */
 static void
 jb_time(JsonBuf *jb, const char *key, TimestampTz t)
 {
 	jb_str(jb, key, timestamptz_to_str(t));
 }
 
+/* key: a JSON value, or null. */
 static void
 jb_jsonb(JsonBuf *jb, const char *key, Jsonb *value)
 {
@@ -270,6 +277,7 @@ jb_jsonb(JsonBuf *jb, const char *key, Jsonb *value)
 		appendStringInfoString(&jb->buf, "null");
 }
 
+/* Close the object and parse it. */
 static Jsonb *
 jb_done(JsonBuf *jb)
 {
@@ -334,6 +342,7 @@ error_json(ErrorData *edata, const char *message)
 
 /* ---- arguments ---- */
 
+/* Raise 22004 if an argument is NULL. */
 static void
 require_arg(FunctionCallInfo fcinfo, int argno, const char *what)
 {
@@ -375,6 +384,7 @@ not_from_own_step(int64 saga_id, const char *function)
 
 /* ---- waking the worker ---- */
 
+/* At commit, wake the worker if this transaction asked for it. */
 static void
 saga_xact_callback(XactEvent event, void *arg)
 {
@@ -402,6 +412,7 @@ wake_worker_at_commit(void)
 
 /* ---- catalog lookups ---- */
 
+/* The OID of table resilience.<name>. */
 static Oid
 saga_relid(const char *name)
 {
@@ -581,6 +592,7 @@ column(uint64 row, int attno, bool *isnull)
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, attno, isnull);
 }
 
+/* A jsonb column of the last result, or NULL. */
 static Jsonb *
 column_jsonb(uint64 row, int attno)
 {
@@ -590,6 +602,7 @@ column_jsonb(uint64 row, int attno)
 	return isnull ? NULL : DatumGetJsonbP(d);
 }
 
+/* A text column of the last result, as a C string, or NULL. */
 static char *
 column_text(uint64 row, int attno)
 {
@@ -672,7 +685,7 @@ definition_load(int64 id, MemoryContext mcxt)
 		st->backoff_base_us = DatumGetInt64(column(i, 10, &isnull));
 		st->backoff_cap_us = DatumGetInt64(column(i, 11, &isnull));
 		jitter = column_text(i, 12);
-		st->jitter = strcmp(jitter, "none") == 0 ? JITTER_NONE :
+		st->jitter = jitter == NULL ? JITTER_FULL : strcmp(jitter, "none") == 0 ? JITTER_NONE :
 			strcmp(jitter, "equal") == 0 ? JITTER_EQUAL : JITTER_FULL;
 		deconstruct_array(DatumGetArrayTypeP(column(i, 13, &isnull)), TEXTOID, -1, false,
 						  TYPALIGN_INT, &codes, &code_nulls, &st->nretry_on);
@@ -746,6 +759,7 @@ step_number(SagaDef *def, const char *name)
 
 /* ---- the saga row ---- */
 
+/* The SagaState of a state name. */
 static SagaState
 state_from_name(const char *name)
 {
@@ -780,6 +794,10 @@ saga_read(Saga *s)
 	s->next_run_at = isnull ? 0 : DatumGetTimestampTz(d);
 	/* last: it may run another statement */
 	s->def = definition_get(definition_id);
+	if (s->step < 0 || s->step > s->def->nsteps ||
+		(s->step == 0 && (s->state == SAGA_RUNNING || s->state == SAGA_PARKED)))
+		elog(ERROR, "saga " INT64_FORMAT " is at step %d, which its definition does not have",
+			 s->id, s->step);
 }
 
 /* Lock saga id (waiting for other transactions); 42704 if there is none. */
@@ -797,6 +815,7 @@ saga_lock(Saga *s, int64 id)
 	saga_read(s);
 }
 
+/* Write the saga back to its (locked) row. */
 static void
 saga_write(Saga *s)
 {
@@ -1462,9 +1481,17 @@ static void
 saga_advance(Saga *s)
 {
 	bool		compensation = s->state == SAGA_COMPENSATING;
-	SagaStepDef *st = &s->def->steps[s->step - 1];
-	SagaOp	   *op = compensation ? &st->compensation : &st->action;
+	SagaStepDef *st;
+	SagaOp	   *op;
 
+	if (s->step == 0)			/* compensating, nothing left (be safe) */
+	{
+		compensation_settle(s);
+		saga_write(s);
+		return;
+	}
+	st = &s->def->steps[s->step - 1];
+	op = compensation ? &st->compensation : &st->action;
 	if (op->kind == OP_ASYNC)
 	{
 		if (!s->awaiting)
@@ -1616,7 +1643,9 @@ saga_define(PG_FUNCTION_ARGS)
 									3, argtypes, values, NULL, false, 1);
 		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "resilience._saga_normalize failed: %s", SPI_result_code_string(ret));
-		normalized = DatumGetJsonbP(column(0, 1, &isnull));
+		normalized = column_jsonb(0, 1);
+		if (normalized == NULL)
+			elog(ERROR, "resilience._saga_normalize returned NULL");
 	}
 
 	/* store it as the extension's owner, with a pinned search_path */
