@@ -6,8 +6,13 @@ MODULE_big = resilience
 OBJS = \
 	src/resilience.o \
 	src/shmem.o \
+	src/args.o \
 	src/ratelimit.o \
 	src/locks.o \
+	src/idempotency.o \
+	src/breaker.o \
+	src/bulkhead.o \
+	src/backoff.o \
 	src/saga.o \
 	src/worker.o
 
@@ -15,10 +20,13 @@ DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
-REGRESS = setup ratelimit ratelimit_errors locks locks_errors sagas sagas_errors
+REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
+	breaker breaker_errors bulkhead retry sagas sagas_errors
 
 # Isolation specs: one per race we promise to win.
-ISOLATION = ratelimit_shared lease_race lease_takeover saga_reply_timeout saga_ticks saga_start_key saga_abort_race
+ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
+	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
+	saga_reply_timeout saga_ticks saga_start_key saga_abort_race
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.
@@ -29,7 +37,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-.PHONY: test demo bench
+.PHONY: test demo bench bench-breakers
 
 # Every suite on a throwaway cluster; installs what is missing (as root).
 test:
@@ -42,3 +50,7 @@ demo:
 # Side-by-side throughput ratios (SELECT 1, plain SQL, Redis).
 bench:
 	bash bench/run.sh
+
+# Breaker and bulkhead calls as ratios to SELECT 1.
+bench-breakers:
+	bash bench/breakers.sh

@@ -281,13 +281,14 @@ COMMENT ON VIEW resilience.locks IS
 
 -- Long-expired leases are only history: the reaper removes them (tokens come
 -- from the sequence, so forgetting a lease never lets a token repeat).
-CREATE FUNCTION resilience._reap_leases(
-    older_than interval DEFAULT '1 hour', batch_size integer DEFAULT 1000, max_batches integer DEFAULT 10)
+CREATE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    batch_size integer := coalesce(current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(current_setting('resilience.reaper_max_batches', true)::integer, 20);
     removed bigint := 0;
     n bigint;
 BEGIN
@@ -304,8 +305,370 @@ BEGIN
     RETURN removed;
 END
 $$;
-COMMENT ON FUNCTION resilience._reap_leases(interval, integer, integer) IS
-'Internal (part of run_reaper): delete leases expired for longer than older_than, in bounded batches';
+COMMENT ON FUNCTION resilience._reap_leases(interval) IS
+'Internal (part of run_reaper): delete leases expired for longer than older_than, in batches of resilience.reaper_batch_size';
+
+------------------------------------------------------------------------------
+-- Idempotency keys and the consumer inbox (tables; work without preloading)
+------------------------------------------------------------------------------
+
+-- One row per (scope, key).  Keys are opaque: compared byte for byte (C
+-- collation), at most 255 characters (Stripe's limit).  src/idempotency.c
+-- reads rows by column number: keep the column order in step with it.
+--
+-- The functions below are the only writers and check every value they write
+-- (lengths, states, status codes), so the tables carry no CHECK constraints:
+-- PostgreSQL re-reads each constraint's expression for every INSERT and
+-- UPDATE statement, which cost 40% of the throughput of a new key.
+-- Invariants: state is started, retry, completed or failed; locked_until is
+-- set exactly when state = started; fingerprint is 32 bytes.
+CREATE TABLE resilience.idempotency_keys (
+    scope text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    fingerprint bytea NOT NULL,         -- SHA-256 of the request's jsonb text
+    state text NOT NULL,
+    recovery_point text,                -- the last checkpoint; NULL: none yet
+    response jsonb,
+    status_code integer,
+    error jsonb,                        -- from idempotency_fail; replayed when failed
+    attempts integer NOT NULL,          -- how many times begin answered proceed
+    lock_timeout interval NOT NULL,
+    locked_until timestamptz,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (scope, key)
+) WITH (fillfactor = 80);   -- room for the HOT update that completes a new key
+CREATE INDEX idempotency_keys_expires_at ON resilience.idempotency_keys (expires_at);
+COMMENT ON TABLE resilience.idempotency_keys IS
+'Idempotency keys: the request fingerprint (SHA-256), the state, the last checkpoint, the stored response, the lock expiry; reaped after expires_at';
+SELECT pg_catalog.pg_extension_config_dump('resilience.idempotency_keys', '');
+
+CREATE TABLE resilience.inbox (
+    consumer text COLLATE "C" NOT NULL,
+    message_id text COLLATE "C" NOT NULL,
+    accepted_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT inbox_pkey PRIMARY KEY (consumer, message_id)
+);
+CREATE INDEX inbox_expires_at ON resilience.inbox (expires_at);
+COMMENT ON TABLE resilience.inbox IS
+'Message ids each consumer has accepted, remembered until expires_at';
+SELECT pg_catalog.pg_extension_config_dump('resilience.inbox', '');
+
+-- Callers get no privilege on the tables: the functions below are their only
+-- way in (a stored response is readable only by whoever can replay it).
+REVOKE ALL ON resilience.idempotency_keys, resilience.inbox FROM PUBLIC;
+
+-- The C functions below read through the primary key directly and run their
+-- writing statements as the tables' owner, qualifying every name and
+-- operator (src/idempotency.c, "Privileges"): the effect of SECURITY DEFINER
+-- with a pinned search_path, without its cost on every call.  None of them
+-- runs caller-supplied SQL: idempotent(), which does, is SECURITY INVOKER.
+CREATE FUNCTION resilience.idempotency_begin(
+    scope text, key text, request jsonb,
+    ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes',
+    OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'idempotency_begin'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.idempotency_begin(text, text, jsonb, interval, interval) IS
+'Start or resume work under an idempotency key: proceed (from recovery_point), replay (the stored response), in_progress or mismatch';
+
+CREATE FUNCTION resilience._idempotency_begin_wait(
+    scope text, key text, request jsonb, ttl interval, lock_timeout interval,
+    OUT outcome text, OUT response jsonb, OUT status_code integer, OUT recovery_point text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'idempotency_begin_wait'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._idempotency_begin_wait(text, text, jsonb, interval, interval) IS
+'Internal (idempotent): idempotency_begin that waits up to lock_timeout for a transaction holding the key';
+
+CREATE FUNCTION resilience.idempotency_checkpoint(scope text, key text, recovery_point text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_checkpoint'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_checkpoint(text, text, text) IS
+'Record the phase a key in progress has reached (a retry resumes there) and renew its lock';
+
+CREATE FUNCTION resilience.idempotency_complete(
+    scope text, key text, response jsonb, status_code integer DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_complete'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_complete(text, text, jsonb, integer) IS
+'Store the response of a key in progress; every later begin with the same request replays it';
+
+CREATE FUNCTION resilience.idempotency_fail(
+    scope text, key text, error jsonb, retryable boolean, status_code integer DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'idempotency_fail'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.idempotency_fail(text, text, jsonb, boolean, integer) IS
+'End an attempt with an error: retryable ones are not cached (the next begin proceeds), others are replayed';
+
+-- SECURITY INVOKER, and no SET clause: sql runs as the caller, with the
+-- caller's search_path, exactly as if the caller had run it.
+CREATE FUNCTION resilience.idempotent(
+    scope text, key text, request jsonb, sql text,
+    ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes')
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE   -- not STRICT: NULLs raise 22004
+AS $$
+DECLARE
+    b record;
+    result jsonb;
+BEGIN
+    IF sql IS NULL THEN
+        RAISE EXCEPTION 'sql must not be null' USING ERRCODE = '22004';
+    END IF;
+    b := resilience._idempotency_begin_wait(scope, key, request, ttl, lock_timeout);
+    IF b.outcome OPERATOR(pg_catalog.=) 'replay' THEN
+        RETURN b.response;
+    ELSIF b.outcome OPERATOR(pg_catalog.=) 'mismatch' THEN
+        RAISE EXCEPTION 'idempotency key "%" in scope "%" was used with a different request', key, scope
+            USING ERRCODE = '22023',
+                  HINT = 'Use a new key for a new request.';
+    ELSIF b.outcome OPERATOR(pg_catalog.=) 'in_progress' THEN
+        RAISE EXCEPTION 'idempotency key "%" in scope "%" is in progress', key, scope
+            USING ERRCODE = '55P03',
+                  DETAIL = 'An attempt that began in another transaction holds its lock.',
+                  HINT = 'Retry after its lock_timeout.';
+    END IF;
+    EXECUTE sql INTO result;
+    PERFORM resilience.idempotency_complete(scope, key, result);
+    RETURN result;
+END
+$$;
+COMMENT ON FUNCTION resilience.idempotent(text, text, jsonb, text, interval, interval) IS
+'Run sql (returning jsonb) at most once per key, in the caller''s transaction and with the caller''s privileges; replay its result afterwards';
+
+CREATE FUNCTION resilience.inbox_accept(
+    consumer text, message_id text, ttl interval DEFAULT '7 days')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'inbox_accept'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.inbox_accept(text, text, interval) IS
+'True the first time consumer sees message_id (within ttl), false afterwards; forgotten if the transaction rolls back';
+
+CREATE FUNCTION resilience._idempotency_reap()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'idempotency_reap'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._idempotency_reap() IS
+'Internal (part of run_reaper): delete expired idempotency keys in batches of resilience.reaper_batch_size';
+
+CREATE FUNCTION resilience._inbox_reap()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'inbox_reap'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._inbox_reap() IS
+'Internal (part of run_reaper): delete expired inbox rows in batches of resilience.reaper_batch_size';
+
+------------------------------------------------------------------------------
+-- Circuit breakers (shared memory; need shared_preload_libraries = 'resilience')
+------------------------------------------------------------------------------
+
+-- Per-breaker configuration; a NULL column (or no row) takes the
+-- resilience.breaker_* default.  A change applies to every call made after
+-- it commits.
+CREATE TABLE resilience.breaker_config (
+    name text PRIMARY KEY
+        CHECK (octet_length(name) BETWEEN 1 AND 63),
+    failure_rate_threshold double precision
+        CHECK (failure_rate_threshold > 0 AND failure_rate_threshold <= 100),
+    slow_call_rate_threshold double precision
+        CHECK (slow_call_rate_threshold > 0 AND slow_call_rate_threshold <= 100),
+    slow_call_duration interval
+        CHECK (slow_call_duration > interval '0' AND slow_call_duration <= interval '366 days'),
+    window_type text
+        CHECK (window_type IN ('count', 'time')),
+    window_size integer
+        CHECK (window_size BETWEEN 1 AND 1000),
+    minimum_calls integer
+        CHECK (minimum_calls >= 1),
+    open_timeout interval
+        CHECK (open_timeout > interval '0' AND open_timeout <= interval '366 days'),
+    half_open_calls integer
+        CHECK (half_open_calls BETWEEN 1 AND 100),
+    probe_timeout interval
+        CHECK (probe_timeout > interval '0' AND probe_timeout <= interval '366 days'),
+    description text
+);
+COMMENT ON TABLE resilience.breaker_config IS
+'Circuit breaker settings by name; NULL columns take the resilience.breaker_* defaults';
+SELECT pg_catalog.pg_extension_config_dump('resilience.breaker_config', '');
+
+CREATE FUNCTION resilience._breaker_config_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'breaker_config_changed'
+LANGUAGE C;
+COMMENT ON FUNCTION resilience._breaker_config_changed() IS
+'Internal: makes every breaker re-read its configuration when a change to breaker_config commits';
+
+CREATE TRIGGER breaker_config_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON resilience.breaker_config
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._breaker_config_changed();
+
+-- Not STRICT: NULL arguments raise 22004.  Breakers are shared state that
+-- does not roll back, so none of these is PARALLEL SAFE except the readers.
+CREATE FUNCTION resilience.breaker_allow(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'breaker_allow'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_allow(text) IS
+'May a call guarded by this circuit breaker be made now? False while open; in half-open, true for at most half_open_calls probes';
+
+CREATE FUNCTION resilience.breaker_record(name text, success boolean, duration interval DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'breaker_record'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_record(text, boolean, interval) IS
+'Report the outcome (and duration, for slow-call rates) of a call the breaker permitted';
+
+CREATE FUNCTION resilience.breaker_guard(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'breaker_guard'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_guard(text) IS
+'Like breaker_allow, but raises SQLSTATE RS002 (with the time until the next probe) when the call is not permitted';
+
+CREATE FUNCTION resilience.breaker_state(name text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'breaker_state'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.breaker_state(text) IS
+'closed, open, half_open, forced_open, metrics_only or disabled, as the next call would see it';
+
+CREATE FUNCTION resilience.breaker_reset(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'breaker_reset'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_reset(text) IS
+'Forget a breaker: the next call finds it closed with an empty window; true if it existed';
+
+CREATE FUNCTION resilience.breaker_force_open(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'breaker_force_open'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_force_open(text) IS
+'Refuse every call until breaker_reset or breaker_force_closed';
+
+CREATE FUNCTION resilience.breaker_force_closed(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'breaker_force_closed'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_force_closed(text) IS
+'Permit every call and keep measuring, but never open (state metrics_only) until breaker_reset';
+
+CREATE FUNCTION resilience.breaker_disable(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'breaker_disable'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.breaker_disable(text) IS
+'Permit every call and measure nothing (state disabled) until breaker_reset';
+
+CREATE FUNCTION resilience.breaker_entries(
+    OUT name text, OUT state text, OUT failure_rate double precision,
+    OUT slow_call_rate double precision, OUT calls integer, OUT failed_calls integer,
+    OUT slow_calls integer, OUT not_permitted bigint, OUT probes_in_flight integer,
+    OUT window_type text, OUT window_size integer,
+    OUT since timestamptz, OUT next_probe timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'breaker_entries'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.breaker_entries() IS
+'Every circuit breaker of this database, as the next call would see it; backs the breakers view';
+
+CREATE VIEW resilience.breakers AS
+    SELECT * FROM resilience.breaker_entries();
+COMMENT ON VIEW resilience.breakers IS
+'Circuit breakers of this database: state, failure and slow-call rates over the window, calls, since when, next probe';
+
+CREATE FUNCTION resilience._breaker_sweep()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'breaker_sweep'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._breaker_sweep() IS
+'Internal (part of run_reaper): forget closed breakers whose window is empty';
+
+------------------------------------------------------------------------------
+-- Bulkheads (shared memory; need shared_preload_libraries = 'resilience')
+------------------------------------------------------------------------------
+
+-- Permits belong to the backend that took them: PARALLEL UNSAFE.
+CREATE FUNCTION resilience.bulkhead_acquire(
+    name text, max_concurrent integer, max_wait interval DEFAULT '0', max_queue integer DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'bulkhead_acquire'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004 (max_queue NULL: no limit)
+COMMENT ON FUNCTION resilience.bulkhead_acquire(text, integer, interval, integer) IS
+'Take a permit of the bulkhead until the end of the transaction, waiting in FIFO order at most max_wait; false if none was had';
+
+CREATE FUNCTION resilience.bulkhead_acquire_session(
+    name text, max_concurrent integer, max_wait interval DEFAULT '0', max_queue integer DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'bulkhead_acquire_session'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.bulkhead_acquire_session(text, integer, interval, integer) IS
+'Take a permit of the bulkhead until bulkhead_release or the end of the session';
+
+CREATE FUNCTION resilience.bulkhead_release(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'bulkhead_release'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.bulkhead_release(text) IS
+'Give back one session permit of the bulkhead held by this session; false if it holds none';
+
+CREATE FUNCTION resilience.bulkhead_entries(
+    OUT name text, OUT max_concurrent integer, OUT in_use integer, OUT waiting integer,
+    OUT acquired bigint, OUT rejected bigint, OUT timed_out bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'bulkhead_entries'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.bulkhead_entries() IS
+'Every bulkhead in shared memory; backs the bulkheads view';
+
+CREATE VIEW resilience.bulkheads AS
+    SELECT * FROM resilience.bulkhead_entries();
+COMMENT ON VIEW resilience.bulkheads IS
+'Bulkheads: permits in use, sessions waiting, maximum, and permits acquired, rejected at once and timed out';
+
+CREATE FUNCTION resilience._bulkhead_sweep()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'bulkhead_sweep'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._bulkhead_sweep() IS
+'Internal (part of run_reaper): remove bulkheads nobody holds or waits for';
+
+------------------------------------------------------------------------------
+-- Retries (no shared memory)
+------------------------------------------------------------------------------
+
+-- PARALLEL RESTRICTED: it draws from random()'s per-backend generator.
+CREATE FUNCTION resilience.backoff(
+    attempt integer, base interval, cap interval, jitter text DEFAULT 'full',
+    previous interval DEFAULT NULL)
+RETURNS interval
+AS 'MODULE_PATHNAME', 'backoff'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;   -- not STRICT: NULLs raise 22004 (previous NULL: base)
+COMMENT ON FUNCTION resilience.backoff(integer, interval, interval, text, interval) IS
+'Delay before retry number attempt (0 first): min(cap, base * 2^attempt) with none, full, equal or decorrelated jitter';
+
+CREATE FUNCTION resilience.is_retryable(sqlstate text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'is_retryable'
+LANGUAGE C IMMUTABLE PARALLEL SAFE;   -- not STRICT: NULL raises 22004
+COMMENT ON FUNCTION resilience.is_retryable(text) IS
+'Is an error with this SQLSTATE worth retrying as it is (serialization failure, deadlock, lock timeout, lost connection, shutdown...)?';
+
+CREATE PROCEDURE resilience.retry(
+    sql text, max_attempts integer DEFAULT 5, base interval DEFAULT '10 ms',
+    cap interval DEFAULT '1 s', jitter text DEFAULT 'full', breaker text DEFAULT NULL)
+AS 'MODULE_PATHNAME', 'retry'
+LANGUAGE C;
+COMMENT ON PROCEDURE resilience.retry(text, integer, interval, interval, text, text) IS
+'Run sql in a transaction of its own per attempt, retrying retryable errors with backoff; with breaker, each attempt goes through it';
 
 ------------------------------------------------------------------------------
 -- Sagas: orchestrated, compensating (tables; the worker that drives them
@@ -802,17 +1165,27 @@ COMMENT ON FUNCTION resilience.saga_abort(bigint, text) IS
 'Stop a running saga and compensate its completed steps, in reverse order';
 
 -- Finished sagas (completed or compensated) are kept for
--- resilience.saga_retention (default 7 days; parked sagas are kept until
--- handled), then removed with their steps and events in bounded batches.
-CREATE FUNCTION resilience._saga_reap(
-    older_than interval DEFAULT NULL, batch_size integer DEFAULT 1000, max_batches integer DEFAULT 10)
+-- resilience.saga_retention (default 7 days; parked and running sagas are
+-- kept until they finish), then removed with their steps and events in
+-- batches.  Like every reaper, executable by anyone: it removes only what the
+-- retention allows, read from the library (a placeholder setting cannot
+-- shorten it).
+CREATE FUNCTION resilience._saga_retention()
+RETURNS interval
+AS 'MODULE_PATHNAME', 'saga_retention'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._saga_retention() IS
+'Internal (_saga_reap): resilience.saga_retention (its default without shared_preload_libraries)';
+
+CREATE FUNCTION resilience._saga_reap()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    retention interval := coalesce(older_than,
-        nullif(current_setting('resilience.saga_retention', true), '')::interval, '7 days');
+    retention interval := resilience._saga_retention();
+    batch_size integer := coalesce(current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(current_setting('resilience.reaper_max_batches', true)::integer, 20);
     removed bigint := 0;
     ids bigint[];
 BEGIN
@@ -831,8 +1204,8 @@ BEGIN
     RETURN removed;
 END
 $$;
-COMMENT ON FUNCTION resilience._saga_reap(interval, integer, integer) IS
-'Internal (part of run_reaper): delete sagas finished longer ago than older_than (default resilience.saga_retention), with their steps and events';
+COMMENT ON FUNCTION resilience._saga_reap() IS
+'Internal (part of run_reaper): delete sagas finished longer ago than resilience.saga_retention, with their steps and events, in batches of resilience.reaper_batch_size';
 
 CREATE VIEW resilience.saga_stats AS
     SELECT s.name, d.version, s.state,
@@ -883,7 +1256,7 @@ REVOKE ALL ON FUNCTION resilience.saga_define(text, jsonb), resilience.saga_star
     resilience.saga_step_failed(bigint, text, jsonb, boolean, boolean),
     resilience.saga_retry(bigint), resilience.saga_abort(bigint, text),
     resilience._saga_normalize(text, jsonb, text), resilience._saga_interval(jsonb, text, interval, text),
-    resilience._saga_reap(interval, integer, integer), resilience._saga_definitions_immutable()
+    resilience._saga_retention(), resilience._saga_definitions_immutable()
     FROM PUBLIC;
 REVOKE ALL ON PROCEDURE resilience.saga_run(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.saga_define(text, jsonb), resilience.saga_tick(),
@@ -908,10 +1281,12 @@ RETURNS SETOF record
 LANGUAGE sql VOLATILE PARALLEL UNSAFE
 AS $$
     SELECT 'rate_limit_keys', resilience._rate_limit_sweep()
-    UNION ALL
-    SELECT 'leases', resilience._reap_leases()
-    UNION ALL
-    SELECT 'sagas', resilience._saga_reap()
+    UNION ALL SELECT 'leases', resilience._reap_leases()
+    UNION ALL SELECT 'idempotency_keys', resilience._idempotency_reap()
+    UNION ALL SELECT 'inbox', resilience._inbox_reap()
+    UNION ALL SELECT 'breakers', resilience._breaker_sweep()
+    UNION ALL SELECT 'bulkheads', resilience._bulkhead_sweep()
+    UNION ALL SELECT 'sagas', resilience._saga_reap()
 $$;
 COMMENT ON FUNCTION resilience.run_reaper() IS
 'The reaper job the worker runs every resilience.reaper_interval: removes what has expired, per item';

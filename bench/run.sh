@@ -5,8 +5,11 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks sagas"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas"   which comparisons to run
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
+#   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
+#                      other work on a shared machine then weighs on both
+#                      sides of a ratio alike
 #   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
 . "$(dirname "$0")/../tools/cluster.sh"
 . "$(dirname "$0")/sagas.sh"
@@ -60,8 +63,22 @@ bench_cleanup() {
 }
 trap bench_cleanup EXIT
 
-declare -A TPUT LABEL
+declare -A SUM RUNS LABEL
 ORDER=()
+
+# record id label value: add one measurement (averaged over the rounds).
+record() {
+	if [ -z "${RUNS[$1]:-}" ]; then
+		ORDER+=("$1")
+		LABEL[$1]=$2
+		SUM[$1]=0
+		RUNS[$1]=0
+	fi
+	SUM[$1]=$(awk -v a="${SUM[$1]}" -v b="$3" 'BEGIN { print a + b }')
+	RUNS[$1]=$((RUNS[$1] + 1))
+}
+
+tput() { awk -v s="${SUM[$1]}" -v n="${RUNS[$1]}" 'BEGIN { print s / n }'; }
 
 # run_pgbench id label script: one pgbench run; records its tps.
 run_pgbench() {
@@ -74,9 +91,7 @@ run_pgbench() {
 	fi
 	# pgbench counts SQL errors as failed transactions; any would void the run.
 	grep -q '^number of failed transactions: 0 ' "$out" || { cat "$out"; die "pgbench $id had failures"; }
-	TPUT[$id]=$(awk '/^tps = /{ print $3; exit }' "$out")
-	LABEL[$id]=$2
-	ORDER+=("$id")
+	record "$id" "$2" "$(awk '/^tps = /{ print $3; exit }' "$out")"
 }
 
 # redis_rps out requests args...: one redis-benchmark run, prints requests/s.
@@ -98,9 +113,7 @@ run_redis() {
 	say "-- $2: redis-benchmark ${*:3}"
 	rps=$(redis_rps "$OUT/$id.probe.txt" 50000 "${@:3}")
 	n=$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { n = int(r * d); print (n < 1000 ? 1000 : n) }')
-	TPUT[$id]=$(redis_rps "$OUT/$id.txt" "$n" "${@:3}")
-	LABEL[$id]=$2
-	ORDER+=("$id")
+	record "$id" "$2" "$(redis_rps "$OUT/$id.txt" "$n" "${@:3}")"
 }
 
 ensure_packages "postgresql-client-$PG_MAJOR" redis-server redis-tools
@@ -126,13 +139,17 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks sagas}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas}
+ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
-LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-say "Running: $CLIENTS clients, ${DURATION}s per run"
-run_pgbench select1 "SELECT 1" select1.sql
-if section ratelimit; then
+# load_sql file: set up a section's objects.
+load_sql() {
+	psql -X -q -v ON_ERROR_STOP=1 -f "$BENCH_DIR/$1" >"$OUT/$1.txt" 2>&1 ||
+		{ cat "$OUT/$1.txt"; die "$1 failed"; }
+}
+
+run_ratelimit() {
 	run_pgbench rl_random "rate_limit, random keys" rate_limit_random.sql
 	run_pgbench rl_hot "rate_limit, hot key" rate_limit_hot.sql
 	run_pgbench logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
@@ -144,13 +161,11 @@ if section ratelimit; then
 	run_redis redis_hot "Redis+Lua bucket, hot key" EVALSHA "$SHA" 1 hot $CAPACITY $REFILL $COST
 	[ "$(redis-cli -s "$REDIS_SOCK" DBSIZE)" -eq $((NKEYS + 1)) ] ||
 		die "Redis holds $(redis-cli -s "$REDIS_SOCK" DBSIZE) keys, expected $((NKEYS + 1))"
-fi
+}
 
 # Locks: 1,000 names or one hot name; raw advisory lock + sequence, and a
 # hand-written lease table, as baselines.
-if section locks; then
-	psql -X -q -f "$BENCH_DIR/locks_setup.sql" >"$OUT/locks_setup.txt" 2>&1 ||
-		{ cat "$OUT/locks_setup.txt"; die "locks setup failed"; }
+run_locks() {
 	run_pgbench adv_raw_random "pg_advisory_xact_lock(hashtext) + nextval, 1000 keys" advisory_raw_random.sql
 	run_pgbench adv_random "advisory_xact_lock, 1000 keys" advisory_random.sql
 	run_pgbench adv_raw_hot "pg_advisory_xact_lock(hashtext) + nextval, hot key" advisory_raw_hot.sql
@@ -159,21 +174,46 @@ if section locks; then
 	run_pgbench lease_random "lock_acquire + lock_release, 1000 keys" lease_random.sql
 	run_pgbench lease_table_hot "hand-written lease table cycle, hot key" lease_table_hot.sql
 	run_pgbench lease_hot "lock_acquire + lock_release, hot key" lease_hot.sql
-fi
+}
 
-# Sagas: 3-step sagas of trivial steps, end to end and drained, and their
-# cost against calling the steps directly.
-if section sagas; then
-	run_sagas_section
-fi
+# Idempotency: begin + complete of new keys against INSERT ON CONFLICT +
+# UPDATE by hand; replay of a completed key against a primary-key SELECT.
+run_idempotency() {
+	run_pgbench idem_new "idempotency_begin + complete, new key" idempotency_new_key.sql
+	run_pgbench idem_hand "hand-written INSERT ON CONFLICT + UPDATE" idempotency_handmade.sql
+	run_pgbench idem_replay "idempotency_begin, replay" idempotency_replay.sql
+	run_pgbench idem_pk "primary-key SELECT of the same row" idempotency_pk_select.sql
+}
+
+# Breakers and bulkheads: one breaker (two calls per statement) and one
+# bulkhead (its permit released by the commit), against SELECT 1 and, for
+# context, a statement of two trivial built-in calls.
+run_breakers() {
+	run_pgbench two_calls "two built-in function calls (control)" two_calls.sql
+	run_pgbench breaker "breaker_allow + breaker_record" breaker.sql
+	run_pgbench bulkhead "bulkhead_acquire + commit" bulkhead.sql
+}
+
+section locks && load_sql locks_setup.sql
+section idempotency && load_sql idempotency_setup.sql
+section sagas && load_sql sagas_setup.sql
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+say "Running: $CLIENTS clients, ${DURATION}s per run, $ROUNDS round(s)"
+for round in $(seq "$ROUNDS"); do
+	run_pgbench select1 "SELECT 1" select1.sql
+	for s in ratelimit locks idempotency breakers sagas; do
+		if section "$s"; then "run_$s"; fi
+	done
+done
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
-	awk -v l="$1" -v a="${TPUT[$2]}" -v b="${TPUT[$3]}" -v op="${4:-}" -v t="${5:-}" 'BEGIN {
+	awk -v l="$1" -v a="$(tput "$2")" -v b="$(tput "$3")" -v op="${4:-}" -v t="${5:-}" 'BEGIN {
 		r = a / b
-		if (op == "") { printf "  %-48s %7.3f\n", l, r; exit }
+		if (op == "") { printf "  %-54s %7.3f\n", l, r; exit }
 		ok = (op == ">=") ? r >= t : r > t
-		printf "  %-48s %7.3f   %2s %-4s  %s\n", l, r, op, t, ok ? "PASS" : "BELOW"
+		printf "  %-54s %7.3f   %2s %-4s  %s\n", l, r, op, t, ok ? "PASS" : "BELOW"
 	}'
 }
 
@@ -196,17 +236,30 @@ report() {
 	say "bucket:     capacity $CAPACITY, refill $REFILL/s, cost $COST (every call admitted);" \
 		"random = $NKEYS pre-populated keys, hot = one key"
 	say ""
-	printf '  %-48s %12s\n' "workload" "calls/s"
+	printf '  %-54s %12s\n' "workload" "calls/s"
 	local id
 	for id in "${ORDER[@]}"; do
-		printf '  %-48s %12.0f\n' "${LABEL[$id]}" "${TPUT[$id]}"
+		printf '  %-54s %12.0f\n' "${LABEL[$id]}" "$(tput "$id")"
 	done
 	say ""
-	printf '  %-48s %7s   %-7s  %s\n' "ratio" "value" "target" ""
+	printf '  %-54s %7s   %-7s  %s\n' "ratio" "value" "target" ""
 	section ratelimit && report_ratelimit
 	section locks && report_locks
+	section idempotency && report_idempotency
+	section breakers && report_breakers
 	section sagas && report_sagas
 	true
+}
+
+report_breakers() {
+	ratio_line "breaker_allow + breaker_record / SELECT 1" breaker select1 ">=" 0.9
+	ratio_line "bulkhead_acquire + commit / SELECT 1" bulkhead select1 ">=" 0.85
+	ratio_line "two built-in calls / SELECT 1 (control)" two_calls select1
+}
+
+report_idempotency() {
+	ratio_line "idempotency new key / hand-written" idem_new idem_hand ">=" 0.7
+	ratio_line "idempotency replay / primary-key SELECT" idem_replay idem_pk ">=" 0.8
 }
 
 report_locks() {

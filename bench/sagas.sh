@@ -31,28 +31,26 @@ sagas_wait_done() {
 		die "some bench sagas did not complete"
 }
 
-# set_saga_rate id label since: sagas per second from since (a server
+# record_saga_rate id label since: sagas per second from since (a server
 # timestamp; default the first start) to the last completion.
-set_saga_rate() {
-	local since=${3:-}
-	TPUT[$1]=$(psql -X -Atq -c "SELECT round(count(*) / extract(epoch FROM max(finished_at)
+record_saga_rate() {
+	local since=${3:-} rate
+	rate=$(psql -X -Atq -c "SELECT round(count(*) / extract(epoch FROM max(finished_at)
 			- coalesce(nullif('$since', '')::timestamptz, min(created_at))), 1) FROM resilience.sagas")
-	LABEL[$1]=$2
-	ORDER+=("$1")
-	say "   $(psql -X -Atq -c 'SELECT count(*) FROM resilience.sagas') sagas, ${TPUT[$1]}/s"
+	record "$1" "$2" "$rate"
+	say "   $(psql -X -Atq -c 'SELECT count(*) FROM resilience.sagas') sagas, $rate/s"
 }
 
-run_sagas_section() {
+# One round of the section (bench/sagas_setup.sql is loaded once before).
+run_sagas() {
 	local t0
-	psql -X -q -f "$BENCH_DIR/sagas_setup.sql" >"$OUT/sagas_setup.txt" 2>&1 ||
-		{ cat "$OUT/sagas_setup.txt"; die "sagas setup failed"; }
 	run_pgbench saga_direct "3 step functions called directly, one transaction" saga_direct.sql
 
 	sagas_reset
 	run_pgbench saga_start "saga_start (while the worker drives them)" saga_start.sql
 	say "-- waiting for the worker to finish the sagas"
 	sagas_wait_done
-	set_saga_rate saga_e2e "3-step sagas/s, end to end (8 starting clients)"
+	record_saga_rate saga_e2e "3-step sagas/s, end to end (8 starting clients)"
 
 	say "-- $SAGA_BACKLOG sagas started with the sagas job off, then drained by the worker"
 	sagas_reset
@@ -63,14 +61,14 @@ run_sagas_section() {
 	t0=$(psql -X -Atq -c 'SELECT clock_timestamp()')
 	psql -X -q -c 'ALTER SYSTEM RESET resilience.saga_interval' -c 'SELECT pg_reload_conf()' >/dev/null
 	sagas_wait_done
-	set_saga_rate saga_drain "3-step sagas/s, a backlog drained by the worker" "$t0"
+	record_saga_rate saga_drain "3-step sagas/s, a backlog drained by the worker" "$t0"
 }
 
 # value_line label id op target: a throughput against its target.
 value_line() {
-	awk -v l="$1" -v v="${TPUT[$2]}" -v op="$3" -v t="$4" 'BEGIN {
+	awk -v l="$1" -v v="$(tput "$2")" -v op="$3" -v t="$4" 'BEGIN {
 		ok = (op == ">=") ? v >= t : v > t
-		printf "  %-48s %7.0f   %2s %-4s  %s\n", l, v, op, t, ok ? "PASS" : "BELOW"
+		printf "  %-54s %7.0f   %2s %-4s  %s\n", l, v, op, t, ok ? "PASS" : "BELOW"
 	}'
 }
 

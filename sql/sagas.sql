@@ -322,7 +322,7 @@ SELECT * FROM trip.effects(:paid);
 -- out, and since it may have been done it is compensated too
 SELECT resilience.saga_start('pay', '{"amount": 20}') AS late \gset
 CALL trip.settle(:late);
--- as if the 5 s had passed (test/t/010_sagas_worker.pl waits for real)
+-- as if the 5 s had passed (test/t/011_sagas_worker.pl waits for real)
 UPDATE resilience.sagas SET next_run_at = clock_timestamp() - interval '1 ms' WHERE id = :late;
 SELECT resilience.saga_step_completed(:late, 'charge', '{"charge_id": "ch_late"}') AS accepted;
 CALL trip.settle(:late);
@@ -469,7 +469,8 @@ SELECT p.oid::regprocedure AS function, r.rolname
        LATERAL aclexplode(p.proacl) a JOIN pg_roles r ON r.oid = a.grantee
  WHERE n.nspname = 'resilience' AND p.proname LIKE '%saga%' AND a.privilege_type = 'EXECUTE'
    AND r.rolname NOT IN ('postgres')
- ORDER BY 1::text, 2;
+ ORDER BY p.oid::regprocedure::text, r.rolname;
+-- (but the reaper, like every reaper: it removes only what the retention allows)
 SELECT p.oid::regprocedure AS function_executable_by_public
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'resilience' AND p.proname LIKE '%saga%'
@@ -490,7 +491,9 @@ SELECT item FROM resilience.run_reaper() WHERE item = 'sagas';
 SELECT resilience.saga_start('pay', '{}') AS unfinished \gset
 CALL trip.settle(:unfinished);
 SELECT count(*) AS finished FROM resilience.sagas WHERE state IN ('completed', 'compensated') \gset
-SELECT resilience._saga_reap(older_than => '0') = :finished AS reaped_every_finished_saga;
+SET resilience.saga_retention = 0;
+SELECT resilience._saga_reap() = :finished AS reaped_every_finished_saga;
+RESET resilience.saga_retention;
 SELECT id = :unfinished AS unfinished, state, awaiting FROM resilience.sagas;
 SELECT count(*) AS orphan_events FROM resilience.saga_events e
  WHERE NOT EXISTS (SELECT FROM resilience.sagas s WHERE s.id = e.saga_id);

@@ -70,14 +70,6 @@
 #define pg_proc_aclcheck_compat(proc, role, mode) pg_proc_aclcheck((proc), (role), (mode))
 #endif
 
-/* A uniform random double in [0, 1); pg_prng arrived in PostgreSQL 15. */
-#if PG_VERSION_NUM >= 150000
-#include "common/pg_prng.h"
-#define resilience_random_compat() pg_prng_double(&pg_global_prng_state)
-#else
-#define resilience_random_compat() ((double) random() / ((double) MAX_RANDOM_VALUE + 1))
-#endif
-
 /* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
 #if PG_VERSION_NUM < 150000
 #include "funcapi.h"
@@ -104,6 +96,56 @@ InitMaterializedSRF(FunctionCallInfo fcinfo, bits32 flags)
 	rsinfo->setDesc = CreateTupleDescCopy(tupdesc);
 	MemoryContextSwitchTo(oldcontext);
 }
+#endif
+
+/*
+ * Leave a condition variable's wait list, saying whether we had been taken
+ * off it by a signal (that we must then act on or pass on).  PostgreSQL 16
+ * made ConditionVariableCancelSleep return that; before, the same check is
+ * made here, atomically with leaving, under the list's own spinlock.  Call
+ * only after ConditionVariablePrepareToSleep(cv).
+ */
+#include "storage/condition_variable.h"
+
+#if PG_VERSION_NUM >= 160000
+static inline bool
+ConditionVariableCancelSleep_compat(ConditionVariable *cv)
+{
+	return ConditionVariableCancelSleep();
+}
+#else
+#include "storage/proc.h"
+#include "storage/proclist.h"
+
+static inline bool
+ConditionVariableCancelSleep_compat(ConditionVariable *cv)
+{
+	bool		signaled = false;
+
+	SpinLockAcquire(&cv->mutex);
+	if (proclist_contains(&cv->wakeup, MyProc->pgprocno, cvWaitLink))
+		proclist_delete(&cv->wakeup, MyProc->pgprocno, cvWaitLink);
+	else
+		signaled = true;
+	SpinLockRelease(&cv->mutex);
+	ConditionVariableCancelSleep(); /* forget the target: we are off the list */
+	return signaled;
+}
+#endif
+
+/*
+ * Transaction control in a procedure.  From PostgreSQL 15, SPI_commit and
+ * SPI_rollback start the next transaction themselves, and a failing
+ * SPI_commit cleans up before it raises, so the error can be caught.
+ */
+#if PG_VERSION_NUM >= 150000
+#define RESILIENCE_COMMIT_ERRORS_CATCHABLE true
+#define SPI_commit_compat() SPI_commit()
+#define SPI_rollback_compat() SPI_rollback()
+#else
+#define RESILIENCE_COMMIT_ERRORS_CATCHABLE false
+#define SPI_commit_compat() (SPI_commit(), SPI_start_transaction())
+#define SPI_rollback_compat() (SPI_rollback(), SPI_start_transaction())
 #endif
 
 #endif							/* RESILIENCE_COMPAT_H */

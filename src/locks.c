@@ -61,6 +61,8 @@
 #include "utils/timestamp.h"
 
 #define LOCK_NAME_MAX 255
+/* SQLSTATEs of our own (class RS): RS001 here, RS002 in breaker.h. */
+#define ERRCODE_STALE_FENCING_TOKEN MAKE_SQLSTATE('R', 'S', '0', '0', '1')
 #define LOCK_WAIT_CVS 256
 #define LOCK_POLL_MS 10
 #define ADVISORY_SPACE 3
@@ -662,7 +664,7 @@ fence(PG_FUNCTION_ARGS)
 
 	if (!fence_advance(resource, token, &seen))
 		ereport(ERROR,
-				(errcode(MAKE_SQLSTATE('R', 'S', '0', '0', '1')),
+				(errcode(ERRCODE_STALE_FENCING_TOKEN),
 				 errmsg("fencing token %lld is stale for resource \"%s\"",
 						(long long) token, text_to_cstring(resource)),
 				 errdetail("The resource has already accepted token %lld.", (long long) seen),

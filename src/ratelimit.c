@@ -343,26 +343,6 @@ rate_entry_idle(ShmEntry *entry, void *payload, int64 now)
 
 /* ---- argument checking (before any shared state is touched) ---- */
 
-static text *
-required_text(FunctionCallInfo fcinfo, int argno, const char *what)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", what)));
-	return PG_GETARG_TEXT_PP(argno);
-}
-
-static int32
-required_int(FunctionCallInfo fcinfo, int argno, const char *what)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", what)));
-	return PG_GETARG_INT32(argno);
-}
-
 /* Store the key (prefixed with the policy name, if any) into req. */
 static void
 request_key(RateRequest *req, text *key, const char *policy)
@@ -432,9 +412,7 @@ window_ns_from_interval(Interval *window)
 {
 	int128		usec;
 
-	usec = (int128) window->time +
-		(int128) window->day * USECS_PER_DAY +
-		(int128) window->month * DAYS_PER_MONTH * USECS_PER_DAY;
+	usec = resilience_interval_usec(window);
 	if (usec <= 0 || usec * 1000 > MAX_WINDOW_NS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -623,16 +601,16 @@ decide(RateRequest *req, RateDecision *d)
 static void
 parse_bucket(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_BUCKET;
-	req->limit = required_int(fcinfo, 1, "capacity");
+	req->limit = resilience_arg_int(fcinfo, 1, "capacity");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("refill_per_sec must not be null")));
 	req->rate = PG_GETARG_FLOAT8(2);
-	req->cost = required_int(fcinfo, 3, "cost");
+	req->cost = resilience_arg_int(fcinfo, 3, "cost");
 	check_capacity(req->limit, "capacity");
 	check_rate(req->rate);
 	check_cost(req->cost, req->limit, "capacity");
@@ -642,16 +620,16 @@ parse_bucket(FunctionCallInfo fcinfo, RateRequest *req)
 static void
 parse_window(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_WINDOW;
-	req->limit = required_int(fcinfo, 1, "max");
+	req->limit = resilience_arg_int(fcinfo, 1, "max");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("window must not be null")));
 	req->window_ns = window_ns_from_interval(PG_GETARG_INTERVAL_P(2));
-	req->cost = required_int(fcinfo, 3, "cost");
+	req->cost = resilience_arg_int(fcinfo, 3, "cost");
 	check_capacity(req->limit, "max");
 	check_cost(req->cost, req->limit, "max");
 	request_key(req, key, NULL);
@@ -660,11 +638,11 @@ parse_window(FunctionCallInfo fcinfo, RateRequest *req)
 static void
 parse_policy(FunctionCallInfo fcinfo, RateRequest *req)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
-	text	   *policy_name = required_text(fcinfo, 1, "policy");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
+	text	   *policy_name = resilience_arg_text(fcinfo, 1, "policy");
 	PolicyCacheEntry *policy;
 
-	req->cost = required_int(fcinfo, 2, "cost");
+	req->cost = resilience_arg_int(fcinfo, 2, "cost");
 	policy = policy_lookup(policy_name);
 	req->limit = policy->capacity;
 	req->rate = policy->rate;
@@ -787,7 +765,7 @@ rate_limit_policy_check(PG_FUNCTION_ARGS)
 Datum
 rate_limit_reset(PG_FUNCTION_ARGS)
 {
-	text	   *key = required_text(fcinfo, 0, "key");
+	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 	RateRequest req;
 	bool		removed = false;
 
@@ -947,18 +925,10 @@ typedef struct RateSaved
 	int64		idle_ns;		/* time since last use */
 } RateSaved;
 
-typedef struct SaveContext
-{
-	FILE	   *file;
-	int64		now;
-	uint32		count;
-	bool		ok;
-} SaveContext;
-
 static void
 save_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
-	SaveContext *ctx = (SaveContext *) arg;
+	StateSaveContext *ctx = (StateSaveContext *) arg;
 	RateState	copy = *(RateState *) payload;
 	RateState  *s = &copy;
 	RateSaved	rec;
@@ -992,16 +962,7 @@ save_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 bool
 ratelimit_state_save(FILE *file)
 {
-	SaveContext ctx = {NULL, resilience_clock_ns(), 0, true};
-
-	if (rate_table == NULL)
-		return true;
-	shm_table_visit(rate_table, save_entry, &ctx);	/* count */
-	state_write_section(file, STATE_SECTION_RATELIMIT, ctx.count);
-	ctx.file = file;
-	ctx.count = 0;
-	shm_table_visit(rate_table, save_entry, &ctx);
-	return ctx.ok;
+	return state_save_table(file, STATE_SECTION_RATELIMIT, rate_table, save_entry);
 }
 
 /*

@@ -17,6 +17,8 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
+#include <limits.h>
+
 PG_MODULE_MAGIC;
 
 int			resilience_max_keys = 100000;
@@ -27,6 +29,20 @@ int			resilience_max_workers = 8;
 int			resilience_worker_naptime_ms = 10000;
 int			resilience_reaper_interval_ms = 60000;
 int			resilience_max_lock_names = 10000;
+int			resilience_reaper_batch_size = 5000;
+int			resilience_reaper_max_batches = 20;
+int			resilience_max_breakers = 1000;
+int			resilience_max_bulkheads = 1000;
+double		resilience_breaker_failure_rate_threshold = 50;
+double		resilience_breaker_slow_call_rate_threshold = 100;
+int			resilience_breaker_slow_call_duration_ms = 60000;
+int			resilience_breaker_window_type = WINDOW_COUNT;
+int			resilience_breaker_window_size = 100;
+int			resilience_breaker_minimum_calls = 100;
+int			resilience_breaker_open_timeout_ms = 60000;
+int			resilience_breaker_half_open_calls = 10;
+int			resilience_breaker_probe_timeout_ms = 60000;
+bool		resilience_breaker_defaults_changed = true;
 int			resilience_saga_interval_ms = 1000;
 int			resilience_saga_retention_s = 7 * 86400;
 int			resilience_saga_stuck_after_s = 300;
@@ -40,15 +56,133 @@ static const struct config_enum_entry when_full_options[] = {
 	{NULL, 0, false}
 };
 
+static const struct config_enum_entry window_type_options[] = {
+	{"count", WINDOW_COUNT, false},
+	{"time", WINDOW_TIME, false},
+	{NULL, 0, false}
+};
+
 void		_PG_init(void);
+
+/* A rate threshold is a percentage in (0, 100]. */
+static bool
+check_rate_threshold(double *newval, void **extra, GucSource source)
+{
+	if (*newval > 0 && *newval <= 100)
+		return true;
+	GUC_check_errdetail("A rate threshold is a percentage greater than 0 and at most 100.");
+	return false;
+}
+
+/* Breakers re-read their configuration when a default changes (breaker.c). */
+static void
+assign_breaker_default_real(double newval, void *extra)
+{
+	resilience_breaker_defaults_changed = true;
+}
+
+static void
+assign_breaker_default_int(int newval, void *extra)
+{
+	resilience_breaker_defaults_changed = true;
+}
+
+/* The breaker defaults: resilience4j's, documented in docs/breakers.md. */
+static void
+define_breaker_defaults(void)
+{
+	DefineCustomRealVariable("resilience.breaker_failure_rate_threshold",
+							 "Default failure rate (percent) at which a circuit breaker opens.",
+							 "Used where resilience.breaker_config leaves failure_rate_threshold null.",
+							 &resilience_breaker_failure_rate_threshold,
+							 50, 0, 100,
+							 PGC_SIGHUP, 0, check_rate_threshold,
+							 assign_breaker_default_real, NULL);
+	DefineCustomRealVariable("resilience.breaker_slow_call_rate_threshold",
+							 "Default slow-call rate (percent) at which a circuit breaker opens.",
+							 NULL,
+							 &resilience_breaker_slow_call_rate_threshold,
+							 100, 0, 100,
+							 PGC_SIGHUP, 0, check_rate_threshold,
+							 assign_breaker_default_real, NULL);
+	DefineCustomIntVariable("resilience.breaker_slow_call_duration",
+							"Default duration above which a call recorded by a circuit breaker is slow.",
+							NULL,
+							&resilience_breaker_slow_call_duration_ms,
+							60000, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL,
+							assign_breaker_default_int, NULL);
+	DefineCustomEnumVariable("resilience.breaker_window_type",
+							 "Default sliding window of a circuit breaker: count (last N calls) or time (last N seconds).",
+							 NULL,
+							 &resilience_breaker_window_type,
+							 WINDOW_COUNT, window_type_options,
+							 PGC_SIGHUP, 0, NULL,
+							 assign_breaker_default_int, NULL);
+	DefineCustomIntVariable("resilience.breaker_window_size",
+							"Default size of a circuit breaker's sliding window (calls, or seconds).",
+							NULL,
+							&resilience_breaker_window_size,
+							100, 1, 1000,
+							PGC_SIGHUP, 0, NULL,
+							assign_breaker_default_int, NULL);
+	DefineCustomIntVariable("resilience.breaker_minimum_calls",
+							"Default number of calls a circuit breaker's window must hold before rates can open it.",
+							NULL,
+							&resilience_breaker_minimum_calls,
+							100, 1, INT_MAX,
+							PGC_SIGHUP, 0, NULL,
+							assign_breaker_default_int, NULL);
+	DefineCustomIntVariable("resilience.breaker_open_timeout",
+							"Default time a circuit breaker stays open before it admits probe calls.",
+							NULL,
+							&resilience_breaker_open_timeout_ms,
+							60000, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL,
+							assign_breaker_default_int, NULL);
+	DefineCustomIntVariable("resilience.breaker_half_open_calls",
+							"Default number of probe calls a half-open circuit breaker admits.",
+							NULL,
+							&resilience_breaker_half_open_calls,
+							10, 1, 100,
+							PGC_SIGHUP, 0, NULL,
+							assign_breaker_default_int, NULL);
+	DefineCustomIntVariable("resilience.breaker_probe_timeout",
+							"Default time after which a probe call that never reported frees its slot.",
+							NULL,
+							&resilience_breaker_probe_timeout_ms,
+							60000, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL,
+							assign_breaker_default_int, NULL);
+}
 
 void
 _PG_init(void)
 {
 	/*
-	 * Every setting so far concerns shared memory or the workers, and
+	 * The reaper's batch settings serve table-backed features, which work
+	 * without preloading (run_reaper() by hand, or from pg_cron): define them
+	 * whenever the library is loaded.  They are read in C by the reaper
+	 * functions, so the library is loaded whenever they matter, and a value
+	 * from postgresql.conf is picked up here even when it was loaded late.
+	 */
+	DefineCustomIntVariable("resilience.reaper_batch_size",
+							"Rows the reaper deletes per batch (per table).",
+							"Each batch is one short statement that skips locked rows.",
+							&resilience_reaper_batch_size,
+							5000, 1, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.reaper_max_batches",
+							"Most batches one reaper run deletes per table.",
+							"Bounds the length of one run's transaction; the rest waits for the next run.",
+							&resilience_reaper_max_batches,
+							20, 1, 1000000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	/*
+	 * The other settings concern shared memory or the workers, and
 	 * PGC_POSTMASTER ones cannot be defined after startup: without
-	 * preloading there is nothing to set.
+	 * preloading there is nothing more to set.
 	 */
 	if (!process_shared_preload_libraries_in_progress)
 		return;
@@ -102,6 +236,19 @@ _PG_init(void)
 							&resilience_max_lock_names,
 							10000, 16, 10000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.max_breakers",
+							"Number of circuit breakers kept in shared memory.",
+							"Each breaker costs about 1 kB.",
+							&resilience_max_breakers,
+							1000, 16, 1000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.max_bulkheads",
+							"Number of bulkheads kept in shared memory.",
+							"Each bulkhead costs about 150 bytes.",
+							&resilience_max_bulkheads,
+							1000, 16, 1000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	define_breaker_defaults();
 	/* sagas; the views and the reaper read the last two with safe defaults */
 	DefineCustomIntVariable("resilience.saga_interval",
 							"How often the worker looks for due sagas when nothing wakes it (0 disables the sagas job).",
@@ -115,7 +262,7 @@ _PG_init(void)
 							"Their idempotency keys are forgotten with them.",
 							&resilience_saga_retention_s,
 							7 * 86400, 0, 3650 * 86400,
-							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("resilience.saga_stuck_after",
 							"How long an unfinished saga may go without progress before resilience.stuck_sagas lists it.",
 							NULL,

@@ -12,6 +12,9 @@
 
 #include <time.h>
 
+#include "datatype/timestamp.h"
+#include "fmgr.h"
+
 /* What a shared-memory table does when it is full (resilience.when_full). */
 typedef enum ResilienceWhenFull
 {
@@ -30,6 +33,30 @@ extern int	resilience_max_workers;
 extern int	resilience_worker_naptime_ms;
 extern int	resilience_reaper_interval_ms;
 extern int	resilience_max_lock_names;
+extern int	resilience_reaper_batch_size;
+extern int	resilience_reaper_max_batches;
+extern int	resilience_max_breakers;
+extern int	resilience_max_bulkheads;
+
+/* Breaker defaults (resilience.breaker_*), for breaker_config's NULL columns. */
+typedef enum ResilienceWindowType
+{
+	WINDOW_COUNT,
+	WINDOW_TIME
+} ResilienceWindowType;
+
+extern double resilience_breaker_failure_rate_threshold;
+extern double resilience_breaker_slow_call_rate_threshold;
+extern int	resilience_breaker_slow_call_duration_ms;
+extern int	resilience_breaker_window_type;
+extern int	resilience_breaker_window_size;
+extern int	resilience_breaker_minimum_calls;
+extern int	resilience_breaker_open_timeout_ms;
+extern int	resilience_breaker_half_open_calls;
+extern int	resilience_breaker_probe_timeout_ms;
+
+/* Set when a breaker default may have changed (GUC assign hooks). */
+extern bool resilience_breaker_defaults_changed;
 extern int	resilience_saga_interval_ms;
 extern int	resilience_saga_retention_s;
 extern int	resilience_saga_stuck_after_s;
@@ -50,8 +77,45 @@ resilience_clock_ns(void)
 	return (int64) ts.tv_sec * INT64CONST(1000000000) + ts.tv_nsec;
 }
 
+/* Longest interval accepted by functions taking durations: 366 days. */
+#define RESILIENCE_MAX_INTERVAL_USEC (INT64CONST(366) * USECS_PER_DAY)
+
+/*
+ * An interval in microseconds, a month counting as 30 days (PostgreSQL's own
+ * convention for interval arithmetic); wide enough never to overflow.
+ */
+static inline int128
+resilience_interval_usec(const Interval *interval)
+{
+	return (int128) interval->time +
+		(int128) interval->day * USECS_PER_DAY +
+		(int128) interval->month * DAYS_PER_MONTH * USECS_PER_DAY;
+}
+
 /* shmem.c: raise 55000 unless the library was preloaded. */
 extern void resilience_require_preload(const char *feature);
+
+/* args.c: argument checking shared by the SQL functions (22004, 22023). */
+extern text *resilience_arg_text(FunctionCallInfo fcinfo, int argno, const char *what);
+extern int32 resilience_arg_int(FunctionCallInfo fcinfo, int argno, const char *what);
+extern int32 resilience_arg_positive(FunctionCallInfo fcinfo, int argno, const char *what);
+extern int	resilience_arg_name(FunctionCallInfo fcinfo, int argno, const char *what,
+								char *name);
+extern int64 resilience_arg_duration(FunctionCallInfo fcinfo, int argno, const char *what,
+									 bool allow_zero);
+extern char *resilience_interval_text(int64 usec);
+
+/* backoff.c: exponential backoff with jitter (docs/bulkheads-and-retries.md). */
+typedef enum ResilienceJitter
+{
+	JITTER_NONE,
+	JITTER_FULL,
+	JITTER_EQUAL,
+	JITTER_DECORRELATED
+} ResilienceJitter;
+
+extern int64 resilience_backoff_usec(int attempt, int64 base, int64 cap,
+									 ResilienceJitter jitter, int64 previous);
 
 /* worker.c */
 extern void worker_register_launcher(void);

@@ -44,8 +44,6 @@
  */
 #include "shmem.h"
 
-#include <math.h>
-
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/objectaccess.h"
@@ -100,13 +98,6 @@ typedef enum OpKind
 	OP_ASYNC
 } OpKind;
 
-typedef enum Jitter
-{
-	JITTER_NONE,
-	JITTER_FULL,
-	JITTER_EQUAL
-} Jitter;
-
 /* An action or a compensation. */
 typedef struct SagaOp
 {
@@ -124,7 +115,7 @@ typedef struct SagaStepDef
 	int			max_attempts;
 	int64		backoff_base_us;
 	int64		backoff_cap_us;
-	Jitter		jitter;
+	ResilienceJitter jitter;	/* none, full or equal */
 	int			nretry_on;
 	int		   *retry_on;		/* SQLSTATEs, or classes when retry_on_class */
 	bool	   *retry_on_class;
@@ -184,6 +175,7 @@ PG_FUNCTION_INFO_V1(saga_step_completed);
 PG_FUNCTION_INFO_V1(saga_step_failed);
 PG_FUNCTION_INFO_V1(saga_retry);
 PG_FUNCTION_INFO_V1(saga_abort);
+PG_FUNCTION_INFO_V1(saga_retention);
 
 /* The saga whose step this backend is running (0: none). */
 static int64 step_saga_id = 0;
@@ -356,12 +348,9 @@ require_arg(FunctionCallInfo fcinfo, int argno, const char *what)
 static char *
 text_arg(FunctionCallInfo fcinfo, int argno, const char *what, int max)
 {
-	text	   *t;
-	int			len;
+	text	   *t = resilience_arg_text(fcinfo, argno, what);
+	int			len = VARSIZE_ANY_EXHDR(t);
 
-	require_arg(fcinfo, argno, what);
-	t = PG_GETARG_TEXT_PP(argno);
-	len = VARSIZE_ANY_EXHDR(t);
 	if (len == 0 || len > max)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -1166,21 +1155,6 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 
 /* ---- transitions ---- */
 
-/* Delay before the retry that follows failed attempt number attempt. */
-static int64
-backoff_us(SagaStepDef *st, int attempt)
-{
-	double		delay = (double) st->backoff_base_us * pow(2.0, Min(attempt - 1, 60));
-
-	if (delay > (double) st->backoff_cap_us)
-		delay = (double) st->backoff_cap_us;
-	if (st->jitter == JITTER_FULL)
-		delay *= resilience_random_compat();
-	else if (st->jitter == JITTER_EQUAL)
-		delay = delay / 2 + delay / 2 * resilience_random_compat();
-	return (int64) delay;
-}
-
 /*
  * Compensation goes on from s->step downwards: find the next step that has
  * something to undo (it completed, or its outcome is unknown, and it has a
@@ -1309,7 +1283,9 @@ attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retry
 	jb_int(&detail, "max_attempts", st->max_attempts);
 	if (retry)
 	{
-		s->next_run_at = now + backoff_us(st, attempt);
+		s->next_run_at = now + resilience_backoff_usec(attempt - 1, st->backoff_base_us,
+													   st->backoff_cap_us, st->jitter,
+													   st->backoff_base_us);
 		jb_time(&detail, "retry_at", s->next_run_at);
 		if (compensation)
 			step_row_compensation(s, "compensating", st->compensation.kind == OP_SQL, 0, error);
@@ -2022,4 +1998,17 @@ saga_abort(PG_FUNCTION_ARGS)
 	wake_worker_at_commit();
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/*
+ * _saga_retention() → resilience.saga_retention: the setting when the
+ * library is preloaded, its default otherwise (never a placeholder's value).
+ */
+Datum
+saga_retention(PG_FUNCTION_ARGS)
+{
+	Interval   *result = palloc0(sizeof(Interval));
+
+	result->time = (int64) resilience_saga_retention_s * USECS_PER_SEC;
+	PG_RETURN_INTERVAL_P(result);
 }

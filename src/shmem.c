@@ -562,11 +562,16 @@ resilience_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 #endif
-	RequestAddinShmemSpace(add_size(add_size(ratelimit_shmem_size(), worker_shmem_size()),
-									locks_shmem_size()));
+	RequestAddinShmemSpace(ratelimit_shmem_size());
+	RequestAddinShmemSpace(worker_shmem_size());
+	RequestAddinShmemSpace(locks_shmem_size());
+	RequestAddinShmemSpace(breaker_shmem_size());
+	RequestAddinShmemSpace(bulkhead_shmem_size());
 	ratelimit_shmem_request();
 	worker_shmem_request();
 	locks_shmem_request();
+	breaker_shmem_request();
+	bulkhead_shmem_request();
 }
 
 static void
@@ -579,6 +584,8 @@ resilience_shmem_startup(void)
 	ratelimit_shmem_init();
 	worker_shmem_init();
 	locks_shmem_init();
+	breaker_shmem_init();
+	bulkhead_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */
@@ -624,6 +631,22 @@ state_write_section(FILE *file, uint32 section, uint32 nrecords)
 	state_write(file, header, sizeof(header));
 }
 
+/* Write a table as one section: a pass to count its entries, one to write them. */
+bool
+state_save_table(FILE *file, uint32 section, ShmTable *table, ShmVisitFn save)
+{
+	StateSaveContext ctx = {NULL, resilience_clock_ns(), 0, true};
+
+	if (table == NULL)
+		return true;
+	shm_table_visit(table, save, &ctx);
+	state_write_section(file, section, ctx.count);
+	ctx.file = file;
+	ctx.count = 0;
+	shm_table_visit(table, save, &ctx);
+	return ctx.ok;
+}
+
 /*
  * Did the server just shut down cleanly?  An immediate shutdown also ends the
  * postmaster with exit code 0, but leaves the control file "in production";
@@ -662,6 +685,7 @@ state_save(int code, Datum arg)
 	}
 	ok = state_write(file, header, sizeof(header));
 	ok = ok && ratelimit_state_save(file);
+	ok = ok && breaker_state_save(file);
 	if (ok)
 		state_write_section(file, STATE_SECTION_END, 0);
 	ok = ok && !ferror(file);
@@ -718,6 +742,8 @@ state_load(void)
 			break;
 		else if (section[0] == STATE_SECTION_RATELIMIT)
 			ok = ratelimit_state_load(file, section[1]);
+		else if (section[0] == STATE_SECTION_BREAKER)
+			ok = breaker_state_load(file, section[1]);
 		else
 			ok = false;
 		if (!ok)

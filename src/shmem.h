@@ -82,7 +82,22 @@ extern void resilience_shmem_hooks(void);
 /* State kept across a clean restart: one section per capability. */
 #define STATE_SECTION_END 0
 #define STATE_SECTION_RATELIMIT 1
+#define STATE_SECTION_BREAKER 2
 extern void state_write_section(FILE *file, uint32 section, uint32 nrecords);
+
+/*
+ * What a table's save callback (a ShmVisitFn) gets: it counts every entry,
+ * and writes it too once file is set.
+ */
+typedef struct StateSaveContext
+{
+	FILE	   *file;			/* NULL while counting */
+	int64		now;
+	uint32		count;
+	bool		ok;
+} StateSaveContext;
+extern bool state_save_table(FILE *file, uint32 section, ShmTable *table,
+							 ShmVisitFn save);
 extern bool state_write(FILE *file, const void *data, Size len);
 extern bool state_read(FILE *file, void *data, Size len);
 
@@ -97,6 +112,17 @@ extern bool ratelimit_state_load(FILE *file, uint32 nrecords);
 extern Size locks_shmem_size(void);
 extern void locks_shmem_request(void);
 extern void locks_shmem_init(void);
+/* breaker.c */
+extern Size breaker_shmem_size(void);
+extern void breaker_shmem_request(void);
+extern void breaker_shmem_init(void);
+extern bool breaker_state_save(FILE *file);
+extern bool breaker_state_load(FILE *file, uint32 nrecords);
+
+/* bulkhead.c */
+extern Size bulkhead_shmem_size(void);
+extern void bulkhead_shmem_request(void);
+extern void bulkhead_shmem_init(void);
 
 /* worker.c */
 extern Size worker_shmem_size(void);

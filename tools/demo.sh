@@ -60,7 +60,21 @@ as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/server.log" -w restart >/dev/null
 sql "SELECT allowed, remaining FROM resilience.rate_limit_check('user:99', 5, 0.001, cost => 0);"
 explain "The bucket still holds the 1 token it had: a restart is not a way around a limit. (After a crash buckets start full; see docs/rate-limiting.md.)"
 
-step "8. A lease with a fencing token"
+step "8. A circuit breaker shared by every connection"
+explain "A dependency (a payments API, say) starts failing. Every application instance reports its calls to one breaker in shared memory; once half of the last 4 calls failed, the breaker opens for everyone and callers fail fast instead of waiting on timeouts."
+sql "INSERT INTO resilience.breaker_config (name, window_size, minimum_calls, open_timeout, half_open_calls)
+VALUES ('payments-api', 4, 4, '2 seconds', 1);"
+sql "SELECT ok AS call_succeeded FROM unnest(array[true, false, false, true]) ok, resilience.breaker_record('payments-api', ok);
+SELECT resilience.breaker_state('payments-api') AS state, resilience.breaker_allow('payments-api') AS may_call;"
+explain "Two seconds later it lets one probe through (half_open); a successful probe closes it again."
+sleep 2.1
+sql "SELECT resilience.breaker_allow('payments-api') AS probe_allowed, resilience.breaker_state('payments-api') AS state;"
+sql "SELECT resilience.breaker_state('payments-api') AS state FROM resilience.breaker_record('payments-api', true);"
+explain "A bulkhead caps how many sessions use a dependency at once; the permit goes back when the transaction ends."
+sql "SELECT resilience.bulkhead_acquire('reports', 2) AS got_permit;
+SELECT name, in_use, max_concurrent FROM resilience.bulkheads WHERE name = 'reports';"
+
+step "9. A lease with a fencing token"
 explain "lock_acquire takes a named lease for a while and returns a fencing token. The guarded data remembers the newest token it accepted, so a holder whose lease ran out while it was paused cannot overwrite the work of the next holder. (The demo keeps each worker's token in a small table.)"
 sql "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts VALUES (42, 100);
 CREATE TABLE tokens (worker text, token bigint);"
@@ -76,7 +90,23 @@ sql "UPDATE accounts SET balance = balance - 10
 sql "SELECT balance FROM accounts WHERE id = 42;"
 sql "SELECT kind, name, owner, token, expires_at > now() AS held FROM resilience.locks;"
 
-step "9. A saga: book a trip, or undo it"
+step "10. Idempotency keys: a retried request takes effect once"
+explain "A client retries a payment after a timeout, sending the same Idempotency-Key. The handler asks idempotency_begin first. The first attempt may proceed: it makes the payment and stores its response in the same transaction, so both commit or neither does."
+sql "CREATE TABLE payments (id serial PRIMARY KEY, amount int);"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');
+INSERT INTO payments (amount) VALUES (1000);
+SELECT resilience.idempotency_complete('payments', 'key-123', '{\"payment\": 1}', 201);"
+explain "The retry gets the stored response (an HTTP layer answers it with Idempotent-Replayed: true); the same key with a different request is a mismatch (HTTP 422). One payment was made."
+sql "SELECT * FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 1000}');"
+sql "SELECT outcome FROM resilience.idempotency_begin('payments', 'key-123', '{\"amount\": 5}');"
+sql "SELECT count(*) AS payments FROM payments;"
+explain "idempotent() does it in one call: the statement runs once per key, and later calls return its result."
+sql "SELECT resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS first_call,
+       resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INSERT INTO payments (amount) VALUES (7) RETURNING to_jsonb(id)') AS retry;"
+explain "Message consumers deduplicate with inbox_accept: true the first time, false for a redelivery."
+sql "SELECT resilience.inbox_accept('billing', 'msg-1') AS first, resilience.inbox_accept('billing', 'msg-1') AS redelivered;"
+
+step "11. A saga: book a trip, or undo it"
 explain "A saga is a business transaction whose steps each commit on their own: book a flight, a hotel, a car. When a step fails for good, the steps that completed are undone by their compensations, in reverse order. Each step runs in its own transaction together with the saga's advance, as the role that defined the saga (never a superuser), driven by the background worker."
 sql "CREATE SCHEMA travel;
 CREATE TABLE travel.bookings (saga_id bigint, kind text, ref text, status text NOT NULL DEFAULT 'booked',
@@ -130,4 +160,4 @@ sql "SELECT resilience.saga_start('book_trip', '{\"traveller\": \"Ann\", \"city\
 explain "Steps can also be async (a command sent through the outbox, answered with saga_step_completed); failed steps are retried with backoff; a compensation that keeps failing parks the saga for a person, who fixes the cause and calls saga_retry. See docs/sagas.md."
 
 step "Done"
-explain "Reference: docs/rate-limiting.md, docs/locks.md, docs/sagas.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md, docs/sagas.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."

@@ -1,0 +1,1 @@
+SELECT resilience.breaker_allow('bench'), resilience.breaker_record('bench', true);

@@ -1,0 +1,1 @@
+SELECT resilience.bulkhead_acquire('bench', 64);

@@ -1,0 +1,93 @@
+-- Bad input gets a specific SQLSTATE and changes nothing.  Keys that must not
+-- be created start with 'bad'; the last queries check that none was, and
+-- that the keys set up here kept their state.
+\set VERBOSITY default
+
+SELECT outcome FROM resilience.idempotency_begin('e', 'done', '{}');
+SELECT resilience.idempotency_complete('e', 'done', '{"r": 1}', 200);
+SELECT outcome FROM resilience.idempotency_begin('e', 'failed', '{}');
+SELECT resilience.idempotency_fail('e', 'failed', '{"e": 1}', false);
+SELECT outcome FROM resilience.idempotency_begin('e', 'retry', '{}');
+SELECT resilience.idempotency_fail('e', 'retry', '{"e": 2}', true);
+SELECT outcome FROM resilience.idempotency_begin('e', 'started', '{}');
+CREATE TEMP TABLE before AS SELECT * FROM resilience.idempotency_keys;
+
+-- NULLs (22004)
+SELECT resilience.idempotency_begin(NULL, 'bad', '{}');
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', NULL, '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', ttl => NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', lock_timeout => NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint(NULL, 'started', 'p')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', NULL, 'p')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', 'started', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete(NULL, 'started', '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete('e', NULL, '{}')$$);
+SELECT resilience.idempotency_fail('e', 'started', '{}', NULL);
+SELECT sqlstate_of($$SELECT resilience.idempotency_fail(NULL, 'started', '{}', true)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad', '{}', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent(NULL, 'bad', '{}', 'SELECT 1')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad', NULL, 'SELECT 1')$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept(NULL, 'bad')$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept('bad', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept('bad', 'bad', NULL)$$);
+
+-- empty or too long names (22023): at most 255 characters
+SELECT resilience.idempotency_begin('e', '', '{}');
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('', 'bad', '{}')$$);
+SELECT resilience.idempotency_begin('e', 'bad' || repeat('k', 253), '{}');
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin(repeat('s', 256), 'bad', '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad' || repeat('é', 253), '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', 'started', '')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', 'started', repeat('p', 256))$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete('e', '', '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', '', '{}', 'SELECT 1')$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept('', 'bad')$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept('bad', repeat('m', 256))$$);
+
+-- ttl and lock_timeout must be positive (22023)
+SELECT resilience.idempotency_begin('e', 'bad', '{}', ttl => '0');
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', ttl => '-1 hour')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', ttl => '1 month -40 days')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', lock_timeout => '0')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', lock_timeout => '-1 s')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad', '{}', 'SELECT 1', ttl => '0')$$);
+SELECT sqlstate_of($$SELECT resilience.inbox_accept('bad', 'bad', '0')$$);
+-- ... and end within the range of timestamptz (22008)
+SELECT sqlstate_of($$SELECT resilience.idempotency_begin('e', 'bad', '{}', ttl => '300000 years')$$);
+
+-- status codes are HTTP's: 100 to 599 (22023)
+SELECT resilience.idempotency_complete('e', 'started', '{}', 99);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete('e', 'started', '{}', 600)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_fail('e', 'started', '{}', false, 1000)$$);
+
+-- a key that was never begun (42704)
+SELECT resilience.idempotency_complete('e', 'bad-never', '{}');
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', 'bad-never', 'p')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_fail('e', 'bad-never', '{}', true)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete('other-scope', 'done', '{}')$$);
+
+-- a key that is not in progress (55000)
+SELECT resilience.idempotency_complete('e', 'done', '{}');
+SELECT resilience.idempotency_checkpoint('e', 'retry', 'p');
+SELECT sqlstate_of($$SELECT resilience.idempotency_fail('e', 'failed', '{}', true)$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_complete('e', 'failed', '{}')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_checkpoint('e', 'done', 'p')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotency_fail('e', 'retry', '{}', false)$$);
+
+-- idempotent(): another request under the key (22023), a key in progress in
+-- another transaction (55P03), and a SQL error (which leaves nothing behind)
+SELECT resilience.idempotent('e', 'done', '{"other": true}', 'SELECT 1');
+SELECT resilience.idempotent('e', 'started', '{}', 'SELECT 1');
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad-sql', '{}', 'SELECT 1/0')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad-sql', '{}', 'SELECT ''not json''')$$);
+SELECT sqlstate_of($$SELECT resilience.idempotent('e', 'bad-sql', '{}', 'no such statement')$$);
+
+-- Nothing was created or changed by any of the calls above.
+SELECT count(*) AS bad_keys FROM resilience.idempotency_keys WHERE key LIKE 'bad%' OR scope <> 'e';
+SELECT count(*) AS bad_messages FROM resilience.inbox;
+SELECT k.key, k.state
+  FROM resilience.idempotency_keys k JOIN before b USING (scope, key)
+ WHERE (k.*)::text IS DISTINCT FROM (b.*)::text;
+SELECT key, state, response, error, status_code, recovery_point
+  FROM resilience.idempotency_keys ORDER BY key;
