@@ -371,6 +371,18 @@ not_from_own_step(int64 saga_id, const char *function)
 				 errdetail("The orchestrator writes that saga's state when the step returns.")));
 }
 
+/* The saga_id argument (first) of function: not NULL, not the saga of a running step. */
+static int64
+saga_id_arg(FunctionCallInfo fcinfo, const char *function)
+{
+	int64		saga_id;
+
+	require_arg(fcinfo, 0, "saga_id");
+	saga_id = PG_GETARG_INT64(0);
+	not_from_own_step(saga_id, function);
+	return saga_id;
+}
+
 /* ---- waking the worker ---- */
 
 /* At commit, wake the worker if this transaction asked for it. */
@@ -1816,10 +1828,8 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 	bool		waiting;
 	JsonBuf		detail;
 
-	require_arg(fcinfo, 0, "saga_id");
-	saga_id = PG_GETARG_INT64(0);
+	saga_id = saga_id_arg(fcinfo, completed ? "saga_step_completed" : "saga_step_failed");
 	step = text_arg(fcinfo, 1, "step", SAGA_NAME_MAX);
-	not_from_own_step(saga_id, completed ? "saga_step_completed" : "saga_step_failed");
 
 	SPI_connect();
 	saga_lock(&s, saga_id);
@@ -1922,9 +1932,7 @@ saga_retry(PG_FUNCTION_ARGS)
 	int64		saga_id;
 	Saga		s;
 
-	require_arg(fcinfo, 0, "saga_id");
-	saga_id = PG_GETARG_INT64(0);
-	not_from_own_step(saga_id, "saga_retry");
+	saga_id = saga_id_arg(fcinfo, "saga_retry");
 	SPI_connect();
 	saga_lock(&s, saga_id);
 	if (s.state != SAGA_PARKED)
@@ -1964,10 +1972,8 @@ saga_abort(PG_FUNCTION_ARGS)
 	JsonBuf		detail;
 	JsonBuf		error;
 
-	require_arg(fcinfo, 0, "saga_id");
-	saga_id = PG_GETARG_INT64(0);
+	saga_id = saga_id_arg(fcinfo, "saga_abort");
 	reason = text_arg(fcinfo, 1, "reason", REASON_MAX);
-	not_from_own_step(saga_id, "saga_abort");
 	SPI_connect();
 	saga_lock(&s, saga_id);
 	if (s.state != SAGA_RUNNING)
