@@ -671,13 +671,13 @@ COMMENT ON PROCEDURE resilience.retry(text, integer, interval, interval, text, t
 'Run sql in a transaction of its own per attempt, retrying retryable errors with backoff; with breaker, each attempt goes through it';
 
 ------------------------------------------------------------------------------
--- Transactional outbox and relay (tables: work without preloading; the
--- worker that relays on commit needs shared_preload_libraries)
+-- Sagas: orchestrated, compensating (tables; the worker that drives them
+-- needs shared_preload_libraries, saga_tick() and saga_run() work without it)
 ------------------------------------------------------------------------------
 
--- Roles: resilience_admin manages routes and dead letters and runs the relay
--- by hand; resilience_user publishes and consumes.  Roles are cluster-wide and
--- outlive the extension; they are created only if missing.
+-- Roles: resilience_admin defines sagas and handles parked ones;
+-- resilience_user starts sagas and answers async steps.  Roles are
+-- cluster-wide and outlive the extension; they are created only if missing.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'resilience_user') THEN
@@ -692,6 +692,593 @@ BEGIN
 END
 $$;
 GRANT USAGE ON SCHEMA resilience TO resilience_user;
+
+-- Definitions are versioned and immutable: saga_define adds a version, and
+-- a saga runs on the version it started with.  steps is the normalized
+-- definition (every default spelled out, functions schema-qualified);
+-- definer is the role that defined it, the role every step runs as.
+CREATE SEQUENCE resilience.saga_definition_ids;
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_definition_ids', '');
+CREATE TABLE resilience.saga_definitions (
+    id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('resilience.saga_definition_ids'),
+    name text NOT NULL CHECK (pg_catalog.octet_length(name) BETWEEN 1 AND 63),
+    version integer NOT NULL CHECK (version > 0),
+    steps jsonb NOT NULL,
+    definer regrole NOT NULL,
+    defined_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    UNIQUE (name, version)
+);
+COMMENT ON TABLE resilience.saga_definitions IS
+'Saga definitions, one row per version (written by saga_define, never updated); steps run as definer';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_definitions', '');
+
+CREATE FUNCTION resilience._saga_definitions_immutable()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'saga definitions cannot be changed'
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = format('Version %s of saga "%s" may be running.', OLD.version, OLD.name),
+              HINT = 'Call resilience.saga_define to add a new version; new sagas start on it.';
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_definitions_immutable() IS
+'Internal: refuses updates of saga definitions (running sagas depend on their version)';
+
+CREATE TRIGGER definitions_immutable
+    BEFORE UPDATE ON resilience.saga_definitions
+    FOR EACH ROW EXECUTE FUNCTION resilience._saga_definitions_immutable();
+
+-- One row per saga.  The orchestrator (saga_tick) looks at a saga when
+-- next_run_at has come: to run its step, send its command, time out the
+-- reply it awaits, apply the reply it got, or retry; next_run_at is NULL
+-- once it has finished or is parked.  step counts up from 1 while running
+-- and down while compensating; attempt counts the attempts made at it.
+CREATE SEQUENCE resilience.saga_ids;
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_ids', '');
+CREATE TABLE resilience.sagas (
+    id bigint PRIMARY KEY DEFAULT pg_catalog.nextval('resilience.saga_ids'),
+    definition_id bigint NOT NULL REFERENCES resilience.saga_definitions (id),
+    name text NOT NULL,
+    state text NOT NULL
+        CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'compensation_failed')),
+    step integer NOT NULL,
+    attempt integer NOT NULL DEFAULT 0,
+    awaiting boolean NOT NULL DEFAULT false,
+    reply jsonb,
+    payload jsonb NOT NULL,
+    context jsonb NOT NULL,
+    idempotency_key text,
+    error jsonb,
+    next_run_at timestamptz,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    finished_at timestamptz
+);
+CREATE INDEX sagas_due ON resilience.sagas (next_run_at) WHERE next_run_at IS NOT NULL;
+CREATE UNIQUE INDEX sagas_idempotency_key ON resilience.sagas (name, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX sagas_finished ON resilience.sagas (finished_at) WHERE finished_at IS NOT NULL;
+COMMENT ON TABLE resilience.sagas IS
+'Sagas: state (running, compensating, completed, compensated, compensation_failed), current step and attempt, context';
+SELECT pg_catalog.pg_extension_config_dump('resilience.sagas', '');
+
+-- One row per step a saga has reached (written in the step's transaction).
+CREATE TABLE resilience.saga_steps (
+    saga_id bigint NOT NULL,
+    step_no integer NOT NULL,
+    name text NOT NULL,
+    state text NOT NULL
+        CHECK (state IN ('waiting', 'retrying', 'completed', 'failed', 'timed_out', 'abandoned',
+                         'compensating', 'compensated', 'compensation_failed')),
+    attempts integer NOT NULL DEFAULT 0,
+    compensation_attempts integer NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    compensated_at timestamptz,
+    result jsonb,
+    error jsonb,
+    PRIMARY KEY (saga_id, step_no)
+);
+COMMENT ON TABLE resilience.saga_steps IS
+'Each step a saga has reached: its state, attempts, result and last error, and its compensation';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_steps', '');
+
+-- Every transition, committed with it: the whole story of each saga.
+CREATE SEQUENCE resilience.saga_event_ids;
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_event_ids', '');
+CREATE TABLE resilience.saga_events (
+    saga_id bigint NOT NULL,
+    id bigint NOT NULL DEFAULT pg_catalog.nextval('resilience.saga_event_ids'),
+    at timestamptz NOT NULL,
+    event text NOT NULL,
+    step text,
+    attempt integer,
+    state text NOT NULL,
+    error jsonb,
+    detail jsonb,
+    correlation_id text NOT NULL,
+    PRIMARY KEY (saga_id, id)
+);
+COMMENT ON TABLE resilience.saga_events IS
+'Every saga transition (time, step, attempt, the saga''s state after it, error, correlation id = the idempotency key participants see)';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_events', '');
+
+-- Validation and normalization of a definition, run as the caller of
+-- saga_define: function names are resolved with the caller's search_path
+-- (passed in; everything else runs under a pinned one) and must be
+-- executable by the caller.
+CREATE FUNCTION resilience._saga_normalize(name text, steps jsonb, caller_search_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+SET intervalstyle = postgres   -- the normalized text must not depend on the session
+AS $$
+DECLARE
+    known_keys constant text[] := ARRAY['name', 'action', 'compensation', 'topic', 'timeout',
+                                        'max_attempts', 'backoff', 'retry_on'];
+    step jsonb;
+    pos bigint;
+    k text;
+    label text;
+    step_name text;
+    step_names text[] := '{}';
+    part text;
+    fn text;
+    parts text[];
+    fn_oid regprocedure;
+    fn_rec record;
+    found_sigs text;
+    resolved jsonb;
+    is_async boolean;
+    topic text;
+    timeout interval;
+    max_attempts integer;
+    backoff jsonb;
+    base interval;
+    cap interval;
+    jitter text;
+    retry_on jsonb;
+    code text;
+    normalized jsonb := '[]';
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'saga name must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(name) NOT BETWEEN 1 AND 63 THEN
+        RAISE EXCEPTION 'saga name must be 1 to 63 bytes long'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s bytes.', octet_length(name));
+    END IF;
+    IF steps IS NULL THEN
+        RAISE EXCEPTION 'steps must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
+        RAISE EXCEPTION 'steps must be a non-empty JSON array of step objects'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('steps is %s.', left(steps::text, 200)),
+                  HINT = 'Steps run in array order, e.g. [{"name": "reserve", "action": "shop.reserve", "compensation": "shop.release"}].';
+    END IF;
+    IF jsonb_array_length(steps) > 100 THEN
+        RAISE EXCEPTION 'a saga has at most 100 steps'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It has %s.', jsonb_array_length(steps));
+    END IF;
+
+    FOR step, pos IN SELECT e.value, e.ordinality FROM jsonb_array_elements(steps) WITH ORDINALITY e ORDER BY e.ordinality LOOP
+        label := format('step %s', pos);
+        IF jsonb_typeof(step) <> 'object' THEN
+            RAISE EXCEPTION '% must be a JSON object', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left(step::text, 200));
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(step) LOOP
+            IF NOT k = ANY (known_keys) THEN
+                RAISE EXCEPTION '% has an unknown key "%"', label, k
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('A step has the keys %s.', array_to_string(known_keys, ', ')),
+                          HINT = 'Steps run in the order of the array: there are no "next" links, so no cycles.';
+            END IF;
+        END LOOP;
+
+        IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string'
+           OR octet_length(step ->> 'name') NOT BETWEEN 1 AND 63 THEN
+            RAISE EXCEPTION '% needs a name of 1 to 63 bytes', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('name is %s.', coalesce((step -> 'name')::text, 'missing'));
+        END IF;
+        step_name := step ->> 'name';
+        IF step_name = ANY (step_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', step_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Steps %s and %s have that name.', array_position(step_names, step_name), pos),
+                      HINT = 'Step names identify steps in replies and events: make them unique.';
+        END IF;
+        step_names := step_names || step_name;
+        label := format('step %s ("%s")', pos, step_name);
+
+        -- action (required) and compensation (optional): a function, or "async"
+        resolved := '{}';
+        is_async := false;
+        FOREACH part IN ARRAY ARRAY['action', 'compensation'] LOOP
+            IF NOT step ? part OR jsonb_typeof(step -> part) = 'null' THEN
+                IF part = 'action' THEN
+                    RAISE EXCEPTION '% has no action', label
+                        USING ERRCODE = 'invalid_parameter_value',
+                              HINT = 'An action is a function f(saga_id bigint, context jsonb) returns jsonb, or "async".';
+                END IF;
+                resolved := resolved || jsonb_build_object(part, NULL);
+                CONTINUE;
+            END IF;
+            IF jsonb_typeof(step -> part) <> 'string' OR btrim(step ->> part) = '' THEN
+                RAISE EXCEPTION '% of % must be a function name or "async"', part, label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> part)::text, 200));
+            END IF;
+            fn := step ->> part;
+            IF fn = 'async' THEN
+                is_async := true;
+                resolved := resolved || jsonb_build_object(part, 'async');
+                CONTINUE;
+            END IF;
+            BEGIN
+                parts := parse_ident(fn);
+            EXCEPTION WHEN invalid_parameter_value OR invalid_text_representation THEN
+                parts := NULL;
+            END;
+            IF parts IS NULL OR cardinality(parts) > 2 THEN
+                RAISE EXCEPTION '% of % is not a function name: %', part, label, fn
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Give the name only, optionally schema-qualified (shop.reserve), without arguments.';
+            END IF;
+            -- resolve as the caller would: with the caller's search_path
+            PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+            fn_oid := pg_catalog.to_regprocedure(
+                pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(p) FROM pg_catalog.unnest(parts) p), '.')
+                OPERATOR(pg_catalog.||) '(pg_catalog.int8, pg_catalog.jsonb)');
+            IF fn_oid IS NULL THEN
+                SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ' ORDER BY p.oid) INTO found_sigs
+                  FROM pg_catalog.pg_proc p
+                 WHERE p.proname OPERATOR(pg_catalog.=) parts[pg_catalog.cardinality(parts)]
+                   AND (CASE WHEN pg_catalog.cardinality(parts) OPERATOR(pg_catalog.=) 2
+                             THEN p.pronamespace OPERATOR(pg_catalog.=)
+                                  (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) parts[1])
+                             ELSE pg_catalog.pg_function_is_visible(p.oid) END);
+            END IF;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            IF fn_oid IS NULL THEN
+                RAISE EXCEPTION 'function %(bigint, jsonb) does not exist', fn
+                    USING ERRCODE = 'undefined_function',
+                          DETAIL = CASE WHEN found_sigs IS NULL THEN format('Needed by the %s of %s.', part, label)
+                                        ELSE format('The %s of %s needs it; there is only %s.', part, label, found_sigs) END,
+                          HINT = 'A step function is f(saga_id bigint, context jsonb) returns jsonb.';
+            END IF;
+            SELECT p.prokind, p.proretset, p.prorettype, n.nspname, p.proname INTO fn_rec
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = fn_oid;
+            IF fn_rec.prokind <> 'f' OR fn_rec.proretset THEN
+                RAISE EXCEPTION '% is not a plain function', fn_oid
+                    USING ERRCODE = 'wrong_object_type',
+                          DETAIL = format('The %s of %s must be a function returning one jsonb value, not a procedure, aggregate or set-returning function.', part, label);
+            END IF;
+            IF fn_rec.prorettype <> 'jsonb'::regtype THEN
+                RAISE EXCEPTION 'function % returns %, not jsonb', fn_oid, fn_rec.prorettype::regtype
+                    USING ERRCODE = 'datatype_mismatch',
+                          DETAIL = format('It is the %s of %s.', part, label),
+                          HINT = 'A step function is f(saga_id bigint, context jsonb) returns jsonb; its result is merged into the saga''s context.';
+            END IF;
+            IF NOT has_function_privilege(fn_oid, 'EXECUTE') THEN
+                RAISE EXCEPTION 'permission denied for function %', fn_oid
+                    USING ERRCODE = 'insufficient_privilege',
+                          DETAIL = format('Steps run as the role that defines the saga, %s, which cannot execute the %s of %s.',
+                                          current_user, part, label);
+            END IF;
+            resolved := resolved || jsonb_build_object(part, quote_ident(fn_rec.nspname) || '.' || quote_ident(fn_rec.proname));
+        END LOOP;
+
+        topic := NULL;
+        IF step ? 'topic' AND jsonb_typeof(step -> 'topic') <> 'null' THEN
+            IF NOT is_async THEN
+                RAISE EXCEPTION '% has a topic but nothing async', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'A topic names where the commands of an async action or compensation are published.';
+            END IF;
+            IF jsonb_typeof(step -> 'topic') <> 'string' OR octet_length(step ->> 'topic') NOT BETWEEN 1 AND 255 THEN
+                RAISE EXCEPTION 'topic of % must be a string of 1 to 255 bytes', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> 'topic')::text, 300));
+            END IF;
+            topic := step ->> 'topic';
+        ELSIF is_async THEN
+            RAISE EXCEPTION '% is async but has no topic', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Commands of async steps are published on the step''s topic, e.g. "topic": "payments.commands".';
+        END IF;
+
+        timeout := resilience._saga_interval(step, 'timeout', '1 minute', label);
+        IF timeout <= interval '0' OR timeout > interval '30 days' THEN
+            RAISE EXCEPTION 'timeout of % must be more than 0 and at most 30 days', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', timeout);
+        END IF;
+
+        max_attempts := 3;
+        IF step ? 'max_attempts' THEN
+            IF jsonb_typeof(step -> 'max_attempts') IS DISTINCT FROM 'number'
+               OR (step ->> 'max_attempts')::numeric <> trunc((step ->> 'max_attempts')::numeric)
+               OR (step ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 100 THEN
+                RAISE EXCEPTION 'max_attempts of % must be an integer from 1 to 100', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> 'max_attempts')::text, 100));
+            END IF;
+            max_attempts := (step ->> 'max_attempts')::numeric::integer;
+        END IF;
+
+        backoff := coalesce(step -> 'backoff', '{}');
+        IF jsonb_typeof(backoff) <> 'object' THEN
+            RAISE EXCEPTION 'backoff of % must be an object {"base", "cap", "jitter"}', label
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(backoff) LOOP
+            IF NOT k = ANY (ARRAY['base', 'cap', 'jitter']) THEN
+                RAISE EXCEPTION 'backoff of % has an unknown key "%"', label, k
+                    USING ERRCODE = 'invalid_parameter_value', DETAIL = 'backoff has the keys base, cap and jitter.';
+            END IF;
+        END LOOP;
+        base := resilience._saga_interval(backoff, 'base', '1 second', 'backoff of ' || label);
+        cap := resilience._saga_interval(backoff, 'cap', '1 minute', 'backoff of ' || label);
+        IF base <= interval '0' OR base > interval '1 day' OR cap < base OR cap > interval '1 day' THEN
+            RAISE EXCEPTION 'backoff of % must have 0 < base <= cap <= 1 day', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('base is %s, cap is %s.', base, cap);
+        END IF;
+        jitter := coalesce(backoff ->> 'jitter', 'full');
+        IF jsonb_typeof(coalesce(backoff -> 'jitter', '"full"')) <> 'string' OR jitter NOT IN ('none', 'full', 'equal') THEN
+            RAISE EXCEPTION 'jitter of % must be "none", "full" or "equal"', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left((backoff -> 'jitter')::text, 100));
+        END IF;
+
+        retry_on := coalesce(step -> 'retry_on', '["40", "53", "08", "55P03"]');
+        IF jsonb_typeof(retry_on) <> 'array' THEN
+            RAISE EXCEPTION 'retry_on of % must be an array of SQLSTATEs or SQLSTATE classes', label
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ["40001", "55P03", "53"].';
+        END IF;
+        FOR code IN SELECT e::text FROM jsonb_array_elements(retry_on) e LOOP
+            IF code !~ '^"[0-9A-Z]{2}([0-9A-Z]{3})?"$' THEN
+                RAISE EXCEPTION 'retry_on of % holds %, which is neither a SQLSTATE nor a class', label, code
+                    USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ["40001", "55P03", "53"].';
+            END IF;
+        END LOOP;
+
+        normalized := normalized || jsonb_build_array(resolved || jsonb_build_object(
+            'name', step_name, 'topic', topic, 'timeout', timeout::text, 'max_attempts', max_attempts,
+            'backoff', jsonb_build_object('base', base::text, 'cap', cap::text, 'jitter', jitter),
+            'retry_on', retry_on));
+    END LOOP;
+    RETURN normalized;
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_normalize(text, jsonb, text) IS
+'Internal (saga_define): validates a definition as its caller and returns it with every default spelled out';
+
+CREATE FUNCTION resilience._saga_interval(obj jsonb, key text, dflt interval, label text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT obj ? key OR jsonb_typeof(obj -> key) = 'null' THEN
+        RETURN dflt;
+    END IF;
+    IF jsonb_typeof(obj -> key) <> 'string' THEN
+        RAISE EXCEPTION '% of % must be an interval such as "30 seconds"', key, label
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left((obj -> key)::text, 100));
+    END IF;
+    RETURN (obj ->> key)::interval;
+EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+    RAISE EXCEPTION '% of % must be an interval such as "30 seconds"', key, label
+        USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left((obj -> key)::text, 100));
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_interval(jsonb, text, interval, text) IS
+'Internal (saga_define): an interval-valued key of a step, its default when absent, 22023 when malformed';
+
+CREATE FUNCTION resilience.saga_define(name text, steps jsonb)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'saga_define'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.saga_define(text, jsonb) IS
+'Define (a new version of) saga name; returns its version.  Steps run as the calling role, which must not be a superuser';
+
+CREATE FUNCTION resilience.saga_start(name text, payload jsonb, idempotency_key text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'saga_start'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_start(text, jsonb, text) IS
+'Start a saga on the latest version of its definition, in this transaction; the same idempotency_key returns the same saga';
+
+CREATE FUNCTION resilience.saga_tick()
+RETURNS integer
+AS 'MODULE_PATHNAME', 'saga_tick'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_tick() IS
+'Orchestrate by hand: advance one due saga by one step attempt or transition, in this transaction; 1 if one was due, else 0';
+
+CREATE FUNCTION resilience._saga_worker_tick()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'saga_worker_tick'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience._saga_worker_tick() IS
+'Internal (the worker''s sagas job): saga_tick, then ms until the next saga is due (0: at once, -1: none)';
+
+-- CALL resilience.saga_run(): drive sagas by hand until none is due (or
+-- max_steps), one transaction per step attempt.  Not inside BEGIN ... COMMIT.
+CREATE PROCEDURE resilience.saga_run(max_steps integer DEFAULT 10000)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF max_steps IS NULL OR max_steps OPERATOR(pg_catalog.<) 1 THEN
+        RAISE EXCEPTION 'max_steps must be at least 1' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 1 .. max_steps LOOP
+        EXIT WHEN resilience.saga_tick() OPERATOR(pg_catalog.=) 0;
+        COMMIT;
+    END LOOP;
+END
+$$;
+COMMENT ON PROCEDURE resilience.saga_run(integer) IS
+'Drive sagas by hand (without a worker): saga_tick in its own transaction until no saga is due or max_steps';
+
+CREATE FUNCTION resilience.saga_step_completed(
+    saga_id bigint, step text, result jsonb, compensation boolean DEFAULT false)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'saga_step_completed'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_step_completed(bigint, text, jsonb, boolean) IS
+'Reply to the command of an async step (or, with compensation, of its async compensation): it succeeded; false if the reply came late or twice (recorded, ignored)';
+
+CREATE FUNCTION resilience.saga_step_failed(
+    saga_id bigint, step text, error jsonb, retryable boolean, compensation boolean DEFAULT false)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'saga_step_failed'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_step_failed(bigint, text, jsonb, boolean, boolean) IS
+'Reply to the command of an async step (or compensation): it failed, retryable or not; false if the reply came late or twice (recorded, ignored)';
+
+CREATE FUNCTION resilience.saga_retry(saga_id bigint)
+RETURNS void
+AS 'MODULE_PATHNAME', 'saga_retry'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_retry(bigint) IS
+'Resume a saga parked in compensation_failed: its compensation is attempted again (max_attempts afresh)';
+
+CREATE FUNCTION resilience.saga_abort(saga_id bigint, reason text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'saga_abort'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.saga_abort(bigint, text) IS
+'Stop a running saga and compensate its completed steps, in reverse order';
+
+-- Finished sagas (completed or compensated) are kept for
+-- resilience.saga_retention (default 7 days; parked and running sagas are
+-- kept until they finish), then removed with their steps and events in
+-- batches.  Like every reaper, executable by anyone: it removes only what the
+-- retention allows, read from the library (a placeholder setting cannot
+-- shorten it).
+CREATE FUNCTION resilience._saga_retention()
+RETURNS interval
+AS 'MODULE_PATHNAME', 'saga_retention'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._saga_retention() IS
+'Internal (_saga_reap): resilience.saga_retention (its default without shared_preload_libraries)';
+
+CREATE FUNCTION resilience._saga_reap()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    retention interval := resilience._saga_retention();
+    batch_size integer := coalesce(current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    removed bigint := 0;
+    ids bigint[];
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        SELECT array_agg(s.id) INTO ids
+          FROM (SELECT id FROM resilience.sagas
+                 WHERE finished_at < clock_timestamp() - retention
+                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
+        EXIT WHEN ids IS NULL;
+        DELETE FROM resilience.saga_events WHERE saga_id = ANY (ids);
+        DELETE FROM resilience.saga_steps WHERE saga_id = ANY (ids);
+        DELETE FROM resilience.sagas WHERE id = ANY (ids);
+        removed := removed + cardinality(ids);
+        EXIT WHEN cardinality(ids) < batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_reap() IS
+'Internal (part of run_reaper): delete sagas finished longer ago than resilience.saga_retention, with their steps and events, in batches of resilience.reaper_batch_size';
+
+CREATE VIEW resilience.saga_stats AS
+    SELECT s.name, d.version, s.state,
+           count(*) AS sagas,
+           percentile_cont(0.5) WITHIN GROUP
+               (ORDER BY coalesce(s.finished_at, pg_catalog.clock_timestamp()) - s.created_at) AS p50_duration,
+           percentile_cont(0.95) WITHIN GROUP
+               (ORDER BY coalesce(s.finished_at, pg_catalog.clock_timestamp()) - s.created_at) AS p95_duration,
+           coalesce(sum(r.retries), 0)::bigint AS retries,
+           min(s.created_at) AS first_started_at,
+           max(s.updated_at) AS last_progress_at
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+      LEFT JOIN (SELECT saga_id,
+                        sum(greatest(attempts - 1, 0) + greatest(compensation_attempts - 1, 0)) AS retries
+                   FROM resilience.saga_steps GROUP BY saga_id) r ON r.saga_id = s.id
+     GROUP BY s.name, d.version, s.state;
+COMMENT ON VIEW resilience.saga_stats IS
+'Per saga definition, version and state: how many, p50/p95 duration (so far, for unfinished ones), retries';
+
+CREATE VIEW resilience.stuck_sagas AS
+    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
+           s.attempt,
+           CASE WHEN s.state = 'compensation_failed' THEN 'saga_retry'
+                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
+                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
+                ELSE 'worker' END AS waiting_for,
+           s.next_run_at,
+           s.updated_at AS last_progress_at,
+           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
+           (SELECT e.error FROM resilience.saga_events e
+             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+     WHERE s.state IN ('running', 'compensating', 'compensation_failed')
+       AND s.updated_at < pg_catalog.clock_timestamp()
+           - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval;
+COMMENT ON VIEW resilience.stuck_sagas IS
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after, and what each waits for (reply, retry, worker, saga_retry)';
+
+-- Privileges.  Functions are executable by PUBLIC by default: revoke that
+-- from every saga function and grant by role.  saga_define is not SECURITY
+-- DEFINER: it records its caller as the definer (and writes the table as
+-- the extension's owner).
+REVOKE ALL ON FUNCTION resilience.saga_define(text, jsonb), resilience.saga_start(text, jsonb, text),
+    resilience.saga_tick(), resilience._saga_worker_tick(),
+    resilience.saga_step_completed(bigint, text, jsonb, boolean),
+    resilience.saga_step_failed(bigint, text, jsonb, boolean, boolean),
+    resilience.saga_retry(bigint), resilience.saga_abort(bigint, text),
+    resilience._saga_normalize(text, jsonb, text), resilience._saga_interval(jsonb, text, interval, text),
+    resilience._saga_retention(), resilience._saga_definitions_immutable()
+    FROM PUBLIC;
+REVOKE ALL ON PROCEDURE resilience.saga_run(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.saga_define(text, jsonb), resilience.saga_tick(),
+    resilience.saga_retry(bigint), resilience.saga_abort(bigint, text),
+    resilience._saga_normalize(text, jsonb, text), resilience._saga_interval(jsonb, text, interval, text)
+    TO resilience_admin;
+GRANT EXECUTE ON PROCEDURE resilience.saga_run(integer) TO resilience_admin;
+GRANT EXECUTE ON FUNCTION resilience.saga_start(text, jsonb, text),
+    resilience.saga_step_completed(bigint, text, jsonb, boolean),
+    resilience.saga_step_failed(bigint, text, jsonb, boolean, boolean)
+    TO resilience_user;
+GRANT SELECT ON resilience.saga_definitions, resilience.sagas, resilience.saga_steps,
+    resilience.saga_events, resilience.stuck_sagas TO resilience_admin;
+GRANT SELECT ON resilience.saga_stats TO resilience_user;
+
+------------------------------------------------------------------------------
+-- Transactional outbox and relay (tables: work without preloading; the
+-- worker that relays on commit needs shared_preload_libraries)
+------------------------------------------------------------------------------
+
+-- The roles resilience_admin (routes, dead letters, the relay by hand) and
+-- resilience_user (publish, consume) are created by the sagas section above.
 
 -- Event ids are taken from it at publish, and each event's commit order
 -- (seq) at commit, under a lock on its key: so for one key, seq order is
@@ -1010,6 +1597,7 @@ AS $$
     UNION ALL SELECT 'inbox', resilience._inbox_reap()
     UNION ALL SELECT 'breakers', resilience._breaker_sweep()
     UNION ALL SELECT 'bulkheads', resilience._bulkhead_sweep()
+    UNION ALL SELECT 'sagas', resilience._saga_reap()
     UNION ALL SELECT 'outbox_delivered', resilience._outbox_reap(
         coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000),
         coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20))

@@ -41,13 +41,7 @@
 #include "utils/memutils.h"
 #include "utils/wait_event.h"
 
-typedef enum Jitter
-{
-	JITTER_NONE,
-	JITTER_FULL,
-	JITTER_EQUAL,
-	JITTER_DECORRELATED
-} Jitter;
+typedef ResilienceJitter Jitter;
 
 static const char *const jitter_names[] = {"none", "full", "equal", "decorrelated"};
 
@@ -100,9 +94,12 @@ uniform_between(int64 lo, int64 hi)
 	return Min(v, hi);			/* in case rounding reached hi + 1 */
 }
 
-/* The delay before retry number attempt (0 first), in microseconds. */
-static int64
-backoff_usec(int attempt, int64 base, int64 cap, Jitter jitter, int64 previous)
+/*
+ * The delay before retry number attempt (0 first), in microseconds (also
+ * the sagas' backoff between attempts of a step).
+ */
+int64
+resilience_backoff_usec(int attempt, int64 base, int64 cap, Jitter jitter, int64 previous)
 {
 	int64		t;
 
@@ -160,8 +157,8 @@ backoff(PG_FUNCTION_ARGS)
 	check_base_cap(base, cap);
 	if (!PG_ARGISNULL(4))
 		previous = resilience_arg_duration(fcinfo, 4, "previous", true);
-	PG_RETURN_INTERVAL_P(interval_from_usec(backoff_usec(attempt, base, cap, jitter,
-														 previous)));
+	PG_RETURN_INTERVAL_P(interval_from_usec(resilience_backoff_usec(attempt, base, cap, jitter,
+																	previous)));
 }
 
 /* ---- is_retryable ---- */
@@ -361,7 +358,7 @@ retry(PG_FUNCTION_ARGS)
 			/* ReThrowError copies edata; the abort pops our SPI level */
 			ReThrowError(edata);
 		}
-		previous = backoff_usec(attempt - 1, base, cap, jitter, previous);
+		previous = resilience_backoff_usec(attempt - 1, base, cap, jitter, previous);
 		ereport(DEBUG1,
 				(errmsg_internal("resilience.retry: attempt %d failed with SQLSTATE %s; retrying in %s",
 								 attempt, unpack_sql_state(edata->sqlerrcode),

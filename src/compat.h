@@ -80,6 +80,14 @@
 #define resilience_random_compat() ((double) random() / ((double) MAX_RANDOM_VALUE + 1))
 #endif
 
+/* PostgreSQL 16 replaced pg_proc_aclcheck with object_aclcheck. */
+#if PG_VERSION_NUM >= 160000
+#define pg_proc_aclcheck_compat(proc, role, mode) \
+	object_aclcheck(ProcedureRelationId, (proc), (role), (mode))
+#else
+#define pg_proc_aclcheck_compat(proc, role, mode) pg_proc_aclcheck((proc), (role), (mode))
+#endif
+
 /* InitMaterializedSRF arrived in PostgreSQL 15; this is its 14 equivalent. */
 #if PG_VERSION_NUM < 150000
 #include "funcapi.h"

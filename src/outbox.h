@@ -129,7 +129,6 @@ extern bool http_host_allowed(const char *host, const char *allow_list);
 extern void notify_deliver(List *items);
 
 /* worker.c */
-extern void worker_wake(Oid dboid);
 extern bool worker_lock_extension(void);
 
 #endif							/* RESILIENCE_OUTBOX_H */

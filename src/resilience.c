@@ -43,6 +43,9 @@ int			resilience_breaker_open_timeout_ms = 60000;
 int			resilience_breaker_half_open_calls = 10;
 int			resilience_breaker_probe_timeout_ms = 60000;
 bool		resilience_breaker_defaults_changed = true;
+int			resilience_saga_interval_ms = 1000;
+int			resilience_saga_retention_s = 7 * 86400;
+int			resilience_saga_stuck_after_s = 300;
 int			resilience_relay_interval_ms = 10000;
 int			resilience_outbox_batch_size = 500;
 int			resilience_outbox_http_parallelism = 16;
@@ -253,6 +256,26 @@ _PG_init(void)
 							1000, 16, 1000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	define_breaker_defaults();
+	/* sagas; the views and the reaper read the last two with safe defaults */
+	DefineCustomIntVariable("resilience.saga_interval",
+							"How often the worker looks for due sagas when nothing wakes it (0 disables the sagas job).",
+							"saga_start, replies, saga_retry and saga_abort wake the worker at commit, and it "
+							"sleeps only until the next retry or timeout is due; this bounds anything missed.",
+							&resilience_saga_interval_ms,
+							1000, 0, 86400000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.saga_retention",
+							"How long completed and compensated sagas are kept before the reaper removes them.",
+							"Their idempotency keys are forgotten with them.",
+							&resilience_saga_retention_s,
+							7 * 86400, 0, 3650 * 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.saga_stuck_after",
+							"How long an unfinished saga may go without progress before resilience.stuck_sagas lists it.",
+							NULL,
+							&resilience_saga_stuck_after_s,
+							300, 0, 3650 * 86400,
+							PGC_USERSET, GUC_UNIT_S, NULL, NULL, NULL);
 	/* the outbox relay; read with GetConfigOption where preloading is optional */
 	DefineCustomIntVariable("resilience.relay_interval",
 							"Safety poll of the outbox relay (0 disables the relay in the worker).",

@@ -57,6 +57,9 @@ extern int	resilience_breaker_probe_timeout_ms;
 
 /* Set when a breaker default may have changed (GUC assign hooks). */
 extern bool resilience_breaker_defaults_changed;
+extern int	resilience_saga_interval_ms;
+extern int	resilience_saga_retention_s;
+extern int	resilience_saga_stuck_after_s;
 extern int	resilience_relay_interval_ms;
 extern int	resilience_outbox_batch_size;
 extern int	resilience_outbox_http_parallelism;
@@ -109,9 +112,22 @@ extern int64 resilience_arg_duration(FunctionCallInfo fcinfo, int argno, const c
 									 bool allow_zero);
 extern char *resilience_interval_text(int64 usec);
 
+/* backoff.c: exponential backoff with jitter (docs/bulkheads-and-retries.md). */
+typedef enum ResilienceJitter
+{
+	JITTER_NONE,
+	JITTER_FULL,
+	JITTER_EQUAL,
+	JITTER_DECORRELATED
+} ResilienceJitter;
+
+extern int64 resilience_backoff_usec(int attempt, int64 base, int64 cap,
+									 ResilienceJitter jitter, int64 previous);
+
 /* worker.c */
 extern void worker_register_launcher(void);
 extern void worker_utility_hook_init(void);
+extern void worker_wake(Oid dboid);
 extern bool worker_stop_requested(void);
 
 #endif							/* RESILIENCE_H */

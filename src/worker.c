@@ -19,16 +19,20 @@
  * Each worker waits (latch, woken by SIGHUP, a stop request or its next job
  * being due) until CREATE EXTENSION resilience exists in its database, and
  * while the server is in recovery, then runs the jobs below on their own
- * intervals.  A job is either a SQL call run in its own transaction, or a C
- * function called with no transaction open that runs its own (the outbox
- * relay: it must not keep a transaction open across network I/O) and says
- * when it wants to run next.  Either takes a conditional lock on the
- * extension first (worker_lock_extension), so DROP EXTENSION never waits for
- * more than one transaction and a job never fails because the extension
- * vanished.  worker_wake(dboid) runs the jobs marked on_wake of that
- * database's worker at once (a publishing transaction calls it at commit).
- * A failing job is logged and recorded in the workers view; the worker goes
- * on.  Failures of the launcher are logged once per kind.
+ * intervals.  A job is a SQL call run in its own transaction; it takes a
+ * conditional lock on the extension first, so DROP EXTENSION never waits for
+ * more than one job and a job never fails because the extension vanished.
+ * A job marked says_when returns how many ms until it wants to run again: 0
+ * means it did some work and may have more, and it is called again at once,
+ * each call in a new transaction, for up to JOB_BURST_MS at a time (the
+ * sagas job: one saga step per transaction).  worker_wake(dboid) runs the
+ * jobs marked on_wake of that database's worker at once (saga_start and
+ * publishing outbox transactions call it at commit).  A job may also be a C
+ * function, called with no transaction open, that runs transactions of its
+ * own and says when (the outbox relay: it must not hold a transaction open
+ * across network I/O); it locks the extension the same way
+ * (worker_lock_extension).  A failing job is logged and recorded in the workers view;
+ * the worker goes on.  Failures of the launcher are logged once per kind.
  *
  * The worker status in shared memory is guarded by one LWLock; it changes a
  * few times per job run, never on a hot path.
@@ -74,24 +78,30 @@
 #define ERROR_LEN 256
 /* How long DROP DATABASE waits for the worker to leave. */
 #define RELEASE_WAIT_MS 10000
+/* How long a says_when job with more to do runs before the others' turn. */
+#define JOB_BURST_MS 1000
 
 /*
- * A scheduled job: a SQL call, or a C function called between transactions
- * that returns how many ms until it wants to run again (-1: its interval);
- * the GUC holding its interval (0 = off); whether worker_wake runs it.
+ * A scheduled job: a SQL call and the GUC holding its interval (0 = off);
+ * says_when: the SQL returns one bigint, the ms until the job wants to run
+ * again (0: at once, -1: after its interval); on_wake: worker_wake runs it;
+ * run: instead of sql, a C function called with no transaction open that
+ * returns what a says_when job returns.
  */
 typedef struct WorkerJob
 {
 	const char *name;
 	const char *sql;
-	long		(*run) (void);
 	int		   *interval_ms;
+	bool		says_when;
 	bool		on_wake;
+	long		(*run) (void);
 } WorkerJob;
 
 static const WorkerJob jobs[] = {
-	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", NULL, &resilience_reaper_interval_ms, false},
-	{"relay", NULL, relay_worker_job, &resilience_relay_interval_ms, true},
+	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
+	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
+	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
 };
 
 #define NUM_JOBS lengthof(jobs)
@@ -201,10 +211,10 @@ wake_pid(pid_t pid)
 }
 
 /*
- * Run the on_wake jobs (the outbox relay) of the worker of database dboid
- * now.  Called at commit by publishing transactions: cheap, takes no lock,
- * and sets the latch only if the worker has not been woken already.  The
- * worker clears the flag before it looks, so a wake is never lost.
+ * Run the on_wake jobs (the sagas) of the worker of database dboid now.
+ * Called at commit: cheap, takes no lock, and sets the latch only if the
+ * worker has not been woken already.  The worker clears the flag before it
+ * looks at the jobs, so a wake is never lost.
  */
 void
 worker_wake(Oid dboid)
@@ -643,9 +653,9 @@ worker_stop_requested(void)
 	return ShutdownRequestPending || (my_slot != NULL && my_slot->stop_requested);
 }
 
-/* A SQL job in its own transaction; false if the extension is being dropped. */
+/* A SQL job in its own transaction: false if skipped; *wish as run_job's. */
 static bool
-run_sql_job(const WorkerJob *job)
+run_sql_job(const WorkerJob *job, long *wish)
 {
 	bool		ran = false;
 
@@ -662,6 +672,14 @@ run_sql_job(const WorkerJob *job)
 
 		if (ret < 0)
 			elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
+		if (job->says_when && SPI_processed == 1)
+		{
+			bool		isnull;
+			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+			if (!isnull)
+				*wish = (long) Min(DatumGetInt64(d), (int64) INT_MAX);
+		}
 		ran = true;
 	}
 	SPI_finish();
@@ -671,9 +689,9 @@ run_sql_job(const WorkerJob *job)
 }
 
 /*
- * Run one job: a SQL job in its own transaction, a C job as it likes.
- * Errors are caught and recorded.  Returns the C job's wish (ms until its
- * next run), -1 otherwise.
+ * Run one job (a SQL job in its own transaction, a C job as it likes);
+ * errors are caught and recorded.  Returns what a says_when job wants (ms
+ * until its next run), else -1.
  */
 static long
 run_job(int jobno, MemoryContext job_context)
@@ -683,7 +701,7 @@ run_job(int jobno, MemoryContext job_context)
 	TimestampTz start = GetCurrentTimestamp();
 	ErrorData  *edata = NULL;
 	bool		ran = false;
-	long		next = -1;
+	long		wish = -1;
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	my_slot->state = WORKER_RUNNING;
@@ -694,11 +712,11 @@ run_job(int jobno, MemoryContext job_context)
 	{
 		if (job->run)
 		{
-			next = job->run();
+			wish = job->run();
 			ran = true;
 		}
 		else
-			ran = run_sql_job(job);
+			ran = run_sql_job(job, &wish);
 	}
 	PG_CATCH();
 	{
@@ -730,7 +748,28 @@ run_job(int jobno, MemoryContext job_context)
 		strlcpy(status->last_error, edata->message, ERROR_LEN);
 	}
 	LWLockRelease(worker_shared->lock);
-	return next;
+	return wish;
+}
+
+/*
+ * Run a job; a says_when job that has more to do (wishes 0) runs again at
+ * once, each run in a transaction of its own, for up to JOB_BURST_MS.
+ */
+static long
+run_job_burst(int jobno, MemoryContext job_context)
+{
+	TimestampTz burst_end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), JOB_BURST_MS);
+	long		wish;
+
+	for (;;)
+	{
+		wish = run_job(jobno, job_context);
+		MemoryContextReset(job_context);
+		CHECK_FOR_INTERRUPTS();
+		if (wish != 0 || GetCurrentTimestamp() >= burst_end || ConfigReloadPending ||
+			my_slot->stop_requested || ShutdownRequestPending)
+			return wish;
+	}
 }
 
 void
@@ -792,6 +831,14 @@ resilience_worker_main(Datum main_arg)
 			set_state(WORKER_WAITING_EXTENSION);
 		else
 		{
+			/* clear first: a wake after this is seen next time round */
+			bool		woken = my_slot->wake_pending;
+
+			if (woken)
+			{
+				my_slot->wake_pending = false;
+				pg_memory_barrier();
+			}
 			set_state(WORKER_IDLE);
 			for (i = 0; i < NUM_JOBS; i++)
 			{
@@ -800,26 +847,19 @@ resilience_worker_main(Datum main_arg)
 
 				if (interval <= 0)
 					continue;
-				if (jobs[i].run)
-					due = next_due[i];
-				else
-					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
-				if (jobs[i].on_wake && my_slot->wake_pending)
-				{
-					/* clear first: a wake after this is seen next time */
-					my_slot->wake_pending = false;
-					pg_memory_barrier();
+				due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
+				if (jobs[i].says_when)
+					due = Min(due, next_due[i]);
+				if (woken && jobs[i].on_wake)
 					due = 0;
-				}
 				if (GetCurrentTimestamp() >= due)
 				{
-					long		wish = run_job(i, job_context);
+					long		wish = run_job_burst(i, job_context);
 
 					due = TimestampTzPlusMilliseconds(my_slot->jobs[i].last_start, interval);
 					if (wish >= 0)
 						due = Min(due, TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wish));
 					next_due[i] = due;
-					MemoryContextReset(job_context);
 				}
 				now = GetCurrentTimestamp();
 				timeout = Min(timeout, Max((due - now) / 1000, 0));

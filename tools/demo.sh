@@ -106,5 +106,58 @@ sql "SELECT resilience.idempotent('payments', 'key-456', '{\"amount\": 7}', 'INS
 explain "Message consumers deduplicate with inbox_accept: true the first time, false for a redelivery."
 sql "SELECT resilience.inbox_accept('billing', 'msg-1') AS first, resilience.inbox_accept('billing', 'msg-1') AS redelivered;"
 
+step "11. A saga: book a trip, or undo it"
+explain "A saga is a business transaction whose steps each commit on their own: book a flight, a hotel, a car. When a step fails for good, the steps that completed are undone by their compensations, in reverse order. Each step runs in its own transaction together with the saga's advance, as the role that defined the saga (never a superuser), driven by the background worker."
+sql "CREATE SCHEMA travel;
+CREATE TABLE travel.bookings (saga_id bigint, kind text, ref text, status text NOT NULL DEFAULT 'booked',
+                              PRIMARY KEY (saga_id, kind));
+CREATE TABLE travel.cars (city text PRIMARY KEY, available int NOT NULL);
+INSERT INTO travel.cars VALUES ('Porto', 3), ('Lisbon', 0);
+CREATE ROLE travel_agent NOLOGIN IN ROLE resilience_admin;
+GRANT USAGE ON SCHEMA travel TO travel_agent;
+GRANT SELECT, INSERT, UPDATE ON travel.bookings, travel.cars TO travel_agent;"
+explain "Each step is a function f(saga_id, context) returning JSON that is merged into the saga's context. Booking a car fails when the city has none left."
+sql "CREATE FUNCTION travel.book(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
+    INSERT INTO travel.bookings (saga_id, kind, ref)
+    VALUES (saga_id, ctx #>> '{_saga,step}', upper(ctx #>> '{_saga,step}') || '-' || saga_id)
+    RETURNING jsonb_build_object(kind, ref) \$\$;
+CREATE FUNCTION travel.book_car(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS \$\$
+BEGIN
+    UPDATE travel.cars SET available = available - 1 WHERE city = ctx ->> 'city' AND available > 0;
+    IF NOT FOUND THEN RAISE EXCEPTION 'no car available in %', ctx ->> 'city'; END IF;
+    RETURN travel.book(saga_id, ctx);
+END \$\$;
+CREATE FUNCTION travel.cancel(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS \$\$
+    UPDATE travel.bookings b SET status = 'cancelled'
+     WHERE b.saga_id = cancel.saga_id AND b.kind = ctx #>> '{_saga,step}'
+    RETURNING NULL::jsonb \$\$;"
+explain "The saga is defined by the role its steps run as: travel_agent may touch the travel tables and nothing else."
+sql "SET ROLE travel_agent;
+SELECT resilience.saga_define('book_trip', '[
+  {\"name\": \"flight\", \"action\": \"travel.book\",     \"compensation\": \"travel.cancel\"},
+  {\"name\": \"hotel\",  \"action\": \"travel.book\",     \"compensation\": \"travel.cancel\"},
+  {\"name\": \"car\",    \"action\": \"travel.book_car\", \"compensation\": \"travel.cancel\"}
+]') AS version;"
+explain "Ann travels to Porto, Bob to Lisbon, where no car is left. saga_start commits the saga and wakes the worker."
+sql "SELECT resilience.saga_start('book_trip', '{\"traveller\": \"Ann\", \"city\": \"Porto\"}', 'trip-ann') AS ann,
+       resilience.saga_start('book_trip', '{\"traveller\": \"Bob\", \"city\": \"Lisbon\"}', 'trip-bob') AS bob;"
+as_owner psql -X -q -c "DO \$\$ BEGIN
+	FOR i IN 1 .. 100 LOOP
+		EXIT WHEN NOT EXISTS (SELECT FROM resilience.sagas WHERE state IN ('running', 'compensating'));
+		PERFORM pg_sleep(0.1);
+	END LOOP;
+END \$\$" >/dev/null
+sql "SELECT id, payload ->> 'traveller' AS traveller, state, context - 'traveller' - 'city' AS context
+  FROM resilience.sagas ORDER BY id;"
+explain "Ann's trip is booked. Bob's car failed, so his hotel and then his flight were cancelled:"
+sql "SELECT * FROM travel.bookings ORDER BY saga_id, kind;"
+explain "Every transition is a committed row: Bob's saga tells its whole story."
+sql "SELECT event, step, attempt, state, error ->> 'message' AS error
+  FROM resilience.saga_events WHERE saga_id = (SELECT id FROM resilience.sagas WHERE idempotency_key = 'trip-bob')
+ ORDER BY id;"
+explain "Starting a saga again with the same idempotency key returns the same saga instead of booking twice:"
+sql "SELECT resilience.saga_start('book_trip', '{\"traveller\": \"Ann\", \"city\": \"Porto\"}', 'trip-ann') AS same_as_ann;"
+explain "Steps can also be async (a command sent through the outbox, answered with saga_step_completed); failed steps are retried with backoff; a compensation that keeps failing parks the saga for a person, who fixes the cause and calls saga_retry. See docs/sagas.md."
+
 step "Done"
-explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md, docs/sagas.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."

@@ -1,0 +1,140 @@
+-- Sagas, bad input: a specific SQLSTATE and a clear message, nothing changed.
+-- (CONTEXT lines would only show line numbers of the validating function.)
+\set SHOW_CONTEXT never
+SELECT setval('resilience.saga_ids', 1000) AS first_saga_id_is_1001;
+CREATE ROLE regress_saga_definer NOLOGIN IN ROLE resilience_admin;
+CREATE SCHEMA bad;
+GRANT USAGE ON SCHEMA bad TO regress_saga_definer;
+CREATE FUNCTION bad.ok(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+CREATE FUNCTION bad.int_arg(saga_id int, ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+CREATE FUNCTION bad.returns_text(saga_id bigint, ctx jsonb) RETURNS text LANGUAGE sql AS $$ SELECT '' $$;
+CREATE FUNCTION bad.returns_set(saga_id bigint, ctx jsonb) RETURNS SETOF jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+CREATE PROCEDURE bad.proc(saga_id bigint, ctx jsonb) LANGUAGE sql AS $$ SELECT 1 $$;
+CREATE FUNCTION bad.private(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+REVOKE EXECUTE ON FUNCTION bad.private(bigint, jsonb) FROM PUBLIC;
+CREATE FUNCTION bad.async(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+
+SET ROLE regress_saga_definer;
+-- definitions
+SELECT sqlstate_of($$SELECT resilience.saga_define(NULL, '[{"name": "a", "action": "bad.ok"}]')$$);
+SELECT sqlstate_of($$SELECT resilience.saga_define('s', NULL)$$);
+SELECT resilience.saga_define('', '[{"name": "a", "action": "bad.ok"}]');
+SELECT resilience.saga_define(repeat('n', 64), '[{"name": "a", "action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '{"name": "a", "action": "bad.ok"}');
+SELECT resilience.saga_define('s', '[]');
+SELECT resilience.saga_define('s', (SELECT jsonb_agg(jsonb_build_object('name', 's' || i, 'action', 'bad.ok'))
+                                      FROM generate_series(1, 101) i));
+SELECT resilience.saga_define('s', '["bad.ok"]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "next": "b"}]');
+SELECT resilience.saga_define('s', '[{"action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "", "action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": 7, "action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok"}, {"name": "a", "action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "a"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": null, "compensation": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": 12}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": " "}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok(bigint, jsonb)"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "db.bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.missing"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.int_arg"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "compensation": "bad.returns_text"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.returns_set"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.proc"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.private"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "topic": "t"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "async"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "async", "topic": ""}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "async", "topic": ["t"]}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "timeout": "0 s"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "timeout": "-1 minute"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "timeout": "31 days"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "timeout": "soon"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "timeout": 30}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_attempts": 0}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_attempts": 101}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_attempts": 2.5}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_attempts": "3"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": "1 s"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"factor": 2}}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"base": "0 s"}}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"base": "2 s", "cap": "1 s"}}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"cap": "2 days"}}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"jitter": "random"}}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "retry_on": "40001"}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "retry_on": ["4000"]}]');
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "retry_on": [40001]}]');
+-- a function literally named async is reached by qualifying it
+SELECT resilience.saga_define('qualified_async', '[{"name": "a", "action": "bad.async"}]') AS version;
+SELECT steps -> 0 -> 'action' FROM resilience.saga_definitions WHERE name = 'qualified_async';
+RESET ROLE;
+-- a superuser may not define sagas (steps would run as a superuser)
+SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok"}]');
+SELECT count(*) AS definitions FROM resilience.saga_definitions WHERE name = 's';
+
+-- starting
+SET ROLE regress_saga_definer;
+SELECT resilience.saga_define('good', '[{"name": "a", "action": "bad.ok"}, {"name": "b", "action": "async", "topic": "t"}]') AS version;
+RESET ROLE;
+SELECT sqlstate_of($$SELECT resilience.saga_start(NULL, '{}')$$);
+SELECT resilience.saga_start('', '{}');
+SELECT resilience.saga_start(repeat('n', 64), '{}');
+SELECT resilience.saga_start('nonesuch', '{}');
+SELECT sqlstate_of($$SELECT resilience.saga_start('good', NULL)$$);
+SELECT resilience.saga_start('good', '[1, 2]');
+SELECT resilience.saga_start('good', '"text"');
+SELECT resilience.saga_start('good', '{}', '');
+SELECT resilience.saga_start('good', '{}', repeat('k', 256));
+SELECT count(*) AS sagas FROM resilience.sagas WHERE name = 'good';
+
+-- replies, retry, abort
+SELECT resilience.saga_start('good', '{}') AS id \gset
+SELECT sqlstate_of($$SELECT resilience.saga_step_completed(NULL, 'b', '{}')$$);
+SELECT resilience.saga_step_completed(-1, 'b', '{}');
+SELECT resilience.saga_step_completed(:id, 'nonesuch', '{}');
+SELECT sqlstate_of($$SELECT resilience.saga_step_completed($$ || :id || $$, NULL, '{}')$$);
+SELECT resilience.saga_step_completed(:id, 'a', '{}');
+SELECT resilience.saga_step_completed(:id, 'b', '{}', compensation => true);
+SELECT resilience.saga_step_completed(:id, 'b', '{}');
+SELECT resilience.saga_step_completed(:id, 'b', '[1]');
+SELECT sqlstate_of($$SELECT resilience.saga_step_completed($$ || :id || $$, 'b', '{}', NULL)$$);
+SELECT sqlstate_of($$SELECT resilience.saga_step_failed($$ || :id || $$, 'b', NULL, true)$$);
+SELECT sqlstate_of($$SELECT resilience.saga_step_failed($$ || :id || $$, 'b', '{}', NULL)$$);
+SELECT resilience.saga_step_failed(:id, 'b', '{"message": "no"}', false);
+SELECT sqlstate_of($$SELECT resilience.saga_retry(NULL)$$);
+SELECT resilience.saga_retry(-1);
+SELECT resilience.saga_retry(:id);
+SELECT sqlstate_of($$SELECT resilience.saga_abort(NULL, 'r')$$);
+SELECT resilience.saga_abort(-1, 'r');
+SELECT sqlstate_of($$SELECT resilience.saga_abort($$ || :id || $$, NULL)$$);
+SELECT resilience.saga_abort(:id, '');
+SELECT resilience.saga_abort(:id, repeat('r', 1025));
+CALL resilience.saga_run(0);
+CALL resilience.saga_run(NULL);
+-- nothing changed: the saga has not moved, and only saga_started was recorded
+SELECT state, step, attempt, awaiting, reply FROM resilience.sagas WHERE id = :id;
+SELECT event FROM resilience.saga_events WHERE saga_id = :id ORDER BY id;
+
+-- a saga function called from a step of that very saga is refused
+CREATE FUNCTION bad.reentrant(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM resilience.saga_abort(saga_id, 'from inside');
+    RETURN '{}';
+END
+$$;
+CREATE FUNCTION bad.ticks(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM resilience.saga_tick();
+    RETURN '{}';
+END
+$$;
+SET ROLE regress_saga_definer;
+SELECT resilience.saga_define('reentrant', '[{"name": "abort_myself", "action": "bad.reentrant"}]');
+SELECT resilience.saga_define('ticks', '[{"name": "tick", "action": "bad.ticks"}]');
+RESET ROLE;
+SELECT resilience.saga_start('reentrant', '{}') AS reentrant \gset
+SELECT resilience.saga_start('ticks', '{}') AS ticks \gset
+CALL resilience.saga_run();
+SELECT id = :reentrant AS reentrant, state, error #>> '{error,message}' AS message
+  FROM resilience.sagas WHERE id IN (:reentrant, :ticks) ORDER BY id;

@@ -1,0 +1,2020 @@
+/*-------------------------------------------------------------------------
+ *
+ * saga.c
+ *		Orchestrated sagas: versioned definitions, the orchestrator
+ *		(saga_tick), replies of async steps, and retry and abort by hand.
+ *
+ * A saga is a row of resilience.sagas; its definition is an immutable row of
+ * resilience.saga_definitions.  The orchestrator, saga_tick(), takes the saga
+ * whose next_run_at is the oldest past one, locked FOR UPDATE SKIP LOCKED,
+ * and does one unit of work on it in the caller's transaction: one attempt
+ * of a SQL step or compensation, sending the command of an async one,
+ * applying the reply received for it, or timing it out.  The worker's sagas
+ * job calls it again and again, each call in a transaction of its own
+ * (worker.c), until nothing is due; CALL saga_run() does the same by hand.
+ *
+ * Exactly once for SQL steps: the step function runs in a subtransaction of
+ * the tick's transaction, and the saga's advance (its row, the step's row and
+ * the events) is written in that same transaction, so both commit or neither
+ * does.  A crash before the commit leaves the saga as it was, and the step is
+ * attempted again from scratch; an error in the step rolls back only the
+ * subtransaction, and the failure is recorded instead.  Two ticks never work
+ * on one saga at once (the row lock), and a tick reads the saga's state from
+ * the row version it has locked, so it never repeats a committed step.
+ *
+ * Async steps are at least once: the command is published through the outbox
+ * (resilience.outbox_publish, when that function exists) in the transaction
+ * that records the step as waiting.  A reply (saga_step_completed/failed) is
+ * stored on the saga row under the same row lock and applied by the next
+ * tick.  A reply is accepted only while the step waits for it and its
+ * deadline has not passed; any other reply to a command that was sent is
+ * recorded as an event and ignored.  An async step whose last attempt timed
+ * out (or that was abandoned by saga_abort) may have been done by its
+ * participant, so it is compensated too.
+ *
+ * Security: every step runs as the role that defined the saga, never as a
+ * superuser (saga_define refuses one; a step refuses a definer that has
+ * become one), within SECURITY_LOCAL_USERID_CHANGE |
+ * SECURITY_RESTRICTED_OPERATION and with search_path = pg_catalog, pg_temp;
+ * every setting a step changes is reverted when it returns.  The SQL entry
+ * points are SECURITY DEFINER; saga_define is not, because it must know who
+ * calls it, and writes the definition as the extension's owner.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "shmem.h"
+
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/objectaccess.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/syscache.h"
+#include "utils/timeout.h"
+#include "utils/timestamp.h"
+#include "utils/varlena.h"
+
+#define SAGA_NAME_MAX 63
+#define KEY_MAX 255
+#define REASON_MAX 1024
+#define STEP_SEARCH_PATH "pg_catalog, pg_temp"
+/* How soon the worker looks again at a due saga another transaction holds. */
+#define LOCKED_RETRY_MS 100
+/* How often a pick scans the queue from its start rather than from the floor. */
+#define FLOOR_RESET_MS 100
+
+typedef enum SagaState
+{
+	SAGA_RUNNING,
+	SAGA_COMPENSATING,
+	SAGA_COMPLETED,
+	SAGA_COMPENSATED,
+	SAGA_PARKED
+} SagaState;
+
+static const char *const state_names[] = {
+	"running", "compensating", "completed", "compensated", "compensation_failed"
+};
+
+typedef enum OpKind
+{
+	OP_NONE,
+	OP_SQL,
+	OP_ASYNC
+} OpKind;
+
+/* An action or a compensation. */
+typedef struct SagaOp
+{
+	OpKind		kind;
+	char	   *function;		/* OP_SQL: schema-qualified, quoted name */
+} SagaOp;
+
+typedef struct SagaStepDef
+{
+	char	   *name;
+	SagaOp		action;
+	SagaOp		compensation;
+	char	   *topic;			/* for async operations */
+	int64		timeout_us;
+	int			max_attempts;
+	int64		backoff_base_us;
+	int64		backoff_cap_us;
+	ResilienceJitter jitter;	/* none, full or equal */
+	int			nretry_on;
+	int		   *retry_on;		/* SQLSTATEs, or classes when retry_on_class */
+	bool	   *retry_on_class;
+} SagaStepDef;
+
+/* A definition as loaded from resilience.saga_definitions (immutable). */
+typedef struct SagaDef
+{
+	int64		id;
+	char	   *name;
+	int			version;
+	Oid			definer;
+	int			nsteps;
+	SagaStepDef *steps;
+} SagaDef;
+
+/* A saga as read from (and written back to) its locked row. */
+typedef struct Saga
+{
+	int64		id;
+	SagaDef    *def;
+	SagaState	state;
+	int			step;			/* 1-based; compensating: next to undo */
+	int			attempt;		/* attempts made at it */
+	bool		awaiting;		/* a command is out, its reply awaited */
+	Jsonb	   *reply;			/* a reply not yet applied, or NULL */
+	Jsonb	   *context;
+	Jsonb	   *error;			/* why it compensates, or NULL */
+	TimestampTz next_run_at;	/* 0: never (finished or parked) */
+	TimestampTz finished_at;	/* 0: not finished */
+	TimestampTz attempt_start;	/* when this tick's attempt began, or 0 */
+} Saga;
+
+/* What one attempt of a SQL step or compensation came to. */
+typedef struct StepCall
+{
+	bool		ok;
+	Jsonb	   *result;			/* ok: the function's result, or NULL */
+	Jsonb	   *error;			/* !ok: the error as JSON */
+	bool		retryable;
+	bool		timed_out;
+	int64		duration_us;
+} StepCall;
+
+/* A JSON object written as text, then parsed into a Jsonb. */
+typedef struct JsonBuf
+{
+	StringInfoData buf;
+	bool		first;
+} JsonBuf;
+
+PG_FUNCTION_INFO_V1(saga_define);
+PG_FUNCTION_INFO_V1(saga_start);
+PG_FUNCTION_INFO_V1(saga_tick);
+PG_FUNCTION_INFO_V1(saga_worker_tick);
+PG_FUNCTION_INFO_V1(saga_step_completed);
+PG_FUNCTION_INFO_V1(saga_step_failed);
+PG_FUNCTION_INFO_V1(saga_retry);
+PG_FUNCTION_INFO_V1(saga_abort);
+PG_FUNCTION_INFO_V1(saga_retention);
+
+/* The saga whose step this backend is running (0: none). */
+static int64 step_saga_id = 0;
+
+/* Wake this database's worker when the transaction commits. */
+static bool wake_at_commit = false;
+
+/*
+ * Where this backend's next tick looks first (see tick_once): the saga it
+ * left due at once, and the next_run_at below which it does not scan.
+ */
+static int64 sticky_saga_id = 0;
+static TimestampTz pick_floor = DT_NOBEGIN;
+static TimestampTz pick_floor_since = 0;
+
+/* Definitions by id, valid while saga_definitions is the same relation. */
+typedef struct DefCacheEntry
+{
+	int64		id;
+	SagaDef    *def;
+} DefCacheEntry;
+
+static HTAB *def_cache = NULL;
+static MemoryContext def_cache_context = NULL;
+static Oid	def_cache_relid = InvalidOid;
+
+/* ---- JSON ---- */
+
+/* Start an empty JSON object. */
+static void
+jb_init(JsonBuf *jb)
+{
+	initStringInfo(&jb->buf);
+	appendStringInfoChar(&jb->buf, '{');
+	jb->first = true;
+}
+
+/* Write a key (and the comma before it). */
+static void
+jb_key(JsonBuf *jb, const char *key)
+{
+	if (!jb->first)
+		appendStringInfoChar(&jb->buf, ',');
+	jb->first = false;
+	escape_json(&jb->buf, key);
+	appendStringInfoChar(&jb->buf, ':');
+}
+
+/* key: a string, or null. */
+static void
+jb_str(JsonBuf *jb, const char *key, const char *value)
+{
+	jb_key(jb, key);
+	if (value)
+		escape_json(&jb->buf, value);
+	else
+		appendStringInfoString(&jb->buf, "null");
+}
+
+/* key: an integer. */
+static void
+jb_int(JsonBuf *jb, const char *key, int64 value)
+{
+	jb_key(jb, key);
+	appendStringInfo(&jb->buf, INT64_FORMAT, value);
+}
+
+/* key: a boolean. */
+static void
+jb_bool(JsonBuf *jb, const char *key, bool value)
+{
+	jb_key(jb, key);
+	appendStringInfoString(&jb->buf, value ? "true" : "false");
+}
+
+/* key: a timestamp, as an ISO string. */
+static void
+jb_time(JsonBuf *jb, const char *key, TimestampTz t)
+{
+	jb_str(jb, key, timestamptz_to_str(t));
+}
+
+/* key: a JSON value, or null. */
+static void
+jb_jsonb(JsonBuf *jb, const char *key, Jsonb *value)
+{
+	jb_key(jb, key);
+	if (value)
+		(void) JsonbToCString(&jb->buf, &value->root, VARSIZE(value));
+	else
+		appendStringInfoString(&jb->buf, "null");
+}
+
+/* Close the object and parse it. */
+static Jsonb *
+jb_done(JsonBuf *jb)
+{
+	appendStringInfoChar(&jb->buf, '}');
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(jb->buf.data)));
+}
+
+/* The value of key in a JSON object (NULL if absent or JSON null). */
+static Jsonb *
+jsonb_get(Jsonb *obj, const char *key)
+{
+	JsonbValue	v;
+
+	if (obj == NULL || !JB_ROOT_IS_OBJECT(obj) ||
+		getKeyJsonValueFromContainer(&obj->root, key, strlen(key), &v) == NULL ||
+		v.type == jbvNull)
+		return NULL;
+	return JsonbValueToJsonb(&v);
+}
+
+/* A string member of a JSON object, or NULL. */
+static char *
+jsonb_get_string(Jsonb *obj, const char *key)
+{
+	JsonbValue	v;
+
+	if (obj == NULL || !JB_ROOT_IS_OBJECT(obj) ||
+		getKeyJsonValueFromContainer(&obj->root, key, strlen(key), &v) == NULL ||
+		v.type != jbvString)
+		return NULL;
+	return pnstrdup(v.val.string.val, v.val.string.len);
+}
+
+/* An error's message for the log: its "message" member, else its JSON. */
+static char *
+error_message(Jsonb *error)
+{
+	char	   *message = jsonb_get_string(error, "message");
+
+	if (message)
+		return message;
+	return error ? JsonbToCString(NULL, &error->root, VARSIZE(error)) : pstrdup("(none)");
+}
+
+/* An ErrorData as JSON: sqlstate, message, detail, hint, context. */
+static Jsonb *
+error_json(ErrorData *edata, const char *message)
+{
+	JsonBuf		jb;
+
+	jb_init(&jb);
+	jb_str(&jb, "sqlstate", unpack_sql_state(edata->sqlerrcode));
+	jb_str(&jb, "message", message ? message : edata->message);
+	if (edata->detail)
+		jb_str(&jb, "detail", edata->detail);
+	if (edata->hint)
+		jb_str(&jb, "hint", edata->hint);
+	if (edata->context)
+		jb_str(&jb, "context", edata->context);
+	return jb_done(&jb);
+}
+
+/* ---- arguments ---- */
+
+/* Raise 22004 if an argument is NULL. */
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+}
+
+/* A text argument: not NULL, 1..max bytes. */
+static char *
+text_arg(FunctionCallInfo fcinfo, int argno, const char *what, int max)
+{
+	text	   *t = resilience_arg_text(fcinfo, argno, what);
+	int			len = VARSIZE_ANY_EXHDR(t);
+
+	if (len == 0 || len > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be 1 to %d bytes long", what, max),
+				 errdetail("It is %d bytes.", len)));
+	return text_to_cstring(t);
+}
+
+/* Refuse to change the saga whose step is running in this transaction. */
+static void
+not_from_own_step(int64 saga_id, const char *function)
+{
+	if (step_saga_id != 0 && (saga_id == 0 || saga_id == step_saga_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("%s cannot be called from a step of saga " INT64_FORMAT,
+						function, step_saga_id),
+				 errdetail("The orchestrator writes that saga's state when the step returns.")));
+}
+
+/* The saga_id argument (first) of function: not NULL, not the saga of a running step. */
+static int64
+saga_id_arg(FunctionCallInfo fcinfo, const char *function)
+{
+	int64		saga_id;
+
+	require_arg(fcinfo, 0, "saga_id");
+	saga_id = PG_GETARG_INT64(0);
+	not_from_own_step(saga_id, function);
+	return saga_id;
+}
+
+/* ---- waking the worker ---- */
+
+/* At commit, wake the worker if this transaction asked for it. */
+static void
+saga_xact_callback(XactEvent event, void *arg)
+{
+	if ((event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT) && wake_at_commit)
+		worker_wake(MyDatabaseId);
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		wake_at_commit = false;
+}
+
+/* Ask this database's worker to look at the sagas once we commit. */
+static void
+wake_worker_at_commit(void)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		RegisterXactCallback(saga_xact_callback, NULL);
+		registered = true;
+	}
+	wake_at_commit = true;
+}
+
+/* ---- catalog lookups ---- */
+
+/* The OID of table resilience.<name>. */
+static Oid
+saga_relid(const char *name)
+{
+	Oid			relid = get_relname_relid(name, get_namespace_oid("resilience", false));
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "relation resilience.%s does not exist", name);
+	return relid;
+}
+
+/* The owner of the extension's tables (who created the extension). */
+static Oid
+extension_owner(void)
+{
+	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(saga_relid("sagas")));
+	Oid			owner;
+
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for resilience.sagas");
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+	return owner;
+}
+
+/* ---- SPI statements ---- */
+
+typedef enum SagaPlan
+{
+	PLAN_PICK,
+	PLAN_PICK_ID,
+	PLAN_LOCK,
+	PLAN_WRITE,
+	PLAN_STEP_ACTION,
+	PLAN_STEP_COMP,
+	PLAN_STEP_STATE,
+	PLAN_STEP_ROW,
+	PLAN_COMP_CANDIDATES,
+	PLAN_EVENT,
+	PLAN_NEXT_DUE,
+	PLAN_LATEST,
+	PLAN_START,
+	PLAN_BY_KEY,
+	PLAN_LOAD_DEF,
+	PLAN_DEF_LATEST,
+	PLAN_DEF_INSERT,
+	NUM_PLANS
+} SagaPlan;
+
+#define SAGA_COLUMNS \
+	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at"
+
+static const char *const plan_sql[NUM_PLANS] = {
+	/* the saga due longest (from a floor on), unless another tick has it */
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
+	" WHERE next_run_at OPERATOR(pg_catalog.<=) $1 AND next_run_at OPERATOR(pg_catalog.>=) $2"
+	" ORDER BY next_run_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
+	" WHERE id OPERATOR(pg_catalog.=) $1 AND next_run_at OPERATOR(pg_catalog.<=) $2"
+	" FOR UPDATE SKIP LOCKED",
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+	"UPDATE resilience.sagas SET state = $2, step = $3, attempt = $4, awaiting = $5, reply = $6,"
+	" context = $7, error = $8, next_run_at = $9, updated_at = $10, finished_at = $11"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	"INSERT INTO resilience.saga_steps AS s"
+	" (saga_id, step_no, name, state, attempts, started_at, finished_at, result, error)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (saga_id, step_no) DO UPDATE"
+	" SET state = excluded.state, attempts = excluded.attempts, finished_at = excluded.finished_at,"
+	" result = excluded.result, error = COALESCE(excluded.error, s.error)",
+	"UPDATE resilience.saga_steps SET state = $3, compensation_attempts = compensation_attempts + $4,"
+	" compensated_at = $5, error = COALESCE($6, error)"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2",
+	"UPDATE resilience.saga_steps SET state = $3"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2",
+	"SELECT state, attempts, compensation_attempts FROM resilience.saga_steps"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2",
+	"SELECT step_no, state FROM resilience.saga_steps"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.<=) $2"
+	" ORDER BY step_no DESC",
+	"INSERT INTO resilience.saga_events"
+	" (saga_id, at, event, step, attempt, state, error, detail, correlation_id)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+	"SELECT pg_catalog.min(next_run_at) FROM resilience.sagas",
+	"SELECT id, version FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1"
+	" ORDER BY version DESC LIMIT 1",
+	"INSERT INTO resilience.sagas (definition_id, name, state, step, payload, context,"
+	" idempotency_key, next_run_at, created_at, updated_at)"
+	" VALUES ($1, $2, 'running', 1, $3, $3, $4, $5, $5, $5)"
+	" ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
+	"SELECT id, payload OPERATOR(pg_catalog.=) $3 FROM resilience.sagas"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
+	/* a definition, one row per step in order, intervals in microseconds */
+	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s ->> 'name', e.s ->> 'action',"
+	" e.s ->> 'compensation', e.s ->> 'topic',"
+	" (pg_catalog.date_part('epoch', (e.s ->> 'timeout')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
+	" (e.s ->> 'max_attempts')::pg_catalog.int4,"
+	" (pg_catalog.date_part('epoch', (e.s #>> '{backoff,base}')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
+	" (pg_catalog.date_part('epoch', (e.s #>> '{backoff,cap}')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
+	" e.s #>> '{backoff,jitter}',"
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s -> 'retry_on'))"
+	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)"
+	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n",
+	"SELECT version, steps OPERATOR(pg_catalog.=) $2 AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
+	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
+	"INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
+	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
+};
+
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 3, 4};
+
+static const Oid plan_argtypes[NUM_PLANS][11] = {
+	{TIMESTAMPTZOID, TIMESTAMPTZOID},
+	{INT8OID, TIMESTAMPTZOID},
+	{INT8OID},
+	{INT8OID, TEXTOID, INT4OID, INT4OID, BOOLOID, JSONBOID, JSONBOID, JSONBOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+	{INT8OID, INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID, JSONBOID, JSONBOID},
+	{INT8OID, INT4OID, TEXTOID, INT4OID, TIMESTAMPTZOID, JSONBOID},
+	{INT8OID, INT4OID, TEXTOID},
+	{INT8OID, INT4OID},
+	{INT8OID, INT4OID},
+	{INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, JSONBOID, JSONBOID, TEXTOID},
+	{InvalidOid},
+	{TEXTOID},
+	{INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID},
+	{TEXTOID, TEXTOID, JSONBOID},
+	{INT8OID},
+	{TEXTOID, JSONBOID, OIDOID},
+	{TEXTOID, INT4OID, JSONBOID, OIDOID},
+};
+
+static SPIPlanPtr plans[NUM_PLANS];
+
+/*
+ * Run one of the statements above (inside SPI); isnull may be NULL when no
+ * argument is NULL.  Returns the number of rows processed.
+ *
+ * Every statement has an index to use, and must use it whatever the
+ * statistics say: a plan made while a table was empty (new, or vacuumed
+ * after the reaper emptied it) would otherwise scan the whole table on
+ * every step until the next ANALYZE.  So they are planned, and run, with
+ * enable_seqscan off, for these statements only.
+ */
+static uint64
+run_plan(SagaPlan which, Datum *values, const bool *isnull)
+{
+	char		nulls[11];
+	int			i;
+	int			ret;
+	int			nestlevel;
+
+	if (plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which],
+									   (Oid *) plan_argtypes[which]);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		plans[which] = plan;
+	}
+	for (i = 0; i < plan_nargs[which]; i++)
+		nulls[i] = (isnull && isnull[i]) ? 'n' : ' ';
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	ret = SPI_execute_plan(plans[which], values, nulls, false, 0);
+	AtEOXact_GUC(true, nestlevel);
+	if (ret < 0)
+		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
+	return SPI_processed;
+}
+
+/* Column attno of row of the last result (1-based attno). */
+static Datum
+column(uint64 row, int attno, bool *isnull)
+{
+	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, attno, isnull);
+}
+
+/* A jsonb column of the last result, or NULL. */
+static Jsonb *
+column_jsonb(uint64 row, int attno)
+{
+	bool		isnull;
+	Datum		d = column(row, attno, &isnull);
+
+	return isnull ? NULL : DatumGetJsonbP(d);
+}
+
+/* A text column of the last result, as a C string, or NULL. */
+static char *
+column_text(uint64 row, int attno)
+{
+	bool		isnull;
+	Datum		d = column(row, attno, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/* ---- definitions ---- */
+
+/* One action or compensation as stored: NULL, "async" or a function name. */
+static SagaOp
+parse_op(const char *value)
+{
+	SagaOp		op = {OP_NONE, NULL};
+
+	if (value == NULL)
+		return op;
+	if (strcmp(value, "async") == 0)
+		op.kind = OP_ASYNC;
+	else
+	{
+		op.kind = OP_SQL;
+		op.function = pstrdup(value);
+	}
+	return op;
+}
+
+/* "40001" or the class "40" as a SQLSTATE code. */
+static int
+parse_sqlstate(const char *code, bool *is_class)
+{
+	*is_class = strlen(code) == 2;
+	if (*is_class)
+		return MAKE_SQLSTATE(code[0], code[1], '0', '0', '0');
+	if (strlen(code) != 5)
+		elog(ERROR, "invalid SQLSTATE \"%s\" in a saga definition", code);
+	return MAKE_SQLSTATE(code[0], code[1], code[2], code[3], code[4]);
+}
+
+/* Load definition id (inside SPI) into mcxt. */
+static SagaDef *
+definition_load(int64 id, MemoryContext mcxt)
+{
+	Datum		values[1];
+	SagaDef    *def;
+	MemoryContext oldcontext;
+	uint64		n;
+	uint64		i;
+	bool		isnull;
+
+	values[0] = Int64GetDatum(id);
+	n = run_plan(PLAN_LOAD_DEF, values, NULL);
+	if (n == 0)
+		elog(ERROR, "saga definition " INT64_FORMAT " does not exist", id);
+
+	oldcontext = MemoryContextSwitchTo(mcxt);
+	def = palloc0(sizeof(SagaDef));
+	def->id = id;
+	def->name = column_text(0, 1);
+	def->version = DatumGetInt32(column(0, 2, &isnull));
+	def->definer = DatumGetObjectId(column(0, 3, &isnull));
+	def->nsteps = (int) n;
+	def->steps = palloc0(n * sizeof(SagaStepDef));
+	for (i = 0; i < n; i++)
+	{
+		SagaStepDef *st = &def->steps[i];
+		char	   *jitter;
+		Datum	   *codes;
+		bool	   *code_nulls;
+		int			j;
+
+		st->name = column_text(i, 4);
+		st->action = parse_op(column_text(i, 5));
+		st->compensation = parse_op(column_text(i, 6));
+		st->topic = column_text(i, 7);
+		st->timeout_us = DatumGetInt64(column(i, 8, &isnull));
+		st->max_attempts = DatumGetInt32(column(i, 9, &isnull));
+		st->backoff_base_us = DatumGetInt64(column(i, 10, &isnull));
+		st->backoff_cap_us = DatumGetInt64(column(i, 11, &isnull));
+		jitter = column_text(i, 12);
+		st->jitter = jitter == NULL ? JITTER_FULL : strcmp(jitter, "none") == 0 ? JITTER_NONE :
+			strcmp(jitter, "equal") == 0 ? JITTER_EQUAL : JITTER_FULL;
+		deconstruct_array(DatumGetArrayTypeP(column(i, 13, &isnull)), TEXTOID, -1, false,
+						  TYPALIGN_INT, &codes, &code_nulls, &st->nretry_on);
+		st->retry_on = palloc0(Max(st->nretry_on, 1) * sizeof(int));
+		st->retry_on_class = palloc0(Max(st->nretry_on, 1) * sizeof(bool));
+		for (j = 0; j < st->nretry_on; j++)
+			st->retry_on[j] = parse_sqlstate(TextDatumGetCString(codes[j]), &st->retry_on_class[j]);
+		if (st->name == NULL || st->action.kind == OP_NONE || st->timeout_us <= 0 ||
+			st->max_attempts < 1 || st->backoff_base_us <= 0 ||
+			st->backoff_cap_us < st->backoff_base_us)
+			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, (int) i + 1);
+	}
+	MemoryContextSwitchTo(oldcontext);
+	return def;
+}
+
+/*
+ * Definition id, from the cache (definitions never change; the cache is
+ * dropped when saga_definitions is a new relation, after the extension was
+ * dropped and created again).
+ */
+static SagaDef *
+definition_get(int64 id)
+{
+	Oid			relid = saga_relid("saga_definitions");
+	DefCacheEntry *entry;
+	SagaDef    *def;
+	bool		found;
+
+	if (def_cache != NULL && relid != def_cache_relid)
+	{
+		hash_destroy(def_cache);
+		def_cache = NULL;
+		MemoryContextReset(def_cache_context);
+	}
+	if (def_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		if (def_cache_context == NULL)
+			def_cache_context = AllocSetContextCreate(CacheMemoryContext, "resilience saga definitions",
+													  ALLOCSET_SMALL_SIZES);
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(int64);
+		ctl.entrysize = sizeof(DefCacheEntry);
+		ctl.hcxt = def_cache_context;
+		def_cache = hash_create("resilience saga definitions", 64, &ctl,
+								HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		def_cache_relid = relid;
+	}
+	entry = hash_search(def_cache, &id, HASH_FIND, NULL);
+	if (entry)
+		return entry->def;
+	def = definition_load(id, def_cache_context);
+	entry = hash_search(def_cache, &id, HASH_ENTER, &found);
+	entry->def = def;
+	return def;
+}
+
+/* The 1-based number of the step called name, or 0. */
+static int
+step_number(SagaDef *def, const char *name)
+{
+	int			i;
+
+	for (i = 0; i < def->nsteps; i++)
+		if (strcmp(def->steps[i].name, name) == 0)
+			return i + 1;
+	return 0;
+}
+
+/* ---- the saga row ---- */
+
+/* The SagaState of a state name. */
+static SagaState
+state_from_name(const char *name)
+{
+	int			i;
+
+	for (i = 0; i < lengthof(state_names); i++)
+		if (strcmp(state_names[i], name) == 0)
+			return (SagaState) i;
+	elog(ERROR, "unknown saga state \"%s\"", name);
+	return SAGA_RUNNING;		/* keep the compiler quiet */
+}
+
+/* Read the saga of row 0 of the last result (SAGA_COLUMNS). */
+static void
+saga_read(Saga *s)
+{
+	bool		isnull;
+	int64		definition_id;
+	Datum		d;
+
+	memset(s, 0, sizeof(Saga));
+	s->id = DatumGetInt64(column(0, 1, &isnull));
+	definition_id = DatumGetInt64(column(0, 2, &isnull));
+	s->state = state_from_name(column_text(0, 3));
+	s->step = DatumGetInt32(column(0, 4, &isnull));
+	s->attempt = DatumGetInt32(column(0, 5, &isnull));
+	s->awaiting = DatumGetBool(column(0, 6, &isnull));
+	s->reply = column_jsonb(0, 7);
+	s->context = column_jsonb(0, 8);
+	s->error = column_jsonb(0, 9);
+	d = column(0, 10, &isnull);
+	s->next_run_at = isnull ? 0 : DatumGetTimestampTz(d);
+	/* last: it may run another statement */
+	s->def = definition_get(definition_id);
+	if (s->step < 0 || s->step > s->def->nsteps ||
+		(s->step == 0 && (s->state == SAGA_RUNNING || s->state == SAGA_PARKED)))
+		elog(ERROR, "saga " INT64_FORMAT " is at step %d, which its definition does not have",
+			 s->id, s->step);
+}
+
+/* Lock saga id (waiting for other transactions); 42704 if there is none. */
+static void
+saga_lock(Saga *s, int64 id)
+{
+	Datum		values[1];
+
+	values[0] = Int64GetDatum(id);
+	if (run_plan(PLAN_LOCK, values, NULL) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("saga " INT64_FORMAT " does not exist", id),
+				 errhint("Finished sagas are removed after resilience.saga_retention.")));
+	saga_read(s);
+}
+
+/* Write the saga back to its (locked) row. */
+static void
+saga_write(Saga *s)
+{
+	Datum		values[11];
+	bool		isnull[11] = {0};
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = CStringGetTextDatum(state_names[s->state]);
+	values[2] = Int32GetDatum(s->step);
+	values[3] = Int32GetDatum(s->attempt);
+	values[4] = BoolGetDatum(s->awaiting);
+	values[5] = JsonbPGetDatum(s->reply);
+	isnull[5] = s->reply == NULL;
+	values[6] = JsonbPGetDatum(s->context);
+	values[7] = JsonbPGetDatum(s->error);
+	isnull[7] = s->error == NULL;
+	values[8] = TimestampTzGetDatum(s->next_run_at);
+	isnull[8] = s->next_run_at == 0;
+	values[9] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[10] = TimestampTzGetDatum(s->finished_at);
+	isnull[10] = s->finished_at == 0;
+	run_plan(PLAN_WRITE, values, isnull);
+}
+
+/* The key participants see: saga:<id>:<step>[:compensate]. */
+static char *
+idempotency_key(Saga *s, int stepno, bool compensation)
+{
+	return psprintf("saga:" INT64_FORMAT ":%s%s", s->id, s->def->steps[stepno - 1].name,
+					compensation ? ":compensate" : "");
+}
+
+/*
+ * Record an event (stepno 0: about the saga as a whole; attempt 0: none),
+ * with the saga's state as it is now in *s.
+ */
+static void
+saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensation,
+		   Jsonb *error, Jsonb *detail)
+{
+	Datum		values[9];
+	bool		isnull[9] = {0};
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[2] = CStringGetTextDatum(event);
+	isnull[3] = stepno == 0;
+	if (stepno)
+		values[3] = CStringGetTextDatum(s->def->steps[stepno - 1].name);
+	values[4] = Int32GetDatum(attempt);
+	isnull[4] = attempt == 0;
+	values[5] = CStringGetTextDatum(state_names[s->state]);
+	values[6] = JsonbPGetDatum(error);
+	isnull[6] = error == NULL;
+	values[7] = JsonbPGetDatum(detail);
+	isnull[7] = detail == NULL;
+	values[8] = CStringGetTextDatum(stepno ? idempotency_key(s, stepno, compensation) :
+									psprintf("saga:" INT64_FORMAT, s->id));
+	run_plan(PLAN_EVENT, values, isnull);
+}
+
+/* Write the action side of a step's row (created on its first attempt). */
+static void
+step_row_action(Saga *s, const char *state, int attempts, TimestampTz finished_at,
+				Jsonb *result, Jsonb *error)
+{
+	Datum		values[9];
+	bool		isnull[9] = {0};
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	values[2] = CStringGetTextDatum(s->def->steps[s->step - 1].name);
+	values[3] = CStringGetTextDatum(state);
+	values[4] = Int32GetDatum(attempts);
+	values[5] = TimestampTzGetDatum(s->attempt_start ? s->attempt_start : GetCurrentTimestamp());
+	values[6] = TimestampTzGetDatum(finished_at);
+	isnull[6] = finished_at == 0;
+	values[7] = JsonbPGetDatum(result);
+	isnull[7] = result == NULL;
+	values[8] = JsonbPGetDatum(error);
+	isnull[8] = error == NULL;
+	run_plan(PLAN_STEP_ACTION, values, isnull);
+}
+
+/*
+ * Write the compensation side of a step's row; its compensation_attempts
+ * count every attempt (a SQL call, or a command sent) across saga_retry.
+ */
+static void
+step_row_compensation(Saga *s, const char *state, bool new_attempt, TimestampTz compensated_at,
+					  Jsonb *error)
+{
+	Datum		values[6];
+	bool		isnull[6] = {0};
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	values[2] = CStringGetTextDatum(state);
+	values[3] = Int32GetDatum(new_attempt ? 1 : 0);
+	values[4] = TimestampTzGetDatum(compensated_at);
+	isnull[4] = compensated_at == 0;
+	values[5] = JsonbPGetDatum(error);
+	isnull[5] = error == NULL;
+	run_plan(PLAN_STEP_COMP, values, isnull);
+}
+
+/* Set the state of step stepno's row, if it has one. */
+static void
+step_row_state(Saga *s, int stepno, const char *state)
+{
+	Datum		values[3];
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(stepno);
+	values[2] = CStringGetTextDatum(state);
+	run_plan(PLAN_STEP_STATE, values, NULL);
+}
+
+/*
+ * State and attempts (of the action, or of the compensation) of step
+ * stepno's row; false if the saga has not reached that step.
+ */
+static bool
+step_row_read(Saga *s, int stepno, bool compensation, char **state, int *attempts)
+{
+	Datum		values[2];
+	bool		isnull;
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(stepno);
+	if (run_plan(PLAN_STEP_ROW, values, NULL) == 0)
+		return false;
+	*state = column_text(0, 1);
+	*attempts = DatumGetInt32(column(0, compensation ? 3 : 2, &isnull));
+	return true;
+}
+
+/* ---- context ---- */
+
+/* The context a step receives: the saga's, with "_saga" describing the call. */
+static Jsonb *
+step_context(Saga *s, bool compensation, int attempt)
+{
+	JsonBuf		inner;
+	JsonBuf		outer;
+
+	jb_init(&inner);
+	jb_int(&inner, "id", s->id);
+	jb_str(&inner, "name", s->def->name);
+	jb_int(&inner, "version", s->def->version);
+	jb_str(&inner, "step", s->def->steps[s->step - 1].name);
+	jb_int(&inner, "step_no", s->step);
+	jb_int(&inner, "attempt", attempt);
+	jb_bool(&inner, "compensating", compensation);
+	jb_str(&inner, "idempotency_key", idempotency_key(s, s->step, compensation));
+	jb_init(&outer);
+	jb_jsonb(&outer, "_saga", jb_done(&inner));
+	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(s->context),
+											  JsonbPGetDatum(jb_done(&outer))));
+}
+
+/* The saga's context with a step's result merged in (top-level keys). */
+static Jsonb *
+context_merge(Jsonb *context, Jsonb *result)
+{
+	Datum		d;
+
+	if (result == NULL)
+		return context;
+	d = DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(context), JsonbPGetDatum(result));
+	d = DirectFunctionCall2(jsonb_delete, d, CStringGetTextDatum("_saga"));
+	return DatumGetJsonbP(d);
+}
+
+/* ---- running a SQL step ---- */
+
+/*
+ * The function to call for a step, as the definer sees it, with every check
+ * the executor would make.  Raises (inside the step's subtransaction, so that
+ * the attempt fails) if it cannot run.
+ */
+static Oid
+step_function(const char *name, Oid definer)
+{
+	Oid			argtypes[2] = {INT8OID, JSONBOID};
+	Oid			fn;
+	char	   *role = GetUserNameFromId(definer, true);
+
+	if (role == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("the role that defined this saga no longer exists"),
+				 errhint("Define the saga again as an existing role.")));
+	if (superuser_arg(definer))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("saga steps never run as a superuser"),
+				 errdetail("Role %s, which defined this saga, is a superuser now.", role),
+				 errhint("Revoke SUPERUSER from %s, or define the saga again as another role.", role)));
+	fn = LookupFuncName(textToQualifiedNameList(cstring_to_text(name)), 2, argtypes, true);
+	if (!OidIsValid(fn))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("function %s(bigint, jsonb) does not exist", name),
+				 errhint("It existed when the saga was defined: create it again.")));
+	if (get_func_prokind(fn) != PROKIND_FUNCTION || get_func_retset(fn) ||
+		get_func_rettype(fn) != JSONBOID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("%s is no longer a function returning jsonb", name)));
+	if (pg_proc_aclcheck_compat(fn, definer, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", name),
+				 errdetail("Steps run as %s, which defined the saga.", role)));
+	return fn;
+}
+
+/* Put back the caller's statement timeout after a step's own. */
+static void
+restore_statement_timeout(bool outer_active, TimestampTz outer_fin)
+{
+	disable_timeout(STATEMENT_TIMEOUT, false);
+	if (outer_active)
+		enable_timeout_at(STATEMENT_TIMEOUT, outer_fin);
+}
+
+/* Is this error one the step says to retry (retry_on)? */
+static bool
+sql_retryable(SagaStepDef *st, int sqlerrcode)
+{
+	int			i;
+
+	for (i = 0; i < st->nretry_on; i++)
+		if (st->retry_on_class[i] ? ERRCODE_TO_CATEGORY(sqlerrcode) == st->retry_on[i]
+			: sqlerrcode == st->retry_on[i])
+			return true;
+	return false;
+}
+
+/*
+ * One attempt of the SQL action (or compensation) of the saga's current
+ * step, in a subtransaction: as the definer, in a security-restricted
+ * operation, with a pinned search_path, every setting it changes reverted,
+ * and cancelled when its timeout passes.  An error rolls the subtransaction
+ * back and is returned in *out; a cancel that is not the step's own timeout
+ * (the caller's statement_timeout, pg_cancel_backend) is raised again.
+ */
+static void
+call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
+{
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	SagaOp	   *op = compensation ? &st->compensation : &st->action;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	TimestampTz start = GetCurrentTimestamp();
+	TimestampTz deadline = start + st->timeout_us;
+	bool		outer_active = get_timeout_active(STATEMENT_TIMEOUT);
+	TimestampTz outer_fin = outer_active ? get_timeout_finish_time(STATEMENT_TIMEOUT) : 0;
+	bool		armed = !outer_active || deadline < outer_fin;
+	Jsonb	   *context = step_context(s, compensation, attempt);
+	ErrorContextCallback *outer_context = error_context_stack;
+	Oid			save_userid;
+	int			save_sec_context;
+
+	memset(out, 0, sizeof(StepCall));
+	s->attempt_start = start;
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	step_saga_id = s->id;
+	PG_TRY();
+	{
+		Oid			fn = step_function(op->function, s->def->definer);
+		FmgrInfo	flinfo;
+		LOCAL_FCINFO(fcinfo, 2);
+		Datum		result;
+		int			nestlevel;
+
+		fmgr_info(fn, &flinfo);
+		InitFunctionCallInfoData(*fcinfo, &flinfo, 2, InvalidOid, NULL, NULL);
+		fcinfo->args[0].value = Int64GetDatum(s->id);
+		fcinfo->args[0].isnull = false;
+		fcinfo->args[1].value = JsonbPGetDatum(context);
+		fcinfo->args[1].isnull = false;
+
+		if (armed)
+			enable_timeout_at(STATEMENT_TIMEOUT, deadline);
+		SetUserIdAndSecContext(s->def->definer, save_sec_context |
+							   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
+		nestlevel = NewGUCNestLevel();
+		(void) set_config_option("search_path", STEP_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		InvokeFunctionExecuteHook(fn);
+		/* the step's errors carry its own context, not the orchestrator's */
+		error_context_stack = NULL;
+		result = FunctionCallInvoke(fcinfo);
+		error_context_stack = outer_context;
+		if (!fcinfo->isnull)
+		{
+			out->result = DatumGetJsonbPCopy(result);
+			if (!JB_ROOT_IS_OBJECT(out->result))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("%s returned a JSON value that is not an object", op->function),
+						 errdetail("Its result is merged into the saga's context: return an object, or NULL.")));
+		}
+		AtEOXact_GUC(false, nestlevel);
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+		if (armed)
+			restore_statement_timeout(outer_active, outer_fin);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		out->ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		if (armed)
+			restore_statement_timeout(outer_active, outer_fin);
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+		step_saga_id = 0;
+
+		out->timed_out = edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
+			armed && GetCurrentTimestamp() >= deadline;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED && !out->timed_out)
+			ReThrowError(edata);
+		out->ok = false;
+		out->result = NULL;
+		out->error = error_json(edata, out->timed_out ?
+								psprintf("the %s of step \"%s\" did not finish within its timeout",
+										 compensation ? "compensation" : "action", st->name) : NULL);
+		out->retryable = out->timed_out || sql_retryable(st, edata->sqlerrcode);
+	}
+	PG_END_TRY();
+	step_saga_id = 0;
+	out->duration_us = GetCurrentTimestamp() - start;
+}
+
+/* ---- transitions ---- */
+
+/*
+ * Compensation goes on from s->step downwards: find the next step that has
+ * something to undo (it completed, or its outcome is unknown, and it has a
+ * compensation); when none is left, the saga is compensated.
+ */
+static void
+compensation_settle(Saga *s)
+{
+	Datum		values[2];
+	uint64		n;
+	uint64		i;
+	int			next = 0;
+	bool		isnull;
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	n = s->step > 0 ? run_plan(PLAN_COMP_CANDIDATES, values, NULL) : 0;
+	for (i = 0; i < n && next == 0; i++)
+	{
+		int			stepno = DatumGetInt32(column(i, 1, &isnull));
+		char	   *state = column_text(i, 2);
+
+		if (s->def->steps[stepno - 1].compensation.kind != OP_NONE &&
+			(strcmp(state, "completed") == 0 || strcmp(state, "timed_out") == 0 ||
+			 strcmp(state, "abandoned") == 0 || strcmp(state, "compensating") == 0))
+			next = stepno;
+	}
+	s->attempt = 0;
+	s->awaiting = false;
+	s->reply = NULL;
+	s->step = next;
+	if (next > 0)
+		s->next_run_at = GetCurrentTimestamp();
+	else
+	{
+		s->state = SAGA_COMPENSATED;
+		s->next_run_at = 0;
+		s->finished_at = GetCurrentTimestamp();
+		saga_event(s, "saga_compensated", 0, 0, false, NULL, NULL);
+	}
+}
+
+/* Start compensating from step from downwards (the caller writes the saga). */
+static void
+compensation_begin(Saga *s, int from, Jsonb *error)
+{
+	JsonBuf		detail;
+
+	s->state = SAGA_COMPENSATING;
+	s->step = from;
+	s->error = error;
+	jb_init(&detail);
+	jb_int(&detail, "from_step", from);
+	saga_event(s, "compensation_started", 0, 0, false, error, jb_done(&detail));
+	compensation_settle(s);
+}
+
+/* The action of the current step succeeded. */
+static void
+action_done(Saga *s, Jsonb *result, int attempt, int64 duration_us)
+{
+	JsonBuf		detail;
+	TimestampTz now = GetCurrentTimestamp();
+
+	s->context = context_merge(s->context, result);
+	step_row_action(s, "completed", attempt, now, result, NULL);
+	jb_init(&detail);
+	if (duration_us >= 0)
+		jb_int(&detail, "duration_us", duration_us);
+	saga_event(s, "step_completed", s->step, attempt, false, NULL, jb_done(&detail));
+	s->attempt = 0;
+	s->awaiting = false;
+	s->reply = NULL;
+	if (s->step == s->def->nsteps)
+	{
+		s->state = SAGA_COMPLETED;
+		s->next_run_at = 0;
+		s->finished_at = now;
+		saga_event(s, "saga_completed", 0, 0, false, NULL, NULL);
+	}
+	else
+	{
+		s->step++;
+		s->next_run_at = now;
+	}
+	saga_write(s);
+}
+
+/* The compensation of the current step succeeded. */
+static void
+compensation_done(Saga *s, Jsonb *result, int attempt)
+{
+	bool		sql = s->def->steps[s->step - 1].compensation.kind == OP_SQL;
+
+	s->context = context_merge(s->context, result);
+	step_row_compensation(s, "compensated", sql, GetCurrentTimestamp(), NULL);
+	saga_event(s, "step_compensated", s->step, attempt, true, NULL, NULL);
+	s->step--;
+	compensation_settle(s);
+	saga_write(s);
+}
+
+/*
+ * Attempt number attempt of the current step's action (or compensation)
+ * failed.  Retry it after a backoff if the failure is retryable and attempts
+ * remain; otherwise an action failure starts compensation (including this
+ * step when its outcome is unknown: an async command that timed out), and a
+ * compensation failure parks the saga in compensation_failed.
+ */
+static void
+attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retryable,
+			   bool timed_out, bool outcome_unknown)
+{
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	TimestampTz now = GetCurrentTimestamp();
+	const char *event = compensation ? "compensation_failed" :
+		timed_out ? "step_timed_out" : "step_failed";
+	JsonBuf		detail;
+	bool		retry = retryable && attempt < st->max_attempts;
+
+	s->awaiting = false;
+	s->reply = NULL;
+	s->attempt = attempt;
+	jb_init(&detail);
+	jb_bool(&detail, "retryable", retryable);
+	jb_int(&detail, "max_attempts", st->max_attempts);
+	if (retry)
+	{
+		s->next_run_at = now + resilience_backoff_usec(attempt - 1, st->backoff_base_us,
+													   st->backoff_cap_us, st->jitter,
+													   st->backoff_base_us);
+		jb_time(&detail, "retry_at", s->next_run_at);
+		if (compensation)
+			step_row_compensation(s, "compensating", st->compensation.kind == OP_SQL, 0, error);
+		else
+			step_row_action(s, "retrying", attempt, 0, NULL, error);
+		saga_event(s, event, s->step, attempt, compensation, error, jb_done(&detail));
+	}
+	else if (!compensation)
+	{
+		JsonBuf		failure;
+
+		step_row_action(s, outcome_unknown ? "timed_out" : "failed", attempt, now, NULL, error);
+		saga_event(s, event, s->step, attempt, false, error, jb_done(&detail));
+		jb_init(&failure);
+		jb_str(&failure, "step", st->name);
+		jb_jsonb(&failure, "error", error);
+		compensation_begin(s, outcome_unknown ? s->step : s->step - 1, jb_done(&failure));
+	}
+	else
+	{
+		step_row_compensation(s, "compensation_failed", st->compensation.kind == OP_SQL, 0, error);
+		saga_event(s, event, s->step, attempt, true, error, jb_done(&detail));
+		s->state = SAGA_PARKED;
+		s->next_run_at = 0;
+		saga_event(s, "saga_parked", s->step, attempt, true, error, NULL);
+		ereport(LOG,
+				(errmsg("saga " INT64_FORMAT " (\"%s\" version %d) is parked in compensation_failed",
+						s->id, s->def->name, s->def->version),
+				 errdetail("The compensation of step \"%s\" failed after %d attempts: %s",
+						   st->name, attempt, error_message(error)),
+				 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", s->id)));
+	}
+	saga_write(s);
+}
+
+/* The oid of resilience.outbox_publish(text, jsonb, text, jsonb, interval), if it exists. */
+static Oid
+outbox_publish_function(void)
+{
+	Oid			argtypes[5] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID, INTERVALOID};
+
+	return LookupFuncName(list_make2(makeString("resilience"), makeString("outbox_publish")),
+						  5, argtypes, true);
+}
+
+/*
+ * Send the command of the current step's async action (or compensation):
+ * published through the outbox in this transaction when the outbox exists
+ * (otherwise only recorded: the participant must learn of it another way),
+ * and the saga waits for its reply until the step's timeout.
+ */
+static void
+send_command(Saga *s, bool compensation)
+{
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	int			attempt = s->attempt + 1;
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz deadline = now + st->timeout_us;
+	const char *command = compensation ? "compensation" : "action";
+	char	   *key = idempotency_key(s, s->step, compensation);
+	char	   *attempt_str = psprintf("%d", attempt);
+	JsonBuf		payload;
+	JsonBuf		headers;
+	JsonBuf		detail;
+	bool		published = false;
+	int64		event_id = 0;
+
+	s->attempt_start = now;
+	jb_init(&payload);
+	jb_int(&payload, "saga_id", s->id);
+	jb_str(&payload, "saga", s->def->name);
+	jb_int(&payload, "version", s->def->version);
+	jb_str(&payload, "step", st->name);
+	jb_str(&payload, "command", command);
+	jb_int(&payload, "attempt", attempt);
+	jb_str(&payload, "idempotency_key", key);
+	jb_time(&payload, "reply_by", deadline);
+	jb_jsonb(&payload, "context", s->context);
+	jb_init(&headers);
+	jb_str(&headers, "Saga-Id", psprintf(INT64_FORMAT, s->id));
+	jb_str(&headers, "Saga-Name", s->def->name);
+	jb_str(&headers, "Saga-Step", st->name);
+	jb_str(&headers, "Saga-Command", command);
+	jb_str(&headers, "Saga-Attempt", attempt_str);
+	jb_str(&headers, "Saga-Idempotency-Key", key);
+
+	if (OidIsValid(outbox_publish_function()))
+	{
+		Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
+		Datum		values[4];
+		bool		isnull;
+		int			ret;
+
+		values[0] = CStringGetTextDatum(st->topic);
+		values[1] = JsonbPGetDatum(jb_done(&payload));
+		values[2] = CStringGetTextDatum(psprintf("saga:" INT64_FORMAT, s->id));
+		values[3] = JsonbPGetDatum(jb_done(&headers));
+		ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
+									4, argtypes, values, NULL, false, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
+		event_id = DatumGetInt64(column(0, 1, &isnull));
+		published = !isnull;
+	}
+
+	if (compensation)
+		step_row_compensation(s, "compensating", true, 0, NULL);
+	else
+		step_row_action(s, "waiting", attempt, 0, NULL, NULL);
+	s->attempt = attempt;
+	s->awaiting = true;
+	s->reply = NULL;
+	s->next_run_at = deadline;
+	jb_init(&detail);
+	jb_str(&detail, "command", command);
+	jb_str(&detail, "topic", st->topic);
+	jb_key(&detail, "outbox_event_id");
+	if (published)
+		appendStringInfo(&detail.buf, INT64_FORMAT, event_id);
+	else
+		appendStringInfoString(&detail.buf, "null");
+	jb_time(&detail, "reply_by", deadline);
+	saga_event(s, "command_sent", s->step, attempt, compensation, NULL, jb_done(&detail));
+	saga_write(s);
+}
+
+/* Apply the reply recorded for the current step's command. */
+static void
+apply_reply(Saga *s, bool compensation)
+{
+	Jsonb	   *reply = s->reply;
+	char	   *status = jsonb_get_string(reply, "status");
+
+	if (status && strcmp(status, "completed") == 0)
+	{
+		if (compensation)
+			compensation_done(s, jsonb_get(reply, "result"), s->attempt);
+		else
+			action_done(s, jsonb_get(reply, "result"), s->attempt, -1);
+	}
+	else
+	{
+		Jsonb	   *retryable = jsonb_get(reply, "retryable");
+		JsonbValue	v;
+
+		attempt_failed(s, compensation, s->attempt, jsonb_get(reply, "error"),
+					   retryable && JsonbExtractScalar(&retryable->root, &v) &&
+					   v.type == jbvBool && v.val.boolean,
+					   false, false);
+	}
+}
+
+/* The error of an async command whose reply did not come in time. */
+static Jsonb *
+timeout_error(Saga *s, bool compensation)
+{
+	JsonBuf		jb;
+
+	jb_init(&jb);
+	jb_str(&jb, "sqlstate", "57014");
+	jb_str(&jb, "message", psprintf("no reply to the %s command of step \"%s\" within its timeout",
+									compensation ? "compensation" : "action",
+									s->def->steps[s->step - 1].name));
+	return jb_done(&jb);
+}
+
+/* One unit of work on a running or compensating saga. */
+static void
+saga_advance(Saga *s)
+{
+	bool		compensation = s->state == SAGA_COMPENSATING;
+	SagaStepDef *st;
+	SagaOp	   *op;
+
+	if (s->step == 0)			/* compensating, nothing left (be safe) */
+	{
+		compensation_settle(s);
+		saga_write(s);
+		return;
+	}
+	st = &s->def->steps[s->step - 1];
+	op = compensation ? &st->compensation : &st->action;
+	if (op->kind == OP_ASYNC)
+	{
+		if (!s->awaiting)
+			send_command(s, compensation);
+		else if (s->reply)
+			apply_reply(s, compensation);
+		else					/* the deadline passed */
+			attempt_failed(s, compensation, s->attempt, timeout_error(s, compensation),
+						   true, true, !compensation);
+	}
+	else if (op->kind == OP_SQL)
+	{
+		StepCall	call;
+		int			attempt = s->attempt + 1;
+
+		call_sql_step(s, compensation, attempt, &call);
+		if (call.ok && compensation)
+			compensation_done(s, call.result, attempt);
+		else if (call.ok)
+			action_done(s, call.result, attempt, call.duration_us);
+		else
+			attempt_failed(s, compensation, attempt, call.error, call.retryable,
+						   call.timed_out, false);
+	}
+	else
+	{
+		/* nothing to undo here (settling skips such steps; be safe) */
+		s->step--;
+		compensation_settle(s);
+		saga_write(s);
+	}
+}
+
+/*
+ * Lock a due saga for this tick, skipping those another transaction holds.
+ *
+ * A saga that the previous tick of this backend left due at once (its next
+ * step) comes first, found by its key: a saga runs to its end or its first
+ * wait without going round the queue again.  Otherwise the saga due longest
+ * is taken from sagas_due.  Each step moves a saga's entry in that index, so
+ * its front fills with entries of row versions already processed, which
+ * every scan would step over until vacuum removes them: a scan starts at the
+ * next_run_at of the last saga picked (the floor), and from the start only
+ * every FLOOR_RESET_MS or when nothing is due above the floor, so a saga due
+ * below the floor (a late commit, a skipped lock) waits at most that long.
+ */
+static bool
+saga_pick(Saga *s)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		values[2];
+	bool		isnull;
+
+	values[1] = TimestampTzGetDatum(now);
+	if (sticky_saga_id != 0)
+	{
+		values[0] = Int64GetDatum(sticky_saga_id);
+		sticky_saga_id = 0;
+		if (run_plan(PLAN_PICK_ID, values, NULL) == 1)
+		{
+			saga_read(s);
+			return true;
+		}
+	}
+
+	if (now - pick_floor_since >= FLOOR_RESET_MS * INT64CONST(1000))
+	{
+		pick_floor = DT_NOBEGIN;
+		pick_floor_since = now;
+	}
+	values[0] = TimestampTzGetDatum(now);
+	values[1] = TimestampTzGetDatum(pick_floor);
+	if (run_plan(PLAN_PICK, values, NULL) == 0 && pick_floor != DT_NOBEGIN)
+	{
+		pick_floor = DT_NOBEGIN;
+		pick_floor_since = now;
+		values[1] = TimestampTzGetDatum(pick_floor);
+		(void) run_plan(PLAN_PICK, values, NULL);
+	}
+	if (SPI_processed == 0)
+		return false;
+	pick_floor = DatumGetTimestampTz(column(0, 10, &isnull));
+	saga_read(s);
+	return true;
+}
+
+/*
+ * The orchestrator's unit of work, inside SPI: lock a due saga and advance
+ * it by one step attempt or transition.  False if no saga is due.
+ */
+static bool
+tick_once(void)
+{
+	Saga		s;
+
+	if (!saga_pick(&s))
+		return false;
+	if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
+		saga_advance(&s);
+	else
+	{
+		s.next_run_at = 0;		/* finished or parked: nothing is due */
+		saga_write(&s);
+	}
+	/* its next step is due at once: the next tick takes it first */
+	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
+		sticky_saga_id = s.id;
+	return true;
+}
+
+/* ---- SQL-callable functions ---- */
+
+/*
+ * saga_define(name, steps) → version.  Validates and normalizes the steps as
+ * the caller (resolving function names with the caller's search_path), then
+ * stores a new version unless the latest one is identical.  The caller is
+ * recorded as the role the steps run as, so it must not be a superuser.
+ */
+Datum
+saga_define(PG_FUNCTION_ARGS)
+{
+	Oid			definer = GetUserId();
+	Datum		values[4];
+	bool		isnull;
+	Jsonb	   *normalized;
+	int			version = 1;
+	Oid			save_userid;
+	int			save_sec_context;
+	int			nestlevel;
+	int			ret;
+
+	require_arg(fcinfo, 0, "saga name");
+	require_arg(fcinfo, 1, "steps");
+	if (superuser_arg(definer))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("a saga cannot be defined by a superuser"),
+				 errdetail("Steps run as the role that defines the saga, and never as a superuser."),
+				 errhint("SET ROLE to a role that has just the privileges the steps need (and is a member of resilience_admin), then call saga_define.")));
+
+	SPI_connect();
+	{
+		Oid			argtypes[3] = {TEXTOID, JSONBOID, TEXTOID};
+
+		values[0] = PG_GETARG_DATUM(0);
+		values[1] = PG_GETARG_DATUM(1);
+		values[2] = CStringGetTextDatum(namespace_search_path);
+		ret = SPI_execute_with_args("SELECT resilience._saga_normalize($1, $2, $3)",
+									3, argtypes, values, NULL, false, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "resilience._saga_normalize failed: %s", SPI_result_code_string(ret));
+		normalized = column_jsonb(0, 1);
+		if (normalized == NULL)
+			elog(ERROR, "resilience._saga_normalize returned NULL");
+	}
+
+	/* store it as the extension's owner, with a pinned search_path */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(extension_owner(), save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", STEP_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+
+	/* one definer of a name at a time; saga_start is not blocked */
+	ret = SPI_execute("LOCK TABLE resilience.saga_definitions IN SHARE ROW EXCLUSIVE MODE", false, 0);
+	if (ret != SPI_OK_UTILITY)
+		elog(ERROR, "LOCK TABLE failed: %s", SPI_result_code_string(ret));
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = JsonbPGetDatum(normalized);
+	values[2] = ObjectIdGetDatum(definer);
+	if (run_plan(PLAN_DEF_LATEST, values, NULL) == 1)
+	{
+		version = DatumGetInt32(column(0, 1, &isnull));
+		if (!DatumGetBool(column(0, 2, &isnull)))
+			version++;
+		else
+			version = -version; /* identical: keep it */
+	}
+	if (version > 0)
+	{
+		values[1] = Int32GetDatum(version);
+		values[2] = JsonbPGetDatum(normalized);
+		values[3] = ObjectIdGetDatum(definer);
+		run_plan(PLAN_DEF_INSERT, values, NULL);
+	}
+	else
+		version = -version;
+
+	AtEOXact_GUC(true, nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	SPI_finish();
+	PG_RETURN_INT32(version);
+}
+
+/*
+ * saga_start(name, payload, idempotency_key) → saga id.  The saga exists if
+ * and only if this transaction commits; its first step runs in a transaction
+ * of its own.  A key already used for this saga name returns that saga (if
+ * the payload is the same).
+ */
+Datum
+saga_start(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_arg(fcinfo, 0, "saga name", SAGA_NAME_MAX);
+	Jsonb	   *payload;
+	char	   *key = NULL;
+	Datum		values[5];
+	bool		isnull[5] = {0};
+	bool		null;
+	int64		definition_id;
+	int			version;
+	int64		id;
+	TimestampTz now = GetCurrentTimestamp();
+
+	require_arg(fcinfo, 1, "payload");
+	payload = PG_GETARG_JSONB_P(1);
+	if (!JB_ROOT_IS_OBJECT(payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload must be a JSON object"),
+				 errdetail("It becomes the saga's context, into which the steps' results are merged."),
+				 errhint("Pass '{}' for an empty payload.")));
+	if (!PG_ARGISNULL(2))
+		key = text_arg(fcinfo, 2, "idempotency_key", KEY_MAX);
+
+	SPI_connect();
+	values[0] = CStringGetTextDatum(name);
+	if (run_plan(PLAN_LATEST, values, NULL) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("saga \"%s\" is not defined", name),
+				 errhint("Define it with resilience.saga_define.")));
+	definition_id = DatumGetInt64(column(0, 1, &null));
+	version = DatumGetInt32(column(0, 2, &null));
+
+	values[0] = Int64GetDatum(definition_id);
+	values[1] = CStringGetTextDatum(name);
+	values[2] = JsonbPGetDatum(payload);
+	values[3] = key ? CStringGetTextDatum(key) : (Datum) 0;
+	isnull[3] = key == NULL;
+	values[4] = TimestampTzGetDatum(now);
+	if (run_plan(PLAN_START, values, isnull) == 1)
+	{
+		Saga		s;
+		JsonBuf		detail;
+
+		id = DatumGetInt64(column(0, 1, &null));
+		memset(&s, 0, sizeof(s));
+		s.id = id;
+		s.state = SAGA_RUNNING;
+		jb_init(&detail);
+		jb_int(&detail, "version", version);
+		jb_str(&detail, "idempotency_key", key);
+		saga_event(&s, "saga_started", 0, 0, false, NULL, jb_done(&detail));
+		wake_worker_at_commit();
+	}
+	else
+	{
+		/* the key was used: that saga, if its payload is the same */
+		values[0] = CStringGetTextDatum(name);
+		values[1] = CStringGetTextDatum(key);
+		values[2] = JsonbPGetDatum(payload);
+		if (run_plan(PLAN_BY_KEY, values, NULL) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not start saga \"%s\" with idempotency key \"%s\"", name, key),
+					 errdetail("A concurrent transaction started it, and this transaction's snapshot cannot see it."),
+					 errhint("Retry the transaction.")));
+		id = DatumGetInt64(column(0, 1, &null));
+		if (!DatumGetBool(column(0, 2, &null)))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("idempotency key \"%s\" was used for saga " INT64_FORMAT " with another payload",
+							key, id),
+					 errhint("Use a new key for a new saga.")));
+	}
+	SPI_finish();
+	PG_RETURN_INT64(id);
+}
+
+/* saga_tick() → 1 if a saga was due and advanced, else 0. */
+Datum
+saga_tick(PG_FUNCTION_ARGS)
+{
+	bool		did;
+
+	not_from_own_step(0, "saga_tick");
+	SPI_connect();
+	did = tick_once();
+	SPI_finish();
+	PG_RETURN_INT32(did ? 1 : 0);
+}
+
+/*
+ * _saga_worker_tick() → ms until the worker's sagas job should run again: 0
+ * after advancing a saga (there may be more), else until the next saga is
+ * due, or -1 if none is.
+ */
+Datum
+saga_worker_tick(PG_FUNCTION_ARGS)
+{
+	int64		wish = 0;
+
+	not_from_own_step(0, "saga_tick");
+	SPI_connect();
+	if (!tick_once())
+	{
+		bool		isnull;
+		Datum		next;
+
+		run_plan(PLAN_NEXT_DUE, NULL, NULL);
+		next = column(0, 1, &isnull);
+		if (isnull)
+			wish = -1;
+		else
+		{
+			/* due now but locked by another transaction: look again soon */
+			wish = (DatumGetTimestampTz(next) - GetCurrentTimestamp() + 999) / 1000;
+			if (wish <= 0)
+				wish = LOCKED_RETRY_MS;
+		}
+	}
+	SPI_finish();
+	PG_RETURN_INT64(wish);
+}
+
+/*
+ * A reply to an async command.  Accepted (true) only while the step waits for
+ * it: the command of that step and kind is out, no reply is recorded yet, and
+ * its deadline has not passed; the next tick applies it.  A reply to a
+ * command that was sent but no longer waits is recorded and ignored (false).
+ * A reply to a step that is not async, or to which no command was ever sent,
+ * is an error.
+ */
+static bool
+saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
+		   bool compensation)
+{
+	int64		saga_id;
+	char	   *step;
+	Saga		s;
+	int			stepno;
+	SagaOp	   *op;
+	const char *command = compensation ? "compensation" : "action";
+	TimestampTz now;
+	bool		waiting;
+	JsonBuf		detail;
+
+	saga_id = saga_id_arg(fcinfo, completed ? "saga_step_completed" : "saga_step_failed");
+	step = text_arg(fcinfo, 1, "step", SAGA_NAME_MAX);
+
+	SPI_connect();
+	saga_lock(&s, saga_id);
+	stepno = step_number(s.def, step);
+	if (stepno == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("saga " INT64_FORMAT " (\"%s\" version %d) has no step \"%s\"",
+						saga_id, s.def->name, s.def->version, step)));
+	op = compensation ? &s.def->steps[stepno - 1].compensation : &s.def->steps[stepno - 1].action;
+	if (op->kind != OP_ASYNC)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the %s of step \"%s\" of saga " INT64_FORMAT " is not async",
+						command, step, saga_id),
+				 errdetail(op->kind == OP_SQL ? "It is the function %s." : "The step has no %s.",
+						   op->kind == OP_SQL ? op->function : command),
+				 errhint("Only async actions and compensations take replies%s.",
+						 compensation ? "" : "; a reply to a compensation passes compensation => true")));
+
+	now = GetCurrentTimestamp();
+	waiting = s.awaiting && s.step == stepno &&
+		s.state == (compensation ? SAGA_COMPENSATING : SAGA_RUNNING);
+	jb_init(&detail);
+	jb_str(&detail, "command", command);
+	jb_str(&detail, "status", completed ? "completed" : "failed");
+	if (!completed)
+		jb_bool(&detail, "retryable", retryable);
+
+	if (waiting && s.reply == NULL && now <= s.next_run_at)
+	{
+		JsonBuf		reply;
+
+		jb_init(&reply);
+		jb_str(&reply, "status", completed ? "completed" : "failed");
+		jb_jsonb(&reply, completed ? "result" : "error", body);
+		if (!completed)
+			jb_bool(&reply, "retryable", retryable);
+		jb_time(&reply, "received_at", now);
+		s.reply = jb_done(&reply);
+		s.next_run_at = now;
+		saga_event(&s, "reply_received", stepno, s.attempt, compensation,
+				   completed ? NULL : body, jb_done(&detail));
+		saga_write(&s);
+		wake_worker_at_commit();
+		SPI_finish();
+		return true;
+	}
+	else
+	{
+		char	   *state;
+		int			sent = 0;
+
+		if (!step_row_read(&s, stepno, compensation, &state, &sent) || sent == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("step \"%s\" of saga " INT64_FORMAT " is not waiting for a reply",
+							step, saga_id),
+					 errdetail("No %s command has been sent for it; the saga is %s at step %d.",
+							   command, state_names[s.state], s.step)));
+		jb_str(&detail, "reason", !waiting ? "not_waiting" :
+			   s.reply ? "already_replied" : "after_deadline");
+		jb_jsonb(&detail, completed ? "result" : "error", body);
+		saga_event(&s, "reply_ignored", stepno, sent, compensation, NULL, jb_done(&detail));
+		SPI_finish();
+		return false;
+	}
+}
+
+/* saga_step_completed(saga_id, step, result, compensation) → accepted? */
+Datum
+saga_step_completed(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *result = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
+
+	require_arg(fcinfo, 3, "compensation");
+	if (result && !JB_ROOT_IS_OBJECT(result))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("result must be a JSON object, or NULL"),
+				 errdetail("It is merged into the saga's context.")));
+	PG_RETURN_BOOL(saga_reply(fcinfo, true, result, false, PG_GETARG_BOOL(3)));
+}
+
+/* saga_step_failed(saga_id, step, error, retryable, compensation) → accepted? */
+Datum
+saga_step_failed(PG_FUNCTION_ARGS)
+{
+	require_arg(fcinfo, 2, "error");
+	require_arg(fcinfo, 3, "retryable");
+	require_arg(fcinfo, 4, "compensation");
+	PG_RETURN_BOOL(saga_reply(fcinfo, false, PG_GETARG_JSONB_P(2), PG_GETARG_BOOL(3),
+							  PG_GETARG_BOOL(4)));
+}
+
+/* saga_retry(saga_id): a parked saga compensates again from where it stopped. */
+Datum
+saga_retry(PG_FUNCTION_ARGS)
+{
+	int64		saga_id;
+	Saga		s;
+
+	saga_id = saga_id_arg(fcinfo, "saga_retry");
+	SPI_connect();
+	saga_lock(&s, saga_id);
+	if (s.state != SAGA_PARKED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("saga " INT64_FORMAT " is not parked", saga_id),
+				 errdetail("It is %s; saga_retry resumes sagas in compensation_failed.",
+						   state_names[s.state])));
+	s.state = SAGA_COMPENSATING;
+	s.attempt = 0;
+	s.awaiting = false;
+	s.reply = NULL;
+	s.next_run_at = GetCurrentTimestamp();
+	step_row_state(&s, s.step, "compensating");
+	saga_event(&s, "saga_retried", s.step, 0, true, NULL, NULL);
+	saga_write(&s);
+	wake_worker_at_commit();
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * saga_abort(saga_id, reason): a running saga stops and compensates what it
+ * completed.  A step whose async command is out is abandoned (its reply will
+ * be ignored) and compensated too, since it may have been done; a step
+ * waiting to retry a failed SQL attempt did nothing and is marked failed.
+ */
+Datum
+saga_abort(PG_FUNCTION_ARGS)
+{
+	int64		saga_id;
+	char	   *reason;
+	Saga		s;
+	int			from;
+	char	   *state;
+	int			attempts;
+	JsonBuf		detail;
+	JsonBuf		error;
+
+	saga_id = saga_id_arg(fcinfo, "saga_abort");
+	reason = text_arg(fcinfo, 1, "reason", REASON_MAX);
+	SPI_connect();
+	saga_lock(&s, saga_id);
+	if (s.state != SAGA_RUNNING)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("saga " INT64_FORMAT " is not running", saga_id),
+				 errdetail("It is %s; only running sagas can be aborted.", state_names[s.state]),
+				 s.state == SAGA_PARKED ?
+				 errhint("Fix the failing compensation and call resilience.saga_retry(" INT64_FORMAT ").",
+						 saga_id) : 0));
+
+	from = s.step - 1;
+	if (s.awaiting)
+	{
+		step_row_state(&s, s.step, "abandoned");
+		from = s.step;
+	}
+	else if (step_row_read(&s, s.step, false, &state, &attempts) && strcmp(state, "retrying") == 0)
+		step_row_state(&s, s.step, "failed");
+	jb_init(&detail);
+	jb_str(&detail, "reason", reason);
+	saga_event(&s, "saga_aborted", s.step, s.attempt, false, NULL, jb_done(&detail));
+	jb_init(&error);
+	jb_str(&error, "step", s.def->steps[s.step - 1].name);
+	jb_str(&error, "aborted", reason);
+	compensation_begin(&s, from, jb_done(&error));
+	saga_write(&s);
+	wake_worker_at_commit();
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * _saga_retention() → resilience.saga_retention: the setting when the
+ * library is preloaded, its default otherwise (never a placeholder's value).
+ */
+Datum
+saga_retention(PG_FUNCTION_ARGS)
+{
+	Interval   *result = palloc0(sizeof(Interval));
+
+	result->time = (int64) resilience_saga_retention_s * USECS_PER_SEC;
+	PG_RETURN_INTERVAL_P(result);
+}
