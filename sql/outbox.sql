@@ -3,6 +3,7 @@
 -- (The relay's deliveries are in test/t; here it runs by hand.)
 SET client_min_messages = warning;
 DELETE FROM resilience.outbox_routes;
+TRUNCATE resilience.outbox;   -- earlier tests (sagas) publish too
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
 VALUES ('orders.%', 'queue', 'shipping'), ('orders.paid', 'queue', 'billing');
 

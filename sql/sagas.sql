@@ -300,7 +300,7 @@ SELECT resilience.saga_start('pay', '{"amount": 10}') AS paid \gset
 CALL trip.settle(:paid);
 SELECT state, step, attempt, awaiting, reply FROM resilience.sagas WHERE id = :paid;
 SELECT event, step, detail ->> 'command' AS command, detail ->> 'topic' AS topic,
-       detail -> 'outbox_event_id' AS outbox_event_id
+       detail -> 'outbox_event_id' <> 'null' AS published
   FROM resilience.saga_events WHERE saga_id = :paid AND event = 'command_sent';
 SET resilience.saga_stuck_after = 0;
 SELECT step_name, waiting_for FROM resilience.stuck_sagas WHERE id = :paid;
@@ -360,22 +360,17 @@ SELECT resilience.saga_step_completed(:abandoned, 'charge', '{"refund": "none"}'
 CALL trip.settle(:abandoned);
 SELECT state FROM resilience.sagas WHERE id = :abandoned;
 
--- With the outbox installed, commands are published through
--- resilience.outbox_publish in the transaction that records them.  Until
--- the outbox lands, a stand-in with its signature records the calls.
-CREATE TABLE trip.published (id bigserial, topic text, payload jsonb, key text, headers jsonb);
-CREATE FUNCTION resilience.outbox_publish(
-    topic text, payload jsonb, key text DEFAULT NULL, headers jsonb DEFAULT '{}', deliver_after interval DEFAULT NULL)
-RETURNS bigint LANGUAGE sql AS $$
-    INSERT INTO trip.published (topic, payload, key, headers) VALUES (topic, payload, key, headers) RETURNING id
-$$;
+-- Commands are published through resilience.outbox_publish in the
+-- transaction that records them (written when it commits); a queue route
+-- lets the test read them as a participant would.
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('payments', 'queue', 'trip-payments');
 SELECT resilience.saga_start('pay', '{"amount": 50}') AS published \gset
 SELECT resilience.saga_tick();   -- reserve
 BEGIN;
 SELECT resilience.saga_tick();   -- the command, in a transaction that rolls back
-SELECT count(*) AS published_inside FROM trip.published;
+SELECT count(*) AS published_inside FROM resilience.outbox WHERE key = 'saga:' || :'published';
 ROLLBACK;
-SELECT count(*) AS published_after_rollback FROM trip.published;
+SELECT count(*) AS published_after_rollback FROM resilience.outbox WHERE key = 'saga:' || :'published';
 SELECT resilience.saga_tick();
 SELECT topic, replace(key, :'published', 'ID') AS key,
        payload - 'context' - 'saga_id' - 'reply_by' - 'idempotency_key' AS payload,
@@ -383,13 +378,14 @@ SELECT topic, replace(key, :'published', 'ID') AS key,
        replace(payload ->> 'idempotency_key', :'published', 'ID') AS idempotency_key,
        headers - 'Saga-Id' - 'Saga-Idempotency-Key' AS headers,
        replace(headers ->> 'Saga-Idempotency-Key', :'published', 'ID') AS header_key
-  FROM trip.published;
-SELECT (detail ->> 'outbox_event_id')::bigint = (SELECT id FROM trip.published) AS event_has_outbox_id
+  FROM resilience.outbox_claim('trip-payments', 100, '1 minute') WHERE key = 'saga:' || :'published';
+SELECT (detail ->> 'outbox_event_id')::bigint =
+       (SELECT id FROM resilience.outbox WHERE key = 'saga:' || :'published') AS event_has_outbox_id
   FROM resilience.saga_events WHERE saga_id = :published AND event = 'command_sent';
 SELECT resilience.saga_step_completed(:published, 'charge', '{}');
 CALL trip.settle(:published);
 SELECT state FROM resilience.sagas WHERE id = :published;
-DROP FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval);
+DELETE FROM resilience.outbox_routes WHERE target = 'trip-payments';
 
 ------------------------------------------------------------------------------
 -- Security: steps run as the definer, with the definer's privileges only
