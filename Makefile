@@ -18,6 +18,7 @@ OBJS = \
 	src/relay.o \
 	src/sink_http.o \
 	src/sink_notify.o \
+	src/metrics.o \
 	src/worker.o
 
 # the outbox's http sink

@@ -68,6 +68,7 @@
  */
 #include "shmem.h"
 #include "breaker.h"
+#include "metrics.h"
 
 #include "access/xact.h"
 #include "commands/trigger.h"
@@ -937,7 +938,14 @@ breaker_run(BreakerKey *k, BreakerCall *call)
 	}
 
 	for (int i = 0; i < call->ntransitions; i++)
+	{
 		breaker_log(k->name, &call->transitions[i]);
+		metrics_add(RC_BREAKER_TRANSITIONS, call->transitions[i].to, k->name, 1);
+	}
+	if (call->op == OP_RECORD)
+		metrics_add(RC_BREAKER_CALLS, call->success ? RV_SUCCESS : RV_FAILURE, k->name, 1);
+	else if (call->op == OP_ALLOW && !call->allowed)
+		metrics_add(RC_BREAKER_CALLS, RV_NOT_PERMITTED, k->name, 1);
 }
 
 /* Refuse a call: RS002, with the time until the next probe. */
@@ -1142,9 +1150,12 @@ breaker_reset(PG_FUNCTION_ARGS)
 	if (existed &&
 		shm_table_remove(breaker_table, k.hash, KIND_BREAKER, k.key, k.keylen) &&
 		copy.state != BS_CLOSED)
+	{
 		ereport(LOG,
 				(errmsg("circuit breaker \"%s\" was reset (was %s)",
 						k.name, state_names[copy.state])));
+		metrics_add(RC_BREAKER_TRANSITIONS, BS_CLOSED, k.name, 1);
+	}
 	PG_RETURN_BOOL(existed);
 }
 

@@ -46,6 +46,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "metrics.h"
 
 #include <math.h>
 
@@ -402,13 +403,14 @@ bulkhead_wait(ShmEntry *entry, int64 deadline)
 }
 
 /*
- * Take a permit of bulkhead name, waiting at most wait_usec; returns its
- * entry, or NULL if none was had.  53200 if the bulkhead is new and
- * max_bulkheads are in use.
+ * Take a permit of bulkhead name, waiting at most wait_usec; returns
+ * ENTER_ACQUIRED with *acquired set to its entry, or ENTER_REJECTED or
+ * ENTER_TIMED_OUT.  53200 if the bulkhead is new and max_bulkheads are in
+ * use.
  */
-static ShmEntry *
+static EnterOutcome
 permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
-			   int32 max_queue)
+			   int32 max_queue, ShmEntry **acquired)
 {
 	uint32		hash = shm_table_hash(KIND_BULKHEAD, name, len);
 	LWLock	   *lock = shm_table_lock(bulkhead_table, hash);
@@ -477,7 +479,8 @@ permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
 
 	if (outcome == ENTER_WAITING)
 		outcome = bulkhead_wait(entry, deadline);
-	return outcome == ENTER_ACQUIRED ? entry : NULL;
+	*acquired = entry;
+	return outcome;
 }
 
 /* bulkhead_acquire and bulkhead_acquire_session: check, take, remember. */
@@ -490,6 +493,8 @@ acquire(FunctionCallInfo fcinfo, bool session, const char *fn)
 	int64		wait_usec;
 	int32		max_queue = -1;
 	ShmEntry   *entry;
+	EnterOutcome outcome;
+	pg_atomic_uint64 *counted;
 
 	resilience_require_preload(fn);
 	len = resilience_arg_name(fcinfo, 0, "bulkhead name", name);
@@ -507,12 +512,19 @@ acquire(FunctionCallInfo fcinfo, bool session, const char *fn)
 	}
 
 	bulkhead_prepare_backend();
-	entry = permit_acquire(name, len, max_concurrent, wait_usec, max_queue);
-	if (entry == NULL)
+	/* before the permit is taken: nothing may fail until it is remembered */
+	counted = metrics_counter(RC_BULKHEAD_ACQUISITIONS, RV_ACQUIRED, name);
+	outcome = permit_acquire(name, len, max_concurrent, wait_usec, max_queue, &entry);
+	if (outcome != ENTER_ACQUIRED)
+	{
+		metrics_add(RC_BULKHEAD_ACQUISITIONS,
+					outcome == ENTER_REJECTED ? RV_REJECTED : RV_TIMED_OUT, name, 1);
 		PG_RETURN_BOOL(false);
+	}
 	held[nheld].entry = entry;
 	held[nheld].subid = session ? InvalidSubTransactionId : GetCurrentSubTransactionId();
 	nheld++;
+	metrics_inc(counted);
 	PG_RETURN_BOOL(true);
 }
 

@@ -71,6 +71,7 @@
  *-------------------------------------------------------------------------
  */
 #include "resilience.h"
+#include "metrics.h"
 
 #include "access/genam.h"
 #include "access/htup_details.h"
@@ -778,6 +779,7 @@ begin_common(FunctionCallInfo fcinfo, bool wait)
 	claim = decide(&row, &outcome);
 	if (claim != CLAIM_NONE)
 		outcome = claim_key(&a, claim, wait, &row);
+	metrics_add(RC_IDEMPOTENCY_BEGINS, outcome, NULL, 1);
 
 	values[0] = CStringGetTextDatum(outcome_names[outcome]);
 	if (outcome == OUTCOME_REPLAY)
@@ -846,7 +848,14 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	n = run(which, values, nulls);
 	spi_finish(save_userid, save_sec_context);
 	if (n == 1)
+	{
+		if (which == STMT_COMPLETE)
+			metrics_add(RC_IDEMPOTENCY_RESULTS, RV_COMPLETED, NULL, 1);
+		else if (which == STMT_FAIL)
+			metrics_add(RC_IDEMPOTENCY_RESULTS,
+						PG_GETARG_BOOL(3) ? RV_RETRY : RV_FAILED, NULL, 1);
 		return;
+	}
 
 	if (!lookup_key_now(scope, key, NULL, &row))
 		ereport(ERROR,
@@ -927,6 +936,7 @@ inbox_accept(PG_FUNCTION_ARGS)
 	spi_connect_as_owner("inbox", &save_userid, &save_sec_context);
 	n = run(STMT_INBOX, values, "    ");
 	spi_finish(save_userid, save_sec_context);
+	metrics_add(RC_INBOX_MESSAGES, n == 1 ? RV_ACCEPTED : RV_DUPLICATE, NULL, 1);
 	PG_RETURN_BOOL(n == 1);
 }
 

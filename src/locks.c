@@ -34,6 +34,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "metrics.h"
 
 #include "access/relation.h"
 #include "access/xact.h"
@@ -102,6 +103,14 @@ static bool xact_callback_registered = false;
 
 /* Cached OID of the token sequence (reset when the extension's objects change). */
 static Oid	token_seq_oid = InvalidOid;
+
+/*
+ * Does resilience.leases have released_at (added in 0.2)?  -1: not known
+ * yet.  A 0.1 schema still works with this library until ALTER EXTENSION
+ * ... UPDATE: only lease takeovers are not counted then.
+ */
+static Oid	leases_relid = InvalidOid;
+static int	leases_released_at = -1;
 
 PG_FUNCTION_INFO_V1(lock_acquire);
 PG_FUNCTION_INFO_V1(lock_renew);
@@ -279,20 +288,29 @@ token_seq_invalidate(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == token_seq_oid)
 		token_seq_oid = InvalidOid;
+	if (relid == InvalidOid || relid == leases_relid)
+		leases_released_at = -1;
+}
+
+/* Our relcache callback: forget cached OIDs when the objects change. */
+static void
+register_invalidation(void)
+{
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(token_seq_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
 }
 
 static Oid
 token_seq(void)
 {
-	static bool callback_registered = false;
-
 	if (!OidIsValid(token_seq_oid))
 	{
-		if (!callback_registered)
-		{
-			CacheRegisterRelcacheCallback(token_seq_invalidate, (Datum) 0);
-			callback_registered = true;
-		}
+		register_invalidation();
 		token_seq_oid = get_relname_relid("fencing_tokens",
 										  get_namespace_oid("resilience", false));
 		if (!OidIsValid(token_seq_oid))
@@ -387,10 +405,15 @@ typedef enum LeasePlan
 } LeasePlan;
 
 static const char *const plan_sql[NUM_PLANS] = {
-	/* take over an expired or released lease */
+	/*
+	 * take over an expired or released lease; the sub-select sees the row as
+	 * it was before this statement: was it released, or did it expire?
+	 */
 	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
-	" acquired_at = $3, expires_at = $4"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3 RETURNING token",
+	" acquired_at = $3, expires_at = $4, released_at = NULL"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
+	" RETURNING token, (SELECT o.released_at IS NULL FROM resilience.leases o"
+	"                    WHERE o.name OPERATOR(pg_catalog.=) $1)",
 	/* a name never seen (or reaped) */
 	"INSERT INTO resilience.leases (name, owner, token, acquired_at, expires_at)"
 	" VALUES ($1, $2, pg_catalog.nextval('resilience.fencing_tokens'), $3, $4)"
@@ -400,7 +423,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"UPDATE resilience.leases SET expires_at = $4"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
 	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
-	"UPDATE resilience.leases SET expires_at = $3"
+	"UPDATE resilience.leases SET expires_at = $3, released_at = $3"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
 	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
 	"SELECT token FROM resilience.leases"
@@ -415,7 +438,39 @@ static const char *const plan_sql[NUM_PLANS] = {
 
 static const int plan_nargs[NUM_PLANS] = {4, 4, 1, 4, 3, 3, 3, 1};
 
+/* PLAN_TAKEOVER and PLAN_RELEASE on a 0.1 schema (no released_at). */
+static const char *const plan_sql_0_1[NUM_PLANS] = {
+	[PLAN_TAKEOVER] =
+	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
+	" acquired_at = $3, expires_at = $4"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
+	" RETURNING token, false",
+	[PLAN_RELEASE] =
+	"UPDATE resilience.leases SET expires_at = $3"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+};
+
 static SPIPlanPtr plans[NUM_PLANS];
+static bool plan_for_0_1[NUM_PLANS];	/* prepared from plan_sql_0_1 */
+
+/* Does resilience.leases have the column released_at? */
+static bool
+leases_have_released_at(void)
+{
+	if (leases_released_at < 0)
+	{
+		Oid			relid;
+
+		register_invalidation();
+		relid = get_relname_relid("leases", get_namespace_oid("resilience", false));
+		if (!OidIsValid(relid))
+			elog(ERROR, "table resilience.leases does not exist");
+		leases_relid = relid;
+		leases_released_at = get_attnum(relid, "released_at") != InvalidAttrNumber;
+	}
+	return leases_released_at;
+}
 
 /* Run one of the statements above (inside SPI); returns rows processed. */
 static uint64
@@ -432,15 +487,23 @@ run_plan(LeasePlan which, Datum *values)
 		{TEXTOID},
 	};
 	int			ret;
+	bool		old_schema = plan_sql_0_1[which] != NULL && !leases_have_released_at();
 
+	if (plans[which] != NULL && plan_for_0_1[which] != old_schema)
+	{
+		SPI_freeplan(plans[which]);
+		plans[which] = NULL;
+	}
 	if (plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which], argtypes[which]);
+		SPIPlanPtr	plan = SPI_prepare(old_schema ? plan_sql_0_1[which] : plan_sql[which],
+									   plan_nargs[which], argtypes[which]);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
 		plans[which] = plan;
+		plan_for_0_1[which] = old_schema;
 	}
 	ret = SPI_execute_plan(plans[which], values, NULL, false, 1);
 	if (ret < 0)
@@ -465,12 +528,13 @@ default_owner(void)
 
 /*
  * One attempt at a lease: take it over if expired or released, or create it.
- * Returns true with *token set; otherwise *held_until is when the current
- * holder's lease ends (now, if the row vanished meanwhile).
+ * Returns true with *token set, and *takeover if the previous holder let it
+ * expire; otherwise *held_until is when the current holder's lease ends
+ * (now, if the row vanished meanwhile).
  */
 static bool
 lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
-				  int64 *token, TimestampTz *held_until)
+				  int64 *token, bool *takeover, TimestampTz *held_until)
 {
 	Datum		values[4];
 	bool		isnull;
@@ -480,9 +544,17 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = DirectFunctionCall2(timestamptz_pl_interval,
 									TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
-	if (run_plan(PLAN_TAKEOVER, values) == 1 || run_plan(PLAN_INSERT, values) == 1)
+	if (run_plan(PLAN_TAKEOVER, values) == 1)
 	{
 		*token = DatumGetInt64(first_value(&isnull));
+		*takeover = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 2, &isnull)) && !isnull;
+		return true;
+	}
+	if (run_plan(PLAN_INSERT, values) == 1)
+	{
+		*token = DatumGetInt64(first_value(&isnull));
+		*takeover = false;
 		return true;
 	}
 	*held_until = now;
@@ -546,6 +618,7 @@ lock_acquire(PG_FUNCTION_ARGS)
 	int64		token = 0;
 	bool		got = false;
 	bool		waited = false;
+	bool		takeover = false;
 
 	if (VARSIZE_ANY_EXHDR(owner) > LOCK_NAME_MAX)
 		ereport(ERROR,
@@ -560,7 +633,7 @@ lock_acquire(PG_FUNCTION_ARGS)
 		TimestampTz now = GetCurrentTimestamp();
 		TimestampTz held_until;
 
-		if (lease_try_acquire(name, owner, ttl, now, &token, &held_until))
+		if (lease_try_acquire(name, owner, ttl, now, &token, &takeover, &held_until))
 		{
 			got = true;
 			break;
@@ -576,6 +649,11 @@ lock_acquire(PG_FUNCTION_ARGS)
 		ConditionVariableCancelSleep();
 	SPI_finish();
 
+	metrics_add(RC_LEASE_ACQUISITIONS, got ? RV_LEASE_ACQUIRED : RV_LEASE_NOT_ACQUIRED, NULL, 1);
+	if (takeover)
+		metrics_add(RC_LEASE_TAKEOVERS, 0, NULL, 1);
+	if (waited)
+		metrics_add(RC_LEASE_WAITS, 0, NULL, 1);
 	if (!got)
 		PG_RETURN_NULL();
 	/* the lease must outlive a crash once the caller has seen its token */
@@ -651,6 +729,8 @@ fence_advance(text *resource, int64 token, int64 *seen)
 	if (!accepted && seen && run_plan(PLAN_FENCE_CURRENT, values) == 1)
 		*seen = DatumGetInt64(first_value(&isnull));
 	SPI_finish();
+	if (!accepted)
+		metrics_add(RC_FENCE_REJECTIONS, 0, NULL, 1);
 	return accepted;
 }
 

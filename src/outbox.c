@@ -236,6 +236,16 @@ outbox_become_owner(Oid *save_userid, int *save_sec)
 						   SECURITY_RESTRICTED_OPERATION);
 }
 
+/* Count n events of a route (delivered, retried, dead) when this transaction commits. */
+void
+outbox_count(ResilienceCounter counter, int32 route_id, uint64 n)
+{
+	char		label[16];
+
+	snprintf(label, sizeof(label), "%d", route_id);
+	metrics_add_at_commit(counter, 0, label, n);
+}
+
 /* search_path = pg_catalog, pg_temp until AtEOXact_GUC(true, level). */
 int
 outbox_pin_search_path(void)
@@ -832,6 +842,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 	memcpy(ev->pull, pull, sizeof(bool) * nmatched);
 	pending_events = lappend(pending_events, ev);
 	MemoryContextSwitchTo(old);
+	metrics_add_at_commit(RC_OUTBOX_PUBLISHED, 0, NULL, 1);
 
 	PG_RETURN_INT64(ev->id);
 }
@@ -1374,6 +1385,8 @@ outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const 
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "moving an event to the dead letters failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 1)
+		outbox_count(RC_OUTBOX_DEAD_LETTERS, item->route_id, 1);
+	if (SPI_processed == 1)
 		ereport(LOG,
 				(errmsg("resilience outbox: event %s (topic \"%s\") of route %d is a dead letter after %s attempts: %s",
 						SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
@@ -1459,14 +1472,24 @@ outbox_ack(PG_FUNCTION_ARGS)
 	if (retention > 0)
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
 									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL",
+									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+									" RETURNING route_id",
 									3, types, args, NULL, false, 0);
 	else
 		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL",
+									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+									" RETURNING route_id",
 									2, types, args, NULL, false, 0);
 	if (ret < 0)
 		elog(ERROR, "acknowledging outbox events failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		outbox_count(RC_OUTBOX_DELIVERED,
+					 DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull)),
+					 1);
+	}
 	ret = (int) SPI_processed;
 	SPI_finish();
 	PG_RETURN_INT32(ret);
@@ -1512,6 +1535,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 			bool		isnull;
 			int32		route_id = DatumGetInt32(SPI_getbinval(tt->vals[i], tt->tupdesc, 2, &isnull));
 			int			attempts = DatumGetInt32(SPI_getbinval(tt->vals[i], tt->tupdesc, 4, &isnull));
+			bool		dead = false;
 			ListCell   *lc;
 
 			foreach(lc, routes)
@@ -1530,8 +1554,11 @@ outbox_nack(PG_FUNCTION_ARGS)
 					item.key = SPI_getvalue(tt->vals[i], tt->tupdesc, 3);
 					outbox_dead_letter(&item, psprintf("nacked by %s after %d attempts",
 													   text_to_cstring(consumer), attempts), 0, NULL);
+					dead = true;
 				}
 			}
+			if (!dead)
+				outbox_count(RC_OUTBOX_RETRIES, route_id, 1);
 		}
 	}
 	SPI_finish();

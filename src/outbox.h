@@ -10,6 +10,7 @@
 #define RESILIENCE_OUTBOX_H
 
 #include "resilience.h"
+#include "metrics.h"
 
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
@@ -115,6 +116,7 @@ extern void outbox_become_owner(Oid *save_userid, int *save_sec);
 extern int	outbox_pin_search_path(void);
 extern const char *outbox_destination_allowed(const char *url, char **destination);
 extern bool outbox_loopback_only(void);
+extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
 
 /* relay.c */
 extern bool relay_may_start(OutboxItem *item);

@@ -29,6 +29,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "metrics.h"
 
 #include <math.h>
 
@@ -103,6 +104,7 @@ typedef struct RateRequest
 	double		rate;			/* buckets */
 	int64		window_ns;		/* windows */
 	int32		cost;
+	pg_atomic_uint64 *counters[2];	/* a policy's decisions; NULL: inline */
 	int			keylen;
 	char		key[1024 + NAMEDATALEN];
 } RateRequest;
@@ -113,6 +115,7 @@ typedef struct PolicyCacheEntry
 	int32		capacity;
 	double		rate;
 	int64		window_ns;		/* 0 for token-bucket policies */
+	pg_atomic_uint64 *counters[2];	/* its decisions, allowed and denied */
 } PolicyCacheEntry;
 
 static ShmTable *rate_table = NULL;
@@ -505,6 +508,9 @@ policy_lookup(text *name_text)
 		}
 		SPI_finish();
 
+		fetched.counters[RV_ALLOWED] = metrics_counter(RC_RATE_LIMIT_DECISIONS, RV_ALLOWED, name);
+		fetched.counters[RV_DENIED] = metrics_counter(RC_RATE_LIMIT_DECISIONS, RV_DENIED, name);
+
 		/*
 		 * Only now: an invalidation processed during the query (at its lock
 		 * acquisition) resets policy_relid, and later ones must still match.
@@ -526,6 +532,8 @@ policy_lookup(text *name_text)
 		entry->capacity = fetched.capacity;
 		entry->rate = fetched.rate;
 		entry->window_ns = fetched.window_ns;
+		entry->counters[0] = fetched.counters[0];
+		entry->counters[1] = fetched.counters[1];
 	}
 	return entry;
 }
@@ -543,6 +551,20 @@ rate_limit_policies_changed(PG_FUNCTION_ARGS)
 }
 
 /* ---- decisions ---- */
+
+/* Count a decision that consumed (a peek is not one). */
+static inline void
+count_decision(RateRequest *req, bool allowed)
+{
+	int			v = allowed ? RV_ALLOWED : RV_DENIED;
+
+	if (req->cost == 0)
+		return;
+	if (req->counters[v])
+		metrics_inc(req->counters[v]);
+	else
+		metrics_add(RC_RATE_LIMIT_DECISIONS, v, NULL, 1);
+}
 
 static void
 decide(RateRequest *req, RateDecision *d)
@@ -574,6 +596,7 @@ decide(RateRequest *req, RateDecision *d)
 				d->remaining = d->allowed ? req->limit - req->cost : 0;
 				d->retry_after_ms = d->allowed ? 0 : NEVER;
 				d->reset_after_ms = NEVER;
+				count_decision(req, d->allowed);
 				return;
 			}
 			ereport(ERROR,
@@ -596,6 +619,7 @@ decide(RateRequest *req, RateDecision *d)
 	entry->last_used = Max(entry->last_used, now);
 	SpinLockRelease(&entry->mutex);
 	LWLockRelease(lock);
+	count_decision(req, d->allowed);
 }
 
 static void
@@ -604,6 +628,7 @@ parse_bucket(FunctionCallInfo fcinfo, RateRequest *req)
 	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_BUCKET;
+	req->counters[0] = req->counters[1] = NULL;
 	req->limit = resilience_arg_int(fcinfo, 1, "capacity");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -623,6 +648,7 @@ parse_window(FunctionCallInfo fcinfo, RateRequest *req)
 	text	   *key = resilience_arg_text(fcinfo, 0, "key");
 
 	req->kind = KIND_WINDOW;
+	req->counters[0] = req->counters[1] = NULL;
 	req->limit = resilience_arg_int(fcinfo, 1, "max");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -648,6 +674,8 @@ parse_policy(FunctionCallInfo fcinfo, RateRequest *req)
 	req->rate = policy->rate;
 	req->window_ns = policy->window_ns;
 	req->kind = policy->window_ns > 0 ? KIND_WINDOW : KIND_BUCKET;
+	req->counters[0] = policy->counters[0];
+	req->counters[1] = policy->counters[1];
 	check_cost(req->cost, req->limit, "the policy's capacity");
 	request_key(req, key, policy->name);
 }
@@ -907,6 +935,16 @@ rate_limit_sweep(PG_FUNCTION_ARGS)
 	if (!resilience_preloaded || rate_table == NULL)
 		PG_RETURN_INT64(0);
 	PG_RETURN_INT64(shm_table_sweep(rate_table, rate_entry_idle));
+}
+
+/* The rate-limit table's size and counters (metrics); false without preloading. */
+bool
+ratelimit_table_stats(ShmTableStats *stats)
+{
+	if (!resilience_preloaded || rate_table == NULL)
+		return false;
+	shm_table_stats(rate_table, stats);
+	return true;
 }
 
 /* ---- the state file (called in the postmaster, single process) ---- */

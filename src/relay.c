@@ -578,6 +578,7 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 			case OUTCOME_DELIVERED:
 				done = lappend(done, item);
 				record_stats(item->route_id, 1, 0, NULL);
+				outbox_count(RC_OUTBOX_DELIVERED, item->route_id, 1);
 				break;
 			case OUTCOME_NOT_TRIED:
 				release = lappend(release, item);
@@ -608,6 +609,7 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 						elog(ERROR, "scheduling a retry failed: %s", SPI_result_code_string(ret));
 					nulls[3] = ' ';
 					record_stats(item->route_id, 0, 1, item->error);
+					outbox_count(RC_OUTBOX_RETRIES, item->route_id, 1);
 					break;
 				}
 				/* out of attempts */

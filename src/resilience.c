@@ -33,6 +33,7 @@ int			resilience_reaper_batch_size = 5000;
 int			resilience_reaper_max_batches = 20;
 int			resilience_max_breakers = 1000;
 int			resilience_max_bulkheads = 1000;
+int			resilience_max_metric_series = 10000;
 double		resilience_breaker_failure_rate_threshold = 50;
 double		resilience_breaker_slow_call_rate_threshold = 100;
 int			resilience_breaker_slow_call_duration_ms = 60000;
@@ -254,6 +255,12 @@ _PG_init(void)
 							"Each bulkhead costs about 150 bytes.",
 							&resilience_max_bulkheads,
 							1000, 16, 1000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.max_metric_series",
+							"Number of counter series (counter, labels, database) kept in shared memory for resilience.metrics().",
+							"Each costs about 130 bytes; increments of new series beyond it are counted as dropped.",
+							&resilience_max_metric_series,
+							10000, 100, 1000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	define_breaker_defaults();
 	/* sagas; the views and the reaper read the last two with safe defaults */

@@ -37,6 +37,7 @@ extern int	resilience_reaper_batch_size;
 extern int	resilience_reaper_max_batches;
 extern int	resilience_max_breakers;
 extern int	resilience_max_bulkheads;
+extern int	resilience_max_metric_series;
 
 /* Breaker defaults (resilience.breaker_*), for breaker_config's NULL columns. */
 typedef enum ResilienceWindowType

@@ -43,6 +43,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "metrics.h"
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
@@ -876,6 +877,8 @@ saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensatio
 	values[8] = CStringGetTextDatum(stepno ? idempotency_key(s, stepno, compensation) :
 									psprintf("saga:" INT64_FORMAT, s->id));
 	run_plan(PLAN_EVENT, values, isnull);
+	if (s->def)					/* saga_start counts its own */
+		metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event(event), s->def->name, 1);
 }
 
 /* Write the action side of a step's row (created on its first attempt). */
@@ -1304,6 +1307,8 @@ attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retry
 		else
 			step_row_action(s, "retrying", attempt, 0, NULL, error);
 		saga_event(s, event, s->step, attempt, compensation, error, jb_done(&detail));
+		metrics_add_at_commit(RC_SAGA_STEP_RETRIES, compensation ? RV_COMPENSATION : RV_ACTION,
+							  s->def->name, 1);
 	}
 	else if (!compensation)
 	{
@@ -1734,6 +1739,7 @@ saga_start(PG_FUNCTION_ARGS)
 		jb_int(&detail, "version", version);
 		jb_str(&detail, "idempotency_key", key);
 		saga_event(&s, "saga_started", 0, 0, false, NULL, jb_done(&detail));
+		metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event("saga_started"), name, 1);
 		wake_worker_at_commit();
 	}
 	else

@@ -568,12 +568,14 @@ resilience_shmem_request(void)
 	RequestAddinShmemSpace(breaker_shmem_size());
 	RequestAddinShmemSpace(bulkhead_shmem_size());
 	RequestAddinShmemSpace(relay_shmem_size());
+	RequestAddinShmemSpace(metrics_shmem_size());
 	ratelimit_shmem_request();
 	worker_shmem_request();
 	locks_shmem_request();
 	breaker_shmem_request();
 	bulkhead_shmem_request();
 	relay_shmem_request();
+	metrics_shmem_request();
 }
 
 static void
@@ -589,6 +591,7 @@ resilience_shmem_startup(void)
 	breaker_shmem_init();
 	bulkhead_shmem_init();
 	relay_shmem_init();
+	metrics_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */

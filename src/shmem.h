@@ -107,6 +107,7 @@ extern void ratelimit_shmem_request(void);
 extern void ratelimit_shmem_init(void);
 extern bool ratelimit_state_save(FILE *file);
 extern bool ratelimit_state_load(FILE *file, uint32 nrecords);
+extern bool ratelimit_table_stats(ShmTableStats *stats);
 
 /* locks.c */
 extern Size locks_shmem_size(void);
@@ -128,6 +129,11 @@ extern void bulkhead_shmem_init(void);
 extern Size relay_shmem_size(void);
 extern void relay_shmem_request(void);
 extern void relay_shmem_init(void);
+
+/* metrics.c */
+extern Size metrics_shmem_size(void);
+extern void metrics_shmem_request(void);
+extern void metrics_shmem_init(void);
 
 /* worker.c */
 extern Size worker_shmem_size(void);

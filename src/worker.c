@@ -40,6 +40,7 @@
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
+#include "metrics.h"
 #include "outbox.h"
 
 #include "access/heapam.h"
@@ -735,6 +736,13 @@ run_job(int jobno, MemoryContext job_context)
 		ereport(LOG,
 				(errmsg("resilience job \"%s\" failed in database \"%s\": %s",
 						job->name, my_slot->dbname, edata->message)));
+
+	if (ran || edata)
+	{
+		metrics_add(RC_WORKER_JOB_RUNS, edata ? RV_FAILURE : RV_SUCCESS, job->name, 1);
+		metrics_add(RC_WORKER_JOB_SECONDS, 0, job->name,
+					(uint64) Max(GetCurrentTimestamp() - start, 0));
+	}
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	my_slot->state = WORKER_IDLE;
