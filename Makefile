@@ -30,7 +30,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors \
-	outbox outbox_errors
+	outbox outbox_errors roles
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

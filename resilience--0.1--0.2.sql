@@ -1,4 +1,4 @@
-/* resilience--0.1--0.2.sql: metrics, lease takeovers. */
+/* resilience--0.1--0.2.sql: metrics, the complete privilege model, lease takeovers. */
 
 -- complain if script is sourced in psql, rather than via ALTER EXTENSION
 \echo Use "ALTER EXTENSION resilience UPDATE TO '0.2'" to load this file. \quit
@@ -59,7 +59,8 @@ LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience._metrics_reaped(text, bigint) IS
 'Internal (run_reaper): counts what a reaper removed when the transaction commits; returns removed';
 
--- The reaper counts what it removes (as the extension's owner).
+-- The reaper counts what it removes, and runs as the extension's owner: the
+-- reapers it calls are no longer executable by PUBLIC.
 CREATE OR REPLACE FUNCTION resilience.run_reaper(OUT item text, OUT removed bigint)
 RETURNS SETOF record
 LANGUAGE sql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -79,10 +80,94 @@ AS $$
     ) r
 $$;
 
--- Only the extension's owner (run_reaper) counts reaped rows; the metrics
--- are for resilience_admin and PostgreSQL's monitoring role.
-REVOKE ALL ON FUNCTION resilience.metrics(), resilience.metric_samples(),
-    resilience._metrics_reaped(text, bigint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION resilience.metrics(), resilience.metric_samples()
-    TO resilience_admin, pg_monitor;
+------------------------------------------------------------------------------
+-- Privileges (docs/operations.md, "Roles and privileges")
+------------------------------------------------------------------------------
+
+-- resilience_user calls the API; resilience_admin (a member of
+-- resilience_user) also manages routes, saga definitions, policies and
+-- breaker configuration, resets, redrives, runs the relay, the sagas and the
+-- reaper by hand, and reads the status views and metrics.  Both roles were
+-- created by 0.1.
+--
+-- Functions are executable by PUBLIC by default.  Take that away from every
+-- function and procedure, then give back: to PUBLIC only pure computations
+-- that read and change nothing; the API to resilience_user; the rest to
+-- resilience_admin.  Internal functions (a leading underscore) stay with
+-- the extension's owner unless a role's calls need them.  Functions added
+-- after this statement, by this script or a later one, must be granted
+-- explicitly (test sql/roles.sql lists what PUBLIC may run).
+REVOKE ALL ON ALL ROUTINES IN SCHEMA resilience FROM PUBLIC;
+
+-- harmless: arithmetic on the arguments only
+GRANT EXECUTE ON FUNCTION
+    resilience.backoff(integer, interval, interval, text, interval),
+    resilience.is_retryable(text),
+    resilience.lock_key(text)
+    TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    -- rate limits (named policies are read as the caller: SELECT below)
+    resilience.rate_limit(text, integer, double precision, integer),
+    resilience.rate_limit(text, text, integer),
+    resilience.rate_limit_check(text, integer, double precision, integer),
+    resilience.rate_limit_check(text, text, integer),
+    resilience.window_limit(text, integer, interval, integer),
+    resilience.window_limit_check(text, integer, interval, integer),
+    -- leases, fences, advisory helpers
+    resilience.lock_acquire(text, interval, text, interval),
+    resilience.lock_renew(text, bigint, interval),
+    resilience.lock_release(text, bigint),
+    resilience.lock_check(text, bigint),
+    resilience.fence(text, bigint),
+    resilience.fence_check(text, bigint),
+    resilience.advisory_xact_lock(text),
+    resilience.advisory_lock(text),
+    resilience.try_advisory_lock(text, interval),
+    resilience.advisory_unlock(text),
+    -- idempotency keys and the inbox (idempotent() calls the internal one as its caller)
+    resilience.idempotency_begin(text, text, jsonb, interval, interval),
+    resilience._idempotency_begin_wait(text, text, jsonb, interval, interval),
+    resilience.idempotency_checkpoint(text, text, text),
+    resilience.idempotency_complete(text, text, jsonb, integer),
+    resilience.idempotency_fail(text, text, jsonb, boolean, integer),
+    resilience.idempotent(text, text, jsonb, text, interval, interval),
+    resilience.inbox_accept(text, text, interval),
+    -- breakers and bulkheads
+    resilience.breaker_allow(text),
+    resilience.breaker_record(text, boolean, interval),
+    resilience.breaker_guard(text),
+    resilience.breaker_state(text),
+    resilience.bulkhead_acquire(text, integer, interval, integer),
+    resilience.bulkhead_acquire_session(text, integer, interval, integer),
+    resilience.bulkhead_release(text)
+    TO resilience_user;
+GRANT EXECUTE ON PROCEDURE resilience.retry(text, integer, interval, interval, text, text)
+    TO resilience_user;
+GRANT SELECT ON resilience.rate_limit_policies TO resilience_user;
+
+GRANT EXECUTE ON FUNCTION
+    resilience.rate_limit_reset(text, text),
+    resilience.rate_limit_entries(),
+    resilience._lock_waiters(),
+    resilience._advisory_lock_names(),
+    resilience.breaker_reset(text),
+    resilience.breaker_force_open(text),
+    resilience.breaker_force_closed(text),
+    resilience.breaker_disable(text),
+    resilience.breaker_entries(),
+    resilience.bulkhead_entries(),
+    resilience._outbox_redact(text),
+    resilience.run_reaper(),
+    resilience.worker_status(),
+    resilience.metrics(),
+    resilience.metric_samples()
+    TO resilience_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON resilience.rate_limit_policies,
+    resilience.breaker_config TO resilience_admin;
+GRANT SELECT ON resilience.rate_limits, resilience.locks, resilience.breakers,
+    resilience.bulkheads, resilience.workers TO resilience_admin;
+
+-- PostgreSQL's monitoring role may scrape the metrics.
 GRANT USAGE ON SCHEMA resilience TO pg_monitor;
+GRANT EXECUTE ON FUNCTION resilience.metrics(), resilience.metric_samples() TO pg_monitor;

@@ -203,15 +203,13 @@ SELECT count(*) FROM resilience.breaker_config WHERE name = 'b:prepared';
 
 -- The configuration is read as the table's owner: a caller needs no
 -- privilege on breaker_config for its breakers to follow it.
-CREATE ROLE resilience_test_caller;
-GRANT USAGE ON SCHEMA resilience TO resilience_test_caller;
+CREATE ROLE resilience_test_caller IN ROLE resilience_user;
 INSERT INTO resilience.breaker_config (name, window_size) VALUES ('b:role', 3);
 SET ROLE resilience_test_caller;
 SELECT sqlstate_of($$SELECT count(*) FROM resilience.breaker_config$$);
 SELECT resilience.breaker_allow('b:role');
 RESET ROLE;
 SELECT window_size FROM resilience.breakers WHERE name = 'b:role';
-REVOKE USAGE ON SCHEMA resilience FROM resilience_test_caller;
 DROP ROLE resilience_test_caller;
 
 -- Breakers belong to a database: another database has its own.

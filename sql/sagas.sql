@@ -466,7 +466,7 @@ SELECT p.oid::regprocedure AS function, r.rolname
  WHERE n.nspname = 'resilience' AND p.proname LIKE '%saga%' AND a.privilege_type = 'EXECUTE'
    AND r.rolname NOT IN ('postgres')
  ORDER BY p.oid::regprocedure::text, r.rolname;
--- (but the reaper, like every reaper: it removes only what the retention allows)
+-- and PUBLIC none of them (the reaper is the owner's, run by run_reaper)
 SELECT p.oid::regprocedure AS function_executable_by_public
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'resilience' AND p.proname LIKE '%saga%'
