@@ -847,6 +847,22 @@ outbox_publish(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(ev->id);
 }
 
+/* '{}'::jsonb, made once. */
+static Jsonb *
+empty_headers(void)
+{
+	static Jsonb *empty = NULL;
+
+	if (empty == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		empty = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+		MemoryContextSwitchTo(old);
+	}
+	return empty;
+}
+
 static int
 compare_uint64(const void *a, const void *b)
 {
@@ -928,8 +944,7 @@ flush_pending_events(void)
 		values[4] = PointerGetDatum(ev->key);
 		nulls[4] = ev->key ? ' ' : 'n';
 		values[5] = JsonbPGetDatum(ev->payload);
-		values[6] = ev->headers ? JsonbPGetDatum(ev->headers) :
-			DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+		values[6] = JsonbPGetDatum(ev->headers ? ev->headers : empty_headers());
 		values[7] = TimestampTzGetDatum(ev->published_at);
 		values[8] = TimestampTzGetDatum(ev->not_before);
 		for (i = 0; i < Max(ev->nroutes, 1); i++)
