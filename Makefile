@@ -17,11 +17,12 @@ OBJS = \
 	src/outbox.o \
 	src/relay.o \
 	src/sink_http.o \
+	src/sink_amqp.o \
 	src/sink_notify.o \
 	src/worker.o
 
-# the outbox's http sink
-SHLIB_LINK += -lcurl
+# the outbox's http and amqp sinks
+SHLIB_LINK += -lcurl -lrabbitmq
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
