@@ -387,21 +387,21 @@ ms_timeval(int ms)
 }
 
 /*
- * The address to connect to: the host itself, or, when only loopback is
- * allowed, a loopback address it resolves to (NULL: none; *why says why).
+ * The addresses to try: the host itself, or, when only loopback is
+ * allowed, the loopback addresses it resolves to (NIL: none; *why says why).
  */
-static char *
-connect_address(const char *host, bool loopback_only, char *why, size_t len)
+static List *
+connect_addresses(const char *host, bool loopback_only, char *why, size_t len)
 {
 	struct addrinfo hints;
 	struct addrinfo *res = NULL;
 	struct addrinfo *a;
-	char	   *result = NULL;
+	List	   *result = NIL;
 	char		bare[256];
 	int			rc;
 
 	if (!loopback_only)
-		return pstrdup(host);
+		return list_make1(pstrdup(host));
 	strlcpy(bare, host, sizeof(bare));
 	if (bare[0] == '[' && bare[strlen(bare) - 1] == ']')
 	{
@@ -415,23 +415,23 @@ connect_address(const char *host, bool loopback_only, char *why, size_t len)
 	if (rc != 0)
 	{
 		snprintf(why, len, "could not resolve the broker's host: %s", gai_strerror(rc));
-		return NULL;
+		return NIL;
 	}
-	for (a = res; a && result == NULL; a = a->ai_next)
+	for (a = res; a; a = a->ai_next)
 	{
 		char		addr[INET6_ADDRSTRLEN];
 
 		if (a->ai_family == AF_INET &&
 			(ntohl(((struct sockaddr_in *) a->ai_addr)->sin_addr.s_addr) >> 24) == 127)
-			result = pstrdup(inet_ntop(AF_INET, &((struct sockaddr_in *) a->ai_addr)->sin_addr,
-									   addr, sizeof(addr)));
+			result = lappend(result, pstrdup(inet_ntop(AF_INET, &((struct sockaddr_in *) a->ai_addr)->sin_addr,
+													   addr, sizeof(addr))));
 		else if (a->ai_family == AF_INET6 &&
 				 IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *) a->ai_addr)->sin6_addr))
-			result = pstrdup(inet_ntop(AF_INET6, &((struct sockaddr_in6 *) a->ai_addr)->sin6_addr,
-									   addr, sizeof(addr)));
+			result = lappend(result, pstrdup(inet_ntop(AF_INET6, &((struct sockaddr_in6 *) a->ai_addr)->sin6_addr,
+													   addr, sizeof(addr))));
 	}
 	freeaddrinfo(res);
-	if (result == NULL)
+	if (result == NIL)
 		snprintf(why, len, "address not allowed: not loopback");
 	return result;
 }
@@ -540,7 +540,8 @@ conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t l
 	amqp_table_entry_t caps[2];
 	amqp_table_entry_t props[3];
 	amqp_table_t props_table;
-	char	   *address;
+	List	   *addresses;
+	ListCell   *lc;
 	char	   *name;
 	int			rc;
 
@@ -563,8 +564,8 @@ conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t l
 		strlcpy(why, problem, len);
 		return false;
 	}
-	address = connect_address(t.host, loopback_only, why, len);
-	if (address == NULL)
+	addresses = connect_addresses(t.host, loopback_only, why, len);
+	if (addresses == NIL)
 		return false;
 
 	c->state = amqp_new_connection();
@@ -578,7 +579,13 @@ conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t l
 	}
 	(void) amqp_set_handshake_timeout(c->state, &connect_tv);
 	(void) amqp_set_rpc_timeout(c->state, &rpc_tv);
-	rc = amqp_socket_open_noblock(sock, address, t.port, &connect_tv);
+	rc = AMQP_STATUS_SOCKET_ERROR;
+	foreach(lc, addresses)
+	{
+		rc = amqp_socket_open_noblock(sock, lfirst(lc), t.port, &connect_tv);
+		if (rc == AMQP_STATUS_OK)
+			break;
+	}
 	if (rc != AMQP_STATUS_OK)
 	{
 		snprintf(why, len, "could not connect to %s: %s", c->destination, amqp_error_string2(rc));
