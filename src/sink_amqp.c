@@ -143,6 +143,16 @@ parse_target(const char *target, AmqpTarget *parsed, char **destination)
 		return "an amqp target must start with amqp://";
 	if (strpbrk(target, "?#") != NULL)
 		return "an amqp target takes no query parameters or fragment";
+	/* librabbitmq would take an empty host for localhost: refuse it here */
+	{
+		const char *authority = target + 7;
+		size_t		alen = strcspn(authority, "/");
+		const char *at = memchr(authority, '@', alen);
+		const char *host = at ? at + 1 : authority;
+
+		if (host == authority + alen || *host == ':' || *host == '/')
+			return "the AMQP URI has no host";
+	}
 	copy = pstrdup(target);
 	amqp_default_connection_info(&info);
 	if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK)
