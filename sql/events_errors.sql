@@ -1,7 +1,10 @@
 -- Event streams, bad input: a specific SQLSTATE, a clear message, nothing changed.
 SET client_min_messages = warning;
 \set SHOW_CONTEXT never
-TRUNCATE resilience.streams, resilience.stream_events;
+TRUNCATE resilience.streams, resilience.stream_events, resilience.outbox;
+-- with a forward in place, so that "nothing changed" covers the outbox too
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('s.events', 'queue', 'errors');
+SELECT resilience.stream_forward('s%', 's.events') > 0 AS forwarding;
 SELECT resilience.append_events('s', -1, ARRAY['{"type": "First"}']::jsonb[]);
 
 SELECT sqlstate_of($$SELECT resilience.append_events(NULL, 0, ARRAY['{"type": "X"}']::jsonb[])$$);
@@ -39,8 +42,11 @@ SELECT sqlstate_of($$SELECT resilience.append_events('s', 0, ARRAY['[1]']::jsonb
        sqlstate_of($$SELECT resilience.append_events('s', -7, ARRAY['{"type": "X"}']::jsonb[])$$),
        sqlstate_of($$SELECT * FROM resilience.read_stream('s', -1)$$);
 
--- nothing changed
+-- nothing changed: one stream at version 0, its one event, forwarded once, one forward
 SELECT resilience.stream_version('s') AS version, (SELECT count(*) FROM resilience.stream_events) AS events,
-       (SELECT count(*) FROM resilience.streams) AS streams, (SELECT count(*) FROM resilience.stream_forwards) AS forwards;
-TRUNCATE resilience.streams, resilience.stream_events;
+       (SELECT count(*) FROM resilience.streams) AS streams, (SELECT count(*) FROM resilience.stream_forwards) AS forwards,
+       (SELECT count(*) FROM resilience.outbox) AS forwarded;
+DELETE FROM resilience.stream_forwards;
+DELETE FROM resilience.outbox_routes;
+TRUNCATE resilience.streams, resilience.stream_events, resilience.outbox;
 RESET client_min_messages;
