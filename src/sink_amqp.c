@@ -92,6 +92,7 @@ typedef struct AmqpConn
 	bool		publish_open;	/* channel 1 open, in confirm mode */
 	bool		check_open;		/* channel 2 open */
 	bool		blocked;		/* connection.blocked received */
+	bool		refused;		/* the last login was refused (403, 530) */
 	uint64		last_tag;		/* delivery tag of the last publish on channel 1 */
 	List	   *exchanges;		/* names known to exist on this connection */
 	TimestampTz last_used;
@@ -628,6 +629,15 @@ conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t l
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
 		reply_text(reply, psprintf("logging in to %s", c->destination), why, len);
+		/* a broker that answers "wrong credentials" or "no such vhost" is up */
+		if (reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+			reply.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
+		{
+			amqp_connection_close_t *m = reply.reply.decoded;
+
+			if (m->reply_code == AMQP_ACCESS_REFUSED || m->reply_code == AMQP_NOT_ALLOWED)
+				c->refused = true;
+		}
 		conn_close(c, false);
 		return false;
 	}
@@ -862,7 +872,13 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 		if (!pubs[i].chained)
 			ready[nready++] = &pubs[i];
 
-	/* connect; if that fails, fail items one by one until the breaker opens */
+	/*
+	 * connect; if that fails, fail items one by one until the breaker opens
+	 * (a refused login is no fault of the broker: it does not count, so that
+	 * one route with wrong credentials cannot open the breaker that the
+	 * broker's other routes share)
+	 */
+	c->refused = false;
 	if (!conn_ensure(c, pubs[0].item->route, loopback_only, why, sizeof(why)))
 	{
 		for (i = 0; i < nready; i++)
@@ -872,6 +888,7 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 				skip_chain(ready[i]);
 				continue;
 			}
+			ready[i]->item->destination_ok = c->refused;
 			settle(ready[i], OUTCOME_RETRY, why);
 			skip_chain(ready[i]->next_in_chain);
 		}

@@ -5,12 +5,14 @@
 #    content type, headers from the event, routing key from the template;
 #  - woken on commit (the safety poll is an hour here);
 #  - 10,000 events on 20 keys from 4 producers: all arrive, per key in
-#    commit order, each under its own event id;
+#    commit order, each under its own event id, over the one connection
+#    the relay keeps across batches;
 #  - an unroutable message (mandatory) is retried, then dead-lettered, and
 #    does not open the broker's breaker;
 #  - an unknown exchange is a dead letter at the first attempt; an exchange
 #    deleted after use too, at the next attempt;
-#  - refused credentials are retried; the password shows nowhere but in
+#  - refused credentials are retried without opening the breaker that
+#    the broker's other routes share; the password shows nowhere but in
 #    the routes table (which only resilience_admin may read).
 use strict;
 use warnings;
@@ -93,6 +95,17 @@ is($m->{headers}{'X-Trace'}, 't-1', 'the event headers are message headers');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM resilience.outbox}), '0',
 	'a confirmed event leaves the outbox');
 
+# The relay's connections as the broker sees them: "connected_at" of each
+# connection logged in as relay.
+sub relay_connections
+{
+	my ($rc, $out) = $broker->ctl('rabbitmqctl', '--quiet --no-table-headers list_connections user connected_at');
+	die "rabbitmqctl list_connections failed: $out" if $rc;
+	return sort map { (split /\s+/)[1] } grep { /^relay\s/ } split /\n/, $out;
+}
+my @connections_before = relay_connections();
+is(scalar(@connections_before), 1, 'the relay holds one connection to the broker');
+
 # --- 10,000 events, 20 keys, 4 producers: all arrive, per key in commit order ---
 $node->pgbench(
 	'-n -c 4 -j 2 -t 2500',
@@ -142,6 +155,8 @@ SELECT count(*) FROM (
     FROM (VALUES $values) v(k, xid, pos)) s
  WHERE ts < prev});
 is($out_of_order, '0', 'per key, events arrive in commit order');
+is_deeply([ relay_connections() ], \@connections_before,
+	'the same connection carried every batch (reused, not reopened)');
 
 # --- unroutable with mandatory: retried, then a dead letter; the breaker stays closed ---
 my $offset = -s $node->logfile;
@@ -189,12 +204,22 @@ ok($orders->wait_for(sub { grep { $_->{body} =~ /after-404/ } @{ $_[0] } }, 10),
 	'the connection recovers from the closed channel');
 
 # --- refused credentials: retried; the password is shown nowhere ---
+$offset = -s $node->logfile;
 my $refused = $node->safe_psql('postgres', q{SELECT resilience.outbox_publish('refused.x', '{"m": "refused"}')});
 ok( $node->poll_query_until('postgres',
-		qq{SELECT attempts >= 2 FROM resilience.outbox WHERE id = $refused}),
+		qq{SELECT attempts >= 5 FROM resilience.outbox WHERE id = $refused}),
 	'an event whose route has wrong credentials is retried');
 like($node->safe_psql('postgres', qq{SELECT last_error FROM resilience.outbox WHERE id = $refused}),
-	qr/logging in to amqp:\/\/127\.0\.0\.1:\d+: .*ACCESS_REFUSED/, 'with the broker\'s refusal as the error');
+	qr/logging in to amqp:\/\/127\.0\.0\.1:\d+: connection closed by the broker: 403 ACCESS_REFUSED/,
+	'with the broker\'s refusal as the error');
+is( $node->safe_psql('postgres',
+		q{SELECT string_agg(DISTINCT breaker, ',') FROM resilience.outbox_status WHERE target LIKE 'amqp:%'}),
+	'closed',
+	'refused logins (5, more than outbox_breaker_failures) do not open the breaker the broker\'s other routes share');
+ok(!$node->log_contains(qr/breaker for amqp:.* opened/, $offset), 'no breaker opened');
+$node->safe_psql('postgres', q{SELECT resilience.outbox_publish('orders.refused', '{"m": "while-refused"}')});
+ok($orders->wait_for(sub { grep { $_->{body} =~ /while-refused/ } @{ $_[0] } }, 10),
+	'the routes that log in keep delivering');
 my $status = $node->safe_psql('postgres', q{SELECT string_agg(concat_ws(' ', target, last_error), ' ') FROM resilience.outbox_status});
 like($status, qr/amqp:\/\/127\.0\.0\.1:\d+/, 'outbox_status shows the targets');
 unlike($status, qr/secret|relay:/, 'without user or password');
