@@ -1031,8 +1031,14 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 								if (!ack)
 									snprintf(p->item->error, OUTBOX_ERROR_MAX,
 											 "%s refused the message (basic.nack)", c->destination);
-								else
-									p->item->destination_ok = true;	/* returned: not the broker's fault */
+
+								/*
+								 * Returned or nacked (a full queue that
+								 * rejects publishes, say): the broker
+								 * answered, and one route's queue must not
+								 * open the breaker its other routes share.
+								 */
+								p->item->destination_ok = true;
 								settle(p, OUTCOME_RETRY, NULL);
 								skip_chain(p->next_in_chain);
 							}

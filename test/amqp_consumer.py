@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 # A RabbitMQ client for the AMQP tests and the bench (python3-pika, Debian).
 #
-#   amqp_consumer.py --port P declare EXCHANGE QUEUE BINDING [BINDING...]
+#   amqp_consumer.py --port P [--max-length N] declare EXCHANGE QUEUE BINDING [BINDING...]
 #       a durable topic exchange, a durable queue bound to it by each binding
+#       (--max-length: full at N messages, then it rejects publishes: nacks)
 #   amqp_consumer.py --port P delete-exchange EXCHANGE
 #   amqp_consumer.py --port P count QUEUE          prints the queue's length
 #   amqp_consumer.py --port P consume QUEUE --log FILE [--max-seconds N]
@@ -25,6 +26,9 @@ parser.add_argument('--password', default='guest')
 parser.add_argument('--vhost', default='/')
 parser.add_argument('--log')
 parser.add_argument('--max-seconds', type=float, default=3600)
+parser.add_argument('--max-length', type=int,
+                    help='declare: the queue holds at most this many messages and rejects '
+                    'further publishes (x-overflow reject-publish: publishers get basic.nack)')
 parser.add_argument('command')
 parser.add_argument('args', nargs='*')
 opts = parser.parse_args()
@@ -41,7 +45,10 @@ def declare(exchange, queue, *bindings):
     conn = connect()
     ch = conn.channel()
     ch.exchange_declare(exchange, 'topic', durable=True)
-    ch.queue_declare(queue, durable=True)
+    args = None
+    if opts.max_length is not None:
+        args = {'x-max-length': opts.max_length, 'x-overflow': 'reject-publish'}
+    ch.queue_declare(queue, durable=True, arguments=args)
     for b in bindings:
         ch.queue_bind(queue, exchange, b)
     conn.close()

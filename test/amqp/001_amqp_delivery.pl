@@ -8,7 +8,8 @@
 #    commit order, each under its own event id, over the one connection
 #    the relay keeps across batches;
 #  - an unroutable message (mandatory) is retried, then dead-lettered, and
-#    does not open the broker's breaker;
+#    does not open the broker's breaker; so is a message the broker nacks
+#    (a full queue with x-overflow reject-publish);
 #  - an unknown exchange is a dead letter at the first attempt; an exchange
 #    deleted after use too, at the next attempt;
 #  - refused credentials are retried without opening the breaker that
@@ -46,6 +47,7 @@ $broker->ctl('rabbitmqctl', q{set_permissions -p / relay '.*' '.*' '.*'});
 $broker->client('declare', 'events', 'orders', 'orders.#');
 $broker->client('declare', 'events', 'load', 'load.#');
 $broker->client('declare', 'temp', 'temp', '#');
+$broker->client('--max-length', '0', 'declare', 'events', 'full', 'full.#');
 my $orders = $broker->consumer('orders', 'orders');
 my $load = $broker->consumer('load', 'load');
 
@@ -59,6 +61,8 @@ INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALU
   ('orders.%', 'amqp', '$target', '{"exchange": "events"}'),
   ('load.%', 'amqp', '$target', '{"exchange": "events", "routing_key": "load.{key}"}'),
   ('lost.%', 'amqp', '$target',
+   '{"exchange": "events", "max_attempts": 3, "backoff_base_ms": 50, "backoff_max_ms": 200}'),
+  ('full.%', 'amqp', '$target',
    '{"exchange": "events", "max_attempts": 3, "backoff_base_ms": 50, "backoff_max_ms": 200}'),
   ('nowhere.%', 'amqp', '$target', '{"exchange": "no_such_exchange"}'),
   ('temp.%', 'amqp', '$target', '{"exchange": "temp", "backoff_base_ms": 50, "backoff_max_ms": 200}'),
@@ -174,6 +178,22 @@ ok($node->log_contains(qr/event $lost .* is a dead letter after 3 attempts: retu
 	'the dead letter is logged');
 is($node->safe_psql('postgres', qq{SELECT breaker FROM resilience.outbox_status WHERE route_id = $route}),
 	'closed', 'returned messages do not open the breaker of a broker that answers');
+ok(!$node->log_contains(qr/breaker for amqp:.* opened/, $offset), 'no breaker opened');
+
+# --- nacked (a queue that rejects publishes): retried, then a dead letter; the breaker stays closed ---
+$offset = -s $node->logfile;
+my $full = $node->safe_psql('postgres', q{SELECT resilience.outbox_publish('full.x', '{"m": "full"}')});
+ok( $node->poll_query_until('postgres',
+		qq{SELECT count(*) FROM resilience.outbox_dead_letters WHERE id = $full}, '1'),
+	'a message the broker nacks becomes a dead letter');
+like(
+	$node->safe_psql('postgres',
+		qq{SELECT attempts || ' ' || last_error FROM resilience.outbox_dead_letters WHERE id = $full}),
+	qr/^3 amqp:\/\/127\.0\.0\.1:\d+ refused the message \(basic\.nack\)$/,
+	'after max_attempts (3) attempts, each nacked');
+is($broker->client('count', 'full'), '0', 'the full queue took none of them');
+is($node->safe_psql('postgres', q{SELECT breaker FROM resilience.outbox_status WHERE topic_pattern = 'full.%'}),
+	'closed', 'nacks do not open the breaker the broker\'s other routes share');
 ok(!$node->log_contains(qr/breaker for amqp:.* opened/, $offset), 'no breaker opened');
 
 # --- unknown exchange: a dead letter at once ---
