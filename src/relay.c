@@ -13,7 +13,8 @@
  *	   enough to deliver them, deliver the NOTIFY ones (NOTIFY is itself
  *	   transactional: it is sent when this transaction commits, together
  *	   with the removal of the rows), commit;
- *	2. deliver the HTTP ones with no transaction open (sink_http.c);
+ *	2. deliver the HTTP and AMQP ones with no transaction open (sink_http.c,
+ *	   sink_amqp.c);
  *	3. record (one transaction): delete the delivered rows (or mark them
  *	   delivered, for resilience.outbox_retention), schedule retries, move
  *	   dead letters, release what was not tried; commit.
@@ -271,7 +272,7 @@ breaker_allows(const char *dest, bool *probe, TimestampTz *until)
 	return allowed;
 }
 
-/* Is item allowed to start now?  Called by the HTTP sink before each request. */
+/* Is item allowed to start now?  Called by the sinks before each request. */
 bool
 relay_may_start(OutboxItem *item)
 {
@@ -305,7 +306,7 @@ relay_item_done(OutboxItem *item)
 	TimestampTz now = GetCurrentTimestamp();
 	int			threshold = outbox_setting_int("resilience.outbox_breaker_failures", 5, 0);
 	int			open_ms = outbox_setting_int("resilience.outbox_breaker_open_time", 30000, GUC_UNIT_MS);
-	bool		failed = item->outcome == OUTCOME_RETRY;
+	bool		failed = item->outcome == OUTCOME_RETRY && !item->destination_ok;
 	DestState  *d;
 	const char *transition = NULL;
 	int			failures = 0;
@@ -669,6 +670,7 @@ relay_batch(RelayRun *run)
 	List	   *routes;
 	List	   *claimable = NIL;
 	List	   *http_items = NIL;
+	List	   *amqp_items = NIL;
 	List	   *notify_items = NIL;
 	ListCell   *lc;
 	TimestampTz next_due = 0;
@@ -698,7 +700,7 @@ relay_batch(RelayRun *run)
 		bool		probe = false;
 		TimestampTz until = 0;
 
-		if (r->sink == SINK_HTTP && !breaker_allows(r->destination, &probe, &until))
+		if (r->destination != NULL && !breaker_allows(r->destination, &probe, &until))
 		{
 			due_at(&next_due, until);
 			continue;
@@ -725,6 +727,8 @@ relay_batch(RelayRun *run)
 
 		if (item->route->sink == SINK_NOTIFY)
 			notify_items = lappend(notify_items, item);
+		else if (item->route->sink == SINK_AMQP)
+			amqp_items = lappend(amqp_items, item);
 		else
 			http_items = lappend(http_items, item);
 	}
@@ -737,20 +741,25 @@ relay_batch(RelayRun *run)
 	}
 	phase_end(run);
 
-	if (http_items != NIL)
+	if (http_items != NIL || amqp_items != NIL)
 	{
+		List	   *pushed;
 		ListCell   *lc2;
 
 		pgstat_report_activity(STATE_RUNNING, "resilience relay: delivering (no transaction open)");
 		old = MemoryContextSwitchTo(run->batch_cxt);
-		http_deliver(http_items);
+		if (http_items != NIL)
+			http_deliver(http_items);
+		if (amqp_items != NIL)
+			amqp_deliver(amqp_items);
+		pushed = list_concat(http_items, amqp_items);
 		MemoryContextSwitchTo(old);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		if (phase_begin(run, "resilience relay: recording"))
-			record_outcomes(http_items, claimer, &next_due);
+			record_outcomes(pushed, claimer, &next_due);
 		phase_end(run);
-		foreach(lc2, http_items)
+		foreach(lc2, pushed)
 			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
 				delivered++;
 	}
