@@ -166,6 +166,13 @@ ConditionVariableCancelSleep_compat(ConditionVariable *cv)
 #define SPI_rollback_compat() (SPI_rollback(), SPI_start_transaction())
 #endif
 
+/* PostgreSQL 15 gave GetFlushRecPtr an argument (the timeline, if wanted). */
+#if PG_VERSION_NUM >= 150000
+#define GetFlushRecPtr_compat() GetFlushRecPtr(NULL)
+#else
+#define GetFlushRecPtr_compat() GetFlushRecPtr()
+#endif
+
 /*
  * Does this primary wait for synchronous standbys, as the checkpointer last
  * published synchronous_standby_names (what commits go by)?  Later minor

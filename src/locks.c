@@ -383,7 +383,7 @@ make_token_durable(void)
 	UnlockReleaseBuffer(buf);
 	relation_close(rel, AccessShareLock);
 
-	if (lsn > GetFlushRecPtr(NULL))
+	if (lsn > GetFlushRecPtr_compat())
 		XLogFlush(lsn);
 	wait_for_sync_standbys(lsn);
 }
