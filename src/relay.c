@@ -21,8 +21,11 @@
  *
  * If the relay dies between 1 and 3 its claims expire (after the route's
  * timeout plus CLAIM_SLACK_MS), and a relay started afterwards releases at
- * once the claims of relay processes that no longer exist, so after a crash
- * in-flight events go out again within seconds: at least once, never lost.
+ * once the claims of relay processes that no longer exist (on this server
+ * start: a claim names the server start it was made in, so the claims of
+ * the old primary's relay are released at once after a failover), so after
+ * a crash or a failover in-flight events go out again within seconds: at
+ * least once, never lost.  The relay never runs during recovery.
  *
  * The relay runs in the database's worker (relay_worker_job, woken by
  * worker_wake when a publishing transaction commits, and by a slow safety
@@ -432,8 +435,41 @@ phase_end(RelayRun *run)
 }
 
 /*
+ * A claim names the relay process that made it and the server it ran on:
+ * relay:<pid>:<postmaster start time>:<round>.  After a failover the claims
+ * of the old primary's relay are in the table; its pid may well be in use on
+ * the new primary (by the new relay itself, even), but its start time is not.
+ */
+static char *
+claimer_name(void)
+{
+	return psprintf("relay:%d:" INT64_FORMAT ":" UINT64_FORMAT,
+					MyProcPid, (int64) PgStartTime, ++claim_round);
+}
+
+/*
+ * Is the relay that made a claim still running: a process of this server
+ * start (not one before a restart, nor one on another server)?
+ */
+static bool
+claimer_running(const char *claimer, int *pid)
+{
+	char	   *end;
+	int64		started;
+
+	*pid = (int) strtol(claimer + strlen("relay:"), &end, 10);
+	if (*end != ':')
+		return false;
+	started = strtoi64(end + 1, &end, 10);
+	if (*end != ':' || started != (int64) PgStartTime)
+		return false;
+	return *pid == MyProcPid || BackendPidGetProc(*pid) != NULL;
+}
+
+/*
  * Release claims left by relay processes that no longer exist (a crash, a
- * kill): their events go out again now rather than when the claims expire.
+ * kill, a failover): their events go out again now rather than when the
+ * claims expire.
  */
 static void
 release_orphaned_claims(void)
@@ -453,11 +489,11 @@ release_orphaned_claims(void)
 	for (i = 0; i < n; i++)
 	{
 		char	   *claimer = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
-		int			pid = atoi(claimer + strlen("relay:"));
+		int			pid;
 		Datum		arg = CStringGetTextDatum(claimer);
 		Oid			type = TEXTOID;
 
-		if (pid == MyProcPid || BackendPidGetProc(pid) != NULL)
+		if (claimer_running(claimer, &pid))
 			continue;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
 									" WHERE claimed_by = $1 AND delivered_at IS NULL",
@@ -679,6 +715,8 @@ relay_batch(RelayRun *run)
 	int			visibility = 0;
 	int			delivered = 0;
 
+	/* the events are the primary's: a standby must not deliver them */
+	PreventCommandDuringRecovery("relay_outbox()");
 	MemoryContextReset(run->batch_cxt);
 	run->more = false;
 	if (!phase_begin(run, "resilience relay: claiming"))
@@ -709,7 +747,7 @@ relay_batch(RelayRun *run)
 		visibility = Max(visibility, r->timeout_ms);
 		claimable = lappend(claimable, r);
 	}
-	claimer = psprintf("relay:%d:" UINT64_FORMAT, MyProcPid, ++claim_round);
+	claimer = claimer_name();
 	memset(&claim, 0, sizeof(claim));
 	claim.routes = claimable;
 	claim.limit = outbox_setting_int("resilience.outbox_batch_size", 500, 0);
