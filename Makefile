@@ -17,12 +17,13 @@ OBJS = \
 	src/outbox.o \
 	src/relay.o \
 	src/sink_http.o \
+	src/sink_amqp.o \
 	src/sink_notify.o \
 	src/metrics.o \
 	src/worker.o
 
-# the outbox's http sink
-SHLIB_LINK += -lcurl
+# the outbox's http and amqp sinks
+SHLIB_LINK += -lcurl -lrabbitmq
 
 DATA = $(wildcard resilience--*.sql)
 PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
@@ -30,13 +31,13 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors \
-	outbox outbox_errors roles
+	outbox outbox_errors events events_errors roles
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
-	outbox_order outbox_consumers
+	outbox_order outbox_consumers events_append
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

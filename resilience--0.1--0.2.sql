@@ -1,4 +1,5 @@
-/* resilience--0.1--0.2.sql: metrics, the complete privilege model, lease takeovers. */
+/* resilience--0.1--0.2.sql: metrics, the complete privilege model, lease takeovers,
+ * event streams, the amqp sink. */
 
 -- complain if script is sourced in psql, rather than via ALTER EXTENSION
 \echo Use "ALTER EXTENSION resilience UPDATE TO '0.2'" to load this file. \quit
@@ -79,6 +80,244 @@ AS $$
             coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20))
     ) r
 $$;
+
+------------------------------------------------------------------------------
+-- The outbox's amqp sink (src/sink_amqp.c): only the routes' comment changes
+------------------------------------------------------------------------------
+
+COMMENT ON TABLE resilience.outbox_routes IS
+'Where events go: every route whose topic_pattern (LIKE) matches an event''s topic gets it, through sink notify, http, amqp or queue';
+
+------------------------------------------------------------------------------
+-- Event streams: append with an expected version (tables; work without
+-- preloading)
+------------------------------------------------------------------------------
+
+-- Versions count from 0 (the first event of a stream is version 0); a
+-- stream that does not exist is at version -1.  One head row per stream is
+-- the lock that orders appends: append_events updates it only if it is at
+-- the expected version (a concurrent append that got there first makes the
+-- update find nothing: 40001), then writes the events after it.
+CREATE TABLE resilience.streams (
+    stream text PRIMARY KEY,
+    version bigint NOT NULL,              -- the version of its last event
+    updated_at timestamptz NOT NULL
+);
+COMMENT ON TABLE resilience.streams IS
+'One row per event stream: the version of its last event (versions count from 0)';
+SELECT pg_catalog.pg_extension_config_dump('resilience.streams', '');
+
+CREATE TABLE resilience.stream_events (
+    stream text NOT NULL,
+    version bigint NOT NULL,
+    type text NOT NULL,
+    data jsonb NOT NULL,
+    metadata jsonb NOT NULL,
+    recorded_at timestamptz NOT NULL,
+    PRIMARY KEY (stream, version)
+);
+COMMENT ON TABLE resilience.stream_events IS
+'The events of every stream, by (stream, version); written only by append_events';
+SELECT pg_catalog.pg_extension_config_dump('resilience.stream_events', '');
+
+CREATE TABLE resilience.stream_forwards (
+    id serial PRIMARY KEY,
+    stream_pattern text NOT NULL
+        CHECK (pg_catalog.octet_length(stream_pattern) OPERATOR(pg_catalog.>=) 1
+           AND pg_catalog.octet_length(stream_pattern) OPERATOR(pg_catalog.<=) 255),
+    topic text NOT NULL
+        CHECK (pg_catalog.octet_length(topic) OPERATOR(pg_catalog.>=) 1
+           AND pg_catalog.octet_length(topic) OPERATOR(pg_catalog.<=) 255),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    UNIQUE (stream_pattern, topic)
+);
+COMMENT ON TABLE resilience.stream_forwards IS
+'Streams (LIKE pattern) whose appended events are published to the outbox under topic, in the appending transaction';
+SELECT pg_catalog.pg_extension_config_dump('resilience.stream_forwards', '');
+SELECT pg_catalog.pg_extension_config_dump('resilience.stream_forwards_id_seq', '');
+
+-- append_events(stream, expected_version, events) → the stream's new
+-- version.  Each event is a JSON object {"type": text, "data": any JSON
+-- (default null), "metadata": object (default {})}; nothing else.
+-- SECURITY DEFINER: callers need no privileges on the tables.
+CREATE FUNCTION resilience.append_events(stream text, expected_version bigint, events jsonb[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer;
+    bad record;
+    new_version bigint;
+    actual bigint;
+    f record;
+BEGIN
+    IF append_events.stream IS NULL OR append_events.events IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN append_events.stream IS NULL THEN 'stream' ELSE 'events' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(append_events.stream) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'stream must be 1 to 255 bytes'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s bytes.', octet_length(append_events.stream));
+    END IF;
+    IF append_events.expected_version < -1 THEN
+        RAISE EXCEPTION 'expected_version must be -1, a version (0 or more), or NULL'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s.', append_events.expected_version),
+                  HINT = '-1: the stream must not exist yet; NULL: append whatever its version.';
+    END IF;
+    n := coalesce(cardinality(append_events.events), 0);
+    IF n = 0 THEN
+        RAISE EXCEPTION 'events must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT u.i, u.why INTO bad FROM (
+        SELECT i, CASE
+            WHEN e IS NULL THEN 'is NULL'
+            WHEN jsonb_typeof(e) <> 'object' THEN 'is not a JSON object'
+            WHEN NOT e ? 'type' THEN 'has no "type"'
+            WHEN jsonb_typeof(e -> 'type') <> 'string' THEN 'has a "type" that is not a string'
+            WHEN octet_length(e ->> 'type') NOT BETWEEN 1 AND 255 THEN 'has a "type" that is not 1 to 255 bytes'
+            WHEN e ? 'metadata' AND jsonb_typeof(e -> 'metadata') <> 'object' THEN 'has "metadata" that is not a JSON object'
+            WHEN EXISTS (SELECT FROM jsonb_object_keys(e) k WHERE k NOT IN ('type', 'data', 'metadata'))
+                THEN 'has a key other than "type", "data" and "metadata"'
+            END AS why
+          FROM unnest(append_events.events) WITH ORDINALITY x(e, i)) u
+     WHERE u.why IS NOT NULL ORDER BY u.i LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'event % of % %', bad.i, n, bad.why
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Each event is {"type": "…", "data": any JSON, "metadata": {…}}; data and metadata may be left out.';
+    END IF;
+
+    IF append_events.expected_version IS NULL THEN
+        INSERT INTO resilience.streams AS s (stream, version, updated_at)
+        VALUES (append_events.stream, n - 1, now())
+        ON CONFLICT (stream) DO UPDATE SET version = s.version + n, updated_at = now()
+        RETURNING s.version INTO new_version;
+    ELSIF append_events.expected_version = -1 THEN
+        INSERT INTO resilience.streams AS s (stream, version, updated_at)
+        VALUES (append_events.stream, n - 1, now())
+        ON CONFLICT (stream) DO NOTHING
+        RETURNING s.version INTO new_version;
+    ELSE
+        UPDATE resilience.streams s SET version = s.version + n, updated_at = now()
+         WHERE s.stream = append_events.stream AND s.version = append_events.expected_version
+        RETURNING s.version INTO new_version;
+    END IF;
+    IF new_version IS NULL THEN
+        SELECT s.version INTO actual FROM resilience.streams s WHERE s.stream = append_events.stream;
+        RAISE EXCEPTION 'stream "%" is not at version %', append_events.stream, append_events.expected_version
+            USING ERRCODE = 'serialization_failure',
+                  DETAIL = CASE WHEN actual IS NULL THEN 'Its actual version is -1 (it does not exist).'
+                                ELSE format('Its actual version is %s.', actual) END,
+                  HINT = 'Read the stream again, decide again, and append with the version read.';
+    END IF;
+
+    INSERT INTO resilience.stream_events (stream, version, type, data, metadata, recorded_at)
+    SELECT append_events.stream, new_version - n + x.i, x.e ->> 'type', coalesce(x.e -> 'data', 'null'),
+           coalesce(x.e -> 'metadata', '{}'), now()
+      FROM unnest(append_events.events) WITH ORDINALITY x(e, i);
+
+    FOR f IN SELECT w.topic FROM resilience.stream_forwards w
+              WHERE append_events.stream LIKE w.stream_pattern COLLATE "C" ORDER BY w.id LOOP
+        PERFORM resilience.outbox_publish(f.topic,
+                    jsonb_build_object('stream', append_events.stream, 'version', new_version - n + x.i,
+                                       'type', x.e ->> 'type', 'data', coalesce(x.e -> 'data', 'null'),
+                                       'metadata', coalesce(x.e -> 'metadata', '{}'), 'recorded_at', now()),
+                    append_events.stream)
+           FROM unnest(append_events.events) WITH ORDINALITY x(e, i) ORDER BY x.i;
+    END LOOP;
+    RETURN new_version;
+END
+$$;
+COMMENT ON FUNCTION resilience.append_events(text, bigint, jsonb[]) IS
+'Append events to a stream if it is at expected_version (-1: must not exist; NULL: any); returns its new version; 40001 on a conflict, with the actual version in the detail';
+
+CREATE FUNCTION resilience.read_stream(stream text, from_version bigint DEFAULT 0, max integer DEFAULT NULL)
+RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF read_stream.stream IS NULL OR read_stream.from_version IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF read_stream.from_version < 0 THEN
+        RAISE EXCEPTION 'from_version must not be negative'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', read_stream.from_version);
+    END IF;
+    IF read_stream.max <= 0 THEN
+        RAISE EXCEPTION 'max must be positive, or NULL for no limit'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', read_stream.max);
+    END IF;
+    RETURN QUERY
+        SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
+          FROM resilience.stream_events e
+         WHERE e.stream = read_stream.stream AND e.version >= read_stream.from_version
+         ORDER BY e.version
+         LIMIT read_stream.max;
+END
+$$;
+COMMENT ON FUNCTION resilience.read_stream(text, bigint, integer) IS
+'The events of a stream from from_version on (at most max; NULL: all), in version order';
+
+CREATE FUNCTION resilience.stream_version(stream text)
+RETURNS bigint
+LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT s.version FROM resilience.streams s WHERE s.stream OPERATOR(pg_catalog.=) $1), -1)
+$$;
+COMMENT ON FUNCTION resilience.stream_version(text) IS
+'The version of a stream''s last event; -1 if the stream does not exist';
+
+-- SECURITY INVOKER: resilience_admin writes resilience.stream_forwards itself.
+CREATE FUNCTION resilience.stream_forward(stream_pattern text, topic text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    result integer;
+BEGIN
+    IF stream_forward.stream_pattern IS NULL OR stream_forward.topic IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN stream_forward.topic IS NULL THEN 'topic' ELSE 'stream_pattern' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(stream_forward.stream_pattern) NOT BETWEEN 1 AND 255
+       OR octet_length(stream_forward.topic) NOT BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'stream_pattern and topic must be 1 to 255 bytes'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'stream_pattern is a LIKE pattern: order-% matches every stream whose name starts with "order-".';
+    END IF;
+    INSERT INTO resilience.stream_forwards AS w (stream_pattern, topic)
+    VALUES (stream_forward.stream_pattern, stream_forward.topic)
+    ON CONFLICT (stream_pattern, topic) DO UPDATE SET topic = excluded.topic
+    RETURNING w.id INTO result;
+    RETURN result;
+END
+$$;
+COMMENT ON FUNCTION resilience.stream_forward(text, text) IS
+'Publish the events appended to streams matching stream_pattern (LIKE) to the outbox under topic, key = stream, in the appending transaction; returns the forward''s id (DELETE it from resilience.stream_forwards to stop)';
+
+-- Privileges: appending and reading through the functions only
+-- (resilience_user); forwards are configuration (resilience_admin).
+REVOKE ALL ON FUNCTION resilience.append_events(text, bigint, jsonb[]),
+    resilience.read_stream(text, bigint, integer), resilience.stream_version(text),
+    resilience.stream_forward(text, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.append_events(text, bigint, jsonb[]),
+    resilience.read_stream(text, bigint, integer), resilience.stream_version(text)
+    TO resilience_user;
+GRANT EXECUTE ON FUNCTION resilience.stream_forward(text, text) TO resilience_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON resilience.stream_forwards TO resilience_admin;
+GRANT USAGE ON SEQUENCE resilience.stream_forwards_id_seq TO resilience_admin;
+GRANT SELECT ON resilience.streams, resilience.stream_events TO resilience_admin;
 
 ------------------------------------------------------------------------------
 -- Privileges (docs/operations.md, "Roles and privileges")

@@ -5,16 +5,18 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events"   which comparisons to run
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
 #                      other work on a shared machine then weighs on both
 #                      sides of a ratio alike
 #   BENCH_OUTBOX_MINUTES=10   the outbox section's sustained run (see bench/outbox.sh)
+#   BENCH_AMQP_EVENTS=50000   the amqp section's backlog (see bench/amqp.sh)
 #   KEEP_WORK=1        keep $WORK (raw pgbench/redis-benchmark outputs in $WORK/bench)
 . "$(dirname "$0")/../tools/cluster.sh"
 . "$(dirname "$0")/sagas.sh"
 . "$(dirname "$0")/outbox.sh"
+. "$(dirname "$0")/amqp.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -60,6 +62,7 @@ bench_cleanup() {
 	local rc=$?
 	set +e
 	stop_receiver
+	stop_broker
 	stop_redis
 	(exit "$rc")
 	cleanup
@@ -142,7 +145,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -216,6 +219,13 @@ done
 if section outbox; then
 	run_outbox_section
 fi
+# AMQP relay throughput (a private RabbitMQ node) and event streams (bench/amqp.sh).
+if section amqp; then
+	run_amqp_section
+fi
+if section events; then
+	run_events_section
+fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
@@ -259,6 +269,8 @@ report() {
 	section breakers && report_breakers
 	section sagas && report_sagas
 	section outbox && report_outbox
+	section amqp && report_amqp
+	section events && report_events
 	true
 }
 

@@ -110,8 +110,13 @@ SELECT count(*) FROM resilience.outbox WHERE topic = 'audit.login';
 -- The status view: per route, with credentials and query strings redacted.
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
 VALUES ('hooks.%', 'http', 'http://user:secret@127.0.0.1:9/hook?token=abc');
+-- an amqp route: defaults (exchange amq.topic, routing key {topic}); {{ }} are braces
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options)
+VALUES ('bus.%', 'amqp', 'amqp://relay:s3cret@localhost:5673/%2f', '{"routing_key": "{{x}}.{topic}.{key}"}'),
+       ('bus2.%', 'amqp', 'amqp://[::1]', '{"exchange": "", "mandatory": false, "persistent": false}');
 SELECT sink, target, backlog, in_flight, dead_letters, breaker
   FROM resilience.outbox_status ORDER BY route_id;
+DELETE FROM resilience.outbox_routes WHERE sink = 'amqp';
 SELECT resilience._outbox_redact('https://u:p@example.com:8443/a/b?x=1#f');
 
 -- The relay by hand: a procedure that commits between claim and record.

@@ -47,6 +47,25 @@ INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALU
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"timeout_ms": 100, "connect_timeout_ms": 200}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"backoff_base_ms": 100, "backoff_max_ms": 50}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"headers": {"Content-Type": "text/plain"}}');
+-- amqp targets and options (checked without contacting any broker)
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'http://127.0.0.1/');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqps://u:secret@127.0.0.1/');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@127.0.0.1:notaport/v');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@127.0.0.1:99999/v');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@:5672/v');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@127.0.0.1/');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@127.0.0.1/v?heartbeat=10');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@broker.example.com/v');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqp://u:secret@10.1.2.3/v');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"exchange": 5}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', jsonb_build_object('exchange', repeat('e', 256)));
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"routing_key": "{topic}.{id}"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"routing_key": "a}b"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', jsonb_build_object('routing_key', repeat('r', 256)));
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"mandatory": "yes"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"persistent": 1}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'amqp', 'amqp://127.0.0.1', '{"headers": {"A": "b"}}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"exchange": "e"}');
 UPDATE resilience.outbox_routes SET sink = 'smtp' WHERE target = 'c';
 SELECT count(*) AS routes FROM resilience.outbox_routes;
 

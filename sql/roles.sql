@@ -150,6 +150,11 @@ CALL resilience.saga_run();
 SELECT id = :saga1 AS first, state FROM resilience.sagas WHERE id IN (:saga1, :saga2) ORDER BY id;
 SET ROLE regress_app;
 SELECT name, state, sagas FROM resilience.saga_stats WHERE name = 'roles_pay' ORDER BY state;
+-- event streams
+SELECT resilience.append_events('roles-stream', -1, ARRAY['{"type": "opened"}', '{"type": "paid", "data": 5}']::jsonb[]) AS version;
+SELECT left(sqlstate_of($$SELECT resilience.append_events('roles-stream', 0, ARRAY['{"type": "late"}']::jsonb[])$$), 5) AS conflict;
+SELECT version, type, data FROM resilience.read_stream('roles-stream');
+SELECT resilience.stream_version('roles-stream') AS stream_version;
 
 ------------------------------------------------------------------------------
 -- Everything else is refused to regress_app with 42501

@@ -166,4 +166,33 @@ ConditionVariableCancelSleep_compat(ConditionVariable *cv)
 #define SPI_rollback_compat() (SPI_rollback(), SPI_start_transaction())
 #endif
 
+/* PostgreSQL 15 gave GetFlushRecPtr an argument (the timeline, if wanted). */
+#if PG_VERSION_NUM >= 150000
+#define GetFlushRecPtr_compat() GetFlushRecPtr(NULL)
+#else
+#define GetFlushRecPtr_compat() GetFlushRecPtr()
+#endif
+
+/*
+ * Does this primary wait for synchronous standbys, as the checkpointer last
+ * published synchronous_standby_names (what commits go by)?  Later minor
+ * releases of 14 to 17 (15.13 is one) replaced the flag with status bits:
+ * until the checkpointer has published the setting, the backend's own value
+ * counts, as in SyncRepWaitForLSN.  The caller holds SyncRepLock.
+ */
+#include "replication/syncrep.h"
+#include "replication/walsender_private.h"
+
+static inline bool
+sync_standbys_defined_compat(void)
+{
+#ifdef SYNC_STANDBY_DEFINED
+	if ((WalSndCtl->sync_standbys_status & SYNC_STANDBY_INIT) == 0)
+		return SyncRepStandbyNames != NULL && SyncRepStandbyNames[0] != '\0';
+	return (WalSndCtl->sync_standbys_status & SYNC_STANDBY_DEFINED) != 0;
+#else
+	return WalSndCtl->sync_standbys_defined;
+#endif
+}
+
 #endif							/* RESILIENCE_COMPAT_H */

@@ -13,10 +13,13 @@
  * Tokens come from one sequence, resilience.fencing_tokens, so they strictly
  * increase for every name forever: a sequence is not transactional (a
  * rollback never gives a value back) and WAL-logs ahead of what it hands out.
- * Before a token leaves this function, the WAL record covering it is flushed
- * (and, with synchronous replication, confirmed by the standby): a token can
- * therefore never be issued twice, not after a crash, an immediate shutdown,
- * or the promotion of a synchronous standby.  See docs/locks.md.
+ * Before a token leaves this file, the WAL record covering it is flushed and,
+ * when synchronous_standby_names is set, flushed by the synchronous standbys
+ * too, whatever the session's synchronous_commit (a wait cut short by a
+ * cancel raises an error instead): a token can therefore never be issued
+ * twice, not after a crash, an immediate shutdown, or the promotion of a
+ * synchronous standby.  See docs/locks.md and, for the argument, "High
+ * availability" in docs/operations.md.
  *
  * Waiting for a lease sleeps on one of LOCK_WAIT_CVS condition variables
  * (chosen by the name's hash) until the holder's expiry or the end of the
@@ -48,6 +51,8 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "replication/syncrep.h"
+#include "replication/walsender.h"
+#include "replication/walsender_private.h"
 #include "storage/bufmgr.h"
 #include "storage/condition_variable.h"
 #include "storage/lmgr.h"
@@ -55,6 +60,7 @@
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -320,10 +326,68 @@ token_seq(void)
 }
 
 /*
+ * Is WAL up to lsn safe from a failover: flushed by the synchronous standbys,
+ * or none are configured (then commits do not wait for a standby either)?
+ */
+static bool
+sync_standbys_flushed(XLogRecPtr lsn)
+{
+	bool		flushed;
+
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	flushed = !sync_standbys_defined_compat() ||
+		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
+	LWLockRelease(SyncRepLock);
+	return flushed;
+}
+
+/*
+ * Wait until the synchronous standbys have flushed WAL up to lsn, whatever
+ * this session's synchronous_commit says: a standby promoted without the
+ * record that covers a token would hand it out again.  SyncRepWaitForLSN
+ * waits only when synchronous_commit asks for it, hence the GUC set for the
+ * wait.  It ends the wait early, with a WARNING, when the statement is
+ * cancelled or times out; the token is then refused with an error instead of
+ * being handed out unconfirmed.
+ */
+static void
+wait_for_sync_standbys(XLogRecPtr lsn)
+{
+	int			nestlevel = -1;
+
+	if (max_wal_senders == 0 || sync_standbys_flushed(lsn))
+		return;
+
+	/* not at commit, SyncRepWaitForLSN waits for a flush at most */
+	if (synchronous_commit < SYNCHRONOUS_COMMIT_REMOTE_FLUSH)
+	{
+		nestlevel = NewGUCNestLevel();
+		(void) set_config_option("synchronous_commit", "on", PGC_USERSET,
+								 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	}
+	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
+	SyncRepWaitForLSN(lsn, false);
+	RESUME_INTERRUPTS();
+	if (nestlevel >= 0)
+		AtEOXact_GUC(true, nestlevel);
+	CHECK_FOR_INTERRUPTS();		/* a terminated session ends here */
+
+	if (!sync_standbys_flushed(lsn))
+		ereport(ERROR,
+				(errcode(ERRCODE_QUERY_CANCELED),
+				 errmsg("no fencing token was handed out: the synchronous standby has not confirmed it"),
+				 errdetail("The wait for synchronous replication was cancelled or timed out "
+						   "before the standby flushed the WAL that covers the token."),
+				 errhint("Retry.  A token is handed out only once a standby that could be promoted has it.")));
+}
+
+/*
  * Make sure the WAL record that covers the sequence's current value is
- * durable (and, under synchronous replication, on the standby) before a token
- * is handed out.  The sequence logs 32 values ahead, so this flushes at most
- * once per 32 tokens, and not at all when a commit already did.
+ * durable, and flushed by the synchronous standbys if any are configured,
+ * before a token is handed out.  The sequence logs 32 values ahead, so this
+ * flushes at most once per 32 tokens, and not at all when a commit already
+ * did.  See "High availability" in docs/operations.md for why this keeps
+ * tokens increasing across the promotion of a synchronous standby.
  */
 static void
 make_token_durable(void)
@@ -337,9 +401,9 @@ make_token_durable(void)
 	UnlockReleaseBuffer(buf);
 	relation_close(rel, AccessShareLock);
 
-	if (lsn > GetFlushRecPtr(NULL))
+	if (lsn > GetFlushRecPtr_compat())
 		XLogFlush(lsn);
-	SyncRepWaitForLSN(lsn, false);
+	wait_for_sync_standbys(lsn);
 }
 
 /* The next fencing token, durable. */

@@ -292,7 +292,7 @@ outbox_redact(PG_FUNCTION_ARGS)
 
 /* ---- routes ---- */
 
-static const char *const sink_names[] = {"notify", "http", "queue"};
+static const char *const sink_names[] = {"notify", "http", "queue", "amqp"};
 
 static void
 route_error(const char *msg, const char *detail, const char *hint)
@@ -317,6 +317,14 @@ option_int(JsonbValue *v, const char *name, int min, int max)
 		route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
 					psprintf("It is %lld.", (long long) n), NULL);
 	return (int) n;
+}
+
+static bool
+option_bool(JsonbValue *v, const char *name)
+{
+	if (v->type != jbvBool)
+		route_error(psprintf("option \"%s\" must be true or false", name), NULL, NULL);
+	return v->val.boolean;
 }
 
 static char *
@@ -437,7 +445,7 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 			r->sink = i;
 	if ((int) r->sink < 0)
 		route_error(psprintf("unknown sink \"%s\"", sink), NULL,
-					"The sinks are notify, http and queue.");
+					"The sinks are notify, http, amqp and queue.");
 	if (validate)
 	{
 		if (pattern[0] == '\0' || strlen(pattern) > OUTBOX_TOPIC_MAX)
@@ -457,7 +465,19 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 		if (problem && validate)
 			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
 						"Targets are http:// or https:// URLs; hosts other than loopback must be "
-						"listed in resilience.outbox_http_allowed_hosts.");
+						"listed in resilience.outbox_allowed_hosts.");
+	}
+	if (r->sink == SINK_AMQP)
+	{
+		const char *problem = amqp_target_problem(target, &r->destination);
+
+		if (problem && validate)
+			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
+						"Targets are amqp://user:password@host:port/vhost (percent-encoded; "
+						"vhost \"/\" is %2f or no path); hosts other than loopback must be "
+						"listed in resilience.outbox_allowed_hosts.");
+		if (r->destination == NULL)
+			r->destination = pstrdup("amqp://?");	/* a row that no longer parses */
 	}
 
 	/* defaults */
@@ -467,6 +487,10 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 	r->connect_timeout_ms = 2000;
 	r->backoff_base_ms = 500;
 	r->backoff_max_ms = 300000;
+	r->exchange = "amq.topic";
+	r->routing_key = "{topic}";
+	r->mandatory = true;
+	r->persistent = true;
 
 	if (!JB_ROOT_IS_OBJECT(options))
 		route_error("options must be a JSON object", NULL, NULL);
@@ -513,6 +537,26 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 			else if (strcmp(s, "skip") != 0)
 				route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
 		}
+		else if (strcmp(name, "exchange") == 0 && r->sink == SINK_AMQP)
+		{
+			r->exchange = option_string(&v, name);
+			if (strlen(r->exchange) > 255 || (int) strlen(r->exchange) != v.val.string.len)
+				route_error("option \"exchange\" must be at most 255 bytes, without NUL", NULL, NULL);
+		}
+		else if (strcmp(name, "routing_key") == 0 && r->sink == SINK_AMQP)
+		{
+			const char *problem;
+
+			r->routing_key = option_string(&v, name);
+			problem = amqp_routing_key_problem(r->routing_key);
+			if (problem || (int) strlen(r->routing_key) != v.val.string.len)
+				route_error(problem ? problem : "option \"routing_key\" must not contain NUL", NULL,
+							"For example \"orders.{key}\"; the default is \"{topic}\".");
+		}
+		else if (strcmp(name, "mandatory") == 0 && r->sink == SINK_AMQP)
+			r->mandatory = option_bool(&v, name);
+		else if (strcmp(name, "persistent") == 0 && r->sink == SINK_AMQP)
+			r->persistent = option_bool(&v, name);
 		else if (strcmp(name, "headers") == 0 && r->sink == SINK_HTTP)
 		{
 			if (v.type != jbvBinary)
@@ -522,8 +566,9 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 		else
 			route_error(psprintf("unknown option \"%s\" for sink %s", name, sink_names[r->sink]),
 						NULL,
-						"Options are payload, max_attempts, on_dead_letter, and for http "
-						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms, headers.");
+						"Options are payload, max_attempts, on_dead_letter; for http and amqp "
+						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms; for http "
+						"headers; for amqp exchange, routing_key, mandatory, persistent.");
 	}
 	if (validate && r->connect_timeout_ms > r->timeout_ms)
 		route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);

@@ -24,7 +24,8 @@ typedef enum OutboxSink
 {
 	SINK_NOTIFY,
 	SINK_HTTP,
-	SINK_QUEUE
+	SINK_QUEUE,
+	SINK_AMQP
 } OutboxSink;
 
 /* What a route accepts as payload (route option "payload"). */
@@ -44,7 +45,7 @@ typedef struct OutboxRoute
 	bool		enabled;
 	char	   *pattern;
 	char	   *target;
-	char	   *destination;	/* http: scheme://host:port, the breaker's key */
+	char	   *destination;	/* http, amqp: scheme://host:port, the breaker's key */
 	OutboxPayloadKind payload;
 	int			max_attempts;
 	int			timeout_ms;
@@ -54,6 +55,10 @@ typedef struct OutboxRoute
 	bool		block_on_dead_letter;
 	bool		probe_only;		/* relay: half-open breaker, claim one event */
 	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
+	char	   *exchange;		/* amqp: the exchange */
+	char	   *routing_key;	/* amqp: a template of {topic} and {key} */
+	bool		mandatory;		/* amqp: unroutable messages come back */
+	bool		persistent;		/* amqp: delivery mode 2 */
 } OutboxRoute;
 
 /* One claimed delivery: an event on one route. */
@@ -77,6 +82,9 @@ typedef struct OutboxItem
 	int64		retry_after_ms; /* -1: none given */
 	char		error[OUTBOX_ERROR_MAX];
 	bool		keep;			/* keep the row after delivery (NOTIFY too large) */
+	bool		destination_ok; /* a retry that is no fault of the destination
+								 * (amqp: returned unroutable): not counted
+								 * by its breaker */
 } OutboxItem;
 
 typedef enum OutboxOutcome
@@ -116,6 +124,7 @@ extern void outbox_become_owner(Oid *save_userid, int *save_sec);
 extern int	outbox_pin_search_path(void);
 extern const char *outbox_destination_allowed(const char *url, char **destination);
 extern bool outbox_loopback_only(void);
+extern char *outbox_allow_list(void);
 extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
 
 /* relay.c */
@@ -126,6 +135,11 @@ extern long relay_worker_job(void);
 /* sink_http.c */
 extern void http_deliver(List *items);
 extern bool http_host_allowed(const char *host, const char *allow_list);
+
+/* sink_amqp.c */
+extern void amqp_deliver(List *items);
+extern const char *amqp_target_problem(const char *target, char **destination);
+extern const char *amqp_routing_key_problem(const char *template);
 
 /* sink_notify.c */
 extern void notify_deliver(List *items);

@@ -13,15 +13,19 @@
  *	   enough to deliver them, deliver the NOTIFY ones (NOTIFY is itself
  *	   transactional: it is sent when this transaction commits, together
  *	   with the removal of the rows), commit;
- *	2. deliver the HTTP ones with no transaction open (sink_http.c);
+ *	2. deliver the HTTP and AMQP ones with no transaction open (sink_http.c,
+ *	   sink_amqp.c);
  *	3. record (one transaction): delete the delivered rows (or mark them
  *	   delivered, for resilience.outbox_retention), schedule retries, move
  *	   dead letters, release what was not tried; commit.
  *
  * If the relay dies between 1 and 3 its claims expire (after the route's
  * timeout plus CLAIM_SLACK_MS), and a relay started afterwards releases at
- * once the claims of relay processes that no longer exist, so after a crash
- * in-flight events go out again within seconds: at least once, never lost.
+ * once the claims of relay processes that no longer exist (on this server
+ * start: a claim names the server start it was made in, so the claims of
+ * the old primary's relay are released at once after a failover), so after
+ * a crash or a failover in-flight events go out again within seconds: at
+ * least once, never lost.  The relay never runs during recovery.
  *
  * The relay runs in the database's worker (relay_worker_job, woken by
  * worker_wake when a publishing transaction commits, and by a slow safety
@@ -271,7 +275,7 @@ breaker_allows(const char *dest, bool *probe, TimestampTz *until)
 	return allowed;
 }
 
-/* Is item allowed to start now?  Called by the HTTP sink before each request. */
+/* Is item allowed to start now?  Called by the sinks before each request. */
 bool
 relay_may_start(OutboxItem *item)
 {
@@ -305,7 +309,7 @@ relay_item_done(OutboxItem *item)
 	TimestampTz now = GetCurrentTimestamp();
 	int			threshold = outbox_setting_int("resilience.outbox_breaker_failures", 5, 0);
 	int			open_ms = outbox_setting_int("resilience.outbox_breaker_open_time", 30000, GUC_UNIT_MS);
-	bool		failed = item->outcome == OUTCOME_RETRY;
+	bool		failed = item->outcome == OUTCOME_RETRY && !item->destination_ok;
 	DestState  *d;
 	const char *transition = NULL;
 	int			failures = 0;
@@ -431,8 +435,41 @@ phase_end(RelayRun *run)
 }
 
 /*
+ * A claim names the relay process that made it and the server it ran on:
+ * relay:<pid>:<postmaster start time>:<round>.  After a failover the claims
+ * of the old primary's relay are in the table; its pid may well be in use on
+ * the new primary (by the new relay itself, even), but its start time is not.
+ */
+static char *
+claimer_name(void)
+{
+	return psprintf("relay:%d:" INT64_FORMAT ":" UINT64_FORMAT,
+					MyProcPid, (int64) PgStartTime, ++claim_round);
+}
+
+/*
+ * Is the relay that made a claim still running: a process of this server
+ * start (not one before a restart, nor one on another server)?
+ */
+static bool
+claimer_running(const char *claimer, int *pid)
+{
+	char	   *end;
+	int64		started;
+
+	*pid = (int) strtol(claimer + strlen("relay:"), &end, 10);
+	if (*end != ':')
+		return false;
+	started = strtoi64(end + 1, &end, 10);
+	if (*end != ':' || started != (int64) PgStartTime)
+		return false;
+	return *pid == MyProcPid || BackendPidGetProc(*pid) != NULL;
+}
+
+/*
  * Release claims left by relay processes that no longer exist (a crash, a
- * kill): their events go out again now rather than when the claims expire.
+ * kill, a failover): their events go out again now rather than when the
+ * claims expire.
  */
 static void
 release_orphaned_claims(void)
@@ -452,11 +489,11 @@ release_orphaned_claims(void)
 	for (i = 0; i < n; i++)
 	{
 		char	   *claimer = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
-		int			pid = atoi(claimer + strlen("relay:"));
+		int			pid;
 		Datum		arg = CStringGetTextDatum(claimer);
 		Oid			type = TEXTOID;
 
-		if (pid == MyProcPid || BackendPidGetProc(pid) != NULL)
+		if (claimer_running(claimer, &pid))
 			continue;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
 									" WHERE claimed_by = $1 AND delivered_at IS NULL",
@@ -671,6 +708,7 @@ relay_batch(RelayRun *run)
 	List	   *routes;
 	List	   *claimable = NIL;
 	List	   *http_items = NIL;
+	List	   *amqp_items = NIL;
 	List	   *notify_items = NIL;
 	ListCell   *lc;
 	TimestampTz next_due = 0;
@@ -679,6 +717,8 @@ relay_batch(RelayRun *run)
 	int			visibility = 0;
 	int			delivered = 0;
 
+	/* the events are the primary's: a standby must not deliver them */
+	PreventCommandDuringRecovery("relay_outbox()");
 	MemoryContextReset(run->batch_cxt);
 	run->more = false;
 	if (!phase_begin(run, "resilience relay: claiming"))
@@ -700,7 +740,7 @@ relay_batch(RelayRun *run)
 		bool		probe = false;
 		TimestampTz until = 0;
 
-		if (r->sink == SINK_HTTP && !breaker_allows(r->destination, &probe, &until))
+		if (r->destination != NULL && !breaker_allows(r->destination, &probe, &until))
 		{
 			due_at(&next_due, until);
 			continue;
@@ -709,7 +749,7 @@ relay_batch(RelayRun *run)
 		visibility = Max(visibility, r->timeout_ms);
 		claimable = lappend(claimable, r);
 	}
-	claimer = psprintf("relay:%d:" UINT64_FORMAT, MyProcPid, ++claim_round);
+	claimer = claimer_name();
 	memset(&claim, 0, sizeof(claim));
 	claim.routes = claimable;
 	claim.limit = outbox_setting_int("resilience.outbox_batch_size", 500, 0);
@@ -727,6 +767,8 @@ relay_batch(RelayRun *run)
 
 		if (item->route->sink == SINK_NOTIFY)
 			notify_items = lappend(notify_items, item);
+		else if (item->route->sink == SINK_AMQP)
+			amqp_items = lappend(amqp_items, item);
 		else
 			http_items = lappend(http_items, item);
 	}
@@ -739,20 +781,25 @@ relay_batch(RelayRun *run)
 	}
 	phase_end(run);
 
-	if (http_items != NIL)
+	if (http_items != NIL || amqp_items != NIL)
 	{
+		List	   *pushed;
 		ListCell   *lc2;
 
 		pgstat_report_activity(STATE_RUNNING, "resilience relay: delivering (no transaction open)");
 		old = MemoryContextSwitchTo(run->batch_cxt);
-		http_deliver(http_items);
+		if (http_items != NIL)
+			http_deliver(http_items);
+		if (amqp_items != NIL)
+			amqp_deliver(amqp_items);
+		pushed = list_concat(http_items, amqp_items);
 		MemoryContextSwitchTo(old);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		if (phase_begin(run, "resilience relay: recording"))
-			record_outcomes(http_items, claimer, &next_due);
+			record_outcomes(pushed, claimer, &next_due);
 		phase_end(run);
-		foreach(lc2, http_items)
+		foreach(lc2, pushed)
 			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
 				delivered++;
 	}

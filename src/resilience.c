@@ -51,6 +51,7 @@ int			resilience_relay_interval_ms = 10000;
 int			resilience_outbox_batch_size = 500;
 int			resilience_outbox_http_parallelism = 16;
 char	   *resilience_outbox_http_allowed_hosts = NULL;
+char	   *resilience_outbox_allowed_hosts = NULL;
 int			resilience_outbox_retention_s = 0;
 int			resilience_outbox_breaker_failures = 5;
 int			resilience_outbox_breaker_open_ms = 30000;
@@ -303,10 +304,17 @@ _PG_init(void)
 							&resilience_outbox_http_parallelism,
 							16, 1, 256,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("resilience.outbox_http_allowed_hosts",
-							   "Hosts the outbox http sink may reach; empty means loopback only.",
+	DefineCustomStringVariable("resilience.outbox_allowed_hosts",
+							   "Hosts the outbox http and amqp sinks may reach; empty means loopback only.",
 							   "A comma-separated list of host names or addresses; *.example.com "
-							   "allows the subdomains of example.com.",
+							   "allows the subdomains of example.com.  The hosts of "
+							   "resilience.outbox_http_allowed_hosts are allowed too.",
+							   &resilience_outbox_allowed_hosts,
+							   "",
+							   PGC_SIGHUP, GUC_LIST_INPUT, NULL, NULL, NULL);
+	DefineCustomStringVariable("resilience.outbox_http_allowed_hosts",
+							   "Older name of resilience.outbox_allowed_hosts: its hosts are allowed too.",
+							   "Kept for compatibility; applies to every sink that connects out.",
 							   &resilience_outbox_http_allowed_hosts,
 							   "",
 							   PGC_SIGHUP, GUC_LIST_INPUT, NULL, NULL, NULL);

@@ -65,6 +65,7 @@ extern int	resilience_relay_interval_ms;
 extern int	resilience_outbox_batch_size;
 extern int	resilience_outbox_http_parallelism;
 extern char *resilience_outbox_http_allowed_hosts;
+extern char *resilience_outbox_allowed_hosts;
 extern int	resilience_outbox_retention_s;
 extern int	resilience_outbox_breaker_failures;
 extern int	resilience_outbox_breaker_open_ms;

@@ -1573,13 +1573,16 @@ saga_pick(Saga *s)
 
 /*
  * The orchestrator's unit of work, inside SPI: lock a due saga and advance
- * it by one step attempt or transition.  False if no saga is due.
+ * it by one step attempt or transition.  False if no saga is due.  Never on
+ * a standby, where the sagas belong to the primary: the row lock would fail
+ * there anyway, but that must not be what keeps a step from running.
  */
 static bool
 tick_once(void)
 {
 	Saga		s;
 
+	PreventCommandDuringRecovery("saga_tick()");
 	if (!saga_pick(&s))
 		return false;
 	if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)

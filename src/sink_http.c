@@ -17,9 +17,9 @@
  * dead letter.  Redirects are not followed, only http and https are
  * spoken, TLS certificates and host names are verified.
  *
- * Destinations: resilience.outbox_http_allowed_hosts lists the hosts routes
- * may name; empty means loopback only, and then the address actually
- * connected to must be a loopback address too (a name that resolves
+ * Destinations: resilience.outbox_allowed_hosts (and its older name
+ * resilience.outbox_http_allowed_hosts) lists the hosts routes may name;
+ * empty means loopback only, and then the address actually connected to must be a loopback address too (a name that resolves
  * elsewhere is refused).  Without preloading the list is not read (a session
  * could set the placeholder): loopback only.
  *
@@ -82,23 +82,34 @@ host_is_loopback(const char *host)
 	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
 }
 
-/* The allow-list in force ("" when loopback only). */
-static char *
-allow_list(void)
+/*
+ * The allow-list in force for the sinks that connect out (http, amqp): the
+ * hosts of resilience.outbox_allowed_hosts and of its older name
+ * resilience.outbox_http_allowed_hosts, comma-separated ("" when loopback
+ * only).
+ */
+char *
+outbox_allow_list(void)
 {
 	const char *value;
+	const char *old;
 
 	if (!resilience_preloaded)
 		return "";
-	value = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
-	return value ? pstrdup(value) : "";
+	value = GetConfigOption("resilience.outbox_allowed_hosts", true, false);
+	old = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
+	if (value == NULL || value[0] == '\0')
+		return old ? pstrdup(old) : "";
+	if (old == NULL || old[0] == '\0')
+		return pstrdup(value);
+	return psprintf("%s, %s", value, old);
 }
 
 /* Loopback only (the allow-list is empty or not read)? */
 bool
 outbox_loopback_only(void)
 {
-	return allow_list()[0] == '\0';
+	return outbox_allow_list()[0] == '\0';
 }
 
 /* May the http sink call host, given allow (a comma-separated list)? */
@@ -157,9 +168,9 @@ outbox_destination_allowed(const char *url, char **destination)
 	else
 	{
 		*destination = psprintf("%s://%s:%s", scheme, host, port);
-		if (!http_host_allowed(host, allow_list()))
-			problem = psprintf("host \"%s\" is not allowed by resilience.outbox_http_allowed_hosts%s",
-							   host, allow_list()[0] ? "" : " (empty: loopback only)");
+		if (!http_host_allowed(host, outbox_allow_list()))
+			problem = psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
+							   host, outbox_allow_list()[0] ? "" : " (empty: loopback only)");
 	}
 	curl_free(scheme);
 	curl_free(host);
@@ -412,7 +423,7 @@ http_deliver(List *items)
 	int			running = 0;
 	int			parallelism = outbox_setting_int("resilience.outbox_http_parallelism", 16, 0);
 	bool		loopback_only = outbox_loopback_only();
-	char	   *allow = allow_list();
+	char	   *allow = outbox_allow_list();
 	ListCell   *lc;
 	int			i;
 

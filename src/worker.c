@@ -18,10 +18,14 @@
  *
  * Each worker waits (latch, woken by SIGHUP, a stop request or its next job
  * being due) until CREATE EXTENSION resilience exists in its database, and
- * while the server is in recovery, then runs the jobs below on their own
- * intervals.  A job is a SQL call run in its own transaction; it takes a
- * conditional lock on the extension first, so DROP EXTENSION never waits for
- * more than one job and a job never fails because the extension vanished.
+ * while the server is in recovery (a standby: nothing wakes a process at
+ * promotion, so it looks every RECOVERY_CHECK_MS, a cheap shared-memory
+ * read), then runs the jobs below on their own intervals.  No job runs in
+ * recovery; the relay and the sagas refuse to run there even when called by
+ * hand (relay.c, saga.c).  A job is a SQL call run in its own transaction;
+ * it takes a conditional lock on the extension first, so DROP EXTENSION
+ * never waits for more than one job and a job never fails because the
+ * extension vanished.
  * A job marked says_when returns how many ms until it wants to run again: 0
  * means it did some work and may have more, and it is called again at once,
  * each call in a new transaction, for up to JOB_BURST_MS at a time (the
@@ -81,6 +85,8 @@
 #define RELEASE_WAIT_MS 10000
 /* How long a says_when job with more to do runs before the others' turn. */
 #define JOB_BURST_MS 1000
+/* How often a worker on a standby looks whether it has been promoted. */
+#define RECOVERY_CHECK_MS 1000
 
 /*
  * A scheduled job: a SQL call and the GUC holding its interval (0 = off);
@@ -826,6 +832,13 @@ resilience_worker_main(Datum main_arg)
 		for (i = 0; i < NUM_JOBS; i++)	/* for the view */
 			my_slot->jobs[i].interval_ms = *jobs[i].interval_ms;
 
+		if (logged_recovery && !RecoveryInProgress())
+		{
+			ereport(LOG,
+					(errmsg("resilience worker for database \"%s\": recovery has ended",
+							my_slot->dbname)));
+			logged_recovery = false;
+		}
 		if (RecoveryInProgress())
 		{
 			if (!logged_recovery)
@@ -834,6 +847,8 @@ resilience_worker_main(Datum main_arg)
 								my_slot->dbname)));
 			logged_recovery = true;
 			set_state(WORKER_IN_RECOVERY);
+			/* nothing signals the end of recovery: look again soon */
+			timeout = Min(timeout, RECOVERY_CHECK_MS);
 		}
 		else if (!extension_exists())
 			set_state(WORKER_WAITING_EXTENSION);

@@ -159,5 +159,23 @@ explain "Starting a saga again with the same idempotency key returns the same sa
 sql "SELECT resilience.saga_start('book_trip', '{\"traveller\": \"Ann\", \"city\": \"Porto\"}', 'trip-ann') AS same_as_ann;"
 explain "Steps can also be async (a command sent through the outbox, answered with saga_step_completed); failed steps are retried with backoff; a compensation that keeps failing parks the saga for a person, who fixes the cause and calls saga_retry. See docs/sagas.md."
 
+step "12. An event stream with optimistic concurrency"
+explain "append_events(stream, expected_version, events) appends only if the stream is still at the version the caller decided on (-1: it must not exist yet). Versions count from 0. stream_forward also publishes every appended event to the outbox, in the same transaction, for read models and other services."
+sql "SELECT resilience.stream_forward('account-%', 'accounts.events');
+SELECT resilience.append_events('account-42', -1, ARRAY[
+  '{\"type\": \"Opened\", \"data\": {\"owner\": \"alice\"}}',
+  '{\"type\": \"Deposited\", \"data\": {\"amount\": 100}}']::jsonb[]) AS version;"
+explain "Two clerks both read version 1 and decide. The first append wins; the second is refused with SQLSTATE 40001 and the actual version, so it reads again and decides again:"
+sql "SELECT resilience.append_events('account-42', 1, ARRAY['{\"type\": \"Withdrawn\", \"data\": {\"amount\": 30}}']::jsonb[]) AS version;"
+sql "DO \$\$ DECLARE detail text; BEGIN
+  PERFORM resilience.append_events('account-42', 1, ARRAY['{\"type\": \"Withdrawn\", \"data\": {\"amount\": 90}}']::jsonb[]);
+EXCEPTION WHEN serialization_failure THEN
+  GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+  RAISE NOTICE 'refused (40001): %', detail;
+END \$\$;" 2>&1
+sql "SELECT version, type, data FROM resilience.read_stream('account-42');"
+explain "Only the appended events were forwarded, keyed by the stream so that consumers get them in version order:"
+sql "SELECT key, payload ->> 'version' AS version, payload ->> 'type' AS type FROM resilience.outbox WHERE topic = 'accounts.events' ORDER BY seq;"
+
 step "Done"
-explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md, docs/sagas.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."
+explain "Reference: docs/rate-limiting.md, docs/breakers.md, docs/bulkheads-and-retries.md, docs/locks.md, docs/idempotency.md, docs/sagas.md, docs/outbox.md, docs/event-streams.md and docs/operations.md. All tests: make test. Throughput against SELECT 1, plain SQL and Redis: make bench."

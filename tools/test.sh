@@ -3,15 +3,18 @@
 #   pg_regress (sql/, expected/), isolation (test/specs), pgTAP (test/pgtap),
 #   TAP (test/t, PostgreSQL::Test::Cluster; each test makes its own nodes).
 # Ends with one line "N passed, N failed"; exits non-zero on any failure.
-# SUITES="regress isolation pgtap tap" selects suites, TAP_FILES the TAP
-# files (default test/t/*.pl); KEEP_WORK=1 keeps the temporary files.
+#   amqp (test/amqp: TAP tests against a private RabbitMQ node; installs
+#   rabbitmq-server and python3-pika only when this suite runs).
+# SUITES="regress isolation pgtap tap amqp" selects suites, TAP_FILES the TAP
+# files (default test/t/*.pl), AMQP_FILES the amqp ones (test/amqp/*.pl);
+# KEEP_WORK=1 keeps the temporary files.
 . "$(dirname "$0")/cluster.sh"
 
 ensure_packages
 build_and_install
 start_cluster "resilience.database_names = 'postgres'" "resilience.worker_naptime = '1s'"
 
-SUITES=${SUITES:-regress isolation pgtap tap}
+SUITES=${SUITES:-regress isolation pgtap tap amqp}
 PASSED=0
 FAILED=0
 FAILURES=()
@@ -65,13 +68,20 @@ for suite in $SUITES; do
 		PGDATABASE=pgtap_regression as_owner psql -X -q \
 			-c 'CREATE EXTENSION pgtap' -c 'CREATE EXTENSION resilience' >/dev/null
 		PGDATABASE=pgtap_regression run_tap_count pgtap --pgtap test/pgtap/*.sql ;;
-	tap)
+	tap | amqp)
+		files=${TAP_FILES:-test/t/*.pl}
+		if [ "$suite" = amqp ]; then
+			t0=$(date +%s)
+			ensure_packages rabbitmq-server python3-pika
+			say "amqp: rabbitmq-server and python3-pika ready ($(($(date +%s) - t0)) s)"
+			files=${AMQP_FILES:-test/amqp/*.pl}
+		fi
 		rm -rf "$WORK/src/tmp_check"
 		as_owner mkdir -p "$WORK/src/tmp_check"
 		TESTDIR="$WORK/src" PG_REGRESS="$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/regress/pg_regress" \
-			run_tap_count tap --lib "$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/perl" ${TAP_FILES:-test/t/*.pl}
-		if [ "${FAILURES[*]}" != "${FAILURES[*]/tap/}" ]; then
-			for f in "$WORK"/src/tmp_check/log/*; do
+			run_tap_count "$suite" --lib "$(dirname "$PG_CONFIG")/../lib/pgxs/src/test/perl" $files
+		if [ "${FAILURES[*]}" != "${FAILURES[*]/$suite/}" ]; then
+			for f in "$WORK"/src/tmp_check/log/* "$WORK"/src/tmp_check/rabbit_*/log/*.log; do
 				[ -f "$f" ] && { say "--- $f (tail)"; tail -n 40 "$f"; }
 			done
 		fi ;;

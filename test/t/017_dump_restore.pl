@@ -75,6 +75,8 @@ $node->safe_psql(
 	SELECT outcome FROM resilience.idempotency_begin('api', 'running', '{"a": 2}', lock_timeout => '1 day');
 	SELECT resilience.idempotency_checkpoint('api', 'running', 'step-2');
 	SELECT resilience.inbox_accept('billing', 'msg-1');
+	SELECT resilience.stream_forward('cart-%', 'carts');
+	SELECT resilience.append_events('cart-7', -1, ARRAY['{"type": "opened"}', '{"type": "added", "data": 3}']::jsonb[]);
 });
 my $token = $node->safe_psql('src', q{SELECT resilience.lock_acquire('leader', '1 day', 'node-a')});
 $node->safe_psql('src', qq{SELECT resilience.fence('ledger', $token)});
@@ -135,7 +137,7 @@ for my $rel (sort keys %$before)
 }
 ok(length($before->{$_}) > 0, "$_ was not empty") for qw(rate_limit_policies breaker_config outbox_routes
   saga_definitions sagas saga_steps saga_events outbox outbox_dead_letters idempotency_keys inbox
-  leases fences);
+  leases fences streams stream_events stream_forwards);
 is($node->safe_psql('dst', $acl_sql), $acl_before, 'the same privileges');
 is($node->safe_psql('dst', q{SELECT extversion FROM pg_extension WHERE extname = 'resilience'}),
 	$node->safe_psql('src', q{SELECT extversion FROM pg_extension WHERE extname = 'resilience'}),
@@ -170,6 +172,13 @@ is($node->safe_psql('dst', q{SELECT string_agg(CASE WHEN r THEN 't' ELSE 'f' END
 $node->safe_psql('dst', q{SELECT resilience.breaker_allow('payments')});
 is($node->safe_psql('dst', q{SELECT window_size FROM resilience.breakers WHERE name = 'payments'}), 7,
 	'the breaker follows its configuration');
+is($node->safe_psql('dst', q{SELECT resilience.stream_version('cart-7')}), 1, 'a stream keeps its version');
+my ($stale_ret) = $node->psql('dst', q{SELECT resilience.append_events('cart-7', 0, ARRAY['{"type": "x"}']::jsonb[])});
+isnt($stale_ret, 0, 'an append at a stale version is refused');
+is($node->safe_psql('dst', q{SELECT resilience.append_events('cart-7', 1, ARRAY['{"type": "paid"}']::jsonb[])}), 2,
+	'an append at its version goes on from it');
+is($node->safe_psql('dst', q{SELECT count(*) FROM resilience.outbox WHERE topic = 'carts'}), 3,
+	'and is still forwarded to the outbox');
 is($node->safe_psql('dst', qq{SELECT resilience.saga_step_completed($saga, 'charge', '{"charge": "ch_1"}')}),
 	't', 'the running saga takes its reply');
 $node->safe_psql('dst', 'CALL resilience.saga_run()');
