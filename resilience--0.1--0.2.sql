@@ -60,6 +60,13 @@ LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience._metrics_reaped(text, bigint) IS
 'Internal (run_reaper): counts what a reaper removed when the transaction commits; returns removed';
 
+CREATE FUNCTION resilience._metrics_count(what text, n bigint)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'metrics_count'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._metrics_count(text, bigint) IS
+'Internal (append_events): counts appended events at commit (stream_events) or a conflict at once (stream_conflicts); returns n';
+
 -- The reaper counts what it removes, and runs as the extension's owner: the
 -- reapers it calls are no longer executable by PUBLIC.
 CREATE OR REPLACE FUNCTION resilience.run_reaper(OUT item text, OUT removed bigint)
@@ -208,6 +215,7 @@ BEGIN
     END IF;
     IF new_version IS NULL THEN
         SELECT s.version INTO actual FROM resilience.streams s WHERE s.stream = append_events.stream;
+        PERFORM resilience._metrics_count('stream_conflicts', 1);
         RAISE EXCEPTION 'stream "%" is not at version %', append_events.stream, append_events.expected_version
             USING ERRCODE = 'serialization_failure',
                   DETAIL = CASE WHEN actual IS NULL THEN 'Its actual version is -1 (it does not exist).'
@@ -229,6 +237,7 @@ BEGIN
                     append_events.stream)
            FROM unnest(append_events.events) WITH ORDINALITY x(e, i) ORDER BY x.i;
     END LOOP;
+    PERFORM resilience._metrics_count('stream_events', n);
     RETURN new_version;
 END
 $$;

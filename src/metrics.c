@@ -65,6 +65,7 @@
 PG_FUNCTION_INFO_V1(metrics);
 PG_FUNCTION_INFO_V1(metric_samples);
 PG_FUNCTION_INFO_V1(metrics_reaped);
+PG_FUNCTION_INFO_V1(metrics_count);
 
 /* ---- the families ---- */
 
@@ -259,6 +260,14 @@ static const FamilyDef families[] = {
 	{"resilience_sagas_stuck", "gauge",
 		"Unfinished sagas without progress for resilience.saga_stuck_after, by saga and state.",
 		FAMILY_QUERY},
+
+	/* event streams (this database) */
+	{"resilience_stream_events_appended_total", "counter",
+		"Events appended to streams by committed transactions (append_events).",
+		FAMILY_COUNTER, RC_STREAM_EVENTS, true},
+	{"resilience_stream_conflicts_total", "counter",
+		"append_events calls refused because the stream was not at the expected version (40001).",
+		FAMILY_COUNTER, RC_STREAM_CONFLICTS, true},
 
 	/* the worker (this database) */
 	{"resilience_worker_job_runs_total", "counter",
@@ -674,6 +683,39 @@ metrics_reaped(PG_FUNCTION_ARGS)
 		metrics_add_at_commit(RC_REAPED, 0, text_to_cstring(PG_GETARG_TEXT_PP(0)),
 							  (uint64) PG_GETARG_INT64(1));
 	PG_RETURN_INT64(PG_GETARG_INT64(1));
+}
+
+/*
+ * _metrics_count(what, n) -> n: count for SQL code of the extension
+ * (executable by its owner only; append_events is SECURITY DEFINER).
+ * stream_events are counted at commit, stream_conflicts at once (the
+ * conflict's error rolls the transaction back).
+ */
+Datum
+metrics_count(PG_FUNCTION_ARGS)
+{
+	char	   *what;
+	int64		n;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		PG_RETURN_NULL();
+	what = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	n = PG_GETARG_INT64(1);
+	if (n < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a count must not be negative"),
+				 errdetail("It is " INT64_FORMAT ".", n)));
+	if (strcmp(what, "stream_events") == 0)
+		metrics_add_at_commit(RC_STREAM_EVENTS, 0, NULL, (uint64) n);
+	else if (strcmp(what, "stream_conflicts") == 0)
+		metrics_add(RC_STREAM_CONFLICTS, 0, NULL, (uint64) n);
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown counter \"%s\"", what),
+				 errhint("Known: stream_events, stream_conflicts.")));
+	PG_RETURN_INT64(n);
 }
 
 /* ---- collecting ---- */

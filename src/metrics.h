@@ -41,6 +41,8 @@ typedef enum ResilienceCounter
 	RC_SAGA_STEP_RETRIES,		/* saga; RV_ACTION, RV_COMPENSATION */
 	RC_WORKER_JOB_RUNS,			/* job; RV_SUCCESS, RV_FAILURE */
 	RC_WORKER_JOB_SECONDS,		/* job; counted in microseconds */
+	RC_STREAM_EVENTS,			/* events appended (append_events) */
+	RC_STREAM_CONFLICTS,		/* appends refused with 40001 */
 	RC_NUM_COUNTERS
 } ResilienceCounter;
 

@@ -125,6 +125,7 @@ my @expected = qw(
   resilience_outbox_in_flight resilience_outbox_retrying resilience_outbox_dead_letters
   resilience_outbox_breaker_state resilience_outbox_route_info
   resilience_saga_events resilience_saga_step_retries resilience_sagas resilience_sagas_stuck
+  resilience_stream_events_appended resilience_stream_conflicts
   resilience_worker_job_runs resilience_worker_job_seconds resilience_worker_state
   resilience_worker_job_last_run_timestamp_seconds resilience_worker_job_last_duration_seconds
   resilience_worker_job_last_error_timestamp_seconds resilience_worker_job_last_error_info
@@ -395,6 +396,23 @@ my $stuck = parse_metrics($node->safe_psql('app',
 	q{SET resilience.saga_stuck_after = 0; SELECT resilience.metrics()}) . "\n");
 is(samples_of($stuck)->{'resilience_sagas_stuck{saga=slow,state=running}'}, 1,
 	'stuck once it has made no progress for saga_stuck_after');
+
+# ---- event streams ----
+$before = scrape();
+$node->safe_psql('app', q{
+	SELECT resilience.append_events('cart-1', -1, ARRAY['{"type": "opened"}', '{"type": "added"}']::jsonb[]);
+	SELECT resilience.append_events('cart-1', 1, ARRAY['{"type": "paid"}']::jsonb[]);
+	BEGIN;
+	SELECT resilience.append_events('cart-2', -1, ARRAY['{"type": "opened"}']::jsonb[]);   -- rolled back
+	ROLLBACK;
+});
+my ($conflict_ret) = $node->psql('app',
+	q{SELECT resilience.append_events('cart-1', 0, ARRAY['{"type": "late"}']::jsonb[])});
+isnt($conflict_ret, 0, 'an append at a stale version fails');
+$after = scrape();
+moved($before, $after,
+	'resilience_stream_events_appended_total{}' => 3,
+	'resilience_stream_conflicts_total{}' => 1);
 
 # ---- rollbacks, monotonic counters, metric_samples ----
 $before = scrape();
