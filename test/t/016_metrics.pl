@@ -14,7 +14,9 @@
 #    per state and stuck sagas, the worker's last run;
 #  - facts counted at commit are not counted after a rollback, and counters
 #    never go down (not across DROP/CREATE EXTENSION either);
-#  - metric_samples() returns the same samples as rows.
+#  - metric_samples() returns the same samples as rows;
+#  - without shared_preload_libraries the text still parses, the
+#    table-backed gauges work, nothing is counted.
 # Counting happens in database "app", where no worker runs (every job is
 # called by hand); the worker's own metrics are read in "postgres".
 use strict;
@@ -467,4 +469,26 @@ is(val(scrape('app'), 'resilience_worker_job_runs_total{job=reaper,result=succes
 	'and not in a database it does not serve');
 
 $node->stop;
+
+# ---- without shared_preload_libraries ----
+# The table-backed gauges still work, nothing is counted, the text parses.
+my $plain = PostgreSQL::Test::Cluster->new('metrics_plain');
+$plain->init;
+$plain->start;
+$plain->safe_psql('postgres', 'CREATE EXTENSION resilience');
+$plain->safe_psql('postgres', q{
+	INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('a.%', 'queue', 'c');
+	SELECT resilience.outbox_publish('a.b', '{}');
+	SELECT resilience.inbox_accept('c', 'm');
+	SELECT count(*) FROM resilience.run_reaper();
+});
+my $ptext = $plain->safe_psql('postgres', 'SELECT resilience.metrics()') . "\n";
+my $psamples = samples_of(parse_metrics($ptext));
+is($psamples->{'resilience_info{shared_preload_libraries=false,version=0.2}'}, 1,
+	'without preloading: resilience_info says so');
+is($psamples->{'resilience_outbox_backlog{route_id=1}'}, 1, 'table-backed gauges work');
+is($psamples->{'resilience_inbox_messages_total{result=accepted}'}, 0, 'nothing is counted');
+ok(!exists $psamples->{'resilience_rate_limit_keys{}'}, 'shared-memory gauges are absent');
+$plain->stop;
+
 done_testing();
