@@ -6,6 +6,9 @@
 #  - every signature in docs/*.md is one of the extension's: no function
 #    documented that does not exist, no stale argument list;
 #  - every table and view of the schema is named in docs/*.md;
+#  - every setting (pg_settings) is a row of the table "Every setting" of
+#    docs/operations.md with its default (as SHOW prints it) and context, and
+#    every row of that table is a setting;
 #  - README.md links to every page of docs/, and every relative link of
 #    README.md and docs/*.md leads to a file that exists, and to a heading
 #    that exists when it names one.
@@ -24,7 +27,6 @@ my $node = PostgreSQL::Test::Cluster->new('docs');
 $node->init;
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'resilience'
-resilience.database_names = ''
 });
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION resilience');
@@ -90,6 +92,30 @@ for my $rel (split /\n/, $node->safe_psql('postgres', q{
 {
 	ok($alltext =~ /resilience\.\Q$rel\E\b|`\Q$rel\E`/, "table or view resilience.$rel is named in docs/");
 }
+
+# Settings: docs/operations.md has a row "| `name` | `default` | context |".
+my %rows;
+open my $ops, '<', 'docs/operations.md' or die "docs/operations.md: $!";
+while (my $l = <$ops>)
+{
+	$rows{$1} = [ $2, $3 ] if $l =~ /^\|\s*`(resilience\.[a-z_]+)`\s*\|\s*`([^`]*)`\s*\|\s*([a-z]+)\s*\|/;
+}
+close $ops;
+my %settings;
+for my $line (split /\n/, $node->safe_psql('postgres', q{
+	SELECT name || '|' || current_setting(name) || '|' || context
+	  FROM pg_settings WHERE name LIKE 'resilience.%' ORDER BY 1}))
+{
+	my ($name, $value, $context) = split /\|/, $line, 3;
+	$settings{$name} = 1;
+	$value = "''" if $value eq '';
+	my $row = $rows{$name};
+	ok($row, "setting $name has a row in docs/operations.md") or next;
+	is($row->[0], $value, "docs/operations.md: the default of $name");
+	is($row->[1], $context, "docs/operations.md: the context of $name");
+}
+ok(keys %settings >= 30, 'the library defines its settings');
+ok($settings{$_}, "docs/operations.md: $_ is a setting") for sort keys %rows;
 
 # Links.
 sub slug
