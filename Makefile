@@ -1,5 +1,6 @@
 # resilience: PGXS build.  `make test` and `make demo` are the two commands a
-# newcomer needs (see README.md); the rest is ordinary PGXS.
+# newcomer needs (see README.md); the rest is ordinary PGXS, plus `make bench`,
+# `make bench-chart` and `make dist`.
 
 EXTENSION = resilience
 MODULE_big = resilience
@@ -48,7 +49,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-.PHONY: test demo bench bench-breakers
+.PHONY: test demo bench bench-breakers bench-chart dist
 
 # Every suite on a throwaway cluster; installs what is missing (as root).
 test:
@@ -65,3 +66,19 @@ bench:
 # Breaker and bulkhead calls as ratios to SELECT 1.
 bench-breakers:
 	bash bench/breakers.sh
+
+# A source tarball for PGXN: resilience-<META.json version>.tar.gz, the files
+# git tracks at HEAD (so no build outputs), in DISTDIR (default: here).
+DISTVERSION = $(shell perl -MJSON::PP -e 'local $$/; print decode_json(<>)->{version}' META.json)
+DISTDIR ?= .
+dist:
+	@test -z "$$(git status --porcelain --untracked-files=no)" || \
+		echo "warning: uncommitted changes are not in the tarball (it is made from HEAD)" >&2
+	git archive --format=tar.gz --prefix=$(EXTENSION)-$(DISTVERSION)/ \
+		-o $(DISTDIR)/$(EXTENSION)-$(DISTVERSION).tar.gz HEAD
+	@echo "$(DISTDIR)/$(EXTENSION)-$(DISTVERSION).tar.gz"
+
+# Rate-limit throughput vs clients (SELECT 1, rate_limit, Redis): the data
+# and the chart in docs/img (gnuplot).
+bench-chart:
+	bash bench/chart.sh

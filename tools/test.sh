@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # `make test`: every suite against a throwaway installation and cluster.
 #   pg_regress (sql/, expected/), isolation (test/specs), pgTAP (test/pgtap),
-#   TAP (test/t, PostgreSQL::Test::Cluster; each test makes its own nodes).
+#   TAP (test/t, PostgreSQL::Test::Cluster; each test makes its own nodes),
+#   dist (META.json, and `make dist`'s tarball builds and installs with PGXS).
 # Ends with one line "N passed, N failed"; exits non-zero on any failure.
 #   amqp (test/amqp: TAP tests against a private RabbitMQ node; installs
 #   rabbitmq-server and python3-pika only when this suite runs).
-# SUITES="regress isolation pgtap tap amqp" selects suites, TAP_FILES the TAP
+# SUITES="regress isolation pgtap tap amqp dist" selects suites, TAP_FILES the TAP
 # files (default test/t/*.pl), AMQP_FILES the amqp ones (test/amqp/*.pl);
 # KEEP_WORK=1 keeps the temporary files.
 . "$(dirname "$0")/cluster.sh"
@@ -14,7 +15,7 @@ ensure_packages
 build_and_install
 start_cluster "resilience.database_names = 'postgres'" "resilience.worker_naptime = '1s'"
 
-SUITES=${SUITES:-regress isolation pgtap tap amqp}
+SUITES=${SUITES:-regress isolation pgtap tap amqp dist}
 PASSED=0
 FAILED=0
 FAILURES=()
@@ -57,6 +58,71 @@ run_tap_count() { # suite args...
 	fi
 }
 
+# The package: META.json agrees with the control file, and the tarball of
+# `make dist` holds no build output and builds and installs on its own with
+# PGXS, as on a clean machine (no git, nothing but the tarball).  Needs a git
+# checkout (the tarball is made from HEAD): skipped in an unpacked tarball.
+run_dist() {
+	local out="$WORK/dist.out" ok=0 bad=0 ver tarball dir files
+	say "== dist"
+	check() { # description command...
+		local what=$1
+		shift
+		if "$@" >>"$out" 2>&1; then
+			ok=$((ok + 1))
+			say "ok - $what"
+		else
+			bad=$((bad + 1))
+			say "not ok - $what"
+			tail -n 20 "$out"
+		fi
+	}
+	if ! git -C "$SRC_DIR" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+		say "skipped: $SRC_DIR is not a git checkout"
+		count dist 0 0
+		return
+	fi
+	ver=$(sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" "$SRC_DIR/resilience.control")
+	check "META.json: version, provides and license agree with resilience.control and LICENSE" \
+		perl -MJSON::PP -e '
+			local $/;
+			open my $f, "<", "$ARGV[0]/META.json" or die "META.json: $!";
+			my $m = decode_json(<$f>);
+			(my $semver = $ARGV[1]) =~ s/^(\d+\.\d+)$/$1.0/;
+			my $p = $m->{provides}{resilience} or die "provides.resilience missing";
+			die "version $m->{version} is not $semver\n" unless $m->{version} eq $semver;
+			die "provides version $p->{version} is not $semver\n" unless $p->{version} eq $semver;
+			die "provides file $p->{file}\n" unless $p->{file} eq "resilience--$ARGV[1].sql" && -f "$ARGV[0]/$p->{file}";
+			die "license\n" unless $m->{license} eq "postgresql" && -f "$ARGV[0]/LICENSE";
+			die "meta-spec\n" unless $m->{"meta-spec"}{version} eq "1.0.0";
+			die "prereqs\n" unless $m->{prereqs}{runtime}{requires}{PostgreSQL};
+			die "$_ missing\n" for grep { !$m->{$_} } qw(name abstract maintainer tags);
+		' "$SRC_DIR" "$ver"
+	tarball="$WORK/resilience-${ver}.0.tar.gz"
+	[[ $ver == *.*.* ]] && tarball="$WORK/resilience-$ver.tar.gz"
+	check "make dist writes $(basename "$tarball")" \
+		make -s -C "$SRC_DIR" PG_CONFIG="$PG_CONFIG" DISTDIR="$WORK" dist
+	files=$(tar -tzf "$tarball" 2>/dev/null || true)
+	check "the tarball holds the sources, the control file, META.json and LICENSE" \
+		bash -c 'for f in Makefile META.json LICENSE resilience.control resilience--'"$ver"'.sql src/resilience.c; do
+			grep -qx "[^/]*/$f" <<<"$1" || { echo "missing: $f"; exit 1; }; done' _ "$files"
+	check "the tarball holds no build output or test result" \
+		bash -c '! grep -E "\.(o|so|bc|a)$|/(results|tmp_check|output_iso|log)/|regression\.(diffs|out)$|\.tar\.gz$" <<<"$1"' _ "$files"
+	dir="$WORK/dist"
+	mkdir -p "$dir"
+	tar -C "$dir" -xzf "$tarball"
+	[ -n "$RUNAS" ] && chown -R "$RUNAS:" "$dir"
+	dir=$(echo "$dir"/resilience-*/)
+	check "the unpacked tarball builds with PGXS" \
+		as_owner make -s -C "$dir" -j2 PG_CONFIG="$PG_CONFIG"
+	check "and installs" \
+		as_owner make -s -C "$dir" PG_CONFIG="$PG_CONFIG" DESTDIR="$WORK/dist/root" install
+	check "the installed files are there" \
+		test -f "$WORK/dist/root$("$PG_CONFIG" --pkglibdir)/resilience.so" -a \
+		-f "$WORK/dist/root$("$PG_CONFIG" --sharedir)/extension/resilience--$ver.sql"
+	count dist "$ok" "$bad"
+}
+
 for suite in $SUITES; do
 	case $suite in
 	regress)
@@ -85,6 +151,8 @@ for suite in $SUITES; do
 				[ -f "$f" ] && { say "--- $f (tail)"; tail -n 40 "$f"; }
 			done
 		fi ;;
+	dist)
+		run_dist ;;
 	*) die "unknown suite $suite" ;;
 	esac
 done
