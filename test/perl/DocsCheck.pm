@@ -1,4 +1,4 @@
-# Which SQL functions docs/*.md documents, for test/t/016_docs.pl.
+# Which SQL functions docs/*.md documents, for test/t/019_docs.pl.
 #
 # A function is documented when a page gives its signature: a line that
 # starts (after spaces) with
