@@ -92,7 +92,7 @@ run_dist() {
 			my $p = $m->{provides}{resilience} or die "provides.resilience missing";
 			die "version $m->{version} is not $semver\n" unless $m->{version} eq $semver;
 			die "provides version $p->{version} is not $semver\n" unless $p->{version} eq $semver;
-			die "provides file $p->{file}\n" unless $p->{file} eq "resilience--$ARGV[1].sql" && -f "$ARGV[0]/$p->{file}";
+			die "provides file $p->{file}\n" unless $p->{file} =~ /^resilience--[0-9.]+\.sql$/ && -f "$ARGV[0]/$p->{file}";
 			die "license\n" unless $m->{license} eq "postgresql" && -f "$ARGV[0]/LICENSE";
 			die "meta-spec\n" unless $m->{"meta-spec"}{version} eq "1.0.0";
 			die "prereqs\n" unless $m->{prereqs}{runtime}{requires}{PostgreSQL};
@@ -103,8 +103,10 @@ run_dist() {
 	check "make dist writes $(basename "$tarball")" \
 		make -s -C "$SRC_DIR" PG_CONFIG="$PG_CONFIG" DISTDIR="$WORK" dist
 	files=$(tar -tzf "$tarball" 2>/dev/null || true)
+	# the released install script and every upgrade script to this version
+	scripts=$(cd "$SRC_DIR" && ls resilience--*.sql)
 	check "the tarball holds the sources, the control file, META.json and LICENSE" \
-		bash -c 'for f in Makefile META.json LICENSE resilience.control resilience--'"$ver"'.sql src/resilience.c; do
+		bash -c 'for f in Makefile META.json LICENSE resilience.control '"$(echo $scripts)"' src/resilience.c; do
 			grep -qx "[^/]*/$f" <<<"$1" || { echo "missing: $f"; exit 1; }; done' _ "$files"
 	check "the tarball holds no build output or test result" \
 		bash -c '! grep -E "\.(o|so|bc|a)$|/(results|tmp_check|output_iso|log)/|regression\.(diffs|out)$|\.tar\.gz$" <<<"$1"' _ "$files"
@@ -118,8 +120,10 @@ run_dist() {
 	check "and installs" \
 		as_owner make -s -C "$dir" PG_CONFIG="$PG_CONFIG" DESTDIR="$WORK/dist/root" install
 	check "the installed files are there" \
-		test -f "$WORK/dist/root$("$PG_CONFIG" --pkglibdir)/resilience.so" -a \
-		-f "$WORK/dist/root$("$PG_CONFIG" --sharedir)/extension/resilience--$ver.sql"
+		bash -c 'test -f "$1/resilience.so" || exit 1; shift
+			for f; do test -f "$0/$f" || { echo "missing: $f"; exit 1; }; done' \
+			"$WORK/dist/root$("$PG_CONFIG" --sharedir)/extension" \
+			"$WORK/dist/root$("$PG_CONFIG" --pkglibdir)" $scripts
 	count dist "$ok" "$bad"
 }
 
