@@ -16,6 +16,7 @@
 #   CHART_DIR=docs/img     where the .dat and .png go
 #   KEEP_WORK=1            keep $WORK (raw outputs in $WORK/chart)
 . "$(dirname "$0")/../tools/cluster.sh"
+. "$(dirname "$0")/redis.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-5}
@@ -25,27 +26,10 @@ CHART_DIR=${CHART_DIR:-$SRC_DIR/docs/img}
 CAPACITY=1000000
 REFILL=1000000
 NKEYS=100000
-REDIS_STARTED=""
-
-start_redis() {
-	REDIS_SOCK="$WORK/redis.sock"
-	as_owner redis-server --port 0 --unixsocket "$REDIS_SOCK" --unixsocketperm 700 \
-		--save '' --appendonly no --daemonize yes --dir "$WORK" \
-		--pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log"
-	REDIS_STARTED=1
-	local _
-	for _ in $(seq 50); do
-		redis-cli -s "$REDIS_SOCK" ping >/dev/null 2>&1 && return 0
-		sleep 0.1
-	done
-	cat "$WORK/redis.log"
-	die "redis-server did not start"
-}
-
 chart_cleanup() {
 	local rc=$?
 	set +e
-	[ -n "$REDIS_STARTED" ] && redis-cli -s "$REDIS_SOCK" shutdown nosave >/dev/null 2>&1
+	stop_redis
 	(exit "$rc")
 	cleanup
 }
