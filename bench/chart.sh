@@ -67,7 +67,7 @@ median() {
 		print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-ensure_packages "postgresql-client-$PG_MAJOR" redis-server redis-tools gnuplot-nox
+ensure_packages postgresql-client-15 redis-server redis-tools gnuplot-nox
 build_and_install
 start_cluster "resilience.max_keys = 200000" "max_connections = 100" "shared_buffers = 256MB"
 start_redis

@@ -95,7 +95,7 @@ run_redis() {
 	record "$id" "$2" "$(redis_rps "$OUT/$id.txt" "$n" "${@:3}")"
 }
 
-ensure_packages "postgresql-client-$PG_MAJOR" redis-server redis-tools
+ensure_packages postgresql-client-15 redis-server redis-tools
 build_and_install
 # 100k random keys must fit without eviction; room for 8 clients and more.
 # fsync stays off as in the test harness (reported below).

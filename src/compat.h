@@ -2,8 +2,13 @@
  *
  * compat.h
  *		The one place that knows about differences between PostgreSQL
- *		major versions (14 to 17).  Code elsewhere calls the _compat
- *		wrappers instead of testing PG_VERSION_NUM itself.
+ *		major versions.  Code elsewhere calls the _compat wrappers instead
+ *		of testing PG_VERSION_NUM itself.  Each difference names the
+ *		release that introduced it.
+ *
+ * Tested on every commit (make test): PostgreSQL 15 and 18.  The branches
+ * for 16 and 17 are the ones 18 takes, but those releases are not built
+ * here; the branches for 14 are untested.
  *
  *-------------------------------------------------------------------------
  */
@@ -14,6 +19,11 @@
 
 #if PG_VERSION_NUM < 140000
 #error "resilience requires PostgreSQL 14 or later"
+#endif
+
+/* PostgreSQL 16 moved the varlena macros (VARDATA_ANY...) to varatt.h. */
+#if PG_VERSION_NUM >= 160000
+#include "varatt.h"
 #endif
 
 /*

@@ -56,7 +56,7 @@ sql "SELECT database, state, job, job_interval, runs, failures FROM resilience.w
 step "7. A clean restart keeps every bucket"
 sql "SELECT allowed, remaining FROM resilience.rate_limit_check('user:99', 5, 0.001, cost => 4);"
 explain "Restarting the server (the state is written to a file at shutdown and read at start)..."
-as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$WORK/server.log" -w restart >/dev/null
+as_owner "$BINDIR/pg_ctl" -D "$DATA" -l "$SERVER_LOG" -w restart >/dev/null
 sql "SELECT allowed, remaining FROM resilience.rate_limit_check('user:99', 5, 0.001, cost => 0);"
 explain "The bucket still holds the 1 token it had: a restart is not a way around a limit. (After a crash buckets start full; see docs/rate-limiting.md.)"
 

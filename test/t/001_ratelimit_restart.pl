@@ -82,7 +82,7 @@ $node->poll_query_until('postgres', 'SELECT 1', '1')
 ok( $node->poll_query_until('postgres',
 		q{SELECT resilience.rate_limit('r:k9', 5, 0, 5)}, 't'),
 	'after kill -9 of a backend in the middle of calls, the next call works and the bucket starts full');
-ok( $node->log_contains(qr/server process .* was terminated by signal 9/),
+ok( $node->log_contains(qr/\(PID \d+\) was terminated by signal 9/),
 	'the kill was seen as a crash');
 my @sessions;
 for my $i (1 .. 4)

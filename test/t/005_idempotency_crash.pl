@@ -50,7 +50,7 @@ kill 'KILL', $pid;
 $bg->{run}->kill_kill;
 $node->poll_query_until('postgres', 'SELECT 1', '1')
   or die 'the server did not come back after kill -9';
-ok($node->log_contains(qr/server process .* was terminated by signal 9/),
+ok($node->log_contains(qr/\(PID \d+\) was terminated by signal 9/),
 	'the backend was killed and the server restarted');
 
 # Right after the restart: still in progress, its lock has not expired.

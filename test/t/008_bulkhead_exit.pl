@@ -168,7 +168,7 @@ kill 'KILL', $holder_pid;
 $holder->{run}->kill_kill;
 $node->poll_query_until('postgres', 'SELECT 1', '1')
   or die 'the server did not come back after kill -9';
-ok($node->log_contains(qr/server process .* was terminated by signal 9/), 'the kill was seen as a crash');
+ok($node->log_contains(qr/\(PID \d+\) was terminated by signal 9/), 'the kill was seen as a crash');
 is(try_acquire('k9:session', 1), 't', 'after kill -9 of the holder its session permit is back');
 is(try_acquire('k9:xact', 1), 't', 'after kill -9 of the holder its transaction permit is back');
 is($node->safe_psql('postgres', 'SELECT coalesce(sum(in_use + waiting), 0) FROM resilience.bulkheads'),

@@ -102,7 +102,7 @@ kill 'KILL', $bg_pid;
 $bg->{run}->kill_kill;
 $node->poll_query_until('postgres', 'SELECT 1', '1')
   or die 'the server did not come back after kill -9';
-ok($node->log_contains(qr/server process .* was terminated by signal 9/), 'the kill was seen as a crash');
+ok($node->log_contains(qr/\(PID \d+\) was terminated by signal 9/), 'the kill was seen as a crash');
 is($node->safe_psql('postgres', q{SELECT resilience.breaker_state('r:k9')}), 'closed',
 	'after kill -9 of a backend breakers start closed');
 

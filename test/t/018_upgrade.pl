@@ -100,7 +100,7 @@ $node->safe_psql('upg', qq{SELECT resilience.fence('ledger', $token)});
 my $t2 = $node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-1', '1 min', 'w1')});
 $node->safe_psql('upg', qq{SELECT resilience.lock_release('job-1', $t2)});
 $node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-2', '100 ms', 'w1')});
-$node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-3', '2 s', 'w1')});
+$node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-3', '10 s', 'w1')});  # held across the update, even on a slow machine
 usleep(200_000);
 # the new library on the 0.1 schema: takeover and release still work
 my $t3 = $node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-2', '1 min', 'w2')});
@@ -196,7 +196,7 @@ is($node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-2', '1 min', 'w
 my $m1 = scrape();
 is($m1->{resilience_lease_takeovers_total} - $m0->{resilience_lease_takeovers_total}, 0,
 	'and not counted as a takeover (it may have been released)');
-usleep(2_000_000) while $node->safe_psql('upg', q{SELECT expires_at > now() FROM resilience.leases WHERE name = 'job-3'}) eq 't';
+usleep(200_000) while $node->safe_psql('upg', q{SELECT expires_at > now() FROM resilience.leases WHERE name = 'job-3'}) eq 't';
 is($node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-3', '1 min', 'w4') IS NOT NULL}), 't',
 	'a lease held across the update, then expired, is taken');
 is(scrape()->{resilience_lease_takeovers_total} - $m1->{resilience_lease_takeovers_total}, 1,
