@@ -55,7 +55,7 @@
  * of entries worth keeping costs at most one sweep per 10 ms (about 5% of
  * one CPU), not one per call.  Freed entries (the free list) are used at
  * once all the same.
-
+ *
  * The state file
  * --------------
  * At a clean shutdown the postmaster writes pg_stat/resilience.state (magic,
