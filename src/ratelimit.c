@@ -22,6 +22,12 @@
  * interval ever holds more than max admitted requests; the price is that up to
  * 1/(WINDOW_SLOTS - 1) of a window's capacity may be refused near its edge.
  *
+ * A full table (resilience.when_full = evict) gives a new key only an entry
+ * whose state equals a fresh one (rate_entry_idle): a depleted bucket or a
+ * counting window is never evicted, so creating keys cannot reset a limit.
+ * When there is no such entry, the new key is refused untracked, as with
+ * deny.
+ *
  * Named policies are rows of resilience.rate_limit_policies, cached per
  * backend and dropped from the cache by a relcache invalidation that a
  * statement trigger on the table sends at commit.
@@ -322,7 +328,15 @@ window_decide(RateState *s, bool fresh, const RateRequest *req, int64 now,
 	}
 }
 
-/* Dropping an entry loses nothing when its bucket is full or window empty. */
+/*
+ * The table's eviction callback (shmem.c): may this entry be dropped, for a
+ * new key or by the reaper?  Only when its state is the state a fresh entry
+ * would have now: a bucket full at this moment (it has refilled by now), a
+ * window that counts nothing within its last window.  Anything else, a
+ * depleted bucket above all, stays, so nobody resets a limit by creating
+ * keys.  Runs under the entry's spinlock: arithmetic only, at most
+ * WINDOW_SLOTS steps.
+ */
 static bool
 rate_entry_idle(ShmEntry *entry, void *payload, int64 now)
 {
@@ -332,13 +346,15 @@ rate_entry_idle(ShmEntry *entry, void *payload, int64 now)
 		return bucket_level(s, now) + TOKEN_EPSILON >= s->limit;
 	else
 	{
-		int64		cur = now / s->u.window.slot_ns;
-		int			i;
+		int64		cur;
+		int64		n;
 
-		if (cur >= s->u.window.base + WINDOW_SLOTS)
-			return true;
-		for (i = 0; i < WINDOW_SLOTS; i++)
-			if (s->u.window.counts[i] != 0)
+		if (s->u.window.slot_ns <= 0)
+			return true;		/* never decided on: zeroed as when new */
+		cur = now / s->u.window.slot_ns;
+		/* slot n counts until the clock reaches slot n + WINDOW_SLOTS */
+		for (n = Max(s->u.window.base, cur) - WINDOW_SLOTS + 1; n <= s->u.window.base; n++)
+			if (s->u.window.counts[slot_index(n)] != 0)
 				return false;
 		return true;
 	}
@@ -587,9 +603,12 @@ decide(RateRequest *req, RateDecision *d)
 		fresh = !found;
 		if (entry == NULL)
 		{
-			/* table full: resilience.when_full decides */
-			if (resilience_when_full == WHEN_FULL_ALLOW ||
-				resilience_when_full == WHEN_FULL_DENY)
+			/*
+			 * Table full, resilience.when_full decides.  evict found no entry
+			 * whose state equals a fresh one: it refuses, like deny (failing
+			 * open here would hand a flood of new keys what it wants).
+			 */
+			if (resilience_when_full != WHEN_FULL_ERROR)
 			{
 				d->allowed = (resilience_when_full == WHEN_FULL_ALLOW);
 				d->limit = req->limit;
@@ -604,8 +623,6 @@ decide(RateRequest *req, RateDecision *d)
 					 errmsg("rate-limit table is full"),
 					 errdetail("All %d entries (resilience.max_keys) are in use.",
 							   resilience_max_keys),
-					 resilience_when_full == WHEN_FULL_EVICT ?
-					 errhint("Every key is in use and none could be evicted; raise resilience.max_keys (server restart).") :
 					 errhint("Raise resilience.max_keys (server restart), or set resilience.when_full to evict, allow or deny.")));
 		}
 	}
@@ -1004,14 +1021,61 @@ ratelimit_state_save(FILE *file)
 }
 
 /*
+ * Why a saved entry cannot be restored, or NULL if it can: only what
+ * save_entry writes passes (a limit >= 1; a finite refill rate >= 0 and a
+ * finite level within [0, limit]; a slot width of a window we accept, and
+ * counts >= 0 that add up to at most PG_INT32_MAX; a last use not in the
+ * future).
+ */
+static const char *
+rate_saved_invalid(const RateSaved *rec)
+{
+	int64		sum = 0;
+	int			i;
+
+	if (rec->kind != KIND_BUCKET && rec->kind != KIND_WINDOW)
+		return "an unknown kind";
+	if (rec->keylen == 0)
+		return "an empty key";
+	if (rec->limit <= 0)
+		return "a limit below 1";
+	if (rec->idle_ns < 0)
+		return "a last use in the future";
+	if (rec->kind == KIND_BUCKET)
+	{
+		if (isnan(rec->rate) || isinf(rec->rate) || rec->rate < 0)
+			return "a refill rate that is not a finite number >= 0";
+		if (isnan(rec->tokens) || rec->tokens < 0 || rec->tokens > rec->limit)
+			return "a token count outside [0, limit]";
+		return NULL;
+	}
+	if (rec->slot_ns <= 0 || rec->slot_ns > window_slot_ns(MAX_WINDOW_NS))
+		return "a window slot width out of range";
+	for (i = 0; i < WINDOW_SLOTS; i++)
+	{
+		if (rec->counts[i] < 0)
+			return "a negative window count";
+		sum += rec->counts[i];
+	}
+	if (sum > PG_INT32_MAX)
+		return "window counts that overflow";
+	return NULL;
+}
+
+/*
  * Restore saved entries.  Downtime is not credited: a bucket resumes at the
- * level it had at shutdown, a window's counts at its newest slot.
+ * level it had at shutdown, a window's counts at its newest slot.  Entries
+ * that fail rate_saved_invalid are skipped (one LOG line for all of them);
+ * false only when the file ends early.
  */
 bool
 ratelimit_state_load(FILE *file, uint32 nrecords)
 {
 	char	   *key = palloc(PG_UINT16_MAX);
 	int64		now = resilience_clock_ns();
+	uint32		nskipped = 0;
+	const char *first_problem = NULL;
+	bool		ok = true;
 	uint32		i;
 
 	for (i = 0; i < nrecords; i++)
@@ -1020,16 +1084,21 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 		ShmEntry   *entry;
 		RateState  *s;
 		bool		found;
+		const char *problem;
 		int			j;
 
 		if (!state_read(file, &rec, sizeof(rec)) ||
-			(rec.kind != KIND_BUCKET && rec.kind != KIND_WINDOW) ||
-			rec.keylen == 0 || rec.limit <= 0 ||
-			(rec.kind == KIND_WINDOW && rec.slot_ns <= 0) ||
 			!state_read(file, key, rec.keylen))
 		{
-			pfree(key);
-			return false;
+			ok = false;
+			break;
+		}
+		problem = rate_saved_invalid(&rec);
+		if (problem)
+		{
+			if (nskipped++ == 0)
+				first_problem = problem;
+			continue;
 		}
 
 		if (rec.keylen > resilience_max_key_length)
@@ -1045,7 +1114,7 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 		s->denied = rec.denied;
 		if (rec.kind == KIND_BUCKET)
 		{
-			s->u.bucket.tokens = Min(Max(rec.tokens, 0.0), (double) rec.limit);
+			s->u.bucket.tokens = rec.tokens;
 			s->u.bucket.rate = rec.rate;
 			s->u.bucket.stamp = now;
 		}
@@ -1061,5 +1130,11 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 		LWLockRelease(shm_table_lock(rate_table, entry->hash));
 	}
 	pfree(key);
-	return true;
+	if (nskipped > 0)
+		ereport(LOG,
+				(errmsg("resilience state file: skipped %u of %u saved rate-limit keys whose state is invalid",
+						nskipped, nrecords),
+				 errdetail("The first one skipped had %s.", first_problem),
+				 errhint("The other keys were restored; skipped keys start afresh.")));
+	return ok;
 }

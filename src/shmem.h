@@ -38,7 +38,13 @@ typedef struct ShmEntry
 
 typedef struct ShmTable ShmTable;
 
-/* Is this entry's state worth nothing (dropping it loses no information)? */
+/*
+ * The owner's eviction rule: is this entry's state worth nothing (the state
+ * a fresh entry would have now, so dropping it loses no information)?  Only
+ * such entries are evicted or swept.  Called with the partition lock held
+ * exclusively and the entry's spinlock held: no errors, no allocation, a
+ * small bounded amount of work.
+ */
 typedef bool (*ShmIdleFn) (ShmEntry *entry, void *payload, int64 now);
 
 /* Counters a table keeps about itself (read without locks). */

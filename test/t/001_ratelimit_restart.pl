@@ -3,6 +3,8 @@
 #  - after a crash (immediate stop, or kill -9 of a backend) buckets start full;
 #  - kill -9 of a backend in the middle of calls leaves nothing locked;
 #  - a damaged or foreign state file is ignored, never fatal;
+#  - entries of the state file with invalid values (NaN, infinite or negative
+#    rates, counts out of range) are skipped one by one, the rest restored;
 #  - without shared_preload_libraries the functions raise 55000 with a hint.
 use strict;
 use warnings;
@@ -120,6 +122,79 @@ ok($node->log_contains(qr/ignoring resilience state file/, $offset),
 	'a foreign state file is ignored');
 is($node->safe_psql('postgres', q{SELECT resilience.rate_limit('r:fresh2', 1, 0)}),
 	't', 'and the server runs');
+
+# Entries with impossible values (NaN, infinite or negative refill rates,
+# tokens beyond the capacity, negative or overflowing window counts, ...) are
+# skipped one by one with one LOG line; the valid ones are restored.
+# RateSaved in src/ratelimit.c: kind, pad, keylen, limit, allowed, denied,
+# tokens, rate, slot_ns, counts[16], idle_ns.
+my $rec_tmpl = 'C x S l Q Q d d q l16 q';
+my $rec_len = length(pack($rec_tmpl, (0) x 25));
+my $inf = 9**9**9;
+my $nan = $inf - $inf;
+$node->safe_psql('postgres', q{
+SELECT resilience.rate_limit('sf:good-bucket', 10, 0, 7);
+SELECT resilience.window_limit('sf:good-window', 5, '1 hour', 4);
+SELECT resilience.rate_limit('sf:' || k, 10, 0.001, 10)
+  FROM unnest(ARRAY['nan-rate', 'inf-rate', 'neg-rate', 'nan-tokens', 'big-tokens', 'neg-idle']) k;
+SELECT resilience.window_limit('sf:' || k, 5, '1 hour', 5)
+  FROM unnest(ARRAY['neg-count', 'overflow-counts', 'huge-slot']) k;
+});
+$node->stop('fast');
+my $state = slurp_file($file);
+my %damage = (
+	'sf:nan-rate' => sub { $_[0][6] = $nan },
+	'sf:inf-rate' => sub { $_[0][6] = $inf },
+	'sf:neg-rate' => sub { $_[0][6] = -5 },
+	'sf:nan-tokens' => sub { $_[0][5] = $nan },
+	'sf:big-tokens' => sub { $_[0][5] = 1e300 },
+	'sf:neg-idle' => sub { $_[0][24] = -4e18 },
+	'sf:neg-count' => sub { $_[0][23] = -1000 },
+	'sf:overflow-counts' => sub { $_[0][$_] = 2147483647 for 8 .. 23 },
+	'sf:huge-slot' => sub { $_[0][7] = 9223372036854775807 },
+);
+my ($magic, $version, $format, $section, $n) = unpack('L5', $state);
+is($section, 1, 'the rate-limit section comes first in the state file');
+my $pos = 20;
+my ($crafted, $damaged) = (substr($state, 0, $pos), 0);
+for (1 .. $n)
+{
+	my @f = unpack($rec_tmpl, substr($state, $pos, $rec_len));
+	my $key = substr($state, $pos + $rec_len, $f[1]);
+	if ($damage{$key})
+	{
+		$damage{$key}->(\@f);
+		$damaged++;
+	}
+	$crafted .= pack($rec_tmpl, @f) . $key;
+	$pos += $rec_len + $f[1];
+}
+$crafted .= substr($state, $pos);
+is($damaged, 9, 'nine entries of the state file were damaged');
+ok(substr($state, -8) eq pack('L2', 0, 0) && unpack('L', substr($state, $pos, 4)) == 2,
+	'the record layout the test assumes matches the file');
+open($fh, '>', $file) or die $!;
+print $fh $crafted;
+close $fh;
+$offset = -s $node->logfile;
+$node->start;
+is($node->safe_psql('postgres', q{SELECT resilience.rate_limit('r:fresh3', 1, 0)}),
+	't', 'a state file with invalid entries does not stop the server');
+my $log = slurp_file($node->logfile, $offset);
+my @skipped = $log =~ /(skipped \d+ of \d+ saved rate-limit keys)/g;
+is(scalar(@skipped), 1, 'one LOG line for the invalid entries');
+like($skipped[0] // '', qr/^skipped 9 of $n /, '... counting the nine skipped');
+unlike($log, qr/resilience state file .* is damaged/, 'the file is not taken for damaged');
+is( $node->safe_psql('postgres', q{
+SELECT string_agg(key, ' ' ORDER BY key) FROM resilience.rate_limits
+ WHERE key LIKE 'sf:%' AND key NOT LIKE 'sf:good-%'}),
+	'', 'the invalid entries were dropped');
+is( $node->safe_psql('postgres', q{
+SELECT string_agg(k || '=' || remaining, ' ' ORDER BY k) FROM (
+  SELECT 'bucket' k, remaining FROM resilience.rate_limit_check('sf:good-bucket', 10, 0, 0)
+  UNION ALL SELECT 'window', remaining FROM resilience.window_limit_check('sf:good-window', 5, '1 hour', 0)
+) s}),
+	'bucket=3 window=1', 'the valid entries next to them were restored');
 $node->stop('fast');
 
 # without shared_preload_libraries

@@ -3,7 +3,8 @@
 #    capacity + refill_per_sec * elapsed, and at least 99% of it;
 #  - a sliding window never admits more than max in any window-long interval
 #    (checked from timestamps taken before and after each admitted call);
-#  - resilience.when_full: evict (idle keys first), allow, deny, error.
+#  - resilience.when_full: evict (idle keys only; refused when there is
+#    none), allow, deny, error.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -104,12 +105,14 @@ SELECT count(*) FROM resilience.rate_limits WHERE key LIKE 'busy:%' AND floor(av
 is( $node->safe_psql('postgres', q{SELECT count(*) FROM resilience.rate_limits WHERE key LIKE 'idle:%'}),
 	'0', 'evict: every idle key is gone');
 
-# nothing idle left: the least recently used key goes
+# nothing idle left: no key with state is evicted, the new key is refused
 $node->safe_psql('postgres', q{SELECT resilience.rate_limit('new:' || i, 10, 0.001, 10) FROM generate_series(1, 8) i});
-is($node->safe_psql('postgres', q{SELECT resilience.rate_limit('last', 10, 1)}),
-	't', 'evict with no idle key: still admitted');
-is( $node->safe_psql('postgres', q{SELECT count(*) FROM resilience.rate_limits WHERE key LIKE 'busy:%'}),
-	'7', 'evict with no idle key: one least recently used key was dropped');
+is( $node->safe_psql('postgres', q{
+SELECT allowed::text || ',' || remaining || ',' || coalesce(retry_after_ms::text, 'null')
+  FROM resilience.rate_limit_check('last', 10, 1)}),
+	'false,0,null', 'evict with no idle key: the new key is refused, as with deny');
+is( $node->safe_psql('postgres', q{SELECT count(*) FROM resilience.rate_limits WHERE key LIKE 'busy:%' OR key LIKE 'new:%'}),
+	'16', 'evict with no idle key: no drained bucket was dropped');
 
 is( $node->safe_psql('postgres', q{
 SET resilience.when_full = 'deny';
@@ -127,12 +130,12 @@ SELECT resilience.rate_limit('error:1', 10, 1)});
 like($err, qr/53200.*rate-limit table is full/s, 'error: 53200');
 like($err, qr/HINT:.*resilience.max_keys/, 'error: with a hint');
 is( $node->safe_psql('postgres',
-		q{SELECT count(*) FROM resilience.rate_limits WHERE key IN ('deny:1', 'allow:1', 'error:1')}),
-	'0', 'allow, deny and error track nothing');
+		q{SELECT count(*) FROM resilience.rate_limits WHERE key IN ('deny:1', 'allow:1', 'error:1', 'last')}),
+	'0', 'evict (with nothing to evict), allow, deny and error track nothing');
 is( $node->safe_psql('postgres', q{
 SET resilience.when_full = 'error';
-SELECT resilience.rate_limit('last', 10, 1)}),
-	't', 'keys already in the table keep working when it is full');
+SELECT remaining FROM resilience.rate_limit_check('busy:1', 10, 0.001, 0)}),
+	'0', 'keys already in the table keep working when it is full');
 
 $node->stop;
 done_testing();
