@@ -462,7 +462,8 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 		count++;
 		total += k.val.string.len + v.val.string.len;
 	}
-	if (count > HEADERS_MAX || total > HEADERS_TOTAL_MAX)
+	/* the limits bind events; a route's own headers are the admin's choice */
+	if (event && (count > HEADERS_MAX || total > HEADERS_TOTAL_MAX))
 	{
 		*detail = psprintf("There are %d headers of %d bytes (names and values).", count, total);
 		return psprintf("at most %d headers of %d bytes in all are allowed",
@@ -485,8 +486,13 @@ parse_headers(JsonbContainer *container, const char *what, bool event)
 	List	   *result = NIL;
 	char	   *detail;
 	char	   *hint;
-	const char *problem = headers_problem(container, event, &detail, &hint);
+	const char *problem;
 
+	if (!JsonContainerIsObject(container))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object of header names and string values", what)));
+	problem = headers_problem(container, event, &detail, &hint);
 	if (problem)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
