@@ -2,10 +2,8 @@
 SET client_min_messages = warning;
 DELETE FROM resilience.outbox_routes;
 TRUNCATE resilience.outbox;
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
-VALUES ('q.%', 'queue', 'c');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options)
-VALUES ('hook.%', 'http', 'http://127.0.0.1:9/h', '{"headers": {"X-Route": "route"}}');
+VALUES ('hook.%', 'http', 'http://127.0.0.1:9/h', '{"headers": {"X-Route": "route"}}'), ('q.%', 'queue', 'c', '{}');
 
 -- publish
 SELECT sqlstate_of($$SELECT resilience.outbox_publish(NULL, '{}')$$);
@@ -63,7 +61,6 @@ INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALU
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": 5}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": "socks5://127.0.0.1:1080"}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": "http://proxy.example.com:3128"}');
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"headers": {"CC": "x"}}');
 -- amqp targets and options (checked without contacting any broker)
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'http://127.0.0.1/');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqps://u:secret@127.0.0.1/');

@@ -445,7 +445,9 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 		if (event && header_event_reserved(name))
 		{
 			*detail = pstrdup("Events cannot carry Authorization, Proxy-Authorization, Cookie, CC or BCC.");
-			*hint = pstrdup("Credentials for a destination belong in its route's option \"headers\".");
+			*hint = pg_strcasecmp(name, "CC") == 0 || pg_strcasecmp(name, "BCC") == 0 ?
+				pstrdup("CC and BCC make a RabbitMQ broker copy the message to other queues: send it to them with routes.") :
+				pstrdup("Credentials for a destination belong in its route's option \"headers\".");
 			return psprintf("header \"%s\" is reserved", name);
 		}
 		if (v.type != jbvString)
