@@ -24,6 +24,13 @@
  * for one key, seq order is commit order.  Ids (taken at publish) carry no
  * order; they are what consumers deduplicate on.
  *
+ * Event headers are checked at publication (headers_problem: valid names
+ * and values, at most HEADERS_MAX headers of HEADERS_TOTAL_MAX bytes, no
+ * name the relay, the transport or a matching route sets) and again by the
+ * sinks before each send (outbox_item_headers), since a row may have been
+ * written before these checks or by hand: a bad one makes its event a dead
+ * letter, and a header its route sets too is dropped (the route's wins).
+ *
  * Claims: which events may go now
  * -------------------------------
  * The rows of a route are read in seq order, all of them that are not yet

@@ -44,7 +44,14 @@
  * answer also pauses the destination for that long.  While a destination
  * is open or paused its routes are not claimed at all.  The state and the
  * per-route counters live in shared memory under one LWLock (touched a few
- * times per batch); without preloading, in the relaying process.
+ * times per batch); without preloading, in the relaying process.  Route ids
+ * are per database, so the counters are kept per (database, route id); a
+ * breaker is per destination, shared by the databases that send there.
+ *
+ * Errors recorded (last_error of the rows, the dead letters and the
+ * counters) may quote an endpoint's answer or a broker's reply, cut
+ * anywhere: they are made valid text in the database encoding first
+ * (clean_error) and cut at character boundaries.
  *
  *-------------------------------------------------------------------------
  */

@@ -30,7 +30,12 @@
  * deadline has not passed; any other reply to a command that was sent is
  * recorded as an event and ignored.  An async step whose last attempt timed
  * out (or that was abandoned by saga_abort) may have been done by its
- * participant, so it is compensated too.
+ * participant, so it is compensated too.  A command the outbox refuses (a
+ * route that does not accept its payload, say) is published in a
+ * subtransaction, and its error fails that attempt for good: one saga never
+ * keeps the orchestrator from the others.  Names that travel in command
+ * headers are checked by saga_define (step names: letters, digits, _ - .;
+ * saga names: no control characters).
  *
  * Security: every step runs as the role that defined the saga, never as a
  * superuser (saga_define refuses one; a step refuses a definer that has
