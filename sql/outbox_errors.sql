@@ -2,8 +2,8 @@
 SET client_min_messages = warning;
 DELETE FROM resilience.outbox_routes;
 TRUNCATE resilience.outbox;
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
-VALUES ('hook.%', 'http', 'http://127.0.0.1:9/h'), ('q.%', 'queue', 'c');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options)
+VALUES ('hook.%', 'http', 'http://127.0.0.1:9/h', '{"headers": {"X-Route": "route"}}'), ('q.%', 'queue', 'c', '{}');
 
 -- publish
 SELECT sqlstate_of($$SELECT resilience.outbox_publish(NULL, '{}')$$);
@@ -17,6 +17,17 @@ SELECT resilience.outbox_publish('t', '{}', 'k', '{"Bad Name": "x"}');
 SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-Num": 1}');
 SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-A": "line\nbreak"}');
 SELECT resilience.outbox_publish('t', '{}', 'k', '{"Idempotency-Key": "mine"}');
+-- headers: at most 64, 8192 bytes in all; names the transport or the route sets are refused
+SELECT resilience.outbox_publish('t', '{}', 'k', (SELECT jsonb_object_agg('X-H' || i, 'v') FROM generate_series(1, 65) i));
+SELECT resilience.outbox_publish('t', '{}', 'k', (SELECT jsonb_object_agg('X-H' || i, repeat('v', 1000)) FROM generate_series(1, 9) i));
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"Authorization": "Bearer attacker"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"cookie": "session=1"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"Proxy-Authorization": "Basic eA=="}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"CC": "other.queue"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"bcc": "other.queue"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-A": "carriage\rreturn"}');
+SELECT resilience.outbox_publish('hook.x', '{}', 'k', '{"X-Route": "mine"}');
+SELECT resilience.outbox_publish('t', '{}', 'k', '{"X-Route": "fine: no route sets it for t"}') > 0 AS unrouted_ok;
 SELECT resilience.outbox_publish('t', '{}', 'k', '{}', '-1 second');
 SELECT sqlstate_of($$SELECT resilience.outbox_publish('t', '{}', 'k', '{}', '400 days')$$);
 -- the http route takes JSON objects or arrays; the queue route anything
@@ -47,6 +58,9 @@ INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALU
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"timeout_ms": 100, "connect_timeout_ms": 200}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"backoff_base_ms": 100, "backoff_max_ms": 50}');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"headers": {"Content-Type": "text/plain"}}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": 5}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": "socks5://127.0.0.1:1080"}');
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES ('x', 'http', 'http://127.0.0.1/', '{"proxy": "http://proxy.example.com:3128"}');
 -- amqp targets and options (checked without contacting any broker)
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'http://127.0.0.1/');
 INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('x', 'amqp', 'amqps://u:secret@127.0.0.1/');

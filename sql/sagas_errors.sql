@@ -58,6 +58,11 @@ SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_atte
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "max_attempts": "3"}]');
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": "1 s"}]');
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"factor": 2}}]');
+-- step names: 1 to 63 letters, digits, _ - . (they travel in headers and events)
+SELECT resilience.saga_define('s', jsonb_build_array(jsonb_build_object('name', E'x\ny', 'action', 'async', 'topic', 't')));
+SELECT resilience.saga_define('s', '[{"name": "a b", "action": "bad.ok"}]');
+SELECT resilience.saga_define('s', '[{"name": "ok", "action": "bad.ok"}, {"name": "caf\u00e9", "action": "bad.ok"}]');
+SELECT resilience.saga_define(E'tab\there', '[{"name": "a", "action": "bad.ok"}]');
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"base": "0 s"}}]');
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"base": "2 s", "cap": "1 s"}}]');
 SELECT resilience.saga_define('s', '[{"name": "a", "action": "bad.ok", "backoff": {"cap": "2 days"}}]');

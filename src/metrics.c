@@ -244,7 +244,7 @@ static const FamilyDef families[] = {
 		"1 for the state of the relay's breaker for a route's destination, 0 for the others.",
 		FAMILY_QUERY},
 	{"resilience_outbox_route_info", "gauge",
-		"A route's topic pattern, sink, target (credentials removed) and whether it is enabled; 1.",
+		"A route's topic pattern, sink, host (never the target's path: webhook URLs carry tokens there) and whether it is enabled; 1.",
 		FAMILY_QUERY},
 
 	/* sagas (this database) */
@@ -353,8 +353,12 @@ static const GaugeQuery gauge_queries[] = {
 		"     FROM unnest(ARRAY['closed', 'open', 'half_open', 'paused']) s(state)"
 		"    WHERE o.route_id IS NOT NULL"
 		"   UNION ALL SELECT 'resilience_outbox_route_info',"
-		"          ARRAY['topic_pattern', o.topic_pattern, 'sink', o.sink,"
-		"                'target', o.target, 'enabled', o.enabled::text], 1"
+		"          ARRAY['topic_pattern', o.topic_pattern, 'sink', o.sink, 'host',"
+		"                CASE WHEN o.sink IN ('http', 'amqp')"
+		"                     THEN pg_catalog.substring(o.target,"
+		"                          '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\\[[^]/?#]*\\]|[^:/?#]*)')"
+		"                     ELSE o.target END,"
+		"                'enabled', o.enabled::text], 1"
 		"    WHERE o.route_id IS NOT NULL"
 		"  ) m(metric, labels, value)"},
 	/* unfinished sagas only, through indexes: finished ones are counted by events */

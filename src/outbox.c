@@ -24,6 +24,13 @@
  * for one key, seq order is commit order.  Ids (taken at publish) carry no
  * order; they are what consumers deduplicate on.
  *
+ * Event headers are checked at publication (headers_problem: valid names
+ * and values, at most HEADERS_MAX headers of HEADERS_TOTAL_MAX bytes, no
+ * name the relay, the transport or a matching route sets) and again by the
+ * sinks before each send (outbox_item_headers), since a row may have been
+ * written before these checks or by hand: a bad one makes its event a dead
+ * letter, and a header its route sets too is dropped (the route's wins).
+ *
  * Claims: which events may go now
  * -------------------------------
  * The rows of a route are read in seq order, all of them that are not yet
@@ -82,6 +89,8 @@
 #define OUTBOX_KEY_SEED UINT64CONST(0x6f7574626f786b79)
 #define HEADER_NAME_MAX 128
 #define HEADER_VALUE_MAX 4096
+#define HEADERS_MAX 64
+#define HEADERS_TOTAL_MAX 8192
 
 PG_FUNCTION_INFO_V1(outbox_publish);
 PG_FUNCTION_INFO_V1(outbox_route_check);
@@ -115,6 +124,8 @@ typedef struct CachedRoute
 	bool		push;			/* delivered by the relay (not queue) */
 	OutboxPayloadKind payload;
 	text	   *pattern;
+	int			nheaders;
+	char	  **header_names;	/* the names of the headers it sets */
 } CachedRoute;
 
 static List *pending_events = NIL;	/* in TopTransactionContext */
@@ -367,57 +378,183 @@ header_reserved(const char *name)
 }
 
 /*
- * Check a JSON object of headers and return them as "Name: value" strings;
- * what names the object in messages.  Raises 22023 on anything invalid.
+ * Header names an event may not carry: credentials (a route sets them, and
+ * an event's would reach the endpoint first) and AMQP's CC and BCC (which
+ * make RabbitMQ copy the message to other queues).
  */
-static List *
-parse_headers(JsonbContainer *container, const char *what)
+static bool
+header_event_reserved(const char *name)
 {
-	JsonbIterator *it = JsonbIteratorInit(container);
+	return pg_strcasecmp(name, "Authorization") == 0 ||
+		pg_strcasecmp(name, "Proxy-Authorization") == 0 ||
+		pg_strcasecmp(name, "Cookie") == 0 ||
+		pg_strcasecmp(name, "CC") == 0 ||
+		pg_strcasecmp(name, "BCC") == 0;
+}
+
+/* Does a route's list of "Name: value" strings set header name? */
+static bool
+route_sets_header(List *route_headers, const char *name)
+{
+	ListCell   *lc;
+	size_t		len = strlen(name);
+
+	foreach(lc, route_headers)
+	{
+		const char *h = lfirst(lc);
+
+		if (pg_strncasecmp(h, name, len) == 0 && h[len] == ':')
+			return true;
+	}
+	return false;
+}
+
+/*
+ * What is wrong with a JSON object of headers (NULL: nothing); sets
+ * *detail and *hint.  event: an event's headers (the names of
+ * header_event_reserved are refused too).  Never raises: the relay checks
+ * claimed events with it again at send.
+ */
+static const char *
+headers_problem(JsonbContainer *container, bool event, char **detail, char **hint)
+{
+	JsonbIterator *it;
 	JsonbValue	k;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
-	List	   *result = NIL;
+	int			count = 0;
+	int			total = 0;
 
+	*detail = NULL;
+	*hint = NULL;
 	if (!JsonContainerIsObject(container))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must be a JSON object of header names and string values", what)));
+		return "must be a JSON object of header names and string values";
+	it = JsonbIteratorInit(container);
 	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
 		char	   *name;
-		char	   *value;
 
 		if (tok != WJB_KEY)
 			continue;
 		tok = JsonbIteratorNext(&it, &v, true);
 		name = pnstrdup(k.val.string.val, k.val.string.len);
 		if (!header_name_ok(name, k.val.string.len))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("%s: \"%s\" is not a valid header name", what, name),
-					 errhint("Header names are 1 to %d letters, digits and !#$%%&'*+-.^_`|~.",
-							 HEADER_NAME_MAX)));
+		{
+			*hint = psprintf("Header names are 1 to %d letters, digits and !#$%%&'*+-.^_`|~.",
+							 HEADER_NAME_MAX);
+			return psprintf("\"%s\" is not a valid header name", name);
+		}
 		if (header_reserved(name))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("%s: header \"%s\" is set by the relay", what, name),
-					 errdetail("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection and Expect cannot be given.")));
+		{
+			*detail = pstrdup("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection and Expect cannot be given.");
+			return psprintf("header \"%s\" is set by the relay", name);
+		}
+		if (event && header_event_reserved(name))
+		{
+			*detail = pstrdup("Events cannot carry Authorization, Proxy-Authorization, Cookie, CC or BCC.");
+			*hint = pg_strcasecmp(name, "CC") == 0 || pg_strcasecmp(name, "BCC") == 0 ?
+				pstrdup("CC and BCC make a RabbitMQ broker copy the message to other queues: send it to them with routes.") :
+				pstrdup("Credentials for a destination belong in its route's option \"headers\".");
+			return psprintf("header \"%s\" is reserved", name);
+		}
 		if (v.type != jbvString)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("%s: the value of header \"%s\" must be a string", what, name)));
-		value = pnstrdup(v.val.string.val, v.val.string.len);
-		if (v.val.string.len > HEADER_VALUE_MAX || strpbrk(value, "\r\n") != NULL ||
-			(int) strlen(value) != v.val.string.len)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("%s: the value of header \"%s\" is not allowed", what, name),
-					 errdetail("Values are at most %d bytes, without line breaks or NUL.",
-							   HEADER_VALUE_MAX)));
-		result = lappend(result, psprintf("%s: %s", name, value));
+			return psprintf("the value of header \"%s\" must be a string", name);
+		if (v.val.string.len > HEADER_VALUE_MAX ||
+			memchr(v.val.string.val, '\r', v.val.string.len) != NULL ||
+			memchr(v.val.string.val, '\n', v.val.string.len) != NULL ||
+			memchr(v.val.string.val, '\0', v.val.string.len) != NULL)
+		{
+			*detail = psprintf("Values are at most %d bytes, without line breaks or NUL.",
+							   HEADER_VALUE_MAX);
+			return psprintf("the value of header \"%s\" is not allowed", name);
+		}
+		count++;
+		total += k.val.string.len + v.val.string.len;
+	}
+	/* the limits bind events; a route's own headers are the admin's choice */
+	if (event && (count > HEADERS_MAX || total > HEADERS_TOTAL_MAX))
+	{
+		*detail = psprintf("There are %d headers of %d bytes (names and values).", count, total);
+		return psprintf("at most %d headers of %d bytes in all are allowed",
+						HEADERS_MAX, HEADERS_TOTAL_MAX);
+	}
+	return NULL;
+}
+
+/*
+ * Check a JSON object of headers and return them as "Name: value" strings;
+ * what names the object in messages.  Raises 22023 on anything invalid.
+ */
+static List *
+parse_headers(JsonbContainer *container, const char *what, bool event)
+{
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	List	   *result = NIL;
+	char	   *detail;
+	char	   *hint;
+	const char *problem;
+
+	if (!JsonContainerIsObject(container))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object of header names and string values", what)));
+	problem = headers_problem(container, event, &detail, &hint);
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s: %s", what, problem),
+				 detail ? errdetail("%s", detail) : 0,
+				 hint ? errhint("%s", hint) : 0));
+	it = JsonbIteratorInit(container);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		if (tok != WJB_KEY)
+			continue;
+		(void) JsonbIteratorNext(&it, &v, true);
+		result = lappend(result, psprintf("%.*s: %.*s", k.val.string.len, k.val.string.val,
+										  v.val.string.len, v.val.string.val));
 	}
 	return result;
+}
+
+/*
+ * The headers of a claimed event, checked again at send (the row may have
+ * been written before these checks, or by hand): NULL and *out = its
+ * headers as "Name: value" strings, without those its route sets (the
+ * route's value wins, never both); or what is wrong with them.
+ */
+const char *
+outbox_item_headers(OutboxItem *item, List **out)
+{
+	Jsonb	   *headers = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(item->headers)));
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *detail;
+	char	   *hint;
+	const char *problem = headers_problem(&headers->root, true, &detail, &hint);
+
+	*out = NIL;
+	if (problem)
+		return psprintf("the event's headers cannot be sent: %s%s%s", problem,
+						detail ? ". " : "", detail ? detail : "");
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		char	   *name;
+
+		if (tok != WJB_KEY)
+			continue;
+		(void) JsonbIteratorNext(&it, &v, true);
+		name = pnstrdup(k.val.string.val, k.val.string.len);
+		if (!route_sets_header(item->route->headers, name))
+			*out = lappend(*out, psprintf("%s: %.*s", name, v.val.string.len, v.val.string.val));
+	}
+	return NULL;
 }
 
 /*
@@ -561,14 +698,26 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 		{
 			if (v.type != jbvBinary)
 				route_error("option \"headers\" must be a JSON object", NULL, NULL);
-			r->headers = parse_headers(v.val.binary.data, "option \"headers\"");
+			r->headers = parse_headers(v.val.binary.data, "option \"headers\"", false);
+		}
+		else if (strcmp(name, "proxy") == 0 && r->sink == SINK_HTTP)
+		{
+			char	   *dest;
+			const char *problem;
+
+			r->proxy = option_string(&v, name);
+			problem = outbox_destination_allowed(r->proxy, &dest);
+			if (problem && validate)
+				route_error(psprintf("option \"proxy\": %s", problem),
+							psprintf("The proxy is %s.", outbox_redact_target(r->proxy)),
+							"A proxy is an http:// or https:// URL; its host must be allowed like a target's.");
 		}
 		else
 			route_error(psprintf("unknown option \"%s\" for sink %s", name, sink_names[r->sink]),
 						NULL,
 						"Options are payload, max_attempts, on_dead_letter; for http and amqp "
 						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms; for http "
-						"headers; for amqp exchange, routing_key, mandatory, persistent.");
+						"headers and proxy; for amqp exchange, routing_key, mandatory, persistent.");
 	}
 	if (validate && r->connect_timeout_ms > r->timeout_ms)
 		route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
@@ -669,6 +818,7 @@ load_route_cache(void)
 {
 	List	   *routes;
 	ListCell   *lc;
+	ListCell   *lc2;
 	volatile int n = 0;
 	Oid			save_userid;
 	int			save_sec;
@@ -703,6 +853,16 @@ load_route_cache(void)
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
 			SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
 			memcpy(VARDATA(c->pattern), r->pattern, strlen(r->pattern));
+			c->nheaders = 0;
+			c->header_names = MemoryContextAlloc(route_cache_context,
+												 sizeof(char *) * Max(list_length(r->headers), 1));
+			foreach(lc2, r->headers)
+			{
+				const char *h = lfirst(lc2);
+
+				c->header_names[c->nheaders++] =
+					MemoryContextStrdup(route_cache_context, pnstrdup(h, strcspn(h, ":")));
+			}
 		}
 		SPI_finish();
 	}
@@ -807,6 +967,33 @@ wake_relay_at_commit(void)
 	wake_at_commit = true;
 }
 
+/* Refuse an event header that route r sets itself (22023). */
+static void
+event_header_collision(Jsonb *headers, CachedRoute *r)
+{
+	JsonbIterator *it;
+	JsonbValue	k;
+	JsonbIteratorToken tok;
+	int			i;
+
+	if (r->nheaders == 0)
+		return;
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+	{
+		if (tok != WJB_KEY)
+			continue;
+		for (i = 0; i < r->nheaders; i++)
+			if (strlen(r->header_names[i]) == k.val.string.len &&
+				pg_strncasecmp(r->header_names[i], k.val.string.val, k.val.string.len) == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("headers: header \"%s\" is set by route %d", r->header_names[i], r->id),
+						 errdetail("The route's value is sent; an event cannot replace it or add another."),
+						 errhint("Leave the header out of the event, or change the route's option \"headers\".")));
+	}
+}
+
 /*
  * outbox_publish(topic, payload, key, headers, deliver_after) → event id.
  * Checks everything now; the rows are written when the transaction commits.
@@ -835,7 +1022,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 	if (!PG_ARGISNULL(3))
 	{
 		headers = PG_GETARG_JSONB_P(3);
-		(void) parse_headers(&headers->root, "headers");
+		(void) parse_headers(&headers->root, "headers", true);
 	}
 	PreventCommandIfReadOnly("outbox_publish()");
 
@@ -858,6 +1045,8 @@ outbox_publish(PG_FUNCTION_ARGS)
 					 errdetail("Topic \"%s\" goes to route %d, which accepts %s.",
 							   text_to_cstring(topic), r->id, payload_kind_name(r->payload)),
 					 errhint("Change the payload, or the route's option \"payload\".")));
+		if (headers)
+			event_header_collision(headers, r);
 		pull[nmatched] = !r->push;
 		matched[nmatched++] = r->id;
 		if (r->push)

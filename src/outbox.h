@@ -55,6 +55,8 @@ typedef struct OutboxRoute
 	bool		block_on_dead_letter;
 	bool		probe_only;		/* relay: half-open breaker, claim one event */
 	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
+	char	   *proxy;			/* http: the proxy to use (NULL: none, whatever
+								 * the server's environment says) */
 	char	   *exchange;		/* amqp: the exchange */
 	char	   *routing_key;	/* amqp: a template of {topic} and {key} */
 	bool		mandatory;		/* amqp: unroutable messages come back */
@@ -95,6 +97,27 @@ typedef enum OutboxOutcome
 	OUTCOME_DEAD				/* failed for good: dead letter now */
 } OutboxOutcome;
 
+/*
+ * Which addresses the sinks that connect out may connect to: loopback only
+ * (the allow-list is empty), or any address but the loopback, link-local
+ * and private ones that no IP or CIDR entry of the allow-list covers.
+ */
+typedef struct OutboxAddressRange
+{
+	int			family;			/* AF_INET or AF_INET6 */
+	unsigned char addr[16];
+	int			bits;
+} OutboxAddressRange;
+
+typedef struct OutboxAddressPolicy
+{
+	bool		loopback_only;
+	int			nranges;
+	OutboxAddressRange *ranges; /* the IP and CIDR entries of the allow-list */
+} OutboxAddressPolicy;
+
+struct sockaddr;
+
 /* What a claim asks for. */
 typedef struct OutboxClaim
 {
@@ -123,6 +146,7 @@ extern int	outbox_setting_int(const char *name, int dflt, int flags);
 extern void outbox_become_owner(Oid *save_userid, int *save_sec);
 extern int	outbox_pin_search_path(void);
 extern const char *outbox_destination_allowed(const char *url, char **destination);
+extern const char *outbox_item_headers(OutboxItem *item, List **out);
 extern bool outbox_loopback_only(void);
 extern char *outbox_allow_list(void);
 extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
@@ -135,6 +159,9 @@ extern long relay_worker_job(void);
 /* sink_http.c */
 extern void http_deliver(List *items);
 extern bool http_host_allowed(const char *host, const char *allow_list);
+extern OutboxAddressPolicy *outbox_address_policy(void);
+extern bool outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
+							  char *why, size_t len);
 
 /* sink_amqp.c */
 extern void amqp_deliver(List *items);

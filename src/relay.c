@@ -44,7 +44,14 @@
  * answer also pauses the destination for that long.  While a destination
  * is open or paused its routes are not claimed at all.  The state and the
  * per-route counters live in shared memory under one LWLock (touched a few
- * times per batch); without preloading, in the relaying process.
+ * times per batch); without preloading, in the relaying process.  Route ids
+ * are per database, so the counters are kept per (database, route id); a
+ * breaker is per destination, shared by the databases that send there.
+ *
+ * Errors recorded (last_error of the rows, the dead letters and the
+ * counters) may quote an endpoint's answer or a broker's reply, cut
+ * anywhere: they are made valid text in the database encoding first
+ * (clean_error) and cut at character boundaries.
  *
  *-------------------------------------------------------------------------
  */
@@ -55,6 +62,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
@@ -90,6 +98,7 @@ static const char *const breaker_names[] = {"closed", "open", "half_open"};
 
 typedef struct RouteStats
 {
+	Oid			dbid;			/* route ids are per database */
 	int32		route_id;		/* 0: free */
 	int64		delivered;
 	int64		retries;
@@ -189,7 +198,10 @@ state_unlock(RelayShared *rs)
 		LWLockRelease(rs->lock);
 }
 
-/* The stats slot of a route (taking a free one); NULL if all are used. */
+/*
+ * The stats slot of a route of this database (taking a free one); NULL if
+ * all are used.
+ */
 static RouteStats *
 route_stats(RelayShared *rs, int32 route_id)
 {
@@ -198,7 +210,7 @@ route_stats(RelayShared *rs, int32 route_id)
 
 	for (i = 0; i < RELAY_MAX_ROUTES; i++)
 	{
-		if (rs->routes[i].route_id == route_id)
+		if (rs->routes[i].route_id == route_id && rs->routes[i].dbid == MyDatabaseId)
 			return &rs->routes[i];
 		if (rs->routes[i].route_id == 0 && free_slot == NULL)
 			free_slot = &rs->routes[i];
@@ -206,6 +218,7 @@ route_stats(RelayShared *rs, int32 route_id)
 	if (free_slot)
 	{
 		memset(free_slot, 0, sizeof(RouteStats));
+		free_slot->dbid = MyDatabaseId;
 		free_slot->route_id = route_id;
 	}
 	return free_slot;
@@ -367,7 +380,11 @@ record_stats(int32 route_id, int delivered, int retries, const char *error)
 	RelayShared *rs = relay_state();
 	TimestampTz now = GetCurrentTimestamp();
 	RouteStats *st;
+	int			error_len = 0;
 
+	/* cut at a character boundary, before taking the lock */
+	if (error)
+		error_len = pg_mbcliplen(error, strlen(error), STATS_ERROR_LEN - 1);
 	state_lock(rs);
 	st = route_stats(rs, route_id);
 	if (st)
@@ -385,7 +402,10 @@ record_stats(int32 route_id, int delivered, int retries, const char *error)
 		}
 		st->window_count += delivered;
 		if (error)
-			strlcpy(st->last_error, error, STATS_ERROR_LEN);
+		{
+			memcpy(st->last_error, error, error_len);
+			st->last_error[error_len] = '\0';
+		}
 	}
 	state_unlock(rs);
 }
@@ -580,6 +600,39 @@ finish_rows(List *items, const char *claimer, int keep_secs)
 		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
 }
 
+/*
+ * Make an item's error (which may quote an endpoint's answer or a broker's
+ * reply, cut anywhere) valid text in the database encoding: a character cut
+ * off at the end is dropped, bytes that belong to no valid character become
+ * '?', control characters spaces.
+ */
+static void
+clean_error(char *s)
+{
+	int			enc = GetDatabaseEncoding();
+	int			len = strlen(s);
+	int			i = 0;
+
+	while (i < len)
+	{
+		int			n = pg_encoding_verifymbchar(enc, s + i, len - i);
+
+		if (n <= 0 && pg_encoding_mblen(enc, s + i) > len - i)
+		{
+			s[i] = '\0';		/* a character cut short at the end: drop it */
+			break;
+		}
+		if (n <= 0)
+		{
+			s[i] = '?';
+			n = 1;
+		}
+		else if (n == 1 && (unsigned char) s[i] < 0x20)
+			s[i] = ' ';
+		i += n;
+	}
+}
+
 /* Keep the earliest time something falls due (0: nothing known). */
 static void
 due_at(TimestampTz *next_due, TimestampTz t)
@@ -610,6 +663,7 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 		OutboxItem *item = lfirst(lc);
 		int			attempt = item->attempts + 1;
 
+		clean_error(item->error);
 		switch (item->outcome)
 		{
 			case OUTCOME_DELIVERED:
@@ -939,7 +993,7 @@ outbox_relay_stats(PG_FUNCTION_ARGS)
 		int			i;
 
 		for (i = 0; i < RELAY_MAX_ROUTES; i++)
-			if (copy->routes[i].route_id == r->id)
+			if (copy->routes[i].route_id == r->id && copy->routes[i].dbid == MyDatabaseId)
 				st = &copy->routes[i];
 		if (r->destination)
 			for (i = 0; i < RELAY_MAX_DESTS; i++)

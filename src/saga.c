@@ -30,7 +30,12 @@
  * deadline has not passed; any other reply to a command that was sent is
  * recorded as an event and ignored.  An async step whose last attempt timed
  * out (or that was abandoned by saga_abort) may have been done by its
- * participant, so it is compensated too.
+ * participant, so it is compensated too.  A command the outbox refuses (a
+ * route that does not accept its payload, say) is published in a
+ * subtransaction, and its error fails that attempt for good: one saga never
+ * keeps the orchestrator from the others.  Names that travel in command
+ * headers are checked by saga_define (step names: letters, digits, _ - .;
+ * saga names: no control characters).
  *
  * Security: every step runs as the role that defined the saga, never as a
  * superuser (saga_define refuses one; a step refuses a definer that has
@@ -1349,6 +1354,52 @@ outbox_publish_function(void)
 }
 
 /*
+ * Publish a command (values: topic, payload, key, headers) in a
+ * subtransaction: NULL and the event id, or the error that refused it (the
+ * outbox's checks: a route that refuses the payload, say), rolled back so
+ * that the tick can record it and go on.  A cancel is raised again.
+ */
+static ErrorData *
+publish_command(Datum *values, int64 *event_id, bool *published)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *edata = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
+		bool		isnull;
+		int			ret;
+
+		ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
+									4, argtypes, values, NULL, false, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
+		*event_id = DatumGetInt64(column(0, 1, &isnull));
+		*published = !isnull;
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+	}
+	PG_END_TRY();
+	return edata;
+}
+
+/*
  * Send the command of the current step's async action (or compensation):
  * published through the outbox in this transaction when the outbox exists
  * (otherwise only recorded: the participant must learn of it another way),
@@ -1391,21 +1442,23 @@ send_command(Saga *s, bool compensation)
 
 	if (OidIsValid(outbox_publish_function()))
 	{
-		Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
 		Datum		values[4];
-		bool		isnull;
-		int			ret;
+		ErrorData  *edata;
 
 		values[0] = CStringGetTextDatum(st->topic);
 		values[1] = JsonbPGetDatum(jb_done(&payload));
 		values[2] = CStringGetTextDatum(psprintf("saga:" INT64_FORMAT, s->id));
 		values[3] = JsonbPGetDatum(jb_done(&headers));
-		ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
-									4, argtypes, values, NULL, false, 1);
-		if (ret != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
-		event_id = DatumGetInt64(column(0, 1, &isnull));
-		published = !isnull;
+		edata = publish_command(values, &event_id, &published);
+		if (edata)
+		{
+			/* this saga's command cannot go out: it fails, the others go on */
+			attempt_failed(s, compensation, attempt,
+						   error_json(edata, psprintf("the %s command of step \"%s\" could not be published: %s",
+													  command, st->name, edata->message)),
+						   false, false, false);
+			return;
+		}
 	}
 
 	if (compensation)
@@ -1601,6 +1654,68 @@ tick_once(void)
 /* ---- SQL-callable functions ---- */
 
 /*
+ * A saga name travels in command headers and metrics labels: refuse control
+ * characters (22023).  Its length is checked by _saga_normalize.
+ */
+static void
+check_saga_name(text *name)
+{
+	const char *p = VARDATA_ANY(name);
+	int			len = VARSIZE_ANY_EXHDR(name);
+	int			i;
+
+	for (i = 0; i < len; i++)
+		if ((unsigned char) p[i] < 0x20 || p[i] == 0x7F)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("saga name must not contain control characters"),
+					 errdetail("Byte %d is 0x%02X.", i + 1, (unsigned char) p[i]),
+					 errhint("Saga names travel in the headers of async commands and in metrics labels.")));
+}
+
+/*
+ * Step names travel in the headers and payloads of async commands, in
+ * idempotency keys and in events: 1 to 63 bytes of ASCII letters, digits,
+ * '_', '-' and '.' (22023).  normalized is _saga_normalize's array.
+ */
+static void
+check_step_names(Jsonb *normalized)
+{
+	JsonbIterator *it = JsonbIteratorInit(&normalized->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			pos = 0;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		JsonbValue *name;
+		int			i;
+		bool		ok;
+
+		if (tok != WJB_ELEM || v.type != jbvBinary)
+			continue;
+		pos++;
+		name = getKeyJsonValueFromContainer(v.val.binary.data, "name", 4, NULL);
+		ok = name != NULL && name->type == jbvString && name->val.string.len >= 1 &&
+			name->val.string.len <= SAGA_NAME_MAX;
+		for (i = 0; ok && i < name->val.string.len; i++)
+		{
+			char		c = name->val.string.val[i];
+
+			ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+				c == '_' || c == '-' || c == '.';
+		}
+		if (!ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("step %d has an invalid step name", pos),
+					 errdetail("Step names are 1 to %d ASCII letters, digits, \"_\", \"-\" and \".\".",
+							   SAGA_NAME_MAX),
+					 errhint("Step names travel in the headers of async commands, in idempotency keys and in events.")));
+	}
+}
+
+/*
  * saga_define(name, steps) → version.  Validates and normalizes the steps as
  * the caller (resolving function names with the caller's search_path), then
  * stores a new version unless the latest one is identical.  The caller is
@@ -1621,6 +1736,7 @@ saga_define(PG_FUNCTION_ARGS)
 
 	require_arg(fcinfo, 0, "saga name");
 	require_arg(fcinfo, 1, "steps");
+	check_saga_name(PG_GETARG_TEXT_PP(0));
 	if (superuser_arg(definer))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -1642,6 +1758,7 @@ saga_define(PG_FUNCTION_ARGS)
 		normalized = column_jsonb(0, 1);
 		if (normalized == NULL)
 			elog(ERROR, "resilience._saga_normalize returned NULL");
+		check_step_names(normalized);
 	}
 
 	/* store it as the extension's owner, with a pinned search_path */

@@ -46,10 +46,16 @@
  * connection.blocked notice (a resource alarm) is honoured: nothing more is
  * published on that connection until it is unblocked.
  *
- * Destinations: the same allow-list as the http sink
- * (resilience.outbox_allowed_hosts); when it is empty only loopback hosts
- * may be named, and the host name is resolved here and connected to by a
- * loopback address only.  Credentials never leave the route: errors, logs
+ * Destinations: the same allow-list and address policy as the http sink
+ * (resilience.outbox_allowed_hosts, see sink_http.c): the host name is
+ * resolved here, each address checked (loopback only when the list is
+ * empty; otherwise no loopback, link-local or private address that no IP or
+ * CIDR entry covers), and librabbitmq is given the allowed addresses as
+ * numbers, so it does not resolve the name again.  A host whose every
+ * address is refused makes its events dead letters, naming the address.
+ * Event headers are checked again before publishing (CC and BCC, which
+ * would make the broker copy the message elsewhere, are refused at
+ * publication and here).  Credentials never leave the route: errors, logs
  * and the status view name the destination as amqp://host:port.
  *
  * No palloc or ereport happens inside librabbitmq; librabbitmq allocates
@@ -93,6 +99,7 @@ typedef struct AmqpConn
 	bool		check_open;		/* channel 2 open */
 	bool		blocked;		/* connection.blocked received */
 	bool		refused;		/* the last login was refused (403, 530) */
+	bool		address_refused;	/* the policy refused every address of the host */
 	uint64		last_tag;		/* delivery tag of the last publish on channel 1 */
 	List	   *exchanges;		/* names known to exist on this connection */
 	TimestampTz last_used;
@@ -398,11 +405,14 @@ ms_timeval(int ms)
 }
 
 /*
- * The addresses to try: the host itself, or, when only loopback is
- * allowed, the loopback addresses it resolves to (NIL: none; *why says why).
+ * The addresses to try, as numeric strings (so that librabbitmq does not
+ * resolve the name again): those the host resolves to that the address
+ * policy allows (NIL: none; *why says why, and *refused is set when it is
+ * the policy that refused them).
  */
 static List *
-connect_addresses(const char *host, bool loopback_only, char *why, size_t len)
+connect_addresses(const char *host, const OutboxAddressPolicy *policy, char *why, size_t len,
+				  bool *refused)
 {
 	struct addrinfo hints;
 	struct addrinfo *res = NULL;
@@ -411,8 +421,7 @@ connect_addresses(const char *host, bool loopback_only, char *why, size_t len)
 	char		bare[256];
 	int			rc;
 
-	if (!loopback_only)
-		return list_make1(pstrdup(host));
+	*refused = false;
 	strlcpy(bare, host, sizeof(bare));
 	if (bare[0] == '[' && bare[strlen(bare) - 1] == ']')
 	{
@@ -431,19 +440,21 @@ connect_addresses(const char *host, bool loopback_only, char *why, size_t len)
 	for (a = res; a; a = a->ai_next)
 	{
 		char		addr[INET6_ADDRSTRLEN];
+		const void *bytes;
 
-		if (a->ai_family == AF_INET &&
-			(ntohl(((struct sockaddr_in *) a->ai_addr)->sin_addr.s_addr) >> 24) == 127)
-			result = lappend(result, pstrdup(inet_ntop(AF_INET, &((struct sockaddr_in *) a->ai_addr)->sin_addr,
-													   addr, sizeof(addr))));
-		else if (a->ai_family == AF_INET6 &&
-				 IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *) a->ai_addr)->sin6_addr))
-			result = lappend(result, pstrdup(inet_ntop(AF_INET6, &((struct sockaddr_in6 *) a->ai_addr)->sin6_addr,
-													   addr, sizeof(addr))));
+		if (a->ai_family != AF_INET && a->ai_family != AF_INET6)
+			continue;
+		if (!outbox_address_ok(policy, a->ai_addr, why, len))
+			continue;
+		bytes = a->ai_family == AF_INET ?
+			(const void *) &((struct sockaddr_in *) a->ai_addr)->sin_addr :
+			(const void *) &((struct sockaddr_in6 *) a->ai_addr)->sin6_addr;
+		if (inet_ntop(a->ai_family, bytes, addr, sizeof(addr)) != NULL)
+			result = lappend(result, pstrdup(addr));
 	}
 	freeaddrinfo(res);
 	if (result == NIL)
-		snprintf(why, len, "address not allowed: not loopback");
+		*refused = true;		/* why names the last address refused */
 	return result;
 }
 
@@ -539,7 +550,7 @@ conn_still_usable(AmqpConn *c)
  * publishing channel.  false (with why) if that failed.
  */
 static bool
-conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t len)
+conn_ensure(AmqpConn *c, OutboxRoute *r, const OutboxAddressPolicy *policy, char *why, size_t len)
 {
 	AmqpTarget	t;
 	char	   *destination;
@@ -575,7 +586,7 @@ conn_ensure(AmqpConn *c, OutboxRoute *r, bool loopback_only, char *why, size_t l
 		strlcpy(why, problem, len);
 		return false;
 	}
-	addresses = connect_addresses(t.host, loopback_only, why, len);
+	addresses = connect_addresses(t.host, policy, why, len, &c->address_refused);
 	if (addresses == NIL)
 		return false;
 
@@ -857,7 +868,7 @@ read_returned(AmqpConn *c, TimestampTz deadline)
  * outcome.
  */
 static void
-deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
+deliver_on(AmqpConn *c, Publication *pubs, int n, const OutboxAddressPolicy *policy)
 {
 	Publication **ready = palloc(sizeof(Publication *) * n);
 	Publication **in_flight = palloc(sizeof(Publication *) * n);
@@ -879,7 +890,8 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 	 * broker's other routes share)
 	 */
 	c->refused = false;
-	if (!conn_ensure(c, pubs[0].item->route, loopback_only, why, sizeof(why)))
+	c->address_refused = false;
+	if (!conn_ensure(c, pubs[0].item->route, policy, why, sizeof(why)))
 	{
 		for (i = 0; i < nready; i++)
 		{
@@ -889,7 +901,8 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 				continue;
 			}
 			ready[i]->item->destination_ok = c->refused;
-			settle(ready[i], OUTCOME_RETRY, why);
+			/* an address the policy refuses: no fault of the broker, a dead letter */
+			settle(ready[i], c->address_refused ? OUTCOME_DEAD : OUTCOME_RETRY, why);
 			skip_chain(ready[i]->next_in_chain);
 		}
 		return;
@@ -1142,11 +1155,11 @@ deliver_on(AmqpConn *c, Publication *pubs, int n, bool loopback_only)
 
 /* deliver_on, dropping the connection if it is interrupted by an error. */
 static void
-deliver_guarded(AmqpConn *c, Publication *share, int nshare, bool loopback_only)
+deliver_guarded(AmqpConn *c, Publication *share, int nshare, const OutboxAddressPolicy *policy)
 {
 	PG_TRY();
 	{
-		deliver_on(c, share, nshare, loopback_only);
+		deliver_on(c, share, nshare, policy);
 	}
 	PG_CATCH();
 	{
@@ -1175,7 +1188,7 @@ amqp_deliver(List *items)
 	int			n = list_length(items);
 	OutboxItem **all = palloc(sizeof(OutboxItem *) * Max(n, 1));
 	bool	   *done = palloc0(sizeof(bool) * Max(n, 1));
-	bool		loopback_only = outbox_loopback_only();
+	OutboxAddressPolicy *policy = outbox_address_policy();
 	ListCell   *lc;
 	int			i;
 
@@ -1187,6 +1200,30 @@ amqp_deliver(List *items)
 
 		all[i++] = item;
 		item->outcome = OUTCOME_NOT_TRIED;
+	}
+
+	/*
+	 * headers checked again at send: a bad one makes its event a dead letter
+	 * and leaves the rest of its key for the next batch (as the http sink)
+	 */
+	for (i = 0; i < n; i++)
+	{
+		List	   *unused;
+		const char *problem;
+		int			j;
+
+		if (done[i])
+			continue;
+		problem = outbox_item_headers(all[i], &unused);
+		if (problem == NULL)
+			continue;
+		all[i]->outcome = OUTCOME_DEAD;
+		strlcpy(all[i]->error, problem, OUTBOX_ERROR_MAX);
+		done[i] = true;
+		for (j = i + 1; j < n && all[i]->key; j++)
+			if (all[j]->route_id == all[i]->route_id && all[j]->key &&
+				strcmp(all[j]->key, all[i]->key) == 0)
+				done[j] = true; /* not tried */
 	}
 
 	/* one connection (target) at a time */
@@ -1225,6 +1262,6 @@ amqp_deliver(List *items)
 		c = conn_for(share[0].item->route->target, share[0].item->route->destination);
 		if (worker_stop_requested())
 			continue;			/* left not tried */
-		deliver_guarded(c, share, nshare, loopback_only);
+		deliver_guarded(c, share, nshare, policy);
 	}
 }

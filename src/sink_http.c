@@ -18,10 +18,23 @@
  * spoken, TLS certificates and host names are verified.
  *
  * Destinations: resilience.outbox_allowed_hosts (and its older name
- * resilience.outbox_http_allowed_hosts) lists the hosts routes may name;
- * empty means loopback only, and then the address actually connected to must be a loopback address too (a name that resolves
- * elsewhere is refused).  Without preloading the list is not read (a session
- * could set the placeholder): loopback only.
+ * resilience.outbox_http_allowed_hosts) lists the hosts routes may name
+ * (names, *.domain, IP addresses and CIDR ranges); empty means loopback
+ * only.  The address actually connected to is checked too, whatever a name
+ * resolved to: with an empty list it must be a loopback address; with a
+ * list, loopback, link-local and private addresses (127/8, ::1,
+ * 169.254/16, fe80::/10, 10/8, 172.16/12, 192.168/16, fc00::/7, 0/8, ::)
+ * are refused unless an IP or CIDR entry of the list covers them.  A refused
+ * address makes the event a dead letter, naming the address.  Without
+ * preloading the list is not read (a session could set the placeholder):
+ * loopback only.  The server's environment proxies (http_proxy...) are never
+ * used; a route may name its own (option "proxy", a host allowed like a
+ * target's), and then it is the proxy's address that is checked.
+ *
+ * Headers: the event's headers are checked again before each send (a row
+ * written before the checks of outbox_publish, or by hand): a header that
+ * is not allowed makes the event a dead letter; one the route sets too is
+ * dropped (the route's value wins, never both).
  *
  *-------------------------------------------------------------------------
  */
@@ -53,7 +66,9 @@ typedef struct Transfer
 	char		body[BODY_SNIPPET + 1];
 	int			body_len;
 	int64		retry_after_ms;
-	bool		loopback_only;
+	const OutboxAddressPolicy *policy;
+	bool		refused;		/* an address was refused: refusal says which */
+	char		refusal[160];
 } Transfer;
 
 static CURLM *multi = NULL;
@@ -80,6 +95,187 @@ host_is_loopback(const char *host)
 		host = bare;
 	}
 	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
+/*
+ * Parse an IP address or CIDR range ("10.0.0.0/8", "::1", "[fe80::]/10")
+ * into r; false if text is neither.
+ */
+static bool
+parse_range(const char *text, OutboxAddressRange *r)
+{
+	char		buf[INET6_ADDRSTRLEN + 8];
+	char	   *slash;
+	char	   *addr = buf;
+	size_t		len;
+	int			max;
+
+	if (strlen(text) >= sizeof(buf))
+		return false;
+	strcpy(buf, text);
+	slash = strchr(buf, '/');
+	if (slash)
+		*slash = '\0';
+	len = strlen(addr);
+	if (len >= 2 && addr[0] == '[' && addr[len - 1] == ']')
+	{
+		addr[len - 1] = '\0';
+		addr++;
+	}
+	memset(r, 0, sizeof(*r));
+	if (inet_pton(AF_INET, addr, r->addr) == 1)
+		r->family = AF_INET;
+	else if (inet_pton(AF_INET6, addr, r->addr) == 1)
+		r->family = AF_INET6;
+	else
+		return false;
+	max = r->family == AF_INET ? 32 : 128;
+	r->bits = max;
+	if (slash)
+	{
+		char	   *end;
+		long		bits = strtol(slash + 1, &end, 10);
+
+		if (end == slash + 1 || *end != '\0' || bits < 0 || bits > max)
+			return false;
+		r->bits = (int) bits;
+	}
+	return true;
+}
+
+/* Is the address of family (4 or 16 bytes at addr) within r? */
+static bool
+address_in_range(const OutboxAddressRange *r, int family, const unsigned char *addr)
+{
+	int			full = r->bits / 8;
+	int			rest = r->bits % 8;
+
+	if (r->family != family)
+		return false;
+	if (memcmp(r->addr, addr, full) != 0)
+		return false;
+	if (rest == 0)
+		return true;
+	return ((r->addr[full] ^ addr[full]) & (0xFF << (8 - rest)) & 0xFF) == 0;
+}
+
+/* Is host an IP address (bracketed for IPv6 in URLs) within range entry? */
+static bool
+host_in_range(const char *host, const char *entry)
+{
+	OutboxAddressRange r;
+	OutboxAddressRange h;
+
+	if (!parse_range(entry, &r) || !parse_range(host, &h) || strchr(host, '/') != NULL)
+		return false;
+	return address_in_range(&r, h.family, h.addr);
+}
+
+/*
+ * The address policy in force (palloc'd): loopback only, or the IP and CIDR
+ * entries of the allow-list.  The sinks make it before connecting, so that
+ * checking an address (in libcurl's callback) allocates nothing.
+ */
+OutboxAddressPolicy *
+outbox_address_policy(void)
+{
+	OutboxAddressPolicy *p = palloc0(sizeof(OutboxAddressPolicy));
+	char	   *allow = outbox_allow_list();
+	List	   *entries = NIL;
+	ListCell   *lc;
+
+	p->loopback_only = allow[0] == '\0';
+	if (p->loopback_only || !SplitGUCList(pstrdup(allow), ',', &entries))
+		return p;
+	p->ranges = palloc0(sizeof(OutboxAddressRange) * Max(list_length(entries), 1));
+	foreach(lc, entries)
+		if (parse_range(lfirst(lc), &p->ranges[p->nranges]))
+			p->nranges++;
+	return p;
+}
+
+/*
+ * The special range addr (family, 4 or 16 bytes) is in: "loopback",
+ * "link-local", "private" or "unspecified"; NULL for any other address.
+ */
+static const char *
+special_range(int family, const unsigned char *a)
+{
+	if (family == AF_INET)
+	{
+		if (a[0] == 127)
+			return "loopback";
+		if (a[0] == 169 && a[1] == 254)
+			return "link-local";
+		if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xF0) == 16) || (a[0] == 192 && a[1] == 168))
+			return "private";
+		if (a[0] == 0)
+			return "unspecified";
+		return NULL;
+	}
+	if (IN6_IS_ADDR_LOOPBACK((const struct in6_addr *) a))
+		return "loopback";
+	if (IN6_IS_ADDR_UNSPECIFIED((const struct in6_addr *) a))
+		return "unspecified";
+	if (a[0] == 0xFE && (a[1] & 0xC0) == 0x80)
+		return "link-local";
+	if ((a[0] & 0xFE) == 0xFC)
+		return "private";
+	return NULL;
+}
+
+/*
+ * May a sink connect to addr under policy?  If not, why says so, naming the
+ * address.  Allocates nothing and never raises (it runs inside libcurl).
+ */
+bool
+outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
+				  char *why, size_t len)
+{
+	unsigned char bytes[16];
+	int			family = addr->sa_family;
+	char		text[INET6_ADDRSTRLEN];
+	const char *range;
+	int			i;
+
+	if (family == AF_INET)
+		memcpy(bytes, &((const struct sockaddr_in *) addr)->sin_addr, 4);
+	else if (family == AF_INET6)
+	{
+		const struct in6_addr *a6 = &((const struct sockaddr_in6 *) addr)->sin6_addr;
+
+		memcpy(bytes, a6, 16);
+		if (IN6_IS_ADDR_V4MAPPED(a6))
+		{
+			/* ::ffff:a.b.c.d is a.b.c.d */
+			family = AF_INET;
+			memmove(bytes, bytes + 12, 4);
+		}
+	}
+	else
+	{
+		snprintf(why, len, "address family %d not allowed", family);
+		return false;
+	}
+	if (inet_ntop(family, bytes, text, sizeof(text)) == NULL)
+		strlcpy(text, "?", sizeof(text));
+	range = special_range(family, bytes);
+	if (policy->loopback_only)
+	{
+		if (range != NULL && strcmp(range, "loopback") == 0)
+			return true;
+		snprintf(why, len, "address %s not allowed: not loopback "
+				 "(resilience.outbox_allowed_hosts is empty: loopback only)", text);
+		return false;
+	}
+	if (range == NULL)
+		return true;
+	for (i = 0; i < policy->nranges; i++)
+		if (address_in_range(&policy->ranges[i], family, bytes))
+			return true;
+	snprintf(why, len, "address %s not allowed: %s, and no IP or CIDR entry of "
+			 "resilience.outbox_allowed_hosts covers it", text, range);
+	return false;
 }
 
 /*
@@ -131,6 +327,8 @@ http_host_allowed(const char *host, const char *allow)
 		size_t		elen = strlen(entry);
 
 		if (pg_strcasecmp(entry, host) == 0)
+			return true;
+		if (host_in_range(host, entry))
 			return true;
 		/* *.example.com: any subdomain of example.com */
 		if (elen > 2 && entry[0] == '*' && entry[1] == '.' && hlen > elen - 1 &&
@@ -236,25 +434,19 @@ on_header(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
-/* Loopback only: refuse to connect anywhere else, whatever a name resolved to. */
+/*
+ * Refuse to connect to an address the policy does not allow, whatever a name
+ * resolved to (checked here, on the address actually connected to).
+ */
 static curl_socket_t
 on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
 {
 	Transfer   *t = clientp;
 
-	if (t->loopback_only)
+	if (!outbox_address_ok(t->policy, &address->addr, t->refusal, sizeof(t->refusal)))
 	{
-		bool		ok = false;
-
-		if (address->family == AF_INET)
-			ok = (ntohl(((struct sockaddr_in *) &address->addr)->sin_addr.s_addr) >> 24) == 127;
-		else if (address->family == AF_INET6)
-			ok = IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *) &address->addr)->sin6_addr);
-		if (!ok)
-		{
-			snprintf(t->errbuf, CURL_ERROR_SIZE, "address not allowed: not loopback");
-			return CURL_SOCKET_BAD;
-		}
+		t->refused = true;
+		return CURL_SOCKET_BAD;
 	}
 	return socket(address->family, address->socktype, address->protocol);
 }
@@ -269,43 +461,38 @@ set_error(OutboxItem *item, const char *fmt, const char *a, const char *b)
 
 /* Prepare a transfer's easy handle; false (item dead) if it may not go. */
 static bool
-start_transfer(Transfer *t, bool loopback_only, const char *allow)
+start_transfer(Transfer *t, const OutboxAddressPolicy *policy)
 {
 	OutboxItem *item = t->item;
 	OutboxRoute *r = item->route;
 	char	   *dest;
 	const char *problem = outbox_destination_allowed(r->target, &dest);
-	Jsonb	   *headers;
-	JsonbIterator *it;
-	JsonbValue	k;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
+	List	   *event_headers = NIL;
 	ListCell   *lc;
 
-	(void) allow;
+	if (problem == NULL && r->proxy != NULL)
+	{
+		problem = outbox_destination_allowed(r->proxy, &dest);
+		if (problem)
+			problem = psprintf("option \"proxy\": %s", problem);
+	}
+	if (problem == NULL)
+		problem = outbox_item_headers(item, &event_headers);
 	if (problem)
 	{
 		item->outcome = OUTCOME_DEAD;
 		set_error(item, "%s", problem, NULL);
 		return false;
 	}
-	t->loopback_only = loopback_only;
+	t->policy = policy;
+	t->refused = false;
+	t->refusal[0] = '\0';
 	t->retry_after_ms = -1;
 	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
 	t->headers = curl_slist_append(t->headers, psprintf("Idempotency-Key: " INT64_FORMAT, item->id));
 	t->headers = curl_slist_append(t->headers, "Expect:");
-	headers = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(item->headers)));
-	it = JsonbIteratorInit(&headers->root);
-	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
-	{
-		if (tok != WJB_KEY)
-			continue;
-		(void) JsonbIteratorNext(&it, &v, true);
-		if (v.type == jbvString)
-			t->headers = curl_slist_append(t->headers,
-										   psprintf("%.*s: %.*s", k.val.string.len, k.val.string.val,
-													v.val.string.len, v.val.string.val));
-	}
+	foreach(lc, event_headers)
+		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
 	foreach(lc, r->headers)
 		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
 
@@ -322,6 +509,8 @@ start_transfer(Transfer *t, bool loopback_only, const char *allow)
 	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) r->connect_timeout_ms);
 	curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(t->easy, CURLOPT_FOLLOWLOCATION, 0L);
+	/* "": never the proxies of the server's environment (http_proxy...) */
+	curl_easy_setopt(t->easy, CURLOPT_PROXY, r->proxy ? r->proxy : "");
 	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, 1L);
 	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, 2L);
 #if LIBCURL_VERSION_NUM >= 0x075500
@@ -356,7 +545,13 @@ finish_transfer(Transfer *t, CURLcode result)
 	curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
 	item->http_status = (int) status;
 	item->retry_after_ms = t->retry_after_ms;
-	if (result != CURLE_OK)
+	if (result != CURLE_OK && t->refused)
+	{
+		/* every address was refused: no fault of the destination, a dead letter */
+		item->outcome = OUTCOME_DEAD;
+		set_error(item, "%s", t->refusal, NULL);
+	}
+	else if (result != CURLE_OK)
 	{
 		item->outcome = OUTCOME_RETRY;
 		set_error(item, "%s", t->errbuf[0] ? t->errbuf : curl_easy_strerror(result), NULL);
@@ -422,8 +617,7 @@ http_deliver(List *items)
 	int			next_ready = 0;
 	int			running = 0;
 	int			parallelism = outbox_setting_int("resilience.outbox_http_parallelism", 16, 0);
-	bool		loopback_only = outbox_loopback_only();
-	char	   *allow = outbox_allow_list();
+	OutboxAddressPolicy *policy = outbox_address_policy();
 	ListCell   *lc;
 	int			i;
 
@@ -483,7 +677,7 @@ http_deliver(List *items)
 					skip_chain(t);
 					continue;
 				}
-				if (start_transfer(t, loopback_only, allow))
+				if (start_transfer(t, policy))
 					running++;
 				else
 				{

@@ -7,7 +7,8 @@
 # Every POST is answered (200 unless told otherwise) and, with --log, recorded
 # as one tab-separated line:
 #   epoch-ms  status  idempotency-key  path  content-type  x-headers  body
-# (x-headers: the request's X-* headers as name=value joined by '&').
+# (x-headers: the request's X-*, Authorization, Cookie and Proxy-Authorization
+# headers as name=value joined by '&'; a repeated header's values joined by '|').
 #
 # It is told what to do by GET /_control?... (answered 200 "ok"):
 #   mode=ok                         answer 200 again
@@ -16,6 +17,7 @@
 #   mode=down                       close every socket and refuse connections ...
 #   ... &for=SECONDS or &count=N    ... for that long / that many requests
 #   retry_after=S                   with mode=fail: send Retry-After: S
+#   body_hex=HEX                    with mode=fail: answer these bytes as the body
 #   match=TEXT                      with mode=fail: only requests whose body
 #                                   contains TEXT fail
 #   delay_ms=D                      answer every request D ms late (any mode)
@@ -117,6 +119,7 @@ sub handle_control
 	$new{status} = $q{status} || 500;
 	$new{retry_after} = $q{retry_after} if defined $q{retry_after};
 	$new{match} = $q{match} if defined $q{match};
+	$new{body} = pack('H*', $q{body_hex}) if defined $q{body_hex};
 	$new{until} = time + $q{for} if defined $q{for};
 	$new{count} = $q{count} if defined $q{count};
 	$new{delay_ms} = $q{delay_ms} // $mode{delay_ms} // 0;
@@ -148,13 +151,13 @@ sub handle_request
 	$failed++ if $status != 200;
 	if ($log)
 	{
-		my $x = join('&', map { "$_=$headers->{$_}" } sort grep { /^x-/ || $_ eq 'authorization' } keys %$headers);
+		my $x = join('&', map { "$_=$headers->{$_}" } sort grep { /^x-/ || /^(authorization|cookie|proxy-authorization)$/ } keys %$headers);
 		(my $flat = $body) =~ s/[\t\n]/ /g;
 		printf $log "%.3f\t%d\t%s\t%s\t%s\t%s\t%s\n", time * 1000, $status,
 		  $headers->{'idempotency-key'} // '', $path, $headers->{'content-type'} // '', $x, $flat;
 	}
 	return undef if $status == 0;
-	return response($status, $status == 200 ? "delivered\n" : "failing on purpose\n", @extra);
+	return response($status, $status == 200 ? "delivered\n" : $mode{body} // "failing on purpose\n", @extra);
 }
 
 sub queue_response
@@ -187,7 +190,8 @@ sub process_input
 		for (@lines)
 		{
 			my ($k, $v) = split /:\s*/, $_, 2;
-			$h{ lc $k } = $v;
+			# a repeated header keeps every value, joined by '|'
+			$h{ lc $k } = exists $h{ lc $k } ? "$h{ lc $k }|$v" : $v;
 		}
 		my $len = $h{'content-length'} // 0;
 		return if length($c->{in}) < $end + 4 + $len;

@@ -14,7 +14,9 @@
 #    deleted after use too, at the next attempt;
 #  - refused credentials are retried without opening the breaker that
 #    the broker's other routes share; the password shows nowhere but in
-#    the routes table (which only resilience_admin may read).
+#    the routes table (which only resilience_admin may read);
+#  - with an allow-list, a listed name that resolves to loopback is refused
+#    (a dead letter naming the address) until a CIDR entry allows it.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -252,6 +254,29 @@ like($stderr, qr/permission denied/, 'resilience_user cannot read the routes (an
 	extra_params => [ '-U', 'app' ]);
 like($stderr, qr/permission denied/, 'nor the status view');
 $node->safe_psql('postgres', q{DELETE FROM resilience.outbox_routes WHERE topic_pattern = 'refused.%'});
+
+# --- the address policy: a listed name that resolves to loopback is refused ---
+$node->safe_psql('postgres', q{
+ALTER SYSTEM SET resilience.outbox_allowed_hosts = 'localhost';
+SELECT pg_reload_conf()});
+$node->poll_query_until('postgres', q{SELECT current_setting('resilience.outbox_allowed_hosts')}, 'localhost');
+my $local_target = 'amqp://relay:Pa55-relay-secret@localhost:' . $broker->port . '/%2f';
+$node->safe_psql('postgres', qq{
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options) VALUES
+  ('ssrf.%', 'amqp', '$local_target', '{"exchange": "events", "routing_key": "orders.{topic}", "max_attempts": 1}')});
+my $ssrf = $node->safe_psql('postgres', q{SELECT resilience.outbox_publish('ssrf.x', '{"m": "via-localhost"}')});
+ok( $node->poll_query_until('postgres',
+		qq{SELECT count(*) FROM resilience.outbox_dead_letters WHERE id = $ssrf}, '1'),
+	'amqp: a listed host that resolves to loopback is a dead letter');
+like($node->safe_psql('postgres', qq{SELECT last_error FROM resilience.outbox_dead_letters WHERE id = $ssrf}),
+	qr/address (127\.0\.0\.1|::1) not allowed/, '... naming the address');
+$node->safe_psql('postgres', q{
+ALTER SYSTEM SET resilience.outbox_allowed_hosts = 'localhost, 127.0.0.0/8, ::1/128';
+SELECT pg_reload_conf()});
+$node->poll_query_until('postgres', q{SELECT current_setting('resilience.outbox_allowed_hosts') LIKE '%/8%'});
+$node->safe_psql('postgres', qq{SELECT resilience.outbox_redrive(ARRAY[$ssrf]::bigint[])});
+ok($orders->wait_for(sub { grep { $_->{body} =~ /via-localhost/ } @{ $_[0] } }, 30),
+	'amqp: once a CIDR entry allows the range, it is delivered');
 
 $orders->stop;
 $load->stop;

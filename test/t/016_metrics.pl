@@ -311,7 +311,7 @@ is(val($mid, "resilience_outbox_backlog{route_id=$route}"), 3, 'backlog of the r
 is(val($mid, 'resilience_outbox_backlog{route_id=unrouted}'), 1, 'one event no route matched');
 ok(val($mid, "resilience_outbox_oldest_pending_age_seconds{route_id=$route}") > 0.04,
 	'oldest pending age counts from publication');
-is(val($mid, "resilience_outbox_route_info{enabled=true,route_id=$route,sink=queue,target=shipping,topic_pattern=orders.%}"),
+is(val($mid, "resilience_outbox_route_info{enabled=true,host=shipping,route_id=$route,sink=queue,topic_pattern=orders.%}"),
 	1, 'route info');
 $node->safe_psql('app', q{
 	SELECT count(*) FROM resilience.outbox_claim('shipping', 10, '1 min');
@@ -333,11 +333,13 @@ moved($before, $after, 'resilience_outbox_published_total{}' => 4);
 # a route's credentials never reach the monitoring system
 $node->safe_psql('app', q{
 	INSERT INTO resilience.outbox_routes (topic_pattern, sink, target)
-	VALUES ('hooks.%', 'http', 'http://bob:s3cret@127.0.0.1:9/hook?token=abc')});
+	VALUES ('hooks.%', 'http', 'http://bob:s3cret@127.0.0.1:9/hook?token=abc'),
+	       ('slack.%', 'http', 'http://127.0.0.1:9/services/T0000/B0000/XoXoSlackToken')});
 my $routes = scrape();
-is(scalar(grep { /resilience_outbox_route_info\{.*sink=http,target=http:\/\/127\.0\.0\.1:9\/hook\?\.\.\.,/ } keys %{ $routes->{samples} }),
-	1, 'an http route is listed with its target redacted');
+is(scalar(grep { /resilience_outbox_route_info\{.*host=127\.0\.0\.1,.*sink=http,/ } keys %{ $routes->{samples} }),
+	2, 'http routes are listed by host');
 unlike($routes->{text}, qr/s3cret|token=abc/, 'no credentials in the scrape');
+unlike($routes->{text}, qr/XoXoSlackToken|services\/T0000/, 'no target path in the scrape (webhook URLs carry tokens there)');
 $node->safe_psql('app', q{DELETE FROM resilience.outbox_routes WHERE sink = 'http'});
 
 # ---- sagas ----
