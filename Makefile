@@ -8,6 +8,7 @@ OBJS = \
 	src/resilience.o \
 	src/shmem.o \
 	src/args.o \
+	src/privilege.o \
 	src/ratelimit.o \
 	src/locks.o \
 	src/idempotency.o \

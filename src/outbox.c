@@ -132,7 +132,7 @@ static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid
 static void wake_relay_at_commit(void);
 
 /*
- * OIDs of our relations and their owner.  An invalidation only marks them to
+ * OIDs of our relations.  An invalidation only marks them to
  * be looked up again (vacuum and analyze send them all the time); they are
  * never zeroed, so a use right after lookup_relations() stays valid even if
  * an invalidation arrives in between.
@@ -141,7 +141,6 @@ static bool relations_valid = false;
 static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
-static Oid	cached_owner = InvalidOid;
 static SPIPlanPtr insert_plan = NULL;
 
 /* ---- settings, ownership, names ---- */
@@ -189,8 +188,6 @@ static void
 lookup_relations(void)
 {
 	Oid			nsp;
-	HeapTuple	tuple;
-
 	Oid			outbox_relid;
 	Oid			routes_relid;
 	Oid			seq_relid;
@@ -208,14 +205,6 @@ lookup_relations(void)
 		relations_valid = false;
 		elog(ERROR, "the resilience outbox tables do not exist");
 	}
-	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(outbox_relid));
-	if (!HeapTupleIsValid(tuple))
-	{
-		relations_valid = false;
-		elog(ERROR, "cache lookup failed for relation %u", outbox_relid);
-	}
-	cached_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
 	cached_outbox_relid = outbox_relid;
 	cached_routes_relid = routes_relid;
 	cached_seq_relid = seq_relid;
@@ -223,17 +212,18 @@ lookup_relations(void)
 
 /*
  * Act as the owner of the outbox tables (the extension's owner) until the
- * caller restores the saved user and context: publishers and relay callers need
- * no privileges on the tables, and no user code runs meanwhile.
+ * caller restores the saved user and context with SetUserIdAndSecContext:
+ * resilience_become_owner without a pinned search_path, for callers that
+ * keep the two values themselves.  New code calls resilience_become_owner.
  */
 void
 outbox_become_owner(Oid *save_userid, int *save_sec)
 {
-	lookup_relations();
-	GetUserIdAndSecContext(save_userid, save_sec);
-	SetUserIdAndSecContext(cached_owner,
-						   *save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
+	ResilienceUser save;
+
+	resilience_become_owner(false, &save);
+	*save_userid = save.userid;
+	*save_sec = save.sec_context;
 }
 
 /* Count n events of a route (delivered, retried, dead) when this transaction commits. */
@@ -244,18 +234,6 @@ outbox_count(ResilienceCounter counter, int32 route_id, uint64 n)
 
 	snprintf(label, sizeof(label), "%d", route_id);
 	metrics_add_at_commit(counter, 0, label, n);
-}
-
-/* search_path = pg_catalog, pg_temp until AtEOXact_GUC(true, level). */
-int
-outbox_pin_search_path(void)
-{
-	int			level = NewGUCNestLevel();
-
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	return level;
 }
 
 /* A target fit for views and logs: no user info, no query string. */
@@ -670,9 +648,7 @@ load_route_cache(void)
 	List	   *routes;
 	ListCell   *lc;
 	volatile int n = 0;
-	Oid			save_userid;
-	int			save_sec;
-	int			guc_level;
+	ResilienceUser save;
 
 	if (route_cache_valid)
 		return;
@@ -684,8 +660,7 @@ load_route_cache(void)
 	route_cache = NULL;
 	route_cache_len = 0;
 
-	outbox_become_owner(&save_userid, &save_sec);
-	guc_level = outbox_pin_search_path();
+	resilience_become_owner(true, &save);
 	PG_TRY();
 	{
 		SPI_connect();
@@ -712,8 +687,7 @@ load_route_cache(void)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	AtEOXact_GUC(true, guc_level);
-	SetUserIdAndSecContext(save_userid, save_sec);
+	resilience_restore_user(&save);
 	route_cache_len = n;
 }
 
@@ -935,8 +909,7 @@ flush_pending_events(void)
 	int			nhashes = 0;
 	ListCell   *lc;
 	int			i;
-	Oid			save_userid;
-	int			save_sec;
+	ResilienceUser save;
 	static Datum values[10];
 	static char nulls[10];
 	Oid			argtypes[10] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
@@ -963,7 +936,7 @@ flush_pending_events(void)
 	}
 
 	lookup_relations();
-	outbox_become_owner(&save_userid, &save_sec);
+	resilience_become_owner(true, &save);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (insert_plan == NULL)
@@ -1006,7 +979,7 @@ flush_pending_events(void)
 	}
 	PopActiveSnapshot();
 	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
+	resilience_restore_user(&save);
 	pending_events = NIL;
 }
 

@@ -123,9 +123,7 @@ static RelayShared *relay_shared = NULL;	/* shared memory, or process-local */
 typedef struct RelayRun
 {
 	bool		procedure;		/* CALL relay_outbox: SPI_commit between steps */
-	Oid			save_userid;
-	int			save_sec;
-	int			guc_level;
+	ResilienceUser save;		/* the relay's user, while in_phase */
 	bool		in_phase;		/* a step runs as the owner, search_path pinned */
 	MemoryContext batch_cxt;
 	int64		delivered;
@@ -408,8 +406,7 @@ phase_begin(RelayRun *run, const char *activity)
 	run->in_phase = run->procedure || worker_lock_extension();
 	if (!run->in_phase)
 		return false;
-	outbox_become_owner(&run->save_userid, &run->save_sec);
-	run->guc_level = outbox_pin_search_path();
+	resilience_become_owner(true, &run->save);
 	return true;
 }
 
@@ -418,10 +415,7 @@ static void
 phase_end(RelayRun *run)
 {
 	if (run->in_phase)
-	{
-		AtEOXact_GUC(true, run->guc_level);
-		SetUserIdAndSecContext(run->save_userid, run->save_sec);
-	}
+		resilience_restore_user(&run->save);
 	PopActiveSnapshot();
 	run->in_phase = false;
 	if (!run->procedure)

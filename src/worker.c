@@ -52,7 +52,9 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_database.h"
+#include "catalog/pg_subscription.h"
 #include "catalog/pg_extension.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
@@ -63,6 +65,7 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "replication/slot.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lmgr.h"
@@ -72,6 +75,7 @@
 #include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -106,7 +110,7 @@ typedef struct WorkerJob
 } WorkerJob;
 
 static const WorkerJob jobs[] = {
-	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
+	{"reaper", "SELECT pg_catalog.count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
 	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
 	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
 };
@@ -675,8 +679,12 @@ run_sql_job(const WorkerJob *job, long *wish)
 	/* DROP EXTENSION holds an exclusive lock: skip the job, not wait */
 	if (worker_lock_extension())
 	{
-		int			ret = SPI_execute(job->sql, false, 0);
+		ResilienceUser save;
+		int			ret;
 
+		/* as the extension's owner, restricted, search_path pinned */
+		resilience_become_owner(true, &save);
+		ret = SPI_execute(job->sql, false, 0);
 		if (ret < 0)
 			elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
 		if (job->says_when && SPI_processed == 1)
@@ -687,6 +695,7 @@ run_sql_job(const WorkerJob *job, long *wish)
 			if (!isnull)
 				*wish = (long) Min(DatumGetInt64(d), (int64) INT_MAX);
 		}
+		resilience_restore_user(&save);
 		ran = true;
 	}
 	SPI_finish();
@@ -801,6 +810,17 @@ resilience_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+
+	/*
+	 * The database's settings (ALTER DATABASE ... SET, which its owner may
+	 * run) were applied while connecting.  Pin search_path for the whole
+	 * connection as a client's startup options would (PGC_S_CLIENT: above
+	 * the database's and roles' settings, and it is also what RESET gives),
+	 * yet below a function's own SET clause, which a saga step's function
+	 * may rely on.  Nothing else can change it: the worker runs only its own
+	 * jobs, and the settings a step changes are reverted when it returns.
+	 */
+	SetConfigOption("search_path", RESILIENCE_SEARCH_PATH, PGC_SUSET, PGC_S_CLIENT);
 
 	my_slot = &worker_shared->slots[slotno];
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
@@ -921,27 +941,65 @@ release_at_xact_end(XactEvent event, void *arg)
 	}
 }
 
+/* Does this user have the CREATEDB privilege (as dbcommands.c sees it)? */
+static bool
+may_create_databases(void)
+{
+	HeapTuple	tuple;
+	bool		result = false;
+
+	if (superuser())
+		return true;
+	tuple = SearchSysCache1(AUTHOID, ObjectIdGetDatum(GetUserId()));
+	if (HeapTupleIsValid(tuple))
+	{
+		result = ((Form_pg_authid) GETSTRUCT(tuple))->rolcreatedb;
+		ReleaseSysCache(tuple);
+	}
+	return result;
+}
+
 /*
- * Could this user drop or rename the database?  Only its owner (or a
- * superuser) can, and not while connected to it; anyone else gets an error
- * from the command itself, and must not be able to stop our worker by
- * trying.  The same test as dropdb() and RenameDatabase() make.
+ * Will PostgreSQL go on to wait for the other sessions of database dbname to
+ * leave, for DROP DATABASE (newname NULL) or ALTER DATABASE ... RENAME TO
+ * newname?  Only then is our worker asked to leave: a command the server
+ * refuses must not stop or restart it (a database owner could otherwise
+ * make it reconnect at will).  These are the checks dropdb() and
+ * RenameDatabase() make before that wait, whatever their order: the
+ * database exists and is not ours, the user has the privileges of its
+ * owner; to rename, the CREATEDB privilege and a free new name; to drop,
+ * not a template, no active logical replication slot, no subscription.
+ * (DROP DATABASE outside a transaction block is checked by the caller.)
  */
 static bool
-may_drop_database(const char *dbname)
+database_command_proceeds(const char *dbname, const char *newname)
 {
 	Oid			dboid = get_database_oid(dbname, true);
 	HeapTuple	tuple;
-	Oid			owner;
+	Form_pg_database db;
+	bool		proceeds;
 
 	if (!OidIsValid(dboid) || dboid == MyDatabaseId)
 		return false;
 	tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
 	if (!HeapTupleIsValid(tuple))
 		return false;
-	owner = ((Form_pg_database) GETSTRUCT(tuple))->datdba;
+	db = (Form_pg_database) GETSTRUCT(tuple);
+	proceeds = has_privs_of_role(GetUserId(), db->datdba);
+	if (newname != NULL)
+		proceeds = proceeds && may_create_databases() &&
+			!OidIsValid(get_database_oid(newname, true));
+	else
+	{
+		int			nslots;
+		int			nslots_active;
+
+		proceeds = proceeds && !db->datistemplate &&
+			!(ReplicationSlotsCountDBSlots(dboid, &nslots, &nslots_active) && nslots_active > 0) &&
+			CountDBSubscriptions(dboid) == 0;
+	}
 	ReleaseSysCache(tuple);
-	return has_privs_of_role(GetUserId(), owner);
+	return proceeds;
 }
 
 /*
@@ -949,7 +1007,7 @@ may_drop_database(const char *dbname)
  * has; the launcher does not restart it before this transaction ends.
  */
 static void
-release_database(const char *dbname)
+release_database(const char *dbname, const char *newname)
 {
 	static bool callback_registered = false;
 	int			slotno = -1;
@@ -957,7 +1015,7 @@ release_database(const char *dbname)
 	int			waited;
 	int			i;
 
-	if (!may_drop_database(dbname))
+	if (!database_command_proceeds(dbname, newname))
 		return;
 
 	/* before marking anything, so that the mark is always cleared */
@@ -1007,10 +1065,15 @@ resilience_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 	if (worker_shared != NULL)
 	{
 		if (IsA(parsetree, DropdbStmt))
-			release_database(((DropdbStmt *) parsetree)->dbname);
+		{
+			/* the server's own first check (standard_ProcessUtility), made early */
+			PreventInTransactionBlock(context == PROCESS_UTILITY_TOPLEVEL, "DROP DATABASE");
+			release_database(((DropdbStmt *) parsetree)->dbname, NULL);
+		}
 		else if (IsA(parsetree, RenameStmt) &&
 				 ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
-			release_database(((RenameStmt *) parsetree)->subname);
+			release_database(((RenameStmt *) parsetree)->subname,
+							 ((RenameStmt *) parsetree)->newname);
 	}
 
 	if (prev_ProcessUtility)
