@@ -41,6 +41,52 @@
  * The worker status in shared memory is guarded by one LWLock; it changes a
  * few times per job run, never on a hot path.
  *
+ * Privileges: who the jobs run as, and what a database owner can affect
+ * ---------------------------------------------------------------------
+ * A worker connects as the bootstrap superuser: it must connect as some
+ * role that always exists and may log in, and the role it should act as
+ * (the extension's owner) is only known once connected, from the
+ * database's own catalog.  Connecting applies the database's settings, and
+ * the database's owner, who need not be a superuser, sets those (ALTER
+ * DATABASE ... SET search_path = public, pg_catalog): any name the worker
+ * resolved through that path could be an object the owner planted
+ * (public.count(*) ran as a superuser within one reaper interval).  So:
+ *
+ *	1. search_path = pg_catalog, pg_temp is pinned for the whole connection
+ *	   right after connecting (PGC_S_CLIENT, as a client's startup options:
+ *	   above the database's and roles' settings; below a function's own SET
+ *	   clause, which a saga step's function may need);
+ *	2. every job runs as the extension's owner (resilience_become_owner,
+ *	   privilege.c), in a security-restricted operation, with search_path
+ *	   pinned again for the job; the relay switches the same way in each of
+ *	   its transactions (relay.c);
+ *	3. every name in the jobs' SQL, and in the SQL and PL/pgSQL functions
+ *	   they call, is qualified (pg_catalog.count, OPERATOR(pg_catalog.=)),
+ *	   and those functions carry SET search_path = pg_catalog, pg_temp;
+ *	4. user code runs only in saga steps, as the saga's definer, never a
+ *	   superuser (saga.c), with its settings reverted when it returns.
+ *
+ * Why the extension's owner, not a role per database or the database's
+ * owner: the jobs do nothing but read and write the extension's tables and
+ * call its functions, all of which belong to that role, so it is the least
+ * privilege that works without asking the administrator to create and
+ * grant a role per database.  It is usually a superuser (the control file
+ * says superuser = true), so what actually protects is 1-3, not the role:
+ * no name the owner of the database controls is ever resolved, and the
+ * restricted operation keeps anything that might run from leaving state in
+ * the session (temporary objects, SET ROLE, LISTEN, cursors WITH HOLD).
+ * The database's owner would be wrong: its objects would then run with its
+ * own rights, harmless, but the jobs would need it to be granted every
+ * table, and the worker's session would be one that role controls.
+ *
+ * A database owner may still change other settings of the worker's session
+ * (statement_timeout, lock_timeout, default_transaction_read_only...):
+ * enough to make jobs fail, which the workers view shows, never to run code.
+ * DROP DATABASE and ALTER DATABASE ... RENAME ask the worker to leave only
+ * when the server will go on with the command (the same checks it makes
+ * first: ownership, CREATEDB, a free name, not a template, not in a
+ * transaction block...), so a refused command never makes it reconnect.
+ *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
