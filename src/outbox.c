@@ -1087,7 +1087,7 @@ load_blocked_keys(int32 route_id, HTAB *set)
 	int			ret;
 
 	ret = SPI_execute_with_args("SELECT key FROM resilience.outbox_dead_letters"
-								" WHERE route_id = $1 AND blocking AND key IS NOT NULL",
+								" WHERE route_id OPERATOR(pg_catalog.=) $1 AND blocking AND key IS NOT NULL",
 								1, &argtype, &arg, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading dead letters failed: %s", SPI_result_code_string(ret));
@@ -1153,7 +1153,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		Oid			t = INT4OID;
 		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts"
 									   " FROM resilience.outbox"
-									   " WHERE route_id = $1 AND delivered_at IS NULL"
+									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
 									   " ORDER BY route_id, seq", 1, &t);
 
 		if (plan == NULL)
@@ -1247,8 +1247,9 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	args[1] = TimestampTzGetDatum(claim->now);
 	types[0] = TIDARRAYOID;
 	ret = SPI_execute_with_args("SELECT ctid FROM resilience.outbox"
-								" WHERE ctid = ANY($1) AND delivered_at IS NULL"
-								" AND (claim_until IS NULL OR claim_until <= $2) AND not_before <= $2"
+								" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL"
+								" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)"
+								" AND not_before OPERATOR(pg_catalog.<=) $2"
 								" FOR UPDATE SKIP LOCKED",
 								2, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
@@ -1313,9 +1314,10 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		types[2] = TIMESTAMPTZOID;
 		types[3] = INT4OID;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox"
-									" SET claimed_by = $2, claim_until = $3, attempts = attempts + $4"
-									" WHERE ctid = ANY($1)"
-									" RETURNING ctid, id, seq, key, topic, payload::text, headers::text,"
+									" SET claimed_by = $2, claim_until = $3, attempts = attempts OPERATOR(pg_catalog.+) $4"
+									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+									" RETURNING ctid, id, seq, key, topic, payload::pg_catalog.text,"
+									" headers::pg_catalog.text,"
 									" published_at, attempts",
 									4, types, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
@@ -1404,15 +1406,16 @@ outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const 
 	args[4] = Int32GetDatum(add_attempts);
 	args[5] = claimer ? CStringGetTextDatum(claimer) : (Datum) 0;
 	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox"
-								"   WHERE ctid = $1 AND route_id = $2"
-								"     AND ($6::text IS NULL OR claimed_by = $6) RETURNING *)"
+								"   WHERE ctid OPERATOR(pg_catalog.=) $1 AND route_id OPERATOR(pg_catalog.=) $2"
+								"     AND ($6::pg_catalog.text IS NULL OR claimed_by OPERATOR(pg_catalog.=) $6)"
+								" RETURNING *)"
 								" INSERT INTO resilience.outbox_dead_letters AS x"
 								" (id, seq, route_id, topic, key, payload, headers, published_at,"
 								"  attempts, last_error, blocking)"
 								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
-								"  attempts + $5, coalesce($3, last_error, 'max_attempts reached'), $4 FROM d"
+								"  attempts OPERATOR(pg_catalog.+) $5, coalesce($3, last_error, 'max_attempts reached'), $4 FROM d"
 								" ON CONFLICT (route_id, id) DO UPDATE SET attempts = excluded.attempts,"
-								"  last_error = excluded.last_error, dead_at = now(), blocking = excluded.blocking"
+								"  last_error = excluded.last_error, dead_at = pg_catalog.now(), blocking = excluded.blocking"
 								" RETURNING id, topic, attempts",
 								6, types, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
@@ -1503,14 +1506,17 @@ outbox_ack(PG_FUNCTION_ARGS)
 								  Int32GetDatum(0), Float8GetDatum((double) retention));
 	SPI_connect();
 	if (retention > 0)
-		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
-									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
+									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+) $3,"
+									" claimed_by = NULL, claim_until = NULL"
+									" WHERE id OPERATOR(pg_catalog.=) ANY($2) AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+									" AND delivered_at IS NULL"
 									" RETURNING route_id",
 									3, types, args, NULL, false, 0);
 	else
 		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+									" WHERE id OPERATOR(pg_catalog.=) ANY($2) AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+									" AND delivered_at IS NULL"
 									" RETURNING route_id",
 									2, types, args, NULL, false, 0);
 	if (ret < 0)
@@ -1550,8 +1556,9 @@ outbox_nack(PG_FUNCTION_ARGS)
 	args[2] = TimestampTzGetDatum(GetCurrentTimestamp() + delay);
 	SPI_connect();
 	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
-								" not_before = $3, last_error = 'nacked by ' || $1"
-								" WHERE id = $2 AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+								" not_before = $3, last_error = 'nacked by ' OPERATOR(pg_catalog.||) $1"
+								" WHERE id OPERATOR(pg_catalog.=) $2 AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+								" AND delivered_at IS NULL"
 								" RETURNING ctid, route_id, key, attempts",
 								3, types, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
@@ -1620,16 +1627,18 @@ outbox_redrive(PG_FUNCTION_ARGS)
 	}
 	SPI_connect();
 	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox_dead_letters x"
-								"  WHERE ($1 IS NULL OR x.id = ANY($1))"
-								"    AND ($2 IS NULL OR x.topic LIKE $2 COLLATE \"C\")"
-								"    AND ($3 IS NULL OR x.route_id = $3)"
-								"    AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = x.route_id)"
+								"  WHERE ($1 IS NULL OR x.id OPERATOR(pg_catalog.=) ANY($1))"
+								"    AND ($2 IS NULL OR x.topic OPERATOR(pg_catalog.~~) $2 COLLATE pg_catalog.\"C\")"
+								"    AND ($3 IS NULL OR x.route_id OPERATOR(pg_catalog.=) $3)"
+								"    AND EXISTS (SELECT FROM resilience.outbox_routes r"
+								" WHERE r.id OPERATOR(pg_catalog.=) x.route_id)"
 								"  RETURNING *)"
 								" INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload,"
 								"  headers, published_at, not_before, last_error, pull)"
 								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
-								"  now(), 'redriven after: ' || last_error,"
-								"  (SELECT r.sink = 'queue' FROM resilience.outbox_routes r WHERE r.id = d.route_id)"
+								"  pg_catalog.now(), 'redriven after: ' OPERATOR(pg_catalog.||) last_error,"
+								"  (SELECT r.sink OPERATOR(pg_catalog.=) 'queue' FROM resilience.outbox_routes r"
+								" WHERE r.id OPERATOR(pg_catalog.=) d.route_id)"
 								" FROM d",
 								3, types, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)
