@@ -416,19 +416,6 @@ wake_worker_at_commit(void)
 	wake_at_commit = true;
 }
 
-/* ---- catalog lookups ---- */
-
-/* The OID of table resilience.<name>. */
-static Oid
-saga_relid(const char *name)
-{
-	Oid			relid = get_relname_relid(name, get_namespace_oid("resilience", false));
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "relation resilience.%s does not exist", name);
-	return relid;
-}
-
 /* ---- SPI statements ---- */
 
 typedef enum SagaPlan
@@ -720,7 +707,7 @@ definition_load(int64 id, MemoryContext mcxt)
 static SagaDef *
 definition_get(int64 id)
 {
-	Oid			relid = saga_relid("saga_definitions");
+	Oid			relid = resilience_relid("saga_definitions");
 	DefCacheEntry *entry;
 	SagaDef    *def;
 	bool		found;
