@@ -8,6 +8,7 @@ OBJS = \
 	src/resilience.o \
 	src/shmem.o \
 	src/args.o \
+	src/privilege.o \
 	src/ratelimit.o \
 	src/locks.o \
 	src/idempotency.o \
@@ -37,7 +38,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
-	breaker breaker_errors bulkhead retry sagas sagas_errors \
+	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles
 
 # Isolation specs: one per race we promise to win.

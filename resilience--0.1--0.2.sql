@@ -88,6 +88,88 @@ AS $$
     ) r
 $$;
 
+-- The table reapers run_reaper calls, every name and operator qualified (as
+-- well as their pinned search_path): the worker runs them, and nothing a
+-- database owner puts on a search_path may ever be what they call.
+CREATE OR REPLACE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.leases
+             WHERE expires_at OPERATOR(pg_catalog.<)
+                   (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than)
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.leases l USING doomed WHERE l.ctid OPERATOR(pg_catalog.=) doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed OPERATOR(pg_catalog.+) n;
+        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION resilience._saga_reap()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    retention interval := resilience._saga_retention();
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    removed bigint := 0;
+    ids bigint[];
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        SELECT pg_catalog.array_agg(s.id) INTO ids
+          FROM (SELECT id FROM resilience.sagas
+                 WHERE finished_at OPERATOR(pg_catalog.<)
+                       (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) retention)
+                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
+        EXIT WHEN ids IS NULL;
+        DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
+        removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
+        EXIT WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION resilience._outbox_reap(batch_size integer DEFAULT 5000, max_batches integer DEFAULT 20)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.outbox
+             WHERE delivered_at IS NOT NULL
+               AND not_before OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.outbox o USING doomed WHERE o.ctid OPERATOR(pg_catalog.=) doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed OPERATOR(pg_catalog.+) n;
+        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
 ------------------------------------------------------------------------------
 -- The outbox's amqp sink (src/sink_amqp.c): only the routes' comment changes
 ------------------------------------------------------------------------------

@@ -642,46 +642,24 @@ config_column(int col, Datum *d)
 	return !isnull;
 }
 
-/* The owner of a table. */
-static Oid
-table_owner(Oid relid)
-{
-	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	Oid			owner;
-
-	if (!HeapTupleIsValid(tuple))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
-	return owner;
-}
-
 /*
  * A breaker's configuration: its row of resilience.breaker_config as last
  * committed (the table's CHECK constraints validated it), NULL columns and
- * missing rows taking the defaults.  The row is read as the table's owner,
- * so callers need no privilege on it, with every name in the query
- * qualified.
+ * missing rows taking the defaults.  The row is read as the table's owner
+ * (privilege.c), so callers need no privilege on it, with every name in the
+ * query qualified and search_path pinned.
  */
 static void
 breaker_load_config(const char *name, BreakerConfig *cfg)
 {
-	Oid			relid = get_relname_relid("breaker_config",
-										  get_namespace_oid("resilience", false));
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 	Datum		values[1];
 	Datum		d;
 	int			ret;
 
-	if (!OidIsValid(relid))
-		elog(ERROR, "table resilience.breaker_config does not exist");
 	breaker_defaults(cfg);
 	values[0] = CStringGetTextDatum(name);
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(table_owner(relid),
-						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
+	resilience_become_owner(true, &save);
 	SPI_connect();
 	if (config_plan == NULL)
 	{
@@ -728,7 +706,7 @@ breaker_load_config(const char *name, BreakerConfig *cfg)
 			cfg->probe_timeout_ns = resilience_interval_usec(DatumGetIntervalP(d)) * 1000;
 	}
 	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	resilience_restore_user(&save);
 }
 
 /* At commit of a change to breaker_config, every breaker re-reads its row. */

@@ -143,7 +143,7 @@ static void outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid
 static void wake_relay_at_commit(void);
 
 /*
- * OIDs of our relations and their owner.  An invalidation only marks them to
+ * OIDs of our relations.  An invalidation only marks them to
  * be looked up again (vacuum and analyze send them all the time); they are
  * never zeroed, so a use right after lookup_relations() stays valid even if
  * an invalidation arrives in between.
@@ -152,7 +152,6 @@ static bool relations_valid = false;
 static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
-static Oid	cached_owner = InvalidOid;
 static SPIPlanPtr insert_plan = NULL;
 
 /* ---- settings, ownership, names ---- */
@@ -200,8 +199,6 @@ static void
 lookup_relations(void)
 {
 	Oid			nsp;
-	HeapTuple	tuple;
-
 	Oid			outbox_relid;
 	Oid			routes_relid;
 	Oid			seq_relid;
@@ -219,14 +216,6 @@ lookup_relations(void)
 		relations_valid = false;
 		elog(ERROR, "the resilience outbox tables do not exist");
 	}
-	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(outbox_relid));
-	if (!HeapTupleIsValid(tuple))
-	{
-		relations_valid = false;
-		elog(ERROR, "cache lookup failed for relation %u", outbox_relid);
-	}
-	cached_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
 	cached_outbox_relid = outbox_relid;
 	cached_routes_relid = routes_relid;
 	cached_seq_relid = seq_relid;
@@ -234,17 +223,18 @@ lookup_relations(void)
 
 /*
  * Act as the owner of the outbox tables (the extension's owner) until the
- * caller restores the saved user and context: publishers and relay callers need
- * no privileges on the tables, and no user code runs meanwhile.
+ * caller restores the saved user and context with SetUserIdAndSecContext:
+ * resilience_become_owner without a pinned search_path, for callers that
+ * keep the two values themselves.  New code calls resilience_become_owner.
  */
 void
 outbox_become_owner(Oid *save_userid, int *save_sec)
 {
-	lookup_relations();
-	GetUserIdAndSecContext(save_userid, save_sec);
-	SetUserIdAndSecContext(cached_owner,
-						   *save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
+	ResilienceUser save;
+
+	resilience_become_owner(false, &save);
+	*save_userid = save.userid;
+	*save_sec = save.sec_context;
 }
 
 /* Count n events of a route (delivered, retried, dead) when this transaction commits. */
@@ -255,18 +245,6 @@ outbox_count(ResilienceCounter counter, int32 route_id, uint64 n)
 
 	snprintf(label, sizeof(label), "%d", route_id);
 	metrics_add_at_commit(counter, 0, label, n);
-}
-
-/* search_path = pg_catalog, pg_temp until AtEOXact_GUC(true, level). */
-int
-outbox_pin_search_path(void)
-{
-	int			level = NewGUCNestLevel();
-
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
-	return level;
 }
 
 /* A target fit for views and logs: no user info, no query string. */
@@ -820,9 +798,7 @@ load_route_cache(void)
 	ListCell   *lc;
 	ListCell   *lc2;
 	volatile int n = 0;
-	Oid			save_userid;
-	int			save_sec;
-	int			guc_level;
+	ResilienceUser save;
 
 	if (route_cache_valid)
 		return;
@@ -834,8 +810,7 @@ load_route_cache(void)
 	route_cache = NULL;
 	route_cache_len = 0;
 
-	outbox_become_owner(&save_userid, &save_sec);
-	guc_level = outbox_pin_search_path();
+	resilience_become_owner(true, &save);
 	PG_TRY();
 	{
 		SPI_connect();
@@ -872,8 +847,7 @@ load_route_cache(void)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-	AtEOXact_GUC(true, guc_level);
-	SetUserIdAndSecContext(save_userid, save_sec);
+	resilience_restore_user(&save);
 	route_cache_len = n;
 }
 
@@ -1124,8 +1098,7 @@ flush_pending_events(void)
 	int			nhashes = 0;
 	ListCell   *lc;
 	int			i;
-	Oid			save_userid;
-	int			save_sec;
+	ResilienceUser save;
 	static Datum values[10];
 	static char nulls[10];
 	Oid			argtypes[10] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
@@ -1152,7 +1125,7 @@ flush_pending_events(void)
 	}
 
 	lookup_relations();
-	outbox_become_owner(&save_userid, &save_sec);
+	resilience_become_owner(true, &save);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (insert_plan == NULL)
@@ -1195,7 +1168,7 @@ flush_pending_events(void)
 	}
 	PopActiveSnapshot();
 	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
+	resilience_restore_user(&save);
 	pending_events = NIL;
 }
 
@@ -1303,7 +1276,7 @@ load_blocked_keys(int32 route_id, HTAB *set)
 	int			ret;
 
 	ret = SPI_execute_with_args("SELECT key FROM resilience.outbox_dead_letters"
-								" WHERE route_id = $1 AND blocking AND key IS NOT NULL",
+								" WHERE route_id OPERATOR(pg_catalog.=) $1 AND blocking AND key IS NOT NULL",
 								1, &argtype, &arg, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading dead letters failed: %s", SPI_result_code_string(ret));
@@ -1369,7 +1342,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		Oid			t = INT4OID;
 		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts"
 									   " FROM resilience.outbox"
-									   " WHERE route_id = $1 AND delivered_at IS NULL"
+									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
 									   " ORDER BY route_id, seq", 1, &t);
 
 		if (plan == NULL)
@@ -1463,8 +1436,9 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	args[1] = TimestampTzGetDatum(claim->now);
 	types[0] = TIDARRAYOID;
 	ret = SPI_execute_with_args("SELECT ctid FROM resilience.outbox"
-								" WHERE ctid = ANY($1) AND delivered_at IS NULL"
-								" AND (claim_until IS NULL OR claim_until <= $2) AND not_before <= $2"
+								" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL"
+								" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)"
+								" AND not_before OPERATOR(pg_catalog.<=) $2"
 								" FOR UPDATE SKIP LOCKED",
 								2, types, args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
@@ -1529,9 +1503,10 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		types[2] = TIMESTAMPTZOID;
 		types[3] = INT4OID;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox"
-									" SET claimed_by = $2, claim_until = $3, attempts = attempts + $4"
-									" WHERE ctid = ANY($1)"
-									" RETURNING ctid, id, seq, key, topic, payload::text, headers::text,"
+									" SET claimed_by = $2, claim_until = $3, attempts = attempts OPERATOR(pg_catalog.+) $4"
+									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+									" RETURNING ctid, id, seq, key, topic, payload::pg_catalog.text,"
+									" headers::pg_catalog.text,"
 									" published_at, attempts",
 									4, types, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
@@ -1620,15 +1595,16 @@ outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const 
 	args[4] = Int32GetDatum(add_attempts);
 	args[5] = claimer ? CStringGetTextDatum(claimer) : (Datum) 0;
 	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox"
-								"   WHERE ctid = $1 AND route_id = $2"
-								"     AND ($6::text IS NULL OR claimed_by = $6) RETURNING *)"
+								"   WHERE ctid OPERATOR(pg_catalog.=) $1 AND route_id OPERATOR(pg_catalog.=) $2"
+								"     AND ($6::pg_catalog.text IS NULL OR claimed_by OPERATOR(pg_catalog.=) $6)"
+								" RETURNING *)"
 								" INSERT INTO resilience.outbox_dead_letters AS x"
 								" (id, seq, route_id, topic, key, payload, headers, published_at,"
 								"  attempts, last_error, blocking)"
 								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
-								"  attempts + $5, coalesce($3, last_error, 'max_attempts reached'), $4 FROM d"
+								"  attempts OPERATOR(pg_catalog.+) $5, coalesce($3, last_error, 'max_attempts reached'), $4 FROM d"
 								" ON CONFLICT (route_id, id) DO UPDATE SET attempts = excluded.attempts,"
-								"  last_error = excluded.last_error, dead_at = now(), blocking = excluded.blocking"
+								"  last_error = excluded.last_error, dead_at = pg_catalog.now(), blocking = excluded.blocking"
 								" RETURNING id, topic, attempts",
 								6, types, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING)
@@ -1719,14 +1695,17 @@ outbox_ack(PG_FUNCTION_ARGS)
 								  Int32GetDatum(0), Float8GetDatum((double) retention));
 	SPI_connect();
 	if (retention > 0)
-		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
-									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
+									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+) $3,"
+									" claimed_by = NULL, claim_until = NULL"
+									" WHERE id OPERATOR(pg_catalog.=) ANY($2) AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+									" AND delivered_at IS NULL"
 									" RETURNING route_id",
 									3, types, args, NULL, false, 0);
 	else
 		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE id = ANY($2) AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+									" WHERE id OPERATOR(pg_catalog.=) ANY($2) AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+									" AND delivered_at IS NULL"
 									" RETURNING route_id",
 									2, types, args, NULL, false, 0);
 	if (ret < 0)
@@ -1766,8 +1745,9 @@ outbox_nack(PG_FUNCTION_ARGS)
 	args[2] = TimestampTzGetDatum(GetCurrentTimestamp() + delay);
 	SPI_connect();
 	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
-								" not_before = $3, last_error = 'nacked by ' || $1"
-								" WHERE id = $2 AND pull AND claimed_by = $1 AND delivered_at IS NULL"
+								" not_before = $3, last_error = 'nacked by ' OPERATOR(pg_catalog.||) $1"
+								" WHERE id OPERATOR(pg_catalog.=) $2 AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
+								" AND delivered_at IS NULL"
 								" RETURNING ctid, route_id, key, attempts",
 								3, types, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
@@ -1836,16 +1816,18 @@ outbox_redrive(PG_FUNCTION_ARGS)
 	}
 	SPI_connect();
 	ret = SPI_execute_with_args("WITH d AS (DELETE FROM resilience.outbox_dead_letters x"
-								"  WHERE ($1 IS NULL OR x.id = ANY($1))"
-								"    AND ($2 IS NULL OR x.topic LIKE $2 COLLATE \"C\")"
-								"    AND ($3 IS NULL OR x.route_id = $3)"
-								"    AND EXISTS (SELECT FROM resilience.outbox_routes r WHERE r.id = x.route_id)"
+								"  WHERE ($1 IS NULL OR x.id OPERATOR(pg_catalog.=) ANY($1))"
+								"    AND ($2 IS NULL OR x.topic OPERATOR(pg_catalog.~~) $2 COLLATE pg_catalog.\"C\")"
+								"    AND ($3 IS NULL OR x.route_id OPERATOR(pg_catalog.=) $3)"
+								"    AND EXISTS (SELECT FROM resilience.outbox_routes r"
+								" WHERE r.id OPERATOR(pg_catalog.=) x.route_id)"
 								"  RETURNING *)"
 								" INSERT INTO resilience.outbox (id, seq, route_id, topic, key, payload,"
 								"  headers, published_at, not_before, last_error, pull)"
 								" SELECT id, seq, route_id, topic, key, payload, headers, published_at,"
-								"  now(), 'redriven after: ' || last_error,"
-								"  (SELECT r.sink = 'queue' FROM resilience.outbox_routes r WHERE r.id = d.route_id)"
+								"  pg_catalog.now(), 'redriven after: ' OPERATOR(pg_catalog.||) last_error,"
+								"  (SELECT r.sink OPERATOR(pg_catalog.=) 'queue' FROM resilience.outbox_routes r"
+								" WHERE r.id OPERATOR(pg_catalog.=) d.route_id)"
 								" FROM d",
 								3, types, args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT)

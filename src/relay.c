@@ -132,9 +132,7 @@ static RelayShared *relay_shared = NULL;	/* shared memory, or process-local */
 typedef struct RelayRun
 {
 	bool		procedure;		/* CALL relay_outbox: SPI_commit between steps */
-	Oid			save_userid;
-	int			save_sec;
-	int			guc_level;
+	ResilienceUser save;		/* the relay's user, while in_phase */
 	bool		in_phase;		/* a step runs as the owner, search_path pinned */
 	MemoryContext batch_cxt;
 	int64		delivered;
@@ -428,8 +426,7 @@ phase_begin(RelayRun *run, const char *activity)
 	run->in_phase = run->procedure || worker_lock_extension();
 	if (!run->in_phase)
 		return false;
-	outbox_become_owner(&run->save_userid, &run->save_sec);
-	run->guc_level = outbox_pin_search_path();
+	resilience_become_owner(true, &run->save);
 	return true;
 }
 
@@ -438,10 +435,7 @@ static void
 phase_end(RelayRun *run)
 {
 	if (run->in_phase)
-	{
-		AtEOXact_GUC(true, run->guc_level);
-		SetUserIdAndSecContext(run->save_userid, run->save_sec);
-	}
+		resilience_restore_user(&run->save);
 	PopActiveSnapshot();
 	run->in_phase = false;
 	if (!run->procedure)
@@ -500,8 +494,9 @@ release_orphaned_claims(void)
 	uint64		n;
 
 	ret = SPI_execute("SELECT DISTINCT o.claimed_by FROM resilience.outbox o"
-					  " JOIN resilience.outbox_routes r ON r.id = o.route_id AND r.sink <> 'queue'"
-					  " WHERE o.claimed_by LIKE 'relay:%' AND o.delivered_at IS NULL", true, 0);
+					  " JOIN resilience.outbox_routes r ON r.id OPERATOR(pg_catalog.=) o.route_id"
+					  " AND r.sink OPERATOR(pg_catalog.<>) 'queue'"
+					  " WHERE o.claimed_by OPERATOR(pg_catalog.~~) 'relay:%' AND o.delivered_at IS NULL", true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "looking for orphaned claims failed: %s", SPI_result_code_string(ret));
 	tt = SPI_tuptable;
@@ -516,7 +511,7 @@ release_orphaned_claims(void)
 		if (claimer_running(claimer, &pid))
 			continue;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
-									" WHERE claimed_by = $1 AND delivered_at IS NULL",
+									" WHERE claimed_by OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL",
 									1, &type, &arg, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "releasing orphaned claims failed: %s", SPI_result_code_string(ret));
@@ -588,13 +583,16 @@ finish_rows(List *items, const char *claimer, int keep_secs)
 	args[3] = Int32GetDatum(keep_secs);
 	if (keep_secs < 0)
 		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
+									" AND claimed_by OPERATOR(pg_catalog.=) $3",
 									3, types, args, NULL, false, 0);
 	else
-		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
-									" not_before = now() + make_interval(secs => $4),"
+		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
+									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+)"
+									" pg_catalog.make_interval(secs => $4),"
 									" claimed_by = NULL, claim_until = NULL"
-									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
+									" AND claimed_by OPERATOR(pg_catalog.=) $3",
 									4, types, args, NULL, false, 0);
 	if (ret < 0)
 		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
@@ -691,10 +689,10 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 					types[1] = TEXTOID;
 					types[2] = TIMESTAMPTZOID;
 					types[3] = TEXTOID;
-					ret = SPI_execute_with_args("UPDATE resilience.outbox SET attempts = attempts + 1,"
+					ret = SPI_execute_with_args("UPDATE resilience.outbox SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
 												" not_before = $3, last_error = $4,"
 												" claimed_by = NULL, claim_until = NULL"
-												" WHERE ctid = $1 AND claimed_by = $2",
+												" WHERE ctid OPERATOR(pg_catalog.=) $1 AND claimed_by OPERATOR(pg_catalog.=) $2",
 												4, types, args, nulls, false, 0);
 					if (ret != SPI_OK_UPDATE)
 						elog(ERROR, "scheduling a retry failed: %s", SPI_result_code_string(ret));
@@ -742,7 +740,8 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 		types[1] = INT8ARRAYOID;
 		types[2] = TEXTOID;
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL"
-									" WHERE ctid = ANY($1) AND id = ANY($2) AND claimed_by = $3",
+									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
+									" AND claimed_by OPERATOR(pg_catalog.=) $3",
 									3, types, args, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "releasing claims failed: %s", SPI_result_code_string(ret));

@@ -114,6 +114,27 @@ extern int64 resilience_arg_duration(FunctionCallInfo fcinfo, int argno, const c
 									 bool allow_zero);
 extern char *resilience_interval_text(int64 usec);
 
+/*
+ * privilege.c: the one way to act as another role (the owner of the
+ * extension's tables, a saga's definer): SECURITY_LOCAL_USERID_CHANGE |
+ * SECURITY_RESTRICTED_OPERATION, search_path pinned unless a documented hot
+ * path says otherwise.
+ */
+#define RESILIENCE_SEARCH_PATH "pg_catalog, pg_temp"
+
+typedef struct ResilienceUser
+{
+	Oid			userid;			/* the caller's, restored */
+	int			sec_context;
+	int			guc_level;		/* 0: search_path was not pinned */
+} ResilienceUser;
+
+extern Oid	resilience_relid(const char *name);
+extern Oid	resilience_owner(void);
+extern void resilience_become(Oid role, bool pin_path, ResilienceUser *save);
+extern void resilience_become_owner(bool pin_path, ResilienceUser *save);
+extern void resilience_restore_user(const ResilienceUser *save);
+
 /* backoff.c: exponential backoff with jitter (docs/bulkheads-and-retries.md). */
 typedef enum ResilienceJitter
 {

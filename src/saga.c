@@ -40,10 +40,15 @@
  * Security: every step runs as the role that defined the saga, never as a
  * superuser (saga_define refuses one; a step refuses a definer that has
  * become one), within SECURITY_LOCAL_USERID_CHANGE |
- * SECURITY_RESTRICTED_OPERATION and with search_path = pg_catalog, pg_temp;
- * every setting a step changes is reverted when it returns.  The SQL entry
- * points are SECURITY DEFINER; saga_define is not, because it must know who
- * calls it, and writes the definition as the extension's owner.
+ * SECURITY_RESTRICTED_OPERATION and with search_path = pg_catalog, pg_temp
+ * (resilience_become, privilege.c); every setting a step changes is
+ * reverted when it returns.  A step runs in the session that ticks, and
+ * sees that session's temporary tables and custom settings: a tick run by
+ * hand (saga_tick, saga_run) therefore takes only the sagas whose definer
+ * the session's role has the privileges of (see tick_once); the worker's
+ * session belongs to no one and takes them all.  The SQL entry points are
+ * SECURITY DEFINER; saga_define is not, because it must know who calls it,
+ * and writes the definition as the extension's owner.
  *
  *-------------------------------------------------------------------------
  */
@@ -78,7 +83,6 @@
 #define SAGA_NAME_MAX 63
 #define KEY_MAX 255
 #define REASON_MAX 1024
-#define STEP_SEARCH_PATH "pg_catalog, pg_temp"
 /* How soon the worker looks again at a due saga another transaction holds. */
 #define LOCKED_RETRY_MS 100
 /* How often a pick scans the queue from its start rather than from the floor. */
@@ -417,33 +421,6 @@ wake_worker_at_commit(void)
 	wake_at_commit = true;
 }
 
-/* ---- catalog lookups ---- */
-
-/* The OID of table resilience.<name>. */
-static Oid
-saga_relid(const char *name)
-{
-	Oid			relid = get_relname_relid(name, get_namespace_oid("resilience", false));
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "relation resilience.%s does not exist", name);
-	return relid;
-}
-
-/* The owner of the extension's tables (who created the extension). */
-static Oid
-extension_owner(void)
-{
-	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(saga_relid("sagas")));
-	Oid			owner;
-
-	if (!HeapTupleIsValid(tuple))
-		elog(ERROR, "cache lookup failed for resilience.sagas");
-	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
-	return owner;
-}
-
 /* ---- SPI statements ---- */
 
 typedef enum SagaPlan
@@ -465,11 +442,18 @@ typedef enum SagaPlan
 	PLAN_LOAD_DEF,
 	PLAN_DEF_LATEST,
 	PLAN_DEF_INSERT,
+	PLAN_PICK_BY_HAND,
+	PLAN_PICK_ID_BY_HAND,
 	NUM_PLANS
 } SagaPlan;
 
 #define SAGA_COLUMNS \
 	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at"
+/* a tick run by hand takes only the sagas of definers whose privileges $3 has */
+#define BY_HAND_FILTER \
+	" AND pg_catalog.pg_has_role($3, (SELECT d.definer::pg_catalog.oid" \
+	" FROM resilience.saga_definitions d" \
+	" WHERE d.id OPERATOR(pg_catalog.=) sagas.definition_id), 'USAGE')"
 
 static const char *const plan_sql[NUM_PLANS] = {
 	/* the saga due longest (from a floor on), unless another tick has it */
@@ -488,7 +472,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (saga_id, step_no) DO UPDATE"
 	" SET state = excluded.state, attempts = excluded.attempts, finished_at = excluded.finished_at,"
 	" result = excluded.result, error = COALESCE(excluded.error, s.error)",
-	"UPDATE resilience.saga_steps SET state = $3, compensation_attempts = compensation_attempts + $4,"
+	"UPDATE resilience.saga_steps SET state = $3, compensation_attempts = compensation_attempts OPERATOR(pg_catalog.+) $4,"
 	" compensated_at = $5, error = COALESCE($6, error)"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2",
 	"UPDATE resilience.saga_steps SET state = $3"
@@ -511,23 +495,32 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"SELECT id, payload OPERATOR(pg_catalog.=) $3 FROM resilience.sagas"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
 	/* a definition, one row per step in order, intervals in microseconds */
-	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s ->> 'name', e.s ->> 'action',"
-	" e.s ->> 'compensation', e.s ->> 'topic',"
-	" (pg_catalog.date_part('epoch', (e.s ->> 'timeout')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
-	" (e.s ->> 'max_attempts')::pg_catalog.int4,"
-	" (pg_catalog.date_part('epoch', (e.s #>> '{backoff,base}')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
-	" (pg_catalog.date_part('epoch', (e.s #>> '{backoff,cap}')::pg_catalog.interval) * 1000000)::pg_catalog.int8,"
-	" e.s #>> '{backoff,jitter}',"
-	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s -> 'retry_on'))"
+	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action',"
+	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic',"
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'timeout')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
+	" (e.s OPERATOR(pg_catalog.->>) 'max_attempts')::pg_catalog.int4,"
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
+	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}',"
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on'))"
 	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)"
 	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n",
 	"SELECT version, steps OPERATOR(pg_catalog.=) $2 AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
 	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
 	"INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
 	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
+	/* PLAN_PICK and PLAN_PICK_ID for a tick run by hand ($3: the caller) */
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
+	" WHERE next_run_at OPERATOR(pg_catalog.<=) $1 AND next_run_at OPERATOR(pg_catalog.>=) $2"
+	BY_HAND_FILTER
+	" ORDER BY next_run_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
+	" WHERE id OPERATOR(pg_catalog.=) $1 AND next_run_at OPERATOR(pg_catalog.<=) $2"
+	BY_HAND_FILTER
+	" FOR UPDATE SKIP LOCKED",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 3, 4};
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 3, 4, 3, 3};
 
 static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
@@ -548,6 +541,8 @@ static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{INT8OID},
 	{TEXTOID, JSONBOID, OIDOID},
 	{TEXTOID, INT4OID, JSONBOID, OIDOID},
+	{TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+	{INT8OID, TIMESTAMPTZOID, OIDOID},
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
@@ -717,7 +712,7 @@ definition_load(int64 id, MemoryContext mcxt)
 static SagaDef *
 definition_get(int64 id)
 {
-	Oid			relid = saga_relid("saga_definitions");
+	Oid			relid = resilience_relid("saga_definitions");
 	DefCacheEntry *entry;
 	SagaDef    *def;
 	bool		found;
@@ -1087,12 +1082,11 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 	bool		armed = !outer_active || deadline < outer_fin;
 	Jsonb	   *context = step_context(s, compensation, attempt);
 	ErrorContextCallback *outer_context = error_context_stack;
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 
 	memset(out, 0, sizeof(StepCall));
 	s->attempt_start = start;
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	GetUserIdAndSecContext(&save.userid, &save.sec_context);
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcontext);
 	step_saga_id = s->id;
@@ -1102,7 +1096,6 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 		FmgrInfo	flinfo;
 		LOCAL_FCINFO(fcinfo, 2);
 		Datum		result;
-		int			nestlevel;
 
 		fmgr_info(fn, &flinfo);
 		InitFunctionCallInfoData(*fcinfo, &flinfo, 2, InvalidOid, NULL, NULL);
@@ -1113,11 +1106,7 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 
 		if (armed)
 			enable_timeout_at(STATEMENT_TIMEOUT, deadline);
-		SetUserIdAndSecContext(s->def->definer, save_sec_context |
-							   SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
-		nestlevel = NewGUCNestLevel();
-		(void) set_config_option("search_path", STEP_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
+		resilience_become(s->def->definer, true, &save);
 		InvokeFunctionExecuteHook(fn);
 		/* the step's errors carry its own context, not the orchestrator's */
 		error_context_stack = NULL;
@@ -1132,8 +1121,7 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 						 errmsg("%s returned a JSON value that is not an object", op->function),
 						 errdetail("Its result is merged into the saga's context: return an object, or NULL.")));
 		}
-		AtEOXact_GUC(false, nestlevel);
-		SetUserIdAndSecContext(save_userid, save_sec_context);
+		resilience_restore_user(&save);
 		if (armed)
 			restore_statement_timeout(outer_active, outer_fin);
 
@@ -1154,7 +1142,8 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
-		SetUserIdAndSecContext(save_userid, save_sec_context);
+		/* the rollback restored the settings; the user, to be sure */
+		SetUserIdAndSecContext(save.userid, save.sec_context);
 		step_saga_id = 0;
 
 		out->timed_out = edata->sqlerrcode == ERRCODE_QUERY_CANCELED &&
@@ -1585,18 +1574,21 @@ saga_advance(Saga *s)
  * below the floor (a late commit, a skipped lock) waits at most that long.
  */
 static bool
-saga_pick(Saga *s)
+saga_pick(Saga *s, Oid by_hand)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	Datum		values[2];
+	SagaPlan	pick = OidIsValid(by_hand) ? PLAN_PICK_BY_HAND : PLAN_PICK;
+	SagaPlan	pick_id = OidIsValid(by_hand) ? PLAN_PICK_ID_BY_HAND : PLAN_PICK_ID;
+	Datum		values[3];
 	bool		isnull;
 
 	values[1] = TimestampTzGetDatum(now);
+	values[2] = ObjectIdGetDatum(by_hand);
 	if (sticky_saga_id != 0)
 	{
 		values[0] = Int64GetDatum(sticky_saga_id);
 		sticky_saga_id = 0;
-		if (run_plan(PLAN_PICK_ID, values, NULL) == 1)
+		if (run_plan(pick_id, values, NULL) == 1)
 		{
 			saga_read(s);
 			return true;
@@ -1610,12 +1602,12 @@ saga_pick(Saga *s)
 	}
 	values[0] = TimestampTzGetDatum(now);
 	values[1] = TimestampTzGetDatum(pick_floor);
-	if (run_plan(PLAN_PICK, values, NULL) == 0 && pick_floor != DT_NOBEGIN)
+	if (run_plan(pick, values, NULL) == 0 && pick_floor != DT_NOBEGIN)
 	{
 		pick_floor = DT_NOBEGIN;
 		pick_floor_since = now;
 		values[1] = TimestampTzGetDatum(pick_floor);
-		(void) run_plan(PLAN_PICK, values, NULL);
+		(void) run_plan(pick, values, NULL);
 	}
 	if (SPI_processed == 0)
 		return false;
@@ -1629,14 +1621,22 @@ saga_pick(Saga *s)
  * it by one step attempt or transition.  False if no saga is due.  Never on
  * a standby, where the sagas belong to the primary: the row lock would fail
  * there anyway, but that must not be what keeps a step from running.
+ *
+ * by_hand: the role whose session runs a tick by hand (saga_tick,
+ * saga_run), or InvalidOid for the worker.  A step runs in the session that
+ * ticks, where that session's temporary tables and custom settings are
+ * visible to it, so a tick by hand takes only the sagas whose definer that
+ * role has the privileges of (is, inherits from, or is a superuser): steps
+ * it could have run itself by SET ROLE.  The others are left to the worker
+ * (a session of no one) or to their definers (docs/sagas.md).
  */
 static bool
-tick_once(void)
+tick_once(Oid by_hand)
 {
 	Saga		s;
 
 	PreventCommandDuringRecovery("saga_tick()");
-	if (!saga_pick(&s))
+	if (!saga_pick(&s, by_hand))
 		return false;
 	if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
 		saga_advance(&s);
@@ -1729,9 +1729,7 @@ saga_define(PG_FUNCTION_ARGS)
 	bool		isnull;
 	Jsonb	   *normalized;
 	int			version = 1;
-	Oid			save_userid;
-	int			save_sec_context;
-	int			nestlevel;
+	ResilienceUser save;
 	int			ret;
 
 	require_arg(fcinfo, 0, "saga name");
@@ -1762,11 +1760,7 @@ saga_define(PG_FUNCTION_ARGS)
 	}
 
 	/* store it as the extension's owner, with a pinned search_path */
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(extension_owner(), save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-	nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", STEP_SEARCH_PATH, PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	resilience_become_owner(true, &save);
 
 	/* one definer of a name at a time; saga_start is not blocked */
 	ret = SPI_execute("LOCK TABLE resilience.saga_definitions IN SHARE ROW EXCLUSIVE MODE", false, 0);
@@ -1793,8 +1787,7 @@ saga_define(PG_FUNCTION_ARGS)
 	else
 		version = -version;
 
-	AtEOXact_GUC(true, nestlevel);
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	resilience_restore_user(&save);
 	SPI_finish();
 	PG_RETURN_INT32(version);
 }
@@ -1894,7 +1887,8 @@ saga_tick(PG_FUNCTION_ARGS)
 
 	not_from_own_step(0, "saga_tick");
 	SPI_connect();
-	did = tick_once();
+	/* the role of the session, not the owner this SECURITY DEFINER runs as */
+	did = tick_once(GetOuterUserId());
 	SPI_finish();
 	PG_RETURN_INT32(did ? 1 : 0);
 }
@@ -1911,7 +1905,7 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 
 	not_from_own_step(0, "saga_tick");
 	SPI_connect();
-	if (!tick_once())
+	if (!tick_once(InvalidOid))
 	{
 		bool		isnull;
 		Datum		next;

@@ -41,6 +41,52 @@
  * The worker status in shared memory is guarded by one LWLock; it changes a
  * few times per job run, never on a hot path.
  *
+ * Privileges: who the jobs run as, and what a database owner can affect
+ * ---------------------------------------------------------------------
+ * A worker connects as the bootstrap superuser: it must connect as some
+ * role that always exists and may log in, and the role it should act as
+ * (the extension's owner) is only known once connected, from the
+ * database's own catalog.  Connecting applies the database's settings, and
+ * the database's owner, who need not be a superuser, sets those (ALTER
+ * DATABASE ... SET search_path = public, pg_catalog): any name the worker
+ * resolved through that path could be an object the owner planted
+ * (public.count(*) ran as a superuser within one reaper interval).  So:
+ *
+ *	1. search_path = pg_catalog, pg_temp is pinned for the whole connection
+ *	   right after connecting (PGC_S_CLIENT, as a client's startup options:
+ *	   above the database's and roles' settings; below a function's own SET
+ *	   clause, which a saga step's function may need);
+ *	2. every job runs as the extension's owner (resilience_become_owner,
+ *	   privilege.c), in a security-restricted operation, with search_path
+ *	   pinned again for the job; the relay switches the same way in each of
+ *	   its transactions (relay.c);
+ *	3. every name in the jobs' SQL, and in the SQL and PL/pgSQL functions
+ *	   they call, is qualified (pg_catalog.count, OPERATOR(pg_catalog.=)),
+ *	   and those functions carry SET search_path = pg_catalog, pg_temp;
+ *	4. user code runs only in saga steps, as the saga's definer, never a
+ *	   superuser (saga.c), with its settings reverted when it returns.
+ *
+ * Why the extension's owner, not a role per database or the database's
+ * owner: the jobs do nothing but read and write the extension's tables and
+ * call its functions, all of which belong to that role, so it is the least
+ * privilege that works without asking the administrator to create and
+ * grant a role per database.  It is usually a superuser (the control file
+ * says superuser = true), so what actually protects is 1-3, not the role:
+ * no name the owner of the database controls is ever resolved, and the
+ * restricted operation keeps anything that might run from leaving state in
+ * the session (temporary objects, SET ROLE, LISTEN, cursors WITH HOLD).
+ * The database's owner would be wrong: its objects would then run with its
+ * own rights, harmless, but the jobs would need it to be granted every
+ * table, and the worker's session would be one that role controls.
+ *
+ * A database owner may still change other settings of the worker's session
+ * (statement_timeout, lock_timeout, default_transaction_read_only...):
+ * enough to make jobs fail, which the workers view shows, never to run code.
+ * DROP DATABASE and ALTER DATABASE ... RENAME ask the worker to leave only
+ * when the server will go on with the command (the same checks it makes
+ * first: ownership, CREATEDB, a free name, not a template, not in a
+ * transaction block...), so a refused command never makes it reconnect.
+ *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
@@ -52,8 +98,10 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_database.h"
 #include "catalog/pg_extension.h"
+#include "catalog/pg_subscription.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -63,6 +111,7 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "replication/slot.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lmgr.h"
@@ -72,6 +121,7 @@
 #include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
@@ -106,7 +156,7 @@ typedef struct WorkerJob
 } WorkerJob;
 
 static const WorkerJob jobs[] = {
-	{"reaper", "SELECT count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
+	{"reaper", "SELECT pg_catalog.count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
 	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
 	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
 };
@@ -675,8 +725,12 @@ run_sql_job(const WorkerJob *job, long *wish)
 	/* DROP EXTENSION holds an exclusive lock: skip the job, not wait */
 	if (worker_lock_extension())
 	{
-		int			ret = SPI_execute(job->sql, false, 0);
+		ResilienceUser save;
+		int			ret;
 
+		/* as the extension's owner, restricted, search_path pinned */
+		resilience_become_owner(true, &save);
+		ret = SPI_execute(job->sql, false, 0);
 		if (ret < 0)
 			elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
 		if (job->says_when && SPI_processed == 1)
@@ -687,6 +741,7 @@ run_sql_job(const WorkerJob *job, long *wish)
 			if (!isnull)
 				*wish = (long) Min(DatumGetInt64(d), (int64) INT_MAX);
 		}
+		resilience_restore_user(&save);
 		ran = true;
 	}
 	SPI_finish();
@@ -801,6 +856,17 @@ resilience_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+
+	/*
+	 * The database's settings (ALTER DATABASE ... SET, which its owner may
+	 * run) were applied while connecting.  Pin search_path for the whole
+	 * connection as a client's startup options would (PGC_S_CLIENT: above
+	 * the database's and roles' settings, and it is also what RESET gives),
+	 * yet below a function's own SET clause, which a saga step's function
+	 * may rely on.  Nothing else can change it: the worker runs only its own
+	 * jobs, and the settings a step changes are reverted when it returns.
+	 */
+	SetConfigOption("search_path", RESILIENCE_SEARCH_PATH, PGC_SUSET, PGC_S_CLIENT);
 
 	my_slot = &worker_shared->slots[slotno];
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
@@ -921,27 +987,65 @@ release_at_xact_end(XactEvent event, void *arg)
 	}
 }
 
+/* Does this user have the CREATEDB privilege (as dbcommands.c sees it)? */
+static bool
+may_create_databases(void)
+{
+	HeapTuple	tuple;
+	bool		result = false;
+
+	if (superuser())
+		return true;
+	tuple = SearchSysCache1(AUTHOID, ObjectIdGetDatum(GetUserId()));
+	if (HeapTupleIsValid(tuple))
+	{
+		result = ((Form_pg_authid) GETSTRUCT(tuple))->rolcreatedb;
+		ReleaseSysCache(tuple);
+	}
+	return result;
+}
+
 /*
- * Could this user drop or rename the database?  Only its owner (or a
- * superuser) can, and not while connected to it; anyone else gets an error
- * from the command itself, and must not be able to stop our worker by
- * trying.  The same test as dropdb() and RenameDatabase() make.
+ * Will PostgreSQL go on to wait for the other sessions of database dbname to
+ * leave, for DROP DATABASE (newname NULL) or ALTER DATABASE ... RENAME TO
+ * newname?  Only then is our worker asked to leave: a command the server
+ * refuses must not stop or restart it (a database owner could otherwise
+ * make it reconnect at will).  These are the checks dropdb() and
+ * RenameDatabase() make before that wait, whatever their order: the
+ * database exists and is not ours, the user has the privileges of its
+ * owner; to rename, the CREATEDB privilege and a free new name; to drop,
+ * not a template, no active logical replication slot, no subscription.
+ * (DROP DATABASE outside a transaction block is checked by the caller.)
  */
 static bool
-may_drop_database(const char *dbname)
+database_command_proceeds(const char *dbname, const char *newname)
 {
 	Oid			dboid = get_database_oid(dbname, true);
 	HeapTuple	tuple;
-	Oid			owner;
+	Form_pg_database db;
+	bool		proceeds;
 
 	if (!OidIsValid(dboid) || dboid == MyDatabaseId)
 		return false;
 	tuple = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
 	if (!HeapTupleIsValid(tuple))
 		return false;
-	owner = ((Form_pg_database) GETSTRUCT(tuple))->datdba;
+	db = (Form_pg_database) GETSTRUCT(tuple);
+	proceeds = has_privs_of_role(GetUserId(), db->datdba);
+	if (newname != NULL)
+		proceeds = proceeds && may_create_databases() &&
+			!OidIsValid(get_database_oid(newname, true));
+	else
+	{
+		int			nslots;
+		int			nslots_active;
+
+		proceeds = proceeds && !db->datistemplate &&
+			!(ReplicationSlotsCountDBSlots(dboid, &nslots, &nslots_active) && nslots_active > 0) &&
+			CountDBSubscriptions(dboid) == 0;
+	}
 	ReleaseSysCache(tuple);
-	return has_privs_of_role(GetUserId(), owner);
+	return proceeds;
 }
 
 /*
@@ -949,7 +1053,7 @@ may_drop_database(const char *dbname)
  * has; the launcher does not restart it before this transaction ends.
  */
 static void
-release_database(const char *dbname)
+release_database(const char *dbname, const char *newname)
 {
 	static bool callback_registered = false;
 	int			slotno = -1;
@@ -957,7 +1061,7 @@ release_database(const char *dbname)
 	int			waited;
 	int			i;
 
-	if (!may_drop_database(dbname))
+	if (!database_command_proceeds(dbname, newname))
 		return;
 
 	/* before marking anything, so that the mark is always cleared */
@@ -1007,10 +1111,15 @@ resilience_ProcessUtility(PlannedStmt *pstmt, const char *queryString,
 	if (worker_shared != NULL)
 	{
 		if (IsA(parsetree, DropdbStmt))
-			release_database(((DropdbStmt *) parsetree)->dbname);
+		{
+			/* the server's own first check (standard_ProcessUtility), made early */
+			PreventInTransactionBlock(context == PROCESS_UTILITY_TOPLEVEL, "DROP DATABASE");
+			release_database(((DropdbStmt *) parsetree)->dbname, NULL);
+		}
 		else if (IsA(parsetree, RenameStmt) &&
 				 ((RenameStmt *) parsetree)->renameType == OBJECT_DATABASE)
-			release_database(((RenameStmt *) parsetree)->subname);
+			release_database(((RenameStmt *) parsetree)->subname,
+							 ((RenameStmt *) parsetree)->newname);
 	}
 
 	if (prev_ProcessUtility)
