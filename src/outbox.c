@@ -51,6 +51,7 @@
  *-------------------------------------------------------------------------
  */
 #include "outbox.h"
+#include "tenants.h"
 
 #include "access/htup_details.h"
 #include "access/xact.h"
@@ -1458,6 +1459,20 @@ outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const 
 
 /* ---- the pull API ---- */
 
+/*
+ * Act as the owner of the outbox tables for the pull API (SPI connected),
+ * once the calling role is known to own consumer, its member or
+ * resilience_admin (42501 otherwise; the first role to use a name owns it).
+ */
+static void
+consumer_become_owner(text *consumer, Oid *save_userid, int *save_sec)
+{
+	Oid			caller = GetUserId();
+
+	outbox_become_owner(save_userid, save_sec);
+	tenant_claim(TENANT_OUTBOX_CONSUMER, VARDATA_ANY(consumer), VARSIZE_ANY_EXHDR(consumer), caller);
+}
+
 /* outbox_claim(consumer, batch, visibility) → the claimed events. */
 Datum
 outbox_claim(PG_FUNCTION_ARGS)
@@ -1468,6 +1483,8 @@ outbox_claim(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	OutboxClaim claim;
 	ListCell   *lc;
+	Oid			save_userid;
+	int			save_sec;
 
 	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) <= 0 || PG_GETARG_INT32(1) > 10000)
 		ereport(ERROR,
@@ -1479,6 +1496,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&claim, 0, sizeof(claim));
 	SPI_connect();
+	consumer_become_owner(consumer, &save_userid, &save_sec);
 	claim.routes = outbox_load_routes(false, text_to_cstring(consumer));
 	claim.limit = batch;
 	claim.runs = false;
@@ -1505,6 +1523,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 		values[6] = Int32GetDatum(item->attempts);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
+	SetUserIdAndSecContext(save_userid, save_sec);
 	SPI_finish();
 	return (Datum) 0;
 }
@@ -1518,6 +1537,8 @@ outbox_ack(PG_FUNCTION_ARGS)
 	Datum		args[3];
 	Oid			types[3] = {TEXTOID, INT8ARRAYOID, INTERVALOID};
 	int			ret;
+	Oid			save_userid;
+	int			save_sec;
 
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -1529,6 +1550,7 @@ outbox_ack(PG_FUNCTION_ARGS)
 								  Int32GetDatum(0), Int32GetDatum(0), Int32GetDatum(0),
 								  Int32GetDatum(0), Float8GetDatum((double) retention));
 	SPI_connect();
+	consumer_become_owner(consumer, &save_userid, &save_sec);
 	if (retention > 0)
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = now(),"
 									" not_before = now() + $3, claimed_by = NULL, claim_until = NULL"
@@ -1551,6 +1573,7 @@ outbox_ack(PG_FUNCTION_ARGS)
 					 1);
 	}
 	ret = (int) SPI_processed;
+	SetUserIdAndSecContext(save_userid, save_sec);
 	SPI_finish();
 	PG_RETURN_INT32(ret);
 }
@@ -1566,6 +1589,8 @@ outbox_nack(PG_FUNCTION_ARGS)
 	bool		found;
 	uint64		i;
 	int			ret;
+	Oid			save_userid;
+	int			save_sec;
 
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -1576,6 +1601,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 	args[1] = PG_GETARG_DATUM(1);
 	args[2] = TimestampTzGetDatum(GetCurrentTimestamp() + delay);
 	SPI_connect();
+	consumer_become_owner(consumer, &save_userid, &save_sec);
 	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
 								" not_before = $3, last_error = 'nacked by ' || $1"
 								" WHERE id = $2 AND pull AND claimed_by = $1 AND delivered_at IS NULL"
@@ -1621,6 +1647,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 				outbox_count(RC_OUTBOX_RETRIES, route_id, 1);
 		}
 	}
+	SetUserIdAndSecContext(save_userid, save_sec);
 	SPI_finish();
 	PG_RETURN_BOOL(found);
 }

@@ -37,13 +37,17 @@
  * become one), within SECURITY_LOCAL_USERID_CHANGE |
  * SECURITY_RESTRICTED_OPERATION and with search_path = pg_catalog, pg_temp;
  * every setting a step changes is reverted when it returns.  The SQL entry
- * points are SECURITY DEFINER; saga_define is not, because it must know who
- * calls it, and writes the definition as the extension's owner.
+ * points are SECURITY DEFINER, except saga_define, saga_start and the
+ * replies, which must know who calls them and act as the extension's owner
+ * themselves: saga_start records the caller as the saga's owner role, and
+ * only that role, the definer, the roles that have the privileges of either,
+ * and resilience_admin may reply to its async steps (src/tenants.c).
  *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
 #include "metrics.h"
+#include "tenants.h"
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
@@ -1682,6 +1686,8 @@ saga_define(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(version);
 }
 
+static void saga_set_owner_role(int64 id, Oid role);
+
 /*
  * saga_start(name, payload, idempotency_key) → saga id.  The saga exists if
  * and only if this transaction commits; its first step runs in a transaction
@@ -1701,6 +1707,8 @@ saga_start(PG_FUNCTION_ARGS)
 	int			version;
 	int64		id;
 	TimestampTz now = GetCurrentTimestamp();
+	Oid			save_userid;
+	int			save_sec_context;
 
 	require_arg(fcinfo, 1, "payload");
 	payload = PG_GETARG_JSONB_P(1);
@@ -1714,6 +1722,8 @@ saga_start(PG_FUNCTION_ARGS)
 		key = text_arg(fcinfo, 2, "idempotency_key", KEY_MAX);
 
 	SPI_connect();
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(extension_owner(), save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 	values[0] = CStringGetTextDatum(name);
 	if (run_plan(PLAN_LATEST, values, NULL) == 0)
 		ereport(ERROR,
@@ -1735,6 +1745,8 @@ saga_start(PG_FUNCTION_ARGS)
 		JsonBuf		detail;
 
 		id = DatumGetInt64(column(0, 1, &null));
+		if (tenants_enabled())
+			saga_set_owner_role(id, save_userid);
 		memset(&s, 0, sizeof(s));
 		s.id = id;
 		s.state = SAGA_RUNNING;
@@ -1765,6 +1777,7 @@ saga_start(PG_FUNCTION_ARGS)
 							key, id),
 					 errhint("Use a new key for a new saga.")));
 	}
+	SetUserIdAndSecContext(save_userid, save_sec_context);
 	SPI_finish();
 	PG_RETURN_INT64(id);
 }
@@ -1815,6 +1828,45 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(wish);
 }
 
+/* Record role as the owner of saga id (SPI connected, as the owner). */
+static void
+saga_set_owner_role(int64 id, Oid role)
+{
+	Oid			types[2] = {INT8OID, OIDOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(id);
+	values[1] = ObjectIdGetDatum(role);
+	if (SPI_execute_with_args("UPDATE resilience.sagas SET owner_role = $2"
+							  " WHERE id OPERATOR(pg_catalog.=) $1",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "recording the owner of saga " INT64_FORMAT " failed", id);
+}
+
+/*
+ * May caller reply to saga s (locked)?  Its owner role (who started it), the
+ * definer, the roles that have the privileges of either and resilience_admin
+ * may; a saga started before 0.2 has no owner and takes any reply.
+ */
+static void
+saga_check_replier(Saga *s, Oid caller)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	bool		isnull;
+	Oid			owner;
+
+	values[0] = Int64GetDatum(s->id);
+	if (SPI_execute_with_args("SELECT owner_role::pg_catalog.oid FROM resilience.sagas"
+							  " WHERE id OPERATOR(pg_catalog.=) $1",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading the owner of saga " INT64_FORMAT " failed", s->id);
+	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull || tenant_may_act(caller, s->def->definer))
+		return;
+	tenant_check(TENANT_SAGA, psprintf(INT64_FORMAT, s->id), owner, caller);
+}
+
 /*
  * A reply to an async command.  Accepted (true) only while the step waits for
  * it: the command of that step and kind is out, no reply is recorded yet, and
@@ -1836,12 +1888,18 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 	TimestampTz now;
 	bool		waiting;
 	JsonBuf		detail;
+	Oid			save_userid;
+	int			save_sec_context;
 
 	saga_id = saga_id_arg(fcinfo, completed ? "saga_step_completed" : "saga_step_failed");
 	step = text_arg(fcinfo, 1, "step", SAGA_NAME_MAX);
 
 	SPI_connect();
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(extension_owner(), save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 	saga_lock(&s, saga_id);
+	if (tenants_enabled())
+		saga_check_replier(&s, save_userid);
 	stepno = step_number(s.def, step);
 	if (stepno == 0)
 		ereport(ERROR,
@@ -1884,6 +1942,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 				   completed ? NULL : body, jb_done(&detail));
 		saga_write(&s);
 		wake_worker_at_commit();
+		SetUserIdAndSecContext(save_userid, save_sec_context);
 		SPI_finish();
 		return true;
 	}
@@ -1903,6 +1962,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 			   s.reply ? "already_replied" : "after_deadline");
 		jb_jsonb(&detail, completed ? "result" : "error", body);
 		saga_event(&s, "reply_ignored", stepno, sent, compensation, NULL, jb_done(&detail));
+		SetUserIdAndSecContext(save_userid, save_sec_context);
 		SPI_finish();
 		return false;
 	}
