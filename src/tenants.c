@@ -339,7 +339,8 @@ tenant_claim(TenantKind kind, const char *name, int len, Oid caller)
 				e->owner = owner;
 		}
 	}
-	tenant_check(kind, pnstrdup(name, len), owner, caller);
+	if (!tenant_may_act(caller, owner))
+		tenant_deny(kind, pnstrdup(name, len), owner);
 }
 
 /*
@@ -488,6 +489,59 @@ set_owner(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* A stream function's statement, prepared once per backend. */
+typedef struct GatePlan
+{
+	Oid			fn;				/* the public function */
+	SPIPlanPtr	plan;			/* SELECT resilience._<name>($1, ..., caller) */
+	bool		retset;
+	Oid			rettype;
+	int			nargs;			/* of the public function */
+} GatePlan;
+
+#define MAX_GATES 8
+static GatePlan gates[MAX_GATES];
+static int	ngates = 0;
+
+/* The prepared statement of stream function fn (SPI connected). */
+static GatePlan *
+gate_plan(Oid fn)
+{
+	GatePlan   *g;
+	Oid		   *argtypes;
+	Oid			types[FUNC_MAX_ARGS];
+	StringInfoData sql;
+	int			i;
+
+	for (i = 0; i < ngates; i++)
+		if (gates[i].fn == fn)
+			return &gates[i];
+	if (ngates == MAX_GATES)
+		elog(ERROR, "too many stream functions");
+	g = &gates[ngates];
+	g->retset = get_func_retset(fn);
+	g->rettype = get_func_signature(fn, &argtypes, &g->nargs);
+	if (g->nargs + 1 > FUNC_MAX_ARGS)
+		elog(ERROR, "too many arguments");
+	initStringInfo(&sql);
+	appendStringInfo(&sql, "SELECT %sresilience.%s(", g->retset ? "* FROM " : "",
+					 quote_identifier(psprintf("_%s", get_func_name(fn))));
+	for (i = 0; i < g->nargs; i++)
+	{
+		types[i] = argtypes[i];
+		appendStringInfo(&sql, "$%d, ", i + 1);
+	}
+	types[g->nargs] = OIDOID;
+	appendStringInfo(&sql, "$%d)", g->nargs + 1);
+	g->plan = SPI_prepare(sql.data, g->nargs + 1, types);
+	if (g->plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s", sql.data, SPI_result_code_string(SPI_result));
+	SPI_keepplan(g->plan);
+	g->fn = fn;
+	ngates++;
+	return g;
+}
+
 /*
  * The stream functions (append_events, read_stream, stream_version): run
  * resilience._<name>(args..., caller) as the extension's owner, where caller
@@ -498,55 +552,43 @@ set_owner(PG_FUNCTION_ARGS)
 Datum
 stream_gate(PG_FUNCTION_ARGS)
 {
-	Oid			fn = fcinfo->flinfo->fn_oid;
-	char	   *fname = get_func_name(fn);
-	bool		retset = get_func_retset(fn);
-	Oid		   *argtypes;
-	Oid			rettype;
-	int			nargs;
-	Oid			types[FUNC_MAX_ARGS];
+	GatePlan   *g;
 	Datum		values[FUNC_MAX_ARGS];
 	char		nulls[FUNC_MAX_ARGS];
-	StringInfoData sql;
 	Oid			save_userid;
 	int			save_sec;
 	int			nestlevel;
 	int			ret;
 	Datum		result = (Datum) 0;
 	bool		isnull = true;
-	int16		typlen;
-	bool		typbyval;
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
-	rettype = get_func_signature(fn, &argtypes, &nargs);
-	initStringInfo(&sql);
-	appendStringInfo(&sql, "SELECT %sresilience.%s(", retset ? "* FROM " : "",
-					 quote_identifier(psprintf("_%s", fname)));
-	for (int i = 0; i < nargs; i++)
+	SPI_connect();
+	g = gate_plan(fcinfo->flinfo->fn_oid);
+	for (int i = 0; i < g->nargs; i++)
 	{
-		types[i] = argtypes[i];
 		values[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
 		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
-		appendStringInfo(&sql, "$%d, ", i + 1);
 	}
-	types[nargs] = OIDOID;
-	values[nargs] = ObjectIdGetDatum(GetUserId());
-	nulls[nargs] = ' ';
-	appendStringInfo(&sql, "$%d)", nargs + 1);
+	values[g->nargs] = ObjectIdGetDatum(GetUserId());
+	nulls[g->nargs] = ' ';
+	if (g->retset)
+	{
+		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
 
-	if (retset)
 		InitMaterializedSRF(fcinfo, 0);
-	SPI_connect();
+		MemoryContextSwitchTo(spi_cxt);
+	}
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(tables_owner(), save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
 	nestlevel = NewGUCNestLevel();
 	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	ret = SPI_execute_with_args(sql.data, nargs + 1, types, values, nulls, false, 0);
+	ret = SPI_execute_plan(g->plan, values, nulls, false, 0);
 	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "resilience.%s failed: %s", fname, SPI_result_code_string(ret));
-	if (retset)
+		elog(ERROR, "resilience stream function failed: %s", SPI_result_code_string(ret));
+	if (g->retset)
 	{
 		ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 		int			natts = rsinfo->setDesc->natts;
@@ -565,15 +607,17 @@ stream_gate(PG_FUNCTION_ARGS)
 		result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 		if (!isnull)
 		{
-			get_typlenbyval(rettype, &typlen, &typbyval);
-			MemoryContextSwitchTo(caller_cxt);
-			result = datumCopy(result, typbyval, typlen);
+			int16		typlen;
+			bool		typbyval;
+
+			get_typlenbyval(g->rettype, &typlen, &typbyval);
+			result = SPI_datumTransfer(result, typbyval, typlen);
 		}
 	}
 	AtEOXact_GUC(true, nestlevel);
 	SetUserIdAndSecContext(save_userid, save_sec);
 	SPI_finish();
-	if (retset)
+	if (g->retset)
 		return (Datum) 0;
 	if (isnull)
 		PG_RETURN_NULL();
