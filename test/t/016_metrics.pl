@@ -244,11 +244,12 @@ usleep(1_200_000);
 my $token = $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 min', 'c')});
 $node->safe_psql('app', qq{SELECT resilience.lock_release('job', $token)});
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 min', 'd')});
-$node->safe_psql('app', q{
-	SELECT resilience.fence('disk', 10);
-	SELECT resilience.fence_check('disk', 9);
-	SELECT resilience.fence_check('disk', 8);
-	SELECT resilience.fence_check('disk', 11);
+# (tokens that were issued: a fence refuses one never issued)
+$node->safe_psql('app', qq{
+	SELECT resilience.fence('disk', $token);
+	SELECT resilience.fence_check('disk', $token - 1);
+	SELECT resilience.fence_check('disk', $token - 2);
+	SELECT resilience.fence_check('disk', $token + 1);
 });
 $after = scrape();
 moved($before, $after,
