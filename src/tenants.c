@@ -557,7 +557,6 @@ stream_gate(PG_FUNCTION_ARGS)
 	char		nulls[FUNC_MAX_ARGS];
 	Oid			save_userid;
 	int			save_sec;
-	int			nestlevel;
 	int			ret;
 	Datum		result = (Datum) 0;
 	bool		isnull = true;
@@ -579,12 +578,15 @@ stream_gate(PG_FUNCTION_ARGS)
 		InitMaterializedSRF(fcinfo, 0);
 		MemoryContextSwitchTo(spi_cxt);
 	}
+	/*
+	 * search_path is not pinned here: the statement names everything by
+	 * schema and type oid, and the internal functions pin it themselves
+	 * (SET search_path), so pinning it here too would only add a second
+	 * GUC save and restore to every call.
+	 */
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(tables_owner(), save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
-	nestlevel = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
 	ret = SPI_execute_plan(g->plan, values, nulls, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "resilience stream function failed: %s", SPI_result_code_string(ret));
@@ -614,7 +616,6 @@ stream_gate(PG_FUNCTION_ARGS)
 			result = SPI_datumTransfer(result, typbyval, typlen);
 		}
 	}
-	AtEOXact_GUC(true, nestlevel);
 	SetUserIdAndSecContext(save_userid, save_sec);
 	SPI_finish();
 	if (g->retset)
