@@ -34,6 +34,14 @@
  * When preloaded, a shared dictionary remembers which name a key came from
  * for the resilience.locks view.
  *
+ * Owners (src/tenants.c): a lease name belongs to the role in its row's
+ * owner_role; the lease functions are SECURITY INVOKER so that they see the
+ * caller, switch to the table's owner themselves, and pass the role they act
+ * as ($5) to every statement, which matches only that role's rows.  A miss
+ * re-reads the row: another role's lease is 42501 unless the caller has that
+ * role's privileges (or resilience_admin's), and then the statement runs
+ * again as that role.  fence refuses tokens never issued (22023).
+ *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"

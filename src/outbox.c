@@ -43,6 +43,10 @@
  * holds.  A row of key k that did not exist when the rows were read
  * committed later, so it has a higher seq than every row of k that was read.
  *
+ * The pull API (outbox_claim, outbox_ack, outbox_nack) is SECURITY INVOKER:
+ * it checks that the calling role may use the consumer name (src/tenants.c;
+ * the first role to use a name owns it), then acts as the tables' owner.
+ *
  * Routes with on_dead_letter = 'block' also treat a key with a blocking
  * dead letter as blocked; the dead letters are read both before and after
  * the rows, so a dead letter being moved in or redriven out meanwhile is
