@@ -235,11 +235,13 @@ is(val($s0, 'resilience_bulkhead_acquisitions_total{bulkhead=db-pool,outcome=acq
 
 # ---- leases and fences ----
 $before = $after;
-$node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 s', 'a')});
+# (a lease long enough that b's attempts find it held on a loaded machine)
+$node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '5 s', 'a')});
 is(val(scrape(), 'resilience_leases_held{}'), 1, 'one lease held');
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 s', 'b')});           # refused
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 s', 'b', '50 ms')});  # waits, refused
-usleep(1_200_000);
+usleep(200_000)
+  while $node->safe_psql('app', q{SELECT expires_at > clock_timestamp() FROM resilience.leases WHERE name = 'job'}) eq 't';
 # 'a' let it expire: 'c' takes it over; 'c' releases it: 'd' takes it, no takeover
 my $token = $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 min', 'c')});
 $node->safe_psql('app', qq{SELECT resilience.lock_release('job', $token)});
