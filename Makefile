@@ -22,7 +22,8 @@ OBJS = \
 	src/sink_amqp.o \
 	src/sink_notify.o \
 	src/metrics.o \
-	src/worker.o
+	src/worker.o \
+	src/tenants.o
 
 # the outbox's http and amqp sinks
 SHLIB_LINK += -lcurl -lrabbitmq

@@ -190,7 +190,8 @@ COMMENT ON TABLE resilience.outbox_routes IS
 CREATE TABLE resilience.streams (
     stream text PRIMARY KEY,
     version bigint NOT NULL,              -- the version of its last event
-    updated_at timestamptz NOT NULL
+    updated_at timestamptz NOT NULL,
+    owner_role regrole                    -- who may read and append (docs/operations.md, "Roles and tenants")
 );
 COMMENT ON TABLE resilience.streams IS
 'One row per event stream: the version of its last event (versions count from 0)';
@@ -228,10 +229,15 @@ SELECT pg_catalog.pg_extension_config_dump('resilience.stream_forwards_id_seq', 
 -- append_events(stream, expected_version, events) → the stream's new
 -- version.  Each event is a JSON object {"type": text, "data": any JSON
 -- (default null), "metadata": object (default {})}; nothing else.
--- SECURITY DEFINER: callers need no privileges on the tables.
-CREATE FUNCTION resilience.append_events(stream text, expected_version bigint, events jsonb[])
+-- The public append_events, read_stream and stream_version are C functions
+-- (src/tenants.c, stream_gate) that run the internal ones below as the
+-- extension's owner, passing the calling role as caller: callers need no
+-- privileges on the tables, and only the stream's owner role, its members
+-- and resilience_admin may use a stream (docs/operations.md, "Roles and
+-- tenants").  The internal ones are executable by the owner only.
+CREATE FUNCTION resilience._append_events(stream text, expected_version bigint, events jsonb[], caller oid)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -241,23 +247,24 @@ DECLARE
     new_version bigint;
     actual bigint;
     f record;
+    stream_owner oid;
 BEGIN
-    IF append_events.stream IS NULL OR append_events.events IS NULL THEN
-        RAISE EXCEPTION '% must not be null', CASE WHEN append_events.stream IS NULL THEN 'stream' ELSE 'events' END
+    IF _append_events.stream IS NULL OR _append_events.events IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN _append_events.stream IS NULL THEN 'stream' ELSE 'events' END
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF octet_length(append_events.stream) NOT BETWEEN 1 AND 255 THEN
+    IF octet_length(_append_events.stream) NOT BETWEEN 1 AND 255 THEN
         RAISE EXCEPTION 'stream must be 1 to 255 bytes'
             USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('It is %s bytes.', octet_length(append_events.stream));
+                  DETAIL = format('It is %s bytes.', octet_length(_append_events.stream));
     END IF;
-    IF append_events.expected_version < -1 THEN
+    IF _append_events.expected_version < -1 THEN
         RAISE EXCEPTION 'expected_version must be -1, a version (0 or more), or NULL'
             USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('It is %s.', append_events.expected_version),
+                  DETAIL = format('It is %s.', _append_events.expected_version),
                   HINT = '-1: the stream must not exist yet; NULL: append whatever its version.';
     END IF;
-    n := coalesce(cardinality(append_events.events), 0);
+    n := coalesce(cardinality(_append_events.events), 0);
     IF n = 0 THEN
         RAISE EXCEPTION 'events must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -272,7 +279,7 @@ BEGIN
             WHEN EXISTS (SELECT FROM jsonb_object_keys(e) k WHERE k NOT IN ('type', 'data', 'metadata'))
                 THEN 'has a key other than "type", "data" and "metadata"'
             END AS why
-          FROM unnest(append_events.events) WITH ORDINALITY x(e, i)) u
+          FROM unnest(_append_events.events) WITH ORDINALITY x(e, i)) u
      WHERE u.why IS NOT NULL ORDER BY u.i LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'event % of % %', bad.i, n, bad.why
@@ -280,89 +287,134 @@ BEGIN
                   HINT = 'Each event is {"type": "…", "data": any JSON, "metadata": {…}}; data and metadata may be left out.';
     END IF;
 
-    IF append_events.expected_version IS NULL THEN
-        INSERT INTO resilience.streams AS s (stream, version, updated_at)
-        VALUES (append_events.stream, n - 1, now())
-        ON CONFLICT (stream) DO UPDATE SET version = s.version + n, updated_at = now()
-        RETURNING s.version INTO new_version;
-    ELSIF append_events.expected_version = -1 THEN
-        INSERT INTO resilience.streams AS s (stream, version, updated_at)
-        VALUES (append_events.stream, n - 1, now())
+    -- The owner of a new stream: the one an admin declared, else the caller.
+    -- The head row is locked by the write, so its owner is checked after it
+    -- (an error undoes the write); a stream from 0.1 (no owner) becomes the
+    -- caller's.
+    IF _append_events.expected_version IS NULL THEN
+        INSERT INTO resilience.streams AS s (stream, version, updated_at, owner_role)
+        VALUES (_append_events.stream, n - 1, now(),
+                coalesce((SELECT o.owner FROM resilience.owners o
+                           WHERE o.kind = 'stream' AND o.name = _append_events.stream), caller::regrole))
+        ON CONFLICT (stream) DO UPDATE SET version = s.version + n, updated_at = now(),
+                                           owner_role = coalesce(s.owner_role, caller::regrole)
+        RETURNING s.version, s.owner_role INTO new_version, stream_owner;
+    ELSIF _append_events.expected_version = -1 THEN
+        INSERT INTO resilience.streams AS s (stream, version, updated_at, owner_role)
+        VALUES (_append_events.stream, n - 1, now(),
+                coalesce((SELECT o.owner FROM resilience.owners o
+                           WHERE o.kind = 'stream' AND o.name = _append_events.stream), caller::regrole))
         ON CONFLICT (stream) DO NOTHING
-        RETURNING s.version INTO new_version;
+        RETURNING s.version, s.owner_role INTO new_version, stream_owner;
     ELSE
-        UPDATE resilience.streams s SET version = s.version + n, updated_at = now()
-         WHERE s.stream = append_events.stream AND s.version = append_events.expected_version
-        RETURNING s.version INTO new_version;
+        UPDATE resilience.streams s SET version = s.version + n, updated_at = now(),
+                                        owner_role = coalesce(s.owner_role, caller::regrole)
+         WHERE s.stream = _append_events.stream AND s.version = _append_events.expected_version
+        RETURNING s.version, s.owner_role INTO new_version, stream_owner;
     END IF;
     IF new_version IS NULL THEN
-        SELECT s.version INTO actual FROM resilience.streams s WHERE s.stream = append_events.stream;
+        SELECT s.version, s.owner_role INTO actual, stream_owner
+          FROM resilience.streams s WHERE s.stream = _append_events.stream;
+        -- the actual version is the owner's business too
+        PERFORM resilience._tenant_check('stream', _append_events.stream, stream_owner, caller);
         PERFORM resilience._metrics_count('stream_conflicts', 1);
-        RAISE EXCEPTION 'stream "%" is not at version %', append_events.stream, append_events.expected_version
+        RAISE EXCEPTION 'stream "%" is not at version %', _append_events.stream, _append_events.expected_version
             USING ERRCODE = 'serialization_failure',
                   DETAIL = CASE WHEN actual IS NULL THEN 'Its actual version is -1 (it does not exist).'
                                 ELSE format('Its actual version is %s.', actual) END,
                   HINT = 'Read the stream again, decide again, and append with the version read.';
     END IF;
 
+    PERFORM resilience._tenant_check('stream', _append_events.stream, stream_owner, caller);
+
     INSERT INTO resilience.stream_events (stream, version, type, data, metadata, recorded_at)
-    SELECT append_events.stream, new_version - n + x.i, x.e ->> 'type', coalesce(x.e -> 'data', 'null'),
+    SELECT _append_events.stream, new_version - n + x.i, x.e ->> 'type', coalesce(x.e -> 'data', 'null'),
            coalesce(x.e -> 'metadata', '{}'), now()
-      FROM unnest(append_events.events) WITH ORDINALITY x(e, i);
+      FROM unnest(_append_events.events) WITH ORDINALITY x(e, i);
 
     FOR f IN SELECT w.topic FROM resilience.stream_forwards w
-              WHERE append_events.stream LIKE w.stream_pattern COLLATE "C" ORDER BY w.id LOOP
+              WHERE _append_events.stream LIKE w.stream_pattern COLLATE "C" ORDER BY w.id LOOP
         PERFORM resilience.outbox_publish(f.topic,
-                    jsonb_build_object('stream', append_events.stream, 'version', new_version - n + x.i,
+                    jsonb_build_object('stream', _append_events.stream, 'version', new_version - n + x.i,
                                        'type', x.e ->> 'type', 'data', coalesce(x.e -> 'data', 'null'),
                                        'metadata', coalesce(x.e -> 'metadata', '{}'), 'recorded_at', now()),
-                    append_events.stream)
-           FROM unnest(append_events.events) WITH ORDINALITY x(e, i) ORDER BY x.i;
+                    _append_events.stream)
+           FROM unnest(_append_events.events) WITH ORDINALITY x(e, i) ORDER BY x.i;
     END LOOP;
     PERFORM resilience._metrics_count('stream_events', n);
     RETURN new_version;
 END
 $$;
+COMMENT ON FUNCTION resilience._append_events(text, bigint, jsonb[], oid) IS
+'Internal (append_events): the append, for caller';
+
+CREATE FUNCTION resilience.append_events(stream text, expected_version bigint, events jsonb[])
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'stream_gate'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
 COMMENT ON FUNCTION resilience.append_events(text, bigint, jsonb[]) IS
 'Append events to a stream if it is at expected_version (-1: must not exist; NULL: any); returns its new version; 40001 on a conflict, with the actual version in the detail';
 
-CREATE FUNCTION resilience.read_stream(stream text, from_version bigint DEFAULT 0, max integer DEFAULT NULL)
+CREATE FUNCTION resilience._read_stream(stream text, from_version bigint, max integer, caller oid)
 RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
-LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    IF read_stream.stream IS NULL OR read_stream.from_version IS NULL THEN
-        RAISE EXCEPTION '% must not be null', CASE WHEN read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
+    IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF read_stream.from_version < 0 THEN
+    IF _read_stream.from_version < 0 THEN
         RAISE EXCEPTION 'from_version must not be negative'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', read_stream.from_version);
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.from_version);
     END IF;
-    IF read_stream.max <= 0 THEN
+    IF _read_stream.max <= 0 THEN
         RAISE EXCEPTION 'max must be positive, or NULL for no limit'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', read_stream.max);
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
     END IF;
+    PERFORM resilience._tenant_check('stream', _read_stream.stream, s.owner_role, caller)
+       FROM resilience.streams s WHERE s.stream = _read_stream.stream;
     RETURN QUERY
         SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
           FROM resilience.stream_events e
-         WHERE e.stream = read_stream.stream AND e.version >= read_stream.from_version
+         WHERE e.stream = _read_stream.stream AND e.version >= _read_stream.from_version
          ORDER BY e.version
-         LIMIT read_stream.max;
+         LIMIT _read_stream.max;
 END
 $$;
+COMMENT ON FUNCTION resilience._read_stream(text, bigint, integer, oid) IS
+'Internal (read_stream): the read, for caller';
+
+CREATE FUNCTION resilience.read_stream(stream text, from_version bigint DEFAULT 0, max integer DEFAULT NULL)
+RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
+AS 'MODULE_PATHNAME', 'stream_gate'
+LANGUAGE C STABLE PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience.read_stream(text, bigint, integer) IS
 'The events of a stream from from_version on (at most max; NULL: all), in version order';
 
-CREATE FUNCTION resilience.stream_version(stream text)
+CREATE FUNCTION resilience._stream_version(stream text, caller oid)
 RETURNS bigint
-LANGUAGE sql STABLE STRICT PARALLEL SAFE SECURITY DEFINER
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((SELECT s.version FROM resilience.streams s WHERE s.stream OPERATOR(pg_catalog.=) $1), -1)
+DECLARE
+    v bigint;
+    o oid;
+BEGIN
+    SELECT s.version, s.owner_role INTO v, o FROM resilience.streams s WHERE s.stream = $1;
+    PERFORM resilience._tenant_check('stream', $1, o, caller);
+    RETURN coalesce(v, -1);
+END
 $$;
+COMMENT ON FUNCTION resilience._stream_version(text, oid) IS
+'Internal (stream_version): the version, for caller';
+
+CREATE FUNCTION resilience.stream_version(stream text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'stream_gate'
+LANGUAGE C STABLE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION resilience.stream_version(text) IS
 'The version of a stream''s last event; -1 if the stream does not exist';
 
@@ -501,3 +553,74 @@ GRANT SELECT ON resilience.rate_limits, resilience.locks, resilience.breakers,
 -- PostgreSQL's monitoring role may scrape the metrics.
 GRANT USAGE ON SCHEMA resilience TO pg_monitor;
 GRANT EXECUTE ON FUNCTION resilience.metrics(), resilience.metric_samples() TO pg_monitor;
+
+------------------------------------------------------------------------------
+-- Roles and tenants (docs/operations.md, "Roles and tenants"; src/tenants.c)
+------------------------------------------------------------------------------
+
+-- Only the owner role of a consumer name, inbox consumer, lease, stream or
+-- saga, the roles that have its privileges and resilience_admin may act on
+-- it; others get 42501.  Names that have no row of their own (outbox queue
+-- consumers, inbox consumers) are owned by the first role that uses them,
+-- recorded here; owners an admin declares (set_owner) are recorded here
+-- too.  Role names, not numbers, are dumped (regrole): restore into a
+-- cluster that has the same roles (pg_dumpall --globals-only).
+CREATE TABLE resilience.owners (
+    kind text NOT NULL
+        CHECK (kind IN ('outbox_consumer', 'inbox_consumer', 'lease', 'stream')),
+    name text COLLATE "C" NOT NULL,
+    owner regrole NOT NULL,
+    declared boolean NOT NULL DEFAULT false,    -- by set_owner, not by first use
+    since timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (kind, name)
+);
+COMMENT ON TABLE resilience.owners IS
+'The owner role of consumer names and inbox consumers (their first user, or declared), and of leases and streams an admin declared; written only by the extension''s functions';
+SELECT pg_catalog.pg_extension_config_dump('resilience.owners', '');
+
+-- The role that holds or last held the lease name (its owner); NULL for
+-- leases from 0.1: the first role to use one after the update owns it.
+ALTER TABLE resilience.leases ADD COLUMN owner_role regrole;
+COMMENT ON COLUMN resilience.leases.owner_role IS
+'The role that owns the lease name: only it, its members and resilience_admin may acquire, renew, release or check it';
+
+-- The role that started the saga; NULL for sagas started before 0.2 (they
+-- take replies from any resilience_user, as in 0.1).
+ALTER TABLE resilience.sagas ADD COLUMN owner_role regrole;
+COMMENT ON COLUMN resilience.sagas.owner_role IS
+'The role that started the saga: it, its members, the definer''s members and resilience_admin may reply to its async steps';
+
+CREATE FUNCTION resilience._tenant_check(kind text, name text, owner oid, caller oid)
+RETURNS void
+AS 'MODULE_PATHNAME', 'tenant_check_sql'
+LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._tenant_check(text, text, oid, oid) IS
+'Internal (the stream functions): raises 42501 unless caller may act on kind name, owned by owner (NULL: no owner yet)';
+
+-- SECURITY INVOKER and granted to resilience_admin only: it writes the
+-- tables as the extension's owner itself.
+CREATE FUNCTION resilience.set_owner(kind text, name text, owner regrole)
+RETURNS void
+AS 'MODULE_PATHNAME', 'set_owner'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.set_owner(text, text, regrole) IS
+'Declare or transfer the owner role of an outbox_consumer, inbox_consumer, lease, stream or saga (by id); NULL: no owner (the next role to use it owns it)';
+
+-- The functions that check the caller against an owner must see the caller:
+-- they switch to the extension's owner themselves (src/tenants.c).
+ALTER FUNCTION resilience.lock_acquire(text, interval, text, interval) SECURITY INVOKER;
+ALTER FUNCTION resilience.lock_renew(text, bigint, interval) SECURITY INVOKER;
+ALTER FUNCTION resilience.lock_release(text, bigint) SECURITY INVOKER;
+ALTER FUNCTION resilience.lock_check(text, bigint) SECURITY INVOKER;
+ALTER FUNCTION resilience.outbox_claim(text, integer, interval) SECURITY INVOKER;
+ALTER FUNCTION resilience.outbox_ack(text, bigint[]) SECURITY INVOKER;
+ALTER FUNCTION resilience.outbox_nack(text, bigint, interval) SECURITY INVOKER;
+ALTER FUNCTION resilience.saga_start(text, jsonb, text) SECURITY INVOKER;
+ALTER FUNCTION resilience.saga_step_completed(bigint, text, jsonb, boolean) SECURITY INVOKER;
+ALTER FUNCTION resilience.saga_step_failed(bigint, text, jsonb, boolean, boolean) SECURITY INVOKER;
+
+REVOKE ALL ON FUNCTION resilience._tenant_check(text, text, oid, oid),
+    resilience.set_owner(text, text, regrole) FROM PUBLIC;
+REVOKE ALL ON resilience.owners FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.set_owner(text, text, regrole) TO resilience_admin;
+GRANT SELECT ON resilience.owners TO resilience_admin;

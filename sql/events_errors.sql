@@ -50,3 +50,24 @@ DELETE FROM resilience.stream_forwards;
 DELETE FROM resilience.outbox_routes;
 TRUNCATE resilience.streams, resilience.stream_events, resilience.outbox;
 RESET client_min_messages;
+
+-- Roles isolated from each other (docs/operations.md, "Roles and tenants"):
+-- a stream belongs to the role that created it; another role can neither
+-- read nor append (not even learn its version from a conflict): 42501, and
+-- nothing changes.
+CREATE ROLE regress_tenant_a NOLOGIN IN ROLE resilience_user;
+CREATE ROLE regress_tenant_b NOLOGIN IN ROLE resilience_user;
+SET ROLE regress_tenant_a;
+SELECT resilience.append_events('tenant-stream', -1, ARRAY['{"type": "opened"}']::jsonb[]) AS version;
+SET ROLE regress_tenant_b;
+SELECT * FROM resilience.read_stream('tenant-stream');
+SELECT sqlstate_of($$SELECT resilience.stream_version('tenant-stream')$$) AS version,
+       sqlstate_of($$SELECT resilience.append_events('tenant-stream', 0, ARRAY['{"type": "evil"}']::jsonb[])$$) AS append,
+       sqlstate_of($$SELECT resilience.append_events('tenant-stream', NULL, ARRAY['{"type": "evil"}']::jsonb[])$$) AS append_any,
+       sqlstate_of($$SELECT resilience.append_events('tenant-stream', 5, ARRAY['{"type": "evil"}']::jsonb[])$$) AS conflict;
+RESET ROLE;
+SELECT stream, version, owner_role, (SELECT count(*) FROM resilience.stream_events e WHERE e.stream = s.stream) AS events
+  FROM resilience.streams s WHERE stream = 'tenant-stream';
+TRUNCATE resilience.streams, resilience.stream_events;
+DROP ROLE regress_tenant_a;
+DROP ROLE regress_tenant_b;

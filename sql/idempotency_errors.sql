@@ -91,3 +91,21 @@ SELECT k.key, k.state
  WHERE (k.*)::text IS DISTINCT FROM (b.*)::text;
 SELECT key, state, response, error, status_code, recovery_point
   FROM resilience.idempotency_keys ORDER BY key;
+
+-- Roles isolated from each other (docs/operations.md, "Roles and tenants"):
+-- an inbox consumer belongs to the first role that uses it; another role
+-- cannot accept (and so burn) its message ids: 42501, and nothing changes.
+CREATE ROLE regress_tenant_a NOLOGIN IN ROLE resilience_user;
+CREATE ROLE regress_tenant_b NOLOGIN IN ROLE resilience_user;
+SET ROLE regress_tenant_a;
+SELECT resilience.inbox_accept('tenant-inbox', 'm1') AS a_first;
+SET ROLE regress_tenant_b;
+SELECT resilience.inbox_accept('tenant-inbox', 'm2');
+SET ROLE regress_tenant_a;
+SELECT resilience.inbox_accept('tenant-inbox', 'm2') AS m2_still_new;
+RESET ROLE;
+SELECT kind, name, owner, declared FROM resilience.owners WHERE name = 'tenant-inbox';
+DELETE FROM resilience.inbox WHERE consumer = 'tenant-inbox';
+DELETE FROM resilience.owners WHERE name = 'tenant-inbox';
+DROP ROLE regress_tenant_a;
+DROP ROLE regress_tenant_b;

@@ -39,3 +39,30 @@ COMMIT;
 SELECT count(*) FROM resilience.leases WHERE name LIKE 'bad:%';
 SELECT count(*) FROM resilience.fences WHERE resource LIKE 'bad:%';
 SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 3;
+
+-- Roles isolated from each other (docs/operations.md, "Roles and tenants"):
+-- a lease name belongs to the role that took it; any other role gets 42501
+-- (renew, release, check, acquire) and nothing changes.
+CREATE ROLE regress_tenant_a NOLOGIN IN ROLE resilience_user;
+CREATE ROLE regress_tenant_b NOLOGIN IN ROLE resilience_user;
+SET ROLE regress_tenant_a;
+SELECT resilience.lock_acquire('tenant:a', '1 hour', 'a-1') AS a_token \gset
+SET ROLE regress_tenant_b;
+SELECT resilience.lock_renew('tenant:a', :a_token, '7 days');
+SELECT sqlstate_of(format('SELECT resilience.lock_release(%L, %s)', 'tenant:a', :a_token)) AS release,
+       sqlstate_of(format('SELECT resilience.lock_check(%L, %s)', 'tenant:a', :a_token)) AS "check",
+       sqlstate_of(format('SELECT resilience.lock_check(%L, %s)', 'tenant:a', :a_token + 1)) AS guess,
+       sqlstate_of($$SELECT resilience.lock_acquire('tenant:a', '1 hour')$$) AS acquire;
+RESET ROLE;
+SELECT token = :a_token AS same_token, owner, owner_role, released_at IS NULL AS held,
+       expires_at < now() + interval '2 hours' AS not_renewed
+  FROM resilience.leases WHERE name = 'tenant:a';
+
+-- A fence refuses a token that was never issued: it would pin the resource
+-- for ever.
+SELECT sqlstate_of($$SELECT resilience.fence('tenant:res', 9223372036854775807)$$) AS fence;
+SELECT sqlstate_of($$SELECT resilience.fence_check('tenant:res', 9000000000000000000)$$) AS fence_check;
+SELECT count(*) AS pinned FROM resilience.fences WHERE resource = 'tenant:res';
+DELETE FROM resilience.leases WHERE name = 'tenant:a';
+DROP ROLE regress_tenant_a;
+DROP ROLE regress_tenant_b;

@@ -103,3 +103,25 @@ SELECT count(*) AS still_written FROM resilience.outbox;
 DELETE FROM resilience.outbox_routes;
 TRUNCATE resilience.outbox;
 RESET client_min_messages;
+
+-- Roles isolated from each other (docs/operations.md, "Roles and tenants"):
+-- a queue consumer name belongs to the first role that uses it; another
+-- role cannot claim, ack (which deletes) or nack its events: 42501, and
+-- nothing changes.
+CREATE ROLE regress_tenant_a NOLOGIN IN ROLE resilience_user;
+CREATE ROLE regress_tenant_b NOLOGIN IN ROLE resilience_user;
+INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('tenant.%', 'queue', 'tenant-queue');
+SET ROLE regress_tenant_a;
+SELECT resilience.outbox_publish('tenant.x', '{}') AS event_id \gset
+SELECT count(*) AS claimed FROM resilience.outbox_claim('tenant-queue', 10, '1 hour');
+SET ROLE regress_tenant_b;
+SELECT count(*) FROM resilience.outbox_claim('tenant-queue', 10, '1 hour');
+SELECT sqlstate_of(format('SELECT resilience.outbox_ack(%L, ARRAY[%s]::bigint[])', 'tenant-queue', :event_id)) AS ack,
+       sqlstate_of(format('SELECT resilience.outbox_nack(%L, %s)', 'tenant-queue', :event_id)) AS nack;
+RESET ROLE;
+SELECT claimed_by, attempts, delivered_at IS NULL AS pending FROM resilience.outbox WHERE id = :event_id;
+DELETE FROM resilience.outbox_routes;
+TRUNCATE resilience.outbox;
+DELETE FROM resilience.owners WHERE name = 'tenant-queue';
+DROP ROLE regress_tenant_a;
+DROP ROLE regress_tenant_b;

@@ -295,8 +295,12 @@ SELECT resilience.saga_define('pay', $$[
 ]$$) AS version;
 RESET ROLE;
 
--- completed by a reply; a second reply is recorded and ignored
+-- completed by a reply; a second reply is recorded and ignored (the app
+-- starts the saga: only its role, the definer's and resilience_admin may
+-- reply, docs/operations.md "Roles and tenants")
+SET ROLE regress_saga_app;
 SELECT resilience.saga_start('pay', '{"amount": 10}') AS paid \gset
+RESET ROLE;
 CALL trip.settle(:paid);
 SELECT state, step, attempt, awaiting, reply FROM resilience.sagas WHERE id = :paid;
 SELECT event, step, detail ->> 'command' AS command, detail ->> 'topic' AS topic,

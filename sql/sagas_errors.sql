@@ -143,3 +143,41 @@ SELECT resilience.saga_start('ticks', '{}') AS ticks \gset
 CALL resilience.saga_run();
 SELECT id = :reentrant AS reentrant, state, error #>> '{error,message}' AS message
   FROM resilience.sagas WHERE id IN (:reentrant, :ticks) ORDER BY id;
+
+-- Roles isolated from each other (docs/operations.md, "Roles and tenants"):
+-- only the role that started a saga (its members, the definer's, and
+-- resilience_admin) may answer its async steps; another role gets 42501 and
+-- the saga does not change.
+CREATE ROLE regress_tenant_a NOLOGIN IN ROLE resilience_user;
+CREATE ROLE regress_tenant_b NOLOGIN IN ROLE resilience_user;
+SET ROLE regress_tenant_a;
+SELECT resilience.saga_start('good', '{"tenant": "a"}') AS tenant_saga \gset
+SET ROLE regress_tenant_b;
+SELECT replace(sqlstate_of(format('SELECT resilience.saga_step_completed(%s, %L, %L)', :tenant_saga, 'b', '{"evil": true}')),
+               :'tenant_saga', 'N') AS completed,
+       replace(sqlstate_of(format('SELECT resilience.saga_step_failed(%s, %L, %L, false)', :tenant_saga, 'b', '{}')),
+               :'tenant_saga', 'N') AS failed;
+RESET ROLE;
+SELECT owner_role, context, reply FROM resilience.sagas WHERE id = :tenant_saga;
+SELECT count(*) AS events FROM resilience.saga_events WHERE saga_id = :tenant_saga;
+
+-- set_owner: resilience_admin only; known kinds, names and sagas
+SELECT resilience.set_owner('table', 'x', 'regress_tenant_a');
+SELECT resilience.set_owner('lease', '', 'regress_tenant_a');
+SELECT resilience.set_owner('saga', 'x', 'regress_tenant_a');
+SELECT resilience.set_owner('saga', '999999999', 'regress_tenant_a');
+SELECT sqlstate_of($$SELECT resilience.set_owner(NULL, 'x', 'regress_tenant_a')$$) AS null_kind;
+SET ROLE regress_tenant_a;
+SELECT sqlstate_of($$SELECT resilience.set_owner('lease', 'x', 'regress_tenant_a')$$) AS not_an_admin;
+RESET ROLE;
+SELECT count(*) AS declared FROM resilience.owners WHERE name = 'x';
+-- an admin transfers the saga: now regress_tenant_b may answer, regress_tenant_a may not
+SELECT resilience.set_owner('saga', :'tenant_saga', 'regress_tenant_b');
+SET ROLE regress_tenant_a;
+SELECT replace(sqlstate_of(format('SELECT resilience.saga_step_failed(%s, %L, %L, false)', :tenant_saga, 'b', '{}')),
+               :'tenant_saga', 'N') AS old_owner;
+RESET ROLE;
+SELECT owner_role FROM resilience.sagas WHERE id = :tenant_saga;
+UPDATE resilience.sagas SET owner_role = NULL WHERE id = :tenant_saga;
+DROP ROLE regress_tenant_a;
+DROP ROLE regress_tenant_b;

@@ -78,6 +78,7 @@
  */
 #include "resilience.h"
 #include "metrics.h"
+#include "tenants.h"
 
 #include "access/genam.h"
 #include "access/htup_details.h"
@@ -925,6 +926,9 @@ inbox_accept(PG_FUNCTION_ARGS)
 	values[3] = TimestampTzGetDatum(after_arg(fcinfo, 2, "ttl", now));
 
 	spi_connect_as_owner("inbox", &save_userid, &save_sec_context);
+	/* only the consumer's owner role, its members and resilience_admin */
+	tenant_claim(TENANT_INBOX_CONSUMER, VARDATA_ANY(DatumGetTextPP(values[0])),
+				 VARSIZE_ANY_EXHDR(DatumGetTextPP(values[0])), save_userid);
 	n = run(STMT_INBOX, values, "    ");
 	spi_finish(save_userid, save_sec_context);
 	metrics_add(RC_INBOX_MESSAGES, n == 1 ? RV_ACCEPTED : RV_DUPLICATE, NULL, 1);

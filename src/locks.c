@@ -34,10 +34,19 @@
  * When preloaded, a shared dictionary remembers which name a key came from
  * for the resilience.locks view.
  *
+ * Owners (src/tenants.c): a lease name belongs to the role in its row's
+ * owner_role; the lease functions are SECURITY INVOKER so that they see the
+ * caller, switch to the table's owner themselves, and pass the role they act
+ * as ($5) to every statement, which matches only that role's rows.  A miss
+ * re-reads the row: another role's lease is 42501 unless the caller has that
+ * role's privileges (or resilience_admin's), and then the statement runs
+ * again as that role.  fence refuses tokens never issued (22023).
+ *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
 #include "metrics.h"
+#include "tenants.h"
 
 #include "access/relation.h"
 #include "access/xact.h"
@@ -65,6 +74,9 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
+#include "access/htup_details.h"
+#include "catalog/pg_class.h"
 #include "utils/timestamp.h"
 
 #define LOCK_NAME_MAX 255
@@ -468,31 +480,41 @@ typedef enum LeasePlan
 	NUM_PLANS
 } LeasePlan;
 
+/*
+ * Every statement takes the same five arguments: name, token or holder,
+ * now, expiry, and the role acting on the lease ($5: the caller, or the
+ * lease's owner role when the caller has its privileges).  A lease with no
+ * owner role yet (from 0.1) becomes $5's when taken, renewed or released.
+ */
 static const char *const plan_sql[NUM_PLANS] = {
 	/*
 	 * take over an expired or released lease; the sub-select sees the row as
 	 * it was before this statement: was it released, or did it expire?
 	 */
 	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
-	" acquired_at = $3, expires_at = $4, released_at = NULL"
+	" acquired_at = $3, expires_at = $4, released_at = NULL, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5)"
 	" RETURNING token, (SELECT o.released_at IS NULL FROM resilience.leases o"
 	"                    WHERE o.name OPERATOR(pg_catalog.=) $1)",
 	/* a name never seen (or reaped) */
-	"INSERT INTO resilience.leases (name, owner, token, acquired_at, expires_at)"
-	" VALUES ($1, $2, pg_catalog.nextval('resilience.fencing_tokens'), $3, $4)"
+	"INSERT INTO resilience.leases (name, owner, token, acquired_at, expires_at, owner_role)"
+	" VALUES ($1, $2, pg_catalog.nextval('resilience.fencing_tokens'), $3, $4, $5)"
 	" ON CONFLICT (name) DO NOTHING RETURNING token",
-	/* when the current holder's lease ends */
-	"SELECT expires_at FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
-	"UPDATE resilience.leases SET expires_at = $4"
+	/* when the current holder's lease ends, and whose the name is */
+	"SELECT expires_at, owner_role::pg_catalog.oid FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
+	"UPDATE resilience.leases SET expires_at = $4, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
-	"UPDATE resilience.leases SET expires_at = $3, released_at = $3"
+	" AND expires_at OPERATOR(pg_catalog.>) $3"
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) RETURNING token",
+	"UPDATE resilience.leases SET expires_at = $3, released_at = $3, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	" AND expires_at OPERATOR(pg_catalog.>) $3"
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) RETURNING token",
 	"SELECT token FROM resilience.leases"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3",
+	" AND expires_at OPERATOR(pg_catalog.>) $3"
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5)",
 	/* a fence moves forward only */
 	"INSERT INTO resilience.fences AS f (resource, token, updated_at) VALUES ($1, $2, $3)"
 	" ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at"
@@ -500,19 +522,33 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"SELECT token FROM resilience.fences WHERE resource OPERATOR(pg_catalog.=) $1",
 };
 
-static const int plan_nargs[NUM_PLANS] = {4, 4, 1, 4, 3, 3, 3, 1};
+static const int plan_nargs[NUM_PLANS] = {5, 5, 5, 5, 5, 5, 3, 1};
 
-/* PLAN_TAKEOVER and PLAN_RELEASE on a 0.1 schema (no released_at). */
+/* The lease statements on a 0.1 schema (no released_at, no owner_role; $5 unused). */
 static const char *const plan_sql_0_1[NUM_PLANS] = {
 	[PLAN_TAKEOVER] =
 	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
 	" acquired_at = $3, expires_at = $4"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
 	" RETURNING token, false",
+	[PLAN_INSERT] =
+	"INSERT INTO resilience.leases (name, owner, token, acquired_at, expires_at)"
+	" VALUES ($1, $2, pg_catalog.nextval('resilience.fencing_tokens'), $3, $4)"
+	" ON CONFLICT (name) DO NOTHING RETURNING token",
+	[PLAN_EXPIRY] =
+	"SELECT expires_at, NULL::pg_catalog.oid FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
+	[PLAN_RENEW] =
+	"UPDATE resilience.leases SET expires_at = $4"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
 	[PLAN_RELEASE] =
 	"UPDATE resilience.leases SET expires_at = $3"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
 	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	[PLAN_CHECK] =
+	"SELECT token FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3",
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
@@ -540,13 +576,13 @@ leases_have_released_at(void)
 static uint64
 run_plan(LeasePlan which, Datum *values)
 {
-	static Oid	argtypes[NUM_PLANS][4] = {
-		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID},
-		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID},
-		{TEXTOID},
-		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID},
-		{TEXTOID, INT8OID, TIMESTAMPTZOID},
-		{TEXTOID, INT8OID, TIMESTAMPTZOID},
+	static Oid	argtypes[NUM_PLANS][5] = {
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 		{TEXTOID, INT8OID, TIMESTAMPTZOID},
 		{TEXTOID},
 	};
@@ -591,16 +627,55 @@ default_owner(void)
 }
 
 /*
- * One attempt at a lease: take it over if expired or released, or create it.
- * Returns true with *token set, and *takeover if the previous holder let it
- * expire; otherwise *held_until is when the current holder's lease ends
- * (now, if the row vanished meanwhile).
+ * The role the caller acts as on lease `name` owned by row_role (SPI
+ * connected): row_role if the caller may act on it (itself, a role whose
+ * privileges it has, or as resilience_admin); 42501 otherwise.
+ */
+static Oid
+lease_acting_role(text *name, Oid row_role, Oid caller)
+{
+	if (!tenants_enabled() || !OidIsValid(row_role) || row_role == caller)
+		return caller;
+	tenant_check(TENANT_LEASE, text_to_cstring(name), row_role, caller);
+	return row_role;
+}
+
+/*
+ * A new lease row is the acting role's, unless an admin declared the name
+ * another role's: then it is that role's, if the caller may act on it.
+ */
+static void
+lease_adopt_declared_owner(text *name, Oid as_role, Oid caller)
+{
+	Oid			declared = tenant_declared_owner(TENANT_LEASE, VARDATA_ANY(name),
+												 VARSIZE_ANY_EXHDR(name));
+	Oid			types[2] = {TEXTOID, OIDOID};
+	Datum		values[2];
+
+	if (!OidIsValid(declared) || declared == as_role)
+		return;
+	tenant_check(TENANT_LEASE, text_to_cstring(name), declared, caller);
+	values[0] = PointerGetDatum(name);
+	values[1] = ObjectIdGetDatum(declared);
+	if (SPI_execute_with_args("UPDATE resilience.leases SET owner_role = $2"
+							  " WHERE name OPERATOR(pg_catalog.=) $1",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "recording the owner of lease \"%s\" failed", text_to_cstring(name));
+}
+
+/*
+ * One attempt at a lease, acting as *as_role: take it over if expired or
+ * released, or create it.  Returns true with *token set, and *takeover if
+ * the previous holder let it expire; otherwise *held_until is when the
+ * current holder's lease ends (now, if the row vanished meanwhile).  A name
+ * owned by another role makes *as_role that role (the caller may act on it:
+ * try again at once) or raises 42501.
  */
 static bool
-lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
-				  int64 *token, bool *takeover, TimestampTz *held_until)
+lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now, Oid caller,
+				  Oid *as_role, int64 *token, bool *takeover, TimestampTz *held_until)
 {
-	Datum		values[4];
+	Datum		values[5];
 	bool		isnull;
 
 	values[0] = PointerGetDatum(name);
@@ -608,6 +683,7 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = DirectFunctionCall2(timestamptz_pl_interval,
 									TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
+	values[4] = ObjectIdGetDatum(*as_role);
 	if (run_plan(PLAN_TAKEOVER, values) == 1)
 	{
 		*token = DatumGetInt64(first_value(&isnull));
@@ -619,11 +695,24 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now,
 	{
 		*token = DatumGetInt64(first_value(&isnull));
 		*takeover = false;
+		if (tenants_enabled())
+			lease_adopt_declared_owner(name, *as_role, caller);
 		return true;
 	}
 	*held_until = now;
 	if (run_plan(PLAN_EXPIRY, values) == 1)
+	{
+		Oid			row_role;
+
 		*held_until = DatumGetTimestampTz(first_value(&isnull));
+		row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 2, &isnull));
+		if (!isnull && row_role != *as_role)
+		{
+			*as_role = lease_acting_role(name, row_role, caller);
+			*held_until = now;	/* try again at once, as a member */
+		}
+	}
 	return false;
 }
 
@@ -683,6 +772,8 @@ lock_acquire(PG_FUNCTION_ARGS)
 	bool		got = false;
 	bool		waited = false;
 	bool		takeover = false;
+	ResilienceUser save;
+	Oid			as_role = GetUserId();
 
 	if (VARSIZE_ANY_EXHDR(owner) > LOCK_NAME_MAX)
 		ereport(ERROR,
@@ -692,16 +783,21 @@ lock_acquire(PG_FUNCTION_ARGS)
 						   (int) VARSIZE_ANY_EXHDR(owner), LOCK_NAME_MAX)));
 
 	SPI_connect();
+	resilience_become_owner(true, &save);
 	for (;;)
 	{
 		TimestampTz now = GetCurrentTimestamp();
 		TimestampTz held_until;
+		Oid			tried_as = as_role;
 
-		if (lease_try_acquire(name, owner, ttl, now, &token, &takeover, &held_until))
+		if (lease_try_acquire(name, owner, ttl, now, save.userid, &as_role,
+							  &token, &takeover, &held_until))
 		{
 			got = true;
 			break;
 		}
+		if (as_role != tried_as)
+			continue;			/* the name's owner role, which the caller may act as */
 		if (now >= deadline)
 			break;
 		/* until it expires, a release or renewal commits, or the wait ends */
@@ -711,6 +807,7 @@ lock_acquire(PG_FUNCTION_ARGS)
 	}
 	if (waited && locks_shared)
 		ConditionVariableCancelSleep();
+	resilience_restore_user(&save);
 	SPI_finish();
 
 	metrics_add(RC_LEASE_ACQUISITIONS, got ? RV_LEASE_ACQUIRED : RV_LEASE_NOT_ACQUIRED, NULL, 1);
@@ -733,17 +830,34 @@ lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
 	text	   *name = name_arg(fcinfo, 0, "lease name");
 	int64		token = token_arg(fcinfo, 1);
 	TimestampTz now = GetCurrentTimestamp();
-	Datum		values[4];
+	Datum		values[5];
 	bool		matched;
+	ResilienceUser save;
 
 	values[0] = PointerGetDatum(name);
 	values[1] = Int64GetDatum(token);
 	values[2] = TimestampTzGetDatum(now);
-	if (ttl)
-		values[3] = DirectFunctionCall2(timestamptz_pl_interval,
-										TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
+	values[3] = ttl ? DirectFunctionCall2(timestamptz_pl_interval,
+										  TimestampTzGetDatum(now), IntervalPGetDatum(ttl))
+		: TimestampTzGetDatum(now);
+	values[4] = ObjectIdGetDatum(GetUserId());
 	SPI_connect();
+	resilience_become_owner(true, &save);
 	matched = run_plan(which, values) == 1;
+	if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
+	{
+		/* not the caller's role's lease: another role's (42501), or one it may act as */
+		bool		isnull;
+		Oid			row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+															  SPI_tuptable->tupdesc, 2, &isnull));
+
+		if (!isnull && row_role != save.userid)
+		{
+			values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
+			matched = run_plan(which, values) == 1;
+		}
+	}
+	resilience_restore_user(&save);
 	SPI_finish();
 	if (matched && which == PLAN_RENEW)
 		ForceSyncCommit();		/* a renewal the holder relies on must not be lost */
@@ -777,7 +891,28 @@ lock_check(PG_FUNCTION_ARGS)
 
 /* ---- fences ---- */
 
-/* Record token for resource unless it has seen a newer one; true if accepted. */
+/* The newest token this backend knows was issued (tokens only grow). */
+static int64 max_issued_token = 0;
+
+/* The newest fencing token issued so far (SPI connected). */
+static int64
+last_issued_token(void)
+{
+	bool		isnull;
+	int			ret;
+
+	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value OPERATOR(pg_catalog.-) 1 END"
+					  " FROM resilience.fencing_tokens", true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading resilience.fencing_tokens failed: %s", SPI_result_code_string(ret));
+	return DatumGetInt64(first_value(&isnull));
+}
+
+/*
+ * Record token for resource unless it has seen a newer one; true if
+ * accepted.  A token never issued is refused (22023): it would pin the
+ * resource for ever.
+ */
 static bool
 fence_advance(text *resource, int64 token, int64 *seen)
 {
@@ -789,6 +924,12 @@ fence_advance(text *resource, int64 token, int64 *seen)
 	values[1] = Int64GetDatum(token);
 	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
 	SPI_connect();
+	if (token > max_issued_token && (max_issued_token = last_issued_token()) < token)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("fencing token %lld was never issued", (long long) token),
+				 errdetail("The newest token issued is %lld.", (long long) max_issued_token),
+				 errhint("Pass a token that lock_acquire or an advisory helper returned.")));
 	accepted = run_plan(PLAN_FENCE, values) == 1;
 	if (!accepted && seen && run_plan(PLAN_FENCE_CURRENT, values) == 1)
 		*seen = DatumGetInt64(first_value(&isnull));

@@ -50,6 +50,10 @@
  * holds.  A row of key k that did not exist when the rows were read
  * committed later, so it has a higher seq than every row of k that was read.
  *
+ * The pull API (outbox_claim, outbox_ack, outbox_nack) is SECURITY INVOKER:
+ * it checks that the calling role may use the consumer name (src/tenants.c;
+ * the first role to use a name owns it), then acts as the tables' owner.
+ *
  * Routes with on_dead_letter = 'block' also treat a key with a blocking
  * dead letter as blocked; the dead letters are read both before and after
  * the rows, so a dead letter being moved in or redriven out meanwhile is
@@ -58,6 +62,7 @@
  *-------------------------------------------------------------------------
  */
 #include "outbox.h"
+#include "tenants.h"
 
 #include "access/htup_details.h"
 #include "access/xact.h"
@@ -219,22 +224,6 @@ lookup_relations(void)
 	cached_outbox_relid = outbox_relid;
 	cached_routes_relid = routes_relid;
 	cached_seq_relid = seq_relid;
-}
-
-/*
- * Act as the owner of the outbox tables (the extension's owner) until the
- * caller restores the saved user and context with SetUserIdAndSecContext:
- * resilience_become_owner without a pinned search_path, for callers that
- * keep the two values themselves.  New code calls resilience_become_owner.
- */
-void
-outbox_become_owner(Oid *save_userid, int *save_sec)
-{
-	ResilienceUser save;
-
-	resilience_become_owner(false, &save);
-	*save_userid = save.userid;
-	*save_sec = save.sec_context;
 }
 
 /* Count n events of a route (delivered, retried, dead) when this transaction commits. */
@@ -1623,6 +1612,20 @@ outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts, const 
 
 /* ---- the pull API ---- */
 
+/*
+ * Act as the owner of the outbox tables for the pull API (SPI connected),
+ * once the calling role is known to own consumer, its member or
+ * resilience_admin (42501 otherwise; the first role to use a name owns it).
+ */
+static void
+consumer_become_owner(text *consumer, ResilienceUser *save)
+{
+	Oid			caller = GetUserId();
+
+	resilience_become_owner(true, save);
+	tenant_claim(TENANT_OUTBOX_CONSUMER, VARDATA_ANY(consumer), VARSIZE_ANY_EXHDR(consumer), caller);
+}
+
 /* outbox_claim(consumer, batch, visibility) → the claimed events. */
 Datum
 outbox_claim(PG_FUNCTION_ARGS)
@@ -1633,6 +1636,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	OutboxClaim claim;
 	ListCell   *lc;
+	ResilienceUser save;
 
 	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) <= 0 || PG_GETARG_INT32(1) > 10000)
 		ereport(ERROR,
@@ -1644,6 +1648,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&claim, 0, sizeof(claim));
 	SPI_connect();
+	consumer_become_owner(consumer, &save);
 	claim.routes = outbox_load_routes(false, text_to_cstring(consumer));
 	claim.limit = batch;
 	claim.runs = false;
@@ -1670,6 +1675,7 @@ outbox_claim(PG_FUNCTION_ARGS)
 		values[6] = Int32GetDatum(item->attempts);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
+	resilience_restore_user(&save);
 	SPI_finish();
 	return (Datum) 0;
 }
@@ -1683,6 +1689,7 @@ outbox_ack(PG_FUNCTION_ARGS)
 	Datum		args[3];
 	Oid			types[3] = {TEXTOID, INT8ARRAYOID, INTERVALOID};
 	int			ret;
+	ResilienceUser save;
 
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -1694,6 +1701,7 @@ outbox_ack(PG_FUNCTION_ARGS)
 								  Int32GetDatum(0), Int32GetDatum(0), Int32GetDatum(0),
 								  Int32GetDatum(0), Float8GetDatum((double) retention));
 	SPI_connect();
+	consumer_become_owner(consumer, &save);
 	if (retention > 0)
 		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
 									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+) $3,"
@@ -1719,6 +1727,7 @@ outbox_ack(PG_FUNCTION_ARGS)
 					 1);
 	}
 	ret = (int) SPI_processed;
+	resilience_restore_user(&save);
 	SPI_finish();
 	PG_RETURN_INT32(ret);
 }
@@ -1734,6 +1743,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 	bool		found;
 	uint64		i;
 	int			ret;
+	ResilienceUser save;
 
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -1744,6 +1754,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 	args[1] = PG_GETARG_DATUM(1);
 	args[2] = TimestampTzGetDatum(GetCurrentTimestamp() + delay);
 	SPI_connect();
+	consumer_become_owner(consumer, &save);
 	ret = SPI_execute_with_args("UPDATE resilience.outbox SET claimed_by = NULL, claim_until = NULL,"
 								" not_before = $3, last_error = 'nacked by ' OPERATOR(pg_catalog.||) $1"
 								" WHERE id OPERATOR(pg_catalog.=) $2 AND pull AND claimed_by OPERATOR(pg_catalog.=) $1"
@@ -1790,6 +1801,7 @@ outbox_nack(PG_FUNCTION_ARGS)
 				outbox_count(RC_OUTBOX_RETRIES, route_id, 1);
 		}
 	}
+	resilience_restore_user(&save);
 	SPI_finish();
 	PG_RETURN_BOOL(found);
 }

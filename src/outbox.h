@@ -143,7 +143,6 @@ extern void outbox_dead_letter(OutboxItem *item, const char *error, int add_atte
 							   const char *claimer);
 extern char *outbox_redact_target(const char *target);
 extern int	outbox_setting_int(const char *name, int dflt, int flags);
-extern void outbox_become_owner(Oid *save_userid, int *save_sec);
 extern const char *outbox_destination_allowed(const char *url, char **destination);
 extern const char *outbox_item_headers(OutboxItem *item, List **out);
 extern bool outbox_loopback_only(void);

@@ -47,13 +47,17 @@
  * hand (saga_tick, saga_run) therefore takes only the sagas whose definer
  * the session's role has the privileges of (see tick_once); the worker's
  * session belongs to no one and takes them all.  The SQL entry points are
- * SECURITY DEFINER; saga_define is not, because it must know who calls it,
- * and writes the definition as the extension's owner.
+ * SECURITY DEFINER, except saga_define, saga_start and the replies, which
+ * must know who calls them and act as the extension's owner themselves:
+ * saga_start records the caller as the saga's owner role, and only that
+ * role, the definer, the roles that have the privileges of either, and
+ * resilience_admin may reply to its async steps (src/tenants.c).
  *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
 #include "metrics.h"
+#include "tenants.h"
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
@@ -1792,6 +1796,8 @@ saga_define(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(version);
 }
 
+static void saga_set_owner_role(int64 id, Oid role);
+
 /*
  * saga_start(name, payload, idempotency_key) → saga id.  The saga exists if
  * and only if this transaction commits; its first step runs in a transaction
@@ -1811,6 +1817,7 @@ saga_start(PG_FUNCTION_ARGS)
 	int			version;
 	int64		id;
 	TimestampTz now = GetCurrentTimestamp();
+	ResilienceUser save;
 
 	require_arg(fcinfo, 1, "payload");
 	payload = PG_GETARG_JSONB_P(1);
@@ -1824,6 +1831,7 @@ saga_start(PG_FUNCTION_ARGS)
 		key = text_arg(fcinfo, 2, "idempotency_key", KEY_MAX);
 
 	SPI_connect();
+	resilience_become_owner(true, &save);
 	values[0] = CStringGetTextDatum(name);
 	if (run_plan(PLAN_LATEST, values, NULL) == 0)
 		ereport(ERROR,
@@ -1845,6 +1853,8 @@ saga_start(PG_FUNCTION_ARGS)
 		JsonBuf		detail;
 
 		id = DatumGetInt64(column(0, 1, &null));
+		if (tenants_enabled())
+			saga_set_owner_role(id, save.userid);
 		memset(&s, 0, sizeof(s));
 		s.id = id;
 		s.state = SAGA_RUNNING;
@@ -1875,6 +1885,7 @@ saga_start(PG_FUNCTION_ARGS)
 							key, id),
 					 errhint("Use a new key for a new saga.")));
 	}
+	resilience_restore_user(&save);
 	SPI_finish();
 	PG_RETURN_INT64(id);
 }
@@ -1926,6 +1937,45 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(wish);
 }
 
+/* Record role as the owner of saga id (SPI connected, as the owner). */
+static void
+saga_set_owner_role(int64 id, Oid role)
+{
+	Oid			types[2] = {INT8OID, OIDOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(id);
+	values[1] = ObjectIdGetDatum(role);
+	if (SPI_execute_with_args("UPDATE resilience.sagas SET owner_role = $2"
+							  " WHERE id OPERATOR(pg_catalog.=) $1",
+							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "recording the owner of saga " INT64_FORMAT " failed", id);
+}
+
+/*
+ * May caller reply to saga s (locked)?  Its owner role (who started it), the
+ * definer, the roles that have the privileges of either and resilience_admin
+ * may; a saga started before 0.2 has no owner and takes any reply.
+ */
+static void
+saga_check_replier(Saga *s, Oid caller)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	bool		isnull;
+	Oid			owner;
+
+	values[0] = Int64GetDatum(s->id);
+	if (SPI_execute_with_args("SELECT owner_role::pg_catalog.oid FROM resilience.sagas"
+							  " WHERE id OPERATOR(pg_catalog.=) $1",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading the owner of saga " INT64_FORMAT " failed", s->id);
+	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull || tenant_may_act(caller, s->def->definer))
+		return;
+	tenant_check(TENANT_SAGA, psprintf(INT64_FORMAT, s->id), owner, caller);
+}
+
 /*
  * A reply to an async command.  Accepted (true) only while the step waits for
  * it: the command of that step and kind is out, no reply is recorded yet, and
@@ -1947,12 +1997,16 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 	TimestampTz now;
 	bool		waiting;
 	JsonBuf		detail;
+	ResilienceUser save;
 
 	saga_id = saga_id_arg(fcinfo, completed ? "saga_step_completed" : "saga_step_failed");
 	step = text_arg(fcinfo, 1, "step", SAGA_NAME_MAX);
 
 	SPI_connect();
+	resilience_become_owner(true, &save);
 	saga_lock(&s, saga_id);
+	if (tenants_enabled())
+		saga_check_replier(&s, save.userid);
 	stepno = step_number(s.def, step);
 	if (stepno == 0)
 		ereport(ERROR,
@@ -1995,6 +2049,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 				   completed ? NULL : body, jb_done(&detail));
 		saga_write(&s);
 		wake_worker_at_commit();
+		resilience_restore_user(&save);
 		SPI_finish();
 		return true;
 	}
@@ -2014,6 +2069,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 			   s.reply ? "already_replied" : "after_deadline");
 		jb_jsonb(&detail, completed ? "result" : "error", body);
 		saga_event(&s, "reply_ignored", stepno, sent, compensation, NULL, jb_done(&detail));
+		resilience_restore_user(&save);
 		SPI_finish();
 		return false;
 	}

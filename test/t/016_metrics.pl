@@ -240,16 +240,18 @@ $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '5 s', 'a')});
 is(val(scrape(), 'resilience_leases_held{}'), 1, 'one lease held');
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 s', 'b')});           # refused
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 s', 'b', '50 ms')});  # waits, refused
-usleep(100_000) while $node->safe_psql('app', q{SELECT expires_at > now() FROM resilience.leases WHERE name = 'job'}) eq 't';
+usleep(200_000)
+  while $node->safe_psql('app', q{SELECT expires_at > clock_timestamp() FROM resilience.leases WHERE name = 'job'}) eq 't';
 # 'a' let it expire: 'c' takes it over; 'c' releases it: 'd' takes it, no takeover
 my $token = $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 min', 'c')});
 $node->safe_psql('app', qq{SELECT resilience.lock_release('job', $token)});
 $node->safe_psql('app', q{SELECT resilience.lock_acquire('job', '1 min', 'd')});
-$node->safe_psql('app', q{
-	SELECT resilience.fence('disk', 10);
-	SELECT resilience.fence_check('disk', 9);
-	SELECT resilience.fence_check('disk', 8);
-	SELECT resilience.fence_check('disk', 11);
+# (tokens that were issued: a fence refuses one never issued)
+$node->safe_psql('app', qq{
+	SELECT resilience.fence('disk', $token);
+	SELECT resilience.fence_check('disk', $token - 1);
+	SELECT resilience.fence_check('disk', $token - 2);
+	SELECT resilience.fence_check('disk', $token + 1);
 });
 $after = scrape();
 moved($before, $after,

@@ -124,7 +124,7 @@ sub contents
 			"$_: "
 			  . $node->safe_psql($db,
 				qq{SELECT coalesce(string_agg(j, ' | ' ORDER BY j), '')
-				     FROM (SELECT (to_jsonb(t) - 'released_at')::text AS j FROM resilience.$_ t) x})
+				     FROM (SELECT (to_jsonb(t) - 'released_at' - 'owner_role')::text AS j FROM resilience.$_ t) x})
 		} @tables);
 }
 my $rows_before = contents('upg');
@@ -137,6 +137,14 @@ $node->safe_psql('upg', 'ALTER EXTENSION resilience UPDATE');
 is($node->safe_psql('upg', q{SELECT extversion FROM pg_extension WHERE extname = 'resilience'}),
 	$default, "updated to $default");
 is(contents('upg'), $rows_before, 'every row is still there');
+# rows from 0.1 have no owner role: the first role to use them owns them
+# (docs/operations.md, "Roles and tenants")
+is( $node->safe_psql(
+		'upg', q{
+	SELECT (SELECT count(*) FROM resilience.leases WHERE owner_role IS NOT NULL)
+	     + (SELECT count(*) FROM resilience.sagas WHERE owner_role IS NOT NULL)
+	     + (SELECT count(*) FROM resilience.owners)}),
+	'0', 'rows from 0.1 have no owner after the update');
 
 # The updated schema is the one a fresh install makes.
 $node->safe_psql('fresh', 'CREATE EXTENSION resilience');
@@ -202,6 +210,10 @@ is($node->safe_psql('upg', q{SELECT resilience.lock_acquire('job-3', '1 min', 'w
 is(scrape()->{resilience_lease_takeovers_total} - $m1->{resilience_lease_takeovers_total}, 1,
 	'and counted as a takeover');
 is($node->safe_psql('upg', qq{SELECT resilience.lock_check('leader', $token)}), 't', 'the held lease is valid');
+is($node->safe_psql('upg', qq{SET ROLE upg_app; SELECT resilience.lock_renew('leader', $token, '1 day')}), 't',
+	'a lease from 0.1 is renewed by the first role that uses it');
+is($node->safe_psql('upg', q{SELECT owner_role FROM resilience.leases WHERE name = 'leader'}), 'upg_app',
+	'which owns it from then on');
 is($node->safe_psql('upg', q{SELECT resilience.fence_check('ledger', } . ($token - 1) . ')'), 'f',
 	'the fence refuses an older token');
 is($node->safe_psql('upg', q{SELECT outcome || ' ' || response::text
