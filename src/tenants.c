@@ -412,6 +412,13 @@ set_owner(PG_FUNCTION_ARGS)
 				 errmsg("name must be 1 to %d bytes", TENANT_NAME_MAX),
 				 errdetail("It is %d bytes.", len)));
 
+	/* a 0.1 schema: ALTER EXTENSION resilience UPDATE adds resilience.owners */
+	if (!tenants_enabled())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("owners cannot be declared before the extension is updated"),
+				 errhint("Run ALTER EXTENSION resilience UPDATE.")));
+
 	values[0] = CStringGetTextDatum(kind);
 	values[1] = PointerGetDatum(name);
 	values[2] = PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2);
