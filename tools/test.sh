@@ -186,12 +186,13 @@ run_tap_suite() { # suite files...
 	local suite=$1 pgxs f
 	shift
 	pgxs=$(dirname "$(dirname "$("$PG_CONFIG" --pgxs)")")
-	rm -rf "$BUILD/tmp_check"
+	rm -rf "$BUILD/tmp_check" "$BUILD/log"
 	as_owner mkdir -p "$BUILD/tmp_check"
 	TESTDIR="$BUILD" PG_REGRESS="$pgxs/test/regress/pg_regress" \
 		run_tap_count "$suite" --lib "$pgxs/test/perl" "$@"
 	if [ "${FAILURES[*]}" != "${FAILURES[*]/$suite@$PG_MAJOR/}" ]; then
-		for f in "$BUILD"/tmp_check/log/* "$BUILD"/tmp_check/rabbit_*/log/*.log; do
+		# the logs: tmp_check/log on 15, log on 16 and later
+		for f in "$BUILD"/tmp_check/log/* "$BUILD"/log/* "$BUILD"/tmp_check/rabbit_*/log/*.log; do
 			[ -f "$f" ] && { say "--- $f (tail)"; tail -n 40 "$f"; }
 		done
 	fi
