@@ -513,27 +513,20 @@ lookup_key_now(text *scope, text *key, const BeginArgs *a, KeyRow *row)
  * search_path is not pinned, the one documented hot path that skips it (see
  * Privileges above): every statement below qualifies every name and
  * operator and runs no user code.  An error restores the caller's identity
- * with the (sub)transaction's abort.  (table: which table the statement
- * writes; all belong to the same owner.)
+ * with the (sub)transaction's abort.
  */
 static void
-spi_connect_as_owner(const char *table, Oid *save_userid, int *save_sec_context)
+spi_connect_as_owner(ResilienceUser *save)
 {
-	ResilienceUser save;
-
 	SPI_connect();
-	resilience_become_owner(false, &save);
-	*save_userid = save.userid;
-	*save_sec_context = save.sec_context;
+	resilience_become_owner(false, save);
 }
 
 /* Back to the caller's identity, and SPI_finish. */
 static void
-spi_finish(Oid save_userid, int save_sec_context)
+spi_finish(const ResilienceUser *save)
 {
-	ResilienceUser save = {save_userid, save_sec_context, 0};
-
-	resilience_restore_user(&save);
+	resilience_restore_user(save);
 	SPI_finish();
 }
 
@@ -664,8 +657,7 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 	char		nulls[8];
 	MemoryContext caller_context = CurrentMemoryContext;
 	MemoryContext spi_context;
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 
 	if (!lock_key(a, wait))
 		return OUTCOME_IN_PROGRESS;
@@ -679,7 +671,7 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 	values[6] = TimestampTzGetDatum(a->expires_at);
 	memset(nulls, ' ', sizeof(nulls));
 
-	spi_connect_as_owner("idempotency_keys", &save_userid, &save_sec_context);
+	spi_connect_as_owner(&save);
 	if (claim == CLAIM_NEW)
 	{
 		if (run(STMT_INSERT, values, nulls) == 1)
@@ -723,7 +715,7 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 	outcome = OUTCOME_PROCEED;
 
 done:
-	spi_finish(save_userid, save_sec_context);
+	spi_finish(&save);
 	if (outcome != OUTCOME_PROCEED)
 		unlock_key(a);
 	return outcome;
@@ -824,8 +816,7 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	KeyRow		row;
 	uint64		n;
 	int			i;
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 
 	Assert(PG_NARGS() + 1 == statements[which].nargs);
 	for (i = 0; i < PG_NARGS(); i++)
@@ -836,9 +827,9 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	values[i] = TimestampTzGetDatum(GetCurrentTimestamp());
 	nulls[i] = ' ';
 
-	spi_connect_as_owner("idempotency_keys", &save_userid, &save_sec_context);
+	spi_connect_as_owner(&save);
 	n = run(which, values, nulls);
-	spi_finish(save_userid, save_sec_context);
+	spi_finish(&save);
 	if (n == 1)
 	{
 		if (which == STMT_COMPLETE)
@@ -917,20 +908,19 @@ inbox_accept(PG_FUNCTION_ARGS)
 	TimestampTz now = GetCurrentTimestamp();
 	Datum		values[4];
 	uint64		n;
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 
 	values[0] = PointerGetDatum(name_arg(fcinfo, 0, "consumer"));
 	values[1] = PointerGetDatum(name_arg(fcinfo, 1, "message_id"));
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = TimestampTzGetDatum(after_arg(fcinfo, 2, "ttl", now));
 
-	spi_connect_as_owner("inbox", &save_userid, &save_sec_context);
+	spi_connect_as_owner(&save);
 	/* only the consumer's owner role, its members and resilience_admin */
 	tenant_claim(TENANT_INBOX_CONSUMER, VARDATA_ANY(DatumGetTextPP(values[0])),
-				 VARSIZE_ANY_EXHDR(DatumGetTextPP(values[0])), save_userid);
+				 VARSIZE_ANY_EXHDR(DatumGetTextPP(values[0])), save.userid);
 	n = run(STMT_INBOX, values, "    ");
-	spi_finish(save_userid, save_sec_context);
+	spi_finish(&save);
 	metrics_add(RC_INBOX_MESSAGES, n == 1 ? RV_ACCEPTED : RV_DUPLICATE, NULL, 1);
 	PG_RETURN_BOOL(n == 1);
 }
@@ -943,14 +933,13 @@ inbox_accept(PG_FUNCTION_ARGS)
  * transaction has locked.  Returns how many rows it deleted.
  */
 static int64
-reap(Statement which, const char *table)
+reap(Statement which)
 {
 	int64		removed = 0;
 	int			batch;
-	Oid			save_userid;
-	int			save_sec_context;
+	ResilienceUser save;
 
-	spi_connect_as_owner(table, &save_userid, &save_sec_context);
+	spi_connect_as_owner(&save);
 	for (batch = 0; batch < resilience_reaper_max_batches; batch++)
 	{
 		Datum		values[2];
@@ -964,7 +953,7 @@ reap(Statement which, const char *table)
 		if (n < (uint64) resilience_reaper_batch_size)
 			break;
 	}
-	spi_finish(save_userid, save_sec_context);
+	spi_finish(&save);
 	return removed;
 }
 
@@ -972,12 +961,12 @@ reap(Statement which, const char *table)
 Datum
 idempotency_reap(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_INT64(reap(STMT_REAP_KEYS, "idempotency_keys"));
+	PG_RETURN_INT64(reap(STMT_REAP_KEYS));
 }
 
 /* _inbox_reap() → number of expired inbox rows deleted. */
 Datum
 inbox_reap(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_INT64(reap(STMT_REAP_INBOX, "inbox"));
+	PG_RETURN_INT64(reap(STMT_REAP_INBOX));
 }

@@ -145,7 +145,6 @@ extern char *outbox_redact_target(const char *target);
 extern int	outbox_setting_int(const char *name, int dflt, int flags);
 extern const char *outbox_destination_allowed(const char *url, char **destination);
 extern const char *outbox_item_headers(OutboxItem *item, List **out);
-extern bool outbox_loopback_only(void);
 extern char *outbox_allow_list(void);
 extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
 

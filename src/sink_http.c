@@ -301,13 +301,6 @@ outbox_allow_list(void)
 	return psprintf("%s, %s", value, old);
 }
 
-/* Loopback only (the allow-list is empty or not read)? */
-bool
-outbox_loopback_only(void)
-{
-	return outbox_allow_list()[0] == '\0';
-}
-
 /* May the http sink call host, given allow (a comma-separated list)? */
 bool
 http_host_allowed(const char *host, const char *allow)
