@@ -624,3 +624,18 @@ REVOKE ALL ON FUNCTION resilience._tenant_check(text, text, oid, oid),
 REVOKE ALL ON resilience.owners FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.set_owner(text, text, regrole) TO resilience_admin;
 GRANT SELECT ON resilience.owners TO resilience_admin;
+
+-- Issue 17: durable schedules (cron that fires exactly once per slot)
+
+-- Pure computation on its arguments (and the server's zone data): PUBLIC may
+-- call it, like backoff().  STABLE, not IMMUTABLE: zone data changes with
+-- the server's tzdata.
+CREATE FUNCTION resilience.cron_next(cron text, after timestamptz DEFAULT pg_catalog.now(),
+                                     timezone text DEFAULT 'UTC')
+RETURNS timestamptz
+AS 'MODULE_PATHNAME', 'cron_next_sql'
+LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.cron_next(text, timestamptz, text) IS
+'The first time after after at which the cron expression (5 fields, @hourly..., @every <interval>) fires, evaluated in timezone';
+REVOKE ALL ON FUNCTION resilience.cron_next(text, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.cron_next(text, timestamptz, text) TO PUBLIC;
