@@ -24,7 +24,8 @@ OBJS = \
 	src/metrics.o \
 	src/worker.o \
 	src/tenants.o \
-	src/cron.o
+	src/cron.o \
+	src/schedule.o
 
 # the outbox's http and amqp sinks
 SHLIB_LINK += -lcurl -lrabbitmq
@@ -42,7 +43,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
-	schedules_cron
+	schedules_cron schedules
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
