@@ -730,7 +730,9 @@ run_slot(Schedule *s, TimestampTz started)
 			values, nulls, SPI_OK_INSERT) != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNIQUE_VIOLATION),
-				 errmsg("slot %s of schedule \"%s\" has already run", slot_text(s->next_slot), s->name)));
+				 errmsg("a slot of schedule \"%s\" has already run", s->name),
+				 errdetail("Slot %s has a finished run; the command was rolled back.",
+						   slot_text(s->next_slot))));
 
 	metrics_add_at_commit(RC_SCHEDULE_RUNS, error == NULL ? RV_SCHEDULE_SUCCEEDED :
 				attempt < s->max_attempts ? RV_SCHEDULE_RETRYING : RV_SCHEDULE_FAILED,
