@@ -7,7 +7,7 @@ SET timezone = 'UTC';
 CREATE ROLE regress_sched_a IN ROLE resilience_user;
 CREATE ROLE regress_sched_b IN ROLE resilience_user;
 CREATE SCHEMA sched;
-CREATE TABLE sched.hits (schedule text, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE sched.hits (schedule text, slot timestamptz, at timestamptz DEFAULT clock_timestamp());
 GRANT USAGE ON SCHEMA sched TO regress_sched_a, regress_sched_b;
 GRANT CREATE ON SCHEMA sched TO regress_sched_b;
 GRANT INSERT, SELECT ON sched.hits TO regress_sched_a;
@@ -17,7 +17,7 @@ SELECT resilience.schedule('su', '* * * * *', '{"sql": "SELECT 1"}');
 
 SET ROLE regress_sched_a;
 SELECT resilience.schedule('hits', '* * * * *',
-    '{"sql": "INSERT INTO sched.hits (schedule) VALUES (''hits'')"}') > now() AS first_slot_is_ahead;
+    '{"sql": "INSERT INTO sched.hits (schedule, slot) VALUES (''hits'', current_setting(''resilience.schedule_slot'')::timestamptz)"}') > now() AS first_slot_is_ahead;
 SELECT name, cron, timezone, overlap, catch_up, max_attempts, backoff, enabled, creator,
        next_slot = resilience.cron_next('* * * * *', created_at) AS next_is_cron_next, state
   FROM resilience.schedules;
@@ -62,7 +62,8 @@ GRANT resilience_admin TO regress_sched_a;
 SET ROLE regress_sched_a;
 SELECT resilience.schedule_tick() AS ran;
 SELECT resilience.schedule_tick() AS nothing_left;
-SELECT count(*) AS hits FROM sched.hits;
+SELECT count(*) AS hits, min(slot) = date_trunc('minute', now()) AS command_saw_its_slot,
+       current_setting('resilience.schedule_slot') AS slot_setting_after FROM sched.hits;
 SELECT schedule, slot = date_trunc('minute', now()) AS slot_is_the_due_one, state, attempt,
        error, result, creator, duration >= '0 s' AS has_duration
   FROM resilience.schedule_runs;

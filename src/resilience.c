@@ -48,6 +48,7 @@ int			resilience_saga_interval_ms = 1000;
 int			resilience_saga_retention_s = 7 * 86400;
 int			resilience_schedule_interval_ms = 10000;
 int			resilience_schedule_retention_s = 7 * 86400;
+char	   *resilience_schedule_slot = NULL;
 int			resilience_saga_stuck_after_s = 300;
 int			resilience_relay_interval_ms = 10000;
 int			resilience_outbox_batch_size = 500;
@@ -189,6 +190,14 @@ _PG_init(void)
 							&resilience_reaper_max_batches,
 							20, 1, 1000000,
 							PGC_SUSET, 0, NULL, NULL, NULL);
+	/* set while a schedule's command runs, by schedule_tick too (schedule.c) */
+	DefineCustomStringVariable("resilience.schedule_slot",
+							   "The slot (UTC, ISO 8601) of the schedule whose command is running; empty otherwise.",
+							   "Set by the extension while a schedule's command runs; read it with current_setting.",
+							   &resilience_schedule_slot,
+							   "",
+							   PGC_USERSET, GUC_NOT_IN_SAMPLE | GUC_DISALLOW_IN_FILE,
+							   NULL, NULL, NULL);
 
 	/*
 	 * The other settings concern shared memory or the workers, and

@@ -68,6 +68,7 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -592,6 +593,9 @@ run_command(Schedule *s, TimestampTz slot, Jsonb **result)
 					 errdetail("Role %s, which created schedule \"%s\", is a superuser now.",
 							   GetUserNameFromId(s->creator, true), s->name)));
 		resilience_become(s->creator, true, &save);
+		/* the command may read its slot: current_setting('resilience.schedule_slot') */
+		(void) set_config_option("resilience.schedule_slot", slot_text(slot),
+								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 		if (strcmp(kind, "sql") == 0)
 		{
 			int			ret = SPI_execute(json_string(s->command, "sql", "sql"), false, 0);
