@@ -83,7 +83,7 @@ static const CronField fields[5] = {
 	{"day-of-week", 0, 7, weekday_names, 0},
 };
 
-static void pg_attribute_noreturn()
+static pg_noreturn_compat void
 cron_error(const char *expr, const char *detail)
 {
 	ereport(ERROR,
