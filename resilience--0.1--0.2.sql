@@ -696,7 +696,8 @@ CREATE POLICY schedule_runs_own ON resilience.schedule_runs FOR SELECT
     USING (pg_catalog.pg_has_role(creator::pg_catalog.oid, 'USAGE')
            OR pg_catalog.pg_has_role('resilience_admin', 'USAGE'));
 
-CREATE VIEW resilience.schedules AS
+-- security_barrier: a caller's function in WHERE never sees another role's rows
+CREATE VIEW resilience.schedules WITH (security_barrier) AS
 SELECT d.name, d.cron, d.timezone, d.command, d.overlap, d.catch_up, d.max_attempts,
        d.backoff, d.enabled, d.creator, d.created_at,
        CASE WHEN d.enabled THEN d.next_slot END AS next_slot,
@@ -757,18 +758,10 @@ SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION resilience.schedule_tick() IS
 'Run (or skip, or retry) one due slot of a schedule by hand, in this transaction: 1 if it did, 0 if nothing was due';
 
-CREATE FUNCTION resilience._schedule_worker_tick()
-RETURNS bigint
-AS 'MODULE_PATHNAME', 'schedule_worker_tick'
-LANGUAGE C VOLATILE PARALLEL UNSAFE;
-COMMENT ON FUNCTION resilience._schedule_worker_tick() IS
-'Internal (the worker''s schedules job): one due slot; ms until it should run again (0: at once, -1: nothing scheduled)';
-
 REVOKE ALL ON FUNCTION
     resilience.schedule(text, text, jsonb, text, text, text, integer, interval, boolean),
     resilience.unschedule(text), resilience.schedule_pause(text),
-    resilience.schedule_resume(text), resilience.schedule_tick(),
-    resilience._schedule_worker_tick() FROM PUBLIC;
+    resilience.schedule_resume(text), resilience.schedule_tick() FROM PUBLIC;
 REVOKE ALL ON resilience.schedule_definitions, resilience.schedule_runs,
     resilience.schedules FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION

@@ -156,4 +156,7 @@ extern void worker_utility_hook_init(void);
 extern void worker_wake(Oid dboid);
 extern bool worker_stop_requested(void);
 
+/* schedule.c: the worker's schedules job */
+extern long schedule_worker_job(void);
+
 #endif							/* RESILIENCE_H */

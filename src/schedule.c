@@ -7,9 +7,9 @@
  * A schedule is a row of resilience.schedule_definitions; the cron line is
  * evaluated in the schedule's time zone by cron.c.  Its next_slot is the
  * slot to run next and due_at when (the slot's time, or a retry's).  The
- * worker's schedules job (worker.c) calls _schedule_worker_tick() again and
- * again, each call in a transaction of its own; schedule_tick() does one
- * unit by hand.  One unit: take the schedule whose due_at is the oldest
+ * worker's schedules job (worker.c) calls schedule_worker_job() again and
+ * again, each call a transaction of its own; schedule_tick() does one unit
+ * by hand.  One unit: take the schedule whose due_at is the oldest
  * past one, locked FOR UPDATE SKIP LOCKED, and either
  *	- skip the slots its catch-up or overlap policy says to skip, or
  *	- run the slot's command in a subtransaction, then write the run row
@@ -61,16 +61,22 @@
 #include "cron.h"
 #include "metrics.h"
 
+#include "outbox.h"
+
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #define SCHEDULE_NAME_MAX 63
@@ -86,7 +92,6 @@ PG_FUNCTION_INFO_V1(schedule_drop);
 PG_FUNCTION_INFO_V1(schedule_pause);
 PG_FUNCTION_INFO_V1(schedule_resume);
 PG_FUNCTION_INFO_V1(schedule_tick);
-PG_FUNCTION_INFO_V1(schedule_worker_tick);
 
 /* A schedule as the tick reads it (locked). */
 typedef struct Schedule
@@ -851,34 +856,58 @@ schedule_tick(PG_FUNCTION_ARGS)
 }
 
 /*
- * _schedule_worker_tick() → ms until the worker's schedules job should run
- * again: 0 after a unit of work (there may be more), else until the next
- * schedule is due, or -1 if none is.
+ * One unit of work for the worker, then ms until it should run again: 0
+ * after a unit of work (there may be more), else until the next schedule is
+ * due, or -1 if none is.  SPI connected, as the owner.
  */
-Datum
-schedule_worker_tick(PG_FUNCTION_ARGS)
+static long
+worker_tick(void)
 {
-	int64		wish = 0;
+	bool		isnull;
+	Datum		next;
+	int64		wish;
 
+	if (tick_once(InvalidOid))
+		return 0;
+	run("SELECT pg_catalog.min(due_at) FROM resilience.schedule_definitions WHERE enabled",
+		0, NULL, NULL, NULL, SPI_OK_SELECT);
+	next = column(0, 1, &isnull);
+	if (isnull)
+		return -1;
+	/* due now but locked by another transaction: look again soon */
+	wish = (DatumGetTimestampTz(next) - GetCurrentTimestamp() + 999) / 1000;
+	return wish <= 0 ? LOCKED_RETRY_MS : (long) Min(wish, (int64) INT_MAX);
+}
+
+/*
+ * The worker's schedules job (worker.c), called with no transaction open:
+ * one unit of work in a transaction of its own, as the extension's owner.
+ * Skipped while DROP EXTENSION holds the extension, and when the extension
+ * has no schedules (a version before 0.2, not updated yet).
+ */
+long
+schedule_worker_job(void)
+{
+	long		wish = -1;
+	Oid			nsp;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
 	SPI_connect();
-	if (!tick_once(InvalidOid))
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "resilience schedules job");
+	nsp = get_namespace_oid("resilience", true);
+	if (worker_lock_extension() && OidIsValid(nsp) &&
+		OidIsValid(get_relname_relid("schedule_definitions", nsp)))
 	{
-		bool		isnull;
-		Datum		next;
+		ResilienceUser save;
 
-		run("SELECT pg_catalog.min(due_at) FROM resilience.schedule_definitions WHERE enabled",
-			0, NULL, NULL, NULL, SPI_OK_SELECT);
-		next = column(0, 1, &isnull);
-		if (isnull)
-			wish = -1;
-		else
-		{
-			/* due now but locked by another transaction: look again soon */
-			wish = (DatumGetTimestampTz(next) - GetCurrentTimestamp() + 999) / 1000;
-			if (wish <= 0)
-				wish = LOCKED_RETRY_MS;
-		}
+		resilience_become_owner(true, &save);
+		wish = worker_tick();
+		resilience_restore_user(&save);
 	}
 	SPI_finish();
-	PG_RETURN_INT64(wish);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return wish;
 }

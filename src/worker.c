@@ -159,7 +159,7 @@ static const WorkerJob jobs[] = {
 	{"reaper", "SELECT pg_catalog.count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
 	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
 	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
-	{"schedules", "SELECT resilience._schedule_worker_tick()", &resilience_schedule_interval_ms, true, true, NULL},
+	{"schedules", NULL, &resilience_schedule_interval_ms, true, true, schedule_worker_job},
 };
 
 #define NUM_JOBS lengthof(jobs)
