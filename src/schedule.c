@@ -338,6 +338,8 @@ schedule_create(PG_FUNCTION_ARGS)
 {
 	static const char *const overlaps[] = {"skip", "queue", "allow", NULL};
 	static const char *const catch_ups[] = {"none", "latest", "all", NULL};
+	static const char *const arg_names[] = {"name", "cron", "command", "timezone", "overlap",
+	"catch_up", "max_attempts", "backoff", "enabled"};
 	Oid			creator = GetUserId();
 	char	   *name;
 	char	   *cron;
@@ -353,12 +355,8 @@ schedule_create(PG_FUNCTION_ARGS)
 	Datum		values[11];
 	int			i;
 
-	require(fcinfo, 0, "name");
-	require(fcinfo, 1, "cron");
-	require(fcinfo, 2, "command");
-	for (i = 3; i < 9; i++)
-		require(fcinfo, i, i == 3 ? "timezone" : i == 4 ? "overlap" : i == 5 ? "catch_up" :
-				i == 6 ? "max_attempts" : i == 7 ? "backoff" : "enabled");
+	for (i = 0; i < lengthof(arg_names); i++)
+		require(fcinfo, i, arg_names[i]);
 
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	if (strlen(name) < 1 || strlen(name) > SCHEDULE_NAME_MAX)
@@ -420,72 +418,65 @@ schedule_create(PG_FUNCTION_ARGS)
 	PG_RETURN_TIMESTAMPTZ(first);
 }
 
+typedef enum ScheduleChange
+{
+	CHANGE_DROP,
+	CHANGE_PAUSE,
+	CHANGE_RESUME
+} ScheduleChange;
+
 /*
- * Look up schedule name for a change by the caller, locked: false if there
- * is none; 42501 if the caller may not act on it.  SPI connected, as the
- * owner.
+ * unschedule, schedule_pause, schedule_resume: the schedule locked, the
+ * caller checked (42501 unless it may act on the creator's schedules), the
+ * change made as the extension's owner.  False if there is no such schedule.
  */
 static bool
-lock_for_change(const char *name, Oid caller)
-{
-	Datum		values[1] = {CStringGetTextDatum(name)};
-	bool		isnull;
-
-	if (run("SELECT creator::pg_catalog.oid FROM resilience.schedule_definitions"
-			" WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
-			1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_SELECT) == 0)
-		return false;
-	if (!may_act(caller, DatumGetObjectId(column(0, 1, &isnull))))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied for schedule \"%s\"", name),
-				 errdetail("Only its creator, the roles that have its privileges and resilience_admin may change it.")));
-	return true;
-}
-
-/* unschedule, schedule_pause, schedule_resume: one change, as the owner. */
-static bool
-change_schedule(FunctionCallInfo fcinfo, const char *sql, bool wake)
+change_schedule(FunctionCallInfo fcinfo, ScheduleChange change)
 {
 	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	Oid			caller = GetUserId();
+	Datum		values[2] = {CStringGetTextDatum(name), (Datum) 0};
 	ResilienceUser save;
+	bool		isnull;
 	bool		found;
 
 	SPI_connect();
 	resilience_become_owner(true, &save);
-	found = lock_for_change(name, caller);
-	if (found)
+	found = run("SELECT creator::pg_catalog.oid, cron, timezone FROM resilience.schedule_definitions"
+				" WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+				1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_SELECT) == 1;
+	if (found && !may_act(caller, DatumGetObjectId(column(0, 1, &isnull))))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for schedule \"%s\"", name),
+				 errdetail("Only its creator, the roles that have its privileges and resilience_admin may change it.")));
+	if (found && change == CHANGE_DROP)
 	{
-		Datum		values[2] = {CStringGetTextDatum(name),
-		TimestampTzGetDatum(GetCurrentTransactionStartTimestamp())};
+		run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1",
+			1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_DELETE);
+		run("DELETE FROM resilience.schedule_definitions WHERE name OPERATOR(pg_catalog.=) $1",
+			1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_DELETE);
+	}
+	else if (found && change == CHANGE_PAUSE)
+		run("UPDATE resilience.schedule_definitions SET enabled = false"
+			" WHERE name OPERATOR(pg_catalog.=) $1",
+			1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_UPDATE);
+	else if (found)
+	{
+		/* from the next slot after now: the slots of the pause are not caught up */
+		CronSpec	spec;
 
-		if (strstr(sql, "$2"))
-		{
-			/* resume: from the next slot after now */
-			CronSpec	spec;
-
-			run("SELECT cron, timezone FROM resilience.schedule_definitions"
-				" WHERE name OPERATOR(pg_catalog.=) $1", 1, (Oid[]) {TEXTOID}, values, NULL,
-				SPI_OK_SELECT);
-			cron_parse(column_text(0, 1), &spec);
-			values[1] = TimestampTzGetDatum(cron_next(&spec, cron_zone(column_text(0, 2)),
-													  DatumGetTimestampTz(values[1])));
-			run(sql, 2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, values, NULL, SPI_OK_UPDATE);
-		}
-		else if (strncmp(sql, "DELETE", 6) == 0)
-		{
-			run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1",
-				1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_DELETE);
-			run(sql, 1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_DELETE);
-		}
-		else
-			run(sql, 1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_UPDATE);
+		cron_parse(column_text(0, 2), &spec);
+		values[1] = TimestampTzGetDatum(cron_next(&spec, cron_zone(column_text(0, 3)),
+												  GetCurrentTransactionStartTimestamp()));
+		run("UPDATE resilience.schedule_definitions SET enabled = true,"
+			" next_slot = $2, due_at = $2, attempt = 0"
+			" WHERE name OPERATOR(pg_catalog.=) $1 AND NOT enabled",
+			2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, values, NULL, SPI_OK_UPDATE);
+		wake_worker_at_commit();
 	}
 	resilience_restore_user(&save);
 	SPI_finish();
-	if (found && wake)
-		wake_worker_at_commit();
 	return found;
 }
 
@@ -493,28 +484,21 @@ change_schedule(FunctionCallInfo fcinfo, const char *sql, bool wake)
 Datum
 schedule_drop(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_BOOL(change_schedule(fcinfo,
-								   "DELETE FROM resilience.schedule_definitions"
-								   " WHERE name OPERATOR(pg_catalog.=) $1", false));
+	PG_RETURN_BOOL(change_schedule(fcinfo, CHANGE_DROP));
 }
 
 /* schedule_pause(name) → whether it exists. */
 Datum
 schedule_pause(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_BOOL(change_schedule(fcinfo,
-								   "UPDATE resilience.schedule_definitions SET enabled = false"
-								   " WHERE name OPERATOR(pg_catalog.=) $1", false));
+	PG_RETURN_BOOL(change_schedule(fcinfo, CHANGE_PAUSE));
 }
 
 /* schedule_resume(name) → whether it exists; runs again from the next slot after now. */
 Datum
 schedule_resume(PG_FUNCTION_ARGS)
 {
-	PG_RETURN_BOOL(change_schedule(fcinfo,
-								   "UPDATE resilience.schedule_definitions SET enabled = true,"
-								   " next_slot = $2, due_at = $2, attempt = 0"
-								   " WHERE name OPERATOR(pg_catalog.=) $1 AND NOT enabled", true));
+	PG_RETURN_BOOL(change_schedule(fcinfo, CHANGE_RESUME));
 }
 
 /* ---- the tick ---- */
