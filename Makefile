@@ -23,7 +23,9 @@ OBJS = \
 	src/sink_notify.o \
 	src/metrics.o \
 	src/worker.o \
-	src/tenants.o
+	src/tenants.o \
+	src/cron.o \
+	src/schedule.o
 
 # the outbox's http and amqp sinks
 SHLIB_LINK += -lcurl -lrabbitmq
@@ -40,13 +42,15 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
-	outbox outbox_errors events events_errors roles
+	outbox outbox_errors events events_errors roles \
+	schedules_cron schedules
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
-	outbox_order outbox_consumers events_append
+	outbox_order outbox_consumers events_append \
+	schedule_run_once
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

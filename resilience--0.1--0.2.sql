@@ -624,3 +624,150 @@ REVOKE ALL ON FUNCTION resilience._tenant_check(text, text, oid, oid),
 REVOKE ALL ON resilience.owners FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.set_owner(text, text, regrole) TO resilience_admin;
 GRANT SELECT ON resilience.owners TO resilience_admin;
+
+-- Issue 17: durable schedules (cron that fires exactly once per slot)
+
+-- Pure computation on its arguments (and the server's zone data): PUBLIC may
+-- call it, like backoff().  STABLE, not IMMUTABLE: zone data changes with
+-- the server's tzdata.
+CREATE FUNCTION resilience.cron_next(cron text, after timestamptz DEFAULT pg_catalog.now(),
+                                     timezone text DEFAULT 'UTC')
+RETURNS timestamptz
+AS 'MODULE_PATHNAME', 'cron_next_sql'
+LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION resilience.cron_next(text, timestamptz, text) IS
+'The first time after after at which the cron expression (5 fields, @hourly..., @every <interval>) fires, evaluated in timezone';
+REVOKE ALL ON FUNCTION resilience.cron_next(text, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.cron_next(text, timestamptz, text) TO PUBLIC;
+
+-- Schedules: one row per schedule.  next_slot is the slot the worker runs
+-- next, due_at when (the slot's time, or a retry's); both change only in the
+-- transaction that runs the slot, together with its run row and the
+-- command's own effects (src/schedule.c).
+CREATE TABLE resilience.schedule_definitions (
+    name text COLLATE "C" PRIMARY KEY
+        CHECK (pg_catalog.octet_length(name) BETWEEN 1 AND 63),
+    cron text NOT NULL,
+    timezone text NOT NULL,
+    command jsonb NOT NULL,
+    overlap text NOT NULL CHECK (overlap IN ('skip', 'queue', 'allow')),
+    catch_up text NOT NULL CHECK (catch_up IN ('none', 'latest', 'all')),
+    max_attempts integer NOT NULL CHECK (max_attempts > 0),
+    backoff interval NOT NULL,
+    enabled boolean NOT NULL,
+    creator regrole NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    next_slot timestamptz NOT NULL,
+    attempt integer NOT NULL DEFAULT 0,     -- failed attempts of next_slot
+    due_at timestamptz NOT NULL,
+    last_slot timestamptz,
+    last_state text,
+    last_started timestamptz,
+    last_finished timestamptz,
+    last_success timestamptz,
+    skipped_slots bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX schedule_definitions_due ON resilience.schedule_definitions (due_at) WHERE enabled;
+COMMENT ON TABLE resilience.schedule_definitions IS
+'Durable cron schedules (resilience.schedule); written only by the extension''s functions';
+SELECT pg_catalog.pg_extension_config_dump('resilience.schedule_definitions', '');
+
+-- One row per slot that ran (or is being retried): the slot is the key.
+CREATE TABLE resilience.schedule_runs (
+    schedule text COLLATE "C" NOT NULL,
+    slot timestamptz NOT NULL,
+    state text NOT NULL CHECK (state IN ('succeeded', 'retrying', 'failed')),
+    attempt integer NOT NULL,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL,
+    duration interval GENERATED ALWAYS AS (finished_at - started_at) STORED,
+    error text,
+    result jsonb,
+    creator regrole NOT NULL,
+    PRIMARY KEY (schedule, slot)
+);
+COMMENT ON TABLE resilience.schedule_runs IS
+'One row per slot of a schedule that ran: its state, attempts, timing, error and result; rows older than resilience.schedule_retention are removed';
+SELECT pg_catalog.pg_extension_config_dump('resilience.schedule_runs', '');
+-- each role sees the runs of the schedules it created (or whose creator it
+-- has the privileges of); the extension's owner, who writes them, sees all
+ALTER TABLE resilience.schedule_runs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY schedule_runs_own ON resilience.schedule_runs FOR SELECT
+    USING (pg_catalog.pg_has_role(creator::pg_catalog.oid, 'USAGE')
+           OR pg_catalog.pg_has_role('resilience_admin', 'USAGE'));
+
+-- security_barrier: a caller's function in WHERE never sees another role's rows
+CREATE VIEW resilience.schedules WITH (security_barrier) AS
+SELECT d.name, d.cron, d.timezone, d.command, d.overlap, d.catch_up, d.max_attempts,
+       d.backoff, d.enabled, d.creator, d.created_at,
+       CASE WHEN d.enabled THEN d.next_slot END AS next_slot,
+       CASE WHEN d.enabled THEN d.due_at END AS next_due,
+       d.attempt AS failed_attempts,
+       d.last_slot, d.last_state, d.last_finished, d.last_success, d.skipped_slots,
+       CASE WHEN NOT d.enabled THEN 'paused'
+            WHEN d.attempt OPERATOR(pg_catalog.>) 0 THEN 'retrying'
+            WHEN d.due_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'due'
+            ELSE 'waiting' END AS state
+  FROM resilience.schedule_definitions d
+ WHERE pg_catalog.pg_has_role(d.creator::pg_catalog.oid, 'USAGE')
+    OR pg_catalog.pg_has_role('resilience_admin', 'USAGE');
+COMMENT ON VIEW resilience.schedules IS
+'Schedules the current role created (or whose creator it has the privileges of; all for resilience_admin): next slot and due time, last run, state';
+
+CREATE FUNCTION resilience.schedule(name text, cron text, command jsonb,
+                                    timezone text DEFAULT 'UTC',
+                                    overlap text DEFAULT 'skip',
+                                    catch_up text DEFAULT 'latest',
+                                    max_attempts integer DEFAULT 3,
+                                    backoff interval DEFAULT '10 seconds',
+                                    enabled boolean DEFAULT true)
+RETURNS timestamptz
+AS 'MODULE_PATHNAME', 'schedule_create'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.schedule(text, text, jsonb, text, text, text, integer, interval, boolean) IS
+'Create a durable schedule that runs command ({"sql"}, {"saga"}, {"publish"}) as the calling role once per cron slot; returns the first slot';
+
+CREATE FUNCTION resilience.unschedule(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'schedule_drop'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.unschedule(text) IS
+'Remove a schedule and its runs; false if there is none of that name';
+
+CREATE FUNCTION resilience.schedule_pause(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'schedule_pause'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.schedule_pause(text) IS
+'Stop running a schedule''s slots until schedule_resume; false if there is none of that name';
+
+CREATE FUNCTION resilience.schedule_resume(name text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'schedule_resume'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.schedule_resume(text) IS
+'Run a paused schedule again from its next slot after now (slots of the pause are not caught up); false if there is none of that name';
+
+-- SECURITY DEFINER (pinned path): it writes the tables; it takes only the
+-- schedules whose creator the calling role has the privileges of.
+CREATE FUNCTION resilience.schedule_tick()
+RETURNS integer
+AS 'MODULE_PATHNAME', 'schedule_tick'
+LANGUAGE C VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.schedule_tick() IS
+'Run (or skip, or retry) one due slot of a schedule by hand, in this transaction: 1 if it did, 0 if nothing was due';
+
+REVOKE ALL ON FUNCTION
+    resilience.schedule(text, text, jsonb, text, text, text, integer, interval, boolean),
+    resilience.unschedule(text), resilience.schedule_pause(text),
+    resilience.schedule_resume(text), resilience.schedule_tick() FROM PUBLIC;
+REVOKE ALL ON resilience.schedule_definitions, resilience.schedule_runs,
+    resilience.schedules FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    resilience.schedule(text, text, jsonb, text, text, text, integer, interval, boolean),
+    resilience.unschedule(text), resilience.schedule_pause(text),
+    resilience.schedule_resume(text)
+    TO resilience_user;
+GRANT EXECUTE ON FUNCTION resilience.schedule_tick() TO resilience_admin;
+GRANT SELECT ON resilience.schedules, resilience.schedule_runs TO resilience_user;

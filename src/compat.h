@@ -39,6 +39,17 @@
 #define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
 #endif
 
+/*
+ * PostgreSQL 18 replaced pg_attribute_noreturn(), written after the
+ * declarator, with pg_noreturn, written before it; both may go between
+ * "static" and the return type.
+ */
+#if PG_VERSION_NUM >= 180000
+#define pg_noreturn_compat pg_noreturn
+#else
+#define pg_noreturn_compat pg_attribute_noreturn()
+#endif
+
 /* PostgreSQL 17 registers custom wait events by name. */
 #if PG_VERSION_NUM >= 170000
 #include "utils/wait_event.h"

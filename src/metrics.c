@@ -123,6 +123,7 @@ static const char *const saga_events[] = {
 };
 static const char *const retry_kinds[] = {"action", "compensation", NULL};
 static const char *const job_results[] = {"success", "failure", NULL};
+static const char *const schedule_outcomes[] = {"succeeded", "retrying", "failed", "skipped", NULL};
 
 static void collect_info(List **samples);
 static void collect_rate_limit_table(List **samples);
@@ -269,6 +270,22 @@ static const FamilyDef families[] = {
 		"append_events calls refused because the stream was not at the expected version (40001).",
 		FAMILY_COUNTER, RC_STREAM_CONFLICTS, true},
 
+	/* schedules (this database) */
+	{"resilience_schedule_runs_total", "counter",
+		"Attempts of schedule slots by outcome (succeeded, retrying: failed and retried later, failed: after max_attempts), and slots skipped by the catch-up or overlap policy.",
+		FAMILY_COUNTER, RC_SCHEDULE_RUNS, true, "schedule", "outcome", schedule_outcomes},
+	{"resilience_schedule_lag_seconds_total", "counter",
+		"Sum of the lag between a slot's time and its first attempt's start, by schedule.",
+		FAMILY_COUNTER, RC_SCHEDULE_LAG, true, "schedule",.scale = 1e-6},
+	{"resilience_schedule_slots_started_total", "counter",
+		"Slots whose first attempt started, by schedule (divide the lag by it for the mean lag).",
+		FAMILY_COUNTER, RC_SCHEDULE_STARTS, true, "schedule"},
+	{"resilience_schedule_last_success_timestamp_seconds", "gauge",
+		"When a schedule's last successful run finished (Unix time; absent before the first).",
+		FAMILY_QUERY},
+	{"resilience_schedule_next_slot_timestamp_seconds", "gauge",
+		"The next slot of an enabled schedule (Unix time).", FAMILY_QUERY},
+
 	/* the worker (this database) */
 	{"resilience_worker_job_runs_total", "counter",
 		"Runs of the worker's jobs in this database, by job and result.",
@@ -376,6 +393,14 @@ static const GaugeQuery gauge_queries[] = {
 		"         GROUP BY s.name, s.state) g,"
 		"       LATERAL (VALUES ('resilience_sagas', g.n::float8),"
 		"                       ('resilience_sagas_stuck', g.stuck::float8)) m(metric, value)"},
+	{false,
+		"SELECT m.metric, ARRAY['schedule', d.name], m.value"
+		"  FROM resilience.schedule_definitions d, LATERAL (VALUES"
+		"   ('resilience_schedule_last_success_timestamp_seconds',"
+		"    extract(epoch FROM d.last_success)::float8),"
+		"   ('resilience_schedule_next_slot_timestamp_seconds',"
+		"    CASE WHEN d.enabled THEN extract(epoch FROM d.next_slot)::float8 END)"
+		"  ) m(metric, value)"},
 	{true,
 		"SELECT m.metric, m.labels, m.value"
 		"  FROM resilience.worker_status() w, LATERAL ("

@@ -43,6 +43,9 @@ typedef enum ResilienceCounter
 	RC_WORKER_JOB_SECONDS,		/* job; counted in microseconds */
 	RC_STREAM_EVENTS,			/* events appended (append_events) */
 	RC_STREAM_CONFLICTS,		/* appends refused with 40001 */
+	RC_SCHEDULE_RUNS,			/* schedule; RV_SCHEDULE_* */
+	RC_SCHEDULE_LAG,			/* schedule; slot time to first start, in microseconds */
+	RC_SCHEDULE_STARTS,			/* schedule; slots started (first attempts) */
 	RC_NUM_COUNTERS
 } ResilienceCounter;
 
@@ -62,6 +65,10 @@ typedef enum ResilienceCounter
 #define RV_RETRY 2
 #define RV_ACCEPTED 0
 #define RV_DUPLICATE 1
+#define RV_SCHEDULE_SUCCEEDED 0
+#define RV_SCHEDULE_RETRYING 1
+#define RV_SCHEDULE_FAILED 2
+#define RV_SCHEDULE_SKIPPED 3
 #define RV_ACTION 0
 #define RV_COMPENSATION 1
 

@@ -46,6 +46,9 @@ int			resilience_breaker_probe_timeout_ms = 60000;
 bool		resilience_breaker_defaults_changed = true;
 int			resilience_saga_interval_ms = 1000;
 int			resilience_saga_retention_s = 7 * 86400;
+int			resilience_schedule_interval_ms = 10000;
+int			resilience_schedule_retention_s = 7 * 86400;
+char	   *resilience_schedule_slot = NULL;
 int			resilience_saga_stuck_after_s = 300;
 int			resilience_relay_interval_ms = 10000;
 int			resilience_outbox_batch_size = 500;
@@ -187,6 +190,14 @@ _PG_init(void)
 							&resilience_reaper_max_batches,
 							20, 1, 1000000,
 							PGC_SUSET, 0, NULL, NULL, NULL);
+	/* set while a schedule's command runs, by schedule_tick too (schedule.c) */
+	DefineCustomStringVariable("resilience.schedule_slot",
+							   "The slot (UTC, ISO 8601) of the schedule whose command is running; empty otherwise.",
+							   "Set by the extension while a schedule's command runs; read it with current_setting.",
+							   &resilience_schedule_slot,
+							   "",
+							   PGC_USERSET, GUC_NOT_IN_SAMPLE | GUC_DISALLOW_IN_FILE,
+							   NULL, NULL, NULL);
 
 	/*
 	 * The other settings concern shared memory or the workers, and
@@ -284,6 +295,20 @@ _PG_init(void)
 							&resilience_saga_stuck_after_s,
 							300, 0, 3650 * 86400,
 							PGC_USERSET, GUC_UNIT_S, NULL, NULL, NULL);
+	/* schedules (schedule.c) */
+	DefineCustomIntVariable("resilience.schedule_interval",
+							"The longest the worker sleeps between looks at the schedules (0 disables the schedules job).",
+							"The worker sleeps until the next slot or retry is due, and schedule() and "
+							"schedule_resume() wake it at commit; this bounds anything missed.",
+							&resilience_schedule_interval_ms,
+							10000, 0, 86400000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.schedule_retention",
+							"How long the runs of a schedule are kept in resilience.schedule_runs.",
+							NULL,
+							&resilience_schedule_retention_s,
+							7 * 86400, 0, 3650 * 86400,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
 	/* the outbox relay; read with GetConfigOption where preloading is optional */
 	DefineCustomIntVariable("resilience.relay_interval",
 							"Safety poll of the outbox relay (0 disables the relay in the worker).",

@@ -62,6 +62,9 @@ extern int	resilience_saga_interval_ms;
 extern int	resilience_saga_retention_s;
 extern int	resilience_saga_stuck_after_s;
 extern int	resilience_relay_interval_ms;
+extern int	resilience_schedule_interval_ms;
+extern int	resilience_schedule_retention_s;
+extern char *resilience_schedule_slot;
 extern int	resilience_outbox_batch_size;
 extern int	resilience_outbox_http_parallelism;
 extern char *resilience_outbox_http_allowed_hosts;
@@ -152,5 +155,8 @@ extern void worker_register_launcher(void);
 extern void worker_utility_hook_init(void);
 extern void worker_wake(Oid dboid);
 extern bool worker_stop_requested(void);
+
+/* schedule.c: the worker's schedules job */
+extern long schedule_worker_job(void);
 
 #endif							/* RESILIENCE_H */

@@ -63,8 +63,9 @@
  *	3. every name in the jobs' SQL, and in the SQL and PL/pgSQL functions
  *	   they call, is qualified (pg_catalog.count, OPERATOR(pg_catalog.=)),
  *	   and those functions carry SET search_path = pg_catalog, pg_temp;
- *	4. user code runs only in saga steps, as the saga's definer, never a
- *	   superuser (saga.c), with its settings reverted when it returns.
+ *	4. user code runs only in saga steps and schedule commands, as the
+ *	   saga's definer or the schedule's creator, never a superuser (saga.c,
+ *	   schedule.c), with its settings reverted when it returns.
  *
  * Why the extension's owner, not a role per database or the database's
  * owner: the jobs do nothing but read and write the extension's tables and
@@ -159,6 +160,7 @@ static const WorkerJob jobs[] = {
 	{"reaper", "SELECT pg_catalog.count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
 	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
 	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
+	{"schedules", NULL, &resilience_schedule_interval_ms, true, true, schedule_worker_job},
 };
 
 #define NUM_JOBS lengthof(jobs)

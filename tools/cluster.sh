@@ -50,6 +50,16 @@ ensure_packages() {
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# The extra Debian packages the given TAP files need (for ensure_packages).
+tap_packages() { # tap files...
+	local f
+	for f in "$@"; do
+		case $f in
+		*040_schedule_croniter.pl) echo python3-croniter ;; # the independent cron implementation
+		esac
+	done
+}
+
 # Run a command as the unprivileged owner of $WORK.
 as_owner() {
 	if [ -n "$RUNAS" ]; then

@@ -218,6 +218,7 @@ for v in $VERSIONS; do
 				-c 'CREATE EXTENSION pgtap' -c 'CREATE EXTENSION resilience' >/dev/null
 			PGDATABASE=pgtap_regression run_tap_count pgtap --pgtap test/pgtap/*.sql ;;
 		tap)
+			ensure_packages $(tap_packages ${TAP_FILES:-test/t/*.pl})
 			run_tap_suite tap ${TAP_FILES:-test/t/*.pl} ;;
 		amqp)
 			t0=$(date +%s)

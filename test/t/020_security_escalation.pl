@@ -259,7 +259,7 @@ sleep 1;
 my $runs = $node->safe_psql('monitor', q{
 SELECT string_agg(job || ':' || (runs > 0) || ':' || failures, ' ' ORDER BY job)
   FROM resilience.workers WHERE database = 'appdb'});
-like($runs, qr/^reaper:true:\d+ relay:true:\d+ sagas:true:\d+$/, "every job of appdb's worker ran ($runs)");
+like($runs, qr/^reaper:true:\d+ relay:true:\d+ sagas:true:\d+ schedules:true:\d+$/, "every job of appdb's worker ran ($runs)");
 
 my $log = slurp_file($node->logfile, $log_offset);
 my @pwned = $log =~ /(PWNED who=\S+ su=\S+ what=[^\n]*)/g;
