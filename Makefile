@@ -23,7 +23,8 @@ OBJS = \
 	src/sink_notify.o \
 	src/metrics.o \
 	src/worker.o \
-	src/tenants.o
+	src/tenants.o \
+	src/quota.o
 
 # the outbox's http and amqp sinks
 SHLIB_LINK += -lcurl -lrabbitmq
@@ -40,7 +41,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
-	outbox outbox_errors events events_errors roles
+	outbox outbox_errors events events_errors roles quota quota_errors
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

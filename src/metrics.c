@@ -269,6 +269,11 @@ static const FamilyDef families[] = {
 		"append_events calls refused because the stream was not at the expected version (40001).",
 		FAMILY_COUNTER, RC_STREAM_CONFLICTS, true},
 
+	/* quotas (this database) */
+	{"resilience_quota_decisions_total", "counter",
+		"quota and quota_check decisions that asked for something (cost > 0), by decision.",
+		FAMILY_COUNTER, RC_QUOTA_DECISIONS, true, NULL, "decision", decisions},
+
 	/* the worker (this database) */
 	{"resilience_worker_job_runs_total", "counter",
 		"Runs of the worker's jobs in this database, by job and result.",

@@ -43,6 +43,7 @@ typedef enum ResilienceCounter
 	RC_WORKER_JOB_SECONDS,		/* job; counted in microseconds */
 	RC_STREAM_EVENTS,			/* events appended (append_events) */
 	RC_STREAM_CONFLICTS,		/* appends refused with 40001 */
+	RC_QUOTA_DECISIONS,			/* RV_ALLOWED, RV_DENIED (cost > 0) */
 	RC_NUM_COUNTERS
 } ResilienceCounter;
 
