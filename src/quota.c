@@ -683,8 +683,11 @@ quota_apply(Relation rel, ItemPointer tid, const QuotaRequest *req,
 	QuotaRow	next;
 	bool		allowed;
 
-	if (ItemPointerGetBlockNumber(tid) >= RelationGetNumberOfBlocks(rel))
-		return false;
+	/*
+	 * No check against the relation's length (an lseek per call): rows are
+	 * never deleted (the guard trigger), so VACUUM cannot shorten the file
+	 * under a TID the hash holds, and a new file is noticed by its number.
+	 */
 	buf = ReadBuffer(rel, ItemPointerGetBlockNumber(tid));
 	LockBuffer(buf, write ? BUFFER_LOCK_EXCLUSIVE : BUFFER_LOCK_SHARE);
 	row = quota_row_at(BufferGetPage(buf), ItemPointerGetOffsetNumber(tid), req);
@@ -968,6 +971,56 @@ quota_from_local(text *tz, Timestamp local)
 }
 
 /*
+ * The last period definition this backend computed: the same period and
+ * time zone strings give the same calendar period as long as now falls in
+ * it (the time zone conversions are most of an argument check's cost).
+ */
+#define QUOTA_CACHE_LEN 64
+static struct
+{
+	bool		valid;
+	char		period[QUOTA_CACHE_LEN];
+	char		tz[QUOTA_CACHE_LEN];
+	QuotaPeriod p;
+}			period_cache;
+
+/* The cached period for (period, tz) at now, if there is one. */
+static bool
+quota_cached_period(const char *str, text *tz, TimestampTz now, QuotaPeriod *period)
+{
+	int			tzlen = VARSIZE_ANY_EXHDR(tz);
+
+	if (!period_cache.valid || tzlen >= QUOTA_CACHE_LEN ||
+		strcmp(period_cache.period, str) != 0 ||
+		strncmp(period_cache.tz, VARDATA_ANY(tz), tzlen) != 0 ||
+		period_cache.tz[tzlen] != '\0')
+		return false;
+	*period = period_cache.p;
+	if (period->unit == NULL)
+	{
+		period->start = now;
+		period->end = now + period->span;
+		return true;
+	}
+	return period->start <= now && now < period->end;
+}
+
+static void
+quota_cache_period(const char *str, text *tz, const QuotaPeriod *period)
+{
+	int			tzlen = VARSIZE_ANY_EXHDR(tz);
+
+	period_cache.valid = false;
+	if (strlen(str) >= QUOTA_CACHE_LEN || tzlen >= QUOTA_CACHE_LEN)
+		return;
+	strcpy(period_cache.period, str);
+	memcpy(period_cache.tz, VARDATA_ANY(tz), tzlen);
+	period_cache.tz[tzlen] = '\0';
+	period_cache.p = *period;
+	period_cache.valid = true;
+}
+
+/*
  * The period argument at argno (and the time zone at tzargno) as the period
  * a count starting at now falls in.  22004 for NULLs, 22023 for an unknown
  * unit, a bad interval or an unknown time zone; nothing is changed yet.
@@ -982,6 +1035,11 @@ quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz no
 	Timestamp	local;
 	int			i;
 
+	if (quota_cached_period(str, tz, now, period))
+	{
+		pfree(str);
+		return;
+	}
 	/* the time zone is checked whatever the period (22023 if unknown) */
 	local = DatumGetTimestamp(DirectFunctionCall2(timestamptz_zone, PointerGetDatum(tz),
 												  TimestampTzGetDatum(now)));
@@ -1046,6 +1104,7 @@ quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz no
 		period->start = now;
 		period->end = now + period->span;
 	}
+	quota_cache_period(str, tz, period);
 	pfree(str);
 }
 
