@@ -857,11 +857,15 @@ quota_run(const QuotaRequest *req, QuotaResult *res)
 									  req->key, req->keylen);
 	int			attempt;
 
+	/*
+	 * Even a peek needs the hash, which a standby cannot keep up to date
+	 * with the primary's new keys: on a standby, read resilience.quotas.
+	 */
+	PreventCommandDuringRecovery("quota()");
 	if (req->op == QOP_SET || req->amount > 0)
 	{
 		PreventCommandIfReadOnly("quota()");
 		PreventCommandIfParallelMode("quota()");
-		PreventCommandDuringRecovery("quota()");
 	}
 	rel = quota_open();
 	relfile = RelationGetRelFileNumber_compat(rel);

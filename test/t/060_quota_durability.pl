@@ -158,7 +158,7 @@ $primary->poll_query_until('postgres',
 
 my ($ret, $stdout, $stderr) = $standby->psql('postgres',
 	q{SELECT resilience.quota('d:hot', 100000000, 'month')});
-like($stderr, qr/cannot execute quota\(\) in a read-only transaction/, 'a standby refuses to count');
+like($stderr, qr/cannot execute quota\(\) during recovery/, 'a standby refuses to count');
 $standby->poll_query_until('postgres',
 	qq{SELECT used >= $counts{'d:hot'} FROM resilience.quotas WHERE key = 'd:hot'})
   or die 'the standby does not show the usage';
