@@ -29,14 +29,18 @@
  *	  library, and it behaves the same on 15 and 18.  A custom resource
  *	  manager would save a page copy and compare per call but would make
  *	  recovery depend on loading this library.
- *	- Before logging, the caller's top transaction gets an xid (as nextval
- *	  does), so its commit writes a commit record after ours and, with
- *	  synchronous_commit on, flushes it (and waits for synchronous standbys)
- *	  before the commit is acknowledged.  Hence: every decision a committed
- *	  transaction saw as allowed is durable and on the synchronous standby.
- *	  A decision of a transaction that rolls back stays counted (like
- *	  nextval, it is not transactional) unless the server crashes before
- *	  anything flushes its WAL record.
+ *	- The caller's commit is not acknowledged before the record is durable:
+ *	  a pre-commit callback flushes WAL up to it and waits for the
+ *	  synchronous standbys, as this session's synchronous_commit makes a
+ *	  commit do.  Hence: every decision a committed transaction saw as
+ *	  allowed is durable and on the synchronous standby.  nextval gets the
+ *	  same effect by giving the transaction an xid, so that its commit
+ *	  record's flush covers the sequence's record; a flush of our own saves
+ *	  the xid, the commit record, the CLOG entry and the ProcArray work of a
+ *	  transaction that only decides (measured: that is most of a call's
+ *	  cost beyond SELECT 1).  A decision of a transaction that rolls back
+ *	  stays counted (like nextval, it is not transactional) unless the
+ *	  server crashes before anything flushes its WAL record.
  *	- A refused decision writes nothing: no WAL, no xid, no flush.
  *	- New keys: a frozen tuple is added to the last page (or a new page)
  *	  the same way, in one generic WAL record that also counts the first
@@ -99,6 +103,9 @@
 #include "access/tupmacs.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
+#include "storage/lwlock.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "funcapi.h"
@@ -629,6 +636,80 @@ quota_load(Relation rel, bool force)
 						(long long) duplicates)));
 }
 
+/* ---- durability at commit ---- */
+
+/*
+ * The end of this transaction's last quota WAL record: its commit (or
+ * PREPARE) must not be acknowledged before that is durable.
+ */
+static XLogRecPtr quota_commit_lsn = InvalidXLogRecPtr;
+static bool quota_callback_registered = false;
+
+/*
+ * Make WAL up to lsn as durable as this session's synchronous_commit makes
+ * a commit: written and flushed (local and above), and flushed by the
+ * synchronous standbys (on and above), or only handed to the WAL writer
+ * (off).  A cancelled or timed-out wait for the standbys raises an error
+ * here, before the commit, instead of the WARNING a commit gives after it:
+ * the caller never sees a commit whose decisions a promoted standby lacks.
+ */
+static void
+quota_make_durable(XLogRecPtr lsn)
+{
+	bool		flushed;
+
+	if (synchronous_commit <= SYNCHRONOUS_COMMIT_OFF)
+	{
+		XLogSetAsyncXactLSN(lsn);
+		return;
+	}
+	XLogFlush(lsn);
+	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH)
+		return;
+	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
+	SyncRepWaitForLSN(lsn, false);
+	RESUME_INTERRUPTS();
+	CHECK_FOR_INTERRUPTS();
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	flushed = !sync_standbys_defined_compat() ||
+		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
+	LWLockRelease(SyncRepLock);
+	if (!flushed)
+		ereport(ERROR,
+				(errcode(ERRCODE_QUERY_CANCELED),
+				 errmsg("the transaction was not committed: the synchronous standby has not confirmed its quota decisions"),
+				 errdetail("The wait for synchronous replication was cancelled or timed out."),
+				 errhint("The decisions stay counted; retry.")));
+}
+
+static void
+quota_xact_callback(XactEvent event, void *arg)
+{
+	XLogRecPtr	lsn = quota_commit_lsn;
+
+	quota_commit_lsn = InvalidXLogRecPtr;
+	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
+		!XLogRecPtrIsInvalid(lsn))
+		quota_make_durable(lsn);
+}
+
+/*
+ * Have the caller's commit wait for lsn.  Instead of giving the transaction
+ * an xid (as nextval does) so that its commit record flushes ours: a
+ * transaction that only decides needs no commit record, CLOG entry or xid.
+ */
+static void
+quota_flush_at_commit(XLogRecPtr lsn)
+{
+	if (!quota_callback_registered)
+	{
+		RegisterXactCallback(quota_xact_callback, NULL);
+		quota_callback_registered = true;
+	}
+	if (lsn > quota_commit_lsn)
+		quota_commit_lsn = lsn;
+}
+
 /* ---- changing a tuple ---- */
 
 /* The new state of a row for req, given what it holds; false: refused. */
@@ -702,14 +783,12 @@ quota_apply(Relation rel, ItemPointer tid, const QuotaRequest *req,
 		GenericXLogState *state;
 		Page		page;
 
-		/* the caller's commit must flush this record (see the header) */
-		GetTopTransactionId();
 		state = GenericXLogStart(rel);
 		page = GenericXLogRegisterBuffer(state, buf, 0);
 		row = quota_row_at(page, ItemPointerGetOffsetNumber(tid), req);
 		Assert(row != NULL);
 		memcpy(row, &next, sizeof(QuotaRow));
-		GenericXLogFinish(state);
+		quota_flush_at_commit(GenericXLogFinish(state));
 	}
 	UnlockReleaseBuffer(buf);
 
@@ -777,7 +856,6 @@ quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
 		fresh = true;
 	}
 
-	GetTopTransactionId();
 	xlog = GenericXLogStart(rel);
 	page = GenericXLogRegisterBuffer(xlog, buf, fresh ? GENERIC_XLOG_FULL_IMAGE : 0);
 	if (fresh)
@@ -794,7 +872,7 @@ quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
 	htup = (HeapTupleHeader) PageGetItem(page, PageGetItemId(page, offnum));
 	ItemPointerSet(&htup->t_ctid, BufferGetBlockNumber(buf), offnum);
 	ItemPointerSet(tid, BufferGetBlockNumber(buf), offnum);
-	GenericXLogFinish(xlog);
+	quota_flush_at_commit(GenericXLogFinish(xlog));
 	UnlockReleaseBuffer(buf);
 	heap_freetuple(tuple);
 }
