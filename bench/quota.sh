@@ -18,7 +18,7 @@ run_quota() {
 	run_pgbench quota_hot "quota, hot key" quota_hot.sql
 	run_pgbench quota_logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
 	run_pgbench quota_logged_hot "PL/pgSQL bucket, logged table, hot key" bucket_logged_hot.sql
-	run_pgbench quota_xid "SELECT txid_current() (an xid, a commit record)" quota_xid.sql
+	run_pgbench quota_xid "SELECT txid_current() (an xid, a flushed commit)" quota_xid.sql
 }
 
 report_quota() {
@@ -27,7 +27,7 @@ report_quota() {
 	ratio_line "quota random / logged-table bucket random" quota_random quota_logged_random ">=" 2
 	ratio_line "quota hot / SELECT 1" quota_hot select1
 	ratio_line "quota hot / logged-table bucket hot" quota_hot quota_logged_hot
-	say "  for context (what a durable decision cannot avoid: an xid and a flushed commit):"
+	say "  for context (txid_current: a transaction with an xid and a flushed commit, the cost of nextval-style durability):"
 	ratio_line "txid_current() / SELECT 1" quota_xid select1
 	ratio_line "quota random / txid_current()" quota_random quota_xid
 }

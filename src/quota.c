@@ -317,15 +317,6 @@ quota_shmem_init(void)
 	quota_load_lock = &GetNamedLWLockTranche(QUOTA_LOAD_TRANCHE)->lock;
 }
 
-bool
-quota_table_stats(ShmTableStats *stats)
-{
-	if (quota_table == NULL)
-		return false;
-	shm_table_stats(quota_table, stats);
-	return true;
-}
-
 /* ---- the table ---- */
 
 /* Is rel resilience.quota_usage, with the columns this code writes? */

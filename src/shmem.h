@@ -140,7 +140,6 @@ extern void relay_shmem_init(void);
 extern Size quota_shmem_size(void);
 extern void quota_shmem_request(void);
 extern void quota_shmem_init(void);
-extern bool quota_table_stats(ShmTableStats *stats);
 extern void quota_define_settings(void);
 
 /* metrics.c */
