@@ -103,15 +103,14 @@
 #include "access/tupmacs.h"
 #include "access/xact.h"
 #include "access/xlog.h"
-#include "replication/syncrep.h"
-#include "replication/walsender.h"
-#include "storage/lwlock.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "storage/bufmgr.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "storage/bufpage.h"
+#include "storage/lwlock.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
@@ -120,8 +119,6 @@
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
-
-#include <limits.h>
 
 #define QUOTA_PARTITIONS 64
 #define QUOTA_TRANCHE "resilience_quotas"
