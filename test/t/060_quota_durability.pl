@@ -10,6 +10,8 @@
 # of its allowed decisions, and at most that plus one decision in flight per
 # client.  The quota keeps counting from there.  On the standby before the
 # promotion, the usage is readable and quota() refuses to run (25006).
+# While the synchronous standby is away, a cancelled wait for it fails the
+# COMMIT of a transaction that counted something (57014).
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -163,6 +165,34 @@ $standby->poll_query_until('postgres',
 	qq{SELECT used >= $counts{'d:hot'} FROM resilience.quotas WHERE key = 'd:hot'})
   or die 'the standby does not show the usage';
 pass('a hot standby reads the usage');
+
+# With the synchronous standby away, a transaction that counted something
+# does not commit: cancelling its wait for the standby fails the COMMIT
+# (57014) instead of returning it with a warning.  The decision stays
+# counted, as a rolled-back one does.
+$standby->stop;
+my ($out, $err) = ('', '');
+my $h = IPC::Run::start(
+	[ 'psql', '-X', '-At', '-d', $primary->connstr('postgres'),
+	  '-c', q{SELECT resilience.quota('u:unconfirmed', 10, 'day')} ],
+	'>', \$out, '2>', \$err);
+$primary->poll_query_until('postgres', q{
+	SELECT count(*) = 1 FROM pg_stat_activity
+	 WHERE wait_event = 'SyncRep' AND query LIKE '%u:unconfirmed%'})
+  or die 'the decision did not wait for the standby';
+$primary->safe_psql('postgres', q{
+	SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+	 WHERE wait_event = 'SyncRep' AND query LIKE '%u:unconfirmed%'});
+$h->finish;
+like($err, qr/not committed: the synchronous standby has not confirmed its quota decisions/,
+	'a cancelled wait for the synchronous standby fails the commit');
+is($out, '', 'no answer reached the client');
+is($primary->safe_psql('postgres', q{SELECT used FROM resilience.quotas WHERE key = 'u:unconfirmed'}),
+	'1', 'the unconfirmed decision stays counted');
+$standby->start;
+$primary->poll_query_until('postgres',
+	q{SELECT sync_state = 'sync' FROM pg_stat_replication WHERE application_name = 'quota_standby'})
+  or die 'the standby did not become synchronous again';
 
 $runs = start_clients($primary, 'failover');
 sleep 3;
