@@ -25,7 +25,8 @@ OBJS = \
 	src/worker.o \
 	src/tenants.o \
 	src/cron.o \
-	src/schedule.o
+	src/schedule.o \
+	src/quota.o
 
 # the outbox's http and amqp sinks
 SHLIB_LINK += -lcurl -lrabbitmq
@@ -43,14 +44,14 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
-	schedules_cron schedules
+	schedules_cron schedules quota quota_errors
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
 	outbox_order outbox_consumers events_append \
-	schedule_run_once
+	schedule_run_once quota_race
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

@@ -771,3 +771,102 @@ GRANT EXECUTE ON FUNCTION
     TO resilience_user;
 GRANT EXECUTE ON FUNCTION resilience.schedule_tick() TO resilience_admin;
 GRANT SELECT ON resilience.schedules, resilience.schedule_runs TO resilience_user;
+
+------------------------------------------------------------------------------
+-- Issue 19: durable quotas (src/quota.c, docs/quotas.md)
+------------------------------------------------------------------------------
+
+-- One row per key, updated in place by the library (frozen tuples, generic
+-- WAL; see src/quota.c): no row version per call.  The fixed-width columns
+-- come first and never move; quota.c checks this layout before it writes.
+-- No index: shared memory locates the rows.  Rows are dumped (usage is
+-- carried by pg_dump) and found again after a restore.
+CREATE TABLE resilience.quota_usage (
+    period_start timestamptz NOT NULL,
+    period_end timestamptz NOT NULL,
+    used bigint NOT NULL,
+    "limit" bigint NOT NULL,
+    updated_at timestamptz NOT NULL,
+    policy text NOT NULL DEFAULT '',
+    key text NOT NULL
+);
+COMMENT ON TABLE resilience.quota_usage IS
+'Durable quota counters, one row per key, changed in place by quota, quota_check, quota_set and quota_reset only';
+SELECT pg_catalog.pg_extension_config_dump('resilience.quota_usage', '');
+
+-- A new row version would leave shared memory pointing at a dead tuple:
+-- rows change through the functions only.  TRUNCATE (forget every key)
+-- stays possible for the owner.
+CREATE FUNCTION resilience._quota_usage_guard()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'quota_usage_guard'
+LANGUAGE C;
+COMMENT ON FUNCTION resilience._quota_usage_guard() IS
+'Internal (trigger on quota_usage): refuses UPDATE and DELETE';
+CREATE TRIGGER quota_usage_guard
+    BEFORE UPDATE OR DELETE ON resilience.quota_usage
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._quota_usage_guard();
+
+-- Not STRICT on purpose: a NULL argument raises 22004 instead of a NULL
+-- answer.  VOLATILE (they change state) and PARALLEL UNSAFE (they write WAL
+-- and need an xid).
+CREATE FUNCTION resilience.quota(key text, "limit" bigint, period text,
+                                 cost bigint DEFAULT 1, tz text DEFAULT 'UTC')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota(text, bigint, text, bigint, text) IS
+'Count cost against key''s limit for the current period (hour, day, week, month, year in tz, or a rolling interval); true if admitted.  Durable: survives crashes and failover to a synchronous standby';
+
+CREATE FUNCTION resilience.quota_check(key text, "limit" bigint, period text,
+                                       cost bigint DEFAULT 1, tz text DEFAULT 'UTC',
+    OUT allowed boolean, OUT used bigint, OUT remaining bigint, OUT resets_at timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'quota_check'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_check(text, bigint, text, bigint, text) IS
+'quota, returning the usage after the decision, what remains and when the period ends; cost 0 only peeks';
+
+CREATE FUNCTION resilience.quota_set(key text, used bigint, period text DEFAULT NULL,
+                                     tz text DEFAULT 'UTC')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota_set'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_set(text, bigint, text, text) IS
+'Admin: set key''s usage (migrations, refunds); with period, in the current period of that definition (creating the key); true if the key existed';
+
+CREATE FUNCTION resilience.quota_reset(key text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota_reset'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_reset(text) IS
+'Admin: usage of key back to 0 for its current period; true if the key exists';
+
+-- Admins only (keys often name users).  A period that has ended shows 0
+-- used: the next call starts a new one.
+CREATE VIEW resilience.quotas AS
+SELECT q.key,
+       q.policy,
+       u.used,
+       q."limit",
+       GREATEST(q."limit" OPERATOR(pg_catalog.-) u.used, 0) AS remaining,
+       q.period_start,
+       q.period_end AS resets_at,
+       q.updated_at
+  FROM resilience.quota_usage q,
+       LATERAL (SELECT CASE WHEN q.period_end OPERATOR(pg_catalog.<=) pg_catalog.now()
+                            THEN 0::bigint ELSE q.used END AS used) u;
+COMMENT ON VIEW resilience.quotas IS
+'Every quota key of this database with its usage in the current period';
+
+REVOKE ALL ON FUNCTION resilience.quota(text, bigint, text, bigint, text),
+    resilience.quota_check(text, bigint, text, bigint, text),
+    resilience.quota_set(text, bigint, text, text),
+    resilience.quota_reset(text),
+    resilience._quota_usage_guard() FROM PUBLIC;
+REVOKE ALL ON resilience.quota_usage, resilience.quotas FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.quota(text, bigint, text, bigint, text),
+    resilience.quota_check(text, bigint, text, bigint, text) TO resilience_user;
+GRANT EXECUTE ON FUNCTION resilience.quota_set(text, bigint, text, text),
+    resilience.quota_reset(text) TO resilience_admin;
+GRANT SELECT ON resilience.quota_usage, resilience.quotas TO resilience_admin;

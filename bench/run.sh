@@ -5,7 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules quota"   which comparisons to run
 #   BENCH_SCHEDULES=5000   the schedules section's schedules (see bench/schedules.sh)
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
@@ -20,6 +20,7 @@
 . "$(dirname "$0")/amqp.sh"
 . "$(dirname "$0")/redis.sh"
 . "$(dirname "$0")/schedules.sh"
+. "$(dirname "$0")/quota.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -120,7 +121,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules quota}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -179,12 +180,13 @@ run_breakers() {
 section locks && load_sql locks_setup.sql
 section idempotency && load_sql idempotency_setup.sql
 section sagas && load_sql sagas_setup.sql
+section quota && load_sql quota_setup.sql
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "Running: $CLIENTS clients, ${DURATION}s per run, $ROUNDS round(s)"
 for round in $(seq "$ROUNDS"); do
 	run_pgbench select1 "SELECT 1" select1.sql
-	for s in ratelimit locks idempotency breakers sagas; do
+	for s in ratelimit locks idempotency breakers sagas quota; do
 		if section "$s"; then "run_$s"; fi
 	done
 done
@@ -251,6 +253,7 @@ report() {
 	section amqp && report_amqp
 	section events && report_events
 	section schedules && report_schedules
+	section quota && report_quota
 	true
 }
 

@@ -216,4 +216,44 @@ sync_standbys_defined_compat(void)
 #endif
 }
 
+/*
+ * The physical file of a relation (quota.c notices a rewrite by it):
+ * PostgreSQL 16 renamed rd_node.relNode to rd_locator.relNumber.
+ */
+#if PG_VERSION_NUM >= 160000
+#define RelationGetRelFileNumber_compat(rel) ((rel)->rd_locator.relNumber)
+#else
+#define RelationGetRelFileNumber_compat(rel) ((rel)->rd_node.relNode)
+#endif
+
+/*
+ * A new page at the end of a relation, pinned and locked exclusively
+ * (quota.c).  PostgreSQL 16 added ExtendBufferedRel, which takes the
+ * relation extension lock itself; before it, P_NEW under that lock.
+ * Defined for files that include storage/bufmgr.h and storage/lmgr.h
+ * before this header (the buffer manager's headers clash with some
+ * client libraries' names).
+ */
+#if defined(BUFMGR_H) && defined(LMGR_H)
+#if PG_VERSION_NUM >= 160000
+static inline Buffer
+ExtendRelationLocked_compat(Relation rel)
+{
+	return ExtendBufferedRel(BMR_REL(rel), MAIN_FORKNUM, NULL, EB_LOCK_FIRST);
+}
+#else
+static inline Buffer
+ExtendRelationLocked_compat(Relation rel)
+{
+	Buffer		buffer;
+
+	LockRelationForExtension(rel, ExclusiveLock);
+	buffer = ReadBuffer(rel, P_NEW);
+	LockBuffer(buffer, BUFFER_LOCK_EXCLUSIVE);
+	UnlockRelationForExtension(rel, ExclusiveLock);
+	return buffer;
+}
+#endif
+#endif							/* BUFMGR_H && LMGR_H */
+
 #endif							/* RESILIENCE_COMPAT_H */

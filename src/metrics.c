@@ -285,6 +285,10 @@ static const FamilyDef families[] = {
 		FAMILY_QUERY},
 	{"resilience_schedule_next_slot_timestamp_seconds", "gauge",
 		"The next slot of an enabled schedule (Unix time).", FAMILY_QUERY},
+	/* quotas (this database) */
+	{"resilience_quota_decisions_total", "counter",
+		"quota and quota_check decisions that asked for something (cost > 0), by decision.",
+		FAMILY_COUNTER, RC_QUOTA_DECISIONS, true, NULL, "decision", decisions},
 
 	/* the worker (this database) */
 	{"resilience_worker_job_runs_total", "counter",

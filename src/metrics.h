@@ -46,6 +46,7 @@ typedef enum ResilienceCounter
 	RC_SCHEDULE_RUNS,			/* schedule; RV_SCHEDULE_* */
 	RC_SCHEDULE_LAG,			/* schedule; slot time to first start, in microseconds */
 	RC_SCHEDULE_STARTS,			/* schedule; slots started (first attempts) */
+	RC_QUOTA_DECISIONS,			/* RV_ALLOWED, RV_DENIED (cost > 0) */
 	RC_NUM_COUNTERS
 } ResilienceCounter;
 

@@ -275,6 +275,7 @@ _PG_init(void)
 							10000, 100, 1000000,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	define_breaker_defaults();
+	quota_define_settings();
 	/* sagas; the views and the reaper read the last two with safe defaults */
 	DefineCustomIntVariable("resilience.saga_interval",
 							"How often the worker looks for due sagas when nothing wakes it (0 disables the sagas job).",

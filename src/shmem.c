@@ -657,6 +657,7 @@ resilience_shmem_request(void)
 	RequestAddinShmemSpace(bulkhead_shmem_size());
 	RequestAddinShmemSpace(relay_shmem_size());
 	RequestAddinShmemSpace(metrics_shmem_size());
+	RequestAddinShmemSpace(quota_shmem_size());
 	ratelimit_shmem_request();
 	worker_shmem_request();
 	locks_shmem_request();
@@ -664,6 +665,7 @@ resilience_shmem_request(void)
 	bulkhead_shmem_request();
 	relay_shmem_request();
 	metrics_shmem_request();
+	quota_shmem_request();
 }
 
 static void
@@ -680,6 +682,7 @@ resilience_shmem_startup(void)
 	bulkhead_shmem_init();
 	relay_shmem_init();
 	metrics_shmem_init();
+	quota_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 
 	/* The postmaster (or a standalone backend) owns the state file. */

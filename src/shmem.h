@@ -136,6 +136,12 @@ extern Size relay_shmem_size(void);
 extern void relay_shmem_request(void);
 extern void relay_shmem_init(void);
 
+/* quota.c */
+extern Size quota_shmem_size(void);
+extern void quota_shmem_request(void);
+extern void quota_shmem_init(void);
+extern void quota_define_settings(void);
+
 /* metrics.c */
 extern Size metrics_shmem_size(void);
 extern void metrics_shmem_request(void);

@@ -17,7 +17,8 @@
 #    progress;
 #  - the backlog is delivered, in order, each event once;
 #  - the saga completes when its reply arrives;
-#  - the policy and the breaker configuration are in force.
+#  - the policy and the breaker configuration are in force;
+#  - a quota's usage is carried over and counted on.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -81,6 +82,11 @@ is($old->safe_psql('postgres', "SELECT state FROM resilience.sagas WHERE id = $s
 is($old->safe_psql('postgres', q{SELECT count(*) FROM resilience.outbox WHERE topic = 'upg.event'}),
 	'5', 'five events wait in the outbox on 15');
 is($old->safe_psql('postgres', q{SELECT resilience.rate_limit('u1', 'tier')}), 't', 'the policy admits on 15');
+# a quota (rows changed in place, frozen): 3 of 5 used on 15, one of them by
+# a new key's row added to a page that already holds rows
+is($old->safe_psql('postgres', q{
+	SELECT count(*) FILTER (WHERE resilience.quota('upg:q' || (i % 2), 5, 'month')) FROM generate_series(1, 5) i}),
+	'5', 'quotas count on 15');
 $old->stop;
 
 # Both clusters list the database from now on: a worker that started under
@@ -163,6 +169,13 @@ is($new->safe_psql('postgres', q{
 $new->safe_psql('postgres', q{SELECT resilience.breaker_record('payments', false) FROM generate_series(1, 4)});
 is($new->safe_psql('postgres', q{SELECT resilience.breaker_state('payments')}), 'open',
 	'the breaker configuration is in force (4 calls, 50%: open)');
+
+# quotas: the usage carried over, and counted on from there
+is($new->safe_psql('postgres', q{
+	SELECT string_agg(resilience.quota('upg:q1', 5, 'month')::text, ',') FROM generate_series(1, 3)}),
+	'true,true,false', 'a quota counts on from the usage it had on 15');
+is($new->safe_psql('postgres', q{SELECT count(*) FROM resilience.quota_usage}), '2',
+	'the quota rows were carried over, none added');
 
 $new->stop;
 $recv->stop;

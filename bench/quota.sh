@@ -1,0 +1,33 @@
+# The quota section of `make bench` (issue 19), sourced by bench/run.sh.
+#
+# resilience.quota on 100,000 random existing keys and on one hot key, 8
+# clients, synchronous_commit on, against SELECT 1 and the PL/pgSQL token
+# bucket over a logged table (bench/setup.sql), all measured in the same run.
+# Every call is admitted, so every call writes (and commits with a WAL
+# flush, like the table bucket).
+#
+# Alone: `bash bench/quota.sh` (same environment as run.sh) runs run.sh with
+# BENCH_SECTIONS=quota: the setup, SELECT 1 and this section only.
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+	BENCH_SECTIONS=quota exec bash "$(dirname "$0")/run.sh"
+fi
+
+run_quota() {
+	run_pgbench quota_random "quota, random keys (100,000)" quota_random.sql
+	run_pgbench quota_hot "quota, hot key" quota_hot.sql
+	run_pgbench quota_logged_random "PL/pgSQL bucket, logged table, random keys" bucket_logged_random.sql
+	run_pgbench quota_logged_hot "PL/pgSQL bucket, logged table, hot key" bucket_logged_hot.sql
+	run_pgbench quota_xid "SELECT txid_current() (an xid, a flushed commit)" quota_xid.sql
+}
+
+report_quota() {
+	say "  quota (synchronous_commit=$(psql -X -Atc 'SHOW synchronous_commit'), every call writes):"
+	ratio_line "quota random / SELECT 1" quota_random select1 ">=" 0.6
+	ratio_line "quota random / logged-table bucket random" quota_random quota_logged_random ">=" 2
+	ratio_line "quota hot / SELECT 1" quota_hot select1
+	ratio_line "quota hot / logged-table bucket hot" quota_hot quota_logged_hot
+	say "  for context (txid_current: a transaction with an xid and a flushed commit, the cost of nextval-style durability):"
+	ratio_line "txid_current() / SELECT 1" quota_xid select1
+	ratio_line "quota random / txid_current()" quota_random quota_xid
+}

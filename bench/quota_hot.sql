@@ -1,0 +1,1 @@
+SELECT resilience.quota('qhot', 1000000000, 'month');

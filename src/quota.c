@@ -1,0 +1,1363 @@
+/*-------------------------------------------------------------------------
+ *
+ * quota.c
+ *		Durable quotas: per-key usage counters per calendar period (hour,
+ *		day, week, month, year in a time zone) or rolling interval, kept
+ *		across crashes, immediate shutdowns and failover to a synchronous
+ *		standby.
+ *
+ * Where the state lives, and why
+ * ------------------------------
+ * Shared memory (rate_limit) is fast but forgotten by a crash and not
+ * replicated.  A table row per key updated by SQL is durable but costs a
+ * new row version, an index update and a row lock held to the caller's
+ * commit.  A quota needs neither MVCC history nor a lock across the
+ * caller's transaction, only that the counter reaches WAL before the
+ * decision's commit is acknowledged.  That is exactly what sequences do,
+ * and this file does it the same way:
+ *
+ *	- Each key is one heap tuple of the logged table resilience.quota_usage
+ *	  (period_start, period_end, used, limit, updated_at, policy, key).  The
+ *	  tuple is frozen (xmin FrozenTransactionId, no xmax) and is updated IN
+ *	  PLACE: the fixed-width columns come first, so their bytes never move.
+ *	  No call creates a row version, so VACUUM has nothing to prune here and
+ *	  the tuple's TID never changes.
+ *	- A change is made under the buffer's exclusive content lock and logged
+ *	  as a generic WAL record (access/generic_xlog.h: a delta of the page,
+ *	  or a full-page image after a checkpoint).  Generic WAL is replayed by
+ *	  core PostgreSQL: crash recovery, standbys and pg_rewind need no
+ *	  library, and it behaves the same on 15 and 18.  A custom resource
+ *	  manager would save a page copy and compare per call but would make
+ *	  recovery depend on loading this library.
+ *	- The caller's commit is not acknowledged before the record is durable:
+ *	  a pre-commit callback flushes WAL up to it and waits for the
+ *	  synchronous standbys, as this session's synchronous_commit makes a
+ *	  commit do.  Hence: every decision a committed transaction saw as
+ *	  allowed is durable and on the synchronous standby.  nextval gets the
+ *	  same effect by giving the transaction an xid, so that its commit
+ *	  record's flush covers the sequence's record; a flush of our own saves
+ *	  the xid, the commit record, the CLOG entry and the ProcArray work of a
+ *	  transaction that only decides (measured: that is most of a call's
+ *	  cost beyond SELECT 1).  A decision of a transaction that rolls back
+ *	  stays counted (like nextval, it is not transactional) unless the
+ *	  server crashes before anything flushes its WAL record.
+ *	- A refused decision writes nothing: no WAL, no xid, no flush.
+ *	- New keys: a frozen tuple is added to the last page (or a new page)
+ *	  the same way, in one generic WAL record that also counts the first
+ *	  decision.  Nothing happens in the caller's MVCC transaction, so no
+ *	  lock outlives the call and a rollback does not remove the key.
+ *
+ * Finding a key's tuple: a shared hash (shmem.c's keyed table, sized by
+ * resilience.quota_max_keys) maps (database, policy, key) to the tuple's
+ * TID and the relation's file number.  It is only a cache of the table:
+ * rebuilt by one scan of the table the first time a database is used after
+ * start (or crash, or promotion), and again whenever the table's file
+ * changes (TRUNCATE, VACUUM FULL, DROP/CREATE EXTENSION, restore).  Every
+ * use checks, under the buffer lock, that the tuple at the TID is live and
+ * holds the key; if not, the database's part of the hash is rebuilt.
+ * Since the table has no index, a key missing from the hash is known to be
+ * new only while the database's part of the hash is complete; if the hash
+ * could not hold every row, new keys are refused (resilience.quota_when_full
+ * decides how) rather than risk a second row for a key.
+ *
+ * So a call on an existing key is: a hash lookup under a partition lock in
+ * shared mode, one buffer lock, a check, a generic WAL record of a few
+ * dozen bytes, the unlock.
+ *
+ * Locking rules:
+ *	- Decisions on one key (on one page) are serialised by the buffer's
+ *	  exclusive content lock; a peek (cost 0) takes it shared.  So never more
+ *	  than limit is admitted, however many sessions race.
+ *	- Inserting a key and (re)building a database's part of the hash happen
+ *	  under the single LWLock QUOTA_LOAD_TRANCHE, exclusively; a hash entry
+ *	  whose TID is invalid is a reservation made under it (or left by an
+ *	  insert that failed): outside the lock it means "ask again under it".
+ *	- Hash partition locks are held only for lookups and linking, never
+ *	  across buffer I/O.
+ *	- The table is opened with RowExclusiveLock, so TRUNCATE, VACUUM FULL
+ *	  and CLUSTER (which change the file) wait for calls in flight.
+ *
+ * What protects the tuples: UPDATE and DELETE of resilience.quota_usage are
+ * refused by a trigger (a new row version would leave the hash pointing at
+ * a dead one; the check above would notice, but VACUUM might later shorten
+ * the file); only the functions here change rows.  pg_dump carries the rows
+ * (pg_extension_config_dump); a restore inserts them as ordinary rows,
+ * which are found by the rebuild scan and then updated in place like ours.
+ * pg_upgrade copies the file; frozen tuples need nothing.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+/* before compat.h (through shmem.h): ExtendRelationLocked_compat needs them */
+#include "storage/bufmgr.h"
+#include "storage/lmgr.h"
+
+#include "shmem.h"
+#include "metrics.h"
+
+#include "access/generic_xlog.h"
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/tableam.h"
+#include "access/tupmacs.h"
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
+#include "storage/bufpage.h"
+#include "storage/lwlock.h"
+#include "tcop/utility.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#define QUOTA_PARTITIONS 64
+#define QUOTA_TRANCHE "resilience_quotas"
+#define QUOTA_LOAD_TRANCHE "resilience_quota_load"
+
+#define KIND_QUOTA_KEY 1
+#define KIND_QUOTA_DB 2			/* one per database: what the hash holds of it */
+
+/*
+ * Rows per page added here.  A generic WAL record is computed by comparing
+ * the page's used areas byte by byte (access/transam/generic_xlog.c): on a
+ * full page that comparison was two thirds of a decision's CPU time
+ * (measured).  32 rows leave it at about a third of the page, for 256
+ * bytes of disk per key.
+ */
+#define QUOTA_ROWS_PER_PAGE 32
+
+/* How often a call rebuilds the hash and retries before giving up. */
+#define QUOTA_ATTEMPTS 4
+
+/* resilience.quota_when_full */
+typedef enum QuotaWhenFull
+{
+	QUOTA_FULL_DENY,
+	QUOTA_FULL_ALLOW,
+	QUOTA_FULL_ERROR
+} QuotaWhenFull;
+
+static const struct config_enum_entry quota_when_full_options[] = {
+	{"deny", QUOTA_FULL_DENY, false},
+	{"allow", QUOTA_FULL_ALLOW, false},
+	{"error", QUOTA_FULL_ERROR, false},
+	{NULL, 0, false}
+};
+
+static int	quota_max_keys = 100000;
+static int	quota_when_full = QUOTA_FULL_DENY;
+
+/*
+ * The payload of a hash entry.  For a key: where its tuple is, in which
+ * file of the table.  For a database: the file the hash was loaded from,
+ * and whether every row fitted.  Written only under the partition lock held
+ * exclusively (and the load lock); read under it in any mode.
+ */
+typedef struct QuotaSlot
+{
+	Oid			relfile;
+	BlockNumber blkno;			/* InvalidBlockNumber: a reservation */
+	OffsetNumber offnum;
+	bool		complete;
+} QuotaSlot;
+
+/*
+ * The fixed-width head of a quota_usage tuple's data, the columns updated
+ * in place.  All are 8-byte aligned and come first, so they sit at the
+ * start of the data area whatever the variable-width columns hold.
+ */
+typedef struct QuotaRow
+{
+	TimestampTz period_start;
+	TimestampTz period_end;
+	int64		used;
+	int64		quota_limit;
+	TimestampTz updated_at;
+} QuotaRow;
+
+#define QUOTA_NCOLS 7
+static const Oid quota_coltypes[QUOTA_NCOLS] = {
+	TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID,
+	TEXTOID, TEXTOID
+};
+
+StaticAssertDecl(sizeof(QuotaRow) == 5 * sizeof(int64),
+				 "QuotaRow must match the first five columns of quota_usage");
+
+/* A tuple of quota_usage taken apart (pointers into the tuple). */
+typedef struct QuotaTuple
+{
+	QuotaRow   *row;
+	const char *policy;
+	int			policylen;
+	const char *key;
+	int			keylen;
+} QuotaTuple;
+
+/* A period: a calendar unit in a time zone, or a rolling length. */
+typedef struct QuotaPeriod
+{
+	const char *unit;			/* "day"...; NULL when rolling */
+	int64		span;			/* rolling: microseconds */
+	TimestampTz start;			/* the period a new count starts now */
+	TimestampTz end;
+} QuotaPeriod;
+
+typedef enum QuotaOp
+{
+	QOP_CONSUME,				/* quota, quota_check */
+	QOP_SET						/* quota_set, quota_reset */
+} QuotaOp;
+
+typedef struct QuotaRequest
+{
+	QuotaOp		op;
+	const char *policy;
+	int			policylen;
+	const char *key;
+	int			keylen;
+	int64		limit;			/* CONSUME */
+	int64		amount;			/* CONSUME: the cost; SET: the new usage */
+	QuotaPeriod *period;		/* SET: NULL keeps the key's period */
+	bool		create;			/* may add the key */
+	TimestampTz now;
+} QuotaRequest;
+
+typedef struct QuotaResult
+{
+	bool		allowed;
+	bool		tracked;		/* false: not in the table (new peek, full) */
+	bool		existed;
+	int64		used;
+	TimestampTz resets_at;		/* DT_NOBEGIN: none */
+} QuotaResult;
+
+typedef enum QuotaLookup
+{
+	QL_FOUND,
+	QL_ABSENT,					/* surely new */
+	QL_ASK_UNDER_LOCK			/* not loaded, stale, reserved or incomplete */
+} QuotaLookup;
+
+static ShmTable *quota_table = NULL;
+static LWLock *quota_load_lock = NULL;
+
+/* This backend's lookup of resilience.quota_usage. */
+static Oid	quota_relid = InvalidOid;
+static Oid	quota_nspid = InvalidOid;
+
+static pg_atomic_uint64 *quota_counters[2];
+
+PG_FUNCTION_INFO_V1(quota);
+PG_FUNCTION_INFO_V1(quota_check);
+PG_FUNCTION_INFO_V1(quota_set);
+PG_FUNCTION_INFO_V1(quota_reset);
+PG_FUNCTION_INFO_V1(quota_usage_guard);
+
+/* ---- settings and shared memory ---- */
+
+/* Called from _PG_init while shared_preload_libraries is processed. */
+void
+quota_define_settings(void)
+{
+	DefineCustomIntVariable("resilience.quota_max_keys",
+							"Number of quota keys (all databases) shared memory can locate.",
+							"Each costs about 48 bytes plus resilience.max_key_length + 4.",
+							&quota_max_keys,
+							100000, 16, 50000000,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("resilience.quota_when_full",
+							 "What quota does with a new key when resilience.quota_max_keys are in use.",
+							 "deny refuses it, allow admits it uncounted, error raises 53200.",
+							 &quota_when_full,
+							 QUOTA_FULL_DENY, quota_when_full_options,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
+}
+
+static int
+quota_hash_key_len(void)
+{
+	return (int) sizeof(Oid) + resilience_max_key_length;
+}
+
+Size
+quota_shmem_size(void)
+{
+	/* one extra entry per database is not counted: 64 are added for them */
+	return shm_table_size(quota_max_keys + 64, sizeof(QuotaSlot),
+						  quota_hash_key_len());
+}
+
+void
+quota_shmem_request(void)
+{
+	shm_table_request_locks(QUOTA_TRANCHE, QUOTA_PARTITIONS);
+	RequestNamedLWLockTranche(QUOTA_LOAD_TRANCHE, 1);
+}
+
+void
+quota_shmem_init(void)
+{
+	quota_table = shm_table_init("resilience quotas", quota_max_keys + 64,
+								 sizeof(QuotaSlot), quota_hash_key_len(),
+								 QUOTA_TRANCHE, QUOTA_PARTITIONS);
+	quota_load_lock = &GetNamedLWLockTranche(QUOTA_LOAD_TRANCHE)->lock;
+}
+
+/* ---- the table ---- */
+
+/* Is rel resilience.quota_usage, with the columns this code writes? */
+static bool
+quota_rel_ok(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			i;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION ||
+		RelationGetNamespace(rel) != quota_nspid ||
+		strcmp(RelationGetRelationName(rel), "quota_usage") != 0 ||
+		!RelationNeedsWAL(rel) ||
+		desc->natts != QUOTA_NCOLS)
+		return false;
+	for (i = 0; i < QUOTA_NCOLS; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (att->attisdropped || att->atttypid != quota_coltypes[i] || !att->attnotnull)
+			return false;
+	}
+	return true;
+}
+
+/* Open resilience.quota_usage with RowExclusiveLock (see the header). */
+static Relation
+quota_open(void)
+{
+	Relation	rel = NULL;
+
+	if (OidIsValid(quota_relid))
+	{
+		rel = try_relation_open(quota_relid, RowExclusiveLock);
+		if (rel != NULL && !quota_rel_ok(rel))
+		{
+			relation_close(rel, RowExclusiveLock);
+			rel = NULL;
+		}
+	}
+	if (rel == NULL)
+	{
+		quota_relid = resilience_relid("quota_usage");
+		quota_nspid = get_rel_namespace(quota_relid);
+		rel = relation_open(quota_relid, RowExclusiveLock);
+		if (!quota_rel_ok(rel))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("resilience.quota_usage does not have the expected columns"),
+					 errhint("Reinstall the extension: DROP EXTENSION resilience; CREATE EXTENSION resilience.")));
+	}
+	return rel;
+}
+
+/* Read a text column at *off of a tuple's data of len bytes. */
+static bool
+quota_text_at(char *data, uint32 len, uint32 *off, const char **str, int *slen)
+{
+	char	   *p;
+
+	if (*off >= len)
+		return false;
+	*off = att_align_pointer(*off, TYPALIGN_INT, -1, data + *off);
+	if (*off >= len)
+		return false;
+	p = data + *off;
+	if (VARATT_IS_EXTENDED(p) && !VARATT_IS_SHORT(p))
+		return false;			/* compressed or external: never written here */
+	if (*off + VARSIZE_ANY(p) > len)
+		return false;
+	*str = VARDATA_ANY(p);
+	*slen = VARSIZE_ANY_EXHDR(p);
+	*off += VARSIZE_ANY(p);
+	return true;
+}
+
+/*
+ * Take a live quota_usage tuple of len bytes apart; false if it is not one
+ * (deleted or updated, wrong shape).
+ */
+static bool
+quota_parse(HeapTupleHeader htup, uint32 len, QuotaTuple *qt)
+{
+	char	   *data;
+	uint32		datalen;
+	uint32		off = sizeof(QuotaRow);
+
+	if (!(htup->t_infomask & HEAP_XMAX_INVALID) &&
+		!HEAP_XMAX_IS_LOCKED_ONLY(htup->t_infomask))
+		return false;
+	if (HeapTupleHeaderGetNatts(htup) != QUOTA_NCOLS ||
+		(htup->t_infomask & HEAP_HASNULL) || htup->t_hoff >= len)
+		return false;
+	data = (char *) htup + htup->t_hoff;
+	datalen = len - htup->t_hoff;
+	if (datalen < sizeof(QuotaRow))
+		return false;
+	qt->row = (QuotaRow *) data;
+	return quota_text_at(data, datalen, &off, &qt->policy, &qt->policylen) &&
+		quota_text_at(data, datalen, &off, &qt->key, &qt->keylen);
+}
+
+/* The tuple at offnum of page if it is the live row of (policy, key). */
+static QuotaRow *
+quota_row_at(Page page, OffsetNumber offnum, const QuotaRequest *req)
+{
+	ItemId		lp;
+	QuotaTuple	qt;
+
+	if (offnum < FirstOffsetNumber || offnum > PageGetMaxOffsetNumber(page))
+		return NULL;
+	lp = PageGetItemId(page, offnum);
+	if (!ItemIdIsNormal(lp) ||
+		!quota_parse((HeapTupleHeader) PageGetItem(page, lp), ItemIdGetLength(lp), &qt))
+		return NULL;
+	if (qt.keylen != req->keylen || qt.policylen != req->policylen ||
+		memcmp(qt.key, req->key, req->keylen) != 0 ||
+		memcmp(qt.policy, req->policy, req->policylen) != 0)
+		return NULL;
+	return qt.row;
+}
+
+/* ---- the hash ---- */
+
+/* The hash key of (database, policy, key): dboid, then [policy NUL] key. */
+static int
+quota_hash_key(char *buf, const char *policy, int policylen,
+			   const char *key, int keylen)
+{
+	int			len = sizeof(Oid);
+
+	memcpy(buf, &MyDatabaseId, sizeof(Oid));
+	if (policylen > 0)
+	{
+		memcpy(buf + len, policy, policylen);
+		len += policylen;
+		buf[len++] = '\0';
+	}
+	memcpy(buf + len, key, keylen);
+	return len + keylen;
+}
+
+/*
+ * Where is the key's tuple?  *reserved: the key's entry is a reservation
+ * (under the load lock: one left by an insert that failed).
+ */
+static QuotaLookup
+quota_lookup(const char *hkey, int hlen, Oid relfile, ItemPointer tid,
+			 bool *reserved)
+{
+	uint32		hash = shm_table_hash(KIND_QUOTA_KEY, hkey, hlen);
+	LWLock	   *lock = shm_table_lock(quota_table, hash);
+	ShmEntry   *entry;
+	QuotaLookup result = QL_ASK_UNDER_LOCK;
+	bool		in_hash = false;
+
+	*reserved = false;
+
+	LWLockAcquire(lock, LW_SHARED);
+	entry = shm_table_find(quota_table, hash, KIND_QUOTA_KEY, hkey, hlen);
+	if (entry)
+	{
+		QuotaSlot  *slot = shm_entry_payload(quota_table, entry);
+
+		in_hash = true;
+		*reserved = slot->relfile == relfile && !BlockNumberIsValid(slot->blkno);
+		if (slot->relfile == relfile && BlockNumberIsValid(slot->blkno))
+		{
+			ItemPointerSet(tid, slot->blkno, slot->offnum);
+			result = QL_FOUND;
+		}
+	}
+	LWLockRelease(lock);
+	if (in_hash)
+		return result;
+
+	/* not there: surely new only if this database's rows are all loaded */
+	hash = shm_table_hash(KIND_QUOTA_DB, (const char *) &MyDatabaseId, sizeof(Oid));
+	lock = shm_table_lock(quota_table, hash);
+	LWLockAcquire(lock, LW_SHARED);
+	entry = shm_table_find(quota_table, hash, KIND_QUOTA_DB,
+						   (const char *) &MyDatabaseId, sizeof(Oid));
+	if (entry)
+	{
+		QuotaSlot  *slot = shm_entry_payload(quota_table, entry);
+
+		if (slot->relfile == relfile && slot->complete)
+			result = QL_ABSENT;
+	}
+	LWLockRelease(lock);
+	return result;
+}
+
+/* Set an entry's payload; returns false if the hash is full. */
+static bool
+quota_hash_set(uint8 kind, const char *hkey, int hlen, const QuotaSlot *value,
+			   bool *found)
+{
+	uint32		hash = shm_table_hash(kind, hkey, hlen);
+	ShmEntry   *entry;
+
+	entry = shm_table_enter(quota_table, hash, kind, hkey, hlen, false, NULL, found);
+	if (entry == NULL)
+		return false;
+	memcpy(shm_entry_payload(quota_table, entry), value, sizeof(QuotaSlot));
+	LWLockRelease(shm_table_lock(quota_table, hash));
+	return true;
+}
+
+typedef struct QuotaPurge
+{
+	List	   *keys;			/* of bytea-like palloc'd copies */
+} QuotaPurge;
+
+static void
+quota_collect_db(ShmEntry *entry, void *payload, const char *key, void *arg)
+{
+	QuotaPurge *purge = arg;
+
+	if (entry->kind == KIND_QUOTA_KEY &&
+		memcmp(key, &MyDatabaseId, sizeof(Oid)) == 0)
+	{
+		bytea	   *copy = palloc(VARHDRSZ + entry->keylen);
+
+		SET_VARSIZE(copy, VARHDRSZ + entry->keylen);
+		memcpy(VARDATA(copy), key, entry->keylen);
+		purge->keys = lappend(purge->keys, copy);
+	}
+}
+
+/*
+ * (Re)build this database's part of the hash from the table, unless it was
+ * built from the table's current file already (force: rebuild anyway).
+ * The caller holds the load lock exclusively.
+ */
+static void
+quota_load(Relation rel, bool force)
+{
+	Oid			relfile = RelationGetRelFileNumber_compat(rel);
+	uint32		dbhash = shm_table_hash(KIND_QUOTA_DB, (const char *) &MyDatabaseId, sizeof(Oid));
+	LWLock	   *dblock = shm_table_lock(quota_table, dbhash);
+	ShmEntry   *entry;
+	bool		loaded = false;
+	QuotaPurge	purge = {NIL};
+	ListCell   *lc;
+	Snapshot	snapshot;
+	TableScanDesc scan;
+	HeapTuple	tuple;
+	QuotaSlot	db = {relfile, InvalidBlockNumber, InvalidOffsetNumber, true};
+	char	   *hkey = palloc(quota_hash_key_len());
+	bool		found;
+	int64		duplicates = 0;
+
+	LWLockAcquire(dblock, LW_SHARED);
+	entry = shm_table_find(quota_table, dbhash, KIND_QUOTA_DB,
+						   (const char *) &MyDatabaseId, sizeof(Oid));
+	if (entry)
+		loaded = ((QuotaSlot *) shm_entry_payload(quota_table, entry))->relfile == relfile;
+	LWLockRelease(dblock);
+	if (loaded && !force)
+		return;
+
+	/* forget what the hash held of this database */
+	shm_table_visit(quota_table, quota_collect_db, &purge);
+	foreach(lc, purge.keys)
+	{
+		bytea	   *k = lfirst(lc);
+
+		shm_table_remove(quota_table,
+						 shm_table_hash(KIND_QUOTA_KEY, VARDATA(k), VARSIZE(k) - VARHDRSZ),
+						 KIND_QUOTA_KEY, VARDATA(k), VARSIZE(k) - VARHDRSZ);
+	}
+	list_free_deep(purge.keys);
+
+	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	scan = table_beginscan(rel, snapshot, 0, NULL);
+	while ((tuple = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		QuotaTuple	qt;
+		QuotaSlot	slot;
+		int			hlen;
+
+		if (!quota_parse(tuple->t_data, tuple->t_len, &qt) ||
+			qt.policylen + (qt.policylen > 0 ? 1 : 0) + qt.keylen > resilience_max_key_length)
+			continue;			/* not usable: its key will be refused anyway */
+		hlen = quota_hash_key(hkey, qt.policy, qt.policylen, qt.key, qt.keylen);
+		slot.relfile = relfile;
+		slot.blkno = ItemPointerGetBlockNumber(&tuple->t_self);
+		slot.offnum = ItemPointerGetOffsetNumber(&tuple->t_self);
+		slot.complete = true;
+		if (!quota_hash_set(KIND_QUOTA_KEY, hkey, hlen, &slot, &found))
+		{
+			db.complete = false;
+			break;
+		}
+		if (found)
+			duplicates++;
+	}
+	table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	pfree(hkey);
+
+	if (!quota_hash_set(KIND_QUOTA_DB, (const char *) &MyDatabaseId, sizeof(Oid), &db, &found))
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("quota table is full"),
+				 errdetail("Not even this database's entry fits in resilience.quota_max_keys (%d).",
+						   quota_max_keys)));
+	if (!db.complete)
+		ereport(WARNING,
+				(errmsg("resilience.quota_usage holds more keys than resilience.quota_max_keys (%d)",
+						quota_max_keys),
+				 errdetail("New quota keys in this database are refused (resilience.quota_when_full) until it is raised.")));
+	if (duplicates > 0)
+		ereport(WARNING,
+				(errmsg("resilience.quota_usage holds %lld duplicate keys; the last row of each is used",
+						(long long) duplicates)));
+}
+
+/* ---- durability at commit ---- */
+
+/*
+ * The end of this transaction's last quota WAL record: its commit (or
+ * PREPARE) must not be acknowledged before that is durable.
+ */
+static XLogRecPtr quota_commit_lsn = InvalidXLogRecPtr;
+static bool quota_callback_registered = false;
+
+/*
+ * Make WAL up to lsn as durable as this session's synchronous_commit makes
+ * a commit: written and flushed (local and above), and flushed by the
+ * synchronous standbys (on and above), or only handed to the WAL writer
+ * (off).  A cancelled or timed-out wait for the standbys raises an error
+ * here, before the commit, instead of the WARNING a commit gives after it:
+ * the caller never sees a commit whose decisions a promoted standby lacks.
+ */
+static void
+quota_make_durable(XLogRecPtr lsn)
+{
+	bool		flushed;
+
+	if (synchronous_commit <= SYNCHRONOUS_COMMIT_OFF)
+	{
+		XLogSetAsyncXactLSN(lsn);
+		return;
+	}
+	XLogFlush(lsn);
+	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH)
+		return;
+	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
+	SyncRepWaitForLSN(lsn, false);
+	RESUME_INTERRUPTS();
+	CHECK_FOR_INTERRUPTS();
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	flushed = !sync_standbys_defined_compat() ||
+		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
+	LWLockRelease(SyncRepLock);
+	if (!flushed)
+		ereport(ERROR,
+				(errcode(ERRCODE_QUERY_CANCELED),
+				 errmsg("the transaction was not committed: the synchronous standby has not confirmed its quota decisions"),
+				 errdetail("The wait for synchronous replication was cancelled or timed out."),
+				 errhint("The decisions stay counted; retry.")));
+}
+
+static void
+quota_xact_callback(XactEvent event, void *arg)
+{
+	XLogRecPtr	lsn = quota_commit_lsn;
+
+	quota_commit_lsn = InvalidXLogRecPtr;
+	if ((event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PRE_PREPARE) &&
+		!XLogRecPtrIsInvalid(lsn))
+		quota_make_durable(lsn);
+}
+
+/*
+ * Have the caller's commit wait for lsn.  Instead of giving the transaction
+ * an xid (as nextval does) so that its commit record flushes ours: a
+ * transaction that only decides needs no commit record, CLOG entry or xid.
+ */
+static void
+quota_flush_at_commit(XLogRecPtr lsn)
+{
+	if (!quota_callback_registered)
+	{
+		RegisterXactCallback(quota_xact_callback, NULL);
+		quota_callback_registered = true;
+	}
+	if (lsn > quota_commit_lsn)
+		quota_commit_lsn = lsn;
+}
+
+/* ---- changing a tuple ---- */
+
+/* The new state of a row for req, given what it holds; false: refused. */
+static bool
+quota_next_state(const QuotaRequest *req, const QuotaRow *old, QuotaRow *new)
+{
+	bool		ended = old != NULL && req->now >= old->period_end;
+
+	if (old != NULL)
+		*new = *old;
+	else
+	{
+		new->used = 0;
+		new->quota_limit = 0;
+	}
+	new->updated_at = req->now;
+	if (req->op == QOP_SET)
+	{
+		if (req->period)
+		{
+			new->period_start = req->period->start;
+			new->period_end = req->period->end;
+		}
+		new->used = req->amount;
+		return true;
+	}
+	if (old == NULL || ended)
+	{
+		new->period_start = req->period->start;
+		new->period_end = req->period->end;
+		new->used = 0;
+	}
+	new->quota_limit = req->limit;
+	/* a peek (cost 0) asks whether a cost-1 request would be admitted */
+	if (new->used > req->limit - Max(req->amount, 1))
+		return false;
+	new->used += req->amount;
+	return true;
+}
+
+/*
+ * Apply req to the tuple at tid; false if that is not the key's tuple any
+ * more (the caller rebuilds the hash and asks again).
+ */
+static bool
+quota_apply(Relation rel, ItemPointer tid, const QuotaRequest *req,
+			QuotaResult *res)
+{
+	bool		write = req->op == QOP_SET || req->amount > 0;
+	Buffer		buf;
+	QuotaRow   *row;
+	QuotaRow	next;
+	bool		allowed;
+
+	/*
+	 * No check against the relation's length (an lseek per call): rows are
+	 * never deleted (the guard trigger), so VACUUM cannot shorten the file
+	 * under a TID the hash holds, and a new file is noticed by its number.
+	 */
+	buf = ReadBuffer(rel, ItemPointerGetBlockNumber(tid));
+	LockBuffer(buf, write ? BUFFER_LOCK_EXCLUSIVE : BUFFER_LOCK_SHARE);
+	row = quota_row_at(BufferGetPage(buf), ItemPointerGetOffsetNumber(tid), req);
+	if (row == NULL)
+	{
+		UnlockReleaseBuffer(buf);
+		return false;
+	}
+	allowed = quota_next_state(req, row, &next);
+	if (write && allowed)
+	{
+		GenericXLogState *state;
+		Page		page;
+
+		state = GenericXLogStart(rel);
+		page = GenericXLogRegisterBuffer(state, buf, 0);
+		row = quota_row_at(page, ItemPointerGetOffsetNumber(tid), req);
+		Assert(row != NULL);
+		memcpy(row, &next, sizeof(QuotaRow));
+		quota_flush_at_commit(GenericXLogFinish(state));
+	}
+	UnlockReleaseBuffer(buf);
+
+	res->tracked = true;
+	res->existed = true;
+	res->allowed = allowed;
+	res->used = allowed ? next.used : (req->now >= row->period_end ? 0 : row->used);
+	res->resets_at = allowed ? next.period_end :
+		(req->now >= row->period_end ? req->period->end : row->period_end);
+	return true;
+}
+
+/*
+ * Add the key's tuple (frozen, outside the caller's transaction) holding
+ * the state after req, and return its TID.  The caller holds the load lock.
+ */
+static void
+quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
+			 ItemPointer tid)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Datum		values[QUOTA_NCOLS];
+	bool		nulls[QUOTA_NCOLS] = {false};
+	HeapTuple	tuple;
+	Size		len;
+	BlockNumber nblocks = RelationGetNumberOfBlocks(rel);
+	Buffer		buf = InvalidBuffer;
+	bool		fresh = false;
+	GenericXLogState *xlog;
+	Page		page;
+	OffsetNumber offnum;
+	HeapTupleHeader htup;
+
+	values[0] = TimestampTzGetDatum(state->period_start);
+	values[1] = TimestampTzGetDatum(state->period_end);
+	values[2] = Int64GetDatum(state->used);
+	values[3] = Int64GetDatum(state->quota_limit);
+	values[4] = TimestampTzGetDatum(state->updated_at);
+	values[5] = PointerGetDatum(cstring_to_text_with_len(req->policy, req->policylen));
+	values[6] = PointerGetDatum(cstring_to_text_with_len(req->key, req->keylen));
+	tuple = heap_form_tuple(desc, values, nulls);
+	/* frozen, as sequence.c makes its tuple: visible to every snapshot */
+	HeapTupleHeaderSetXmin(tuple->t_data, FrozenTransactionId);
+	HeapTupleHeaderSetXminFrozen(tuple->t_data);
+	HeapTupleHeaderSetCmin(tuple->t_data, FirstCommandId);
+	HeapTupleHeaderSetXmax(tuple->t_data, InvalidTransactionId);
+	tuple->t_data->t_infomask |= HEAP_XMAX_INVALID;
+	len = tuple->t_len;
+
+	if (nblocks > 0)
+	{
+		buf = ReadBuffer(rel, nblocks - 1);
+		LockBuffer(buf, BUFFER_LOCK_EXCLUSIVE);
+		if (PageIsNew(BufferGetPage(buf)))
+			fresh = true;
+		else if (PageGetHeapFreeSpace(BufferGetPage(buf)) < MAXALIGN(len) ||
+				 PageGetMaxOffsetNumber(BufferGetPage(buf)) >= QUOTA_ROWS_PER_PAGE)
+		{
+			UnlockReleaseBuffer(buf);
+			buf = InvalidBuffer;
+		}
+	}
+	if (!BufferIsValid(buf))
+	{
+		buf = ExtendRelationLocked_compat(rel);
+		fresh = true;
+	}
+
+	xlog = GenericXLogStart(rel);
+	page = GenericXLogRegisterBuffer(xlog, buf, fresh ? GENERIC_XLOG_FULL_IMAGE : 0);
+	if (fresh)
+		PageInit(page, BufferGetPageSize(buf), 0);
+	offnum = PageAddItem(page, (Item) tuple->t_data, len, InvalidOffsetNumber,
+						 false, true);
+	if (offnum == InvalidOffsetNumber)
+	{
+		GenericXLogAbort(xlog);
+		UnlockReleaseBuffer(buf);
+		elog(ERROR, "could not add a quota row to block %u of resilience.quota_usage",
+			 BufferGetBlockNumber(buf));
+	}
+	htup = (HeapTupleHeader) PageGetItem(page, PageGetItemId(page, offnum));
+	ItemPointerSet(&htup->t_ctid, BufferGetBlockNumber(buf), offnum);
+	ItemPointerSet(tid, BufferGetBlockNumber(buf), offnum);
+	quota_flush_at_commit(GenericXLogFinish(xlog));
+	UnlockReleaseBuffer(buf);
+	heap_freetuple(tuple);
+}
+
+/* The answer for a key the table does not hold and will not hold now. */
+static void
+quota_untracked(const QuotaRequest *req, bool allowed, QuotaResult *res)
+{
+	res->tracked = false;
+	res->existed = false;
+	res->allowed = allowed;
+	res->used = 0;
+	res->resets_at = DT_NOBEGIN;
+}
+
+/* A new key under the load lock: reserve its hash entry, add the tuple. */
+static void
+quota_add_key(Relation rel, const char *hkey, int hlen, const QuotaRequest *req,
+			  QuotaResult *res)
+{
+	QuotaSlot	slot = {RelationGetRelFileNumber_compat(rel), InvalidBlockNumber,
+	InvalidOffsetNumber, true};
+	QuotaRow	state;
+	ItemPointerData tid;
+	bool		found;
+
+	if (!quota_hash_set(KIND_QUOTA_KEY, hkey, hlen, &slot, &found))
+	{
+		if (quota_when_full == QUOTA_FULL_ERROR)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("quota table is full"),
+					 errdetail("All %d entries (resilience.quota_max_keys) are in use.",
+							   quota_max_keys),
+					 errhint("Raise resilience.quota_max_keys (server restart), or set resilience.quota_when_full to deny or allow.")));
+		quota_untracked(req, quota_when_full == QUOTA_FULL_ALLOW, res);
+		return;
+	}
+	(void) quota_next_state(req, NULL, &state);
+	quota_insert(rel, req, &state, &tid);
+	slot.blkno = ItemPointerGetBlockNumber(&tid);
+	slot.offnum = ItemPointerGetOffsetNumber(&tid);
+	(void) quota_hash_set(KIND_QUOTA_KEY, hkey, hlen, &slot, &found);
+
+	res->tracked = true;
+	res->existed = false;
+	res->allowed = true;
+	res->used = state.used;
+	res->resets_at = state.period_end;
+}
+
+/* Carry out req on its key, creating the key if req allows it. */
+static void
+quota_run(const QuotaRequest *req, QuotaResult *res)
+{
+	Relation	rel;
+	Oid			relfile;
+	char	   *hkey = palloc(quota_hash_key_len());
+	int			hlen = quota_hash_key(hkey, req->policy, req->policylen,
+									  req->key, req->keylen);
+	int			attempt;
+
+	/*
+	 * Even a peek needs the hash, which a standby cannot keep up to date
+	 * with the primary's new keys: on a standby, read resilience.quotas.
+	 */
+	PreventCommandDuringRecovery("quota()");
+	if (req->op == QOP_SET || req->amount > 0)
+	{
+		PreventCommandIfReadOnly("quota()");
+		PreventCommandIfParallelMode("quota()");
+	}
+	rel = quota_open();
+	relfile = RelationGetRelFileNumber_compat(rel);
+	for (attempt = 0; attempt < QUOTA_ATTEMPTS; attempt++)
+	{
+		ItemPointerData tid;
+		bool		reserved;
+		QuotaLookup look = quota_lookup(hkey, hlen, relfile, &tid, &reserved);
+
+		if (look == QL_FOUND)
+		{
+			if (quota_apply(rel, &tid, req, res))
+				break;
+			/* the tuple is not where the hash says: rebuild, ask again */
+			LWLockAcquire(quota_load_lock, LW_EXCLUSIVE);
+			quota_load(rel, true);
+			LWLockRelease(quota_load_lock);
+			continue;
+		}
+		if (look == QL_ABSENT && !req->create)
+		{
+			quota_untracked(req, req->op == QOP_CONSUME && req->limit >= 1, res);
+			break;
+		}
+
+		LWLockAcquire(quota_load_lock, LW_EXCLUSIVE);
+		quota_load(rel, false);
+		look = quota_lookup(hkey, hlen, relfile, &tid, &reserved);
+		if (look == QL_FOUND)
+		{
+			LWLockRelease(quota_load_lock);
+			continue;
+		}
+		if (!req->create)
+			quota_untracked(req, req->op == QOP_CONSUME && req->limit >= 1, res);
+		else if (look == QL_ABSENT || reserved)
+			quota_add_key(rel, hkey, hlen, req, res);
+		else
+		{
+			/* the hash could not hold every row: a new key might exist */
+			if (quota_when_full == QUOTA_FULL_ERROR)
+				ereport(ERROR,
+						(errcode(ERRCODE_OUT_OF_MEMORY),
+						 errmsg("quota table is full"),
+						 errdetail("resilience.quota_usage holds more keys than resilience.quota_max_keys (%d).",
+								   quota_max_keys),
+						 errhint("Raise resilience.quota_max_keys (server restart).")));
+			quota_untracked(req, quota_when_full == QUOTA_FULL_ALLOW, res);
+		}
+		LWLockRelease(quota_load_lock);
+		break;
+	}
+	if (attempt == QUOTA_ATTEMPTS)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("quota row for key \"%.*s\" could not be located",
+						req->keylen, req->key),
+				 errhint("Check resilience.quota_usage for duplicate or damaged rows.")));
+	relation_close(rel, RowExclusiveLock);
+	pfree(hkey);
+}
+
+/* ---- arguments ---- */
+
+static const char *const quota_units[] = {"hour", "day", "week", "month", "year"};
+
+/* A key (and its policy) within resilience.max_key_length, or 22004/22023. */
+static void
+quota_arg_key(FunctionCallInfo fcinfo, int argno, QuotaRequest *req)
+{
+	text	   *key = resilience_arg_text(fcinfo, argno, "key");
+	int			len = VARSIZE_ANY_EXHDR(key);
+	int			stored = len + (req->policylen > 0 ? req->policylen + 1 : 0);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quota key must not be empty")));
+	if (stored > resilience_max_key_length)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quota key is too long"),
+				 errdetail("The key takes %d bytes; at most %d are allowed.",
+						   stored, resilience_max_key_length),
+				 errhint("Hash long keys, or raise resilience.max_key_length (server restart).")));
+	req->key = VARDATA_ANY(key);
+	req->keylen = len;
+}
+
+/* A bigint argument that must not be NULL (22004). */
+static int64
+quota_arg_int64(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", what)));
+	return PG_GETARG_INT64(argno);
+}
+
+/* A local timestamp in time zone tz as timestamptz. */
+static TimestampTz
+quota_from_local(text *tz, Timestamp local)
+{
+	return DatumGetTimestampTz(DirectFunctionCall2(timestamp_zone, PointerGetDatum(tz),
+												   TimestampGetDatum(local)));
+}
+
+/*
+ * The last period definition this backend computed: the same period and
+ * time zone strings give the same calendar period as long as now falls in
+ * it (the time zone conversions are most of an argument check's cost).
+ */
+#define QUOTA_CACHE_LEN 64
+static struct
+{
+	bool		valid;
+	char		period[QUOTA_CACHE_LEN];
+	char		tz[QUOTA_CACHE_LEN];
+	QuotaPeriod p;
+}			period_cache;
+
+/* The cached period for (period, tz) at now, if there is one. */
+static bool
+quota_cached_period(const char *str, text *tz, TimestampTz now, QuotaPeriod *period)
+{
+	int			tzlen = VARSIZE_ANY_EXHDR(tz);
+
+	if (!period_cache.valid || tzlen >= QUOTA_CACHE_LEN ||
+		strcmp(period_cache.period, str) != 0 ||
+		strncmp(period_cache.tz, VARDATA_ANY(tz), tzlen) != 0 ||
+		period_cache.tz[tzlen] != '\0')
+		return false;
+	*period = period_cache.p;
+	if (period->unit == NULL)
+	{
+		period->start = now;
+		period->end = now + period->span;
+		return true;
+	}
+	return period->start <= now && now < period->end;
+}
+
+static void
+quota_cache_period(const char *str, text *tz, const QuotaPeriod *period)
+{
+	int			tzlen = VARSIZE_ANY_EXHDR(tz);
+
+	period_cache.valid = false;
+	if (strlen(str) >= QUOTA_CACHE_LEN || tzlen >= QUOTA_CACHE_LEN)
+		return;
+	strcpy(period_cache.period, str);
+	memcpy(period_cache.tz, VARDATA_ANY(tz), tzlen);
+	period_cache.tz[tzlen] = '\0';
+	period_cache.p = *period;
+	period_cache.valid = true;
+}
+
+/*
+ * The period argument at argno (and the time zone at tzargno) as the period
+ * a count starting at now falls in.  22004 for NULLs, 22023 for an unknown
+ * unit, a bad interval or an unknown time zone; nothing is changed yet.
+ */
+static void
+quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz now,
+				 QuotaPeriod *period)
+{
+	text	   *arg = resilience_arg_text(fcinfo, argno, "period");
+	text	   *tz = resilience_arg_text(fcinfo, tzargno, "tz");
+	char	   *str = text_to_cstring(arg);
+	Timestamp	local;
+	int			i;
+
+	if (quota_cached_period(str, tz, now, period))
+	{
+		pfree(str);
+		return;
+	}
+	/* the time zone is checked whatever the period (22023 if unknown) */
+	local = DatumGetTimestamp(DirectFunctionCall2(timestamptz_zone, PointerGetDatum(tz),
+												  TimestampTzGetDatum(now)));
+	period->unit = NULL;
+	for (i = 0; i < lengthof(quota_units); i++)
+		if (pg_strcasecmp(str, quota_units[i]) == 0)
+			period->unit = quota_units[i];
+	if (period->unit)
+	{
+		Interval	one = {0};
+		Timestamp	start;
+		Timestamp	end;
+
+		if (strcmp(period->unit, "hour") == 0)
+			one.time = USECS_PER_HOUR;
+		else if (strcmp(period->unit, "day") == 0)
+			one.day = 1;
+		else if (strcmp(period->unit, "week") == 0)
+			one.day = 7;
+		else if (strcmp(period->unit, "month") == 0)
+			one.month = 1;
+		else
+			one.month = MONTHS_PER_YEAR;
+		start = DatumGetTimestamp(DirectFunctionCall2(timestamp_trunc,
+													  PointerGetDatum(cstring_to_text(period->unit)),
+													  TimestampGetDatum(local)));
+		end = DatumGetTimestamp(DirectFunctionCall2(timestamp_pl_interval,
+													TimestampGetDatum(start),
+													IntervalPGetDatum(&one)));
+		period->start = quota_from_local(tz, start);
+		period->end = quota_from_local(tz, end);
+		period->span = 0;
+	}
+	else
+	{
+		char		workbuf[256];
+		char	   *field[MAXDATEFIELDS];
+		int			ftype[MAXDATEFIELDS];
+		int			nf;
+		int			dtype = 0;
+		struct pg_itm_in itm;
+		Interval	span;
+		int			dterr;
+		int128		usec = 0;
+
+		dterr = ParseDateTime(str, workbuf, sizeof(workbuf), field, ftype,
+							  MAXDATEFIELDS, &nf);
+		if (dterr == 0)
+			dterr = DecodeInterval(field, ftype, nf, INTERVAL_FULL_RANGE, &dtype, &itm);
+		if (dterr == DTERR_BAD_FORMAT)
+			dterr = DecodeISO8601Interval(str, &dtype, &itm);
+		if (dterr == 0 && dtype == DTK_DELTA && itmin2interval(&itm, &span) == 0)
+			usec = resilience_interval_usec(&span);
+		if (usec <= 0 || usec > RESILIENCE_MAX_INTERVAL_USEC)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown quota period \"%s\"", str),
+					 errdetail("A period is hour, day, week, month or year (calendar periods in the time zone tz), "
+							   "or a rolling interval greater than 0 and at most 366 days."),
+					 errhint("For example 'day', 'month' or '15 minutes'.")));
+		period->span = (int64) usec;
+		period->start = now;
+		period->end = now + period->span;
+	}
+	quota_cache_period(str, tz, period);
+	pfree(str);
+}
+
+/* cost: not NULL, 0 to limit (22004, 22023). */
+static int64
+quota_arg_cost(FunctionCallInfo fcinfo, int argno, int64 limit)
+{
+	int64		cost = quota_arg_int64(fcinfo, argno, "cost");
+
+	if (cost < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost must not be negative"),
+				 errdetail("cost is " INT64_FORMAT ".", cost)));
+	if (cost > limit)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost must not exceed limit"),
+				 errdetail("cost is " INT64_FORMAT " and limit is " INT64_FORMAT
+						   ", so the request could never be admitted.", cost, limit)));
+	return cost;
+}
+
+/*
+ * quota(key, limit, period, cost, tz) and quota_check: arguments 0 to 4,
+ * every one checked before anything is looked at or changed.
+ */
+static void
+quota_decide(FunctionCallInfo fcinfo, QuotaResult *res)
+{
+	QuotaRequest req = {0};
+	QuotaPeriod period;
+
+	resilience_require_preload("quota");
+	req.op = QOP_CONSUME;
+	req.policy = "";
+	req.now = GetCurrentTimestamp();
+	quota_arg_key(fcinfo, 0, &req);
+	req.limit = quota_arg_int64(fcinfo, 1, "limit");
+	if (req.limit <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("limit must be positive"),
+				 errdetail("limit is " INT64_FORMAT ".", req.limit)));
+	quota_arg_period(fcinfo, 2, 4, req.now, &period);
+	req.amount = quota_arg_cost(fcinfo, 3, req.limit);
+	req.period = &period;
+	req.create = req.amount > 0;
+	quota_run(&req, res);
+	if (req.amount > 0)
+		metrics_inc(quota_counters[res->allowed ? RV_ALLOWED : RV_DENIED]);
+}
+
+/* Counters, looked up once per backend (metrics_counter may allocate). */
+static void
+quota_init_counters(void)
+{
+	if (quota_counters[0] == NULL)
+	{
+		quota_counters[RV_ALLOWED] = metrics_counter(RC_QUOTA_DECISIONS, RV_ALLOWED, NULL);
+		quota_counters[RV_DENIED] = metrics_counter(RC_QUOTA_DECISIONS, RV_DENIED, NULL);
+	}
+}
+
+/* quota(key, limit, period, cost, tz) -> boolean */
+Datum
+quota(PG_FUNCTION_ARGS)
+{
+	QuotaResult res;
+
+	quota_init_counters();
+	quota_decide(fcinfo, &res);
+	PG_RETURN_BOOL(res.allowed);
+}
+
+/* quota_check(key, limit, period, cost, tz) -> (allowed, used, remaining, resets_at) */
+Datum
+quota_check(PG_FUNCTION_ARGS)
+{
+	QuotaResult res;
+	TupleDesc	desc;
+	Datum		values[4];
+	bool		nulls[4] = {false};
+	int64		limit;
+
+	quota_init_counters();
+	quota_decide(fcinfo, &res);
+	limit = PG_GETARG_INT64(1);
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	desc = BlessTupleDesc(desc);
+	values[0] = BoolGetDatum(res.allowed);
+	if (res.tracked || res.allowed)
+	{
+		values[1] = Int64GetDatum(res.tracked ? res.used : PG_GETARG_INT64(3));
+		values[2] = Int64GetDatum(Max(limit - DatumGetInt64(values[1]), 0));
+	}
+	else
+	{
+		nulls[1] = true;
+		values[2] = Int64GetDatum(0);
+	}
+	values[3] = TimestampTzGetDatum(res.resets_at);
+	nulls[3] = res.resets_at == DT_NOBEGIN;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/* quota_set(key, used, period, tz) -> boolean: did the key exist? */
+Datum
+quota_set(PG_FUNCTION_ARGS)
+{
+	QuotaRequest req = {0};
+	QuotaResult res;
+	QuotaPeriod period;
+
+	resilience_require_preload("quota_set");
+	req.op = QOP_SET;
+	req.policy = "";
+	req.now = GetCurrentTimestamp();
+	quota_arg_key(fcinfo, 0, &req);
+	req.amount = quota_arg_int64(fcinfo, 1, "used");
+	if (req.amount < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("used must not be negative"),
+				 errdetail("used is " INT64_FORMAT ".", req.amount)));
+	if (!PG_ARGISNULL(2))
+	{
+		quota_arg_period(fcinfo, 2, 3, req.now, &period);
+		req.period = &period;
+		req.create = true;
+	}
+	quota_run(&req, &res);
+	if (!res.tracked && req.create)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("quota table is full"),
+				 errdetail("All %d entries (resilience.quota_max_keys) are in use.",
+						   quota_max_keys)));
+	if (!res.tracked)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quota key \"%.*s\" does not exist", req.keylen, req.key),
+				 errhint("Pass a period to create it.")));
+	PG_RETURN_BOOL(res.existed);
+}
+
+/* quota_reset(key) -> boolean: usage back to 0 in the key's period. */
+Datum
+quota_reset(PG_FUNCTION_ARGS)
+{
+	QuotaRequest req = {0};
+	QuotaResult res;
+
+	resilience_require_preload("quota_reset");
+	req.op = QOP_SET;
+	req.policy = "";
+	req.now = GetCurrentTimestamp();
+	quota_arg_key(fcinfo, 0, &req);
+	quota_run(&req, &res);
+	PG_RETURN_BOOL(res.tracked);
+}
+
+/* Statement trigger: rows of quota_usage change only through quota.c. */
+Datum
+quota_usage_guard(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "quota_usage_guard: not called as a trigger");
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("rows of resilience.quota_usage cannot be updated or deleted"),
+			 errdetail("They are changed in place by the quota functions."),
+			 errhint("Use resilience.quota_set or resilience.quota_reset; TRUNCATE forgets every key.")));
+	PG_RETURN_NULL();
+}
