@@ -624,3 +624,47 @@ REVOKE ALL ON FUNCTION resilience._tenant_check(text, text, oid, oid),
 REVOKE ALL ON resilience.owners FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.set_owner(text, text, regrole) TO resilience_admin;
 GRANT SELECT ON resilience.owners TO resilience_admin;
+
+------------------------------------------------------------------------------
+-- Issue 16: sagas that wait and fan out
+------------------------------------------------------------------------------
+
+-- A saga whose tick fails outside its step (a context past jsonb's limit, a
+-- broken definition) is suspended: out of the queue, the error in its
+-- events, until saga_retry.  The others go on.
+ALTER TABLE resilience.sagas DROP CONSTRAINT sagas_state_check;
+ALTER TABLE resilience.sagas ADD CONSTRAINT sagas_state_check
+    CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'compensation_failed',
+                     'suspended'));
+CREATE INDEX sagas_suspended ON resilience.sagas (name)
+    WHERE state OPERATOR(pg_catalog.=) 'suspended';
+COMMENT ON TABLE resilience.sagas IS
+'Sagas: state (running, compensating, completed, compensated, compensation_failed, suspended), current step and attempt, context';
+
+-- The search_path the steps run with: the definer's at saga_define, pg_temp
+-- last.  NULL for definitions from 0.1 (their steps keep pg_catalog, pg_temp).
+ALTER TABLE resilience.saga_definitions ADD COLUMN search_path text;
+COMMENT ON COLUMN resilience.saga_definitions.search_path IS
+'The search_path the steps run with: the definer''s when it called saga_define, with pg_temp last';
+
+-- Suspended sagas are stuck at once: nothing moves them but saga_retry.
+CREATE OR REPLACE VIEW resilience.stuck_sagas AS
+    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
+           s.attempt,
+           CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
+                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
+                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
+                ELSE 'worker' END AS waiting_for,
+           s.next_run_at,
+           s.updated_at AS last_progress_at,
+           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
+           (SELECT e.error FROM resilience.saga_events e
+             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+     WHERE s.state = 'suspended'
+        OR (s.state IN ('running', 'compensating', 'compensation_failed')
+            AND s.updated_at < pg_catalog.clock_timestamp()
+                - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval);
+COMMENT ON VIEW resilience.stuck_sagas IS
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after, and suspended ones, and what each waits for (reply, retry, worker, saga_retry)';

@@ -98,12 +98,14 @@ typedef enum SagaState
 	SAGA_COMPENSATING,
 	SAGA_COMPLETED,
 	SAGA_COMPENSATED,
-	SAGA_PARKED
+	SAGA_PARKED,
+	SAGA_SUSPENDED
 } SagaState;
 
 static const char *const state_names[] = {
-	"running", "compensating", "completed", "compensated", "compensation_failed"
+	"running", "compensating", "completed", "compensated", "compensation_failed", "suspended"
 };
+StaticAssertDecl(lengthof(state_names) == SAGA_SUSPENDED + 1, "state_names");
 
 typedef enum OpKind
 {
@@ -142,6 +144,7 @@ typedef struct SagaDef
 	char	   *name;
 	int			version;
 	Oid			definer;
+	char	   *search_path;	/* the steps', or NULL (defined before 0.2) */
 	int			nsteps;
 	SagaStepDef *steps;
 } SagaDef;
@@ -448,11 +451,12 @@ typedef enum SagaPlan
 	PLAN_DEF_INSERT,
 	PLAN_PICK_BY_HAND,
 	PLAN_PICK_ID_BY_HAND,
+	PLAN_SUSPEND,
 	NUM_PLANS
 } SagaPlan;
 
 #define SAGA_COLUMNS \
-	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at"
+	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at, name"
 /* a tick run by hand takes only the sagas of definers whose privileges $3 has */
 #define BY_HAND_FILTER \
 	" AND pg_catalog.pg_has_role($3, (SELECT d.definer::pg_catalog.oid" \
@@ -506,13 +510,15 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
 	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
 	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}',"
-	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on'))"
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on')),"
+	" d.search_path"
 	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)"
 	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n",
 	"SELECT version, steps OPERATOR(pg_catalog.=) $2 AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
+	" AND search_path IS NOT DISTINCT FROM $4"
 	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
-	"INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
-	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
+	"INSERT INTO resilience.saga_definitions (name, version, steps, definer, search_path)"
+	" VALUES ($1, $2, $3, $4::pg_catalog.regrole, $5)",
 	/* PLAN_PICK and PLAN_PICK_ID for a tick run by hand ($3: the caller) */
 	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
 	" WHERE next_run_at OPERATOR(pg_catalog.<=) $1 AND next_run_at OPERATOR(pg_catalog.>=) $2"
@@ -522,9 +528,12 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" WHERE id OPERATOR(pg_catalog.=) $1 AND next_run_at OPERATOR(pg_catalog.<=) $2"
 	BY_HAND_FILTER
 	" FOR UPDATE SKIP LOCKED",
+	/* park a saga whose tick failed outside its step (see tick_once) */
+	"UPDATE resilience.sagas SET state = 'suspended', next_run_at = NULL, updated_at = $2"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 3, 4, 3, 3};
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2};
 
 static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
@@ -543,10 +552,11 @@ static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID},
 	{TEXTOID, TEXTOID, JSONBOID},
 	{INT8OID},
-	{TEXTOID, JSONBOID, OIDOID},
-	{TEXTOID, INT4OID, JSONBOID, OIDOID},
+	{TEXTOID, JSONBOID, OIDOID, TEXTOID},
+	{TEXTOID, INT4OID, JSONBOID, OIDOID, TEXTOID},
 	{TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 	{INT8OID, TIMESTAMPTZOID, OIDOID},
+	{INT8OID, TIMESTAMPTZOID},
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
@@ -672,6 +682,7 @@ definition_load(int64 id, MemoryContext mcxt)
 	def->name = column_text(0, 1);
 	def->version = DatumGetInt32(column(0, 2, &isnull));
 	def->definer = DatumGetObjectId(column(0, 3, &isnull));
+	def->search_path = column_text(0, 14);
 	def->nsteps = (int) n;
 	def->steps = palloc0(n * sizeof(SagaStepDef));
 	for (i = 0; i < n; i++)
@@ -1042,6 +1053,21 @@ step_function(const char *name, Oid definer)
 	return fn;
 }
 
+/*
+ * Act as the saga's definer for a step (resilience_become: a restricted
+ * operation whose settings are reverted), with the search_path recorded
+ * when the saga was defined: the step resolves names as its author did.
+ * Definitions from before 0.2 have none and keep the pinned one.
+ */
+static void
+step_become(SagaDef *def, ResilienceUser *save)
+{
+	resilience_become(def->definer, true, save);
+	if (def->search_path)
+		(void) set_config_option("search_path", def->search_path, PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+}
+
 /* Put back the caller's statement timeout after a step's own. */
 static void
 restore_statement_timeout(bool outer_active, TimestampTz outer_fin)
@@ -1110,7 +1136,7 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 
 		if (armed)
 			enable_timeout_at(STATEMENT_TIMEOUT, deadline);
-		resilience_become(s->def->definer, true, &save);
+		step_become(s->def, &save);
 		InvokeFunctionExecuteHook(fn);
 		/* the step's errors carry its own context, not the orchestrator's */
 		error_context_stack = NULL;
@@ -1565,7 +1591,52 @@ saga_advance(Saga *s)
 }
 
 /*
- * Lock a due saga for this tick, skipping those another transaction holds.
+ * Errors a tick gives up on rather than suspend the saga for: a cancel or
+ * shutdown, a serialization failure or deadlock, a lock not available, and
+ * a lack of resources (memory, disk).  The next tick tries again.
+ */
+static bool
+tick_error_is_transient(ErrorData *edata)
+{
+	int			category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+
+	return category == ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR) ||
+		edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+}
+
+/*
+ * Suspend saga id (locked) after its tick failed outside a step: it leaves
+ * the queue, with the error in its events, until saga_retry (which resumes
+ * it as running, or as compensating if it has an error: see saga_retry).
+ */
+static void
+saga_suspend(int64 id, const char *name, ErrorData *edata)
+{
+	Datum		values[2];
+	Saga		s;
+	Jsonb	   *error = error_json(edata, NULL);
+
+	values[0] = Int64GetDatum(id);
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	run_plan(PLAN_SUSPEND, values, NULL);
+	memset(&s, 0, sizeof(s));
+	s.id = id;
+	s.state = SAGA_SUSPENDED;
+	saga_event(&s, "saga_suspended", 0, 0, false, error, NULL);
+	metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event("saga_suspended"), name, 1);
+	ereport(LOG,
+			(errmsg("saga " INT64_FORMAT " (\"%s\") is suspended: its orchestration failed: %s",
+					id, name, edata->message),
+			 errdetail("The other sagas go on; this one waits in state suspended."),
+			 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", id)));
+}
+
+/*
+ * Lock a due saga for this tick, skipping those another transaction holds;
+ * it is row 0 of the last result (SAGA_COLUMNS).
  *
  * A saga that the previous tick of this backend left due at once (its next
  * step) comes first, found by its key: a saga runs to its end or its first
@@ -1578,7 +1649,7 @@ saga_advance(Saga *s)
  * below the floor (a late commit, a skipped lock) waits at most that long.
  */
 static bool
-saga_pick(Saga *s, Oid by_hand)
+saga_pick(Oid by_hand)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	SagaPlan	pick = OidIsValid(by_hand) ? PLAN_PICK_BY_HAND : PLAN_PICK;
@@ -1593,10 +1664,7 @@ saga_pick(Saga *s, Oid by_hand)
 		values[0] = Int64GetDatum(sticky_saga_id);
 		sticky_saga_id = 0;
 		if (run_plan(pick_id, values, NULL) == 1)
-		{
-			saga_read(s);
 			return true;
-		}
 	}
 
 	if (now - pick_floor_since >= FLOOR_RESET_MS * INT64CONST(1000))
@@ -1616,7 +1684,6 @@ saga_pick(Saga *s, Oid by_hand)
 	if (SPI_processed == 0)
 		return false;
 	pick_floor = DatumGetTimestampTz(column(0, 10, &isnull));
-	saga_read(s);
 	return true;
 }
 
@@ -1637,18 +1704,59 @@ saga_pick(Saga *s, Oid by_hand)
 static bool
 tick_once(Oid by_hand)
 {
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
 	Saga		s;
+	int64		id;
+	char	   *name;
+	bool		isnull;
 
 	PreventCommandDuringRecovery("saga_tick()");
-	if (!saga_pick(&s, by_hand))
+	if (!saga_pick(by_hand))
 		return false;
-	if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
-		saga_advance(&s);
-	else
+	id = DatumGetInt64(column(0, 1, &isnull));
+	name = column_text(0, 11);
+
+	/*
+	 * The saga's row is locked in the tick's transaction; the work on it is
+	 * done in a subtransaction, so that an error outside its step's own
+	 * subtransaction (a context past jsonb's limit, a broken definition)
+	 * suspends this saga instead of aborting every tick that picks it: it
+	 * would stay the oldest due saga, and no other would ever run.
+	 */
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
 	{
-		s.next_run_at = 0;		/* finished or parked: nothing is due */
-		saga_write(&s);
+		saga_read(&s);
+		if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
+			saga_advance(&s);
+		else
+		{
+			s.next_run_at = 0;	/* finished or parked: nothing is due */
+			saga_write(&s);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
 	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		step_saga_id = 0;
+		if (tick_error_is_transient(edata))
+			ReThrowError(edata);
+		saga_suspend(id, name, edata);
+		return true;
+	}
+	PG_END_TRY();
 	/* its next step is due at once: the next tick takes it first */
 	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
 		sticky_saga_id = s.id;
@@ -1720,6 +1828,36 @@ check_step_names(Jsonb *normalized)
 }
 
 /*
+ * The search_path the steps will run with: the caller's, with pg_temp
+ * moved to the end (a temporary object never shadows what the author
+ * meant; "$user" stays, and resolves to the definer the steps run as).
+ */
+static char *
+definer_search_path(void)
+{
+	char	   *raw = pstrdup(namespace_search_path);
+	List	   *names;
+	ListCell   *lc;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (!SplitIdentifierString(raw, ',', &names))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("search_path \"%s\" cannot be parsed", namespace_search_path)));
+	foreach(lc, names)
+	{
+		const char *name = lfirst(lc);
+
+		if (strcmp(name, "pg_temp") == 0 || strncmp(name, "pg_temp_", 8) == 0)
+			continue;
+		appendStringInfo(&buf, "%s, ", quote_identifier(name));
+	}
+	appendStringInfoString(&buf, "pg_temp");
+	return buf.data;
+}
+
+/*
  * saga_define(name, steps) → version.  Validates and normalizes the steps as
  * the caller (resolving function names with the caller's search_path), then
  * stores a new version unless the latest one is identical.  The caller is
@@ -1729,7 +1867,8 @@ Datum
 saga_define(PG_FUNCTION_ARGS)
 {
 	Oid			definer = GetUserId();
-	Datum		values[4];
+	char	   *search_path = definer_search_path();
+	Datum		values[5];
 	bool		isnull;
 	Jsonb	   *normalized;
 	int			version = 1;
@@ -1773,6 +1912,7 @@ saga_define(PG_FUNCTION_ARGS)
 	values[0] = PG_GETARG_DATUM(0);
 	values[1] = JsonbPGetDatum(normalized);
 	values[2] = ObjectIdGetDatum(definer);
+	values[3] = CStringGetTextDatum(search_path);
 	if (run_plan(PLAN_DEF_LATEST, values, NULL) == 1)
 	{
 		version = DatumGetInt32(column(0, 1, &isnull));
@@ -1786,6 +1926,7 @@ saga_define(PG_FUNCTION_ARGS)
 		values[1] = Int32GetDatum(version);
 		values[2] = JsonbPGetDatum(normalized);
 		values[3] = ObjectIdGetDatum(definer);
+		values[4] = CStringGetTextDatum(search_path);
 		run_plan(PLAN_DEF_INSERT, values, NULL);
 	}
 	else
@@ -2101,29 +2242,39 @@ saga_step_failed(PG_FUNCTION_ARGS)
 							  PG_GETARG_BOOL(4)));
 }
 
-/* saga_retry(saga_id): a parked saga compensates again from where it stopped. */
+/*
+ * saga_retry(saga_id): a parked saga compensates again from where it
+ * stopped; a suspended one resumes the work its failed tick was doing, as
+ * running, or as compensating if it has an error (only compensation sets
+ * one), its step, attempt and awaited reply as they were.
+ */
 Datum
 saga_retry(PG_FUNCTION_ARGS)
 {
 	int64		saga_id;
 	Saga		s;
+	bool		suspended;
 
 	saga_id = saga_id_arg(fcinfo, "saga_retry");
 	SPI_connect();
 	saga_lock(&s, saga_id);
-	if (s.state != SAGA_PARKED)
+	if (s.state != SAGA_PARKED && s.state != SAGA_SUSPENDED)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("saga " INT64_FORMAT " is not parked", saga_id),
-				 errdetail("It is %s; saga_retry resumes sagas in compensation_failed.",
+				 errmsg("saga " INT64_FORMAT " is neither parked nor suspended", saga_id),
+				 errdetail("It is %s; saga_retry resumes sagas in compensation_failed or suspended.",
 						   state_names[s.state])));
-	s.state = SAGA_COMPENSATING;
-	s.attempt = 0;
-	s.awaiting = false;
-	s.reply = NULL;
+	suspended = s.state == SAGA_SUSPENDED;
+	s.state = (!suspended || s.error) ? SAGA_COMPENSATING : SAGA_RUNNING;
 	s.next_run_at = GetCurrentTimestamp();
-	step_row_state(&s, s.step, "compensating");
-	saga_event(&s, "saga_retried", s.step, 0, true, NULL, NULL);
+	if (!suspended)
+	{
+		s.attempt = 0;
+		s.awaiting = false;
+		s.reply = NULL;
+		step_row_state(&s, s.step, "compensating");
+	}
+	saga_event(&s, "saga_retried", suspended ? 0 : s.step, 0, !suspended, NULL, NULL);
 	saga_write(&s);
 	wake_worker_at_commit();
 	SPI_finish();
@@ -2152,11 +2303,12 @@ saga_abort(PG_FUNCTION_ARGS)
 	reason = text_arg(fcinfo, 1, "reason", REASON_MAX);
 	SPI_connect();
 	saga_lock(&s, saga_id);
-	if (s.state != SAGA_RUNNING)
+	if (s.state != SAGA_RUNNING && !(s.state == SAGA_SUSPENDED && s.error == NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("saga " INT64_FORMAT " is not running", saga_id),
-				 errdetail("It is %s; only running sagas can be aborted.", state_names[s.state]),
+				 errdetail("It is %s; only running sagas (or sagas suspended while running) can be aborted.",
+						   state_names[s.state]),
 				 s.state == SAGA_PARKED ?
 				 errhint("Fix the failing compensation and call resilience.saga_retry(" INT64_FORMAT ").",
 						 saga_id) : 0));
