@@ -181,3 +181,27 @@ SELECT owner_role FROM resilience.sagas WHERE id = :tenant_saga;
 UPDATE resilience.sagas SET owner_role = NULL WHERE id = :tenant_saga;
 DROP ROLE regress_tenant_a;
 DROP ROLE regress_tenant_b;
+
+-- Timers and signals (issue 16): each refused with 22023, nothing stored.
+SET ROLE regress_saga_definer;
+SELECT count(*) AS definitions_before FROM resilience.saga_definitions \gset
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "0 s"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "-1 minute"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "31 days"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "a while"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": null}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "until": ""}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "until": 5}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "0 s"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "31 days"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "", "timeout": "1 day"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "on_timeout": "retry"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "signalers": "bob"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "signalers": ["regress_no_such_role"]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "until": "t"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "action": "bad.ok"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "max_attempts": 2}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "action": "bad.ok", "on_timeout": "continue"}]');
+SELECT count(*) OPERATOR(pg_catalog.=) :definitions_before AS nothing_stored FROM resilience.saga_definitions;
+RESET ROLE;

@@ -121,9 +121,25 @@ typedef struct SagaOp
 	char	   *function;		/* OP_SQL: schema-qualified, quoted name */
 } SagaOp;
 
+/* What a step is: an action (SQL or async), a timer, or a wait for a signal. */
+typedef enum StepKind
+{
+	STEP_ACTION,
+	STEP_SLEEP,
+	STEP_UNTIL,
+	STEP_AWAIT
+} StepKind;
+
 typedef struct SagaStepDef
 {
 	char	   *name;
+	StepKind	kind;
+	int64		sleep_us;		/* STEP_SLEEP */
+	char	   *until_key;		/* STEP_UNTIL: the context key of its time */
+	char	   *signal;			/* STEP_AWAIT (timeout_us: how long) */
+	bool		continue_on_timeout;
+	int			nsignalers;		/* roles that may signal besides the definer */
+	char	  **signalers;
 	SagaOp		action;
 	SagaOp		compensation;
 	char	   *topic;			/* for async operations */
@@ -193,6 +209,8 @@ PG_FUNCTION_INFO_V1(saga_step_failed);
 PG_FUNCTION_INFO_V1(saga_retry);
 PG_FUNCTION_INFO_V1(saga_abort);
 PG_FUNCTION_INFO_V1(saga_retention);
+PG_FUNCTION_INFO_V1(saga_signal);
+PG_FUNCTION_INFO_V1(saga_signal_by_key);
 
 /* The saga whose step this backend is running (0: none). */
 static int64 step_saga_id = 0;
@@ -452,6 +470,10 @@ typedef enum SagaPlan
 	PLAN_PICK_BY_HAND,
 	PLAN_PICK_ID_BY_HAND,
 	PLAN_SUSPEND,
+	PLAN_SIGNAL_NEXT,
+	PLAN_SIGNAL_CONSUME,
+	PLAN_SIGNAL_INSERT,
+	PLAN_ID_BY_KEY,
 	NUM_PLANS
 } SagaPlan;
 
@@ -462,6 +484,23 @@ typedef enum SagaPlan
 	" AND pg_catalog.pg_has_role($3, (SELECT d.definer::pg_catalog.oid" \
 	" FROM resilience.saga_definitions d" \
 	" WHERE d.id OPERATOR(pg_catalog.=) sagas.definition_id), 'USAGE')"
+
+/* a definition, one row per step in order, intervals in microseconds */
+#define LOAD_DEF(search_path) \
+	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action'," \
+	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic'," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'timeout')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" (e.s OPERATOR(pg_catalog.->>) 'max_attempts')::pg_catalog.int4," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}'," \
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on'))," \
+	" " search_path "," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'sleep')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" e.s OPERATOR(pg_catalog.->>) 'until', e.s OPERATOR(pg_catalog.->>) 'await', e.s OPERATOR(pg_catalog.->>) 'on_timeout'," \
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'signalers'))" \
+	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)" \
+	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n"
 
 static const char *const plan_sql[NUM_PLANS] = {
 	/* the saga due longest (from a floor on), unless another tick has it */
@@ -502,18 +541,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
 	"SELECT id, payload OPERATOR(pg_catalog.=) $3 FROM resilience.sagas"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
-	/* a definition, one row per step in order, intervals in microseconds */
-	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action',"
-	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic',"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'timeout')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" (e.s OPERATOR(pg_catalog.->>) 'max_attempts')::pg_catalog.int4,"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}',"
-	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on')),"
-	" d.search_path"
-	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)"
-	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n",
+	LOAD_DEF("d.search_path"),
 	"SELECT version, steps OPERATOR(pg_catalog.=) $2 AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
 	" AND search_path IS NOT DISTINCT FROM $4"
 	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
@@ -531,9 +559,19 @@ static const char *const plan_sql[NUM_PLANS] = {
 	/* park a saga whose tick failed outside its step (see tick_once) */
 	"UPDATE resilience.sagas SET state = 'suspended', next_run_at = NULL, updated_at = $2"
 	" WHERE id OPERATOR(pg_catalog.=) $1",
+	/* signals: the oldest one kept for an await step, its use, its arrival */
+	"SELECT id, signal_id, payload FROM resilience.saga_signals"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND signal OPERATOR(pg_catalog.=) $2 AND consumed_at IS NULL"
+	" ORDER BY id LIMIT 1",
+	"UPDATE resilience.saga_signals SET consumed_at = $3, consumed_by = $4"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
+	"INSERT INTO resilience.saga_signals (saga_id, signal, signal_id, payload, sent_by, received_at)"
+	" VALUES ($1, $2, $3, $4, $5::pg_catalog.regrole, $6) ON CONFLICT (saga_id, signal_id) DO NOTHING RETURNING id",
+	"SELECT id FROM resilience.sagas"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2};
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2};
 
 static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
@@ -557,9 +595,34 @@ static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 	{INT8OID, TIMESTAMPTZOID, OIDOID},
 	{INT8OID, TIMESTAMPTZOID},
+	{INT8OID, TEXTOID},
+	{INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID},
+	{INT8OID, TEXTOID, TEXTOID, JSONBOID, OIDOID, TIMESTAMPTZOID},
+	{TEXTOID, TEXTOID},
+};
+
+/*
+ * The statements that differ on a 0.1 schema, which this library still
+ * drives until ALTER EXTENSION resilience UPDATE: no search_path recorded.
+ */
+static const char *const plan_sql_0_1[NUM_PLANS] = {
+	[PLAN_LOAD_DEF] = LOAD_DEF("NULL::pg_catalog.text"),
+	[PLAN_DEF_LATEST] = "SELECT version, steps OPERATOR(pg_catalog.=) $2"
+	" AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
+	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
+	[PLAN_DEF_INSERT] = "INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
+	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
+static SPIPlanPtr plans_0_1[NUM_PLANS];
+
+/* Is the schema 0.1's (saga_definitions without search_path)? */
+static bool
+schema_is_0_1(void)
+{
+	return get_attnum(resilience_relid("saga_definitions"), "search_path") == InvalidAttrNumber;
+}
 
 /*
  * Run one of the statements above (inside SPI); isnull may be NULL when no
@@ -579,22 +642,25 @@ run_plan(SagaPlan which, Datum *values, const bool *isnull)
 	int			ret;
 	int			nestlevel;
 
-	if (plans[which] == NULL)
+	bool		old = plan_sql_0_1[which] != NULL && schema_is_0_1();
+	SPIPlanPtr *slot = old ? &plans_0_1[which] : &plans[which];
+
+	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which],
-									   (Oid *) plan_argtypes[which]);
+		SPIPlanPtr	plan = SPI_prepare(old ? plan_sql_0_1[which] : plan_sql[which],
+									   plan_nargs[which], (Oid *) plan_argtypes[which]);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
-		plans[which] = plan;
+		*slot = plan;
 	}
 	for (i = 0; i < plan_nargs[which]; i++)
 		nulls[i] = (isnull && isnull[i]) ? 'n' : ' ';
 	nestlevel = NewGUCNestLevel();
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	ret = SPI_execute_plan(plans[which], values, nulls, false, 0);
+	ret = SPI_execute_plan(*slot, values, nulls, false, 0);
 	AtEOXact_GUC(true, nestlevel);
 	if (ret < 0)
 		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
@@ -606,6 +672,16 @@ static Datum
 column(uint64 row, int attno, bool *isnull)
 {
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, attno, isnull);
+}
+
+/* Is column attno of row of the last result NULL? */
+static bool
+column_is_null(uint64 row, int attno)
+{
+	bool		isnull;
+
+	(void) column(row, attno, &isnull);
+	return isnull;
 }
 
 /* A jsonb column of the last result, or NULL. */
@@ -694,6 +770,21 @@ definition_load(int64 id, MemoryContext mcxt)
 		int			j;
 
 		st->name = column_text(i, 4);
+		st->until_key = column_text(i, 16);
+		st->signal = column_text(i, 17);
+		st->continue_on_timeout = st->signal && strcmp(column_text(i, 18), "continue") == 0;
+		if (!column_is_null(i, 15))
+		{
+			st->kind = STEP_SLEEP;
+			st->sleep_us = DatumGetInt64(column(i, 15, &isnull));
+		}
+		else
+			st->kind = st->until_key ? STEP_UNTIL : st->signal ? STEP_AWAIT : STEP_ACTION;
+		deconstruct_array(DatumGetArrayTypeP(column(i, 19, &isnull)), TEXTOID, -1, false,
+						  TYPALIGN_INT, &codes, &code_nulls, &st->nsignalers);
+		st->signalers = palloc0(Max(st->nsignalers, 1) * sizeof(char *));
+		for (j = 0; j < st->nsignalers; j++)
+			st->signalers[j] = TextDatumGetCString(codes[j]);
 		st->action = parse_op(column_text(i, 5));
 		st->compensation = parse_op(column_text(i, 6));
 		st->topic = column_text(i, 7);
@@ -710,9 +801,13 @@ definition_load(int64 id, MemoryContext mcxt)
 		st->retry_on_class = palloc0(Max(st->nretry_on, 1) * sizeof(bool));
 		for (j = 0; j < st->nretry_on; j++)
 			st->retry_on[j] = parse_sqlstate(TextDatumGetCString(codes[j]), &st->retry_on_class[j]);
-		if (st->name == NULL || st->action.kind == OP_NONE || st->timeout_us <= 0 ||
-			st->max_attempts < 1 || st->backoff_base_us <= 0 ||
-			st->backoff_cap_us < st->backoff_base_us)
+		if (st->name == NULL ||
+			(st->kind == STEP_ACTION &&
+			 (st->action.kind == OP_NONE || st->timeout_us <= 0 || st->max_attempts < 1 ||
+			  st->backoff_base_us <= 0 || st->backoff_cap_us < st->backoff_base_us)) ||
+			(st->kind == STEP_SLEEP && st->sleep_us <= 0) ||
+			(st->kind == STEP_AWAIT && st->timeout_us <= 0) ||
+			(st->kind != STEP_ACTION && (st->action.kind != OP_NONE || st->compensation.kind != OP_NONE)))
 			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, (int) i + 1);
 	}
 	MemoryContextSwitchTo(oldcontext);
@@ -1541,6 +1636,167 @@ timeout_error(Saga *s, bool compensation)
 	return jb_done(&jb);
 }
 
+/* ---- timers and signals ---- */
+
+/*
+ * The time under key in the context (a JSON string a timestamptz accepts):
+ * true, or false and why in *error.  Parsed in a subtransaction: a value
+ * that is not a time fails the step, it does not suspend the saga.
+ */
+static bool
+context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
+{
+	char	   *text = jsonb_get_string(context, key);
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		ok = false;
+
+	if (text == NULL)
+	{
+		JsonBuf		jb;
+
+		jb_init(&jb);
+		jb_str(&jb, "sqlstate", "22023");
+		jb_str(&jb, "message", psprintf("the context has no time under \"%s\"", key));
+		*error = jb_done(&jb);
+		return false;
+	}
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		*out = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+													   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * A sleep or until step: the first tick computes when it is due and leaves
+ * the time in next_run_at (nothing sleeps), a tick at that time completes
+ * it.  A time already past completes it at once.  The timer is a committed
+ * fact: it survives restarts and crashes, and fires once, late if the
+ * server was down when it was due.
+ */
+static void
+timer_advance(Saga *s, SagaStepDef *st)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	JsonBuf		detail;
+
+	if (!s->awaiting)
+	{
+		TimestampTz due = now + st->sleep_us;
+		Jsonb	   *error = NULL;
+
+		if (st->kind == STEP_UNTIL && !context_time(s->context, st->until_key, &due, &error))
+		{
+			attempt_failed(s, false, 1, error, false, false, false);
+			return;
+		}
+		if (due > now)
+		{
+			step_row_action(s, "waiting", 0, 0, NULL, NULL);
+			s->awaiting = true;
+			s->next_run_at = due;
+			jb_init(&detail);
+			jb_time(&detail, "due", due);
+			saga_event(s, "timer_started", s->step, 0, false, NULL, jb_done(&detail));
+			saga_write(s);
+			return;
+		}
+	}
+	jb_init(&detail);
+	if (s->awaiting)
+		jb_int(&detail, "late_ms", (now - s->next_run_at) / 1000);
+	saga_event(s, "timer_fired", s->step, 0, false, NULL, jb_done(&detail));
+	action_done(s, NULL, 1, -1);
+}
+
+/*
+ * An await step: a signal kept for it (it may have come before the saga
+ * got here) completes it with its payload; otherwise the saga waits until
+ * the timeout, which saga_signal cuts short.  At the timeout the step fails
+ * (compensating the steps before it) or, with on_timeout "continue",
+ * completes without a payload.
+ */
+static void
+await_advance(Saga *s, SagaStepDef *st)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		values[4];
+	JsonBuf		detail;
+	bool		isnull;
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = CStringGetTextDatum(st->signal);
+	if (run_plan(PLAN_SIGNAL_NEXT, values, NULL) == 1)
+	{
+		int64		signal_row = DatumGetInt64(column(0, 1, &isnull));
+		char	   *signal_id = column_text(0, 2);
+		Jsonb	   *payload = column_jsonb(0, 3);
+
+		values[1] = Int64GetDatum(signal_row);
+		values[2] = TimestampTzGetDatum(now);
+		values[3] = CStringGetTextDatum(st->name);
+		run_plan(PLAN_SIGNAL_CONSUME, values, NULL);
+		jb_init(&detail);
+		jb_str(&detail, "signal", st->signal);
+		jb_str(&detail, "signal_id", signal_id);
+		saga_event(s, "signal_consumed", s->step, 0, false, NULL, jb_done(&detail));
+		action_done(s, payload, 1, -1);
+		return;
+	}
+	if (!s->awaiting)
+	{
+		step_row_action(s, "waiting", 0, 0, NULL, NULL);
+		s->awaiting = true;
+		s->next_run_at = now + st->timeout_us;
+		jb_init(&detail);
+		jb_str(&detail, "signal", st->signal);
+		jb_time(&detail, "timeout_at", s->next_run_at);
+		saga_event(s, "signal_awaited", s->step, 0, false, NULL, jb_done(&detail));
+		saga_write(s);
+		return;
+	}
+	/* the timeout passed with no signal */
+	jb_init(&detail);
+	jb_str(&detail, "signal", st->signal);
+	jb_str(&detail, "on_timeout", st->continue_on_timeout ? "continue" : "fail");
+	saga_event(s, "signal_timed_out", s->step, 0, false, NULL, jb_done(&detail));
+	if (st->continue_on_timeout)
+		action_done(s, NULL, 1, -1);
+	else
+	{
+		JsonBuf		error;
+
+		jb_init(&error);
+		jb_str(&error, "sqlstate", "57014");
+		jb_str(&error, "message", psprintf("no signal \"%s\" for step \"%s\" within its timeout",
+										   st->signal, st->name));
+		attempt_failed(s, false, 1, jb_done(&error), false, true, false);
+	}
+}
+
 /* One unit of work on a running or compensating saga. */
 static void
 saga_advance(Saga *s)
@@ -1556,6 +1812,16 @@ saga_advance(Saga *s)
 		return;
 	}
 	st = &s->def->steps[s->step - 1];
+	if (!compensation && st->kind == STEP_AWAIT)
+	{
+		await_advance(s, st);
+		return;
+	}
+	if (!compensation && st->kind != STEP_ACTION)
+	{
+		timer_advance(s, st);
+		return;
+	}
 	op = compensation ? &st->compensation : &st->action;
 	if (op->kind == OP_ASYNC)
 	{
@@ -2243,6 +2509,174 @@ saga_step_failed(PG_FUNCTION_ARGS)
 }
 
 /*
+ * May caller signal saga s, whose await steps of this signal are those of
+ * the numbers in steps?  Its definer, the roles that have its privileges,
+ * resilience_admin, and the roles those steps name (signalers); else 42501.
+ */
+static void
+check_signaler(Saga *s, List *steps, Oid caller)
+{
+	ListCell   *lc;
+	char	   *definer;
+
+	if (tenant_may_act(caller, s->def->definer))
+		return;
+	foreach(lc, steps)
+	{
+		SagaStepDef *st = &s->def->steps[lfirst_int(lc) - 1];
+		int			i;
+
+		for (i = 0; i < st->nsignalers; i++)
+		{
+			Oid			role = get_role_oid(st->signalers[i], true);
+
+			if (OidIsValid(role) && has_privs_of_role(caller, role))
+				return;
+		}
+	}
+	definer = GetUserNameFromId(s->def->definer, true);
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to signal saga " INT64_FORMAT, s->id),
+			 errdetail("Its definer%s%s, resilience_admin and the roles its await steps name in \"signalers\" may.",
+					   definer ? " " : "", definer ? definer : ""),
+			 errhint("Be granted one of those roles, or name yours in the step's \"signalers\".")));
+}
+
+/*
+ * Deliver signal to saga saga_id (inside SPI, as the extension's owner;
+ * caller is who sends it).  The signal is kept until an await step of
+ * that name consumes it, now or when the saga gets there; the same
+ * signal_id again is recorded once (false).  A saga awaiting it right now
+ * is made due, and the worker woken at commit.
+ */
+static bool
+signal_deliver(int64 saga_id, const char *signal, Jsonb *payload, const char *signal_id, Oid caller)
+{
+	Saga		s;
+	List	   *steps = NIL;
+	int			i;
+	Datum		values[6];
+	bool		isnull[6] = {0};
+	TimestampTz now = GetCurrentTimestamp();
+	JsonBuf		detail;
+	SagaStepDef *current;
+
+	saga_lock(&s, saga_id);
+	for (i = 0; i < s.def->nsteps; i++)
+		if (s.def->steps[i].kind == STEP_AWAIT && strcmp(s.def->steps[i].signal, signal) == 0)
+			steps = lappend_int(steps, i + 1);
+	if (steps == NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("saga " INT64_FORMAT " (\"%s\" version %d) awaits no signal \"%s\"",
+						saga_id, s.def->name, s.def->version, signal),
+				 errhint("A step {\"await\": \"%s\", ...} of its definition would.", signal)));
+	check_signaler(&s, steps, caller);
+	if (s.state != SAGA_RUNNING && s.state != SAGA_SUSPENDED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("saga " INT64_FORMAT " no longer takes signals", saga_id),
+				 errdetail("It is %s; only running (or suspended) sagas take signals.",
+						   state_names[s.state])));
+
+	values[0] = Int64GetDatum(saga_id);
+	values[1] = CStringGetTextDatum(signal);
+	values[2] = signal_id ? CStringGetTextDatum(signal_id) : (Datum) 0;
+	isnull[2] = signal_id == NULL;
+	values[3] = payload ? JsonbPGetDatum(payload) : (Datum) 0;
+	isnull[3] = payload == NULL;
+	values[4] = ObjectIdGetDatum(caller);
+	values[5] = TimestampTzGetDatum(now);
+	if (run_plan(PLAN_SIGNAL_INSERT, values, isnull) == 0)
+		return false;			/* that signal_id came before */
+
+	jb_init(&detail);
+	jb_str(&detail, "signal", signal);
+	jb_str(&detail, "signal_id", signal_id);
+	current = s.step > 0 ? &s.def->steps[s.step - 1] : NULL;
+	if (s.state == SAGA_RUNNING && s.awaiting && current && current->kind == STEP_AWAIT &&
+		strcmp(current->signal, signal) == 0)
+	{
+		s.next_run_at = now;
+		saga_write(&s);
+		wake_worker_at_commit();
+		jb_bool(&detail, "awaited", true);
+	}
+	else
+		jb_bool(&detail, "awaited", false);
+	saga_event(&s, "signal_received", linitial_int(steps), 0, false, NULL, jb_done(&detail));
+	return true;
+}
+
+/* The signal, payload and signal_id arguments of saga_signal, from argno on. */
+static void
+signal_args(FunctionCallInfo fcinfo, int argno, char **signal, Jsonb **payload, char **signal_id)
+{
+	*signal = text_arg(fcinfo, argno, "signal", SAGA_NAME_MAX);
+	*payload = PG_ARGISNULL(argno + 1) ? NULL : PG_GETARG_JSONB_P(argno + 1);
+	if (*payload && !JB_ROOT_IS_OBJECT(*payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload must be a JSON object, or NULL"),
+				 errdetail("It is merged into the saga's context, like a step's result.")));
+	*signal_id = PG_ARGISNULL(argno + 2) ? NULL : text_arg(fcinfo, argno + 2, "signal_id", KEY_MAX);
+}
+
+/* saga_signal(saga_id, signal, payload, signal_id) → recorded (false: a duplicate)? */
+Datum
+saga_signal(PG_FUNCTION_ARGS)
+{
+	int64		saga_id = saga_id_arg(fcinfo, "saga_signal");
+	char	   *signal;
+	Jsonb	   *payload;
+	char	   *signal_id;
+	ResilienceUser save;
+	bool		recorded;
+
+	signal_args(fcinfo, 1, &signal, &payload, &signal_id);
+	SPI_connect();
+	resilience_become_owner(true, &save);
+	recorded = signal_deliver(saga_id, signal, payload, signal_id, save.userid);
+	resilience_restore_user(&save);
+	SPI_finish();
+	PG_RETURN_BOOL(recorded);
+}
+
+/* saga_signal_by_key(name, idempotency_key, signal, payload, signal_id): saga_signal to the saga started with that key. */
+Datum
+saga_signal_by_key(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_arg(fcinfo, 0, "saga name", SAGA_NAME_MAX);
+	char	   *key = text_arg(fcinfo, 1, "idempotency_key", KEY_MAX);
+	char	   *signal;
+	Jsonb	   *payload;
+	char	   *signal_id;
+	ResilienceUser save;
+	Datum		values[2];
+	bool		isnull;
+	int64		saga_id;
+	bool		recorded;
+
+	signal_args(fcinfo, 2, &signal, &payload, &signal_id);
+	SPI_connect();
+	resilience_become_owner(true, &save);
+	values[0] = CStringGetTextDatum(name);
+	values[1] = CStringGetTextDatum(key);
+	if (run_plan(PLAN_ID_BY_KEY, values, NULL) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no saga \"%s\" was started with idempotency key \"%s\"", name, key),
+				 errhint("Finished sagas are removed after resilience.saga_retention.")));
+	saga_id = DatumGetInt64(column(0, 1, &isnull));
+	not_from_own_step(saga_id, "saga_signal_by_key");
+	recorded = signal_deliver(saga_id, signal, payload, signal_id, save.userid);
+	resilience_restore_user(&save);
+	SPI_finish();
+	PG_RETURN_BOOL(recorded);
+}
+
+/*
  * saga_retry(saga_id): a parked saga compensates again from where it
  * stopped; a suspended one resumes the work its failed tick was doing, as
  * running, or as compensating if it has an error (only compensation sets
@@ -2314,7 +2748,9 @@ saga_abort(PG_FUNCTION_ARGS)
 						 saga_id) : 0));
 
 	from = s.step - 1;
-	if (s.awaiting)
+	if (s.awaiting && s.def->steps[s.step - 1].kind != STEP_ACTION)
+		step_row_state(&s, s.step, "failed");	/* a timer or an await: nothing done */
+	else if (s.awaiting)
 	{
 		step_row_state(&s, s.step, "abandoned");
 		from = s.step;
