@@ -1136,3 +1136,121 @@ CREATE OR REPLACE VIEW resilience.stuck_sagas AS
                      AND s.next_run_at > pg_catalog.clock_timestamp()));
 COMMENT ON VIEW resilience.stuck_sagas IS
 'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, retry, worker, saga_retry)';
+
+-- saga_graph(name [, saga_id]): the latest definition (or the one saga_id
+-- runs on) as Graphviz DOT.  Steps in order, timers and awaits in shapes of
+-- their own, each compensation a dashed node and the compensation path
+-- dashed edges in reverse; given a saga, the steps coloured by what they
+-- came to and the path it took drawn bold.  Render with `dot -Tpng`.
+CREATE FUNCTION resilience._saga_dot(s text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT '"' OPERATOR(pg_catalog.||)
+              pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(s, '\', '\\'), '"', '\"'), E'\n', '\n')
+              OPERATOR(pg_catalog.||) '"' $$;
+COMMENT ON FUNCTION resilience._saga_dot(text) IS
+'Internal (saga_graph): a DOT string literal (line breaks as \n)';
+
+CREATE FUNCTION resilience.saga_graph(name text, saga_id bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    steps jsonb;
+    saga_state text;
+    st jsonb;
+    n bigint;
+    step_state text;
+    label text;
+    shape text;
+    fill text;
+    reached boolean;
+    prev text := 'start';
+    prev_reached boolean := true;
+    comps text[] := '{}';
+    comp_done boolean[] := '{}';
+    out text[];
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'saga name must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF saga_id IS NULL THEN
+        SELECT d.steps INTO steps FROM resilience.saga_definitions d
+         WHERE d.name OPERATOR(pg_catalog.=) saga_graph.name ORDER BY d.version DESC LIMIT 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'saga "%" is not defined', name USING ERRCODE = 'undefined_object';
+        END IF;
+    ELSE
+        SELECT d.steps, s.state INTO steps, saga_state
+          FROM resilience.sagas s JOIN resilience.saga_definitions d ON d.id OPERATOR(pg_catalog.=) s.definition_id
+         WHERE s.id OPERATOR(pg_catalog.=) saga_graph.saga_id AND s.name OPERATOR(pg_catalog.=) saga_graph.name;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'saga % of "%" does not exist', saga_id, name
+                USING ERRCODE = 'undefined_object',
+                      HINT = 'Finished sagas are removed after resilience.saga_retention.';
+        END IF;
+    END IF;
+
+    out := ARRAY[format('digraph %s {', resilience._saga_dot(name)),
+                 '  rankdir=LR; node [shape=box, style="rounded,filled", fillcolor=white, fontname="Helvetica", fontsize=11]; edge [fontname="Helvetica", fontsize=9];',
+                 '  start [shape=circle, label="", width=0.25, fillcolor=black];',
+                 format('  done [shape=doublecircle, label="completed", fontsize=9, fillcolor=%s];',
+                        CASE WHEN saga_state OPERATOR(pg_catalog.=) 'completed' THEN '"#a5d6a7"' ELSE 'white' END),
+                 format('  undone [shape=doublecircle, label="compensated", fontsize=9, style="dashed,filled", fillcolor=%s];',
+                        CASE WHEN saga_state OPERATOR(pg_catalog.=) 'compensated' THEN '"#e0e0e0"' ELSE 'white' END)];
+    FOR st, n IN SELECT e.value, e.ordinality FROM pg_catalog.jsonb_array_elements(steps) WITH ORDINALITY e LOOP
+        step_state := NULL;
+        IF saga_id IS NOT NULL THEN
+            SELECT ss.state INTO step_state FROM resilience.saga_steps ss
+             WHERE ss.saga_id OPERATOR(pg_catalog.=) saga_graph.saga_id AND ss.step_no OPERATOR(pg_catalog.=) n;
+        END IF;
+        reached := step_state IS NOT NULL;
+        shape := CASE WHEN st ? 'await' THEN 'invhouse' WHEN st ?| ARRAY['sleep', 'until'] THEN 'hexagon' ELSE 'box' END;
+        label := (st OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||)
+            CASE WHEN st ? 'sleep' THEN 'sleep ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'sleep')
+                 WHEN st ? 'until' THEN 'until context.' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'until')
+                 WHEN st ? 'await' THEN format(E'await "%s"\ntimeout %s, then %s', st OPERATOR(pg_catalog.->>) 'await',
+                                               st OPERATOR(pg_catalog.->>) 'timeout', st OPERATOR(pg_catalog.->>) 'on_timeout')
+                 WHEN st OPERATOR(pg_catalog.->>) 'action' OPERATOR(pg_catalog.=) 'async'
+                     THEN 'async: ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'topic')
+                 ELSE st OPERATOR(pg_catalog.->>) 'action' END;
+        fill := CASE WHEN step_state IN ('completed', 'compensating', 'compensated', 'compensation_failed') THEN '"#a5d6a7"'
+                     WHEN step_state IN ('failed', 'timed_out', 'abandoned') THEN '"#ef9a9a"'
+                     WHEN step_state IN ('waiting', 'retrying') THEN '"#fff59d"'
+                     ELSE 'white' END;
+        out := out OPERATOR(pg_catalog.||) format('  s%s [label=%s, shape=%s, fillcolor=%s];', n, resilience._saga_dot(label), shape, fill);
+        out := out OPERATOR(pg_catalog.||) format('  %s -> s%s%s;', prev, n,
+                                                  CASE WHEN reached AND prev_reached THEN ' [penwidth=2.5]' ELSE '' END);
+        IF st OPERATOR(pg_catalog.->>) 'compensation' IS NOT NULL THEN
+            out := out OPERATOR(pg_catalog.||) format('  c%s [label=%s, style="rounded,dashed,filled", fillcolor=%s];', n,
+                resilience._saga_dot('undo ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n'
+                    OPERATOR(pg_catalog.||) CASE WHEN st OPERATOR(pg_catalog.->>) 'compensation' OPERATOR(pg_catalog.=) 'async'
+                                                 THEN 'async: ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'topic')
+                                                 ELSE st OPERATOR(pg_catalog.->>) 'compensation' END),
+                CASE step_state WHEN 'compensated' THEN '"#e0e0e0"' WHEN 'compensation_failed' THEN '"#ef9a9a"'
+                                WHEN 'compensating' THEN '"#fff59d"' ELSE 'white' END);
+            out := out OPERATOR(pg_catalog.||) format('  s%s -> c%s [style=dashed, arrowhead=empty, constraint=false];', n, n);
+            comps := comps OPERATOR(pg_catalog.||) ('c' OPERATOR(pg_catalog.||) n);
+            comp_done := comp_done OPERATOR(pg_catalog.||) (step_state OPERATOR(pg_catalog.=) 'compensated');
+        END IF;
+        prev := 's' OPERATOR(pg_catalog.||) n;
+        prev_reached := reached;
+    END LOOP;
+    out := out OPERATOR(pg_catalog.||) format('  %s -> done%s;', prev,
+                                              CASE WHEN saga_state OPERATOR(pg_catalog.=) 'completed' THEN ' [penwidth=2.5]' ELSE '' END);
+    -- the compensation path: each compensation, in reverse, then compensated
+    FOR i IN REVERSE pg_catalog.cardinality(comps) .. 1 LOOP
+        out := out OPERATOR(pg_catalog.||) format('  %s -> %s [style=dashed%s];', comps[i],
+            CASE WHEN i OPERATOR(pg_catalog.>) 1 THEN comps[i OPERATOR(pg_catalog.-) 1] ELSE 'undone' END,
+            CASE WHEN comp_done[i] AND (i OPERATOR(pg_catalog.=) 1 OR comp_done[i OPERATOR(pg_catalog.-) 1]) THEN ', penwidth=2.5' ELSE '' END);
+    END LOOP;
+    RETURN pg_catalog.array_to_string(out OPERATOR(pg_catalog.||) '}'::text, E'\n');
+END
+$$;
+COMMENT ON FUNCTION resilience.saga_graph(text, bigint) IS
+'The saga''s definition (the latest, or saga_id''s) as Graphviz DOT; given saga_id, coloured by the path that saga took';
+
+REVOKE ALL ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) TO resilience_admin;

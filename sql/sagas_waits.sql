@@ -198,3 +198,15 @@ SET ROLE regress_wait_stranger;   -- not the definer, not admin, not a signaler
 SELECT sqlstate_of(format($$SELECT resilience.saga_signal(%s, 'approved')$$, :later));
 RESET ROLE;
 SELECT count(*) AS kept FROM resilience.saga_signals WHERE saga_id IN (:approve, :later);
+
+------------------------------------------------------------------------------
+-- saga_graph: the definition as Graphviz DOT, and the path a saga took
+------------------------------------------------------------------------------
+SELECT resilience.saga_graph('stay');
+-- :stay completed: every step green, the path bold.
+SELECT resilience.saga_graph('stay', :stay);
+-- :refused ran take, waited for approval in vain, and undid take.
+SELECT resilience.saga_graph('approve', :refused);
+SELECT sqlstate_of($$SELECT resilience.saga_graph('no such saga')$$);
+SELECT sqlstate_of(format($$SELECT resilience.saga_graph('stay', %s)$$, :refused));
+SELECT sqlstate_of($$SELECT resilience.saga_graph(NULL)$$);
