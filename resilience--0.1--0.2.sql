@@ -828,6 +828,11 @@ BEGIN
             RAISE EXCEPTION '% must be a JSON object', label
                 USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left(step::text, 200));
         END IF;
+        IF step ? 'parallel' THEN
+            RAISE EXCEPTION '% is a parallel group, which this version does not run', label
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Run the branches as steps one after the other.';
+        END IF;
         FOR k IN SELECT jsonb_object_keys(step) LOOP
             IF NOT k = ANY (known_keys) THEN
                 RAISE EXCEPTION '% has an unknown key "%"', label, k

@@ -203,5 +203,7 @@ SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "until": "t"}
 SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "action": "bad.ok"}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "max_attempts": 2}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "action": "bad.ok", "on_timeout": "continue"}]');
+-- parallel groups are not run yet: refused with 0A000
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
 SELECT count(*) OPERATOR(pg_catalog.=) :definitions_before AS nothing_stored FROM resilience.saga_definitions;
 RESET ROLE;
