@@ -3,9 +3,9 @@
 # 3-step sagas of trivial steps (bench/sagas_setup.sql):
 #   - the three step functions called directly in one transaction (pgbench);
 #   - end to end: 8 pgbench clients call saga_start for BENCH_SECONDS while
-#     the database's worker drives the sagas; the rate is the sagas started
-#     divided by the time from the first start to the last completion
-#     (server clock);
+#     1, 2 and 4 orchestrators (resilience.saga_workers) drive the sagas;
+#     the rate is the sagas started divided by the time from the first start
+#     to the last completion (server clock);
 #   - drained: BENCH_SAGA_BACKLOG sagas (default 20,000) started in one
 #     transaction, then driven by 1, 2 and 4 orchestrators per database
 #     (resilience.saga_workers: the worker and its saga helpers);
@@ -48,11 +48,14 @@ run_sagas() {
 	local t0
 	run_pgbench saga_direct "3 step functions called directly, one transaction" saga_direct.sql
 
-	sagas_reset
-	run_pgbench saga_start "saga_start (while the worker drives them)" saga_start.sql
-	say "-- waiting for the worker to finish the sagas"
-	sagas_wait_done
-	record_saga_rate saga_e2e "3-step sagas/s, end to end (8 starting clients)"
+	for n in 1 2 4; do
+		sagas_set_workers "$n"
+		sagas_reset
+		run_pgbench "saga_start$(sfx "$n")" "saga_start (while $n orchestrator(s) drive them)" saga_start.sql
+		say "-- waiting for the orchestrators to finish the sagas"
+		sagas_wait_done
+		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s) (8 starting clients)"
+	done
 
 	for n in 1 2 4; do
 		say "-- $SAGA_BACKLOG sagas started in one transaction, drained by $n orchestrator(s)"
@@ -63,11 +66,14 @@ run_sagas() {
 			-c "SELECT count(resilience.saga_start('bench3', '{}')) FROM generate_series(1, $SAGA_BACKLOG)" \
 			-c 'SELECT clock_timestamp()' -c 'COMMIT' | sed -n 2p)
 		sagas_wait_done
-		record_saga_rate "saga_drain$([ "$n" = 1 ] || echo "_$n")" \
+		record_saga_rate "saga_drain$(sfx "$n")" \
 			"3-step sagas/s, a backlog drained by $n orchestrator(s)" "$t0"
 	done
 	sagas_set_workers 1
 }
+
+# sfx n: the suffix of a measurement's id for n orchestrators ("" for 1).
+sfx() { [ "$1" = 1 ] || echo "_$1"; }
 
 # sagas_set_workers n: resilience.saga_workers = n, and wait for the n - 1
 # saga helpers of this database (at most 30 s).
@@ -92,9 +98,13 @@ value_line() {
 
 report_sagas() {
 	value_line "3-step sagas/s, end to end" saga_e2e ">=" 1000
+	value_line "3-step sagas/s, end to end, 2 orchestrators" saga_e2e_2 ">=" 1000
+	value_line "3-step sagas/s, end to end, 4 orchestrators" saga_e2e_4 ">=" 1000
 	value_line "3-step sagas/s, backlog drained by the worker" saga_drain ">=" 1000
 	value_line "3-step sagas/s, backlog, 2 orchestrators" saga_drain_2 ">=" 1000
 	value_line "3-step sagas/s, backlog, 4 orchestrators" saga_drain_4 ">=" 1000
+	ratio_line "2 orchestrators / 1 (end to end, x)" saga_e2e_2 saga_e2e ">" 1
+	ratio_line "4 orchestrators / 1 (end to end, x)" saga_e2e_4 saga_e2e ">" 1
 	ratio_line "2 orchestrators / 1 (drained backlog, x)" saga_drain_2 saga_drain ">" 1
 	ratio_line "4 orchestrators / 1 (drained backlog, x)" saga_drain_4 saga_drain ">" 1
 	ratio_line "direct calls / sagas end to end (saga cost, x)" saga_direct saga_e2e
