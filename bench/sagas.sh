@@ -54,7 +54,7 @@ run_sagas() {
 		run_pgbench "saga_start$(sfx "$n")" "saga_start (while $n orchestrator(s) drive them)" saga_start.sql
 		say "-- waiting for the orchestrators to finish the sagas"
 		sagas_wait_done
-		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s) (8 starting clients)"
+		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s)"
 	done
 
 	for n in 1 2 4; do

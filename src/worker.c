@@ -168,12 +168,11 @@ typedef struct WorkerJob
 
 static const WorkerJob jobs[] = {
 	{"reaper", "SELECT pg_catalog.count(*) FROM resilience.run_reaper()", &resilience_reaper_interval_ms, false, false, NULL},
-	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},	/* SAGAS_JOB */
+	{"sagas", "SELECT resilience._saga_worker_tick()", &resilience_saga_interval_ms, true, true, NULL},
 	{"relay", NULL, &resilience_relay_interval_ms, true, true, relay_worker_job},
 };
 
 #define NUM_JOBS lengthof(jobs)
-#define SAGAS_JOB 1				/* the job the saga helpers run */
 StaticAssertDecl(lengthof(jobs) <= MAX_JOBS, "too many worker jobs");
 
 typedef enum WorkerState
@@ -982,6 +981,10 @@ resilience_saga_helper_main(Datum main_arg)
 	Oid			dboid;
 	int			args[2];
 	pid_t		parent;
+	int			sagas_job = 0;
+
+	while (strcmp(jobs[sagas_job].name, "sagas") != 0)	/* the job helpers run */
+		sagas_job++;
 
 	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
 	memcpy(args, MyBgworkerEntry->bgw_extra + sizeof(Oid), sizeof(args));
@@ -1033,7 +1036,7 @@ resilience_saga_helper_main(Datum main_arg)
 			}
 			if (woken || GetCurrentTimestamp() >= next_due)
 			{
-				long		wish = run_job_burst(SAGAS_JOB, job_context);
+				long		wish = run_job_burst(sagas_job, job_context);
 
 				next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   wish >= 0 ? wish : resilience_saga_interval_ms);
