@@ -762,6 +762,106 @@ $$;
 COMMENT ON FUNCTION resilience._saga_normalize_wait(jsonb, text) IS
 'Internal (saga_define): validates a sleep, until or await step and returns it normalized';
 
+-- The checks of a parallel group {"name", "parallel": [step, step, ...]}
+-- (22023): only those two keys, at least two branches, one level (a branch
+-- is not a group), SQL actions only (no async, timer or await branch), and
+-- step names unique across the branches and the other steps.  Each branch
+-- is validated as a step of a definition would be.
+CREATE FUNCTION resilience._saga_check_group(name text, step jsonb, label text, caller_search_path text,
+                                             steps jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    branch jsonb;
+    bpos bigint;
+    k text;
+    branch_name text;
+    other_names text[];
+    branch_names text[] := '{}';
+    normalized jsonb;
+    msg text;
+    det text;
+    hnt text;
+    state text;
+BEGIN
+    FOR k IN SELECT jsonb_object_keys(step) LOOP
+        IF NOT k = ANY (ARRAY['name', 'parallel']) THEN
+            RAISE EXCEPTION '% is a parallel group with the key "%"', label, k
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A parallel group has the keys name and parallel; timeouts and retries belong to its branches.';
+        END IF;
+    END LOOP;
+    IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION '% needs a name of 1 to 63 bytes', label USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    label := format('%s ("%s")', label, step ->> 'name');
+    IF jsonb_typeof(step -> 'parallel') IS DISTINCT FROM 'array' OR jsonb_array_length(step -> 'parallel') < 2 THEN
+        RAISE EXCEPTION 'parallel group % needs at least two branches', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('parallel is %s.', left((step -> 'parallel')::text, 200)),
+                  HINT = 'A group with one branch is a plain step: write it as one.';
+    END IF;
+    -- the names of every step outside this group, earlier and later
+    SELECT array_agg(e ->> 'name') INTO other_names
+      FROM jsonb_array_elements(steps) e WHERE e IS DISTINCT FROM step;
+    other_names := coalesce(other_names, '{}') || (step ->> 'name');
+    FOR branch, bpos IN SELECT e.value, e.ordinality FROM jsonb_array_elements(step -> 'parallel') WITH ORDINALITY e LOOP
+        IF jsonb_typeof(branch) = 'object' AND branch ? 'parallel' THEN
+            RAISE EXCEPTION 'branch % of parallel group % is itself a parallel group', bpos, label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'Parallel groups nest one level deep: a branch is a single step.',
+                      HINT = 'Put the inner branches into the outer group, or make the inner group a step of its own after it.';
+        END IF;
+        IF jsonb_typeof(branch) = 'object' AND (branch ?| ARRAY['sleep', 'until', 'await'] OR branch ->> 'action' = 'async'
+                                                OR branch ->> 'compensation' = 'async') THEN
+            RAISE EXCEPTION 'branch % of parallel group % is not a SQL step', bpos, label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A branch has a SQL action (and optionally a SQL compensation): async, sleep, until and await are not branches.',
+                      HINT = 'Put the async step or the wait before or after the group.';
+        END IF;
+        branch_name := branch ->> 'name';
+        IF branch_name = ANY (branch_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', branch_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Branches %s and %s of parallel group %s have that name.',
+                                      array_position(branch_names, branch_name), bpos, label),
+                      HINT = 'Branch results merge into the context under their step names: make them unique across the saga.';
+        END IF;
+        branch_names := branch_names || branch_name;
+        IF branch_name = ANY (other_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', branch_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Branch %s of parallel group %s has the name of another step or group.', bpos, label),
+                      HINT = 'Branch results merge into the context under their step names: make them unique across the saga.';
+        END IF;
+    END LOOP;
+    -- each branch as a step (this also refuses two branches of one name)
+    BEGIN
+        normalized := resilience._saga_normalize(name, step -> 'parallel', caller_search_path);
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT,
+                                state = RETURNED_SQLSTATE;
+        -- the same error, saying where it is (an empty DETAIL or HINT is left out)
+        msg := format('in parallel group %s: %s', label, replace(msg, 'step ', 'branch '));
+        det := replace(det, 'step ', 'branch ');
+        IF coalesce(det, '') = '' AND coalesce(hnt, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg;
+        ELSIF coalesce(hnt, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, DETAIL = det;
+        ELSIF coalesce(det, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, HINT = hnt;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, DETAIL = det, HINT = hnt;
+    END;
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) IS
+'Internal (saga_define): validates a parallel group (22023), which saga_define then refuses (0A000: not run yet)';
+REVOKE ALL ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) TO resilience_admin;
+
 -- The validation of a definition, as in 0.1, with timers and signals.
 CREATE OR REPLACE FUNCTION resilience._saga_normalize(name text, steps jsonb, caller_search_path text)
 RETURNS jsonb
@@ -829,6 +929,9 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left(step::text, 200));
         END IF;
         IF step ? 'parallel' THEN
+            -- validated as a definition would be, then refused: the engine
+            -- that runs branches concurrently is not in this version
+            PERFORM resilience._saga_check_group(name, step, label, caller_search_path, steps);
             RAISE EXCEPTION '% is a parallel group, which this version does not run', label
                 USING ERRCODE = 'feature_not_supported',
                       HINT = 'Run the branches as steps one after the other.';
