@@ -870,3 +870,741 @@ GRANT EXECUTE ON FUNCTION resilience.quota(text, bigint, text, bigint, text),
 GRANT EXECUTE ON FUNCTION resilience.quota_set(text, bigint, text, text),
     resilience.quota_reset(text) TO resilience_admin;
 GRANT SELECT ON resilience.quota_usage, resilience.quotas TO resilience_admin;
+
+------------------------------------------------------------------------------
+-- Issue 16: sagas that wait and fan out
+------------------------------------------------------------------------------
+
+-- A saga whose tick fails outside its step (a context past jsonb's limit, a
+-- broken definition) is suspended: out of the queue, the error in its
+-- events, until saga_retry.  The others go on.
+ALTER TABLE resilience.sagas DROP CONSTRAINT sagas_state_check;
+ALTER TABLE resilience.sagas ADD CONSTRAINT sagas_state_check
+    CHECK (state IN ('running', 'compensating', 'completed', 'compensated', 'compensation_failed',
+                     'suspended'));
+CREATE INDEX sagas_suspended ON resilience.sagas (name)
+    WHERE state OPERATOR(pg_catalog.=) 'suspended';
+COMMENT ON TABLE resilience.sagas IS
+'Sagas: state (running, compensating, completed, compensated, compensation_failed, suspended), current step and attempt, context';
+
+-- The search_path the steps run with: the definer's at saga_define, pg_temp
+-- last.  NULL for definitions from 0.1 (their steps keep pg_catalog, pg_temp).
+ALTER TABLE resilience.saga_definitions ADD COLUMN search_path text;
+COMMENT ON COLUMN resilience.saga_definitions.search_path IS
+'The search_path the steps run with: the definer''s when it called saga_define, with pg_temp last';
+
+
+-- Timers and signals: steps without an action.  A step is one of
+--   {"name", "action", ...}                      a SQL function or "async"
+--   {"name", "sleep": "10 minutes"}              a durable timer
+--   {"name", "until": "<context key>"}           until the timestamptz there
+--   {"name", "await": "<signal>", "timeout": "3 days", "on_timeout":
+--    "fail" | "continue", "signalers": ["role", ...]}
+-- saga_define refuses (22023, nothing stored) a sleep <= 0 or above the
+-- longest step timeout (30 days), an until naming no key, an await without
+-- a timeout, and any other key on such a step.
+CREATE FUNCTION resilience._saga_normalize_wait(step jsonb, label text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+SET intervalstyle = postgres   -- the normalized text must not depend on the session
+AS $$
+DECLARE
+    kind text;
+    allowed text[];
+    k text;
+    d interval;
+    r text;
+    out jsonb;
+BEGIN
+    SELECT pg_catalog.array_agg(w) INTO allowed
+      FROM pg_catalog.unnest(ARRAY['sleep', 'until', 'await']) w WHERE step ? w;
+    IF pg_catalog.cardinality(allowed) OPERATOR(pg_catalog.<>) 1 OR step ? 'action' THEN
+        RAISE EXCEPTION '% must be one of: an action, a sleep, an until, an await', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It has %s.', pg_catalog.array_to_string(
+                      allowed OPERATOR(pg_catalog.||) CASE WHEN step ? 'action' THEN ARRAY['action'] END, ', '));
+    END IF;
+    kind := allowed[1];
+    allowed := CASE kind WHEN 'await' THEN ARRAY['name', 'await', 'timeout', 'on_timeout', 'signalers']
+                         ELSE ARRAY['name', kind] END;
+    FOR k IN SELECT pg_catalog.jsonb_object_keys(step) LOOP
+        IF NOT k OPERATOR(pg_catalog.=) ANY (allowed) THEN
+            RAISE EXCEPTION '% is a% % step and cannot have "%"', label,
+                  CASE WHEN kind OPERATOR(pg_catalog.=) 'until' THEN 'n' ELSE '' END, kind, k
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('A %s step has the keys %s.', kind, pg_catalog.array_to_string(allowed, ', ')),
+                      HINT = 'Timers and signals have no action or compensation: there is nothing to undo.';
+        END IF;
+    END LOOP;
+    out := pg_catalog.jsonb_build_object('name', step OPERATOR(pg_catalog.->>) 'name');
+
+    IF kind OPERATOR(pg_catalog.=) 'sleep' THEN
+        d := resilience._saga_interval(step, 'sleep', NULL, label);
+        IF d IS NULL OR d OPERATOR(pg_catalog.<=) interval '0' OR d OPERATOR(pg_catalog.>) interval '30 days' THEN
+            RAISE EXCEPTION 'sleep of % must be more than 0 and at most 30 days', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', coalesce(d::text, 'null')),
+                      HINT = '30 days is the longest step timeout; chain sleeps, or use "until", for longer.';
+        END IF;
+        RETURN out OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('sleep', d::text);
+    END IF;
+
+    IF kind OPERATOR(pg_catalog.=) 'until' THEN
+        IF pg_catalog.jsonb_typeof(step OPERATOR(pg_catalog.->) 'until') IS DISTINCT FROM 'string'
+           OR pg_catalog.octet_length(step OPERATOR(pg_catalog.->>) 'until') NOT BETWEEN 1 AND 255 THEN
+            RAISE EXCEPTION 'until of % must name a key of the context', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('It is %s.', pg_catalog.left((step OPERATOR(pg_catalog.->) 'until')::text, 100)),
+                      HINT = 'The key (1 to 255 bytes) holds a timestamptz, e.g. "until": "check_in_at" with {"check_in_at": "2027-01-01 14:00+00"} in the context.';
+        END IF;
+        RETURN out OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('until', step OPERATOR(pg_catalog.->>) 'until');
+    END IF;
+
+    -- await
+    IF pg_catalog.jsonb_typeof(step OPERATOR(pg_catalog.->) 'await') IS DISTINCT FROM 'string'
+       OR (step OPERATOR(pg_catalog.->>) 'await') !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+        RAISE EXCEPTION 'await of % must be a signal name', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s; a signal name is 1 to 63 ASCII letters, digits, "_", "-" and ".".',
+                                  pg_catalog.left((step OPERATOR(pg_catalog.->) 'await')::text, 100));
+    END IF;
+    d := resilience._saga_interval(step, 'timeout', NULL, label);
+    IF d IS NULL THEN
+        RAISE EXCEPTION '% awaits a signal without a timeout', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Say how long to wait, and what then: "timeout": "3 days", "on_timeout": "fail" or "continue".';
+    END IF;
+    IF d OPERATOR(pg_catalog.<=) interval '0' OR d OPERATOR(pg_catalog.>) interval '30 days' THEN
+        RAISE EXCEPTION 'timeout of % must be more than 0 and at most 30 days', label
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', d);
+    END IF;
+    r := coalesce(step OPERATOR(pg_catalog.->>) 'on_timeout', 'fail');
+    IF pg_catalog.jsonb_typeof(coalesce(step OPERATOR(pg_catalog.->) 'on_timeout', '"fail"')) OPERATOR(pg_catalog.<>) 'string'
+       OR r NOT IN ('fail', 'continue') THEN
+        RAISE EXCEPTION 'on_timeout of % must be "fail" or "continue"', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s.', pg_catalog.left((step OPERATOR(pg_catalog.->) 'on_timeout')::text, 100));
+    END IF;
+    out := out OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('await', step OPERATOR(pg_catalog.->>) 'await',
+                                                                     'timeout', d::text, 'on_timeout', r,
+                                                                     'signalers', '[]'::jsonb);
+    IF step ? 'signalers' THEN
+        IF pg_catalog.jsonb_typeof(step OPERATOR(pg_catalog.->) 'signalers') OPERATOR(pg_catalog.<>) 'array' THEN
+            RAISE EXCEPTION 'signalers of % must be an array of role names', label
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR k IN SELECT e FROM pg_catalog.jsonb_array_elements(step OPERATOR(pg_catalog.->) 'signalers') e LOOP
+            IF pg_catalog.jsonb_typeof(k::jsonb) OPERATOR(pg_catalog.<>) 'string'
+               OR NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) (k::jsonb OPERATOR(pg_catalog.#>>) '{}')) THEN
+                RAISE EXCEPTION 'signalers of % names %, which is not a role', label, k
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+        out := out OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('signalers', step OPERATOR(pg_catalog.->) 'signalers');
+    END IF;
+    RETURN out;
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_normalize_wait(jsonb, text) IS
+'Internal (saga_define): validates a sleep, until or await step and returns it normalized';
+
+-- The checks of a parallel group {"name", "parallel": [step, step, ...]}
+-- (22023): only those two keys, at least two branches, one level (a branch
+-- is not a group), SQL actions only (no async, timer or await branch), and
+-- step names unique across the branches and the other steps.  Each branch
+-- is validated as a step of a definition would be.
+CREATE FUNCTION resilience._saga_check_group(name text, step jsonb, label text, caller_search_path text,
+                                             steps jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    branch jsonb;
+    bpos bigint;
+    k text;
+    branch_name text;
+    other_names text[];
+    branch_names text[] := '{}';
+    normalized jsonb;
+    msg text;
+    det text;
+    hnt text;
+    state text;
+BEGIN
+    FOR k IN SELECT jsonb_object_keys(step) LOOP
+        IF NOT k = ANY (ARRAY['name', 'parallel']) THEN
+            RAISE EXCEPTION '% is a parallel group with the key "%"', label, k
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A parallel group has the keys name and parallel; timeouts and retries belong to its branches.';
+        END IF;
+    END LOOP;
+    IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION '% needs a name of 1 to 63 bytes', label USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    label := format('%s ("%s")', label, step ->> 'name');
+    IF jsonb_typeof(step -> 'parallel') IS DISTINCT FROM 'array' OR jsonb_array_length(step -> 'parallel') < 2 THEN
+        RAISE EXCEPTION 'parallel group % needs at least two branches', label
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('parallel is %s.', left((step -> 'parallel')::text, 200)),
+                  HINT = 'A group with one branch is a plain step: write it as one.';
+    END IF;
+    -- the names of every step outside this group, earlier and later
+    SELECT array_agg(e ->> 'name') INTO other_names
+      FROM jsonb_array_elements(steps) e WHERE e IS DISTINCT FROM step;
+    other_names := coalesce(other_names, '{}') || (step ->> 'name');
+    FOR branch, bpos IN SELECT e.value, e.ordinality FROM jsonb_array_elements(step -> 'parallel') WITH ORDINALITY e LOOP
+        IF jsonb_typeof(branch) = 'object' AND branch ? 'parallel' THEN
+            RAISE EXCEPTION 'branch % of parallel group % is itself a parallel group', bpos, label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'Parallel groups nest one level deep: a branch is a single step.',
+                      HINT = 'Put the inner branches into the outer group, or make the inner group a step of its own after it.';
+        END IF;
+        IF jsonb_typeof(branch) = 'object' AND (branch ?| ARRAY['sleep', 'until', 'await'] OR branch ->> 'action' = 'async'
+                                                OR branch ->> 'compensation' = 'async') THEN
+            RAISE EXCEPTION 'branch % of parallel group % is not a SQL step', bpos, label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A branch has a SQL action (and optionally a SQL compensation): async, sleep, until and await are not branches.',
+                      HINT = 'Put the async step or the wait before or after the group.';
+        END IF;
+        branch_name := branch ->> 'name';
+        IF branch_name = ANY (branch_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', branch_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Branches %s and %s of parallel group %s have that name.',
+                                      array_position(branch_names, branch_name), bpos, label),
+                      HINT = 'Branch results merge into the context under their step names: make them unique across the saga.';
+        END IF;
+        branch_names := branch_names || branch_name;
+        IF branch_name = ANY (other_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', branch_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Branch %s of parallel group %s has the name of another step or group.', bpos, label),
+                      HINT = 'Branch results merge into the context under their step names: make them unique across the saga.';
+        END IF;
+    END LOOP;
+    -- each branch as a step (this also refuses two branches of one name)
+    BEGIN
+        normalized := resilience._saga_normalize(name, step -> 'parallel', caller_search_path);
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT,
+                                state = RETURNED_SQLSTATE;
+        -- the same error, saying where it is (an empty DETAIL or HINT is left out)
+        msg := format('in parallel group %s: %s', label, replace(msg, 'step ', 'branch '));
+        det := replace(det, 'step ', 'branch ');
+        IF coalesce(det, '') = '' AND coalesce(hnt, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg;
+        ELSIF coalesce(hnt, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, DETAIL = det;
+        ELSIF coalesce(det, '') = '' THEN
+            RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, HINT = hnt;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, DETAIL = det, HINT = hnt;
+    END;
+END
+$$;
+COMMENT ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) IS
+'Internal (saga_define): validates a parallel group (22023), which saga_define then refuses (0A000: not run yet)';
+REVOKE ALL ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) TO resilience_admin;
+
+-- The validation of a definition, as in 0.1, with timers and signals.
+CREATE OR REPLACE FUNCTION resilience._saga_normalize(name text, steps jsonb, caller_search_path text)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+SET intervalstyle = postgres   -- the normalized text must not depend on the session
+AS $$
+DECLARE
+    known_keys constant text[] := ARRAY['name', 'action', 'compensation', 'topic', 'timeout',
+                                        'max_attempts', 'backoff', 'retry_on',
+                                        'sleep', 'until', 'await', 'on_timeout', 'signalers'];
+    wait_kinds constant text[] := ARRAY['sleep', 'until', 'await'];
+    step jsonb;
+    pos bigint;
+    k text;
+    label text;
+    step_name text;
+    step_names text[] := '{}';
+    part text;
+    fn text;
+    parts text[];
+    fn_oid regprocedure;
+    fn_rec record;
+    found_sigs text;
+    resolved jsonb;
+    is_async boolean;
+    topic text;
+    timeout interval;
+    max_attempts integer;
+    backoff jsonb;
+    base interval;
+    cap interval;
+    jitter text;
+    retry_on jsonb;
+    code text;
+    normalized jsonb := '[]';
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'saga name must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(name) NOT BETWEEN 1 AND 63 THEN
+        RAISE EXCEPTION 'saga name must be 1 to 63 bytes long'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It is %s bytes.', octet_length(name));
+    END IF;
+    IF steps IS NULL THEN
+        RAISE EXCEPTION 'steps must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
+        RAISE EXCEPTION 'steps must be a non-empty JSON array of step objects'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('steps is %s.', left(steps::text, 200)),
+                  HINT = 'Steps run in array order, e.g. [{"name": "reserve", "action": "shop.reserve", "compensation": "shop.release"}].';
+    END IF;
+    IF jsonb_array_length(steps) > 100 THEN
+        RAISE EXCEPTION 'a saga has at most 100 steps'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('It has %s.', jsonb_array_length(steps));
+    END IF;
+
+    FOR step, pos IN SELECT e.value, e.ordinality FROM jsonb_array_elements(steps) WITH ORDINALITY e ORDER BY e.ordinality LOOP
+        label := format('step %s', pos);
+        IF jsonb_typeof(step) <> 'object' THEN
+            RAISE EXCEPTION '% must be a JSON object', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left(step::text, 200));
+        END IF;
+        IF step ? 'parallel' THEN
+            -- validated as a definition would be, then refused: the engine
+            -- that runs branches concurrently is not in this version
+            PERFORM resilience._saga_check_group(name, step, label, caller_search_path, steps);
+            RAISE EXCEPTION '% is a parallel group, which this version does not run', label
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Run the branches as steps one after the other.';
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(step) LOOP
+            IF NOT k = ANY (known_keys) THEN
+                RAISE EXCEPTION '% has an unknown key "%"', label, k
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('A step has the keys %s.', array_to_string(known_keys, ', ')),
+                          HINT = 'Steps run in the order of the array: there are no "next" links, so no cycles.';
+            END IF;
+        END LOOP;
+
+        IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string'
+           OR octet_length(step ->> 'name') NOT BETWEEN 1 AND 63 THEN
+            RAISE EXCEPTION '% needs a name of 1 to 63 bytes', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('name is %s.', coalesce((step -> 'name')::text, 'missing'));
+        END IF;
+        step_name := step ->> 'name';
+        IF step_name = ANY (step_names) THEN
+            RAISE EXCEPTION 'duplicate step name "%"', step_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Steps %s and %s have that name.', array_position(step_names, step_name), pos),
+                      HINT = 'Step names identify steps in replies and events: make them unique.';
+        END IF;
+        step_names := step_names || step_name;
+        label := format('step %s ("%s")', pos, step_name);
+
+        -- a timer or a signal: no action, validated on its own
+        IF step ?| wait_kinds THEN
+            normalized := normalized || jsonb_build_array(resilience._saga_normalize_wait(step, label));
+            CONTINUE;
+        END IF;
+        IF step ?| ARRAY['on_timeout', 'signalers'] THEN
+            RAISE EXCEPTION '% has on_timeout or signalers but does not await a signal', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'They belong to a step {"name": ..., "await": "signal", "timeout": ...}.';
+        END IF;
+
+        -- action (required) and compensation (optional): a function, or "async"
+        resolved := '{}';
+        is_async := false;
+        FOREACH part IN ARRAY ARRAY['action', 'compensation'] LOOP
+            IF NOT step ? part OR jsonb_typeof(step -> part) = 'null' THEN
+                IF part = 'action' THEN
+                    RAISE EXCEPTION '% has no action', label
+                        USING ERRCODE = 'invalid_parameter_value',
+                              HINT = 'An action is a function f(saga_id bigint, context jsonb) returns jsonb, or "async".';
+                END IF;
+                resolved := resolved || jsonb_build_object(part, NULL);
+                CONTINUE;
+            END IF;
+            IF jsonb_typeof(step -> part) <> 'string' OR btrim(step ->> part) = '' THEN
+                RAISE EXCEPTION '% of % must be a function name or "async"', part, label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> part)::text, 200));
+            END IF;
+            fn := step ->> part;
+            IF fn = 'async' THEN
+                is_async := true;
+                resolved := resolved || jsonb_build_object(part, 'async');
+                CONTINUE;
+            END IF;
+            BEGIN
+                parts := parse_ident(fn);
+            EXCEPTION WHEN invalid_parameter_value OR invalid_text_representation THEN
+                parts := NULL;
+            END;
+            IF parts IS NULL OR cardinality(parts) > 2 THEN
+                RAISE EXCEPTION '% of % is not a function name: %', part, label, fn
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Give the name only, optionally schema-qualified (shop.reserve), without arguments.';
+            END IF;
+            -- resolve as the caller would: with the caller's search_path
+            PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+            fn_oid := pg_catalog.to_regprocedure(
+                pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(p) FROM pg_catalog.unnest(parts) p), '.')
+                OPERATOR(pg_catalog.||) '(pg_catalog.int8, pg_catalog.jsonb)');
+            IF fn_oid IS NULL THEN
+                SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ' ORDER BY p.oid) INTO found_sigs
+                  FROM pg_catalog.pg_proc p
+                 WHERE p.proname OPERATOR(pg_catalog.=) parts[pg_catalog.cardinality(parts)]
+                   AND (CASE WHEN pg_catalog.cardinality(parts) OPERATOR(pg_catalog.=) 2
+                             THEN p.pronamespace OPERATOR(pg_catalog.=)
+                                  (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) parts[1])
+                             ELSE pg_catalog.pg_function_is_visible(p.oid) END);
+            END IF;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            IF fn_oid IS NULL THEN
+                RAISE EXCEPTION 'function %(bigint, jsonb) does not exist', fn
+                    USING ERRCODE = 'undefined_function',
+                          DETAIL = CASE WHEN found_sigs IS NULL THEN format('Needed by the %s of %s.', part, label)
+                                        ELSE format('The %s of %s needs it; there is only %s.', part, label, found_sigs) END,
+                          HINT = 'A step function is f(saga_id bigint, context jsonb) returns jsonb.';
+            END IF;
+            SELECT p.prokind, p.proretset, p.prorettype, n.nspname, p.proname INTO fn_rec
+              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = fn_oid;
+            IF fn_rec.prokind <> 'f' OR fn_rec.proretset THEN
+                RAISE EXCEPTION '% is not a plain function', fn_oid
+                    USING ERRCODE = 'wrong_object_type',
+                          DETAIL = format('The %s of %s must be a function returning one jsonb value, not a procedure, aggregate or set-returning function.', part, label);
+            END IF;
+            IF fn_rec.prorettype <> 'jsonb'::regtype THEN
+                RAISE EXCEPTION 'function % returns %, not jsonb', fn_oid, fn_rec.prorettype::regtype
+                    USING ERRCODE = 'datatype_mismatch',
+                          DETAIL = format('It is the %s of %s.', part, label),
+                          HINT = 'A step function is f(saga_id bigint, context jsonb) returns jsonb; its result is merged into the saga''s context.';
+            END IF;
+            IF NOT has_function_privilege(fn_oid, 'EXECUTE') THEN
+                RAISE EXCEPTION 'permission denied for function %', fn_oid
+                    USING ERRCODE = 'insufficient_privilege',
+                          DETAIL = format('Steps run as the role that defines the saga, %s, which cannot execute the %s of %s.',
+                                          current_user, part, label);
+            END IF;
+            resolved := resolved || jsonb_build_object(part, quote_ident(fn_rec.nspname) || '.' || quote_ident(fn_rec.proname));
+        END LOOP;
+
+        topic := NULL;
+        IF step ? 'topic' AND jsonb_typeof(step -> 'topic') <> 'null' THEN
+            IF NOT is_async THEN
+                RAISE EXCEPTION '% has a topic but nothing async', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'A topic names where the commands of an async action or compensation are published.';
+            END IF;
+            IF jsonb_typeof(step -> 'topic') <> 'string' OR octet_length(step ->> 'topic') NOT BETWEEN 1 AND 255 THEN
+                RAISE EXCEPTION 'topic of % must be a string of 1 to 255 bytes', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> 'topic')::text, 300));
+            END IF;
+            topic := step ->> 'topic';
+        ELSIF is_async THEN
+            RAISE EXCEPTION '% is async but has no topic', label
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Commands of async steps are published on the step''s topic, e.g. "topic": "payments.commands".';
+        END IF;
+
+        timeout := resilience._saga_interval(step, 'timeout', '1 minute', label);
+        IF timeout <= interval '0' OR timeout > interval '30 days' THEN
+            RAISE EXCEPTION 'timeout of % must be more than 0 and at most 30 days', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', timeout);
+        END IF;
+
+        max_attempts := 3;
+        IF step ? 'max_attempts' THEN
+            IF jsonb_typeof(step -> 'max_attempts') IS DISTINCT FROM 'number'
+               OR (step ->> 'max_attempts')::numeric <> trunc((step ->> 'max_attempts')::numeric)
+               OR (step ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 100 THEN
+                RAISE EXCEPTION 'max_attempts of % must be an integer from 1 to 100', label
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('It is %s.', left((step -> 'max_attempts')::text, 100));
+            END IF;
+            max_attempts := (step ->> 'max_attempts')::numeric::integer;
+        END IF;
+
+        backoff := coalesce(step -> 'backoff', '{}');
+        IF jsonb_typeof(backoff) <> 'object' THEN
+            RAISE EXCEPTION 'backoff of % must be an object {"base", "cap", "jitter"}', label
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(backoff) LOOP
+            IF NOT k = ANY (ARRAY['base', 'cap', 'jitter']) THEN
+                RAISE EXCEPTION 'backoff of % has an unknown key "%"', label, k
+                    USING ERRCODE = 'invalid_parameter_value', DETAIL = 'backoff has the keys base, cap and jitter.';
+            END IF;
+        END LOOP;
+        base := resilience._saga_interval(backoff, 'base', '1 second', 'backoff of ' || label);
+        cap := resilience._saga_interval(backoff, 'cap', '1 minute', 'backoff of ' || label);
+        IF base <= interval '0' OR base > interval '1 day' OR cap < base OR cap > interval '1 day' THEN
+            RAISE EXCEPTION 'backoff of % must have 0 < base <= cap <= 1 day', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('base is %s, cap is %s.', base, cap);
+        END IF;
+        jitter := coalesce(backoff ->> 'jitter', 'full');
+        IF jsonb_typeof(coalesce(backoff -> 'jitter', '"full"')) <> 'string' OR jitter NOT IN ('none', 'full', 'equal') THEN
+            RAISE EXCEPTION 'jitter of % must be "none", "full" or "equal"', label
+                USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left((backoff -> 'jitter')::text, 100));
+        END IF;
+
+        retry_on := coalesce(step -> 'retry_on', '["40", "53", "08", "55P03"]');
+        IF jsonb_typeof(retry_on) <> 'array' THEN
+            RAISE EXCEPTION 'retry_on of % must be an array of SQLSTATEs or SQLSTATE classes', label
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ["40001", "55P03", "53"].';
+        END IF;
+        FOR code IN SELECT e::text FROM jsonb_array_elements(retry_on) e LOOP
+            IF code !~ '^"[0-9A-Z]{2}([0-9A-Z]{3})?"$' THEN
+                RAISE EXCEPTION 'retry_on of % holds %, which is neither a SQLSTATE nor a class', label, code
+                    USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ["40001", "55P03", "53"].';
+            END IF;
+        END LOOP;
+
+        normalized := normalized || jsonb_build_array(resolved || jsonb_build_object(
+            'name', step_name, 'topic', topic, 'timeout', timeout::text, 'max_attempts', max_attempts,
+            'backoff', jsonb_build_object('base', base::text, 'cap', cap::text, 'jitter', jitter),
+            'retry_on', retry_on));
+    END LOOP;
+    RETURN normalized;
+END
+$$;
+
+REVOKE ALL ON FUNCTION resilience._saga_normalize_wait(jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._saga_normalize_wait(jsonb, text) TO resilience_admin;
+
+-- Signals sent to sagas: kept until an await step of that name consumes
+-- one (the oldest first), so a signal may come before the saga gets there.
+-- signal_id deduplicates: the same one twice is recorded once.  Written and
+-- read under the saga's row lock (saga_signal, the orchestrator).
+CREATE SEQUENCE resilience.saga_signal_ids;
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_signal_ids', '');
+CREATE TABLE resilience.saga_signals (
+    saga_id bigint NOT NULL,
+    id bigint NOT NULL DEFAULT pg_catalog.nextval('resilience.saga_signal_ids'),
+    signal text NOT NULL,
+    signal_id text,
+    payload jsonb,
+    sent_by regrole NOT NULL,
+    received_at timestamptz NOT NULL,
+    consumed_at timestamptz,
+    consumed_by text,
+    PRIMARY KEY (saga_id, id),
+    UNIQUE (saga_id, signal_id)
+);
+CREATE INDEX saga_signals_kept ON resilience.saga_signals (saga_id, signal, id)
+    WHERE consumed_at IS NULL;
+COMMENT ON TABLE resilience.saga_signals IS
+'Signals sent to sagas (saga_signal): kept until an await step consumes them; signal_id deduplicates';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_signals', '');
+
+-- saga_signal: SECURITY INVOKER, it checks the caller (the definer, roles
+-- with its privileges, resilience_admin, or the await step's signalers)
+-- and writes the tables as the extension's owner itself (src/saga.c).
+CREATE FUNCTION resilience.saga_signal(saga_id bigint, signal text, payload jsonb DEFAULT NULL,
+                                       signal_id text DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'saga_signal'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004 (payload, signal_id may be NULL)
+COMMENT ON FUNCTION resilience.saga_signal(bigint, text, jsonb, text) IS
+'Signal a saga: an await step of that name consumes it (now, or when the saga gets there) and merges the payload into the context; false if signal_id was seen';
+
+-- A name of its own: as an overload of saga_signal, calls with literals
+-- would be ambiguous.
+CREATE FUNCTION resilience.saga_signal_by_key(name text, idempotency_key text, signal text,
+                                              payload jsonb DEFAULT NULL, signal_id text DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'saga_signal_by_key'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.saga_signal_by_key(text, text, text, jsonb, text) IS
+'Signal the saga started as name with idempotency_key (see saga_signal(bigint, ...))';
+
+REVOKE ALL ON FUNCTION resilience.saga_signal(bigint, text, jsonb, text),
+    resilience.saga_signal_by_key(text, text, text, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.saga_signal(bigint, text, jsonb, text),
+    resilience.saga_signal_by_key(text, text, text, jsonb, text) TO resilience_user;
+GRANT SELECT ON resilience.saga_signals TO resilience_admin;
+
+-- The reaper removes a finished saga's signals with it.
+CREATE OR REPLACE FUNCTION resilience._saga_reap()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    retention interval := resilience._saga_retention();
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    removed bigint := 0;
+    ids bigint[];
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        SELECT pg_catalog.array_agg(s.id) INTO ids
+          FROM (SELECT id FROM resilience.sagas
+                 WHERE finished_at OPERATOR(pg_catalog.<)
+                       (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) retention)
+                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
+        EXIT WHEN ids IS NULL;
+        DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_signals WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
+        removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
+        EXIT WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- stuck_sagas: suspended sagas at once (nothing moves them but
+-- saga_retry); a timer that is not due yet is not stuck; an await shows as
+-- waiting for a signal.
+CREATE OR REPLACE VIEW resilience.stuck_sagas AS
+    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
+           s.attempt,
+           CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ? 'await' THEN 'signal'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until'] THEN 'timer'
+                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
+                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
+                ELSE 'worker' END AS waiting_for,
+           s.next_run_at,
+           s.updated_at AS last_progress_at,
+           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
+           (SELECT e.error FROM resilience.saga_events e
+             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+     WHERE s.state = 'suspended'
+        OR (s.state IN ('running', 'compensating', 'compensation_failed')
+            AND s.updated_at < pg_catalog.clock_timestamp()
+                - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval
+            AND NOT (s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until']
+                     AND s.next_run_at > pg_catalog.clock_timestamp()));
+COMMENT ON VIEW resilience.stuck_sagas IS
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, retry, worker, saga_retry)';
+
+-- saga_graph(name [, saga_id]): the latest definition (or the one saga_id
+-- runs on) as Graphviz DOT.  Steps in order, timers and awaits in shapes of
+-- their own, each compensation a dashed node and the compensation path
+-- dashed edges in reverse; given a saga, the steps coloured by what they
+-- came to and the path it took drawn bold.  Render with `dot -Tpng`.
+CREATE FUNCTION resilience._saga_dot(s text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT '"' OPERATOR(pg_catalog.||)
+              pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(s, '\', '\\'), '"', '\"'), E'\n', '\n')
+              OPERATOR(pg_catalog.||) '"' $$;
+COMMENT ON FUNCTION resilience._saga_dot(text) IS
+'Internal (saga_graph): a DOT string literal (line breaks as \n)';
+
+CREATE FUNCTION resilience.saga_graph(name text, saga_id bigint DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    steps jsonb;
+    saga_state text;
+    st jsonb;
+    n bigint;
+    step_state text;
+    label text;
+    shape text;
+    fill text;
+    reached boolean;
+    prev text := 'start';
+    prev_reached boolean := true;
+    comps text[] := '{}';
+    comp_done boolean[] := '{}';
+    out text[];
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'saga name must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF saga_id IS NULL THEN
+        SELECT d.steps INTO steps FROM resilience.saga_definitions d
+         WHERE d.name OPERATOR(pg_catalog.=) saga_graph.name ORDER BY d.version DESC LIMIT 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'saga "%" is not defined', name USING ERRCODE = 'undefined_object';
+        END IF;
+    ELSE
+        SELECT d.steps, s.state INTO steps, saga_state
+          FROM resilience.sagas s JOIN resilience.saga_definitions d ON d.id OPERATOR(pg_catalog.=) s.definition_id
+         WHERE s.id OPERATOR(pg_catalog.=) saga_graph.saga_id AND s.name OPERATOR(pg_catalog.=) saga_graph.name;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'saga % of "%" does not exist', saga_id, name
+                USING ERRCODE = 'undefined_object',
+                      HINT = 'Finished sagas are removed after resilience.saga_retention.';
+        END IF;
+    END IF;
+
+    out := ARRAY[format('digraph %s {', resilience._saga_dot(name)),
+                 '  rankdir=LR; node [shape=box, style="rounded,filled", fillcolor=white, fontname="Helvetica", fontsize=11]; edge [fontname="Helvetica", fontsize=9];',
+                 '  start [shape=circle, label="", width=0.25, fillcolor=black];',
+                 format('  done [shape=doublecircle, label="completed", fontsize=9, fillcolor=%s];',
+                        CASE WHEN saga_state OPERATOR(pg_catalog.=) 'completed' THEN '"#a5d6a7"' ELSE 'white' END),
+                 format('  undone [shape=doublecircle, label="compensated", fontsize=9, style="dashed,filled", fillcolor=%s];',
+                        CASE WHEN saga_state OPERATOR(pg_catalog.=) 'compensated' THEN '"#e0e0e0"' ELSE 'white' END)];
+    FOR st, n IN SELECT e.value, e.ordinality FROM pg_catalog.jsonb_array_elements(steps) WITH ORDINALITY e LOOP
+        step_state := NULL;
+        IF saga_id IS NOT NULL THEN
+            SELECT ss.state INTO step_state FROM resilience.saga_steps ss
+             WHERE ss.saga_id OPERATOR(pg_catalog.=) saga_graph.saga_id AND ss.step_no OPERATOR(pg_catalog.=) n;
+        END IF;
+        reached := step_state IS NOT NULL;
+        shape := CASE WHEN st ? 'await' THEN 'invhouse' WHEN st ?| ARRAY['sleep', 'until'] THEN 'hexagon' ELSE 'box' END;
+        label := (st OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||)
+            CASE WHEN st ? 'sleep' THEN 'sleep ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'sleep')
+                 WHEN st ? 'until' THEN 'until context.' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'until')
+                 WHEN st ? 'await' THEN format(E'await "%s"\ntimeout %s, then %s', st OPERATOR(pg_catalog.->>) 'await',
+                                               st OPERATOR(pg_catalog.->>) 'timeout', st OPERATOR(pg_catalog.->>) 'on_timeout')
+                 WHEN st OPERATOR(pg_catalog.->>) 'action' OPERATOR(pg_catalog.=) 'async'
+                     THEN 'async: ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'topic')
+                 ELSE st OPERATOR(pg_catalog.->>) 'action' END;
+        fill := CASE WHEN step_state IN ('completed', 'compensating', 'compensated', 'compensation_failed') THEN '"#a5d6a7"'
+                     WHEN step_state IN ('failed', 'timed_out', 'abandoned') THEN '"#ef9a9a"'
+                     WHEN step_state IN ('waiting', 'retrying') THEN '"#fff59d"'
+                     ELSE 'white' END;
+        out := out OPERATOR(pg_catalog.||) format('  s%s [label=%s, shape=%s, fillcolor=%s];', n, resilience._saga_dot(label), shape, fill);
+        out := out OPERATOR(pg_catalog.||) format('  %s -> s%s%s;', prev, n,
+                                                  CASE WHEN reached AND prev_reached THEN ' [penwidth=2.5]' ELSE '' END);
+        IF st OPERATOR(pg_catalog.->>) 'compensation' IS NOT NULL THEN
+            out := out OPERATOR(pg_catalog.||) format('  c%s [label=%s, style="rounded,dashed,filled", fillcolor=%s];', n,
+                resilience._saga_dot('undo ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n'
+                    OPERATOR(pg_catalog.||) CASE WHEN st OPERATOR(pg_catalog.->>) 'compensation' OPERATOR(pg_catalog.=) 'async'
+                                                 THEN 'async: ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'topic')
+                                                 ELSE st OPERATOR(pg_catalog.->>) 'compensation' END),
+                CASE step_state WHEN 'compensated' THEN '"#e0e0e0"' WHEN 'compensation_failed' THEN '"#ef9a9a"'
+                                WHEN 'compensating' THEN '"#fff59d"' ELSE 'white' END);
+            out := out OPERATOR(pg_catalog.||) format('  s%s -> c%s [style=dashed, arrowhead=empty, constraint=false];', n, n);
+            comps := comps OPERATOR(pg_catalog.||) ('c' OPERATOR(pg_catalog.||) n);
+            comp_done := comp_done OPERATOR(pg_catalog.||) (step_state OPERATOR(pg_catalog.=) 'compensated');
+        END IF;
+        prev := 's' OPERATOR(pg_catalog.||) n;
+        prev_reached := reached;
+    END LOOP;
+    out := out OPERATOR(pg_catalog.||) format('  %s -> done%s;', prev,
+                                              CASE WHEN saga_state OPERATOR(pg_catalog.=) 'completed' THEN ' [penwidth=2.5]' ELSE '' END);
+    -- the compensation path: each compensation, in reverse, then compensated
+    FOR i IN REVERSE pg_catalog.cardinality(comps) .. 1 LOOP
+        out := out OPERATOR(pg_catalog.||) format('  %s -> %s [style=dashed%s];', comps[i],
+            CASE WHEN i OPERATOR(pg_catalog.>) 1 THEN comps[i OPERATOR(pg_catalog.-) 1] ELSE 'undone' END,
+            CASE WHEN comp_done[i] AND (i OPERATOR(pg_catalog.=) 1 OR comp_done[i OPERATOR(pg_catalog.-) 1]) THEN ', penwidth=2.5' ELSE '' END);
+    END LOOP;
+    RETURN pg_catalog.array_to_string(out OPERATOR(pg_catalog.||) '}'::text, E'\n');
+END
+$$;
+COMMENT ON FUNCTION resilience.saga_graph(text, bigint) IS
+'The saga''s definition (the latest, or saga_id''s) as Graphviz DOT; given saga_id, coloured by the path that saga took';
+
+REVOKE ALL ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) TO resilience_admin;

@@ -3,12 +3,14 @@
 # 3-step sagas of trivial steps (bench/sagas_setup.sql):
 #   - the three step functions called directly in one transaction (pgbench);
 #   - end to end: 8 pgbench clients call saga_start for BENCH_SECONDS while
-#     the database's worker drives the sagas; the rate is the sagas started
-#     divided by the time from the first start to the last completion
-#     (server clock);
-#   - drained: BENCH_SAGA_BACKLOG sagas (default 20,000) started with the
-#     sagas job off, then driven by the worker alone;
-# and the ratio of a saga's cost to the direct calls.
+#     1, 2 and 4 orchestrators (resilience.saga_workers) drive the sagas;
+#     the rate is the sagas started divided by the time from the first start
+#     to the last completion (server clock);
+#   - drained: BENCH_SAGA_BACKLOG sagas (default 20,000) started in one
+#     transaction, then driven by 1, 2 and 4 orchestrators per database
+#     (resilience.saga_workers: the worker and its saga helpers);
+# and the ratio of a saga's cost to the direct calls, and of 2 and 4
+# orchestrators to 1.
 
 SAGA_BACKLOG=${BENCH_SAGA_BACKLOG:-20000}
 
@@ -46,22 +48,44 @@ run_sagas() {
 	local t0
 	run_pgbench saga_direct "3 step functions called directly, one transaction" saga_direct.sql
 
-	sagas_reset
-	run_pgbench saga_start "saga_start (while the worker drives them)" saga_start.sql
-	say "-- waiting for the worker to finish the sagas"
-	sagas_wait_done
-	record_saga_rate saga_e2e "3-step sagas/s, end to end (8 starting clients)"
+	for n in 1 2 4; do
+		sagas_set_workers "$n"
+		sagas_reset
+		run_pgbench "saga_start$(sfx "$n")" "saga_start (while $n orchestrator(s) drive them)" saga_start.sql
+		say "-- waiting for the orchestrators to finish the sagas"
+		sagas_wait_done
+		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s)"
+	done
 
-	say "-- $SAGA_BACKLOG sagas started with the sagas job off, then drained by the worker"
-	sagas_reset
-	psql -X -q -c 'ALTER SYSTEM SET resilience.saga_interval = 0' -c 'SELECT pg_reload_conf()' >/dev/null
-	sleep 1
-	psql -X -q -c "SELECT count(resilience.saga_start('bench3', '{}')) FROM generate_series(1, $SAGA_BACKLOG)" \
-		-c 'VACUUM ANALYZE resilience.sagas, resilience.saga_events' >/dev/null
-	t0=$(psql -X -Atq -c 'SELECT clock_timestamp()')
-	psql -X -q -c 'ALTER SYSTEM RESET resilience.saga_interval' -c 'SELECT pg_reload_conf()' >/dev/null
-	sagas_wait_done
-	record_saga_rate saga_drain "3-step sagas/s, a backlog drained by the worker" "$t0"
+	for n in 1 2 4; do
+		say "-- $SAGA_BACKLOG sagas started in one transaction, drained by $n orchestrator(s)"
+		sagas_set_workers "$n"
+		sagas_reset
+		# the orchestrators start at the commit; t0 is taken just before it
+		t0=$(psql -X -Atq -c 'BEGIN' \
+			-c "SELECT count(resilience.saga_start('bench3', '{}')) FROM generate_series(1, $SAGA_BACKLOG)" \
+			-c 'SELECT clock_timestamp()' -c 'COMMIT' | sed -n 2p)
+		sagas_wait_done
+		record_saga_rate "saga_drain$(sfx "$n")" \
+			"3-step sagas/s, a backlog drained by $n orchestrator(s)" "$t0"
+	done
+	sagas_set_workers 1
+}
+
+# sfx n: the suffix of a measurement's id for n orchestrators ("" for 1).
+sfx() { [ "$1" = 1 ] || echo "_$1"; }
+
+# sagas_set_workers n: resilience.saga_workers = n, and wait for the n - 1
+# saga helpers of this database (at most 30 s).
+sagas_set_workers() {
+	local waited=0
+	psql -X -q -c "ALTER SYSTEM SET resilience.saga_workers = $1" -c 'SELECT pg_reload_conf()' >/dev/null
+	while [ "$(psql -X -Atq -c "SELECT count(*) FROM pg_stat_activity
+			WHERE backend_type = 'resilience saga helper' AND datname = current_database()")" != $(($1 - 1)) ]; do
+		sleep 0.2
+		waited=$((waited + 1))
+		[ "$waited" -lt 150 ] || die "resilience.saga_workers = $1: the saga helpers did not start"
+	done
 }
 
 # value_line label id op target: a throughput against its target.
@@ -74,6 +98,14 @@ value_line() {
 
 report_sagas() {
 	value_line "3-step sagas/s, end to end" saga_e2e ">=" 1000
+	value_line "3-step sagas/s, end to end, 2 orchestrators" saga_e2e_2 ">=" 1000
+	value_line "3-step sagas/s, end to end, 4 orchestrators" saga_e2e_4 ">=" 1000
 	value_line "3-step sagas/s, backlog drained by the worker" saga_drain ">=" 1000
+	value_line "3-step sagas/s, backlog, 2 orchestrators" saga_drain_2 ">=" 1000
+	value_line "3-step sagas/s, backlog, 4 orchestrators" saga_drain_4 ">=" 1000
+	ratio_line "2 orchestrators / 1 (end to end, x)" saga_e2e_2 saga_e2e ">" 1
+	ratio_line "4 orchestrators / 1 (end to end, x)" saga_e2e_4 saga_e2e ">" 1
+	ratio_line "2 orchestrators / 1 (drained backlog, x)" saga_drain_2 saga_drain ">" 1
+	ratio_line "4 orchestrators / 1 (drained backlog, x)" saga_drain_4 saga_drain ">" 1
 	ratio_line "direct calls / sagas end to end (saga cost, x)" saga_direct saga_e2e
 }

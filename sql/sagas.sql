@@ -108,7 +108,7 @@ CALL trip.settle(:happy);
 SELECT state, step, context, error, finished_at IS NOT NULL AS finished, next_run_at
   FROM resilience.sagas WHERE id = :happy;
 SELECT * FROM trip.story(:happy);
--- Each step ran once, as the role that defined the saga, with a pinned search_path.
+-- Each step ran once, as the role that defined the saga, with its search_path (pg_temp last).
 SELECT step, op, attempt, who, path FROM trip.log WHERE saga_id = :happy ORDER BY id;
 SELECT step_no, name, state, attempts, result FROM resilience.saga_steps WHERE saga_id = :happy ORDER BY step_no;
 -- Every event carries the key participants see.

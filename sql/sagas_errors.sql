@@ -181,3 +181,54 @@ SELECT owner_role FROM resilience.sagas WHERE id = :tenant_saga;
 UPDATE resilience.sagas SET owner_role = NULL WHERE id = :tenant_saga;
 DROP ROLE regress_tenant_a;
 DROP ROLE regress_tenant_b;
+
+-- Timers and signals (issue 16): each refused with 22023, nothing stored.
+SET ROLE regress_saga_definer;
+SELECT count(*) AS definitions_before FROM resilience.saga_definitions \gset
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "0 s"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "-1 minute"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "31 days"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "a while"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": null}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "until": ""}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "until": 5}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "0 s"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "31 days"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "", "timeout": "1 day"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "on_timeout": "retry"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "signalers": "bob"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "await": "approved", "timeout": "1 day", "signalers": ["regress_no_such_role"]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "until": "t"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "action": "bad.ok"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "max_attempts": 2}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "action": "bad.ok", "on_timeout": "continue"}]');
+-- parallel groups: malformed ones are 22023 (one level deep, at least two
+-- branches, names unique across the saga, SQL branches only, each branch
+-- checked as a step); a well-formed one is not run yet: 0A000
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": []}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": {"name": "b", "action": "bad.ok"}}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "parallel": [{"name": "d", "action": "bad.ok"}, {"name": "e", "action": "bad.ok"}]}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "b", "action": "bad.ok"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "b", "action": "bad.ok"}, {"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}, {"name": "c", "action": "bad.ok"}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "a", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "async", "topic": "t"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "sleep": "1 s"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "timeout": "1 s", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.no_such"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok", "max_attempts": 0}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
+-- the SQLSTATE of each malformed group (22023) and of a well-formed one (0A000)
+SELECT left(sqlstate_of(format($$SELECT resilience.saga_define('w', %L)$$, d)), 5) AS sqlstate, count(*) AS definitions
+  FROM (VALUES ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "parallel": [{"name": "d", "action": "bad.ok"}, {"name": "e", "action": "bad.ok"}]}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "b", "action": "bad.ok"}]}]'),
+               ('[{"name": "b", "action": "bad.ok"}, {"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "async", "topic": "t"}]}]'),
+               ('[{"name": "a", "timeout": "1 s", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]')) v(d)
+ GROUP BY 1 ORDER BY 1;
+SELECT count(*) OPERATOR(pg_catalog.=) :definitions_before AS nothing_stored FROM resilience.saga_definitions;
+RESET ROLE;

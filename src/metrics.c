@@ -119,7 +119,8 @@ static const char *const saga_events[] = {
 	"saga_started", "step_completed", "step_failed", "step_timed_out", "command_sent",
 	"reply_received", "reply_ignored", "compensation_started", "step_compensated",
 	"compensation_failed", "saga_completed", "saga_compensated", "saga_parked",
-	"saga_retried", "saga_aborted", NULL
+	"saga_retried", "saga_aborted", "saga_suspended", "timer_started", "timer_fired",
+	"signal_received", "signal_awaited", "signal_consumed", "signal_timed_out", NULL
 };
 static const char *const retry_kinds[] = {"action", "compensation", NULL};
 static const char *const job_results[] = {"success", "failure", NULL};
@@ -256,7 +257,7 @@ static const FamilyDef families[] = {
 		"Failed step attempts scheduled for a retry, by saga and kind (action, compensation).",
 		FAMILY_COUNTER, RC_SAGA_STEP_RETRIES, true, "saga", "kind", retry_kinds},
 	{"resilience_sagas", "gauge",
-		"Unfinished sagas, by saga and state (running, compensating, compensation_failed).",
+		"Unfinished sagas, by saga and state (running, compensating, compensation_failed, suspended).",
 		FAMILY_QUERY},
 	{"resilience_sagas_stuck", "gauge",
 		"Unfinished sagas without progress for resilience.saga_stuck_after, by saga and state.",
@@ -393,7 +394,10 @@ static const GaugeQuery gauge_queries[] = {
 		"                 WHERE next_run_at IS NOT NULL"
 		"                UNION ALL"
 		"                SELECT name, state, updated_at FROM resilience.sagas"
-		"                 WHERE state = 'compensation_failed' AND next_run_at IS NULL) s"
+		"                 WHERE state = 'compensation_failed' AND next_run_at IS NULL"
+		"                UNION ALL"
+		"                SELECT name, state, updated_at FROM resilience.sagas"
+		"                 WHERE state = 'suspended') s"
 		"         GROUP BY s.name, s.state) g,"
 		"       LATERAL (VALUES ('resilience_sagas', g.n::float8),"
 		"                       ('resilience_sagas_stuck', g.stuck::float8)) m(metric, value)"},

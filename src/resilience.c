@@ -45,6 +45,7 @@ int			resilience_breaker_half_open_calls = 10;
 int			resilience_breaker_probe_timeout_ms = 60000;
 bool		resilience_breaker_defaults_changed = true;
 int			resilience_saga_interval_ms = 1000;
+int			resilience_saga_workers = 1;
 int			resilience_saga_retention_s = 7 * 86400;
 int			resilience_schedule_interval_ms = 10000;
 int			resilience_schedule_retention_s = 7 * 86400;
@@ -284,6 +285,12 @@ _PG_init(void)
 							&resilience_saga_interval_ms,
 							1000, 0, 86400000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.saga_workers",
+							"Saga orchestrators per database: the worker and this many minus one saga helpers.",
+							"They share the due sagas (SKIP LOCKED); each helper takes a slot of max_worker_processes.",
+							&resilience_saga_workers,
+							1, 1, RESILIENCE_MAX_SAGA_WORKERS,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("resilience.saga_retention",
 							"How long completed and compensated sagas are kept before the reaper removes them.",
 							"Their idempotency keys are forgotten with them.",

@@ -59,6 +59,9 @@ extern int	resilience_breaker_probe_timeout_ms;
 /* Set when a breaker default may have changed (GUC assign hooks). */
 extern bool resilience_breaker_defaults_changed;
 extern int	resilience_saga_interval_ms;
+extern int	resilience_saga_workers;
+/* Most saga orchestrators per database (resilience.saga_workers). */
+#define RESILIENCE_MAX_SAGA_WORKERS 16
 extern int	resilience_saga_retention_s;
 extern int	resilience_saga_stuck_after_s;
 extern int	resilience_relay_interval_ms;

@@ -98,12 +98,14 @@ typedef enum SagaState
 	SAGA_COMPENSATING,
 	SAGA_COMPLETED,
 	SAGA_COMPENSATED,
-	SAGA_PARKED
+	SAGA_PARKED,
+	SAGA_SUSPENDED
 } SagaState;
 
 static const char *const state_names[] = {
-	"running", "compensating", "completed", "compensated", "compensation_failed"
+	"running", "compensating", "completed", "compensated", "compensation_failed", "suspended"
 };
+StaticAssertDecl(lengthof(state_names) == SAGA_SUSPENDED + 1, "state_names");
 
 typedef enum OpKind
 {
@@ -119,9 +121,25 @@ typedef struct SagaOp
 	char	   *function;		/* OP_SQL: schema-qualified, quoted name */
 } SagaOp;
 
+/* What a step is: an action (SQL or async), a timer, or a wait for a signal. */
+typedef enum StepKind
+{
+	STEP_ACTION,
+	STEP_SLEEP,
+	STEP_UNTIL,
+	STEP_AWAIT
+} StepKind;
+
 typedef struct SagaStepDef
 {
 	char	   *name;
+	StepKind	kind;
+	int64		sleep_us;		/* STEP_SLEEP */
+	char	   *until_key;		/* STEP_UNTIL: the context key of its time */
+	char	   *signal;			/* STEP_AWAIT (timeout_us: how long) */
+	bool		continue_on_timeout;
+	int			nsignalers;		/* roles that may signal besides the definer */
+	char	  **signalers;
 	SagaOp		action;
 	SagaOp		compensation;
 	char	   *topic;			/* for async operations */
@@ -142,6 +160,7 @@ typedef struct SagaDef
 	char	   *name;
 	int			version;
 	Oid			definer;
+	char	   *search_path;	/* the steps', or NULL (defined before 0.2) */
 	int			nsteps;
 	SagaStepDef *steps;
 } SagaDef;
@@ -190,6 +209,8 @@ PG_FUNCTION_INFO_V1(saga_step_failed);
 PG_FUNCTION_INFO_V1(saga_retry);
 PG_FUNCTION_INFO_V1(saga_abort);
 PG_FUNCTION_INFO_V1(saga_retention);
+PG_FUNCTION_INFO_V1(saga_signal);
+PG_FUNCTION_INFO_V1(saga_signal_by_key);
 
 /* The saga whose step this backend is running (0: none). */
 static int64 step_saga_id = 0;
@@ -448,16 +469,38 @@ typedef enum SagaPlan
 	PLAN_DEF_INSERT,
 	PLAN_PICK_BY_HAND,
 	PLAN_PICK_ID_BY_HAND,
+	PLAN_SUSPEND,
+	PLAN_SIGNAL_NEXT,
+	PLAN_SIGNAL_CONSUME,
+	PLAN_SIGNAL_INSERT,
+	PLAN_ID_BY_KEY,
 	NUM_PLANS
 } SagaPlan;
 
 #define SAGA_COLUMNS \
-	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at"
+	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at, name"
 /* a tick run by hand takes only the sagas of definers whose privileges $3 has */
 #define BY_HAND_FILTER \
 	" AND pg_catalog.pg_has_role($3, (SELECT d.definer::pg_catalog.oid" \
 	" FROM resilience.saga_definitions d" \
 	" WHERE d.id OPERATOR(pg_catalog.=) sagas.definition_id), 'USAGE')"
+
+/* a definition, one row per step in order, intervals in microseconds */
+#define LOAD_DEF(search_path) \
+	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action'," \
+	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic'," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'timeout')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" (e.s OPERATOR(pg_catalog.->>) 'max_attempts')::pg_catalog.int4," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}'," \
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on'))," \
+	" " search_path "," \
+	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'sleep')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
+	" e.s OPERATOR(pg_catalog.->>) 'until', e.s OPERATOR(pg_catalog.->>) 'await', e.s OPERATOR(pg_catalog.->>) 'on_timeout'," \
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'signalers'))" \
+	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)" \
+	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n"
 
 static const char *const plan_sql[NUM_PLANS] = {
 	/* the saga due longest (from a floor on), unless another tick has it */
@@ -498,21 +541,12 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
 	"SELECT id, payload OPERATOR(pg_catalog.=) $3 FROM resilience.sagas"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
-	/* a definition, one row per step in order, intervals in microseconds */
-	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action',"
-	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic',"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'timeout')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" (e.s OPERATOR(pg_catalog.->>) 'max_attempts')::pg_catalog.int4,"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,base}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.#>>) '{backoff,cap}')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,"
-	" e.s OPERATOR(pg_catalog.#>>) '{backoff,jitter}',"
-	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'retry_on'))"
-	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)"
-	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n",
+	LOAD_DEF("d.search_path"),
 	"SELECT version, steps OPERATOR(pg_catalog.=) $2 AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
+	" AND search_path IS NOT DISTINCT FROM $4"
 	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
-	"INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
-	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
+	"INSERT INTO resilience.saga_definitions (name, version, steps, definer, search_path)"
+	" VALUES ($1, $2, $3, $4::pg_catalog.regrole, $5)",
 	/* PLAN_PICK and PLAN_PICK_ID for a tick run by hand ($3: the caller) */
 	"SELECT " SAGA_COLUMNS " FROM resilience.sagas"
 	" WHERE next_run_at OPERATOR(pg_catalog.<=) $1 AND next_run_at OPERATOR(pg_catalog.>=) $2"
@@ -522,9 +556,22 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" WHERE id OPERATOR(pg_catalog.=) $1 AND next_run_at OPERATOR(pg_catalog.<=) $2"
 	BY_HAND_FILTER
 	" FOR UPDATE SKIP LOCKED",
+	/* park a saga whose tick failed outside its step (see tick_once) */
+	"UPDATE resilience.sagas SET state = 'suspended', next_run_at = NULL, updated_at = $2"
+	" WHERE id OPERATOR(pg_catalog.=) $1",
+	/* signals: the oldest one kept for an await step, its use, its arrival */
+	"SELECT id, signal_id, payload FROM resilience.saga_signals"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND signal OPERATOR(pg_catalog.=) $2 AND consumed_at IS NULL"
+	" ORDER BY id LIMIT 1",
+	"UPDATE resilience.saga_signals SET consumed_at = $3, consumed_by = $4"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.=) $2",
+	"INSERT INTO resilience.saga_signals (saga_id, signal, signal_id, payload, sent_by, received_at)"
+	" VALUES ($1, $2, $3, $4, $5::pg_catalog.regrole, $6) ON CONFLICT (saga_id, signal_id) DO NOTHING RETURNING id",
+	"SELECT id FROM resilience.sagas"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 3, 4, 3, 3};
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2};
 
 static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
@@ -543,13 +590,39 @@ static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID},
 	{TEXTOID, TEXTOID, JSONBOID},
 	{INT8OID},
-	{TEXTOID, JSONBOID, OIDOID},
-	{TEXTOID, INT4OID, JSONBOID, OIDOID},
+	{TEXTOID, JSONBOID, OIDOID, TEXTOID},
+	{TEXTOID, INT4OID, JSONBOID, OIDOID, TEXTOID},
 	{TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 	{INT8OID, TIMESTAMPTZOID, OIDOID},
+	{INT8OID, TIMESTAMPTZOID},
+	{INT8OID, TEXTOID},
+	{INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID},
+	{INT8OID, TEXTOID, TEXTOID, JSONBOID, OIDOID, TIMESTAMPTZOID},
+	{TEXTOID, TEXTOID},
+};
+
+/*
+ * The statements that differ on a 0.1 schema, which this library still
+ * drives until ALTER EXTENSION resilience UPDATE: no search_path recorded.
+ */
+static const char *const plan_sql_0_1[NUM_PLANS] = {
+	[PLAN_LOAD_DEF] = LOAD_DEF("NULL::pg_catalog.text"),
+	[PLAN_DEF_LATEST] = "SELECT version, steps OPERATOR(pg_catalog.=) $2"
+	" AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
+	" FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1 ORDER BY version DESC LIMIT 1",
+	[PLAN_DEF_INSERT] = "INSERT INTO resilience.saga_definitions (name, version, steps, definer)"
+	" VALUES ($1, $2, $3, $4::pg_catalog.regrole)",
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
+static SPIPlanPtr plans_0_1[NUM_PLANS];
+
+/* Is the schema 0.1's (saga_definitions without search_path)? */
+static bool
+schema_is_0_1(void)
+{
+	return get_attnum(resilience_relid("saga_definitions"), "search_path") == InvalidAttrNumber;
+}
 
 /*
  * Run one of the statements above (inside SPI); isnull may be NULL when no
@@ -569,22 +642,25 @@ run_plan(SagaPlan which, Datum *values, const bool *isnull)
 	int			ret;
 	int			nestlevel;
 
-	if (plans[which] == NULL)
+	bool		old = plan_sql_0_1[which] != NULL && schema_is_0_1();
+	SPIPlanPtr *slot = old ? &plans_0_1[which] : &plans[which];
+
+	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which],
-									   (Oid *) plan_argtypes[which]);
+		SPIPlanPtr	plan = SPI_prepare(old ? plan_sql_0_1[which] : plan_sql[which],
+									   plan_nargs[which], (Oid *) plan_argtypes[which]);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
-		plans[which] = plan;
+		*slot = plan;
 	}
 	for (i = 0; i < plan_nargs[which]; i++)
 		nulls[i] = (isnull && isnull[i]) ? 'n' : ' ';
 	nestlevel = NewGUCNestLevel();
 	(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
-	ret = SPI_execute_plan(plans[which], values, nulls, false, 0);
+	ret = SPI_execute_plan(*slot, values, nulls, false, 0);
 	AtEOXact_GUC(true, nestlevel);
 	if (ret < 0)
 		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
@@ -596,6 +672,16 @@ static Datum
 column(uint64 row, int attno, bool *isnull)
 {
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, attno, isnull);
+}
+
+/* Is column attno of row of the last result NULL? */
+static bool
+column_is_null(uint64 row, int attno)
+{
+	bool		isnull;
+
+	(void) column(row, attno, &isnull);
+	return isnull;
 }
 
 /* A jsonb column of the last result, or NULL. */
@@ -672,6 +758,7 @@ definition_load(int64 id, MemoryContext mcxt)
 	def->name = column_text(0, 1);
 	def->version = DatumGetInt32(column(0, 2, &isnull));
 	def->definer = DatumGetObjectId(column(0, 3, &isnull));
+	def->search_path = column_text(0, 14);
 	def->nsteps = (int) n;
 	def->steps = palloc0(n * sizeof(SagaStepDef));
 	for (i = 0; i < n; i++)
@@ -683,6 +770,21 @@ definition_load(int64 id, MemoryContext mcxt)
 		int			j;
 
 		st->name = column_text(i, 4);
+		st->until_key = column_text(i, 16);
+		st->signal = column_text(i, 17);
+		st->continue_on_timeout = st->signal && strcmp(column_text(i, 18), "continue") == 0;
+		if (!column_is_null(i, 15))
+		{
+			st->kind = STEP_SLEEP;
+			st->sleep_us = DatumGetInt64(column(i, 15, &isnull));
+		}
+		else
+			st->kind = st->until_key ? STEP_UNTIL : st->signal ? STEP_AWAIT : STEP_ACTION;
+		deconstruct_array(DatumGetArrayTypeP(column(i, 19, &isnull)), TEXTOID, -1, false,
+						  TYPALIGN_INT, &codes, &code_nulls, &st->nsignalers);
+		st->signalers = palloc0(Max(st->nsignalers, 1) * sizeof(char *));
+		for (j = 0; j < st->nsignalers; j++)
+			st->signalers[j] = TextDatumGetCString(codes[j]);
 		st->action = parse_op(column_text(i, 5));
 		st->compensation = parse_op(column_text(i, 6));
 		st->topic = column_text(i, 7);
@@ -699,9 +801,13 @@ definition_load(int64 id, MemoryContext mcxt)
 		st->retry_on_class = palloc0(Max(st->nretry_on, 1) * sizeof(bool));
 		for (j = 0; j < st->nretry_on; j++)
 			st->retry_on[j] = parse_sqlstate(TextDatumGetCString(codes[j]), &st->retry_on_class[j]);
-		if (st->name == NULL || st->action.kind == OP_NONE || st->timeout_us <= 0 ||
-			st->max_attempts < 1 || st->backoff_base_us <= 0 ||
-			st->backoff_cap_us < st->backoff_base_us)
+		if (st->name == NULL ||
+			(st->kind == STEP_ACTION &&
+			 (st->action.kind == OP_NONE || st->timeout_us <= 0 || st->max_attempts < 1 ||
+			  st->backoff_base_us <= 0 || st->backoff_cap_us < st->backoff_base_us)) ||
+			(st->kind == STEP_SLEEP && st->sleep_us <= 0) ||
+			(st->kind == STEP_AWAIT && st->timeout_us <= 0) ||
+			(st->kind != STEP_ACTION && (st->action.kind != OP_NONE || st->compensation.kind != OP_NONE)))
 			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, (int) i + 1);
 	}
 	MemoryContextSwitchTo(oldcontext);
@@ -1042,6 +1148,21 @@ step_function(const char *name, Oid definer)
 	return fn;
 }
 
+/*
+ * Act as the saga's definer for a step (resilience_become: a restricted
+ * operation whose settings are reverted), with the search_path recorded
+ * when the saga was defined: the step resolves names as its author did.
+ * Definitions from before 0.2 have none and keep the pinned one.
+ */
+static void
+step_become(SagaDef *def, ResilienceUser *save)
+{
+	resilience_become(def->definer, true, save);
+	if (def->search_path)
+		(void) set_config_option("search_path", def->search_path, PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+}
+
 /* Put back the caller's statement timeout after a step's own. */
 static void
 restore_statement_timeout(bool outer_active, TimestampTz outer_fin)
@@ -1110,7 +1231,7 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 
 		if (armed)
 			enable_timeout_at(STATEMENT_TIMEOUT, deadline);
-		resilience_become(s->def->definer, true, &save);
+		step_become(s->def, &save);
 		InvokeFunctionExecuteHook(fn);
 		/* the step's errors carry its own context, not the orchestrator's */
 		error_context_stack = NULL;
@@ -1515,6 +1636,167 @@ timeout_error(Saga *s, bool compensation)
 	return jb_done(&jb);
 }
 
+/* ---- timers and signals ---- */
+
+/*
+ * The time under key in the context (a JSON string a timestamptz accepts):
+ * true, or false and why in *error.  Parsed in a subtransaction: a value
+ * that is not a time fails the step, it does not suspend the saga.
+ */
+static bool
+context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
+{
+	char	   *text = jsonb_get_string(context, key);
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		ok = false;
+
+	if (text == NULL)
+	{
+		JsonBuf		jb;
+
+		jb_init(&jb);
+		jb_str(&jb, "sqlstate", "22023");
+		jb_str(&jb, "message", psprintf("the context has no time under \"%s\"", key));
+		*error = jb_done(&jb);
+		return false;
+	}
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		*out = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+													   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * A sleep or until step: the first tick computes when it is due and leaves
+ * the time in next_run_at (nothing sleeps), a tick at that time completes
+ * it.  A time already past completes it at once.  The timer is a committed
+ * fact: it survives restarts and crashes, and fires once, late if the
+ * server was down when it was due.
+ */
+static void
+timer_advance(Saga *s, SagaStepDef *st)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	JsonBuf		detail;
+
+	if (!s->awaiting)
+	{
+		TimestampTz due = now + st->sleep_us;
+		Jsonb	   *error = NULL;
+
+		if (st->kind == STEP_UNTIL && !context_time(s->context, st->until_key, &due, &error))
+		{
+			attempt_failed(s, false, 1, error, false, false, false);
+			return;
+		}
+		if (due > now)
+		{
+			step_row_action(s, "waiting", 0, 0, NULL, NULL);
+			s->awaiting = true;
+			s->next_run_at = due;
+			jb_init(&detail);
+			jb_time(&detail, "due", due);
+			saga_event(s, "timer_started", s->step, 0, false, NULL, jb_done(&detail));
+			saga_write(s);
+			return;
+		}
+	}
+	jb_init(&detail);
+	if (s->awaiting)
+		jb_int(&detail, "late_ms", (now - s->next_run_at) / 1000);
+	saga_event(s, "timer_fired", s->step, 0, false, NULL, jb_done(&detail));
+	action_done(s, NULL, 1, -1);
+}
+
+/*
+ * An await step: a signal kept for it (it may have come before the saga
+ * got here) completes it with its payload; otherwise the saga waits until
+ * the timeout, which saga_signal cuts short.  At the timeout the step fails
+ * (compensating the steps before it) or, with on_timeout "continue",
+ * completes without a payload.
+ */
+static void
+await_advance(Saga *s, SagaStepDef *st)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		values[4];
+	JsonBuf		detail;
+	bool		isnull;
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = CStringGetTextDatum(st->signal);
+	if (run_plan(PLAN_SIGNAL_NEXT, values, NULL) == 1)
+	{
+		int64		signal_row = DatumGetInt64(column(0, 1, &isnull));
+		char	   *signal_id = column_text(0, 2);
+		Jsonb	   *payload = column_jsonb(0, 3);
+
+		values[1] = Int64GetDatum(signal_row);
+		values[2] = TimestampTzGetDatum(now);
+		values[3] = CStringGetTextDatum(st->name);
+		run_plan(PLAN_SIGNAL_CONSUME, values, NULL);
+		jb_init(&detail);
+		jb_str(&detail, "signal", st->signal);
+		jb_str(&detail, "signal_id", signal_id);
+		saga_event(s, "signal_consumed", s->step, 0, false, NULL, jb_done(&detail));
+		action_done(s, payload, 1, -1);
+		return;
+	}
+	if (!s->awaiting)
+	{
+		step_row_action(s, "waiting", 0, 0, NULL, NULL);
+		s->awaiting = true;
+		s->next_run_at = now + st->timeout_us;
+		jb_init(&detail);
+		jb_str(&detail, "signal", st->signal);
+		jb_time(&detail, "timeout_at", s->next_run_at);
+		saga_event(s, "signal_awaited", s->step, 0, false, NULL, jb_done(&detail));
+		saga_write(s);
+		return;
+	}
+	/* the timeout passed with no signal */
+	jb_init(&detail);
+	jb_str(&detail, "signal", st->signal);
+	jb_str(&detail, "on_timeout", st->continue_on_timeout ? "continue" : "fail");
+	saga_event(s, "signal_timed_out", s->step, 0, false, NULL, jb_done(&detail));
+	if (st->continue_on_timeout)
+		action_done(s, NULL, 1, -1);
+	else
+	{
+		JsonBuf		error;
+
+		jb_init(&error);
+		jb_str(&error, "sqlstate", "57014");
+		jb_str(&error, "message", psprintf("no signal \"%s\" for step \"%s\" within its timeout",
+										   st->signal, st->name));
+		attempt_failed(s, false, 1, jb_done(&error), false, true, false);
+	}
+}
+
 /* One unit of work on a running or compensating saga. */
 static void
 saga_advance(Saga *s)
@@ -1530,6 +1812,16 @@ saga_advance(Saga *s)
 		return;
 	}
 	st = &s->def->steps[s->step - 1];
+	if (!compensation && st->kind == STEP_AWAIT)
+	{
+		await_advance(s, st);
+		return;
+	}
+	if (!compensation && st->kind != STEP_ACTION)
+	{
+		timer_advance(s, st);
+		return;
+	}
 	op = compensation ? &st->compensation : &st->action;
 	if (op->kind == OP_ASYNC)
 	{
@@ -1565,7 +1857,52 @@ saga_advance(Saga *s)
 }
 
 /*
- * Lock a due saga for this tick, skipping those another transaction holds.
+ * Errors a tick gives up on rather than suspend the saga for: a cancel or
+ * shutdown, a serialization failure or deadlock, a lock not available, and
+ * a lack of resources (memory, disk).  The next tick tries again.
+ */
+static bool
+tick_error_is_transient(ErrorData *edata)
+{
+	int			category = ERRCODE_TO_CATEGORY(edata->sqlerrcode);
+
+	return category == ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES) ||
+		category == ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR) ||
+		edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+}
+
+/*
+ * Suspend saga id (locked) after its tick failed outside a step: it leaves
+ * the queue, with the error in its events, until saga_retry (which resumes
+ * it as running, or as compensating if it has an error: see saga_retry).
+ */
+static void
+saga_suspend(int64 id, const char *name, ErrorData *edata)
+{
+	Datum		values[2];
+	Saga		s;
+	Jsonb	   *error = error_json(edata, NULL);
+
+	values[0] = Int64GetDatum(id);
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	run_plan(PLAN_SUSPEND, values, NULL);
+	memset(&s, 0, sizeof(s));
+	s.id = id;
+	s.state = SAGA_SUSPENDED;
+	saga_event(&s, "saga_suspended", 0, 0, false, error, NULL);
+	metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event("saga_suspended"), name, 1);
+	ereport(LOG,
+			(errmsg("saga " INT64_FORMAT " (\"%s\") is suspended: its orchestration failed: %s",
+					id, name, edata->message),
+			 errdetail("The other sagas go on; this one waits in state suspended."),
+			 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", id)));
+}
+
+/*
+ * Lock a due saga for this tick, skipping those another transaction holds;
+ * it is row 0 of the last result (SAGA_COLUMNS).
  *
  * A saga that the previous tick of this backend left due at once (its next
  * step) comes first, found by its key: a saga runs to its end or its first
@@ -1578,7 +1915,7 @@ saga_advance(Saga *s)
  * below the floor (a late commit, a skipped lock) waits at most that long.
  */
 static bool
-saga_pick(Saga *s, Oid by_hand)
+saga_pick(Oid by_hand)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	SagaPlan	pick = OidIsValid(by_hand) ? PLAN_PICK_BY_HAND : PLAN_PICK;
@@ -1593,10 +1930,7 @@ saga_pick(Saga *s, Oid by_hand)
 		values[0] = Int64GetDatum(sticky_saga_id);
 		sticky_saga_id = 0;
 		if (run_plan(pick_id, values, NULL) == 1)
-		{
-			saga_read(s);
 			return true;
-		}
 	}
 
 	if (now - pick_floor_since >= FLOOR_RESET_MS * INT64CONST(1000))
@@ -1616,7 +1950,6 @@ saga_pick(Saga *s, Oid by_hand)
 	if (SPI_processed == 0)
 		return false;
 	pick_floor = DatumGetTimestampTz(column(0, 10, &isnull));
-	saga_read(s);
 	return true;
 }
 
@@ -1637,18 +1970,59 @@ saga_pick(Saga *s, Oid by_hand)
 static bool
 tick_once(Oid by_hand)
 {
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
 	Saga		s;
+	int64		id;
+	char	   *name;
+	bool		isnull;
 
 	PreventCommandDuringRecovery("saga_tick()");
-	if (!saga_pick(&s, by_hand))
+	if (!saga_pick(by_hand))
 		return false;
-	if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
-		saga_advance(&s);
-	else
+	id = DatumGetInt64(column(0, 1, &isnull));
+	name = column_text(0, 11);
+
+	/*
+	 * The saga's row is locked in the tick's transaction; the work on it is
+	 * done in a subtransaction, so that an error outside its step's own
+	 * subtransaction (a context past jsonb's limit, a broken definition)
+	 * suspends this saga instead of aborting every tick that picks it: it
+	 * would stay the oldest due saga, and no other would ever run.
+	 */
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
 	{
-		s.next_run_at = 0;		/* finished or parked: nothing is due */
-		saga_write(&s);
+		saga_read(&s);
+		if (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING)
+			saga_advance(&s);
+		else
+		{
+			s.next_run_at = 0;	/* finished or parked: nothing is due */
+			saga_write(&s);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
 	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		step_saga_id = 0;
+		if (tick_error_is_transient(edata))
+			ReThrowError(edata);
+		saga_suspend(id, name, edata);
+		return true;
+	}
+	PG_END_TRY();
 	/* its next step is due at once: the next tick takes it first */
 	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
 		sticky_saga_id = s.id;
@@ -1720,6 +2094,36 @@ check_step_names(Jsonb *normalized)
 }
 
 /*
+ * The search_path the steps will run with: the caller's, with pg_temp
+ * moved to the end (a temporary object never shadows what the author
+ * meant; "$user" stays, and resolves to the definer the steps run as).
+ */
+static char *
+definer_search_path(void)
+{
+	char	   *raw = pstrdup(namespace_search_path);
+	List	   *names;
+	ListCell   *lc;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	if (!SplitIdentifierString(raw, ',', &names))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("search_path \"%s\" cannot be parsed", namespace_search_path)));
+	foreach(lc, names)
+	{
+		const char *name = lfirst(lc);
+
+		if (strcmp(name, "pg_temp") == 0 || strncmp(name, "pg_temp_", 8) == 0)
+			continue;
+		appendStringInfo(&buf, "%s, ", quote_identifier(name));
+	}
+	appendStringInfoString(&buf, "pg_temp");
+	return buf.data;
+}
+
+/*
  * saga_define(name, steps) → version.  Validates and normalizes the steps as
  * the caller (resolving function names with the caller's search_path), then
  * stores a new version unless the latest one is identical.  The caller is
@@ -1729,7 +2133,8 @@ Datum
 saga_define(PG_FUNCTION_ARGS)
 {
 	Oid			definer = GetUserId();
-	Datum		values[4];
+	char	   *search_path = definer_search_path();
+	Datum		values[5];
 	bool		isnull;
 	Jsonb	   *normalized;
 	int			version = 1;
@@ -1773,6 +2178,7 @@ saga_define(PG_FUNCTION_ARGS)
 	values[0] = PG_GETARG_DATUM(0);
 	values[1] = JsonbPGetDatum(normalized);
 	values[2] = ObjectIdGetDatum(definer);
+	values[3] = CStringGetTextDatum(search_path);
 	if (run_plan(PLAN_DEF_LATEST, values, NULL) == 1)
 	{
 		version = DatumGetInt32(column(0, 1, &isnull));
@@ -1786,6 +2192,7 @@ saga_define(PG_FUNCTION_ARGS)
 		values[1] = Int32GetDatum(version);
 		values[2] = JsonbPGetDatum(normalized);
 		values[3] = ObjectIdGetDatum(definer);
+		values[4] = CStringGetTextDatum(search_path);
 		run_plan(PLAN_DEF_INSERT, values, NULL);
 	}
 	else
@@ -2101,29 +2508,207 @@ saga_step_failed(PG_FUNCTION_ARGS)
 							  PG_GETARG_BOOL(4)));
 }
 
-/* saga_retry(saga_id): a parked saga compensates again from where it stopped. */
+/*
+ * May caller signal saga s, whose await steps of this signal are those of
+ * the numbers in steps?  Its definer, the roles that have its privileges,
+ * resilience_admin, and the roles those steps name (signalers); else 42501.
+ */
+static void
+check_signaler(Saga *s, List *steps, Oid caller)
+{
+	ListCell   *lc;
+	char	   *definer;
+
+	if (tenant_may_act(caller, s->def->definer))
+		return;
+	foreach(lc, steps)
+	{
+		SagaStepDef *st = &s->def->steps[lfirst_int(lc) - 1];
+		int			i;
+
+		for (i = 0; i < st->nsignalers; i++)
+		{
+			Oid			role = get_role_oid(st->signalers[i], true);
+
+			if (OidIsValid(role) && has_privs_of_role(caller, role))
+				return;
+		}
+	}
+	definer = GetUserNameFromId(s->def->definer, true);
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to signal saga " INT64_FORMAT, s->id),
+			 errdetail("Its definer%s%s, resilience_admin and the roles its await steps name in \"signalers\" may.",
+					   definer ? " " : "", definer ? definer : ""),
+			 errhint("Be granted one of those roles, or name yours in the step's \"signalers\".")));
+}
+
+/*
+ * Deliver signal to saga saga_id (inside SPI, as the extension's owner;
+ * caller is who sends it).  The signal is kept until an await step of
+ * that name consumes it, now or when the saga gets there; the same
+ * signal_id again is recorded once (false).  A saga awaiting it right now
+ * is made due, and the worker woken at commit.
+ */
+static bool
+signal_deliver(int64 saga_id, const char *signal, Jsonb *payload, const char *signal_id, Oid caller)
+{
+	Saga		s;
+	List	   *steps = NIL;
+	int			i;
+	Datum		values[6];
+	bool		isnull[6] = {0};
+	TimestampTz now = GetCurrentTimestamp();
+	JsonBuf		detail;
+	SagaStepDef *current;
+
+	saga_lock(&s, saga_id);
+	for (i = 0; i < s.def->nsteps; i++)
+		if (s.def->steps[i].kind == STEP_AWAIT && strcmp(s.def->steps[i].signal, signal) == 0)
+			steps = lappend_int(steps, i + 1);
+	if (steps == NIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("saga " INT64_FORMAT " (\"%s\" version %d) awaits no signal \"%s\"",
+						saga_id, s.def->name, s.def->version, signal),
+				 errhint("A step {\"await\": \"%s\", ...} of its definition would.", signal)));
+	check_signaler(&s, steps, caller);
+	if (s.state != SAGA_RUNNING && s.state != SAGA_SUSPENDED)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("saga " INT64_FORMAT " no longer takes signals", saga_id),
+				 errdetail("It is %s; only running (or suspended) sagas take signals.",
+						   state_names[s.state])));
+
+	values[0] = Int64GetDatum(saga_id);
+	values[1] = CStringGetTextDatum(signal);
+	values[2] = signal_id ? CStringGetTextDatum(signal_id) : (Datum) 0;
+	isnull[2] = signal_id == NULL;
+	values[3] = payload ? JsonbPGetDatum(payload) : (Datum) 0;
+	isnull[3] = payload == NULL;
+	values[4] = ObjectIdGetDatum(caller);
+	values[5] = TimestampTzGetDatum(now);
+	if (run_plan(PLAN_SIGNAL_INSERT, values, isnull) == 0)
+		return false;			/* that signal_id came before */
+
+	jb_init(&detail);
+	jb_str(&detail, "signal", signal);
+	jb_str(&detail, "signal_id", signal_id);
+	current = s.step > 0 ? &s.def->steps[s.step - 1] : NULL;
+	if (s.state == SAGA_RUNNING && s.awaiting && current && current->kind == STEP_AWAIT &&
+		strcmp(current->signal, signal) == 0)
+	{
+		s.next_run_at = now;
+		saga_write(&s);
+		wake_worker_at_commit();
+		jb_bool(&detail, "awaited", true);
+	}
+	else
+		jb_bool(&detail, "awaited", false);
+	saga_event(&s, "signal_received", linitial_int(steps), 0, false, NULL, jb_done(&detail));
+	return true;
+}
+
+/* The signal, payload and signal_id arguments of saga_signal, from argno on. */
+static void
+signal_args(FunctionCallInfo fcinfo, int argno, char **signal, Jsonb **payload, char **signal_id)
+{
+	*signal = text_arg(fcinfo, argno, "signal", SAGA_NAME_MAX);
+	*payload = PG_ARGISNULL(argno + 1) ? NULL : PG_GETARG_JSONB_P(argno + 1);
+	if (*payload && !JB_ROOT_IS_OBJECT(*payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload must be a JSON object, or NULL"),
+				 errdetail("It is merged into the saga's context, like a step's result.")));
+	*signal_id = PG_ARGISNULL(argno + 2) ? NULL : text_arg(fcinfo, argno + 2, "signal_id", KEY_MAX);
+}
+
+/* saga_signal(saga_id, signal, payload, signal_id) → recorded (false: a duplicate)? */
+Datum
+saga_signal(PG_FUNCTION_ARGS)
+{
+	int64		saga_id = saga_id_arg(fcinfo, "saga_signal");
+	char	   *signal;
+	Jsonb	   *payload;
+	char	   *signal_id;
+	ResilienceUser save;
+	bool		recorded;
+
+	signal_args(fcinfo, 1, &signal, &payload, &signal_id);
+	SPI_connect();
+	resilience_become_owner(true, &save);
+	recorded = signal_deliver(saga_id, signal, payload, signal_id, save.userid);
+	resilience_restore_user(&save);
+	SPI_finish();
+	PG_RETURN_BOOL(recorded);
+}
+
+/* saga_signal_by_key(name, idempotency_key, signal, payload, signal_id): saga_signal to the saga started with that key. */
+Datum
+saga_signal_by_key(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_arg(fcinfo, 0, "saga name", SAGA_NAME_MAX);
+	char	   *key = text_arg(fcinfo, 1, "idempotency_key", KEY_MAX);
+	char	   *signal;
+	Jsonb	   *payload;
+	char	   *signal_id;
+	ResilienceUser save;
+	Datum		values[2];
+	bool		isnull;
+	int64		saga_id;
+	bool		recorded;
+
+	signal_args(fcinfo, 2, &signal, &payload, &signal_id);
+	SPI_connect();
+	resilience_become_owner(true, &save);
+	values[0] = CStringGetTextDatum(name);
+	values[1] = CStringGetTextDatum(key);
+	if (run_plan(PLAN_ID_BY_KEY, values, NULL) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("no saga \"%s\" was started with idempotency key \"%s\"", name, key),
+				 errhint("Finished sagas are removed after resilience.saga_retention.")));
+	saga_id = DatumGetInt64(column(0, 1, &isnull));
+	not_from_own_step(saga_id, "saga_signal_by_key");
+	recorded = signal_deliver(saga_id, signal, payload, signal_id, save.userid);
+	resilience_restore_user(&save);
+	SPI_finish();
+	PG_RETURN_BOOL(recorded);
+}
+
+/*
+ * saga_retry(saga_id): a parked saga compensates again from where it
+ * stopped; a suspended one resumes the work its failed tick was doing, as
+ * running, or as compensating if it has an error (only compensation sets
+ * one), its step, attempt and awaited reply as they were.
+ */
 Datum
 saga_retry(PG_FUNCTION_ARGS)
 {
 	int64		saga_id;
 	Saga		s;
+	bool		suspended;
 
 	saga_id = saga_id_arg(fcinfo, "saga_retry");
 	SPI_connect();
 	saga_lock(&s, saga_id);
-	if (s.state != SAGA_PARKED)
+	if (s.state != SAGA_PARKED && s.state != SAGA_SUSPENDED)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("saga " INT64_FORMAT " is not parked", saga_id),
-				 errdetail("It is %s; saga_retry resumes sagas in compensation_failed.",
+				 errmsg("saga " INT64_FORMAT " is neither parked nor suspended", saga_id),
+				 errdetail("It is %s; saga_retry resumes sagas in compensation_failed or suspended.",
 						   state_names[s.state])));
-	s.state = SAGA_COMPENSATING;
-	s.attempt = 0;
-	s.awaiting = false;
-	s.reply = NULL;
+	suspended = s.state == SAGA_SUSPENDED;
+	s.state = (!suspended || s.error) ? SAGA_COMPENSATING : SAGA_RUNNING;
 	s.next_run_at = GetCurrentTimestamp();
-	step_row_state(&s, s.step, "compensating");
-	saga_event(&s, "saga_retried", s.step, 0, true, NULL, NULL);
+	if (!suspended)
+	{
+		s.attempt = 0;
+		s.awaiting = false;
+		s.reply = NULL;
+		step_row_state(&s, s.step, "compensating");
+	}
+	saga_event(&s, "saga_retried", suspended ? 0 : s.step, 0, !suspended, NULL, NULL);
 	saga_write(&s);
 	wake_worker_at_commit();
 	SPI_finish();
@@ -2152,17 +2737,20 @@ saga_abort(PG_FUNCTION_ARGS)
 	reason = text_arg(fcinfo, 1, "reason", REASON_MAX);
 	SPI_connect();
 	saga_lock(&s, saga_id);
-	if (s.state != SAGA_RUNNING)
+	if (s.state != SAGA_RUNNING && !(s.state == SAGA_SUSPENDED && s.error == NULL))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("saga " INT64_FORMAT " is not running", saga_id),
-				 errdetail("It is %s; only running sagas can be aborted.", state_names[s.state]),
+				 errdetail("It is %s; only running sagas (or sagas suspended while running) can be aborted.",
+						   state_names[s.state]),
 				 s.state == SAGA_PARKED ?
 				 errhint("Fix the failing compensation and call resilience.saga_retry(" INT64_FORMAT ").",
 						 saga_id) : 0));
 
 	from = s.step - 1;
-	if (s.awaiting)
+	if (s.awaiting && s.def->steps[s.step - 1].kind != STEP_ACTION)
+		step_row_state(&s, s.step, "failed");	/* a timer or an await: nothing done */
+	else if (s.awaiting)
 	{
 		step_row_state(&s, s.step, "abandoned");
 		from = s.step;

@@ -38,6 +38,15 @@
  * (worker_lock_extension).  A failing job is logged and recorded in the workers view;
  * the worker goes on.  Failures of the launcher are logged once per kind.
  *
+ * Saga orchestrators: the sagas job runs in the database's worker and, with
+ * resilience.saga_workers = n > 1, in n - 1 more processes per database
+ * (saga helpers) that the worker starts, restarts after a crash and stops
+ * with itself.  Ticks claim sagas FOR UPDATE SKIP LOCKED (saga.c), so the
+ * orchestrators share the due sagas without ever running one step twice;
+ * worker_wake wakes them all.  A helper runs nothing but the sagas job,
+ * counts in the worker's sagas job status, and leaves when its worker's
+ * slot is stopped, given away, or no longer wants it.
+ *
  * The worker status in shared memory is guarded by one LWLock; it changes a
  * few times per job run, never on a hot path.
  *
@@ -138,6 +147,8 @@
 #define JOB_BURST_MS 1000
 /* How often a worker on a standby looks whether it has been promoted. */
 #define RECOVERY_CHECK_MS 1000
+/* Most saga helpers per database (resilience.saga_workers - 1). */
+#define MAX_SAGA_HELPERS (RESILIENCE_MAX_SAGA_WORKERS - 1)
 
 /*
  * A scheduled job: a SQL call and the GUC holding its interval (0 = off);
@@ -201,6 +212,8 @@ typedef struct WorkerSlot
 	char		dbname[NAMEDATALEN];
 	pid_t		pid;			/* 0 when no process runs */
 	bool		wake_pending;	/* set by worker_wake, cleared by the worker */
+	pid_t		helper_pids[MAX_SAGA_HELPERS];	/* saga helpers running, or 0 */
+	bool		helper_wake[MAX_SAGA_HELPERS];	/* wake_pending, per helper */
 	WorkerState state;
 	TimestampTz started_at;
 	JobStatus	jobs[MAX_JOBS];
@@ -225,6 +238,7 @@ static bool holds_dropping_slots = false;
 
 PGDLLEXPORT void resilience_launcher_main(Datum main_arg);
 PGDLLEXPORT void resilience_worker_main(Datum main_arg);
+PGDLLEXPORT void resilience_saga_helper_main(Datum main_arg);
 
 PG_FUNCTION_INFO_V1(worker_status);
 
@@ -269,6 +283,31 @@ wake_pid(pid_t pid)
 		SetLatch(&proc->procLatch);
 }
 
+/* Wake a slot's worker and its saga helpers (to look at stop_requested). */
+static void
+wake_slot(WorkerSlot *slot)
+{
+	int			h;
+
+	wake_pid(slot->pid);
+	for (h = 0; h < MAX_SAGA_HELPERS; h++)
+		wake_pid(slot->helper_pids[h]);
+}
+
+/* Does a process of this slot (its worker or a saga helper) still run? */
+static bool
+slot_has_process(WorkerSlot *slot)
+{
+	int			h;
+
+	if (slot->pid != 0)
+		return true;
+	for (h = 0; h < MAX_SAGA_HELPERS; h++)
+		if (slot->helper_pids[h] != 0)
+			return true;
+	return false;
+}
+
 /*
  * Run the on_wake jobs (the sagas) of the worker of database dboid now.
  * Called at commit: cheap, takes no lock, and sets the latch only if the
@@ -288,11 +327,19 @@ worker_wake(Oid dboid)
 
 		if (slot->in_use && slot->dboid == dboid)
 		{
+			int			h;
+
 			if (!slot->wake_pending)
 			{
 				slot->wake_pending = true;
 				wake_pid(slot->pid);
 			}
+			for (h = 0; h < MAX_SAGA_HELPERS; h++)
+				if (slot->helper_pids[h] != 0 && !slot->helper_wake[h])
+				{
+					slot->helper_wake[h] = true;
+					wake_pid(slot->helper_pids[h]);
+				}
 			return;
 		}
 	}
@@ -578,10 +625,10 @@ launcher_adopt_slots(void)
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
 	worker_shared->launcher_pid = MyProcPid;
 	for (i = 0; i < resilience_max_workers; i++)
-		if (worker_shared->slots[i].pid != 0)
+		if (slot_has_process(&worker_shared->slots[i]))
 		{
 			worker_shared->slots[i].stop_requested = true;
-			wake_pid(worker_shared->slots[i].pid);
+			wake_slot(&worker_shared->slots[i]);
 		}
 	LWLockRelease(worker_shared->lock);
 
@@ -589,7 +636,7 @@ launcher_adopt_slots(void)
 	{
 		alive = false;
 		for (i = 0; i < resilience_max_workers; i++)
-			if (worker_shared->slots[i].pid != 0)
+			if (slot_has_process(&worker_shared->slots[i]))
 				alive = true;
 		if (alive)
 		{
@@ -652,6 +699,7 @@ resilience_launcher_main(Datum main_arg)
 /* ---- a worker ---- */
 
 static WorkerSlot *my_slot = NULL;
+static int	my_helper = -1;		/* a saga helper: its number, else -1 */
 
 static void
 set_state(WorkerState state)
@@ -674,6 +722,7 @@ worker_detach(int code, Datum arg)
 		my_slot->state = WORKER_STOPPED;
 	}
 	LWLockRelease(worker_shared->lock);
+	wake_slot(my_slot);			/* its saga helpers leave with it */
 	wake_pid(worker_shared->launcher_pid);
 }
 
@@ -768,7 +817,8 @@ run_job(int jobno, MemoryContext job_context)
 	long		wish = -1;
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
-	my_slot->state = WORKER_RUNNING;
+	if (my_helper < 0)
+		my_slot->state = WORKER_RUNNING;
 	status->last_start = start;
 	LWLockRelease(worker_shared->lock);
 
@@ -808,7 +858,8 @@ run_job(int jobno, MemoryContext job_context)
 	}
 
 	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
-	my_slot->state = WORKER_IDLE;
+	if (my_helper < 0)
+		my_slot->state = WORKER_IDLE;
 	status->last_end = GetCurrentTimestamp();
 	if (ran)
 		status->runs++;
@@ -840,6 +891,163 @@ run_job_burst(int jobno, MemoryContext job_context)
 		if (wish != 0 || GetCurrentTimestamp() >= burst_end || ConfigReloadPending ||
 			my_slot->stop_requested || ShutdownRequestPending)
 			return wish;
+	}
+}
+
+/* ---- saga helpers: more orchestrators for a database ---- */
+
+/* Handles of this worker's saga helpers, and when to start each again. */
+static BackgroundWorkerHandle *helper_handles[MAX_SAGA_HELPERS];
+static TimestampTz helper_next_start[MAX_SAGA_HELPERS];
+
+/* Should saga helper h of this database run now? */
+static bool
+helper_wanted(int h)
+{
+	return h < resilience_saga_workers - 1 && resilience_saga_interval_ms > 0;
+}
+
+/*
+ * In the worker: start the saga helpers resilience.saga_workers asks for,
+ * again after one exits (not sooner than the naptime).  Helpers no longer
+ * wanted leave by themselves.
+ */
+static void
+saga_helpers_reconcile(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			h;
+
+	for (h = 0; h < MAX_SAGA_HELPERS; h++)
+	{
+		BackgroundWorker worker;
+		pid_t		pid;
+		int			args[2] = {h, MyProcPid};
+
+		if (helper_handles[h] &&
+			GetBackgroundWorkerPid(helper_handles[h], &pid) == BGWH_STOPPED)
+		{
+			pfree(helper_handles[h]);
+			helper_handles[h] = NULL;
+			helper_next_start[h] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
+		}
+		if (helper_handles[h] || !helper_wanted(h) || now < helper_next_start[h])
+			continue;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_ConsistentState;
+		worker.bgw_restart_time = BGW_NEVER_RESTART;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_saga_helper_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "resilience saga helper %u/%d", my_slot->dboid, h + 1);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "resilience saga helper");
+		worker.bgw_main_arg = Int32GetDatum(my_slot - worker_shared->slots);
+		memcpy(worker.bgw_extra, &my_slot->dboid, sizeof(Oid));
+		memcpy(worker.bgw_extra + sizeof(Oid), args, sizeof(args));
+		worker.bgw_notify_pid = MyProcPid;
+		if (!RegisterDynamicBackgroundWorker(&worker, &helper_handles[h]))
+		{
+			helper_handles[h] = NULL;
+			helper_next_start[h] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
+			ereport(LOG,
+					(errmsg("resilience could not start saga helper %d for database \"%s\": no free background worker slot",
+							h + 1, my_slot->dbname),
+					 errhint("Raise max_worker_processes, or lower resilience.saga_workers.")));
+		}
+	}
+}
+
+static void
+helper_detach(int code, Datum arg)
+{
+	LWLockReleaseAll();
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	if (my_slot->helper_pids[my_helper] == MyProcPid)
+		my_slot->helper_pids[my_helper] = 0;
+	LWLockRelease(worker_shared->lock);
+	wake_pid(my_slot->pid);
+}
+
+/*
+ * A saga helper: the sagas job of its worker's database, woken like the
+ * worker by worker_wake and by its own next due saga, until its worker's
+ * slot stops, changes hands, or no longer wants it.
+ */
+void
+resilience_saga_helper_main(Datum main_arg)
+{
+	uint32		wait_event = resilience_wait_event_compat("ResilienceSagaHelperMain");
+	MemoryContext job_context;
+	TimestampTz next_due = 0;
+	Oid			dboid;
+	int			args[2];
+	pid_t		parent;
+	int			sagas_job = 0;
+
+	while (strcmp(jobs[sagas_job].name, "sagas") != 0)	/* the job helpers run */
+		sagas_job++;
+
+	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	memcpy(args, MyBgworkerEntry->bgw_extra + sizeof(Oid), sizeof(args));
+	my_helper = args[0];
+	parent = (pid_t) args[1];
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	/* as the worker does, for the same reasons (see resilience_worker_main) */
+	SetConfigOption("search_path", RESILIENCE_SEARCH_PATH, PGC_SUSET, PGC_S_CLIENT);
+
+	my_slot = &worker_shared->slots[DatumGetInt32(main_arg)];
+	LWLockAcquire(worker_shared->lock, LW_EXCLUSIVE);
+	if (my_slot->pid != parent || my_slot->dboid != dboid || my_slot->stop_requested)
+	{
+		LWLockRelease(worker_shared->lock);
+		proc_exit(0);
+	}
+	my_slot->helper_pids[my_helper] = MyProcPid;
+	LWLockRelease(worker_shared->lock);
+	before_shmem_exit(helper_detach, (Datum) 0);
+
+	job_context = AllocSetContextCreate(TopMemoryContext, "resilience saga helper",
+										ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		long		timeout = resilience_worker_naptime_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (my_slot->stop_requested || ShutdownRequestPending || my_slot->pid != parent ||
+			!helper_wanted(my_helper))
+			proc_exit(0);
+		if (RecoveryInProgress())
+			timeout = Min(timeout, RECOVERY_CHECK_MS);
+		else if (extension_exists())
+		{
+			bool		woken = my_slot->helper_wake[my_helper];
+
+			if (woken)
+			{
+				my_slot->helper_wake[my_helper] = false;
+				pg_memory_barrier();
+			}
+			if (woken || GetCurrentTimestamp() >= next_due)
+			{
+				long		wish = run_job_burst(sagas_job, job_context);
+
+				next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   wish >= 0 ? wish : resilience_saga_interval_ms);
+			}
+			timeout = Min(timeout, Max((next_due - GetCurrentTimestamp()) / 1000, 0));
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, wait_event);
+		ResetLatch(MyLatch);
 	}
 }
 
@@ -957,6 +1165,7 @@ resilience_worker_main(Datum main_arg)
 				if (my_slot->stop_requested || ShutdownRequestPending)
 					proc_exit(0);
 			}
+			saga_helpers_reconcile();
 		}
 
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -1059,7 +1268,6 @@ release_database(const char *dbname, const char *newname)
 {
 	static bool callback_registered = false;
 	int			slotno = -1;
-	pid_t		pid = 0;
 	int			waited;
 	int			i;
 
@@ -1083,7 +1291,6 @@ release_database(const char *dbname, const char *newname)
 		{
 			slot->dropping_pid = MyProcPid;
 			slot->stop_requested = true;
-			pid = slot->pid;
 			slotno = i;
 			break;
 		}
@@ -1092,8 +1299,9 @@ release_database(const char *dbname, const char *newname)
 	if (slotno < 0)
 		return;
 
-	wake_pid(pid);
-	for (waited = 0; waited < RELEASE_WAIT_MS && worker_shared->slots[slotno].pid != 0; waited += 10)
+	wake_slot(&worker_shared->slots[slotno]);
+	for (waited = 0; waited < RELEASE_WAIT_MS && slot_has_process(&worker_shared->slots[slotno]);
+		 waited += 10)
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10,
 						 PG_WAIT_EXTENSION);

@@ -69,6 +69,10 @@ SELECT resilience.saga_define('three', '[
 SELECT resilience.saga_define('async', '[
   {"name": "a", "action": "app.act", "compensation": "app.undo"},
   {"name": "remote", "action": "async", "topic": "remote.commands", "timeout": "1 s", "max_attempts": 1}]');
+-- the same with a timeout no loaded machine reaches: for the replies
+SELECT resilience.saga_define('async_patient', '[
+  {"name": "a", "action": "app.act", "compensation": "app.undo"},
+  {"name": "remote", "action": "async", "topic": "remote.commands", "timeout": "10 minutes", "max_attempts": 1}]');
 RESET ROLE;
 };
 $node->safe_psql('postgres', $schema);
@@ -122,7 +126,8 @@ like(story($slow), qr/^saga_started step_completed:a step_completed:b step_timed
 	'... with the whole story in saga_events');
 
 # --- async: the test plays the participant ---
-my $async = $node->safe_psql('postgres', q{SELECT resilience.saga_start('async', '{"order": 1}')});
+# (a 10-minute timeout: the reply below must not race the deadline on a loaded machine)
+my $async = $node->safe_psql('postgres', q{SELECT resilience.saga_start('async_patient', '{"order": 1}')});
 ok( $node->poll_query_until('postgres',
 		qq{SELECT awaiting FROM resilience.sagas WHERE id = $async}),
 	'the worker sends the async command and waits');
@@ -187,7 +192,7 @@ is($node->safe_psql('idle', "SELECT state FROM resilience.sagas WHERE id = $stuc
 my $finished = $node->safe_psql('postgres',
 	q{SELECT count(*) FROM resilience.sagas WHERE state IN ('completed', 'compensated')});
 cmp_ok($finished, '>', 0, 'there are finished sagas');
-my $waiting = $node->safe_psql('postgres', q{SELECT resilience.saga_start('async', '{"order": 3}')});
+my $waiting = $node->safe_psql('postgres', q{SELECT resilience.saga_start('async_patient', '{"order": 3}')});
 $node->poll_query_until('postgres', qq{SELECT awaiting FROM resilience.sagas WHERE id = $waiting})
   or die 'no command';
 $node->append_conf('postgresql.conf', "resilience.saga_retention = '1s'");
