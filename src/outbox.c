@@ -64,6 +64,10 @@
 #include "outbox.h"
 #include "tenants.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
@@ -88,6 +92,7 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/varlena.h"
 
 /* locktag field 4 of the key locks; locks.c uses 3, PostgreSQL 1 and 2 */
 #define OUTBOX_LOCK_SPACE 4
@@ -268,12 +273,302 @@ outbox_redact(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(outbox_redact_target(text_to_cstring(PG_GETARG_TEXT_PP(0)))));
 }
 
+/* ---- destinations: the allow-list (http, amqp) ---- */
+
+/* Is host one of loopback's names or addresses? */
+static bool
+host_is_loopback(const char *host)
+{
+	struct in_addr a4;
+	struct in6_addr a6;
+	char		bare[INET6_ADDRSTRLEN + 2];
+	size_t		len = strlen(host);
+
+	if (pg_strcasecmp(host, "localhost") == 0)
+		return true;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (len >= 2 && host[0] == '[' && host[len - 1] == ']' && len - 2 < sizeof(bare))
+	{
+		memcpy(bare, host + 1, len - 2);
+		bare[len - 2] = '\0';
+		host = bare;
+	}
+	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
+/*
+ * Parse an IP address or CIDR range ("10.0.0.0/8", "::1", "[fe80::]/10")
+ * into r; false if text is neither.
+ */
+static bool
+parse_range(const char *text, OutboxAddressRange *r)
+{
+	char		buf[INET6_ADDRSTRLEN + 8];
+	char	   *slash;
+	char	   *addr = buf;
+	size_t		len;
+	int			max;
+
+	if (strlen(text) >= sizeof(buf))
+		return false;
+	strcpy(buf, text);
+	slash = strchr(buf, '/');
+	if (slash)
+		*slash = '\0';
+	len = strlen(addr);
+	if (len >= 2 && addr[0] == '[' && addr[len - 1] == ']')
+	{
+		addr[len - 1] = '\0';
+		addr++;
+	}
+	memset(r, 0, sizeof(*r));
+	if (inet_pton(AF_INET, addr, r->addr) == 1)
+		r->family = AF_INET;
+	else if (inet_pton(AF_INET6, addr, r->addr) == 1)
+		r->family = AF_INET6;
+	else
+		return false;
+	max = r->family == AF_INET ? 32 : 128;
+	r->bits = max;
+	if (slash)
+	{
+		char	   *end;
+		long		bits = strtol(slash + 1, &end, 10);
+
+		if (end == slash + 1 || *end != '\0' || bits < 0 || bits > max)
+			return false;
+		r->bits = (int) bits;
+	}
+	return true;
+}
+
+/* Is the address of family (4 or 16 bytes at addr) within r? */
+static bool
+address_in_range(const OutboxAddressRange *r, int family, const unsigned char *addr)
+{
+	int			full = r->bits / 8;
+	int			rest = r->bits % 8;
+
+	if (r->family != family)
+		return false;
+	if (memcmp(r->addr, addr, full) != 0)
+		return false;
+	if (rest == 0)
+		return true;
+	return ((r->addr[full] ^ addr[full]) & (0xFF << (8 - rest)) & 0xFF) == 0;
+}
+
+/* Is host an IP address (bracketed for IPv6 in URLs) within range entry? */
+static bool
+host_in_range(const char *host, const char *entry)
+{
+	OutboxAddressRange r;
+	OutboxAddressRange h;
+
+	if (!parse_range(entry, &r) || !parse_range(host, &h) || strchr(host, '/') != NULL)
+		return false;
+	return address_in_range(&r, h.family, h.addr);
+}
+
+/*
+ * The address policy in force (palloc'd): loopback only, or the IP and CIDR
+ * entries of the allow-list.  The sinks make it before connecting, so that
+ * checking an address (in libcurl's callback) allocates nothing.
+ */
+OutboxAddressPolicy *
+outbox_address_policy(void)
+{
+	OutboxAddressPolicy *p = palloc0(sizeof(OutboxAddressPolicy));
+	char	   *allow = outbox_allow_list();
+	List	   *entries = NIL;
+	ListCell   *lc;
+
+	p->loopback_only = allow[0] == '\0';
+	if (p->loopback_only || !SplitGUCList(pstrdup(allow), ',', &entries))
+		return p;
+	p->ranges = palloc0(sizeof(OutboxAddressRange) * Max(list_length(entries), 1));
+	foreach(lc, entries)
+		if (parse_range(lfirst(lc), &p->ranges[p->nranges]))
+			p->nranges++;
+	return p;
+}
+
+/*
+ * The special range addr (family, 4 or 16 bytes) is in: "loopback",
+ * "link-local", "private" or "unspecified"; NULL for any other address.
+ */
+static const char *
+special_range(int family, const unsigned char *a)
+{
+	if (family == AF_INET)
+	{
+		if (a[0] == 127)
+			return "loopback";
+		if (a[0] == 169 && a[1] == 254)
+			return "link-local";
+		if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xF0) == 16) || (a[0] == 192 && a[1] == 168))
+			return "private";
+		if (a[0] == 0)
+			return "unspecified";
+		return NULL;
+	}
+	if (IN6_IS_ADDR_LOOPBACK((const struct in6_addr *) a))
+		return "loopback";
+	if (IN6_IS_ADDR_UNSPECIFIED((const struct in6_addr *) a))
+		return "unspecified";
+	if (a[0] == 0xFE && (a[1] & 0xC0) == 0x80)
+		return "link-local";
+	if ((a[0] & 0xFE) == 0xFC)
+		return "private";
+	return NULL;
+}
+
+/*
+ * May a sink connect to addr under policy?  If not, why says so, naming the
+ * address.  Allocates nothing and never raises (it runs inside libcurl).
+ */
+bool
+outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
+				  char *why, size_t len)
+{
+	unsigned char bytes[16];
+	int			family = addr->sa_family;
+	char		text[INET6_ADDRSTRLEN];
+	const char *range;
+	int			i;
+
+	if (family == AF_INET)
+		memcpy(bytes, &((const struct sockaddr_in *) addr)->sin_addr, 4);
+	else if (family == AF_INET6)
+	{
+		const struct in6_addr *a6 = &((const struct sockaddr_in6 *) addr)->sin6_addr;
+
+		memcpy(bytes, a6, 16);
+		if (IN6_IS_ADDR_V4MAPPED(a6))
+		{
+			/* ::ffff:a.b.c.d is a.b.c.d */
+			family = AF_INET;
+			memmove(bytes, bytes + 12, 4);
+		}
+	}
+	else
+	{
+		snprintf(why, len, "address family %d not allowed", family);
+		return false;
+	}
+	if (inet_ntop(family, bytes, text, sizeof(text)) == NULL)
+		strlcpy(text, "?", sizeof(text));
+	range = special_range(family, bytes);
+	if (policy->loopback_only)
+	{
+		if (range != NULL && strcmp(range, "loopback") == 0)
+			return true;
+		snprintf(why, len, "address %s not allowed: not loopback "
+				 "(resilience.outbox_allowed_hosts is empty: loopback only)", text);
+		return false;
+	}
+	if (range == NULL)
+		return true;
+	for (i = 0; i < policy->nranges; i++)
+		if (address_in_range(&policy->ranges[i], family, bytes))
+			return true;
+	snprintf(why, len, "address %s not allowed: %s, and no IP or CIDR entry of "
+			 "resilience.outbox_allowed_hosts covers it", text, range);
+	return false;
+}
+
+/*
+ * The allow-list in force for the sinks that connect out (http, amqp): the
+ * hosts of resilience.outbox_allowed_hosts and of its older name
+ * resilience.outbox_http_allowed_hosts, comma-separated ("" when loopback
+ * only).
+ */
+char *
+outbox_allow_list(void)
+{
+	const char *value;
+	const char *old;
+
+	if (!resilience_preloaded)
+		return "";
+	value = GetConfigOption("resilience.outbox_allowed_hosts", true, false);
+	old = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
+	if (value == NULL || value[0] == '\0')
+		return old ? pstrdup(old) : "";
+	if (old == NULL || old[0] == '\0')
+		return pstrdup(value);
+	return psprintf("%s, %s", value, old);
+}
+
+/* May a sink that connects out call host, given allow (a comma-separated list)? */
+static bool
+host_allowed(const char *host, const char *allow)
+{
+	List	   *entries = NIL;
+	char	   *copy = pstrdup(allow);
+	ListCell   *lc;
+
+	if (allow[0] == '\0')
+		return host_is_loopback(host);
+	if (!SplitGUCList(copy, ',', &entries))
+		return false;
+	foreach(lc, entries)
+	{
+		const char *entry = lfirst(lc);
+		size_t		hlen = strlen(host);
+		size_t		elen = strlen(entry);
+
+		if (pg_strcasecmp(entry, host) == 0)
+			return true;
+		if (host_in_range(host, entry))
+			return true;
+		/* *.example.com: any subdomain of example.com */
+		if (elen > 2 && entry[0] == '*' && entry[1] == '.' && hlen > elen - 1 &&
+			pg_strcasecmp(host + hlen - (elen - 1), entry + 1) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * May a sink that connects out name host in a target?  NULL if so, else why
+ * not (naming the setting).
+ */
+const char *
+outbox_host_problem(const char *host)
+{
+	char	   *allow = outbox_allow_list();
+
+	if (host_allowed(host, allow))
+		return NULL;
+	return psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
+					host, allow[0] ? "" : " (empty: loopback only)");
+}
+
 /* ---- routes ---- */
 
-static const char *const sink_names[] = {"notify", "http", "queue", "amqp"};
+/*
+ * The sinks: adding one is its file and a line here (and its extern in
+ * outbox.h).
+ */
+static const OutboxSinkOps *const sinks[] = {
+	&outbox_sink_notify,
+	&outbox_sink_http,
+	&outbox_sink_queue,
+	&outbox_sink_amqp,
+};
 
-static void
-route_error(const char *msg, const char *detail, const char *hint)
+/* Every sink, for the relay's dispatch. */
+const OutboxSinkOps *const *
+outbox_sinks(int *n)
+{
+	*n = lengthof(sinks);
+	return sinks;
+}
+
+void
+outbox_route_error(const char *msg, const char *detail, const char *hint)
 {
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -283,33 +578,33 @@ route_error(const char *msg, const char *detail, const char *hint)
 }
 
 /* A whole number from a JSON value, or an error naming the option. */
-static int
-option_int(JsonbValue *v, const char *name, int min, int max)
+int
+outbox_option_int(JsonbValue *v, const char *name, int min, int max)
 {
 	int64		n;
 
 	if (v->type != jbvNumeric)
-		route_error(psprintf("option \"%s\" must be a number", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be a number", name), NULL, NULL);
 	n = DatumGetInt64(DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)));
 	if (n < min || n > max)
-		route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
+		outbox_route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
 					psprintf("It is %lld.", (long long) n), NULL);
 	return (int) n;
 }
 
-static bool
-option_bool(JsonbValue *v, const char *name)
+bool
+outbox_option_bool(JsonbValue *v, const char *name)
 {
 	if (v->type != jbvBool)
-		route_error(psprintf("option \"%s\" must be true or false", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be true or false", name), NULL, NULL);
 	return v->val.boolean;
 }
 
-static char *
-option_string(JsonbValue *v, const char *name)
+char *
+outbox_option_string(JsonbValue *v, const char *name)
 {
 	if (v->type != jbvString)
-		route_error(psprintf("option \"%s\" must be a string", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be a string", name), NULL, NULL);
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
@@ -487,6 +782,15 @@ parse_headers(JsonbContainer *container, const char *what, bool event)
 	return result;
 }
 
+/* A route option of headers (a JSON object) as "Name: value" strings. */
+List *
+outbox_parse_headers(JsonbValue *v, const char *what)
+{
+	if (v->type != jbvBinary)
+		outbox_route_error(psprintf("%s must be a JSON object", what), NULL, NULL);
+	return parse_headers(v->val.binary.data, what, false);
+}
+
 /*
  * The headers of a claimed event, checked again at send (the row may have
  * been written before these checks, or by hand): NULL and *out = its
@@ -524,6 +828,81 @@ outbox_item_headers(OutboxItem *item, List **out)
 	return NULL;
 }
 
+/* A queue target is a consumer name. */
+static const char *
+queue_check_target(const char *target, char **destination)
+{
+	*destination = NULL;
+	if (strlen(target) > OUTBOX_KEY_MAX)
+		return "a queue target (consumer name) must be at most 255 bytes";
+	return NULL;
+}
+
+/* The pull API (outbox_claim...): no relay, no options of its own. */
+const OutboxSinkOps outbox_sink_queue = {
+	.name = "queue",
+	.push = false,
+	.default_payload = PAYLOAD_ANY,
+	.check_target = queue_check_target,
+};
+
+/* The names of the sinks, for errors. */
+static char *
+sink_list(void)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	for (i = 0; i < lengthof(sinks); i++)
+		appendStringInfo(&buf, "%s%s", i == 0 ? "" : ", ", sinks[i]->name);
+	return buf.data;
+}
+
+/* An option every sink has; false if name is none of them. */
+static bool
+parse_common_option(OutboxRoute *r, const char *name, JsonbValue *v)
+{
+	if (strcmp(name, "payload") == 0)
+	{
+		char	   *s = outbox_option_string(v, name);
+
+		if (strcmp(s, "any") == 0)
+			r->payload = PAYLOAD_ANY;
+		else if (strcmp(s, "object") == 0)
+			r->payload = PAYLOAD_OBJECT;
+		else if (strcmp(s, "array") == 0)
+			r->payload = PAYLOAD_ARRAY;
+		else if (strcmp(s, "object_or_array") == 0)
+			r->payload = PAYLOAD_OBJECT_OR_ARRAY;
+		else
+			outbox_route_error("option \"payload\" must be any, object, array or object_or_array", NULL, NULL);
+	}
+	else if (strcmp(name, "max_attempts") == 0)
+		r->max_attempts = outbox_option_int(v, name, 1, 1000);
+	else if (strcmp(name, "on_dead_letter") == 0)
+	{
+		char	   *s = outbox_option_string(v, name);
+
+		if (strcmp(s, "block") == 0)
+			r->block_on_dead_letter = true;
+		else if (strcmp(s, "skip") != 0)
+			outbox_route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
+	}
+	/* the timeouts and backoff matter to the sinks that connect out */
+	else if (strcmp(name, "timeout_ms") == 0)
+		r->timeout_ms = outbox_option_int(v, name, 1, 600000);
+	else if (strcmp(name, "connect_timeout_ms") == 0)
+		r->connect_timeout_ms = outbox_option_int(v, name, 1, 600000);
+	else if (strcmp(name, "backoff_base_ms") == 0)
+		r->backoff_base_ms = outbox_option_int(v, name, 1, 3600000);
+	else if (strcmp(name, "backoff_max_ms") == 0)
+		r->backoff_max_ms = outbox_option_int(v, name, 1, 86400000);
+	else
+		return false;
+	return true;
+}
+
 /*
  * Parse (and, when validating, check) a route.  With validate, anything
  * wrong raises 22023 with the reason; without, the row is trusted.
@@ -537,67 +916,44 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 	JsonbValue	k;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
+	const char *problem;
 	int			i;
 
 	r->id = id;
 	r->enabled = enabled;
 	r->pattern = pstrdup(pattern);
 	r->target = pstrdup(target);
-	r->sink = -1;
-	for (i = 0; i < lengthof(sink_names); i++)
-		if (strcmp(sink, sink_names[i]) == 0)
-			r->sink = i;
-	if ((int) r->sink < 0)
-		route_error(psprintf("unknown sink \"%s\"", sink), NULL,
-					"The sinks are notify, http, amqp and queue.");
+	for (i = 0; i < lengthof(sinks); i++)
+		if (strcmp(sink, sinks[i]->name) == 0)
+			r->sink = sinks[i];
+	if (r->sink == NULL)
+		outbox_route_error(psprintf("unknown sink \"%s\"", sink), NULL,
+						   psprintf("The sinks are %s.", sink_list()));
 	if (validate)
 	{
 		if (pattern[0] == '\0' || strlen(pattern) > OUTBOX_TOPIC_MAX)
-			route_error("topic_pattern must be 1 to 255 bytes", NULL,
-						"It is a LIKE pattern: orders.% matches every topic starting with \"orders.\".");
+			outbox_route_error("topic_pattern must be 1 to 255 bytes", NULL,
+							   "It is a LIKE pattern: orders.% matches every topic starting with \"orders.\".");
 		if (target[0] == '\0')
-			route_error("target must not be empty", NULL, NULL);
-		if (r->sink == SINK_NOTIFY && strlen(target) >= NAMEDATALEN)
-			route_error("a notify target (channel name) must be shorter than 64 bytes", NULL, NULL);
-		if (r->sink == SINK_QUEUE && strlen(target) > OUTBOX_KEY_MAX)
-			route_error("a queue target (consumer name) must be at most 255 bytes", NULL, NULL);
+			outbox_route_error("target must not be empty", NULL, NULL);
 	}
-	if (r->sink == SINK_HTTP)
-	{
-		const char *problem = outbox_destination_allowed(target, &r->destination);
-
-		if (problem && validate)
-			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
-						"Targets are http:// or https:// URLs; hosts other than loopback must be "
-						"listed in resilience.outbox_allowed_hosts.");
-	}
-	if (r->sink == SINK_AMQP)
-	{
-		const char *problem = amqp_target_problem(target, &r->destination);
-
-		if (problem && validate)
-			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
-						"Targets are amqp://user:password@host:port/vhost (percent-encoded; "
-						"vhost \"/\" is %2f or no path); hosts other than loopback must be "
-						"listed in resilience.outbox_allowed_hosts.");
-		if (r->destination == NULL)
-			r->destination = pstrdup("amqp://?");	/* a row that no longer parses */
-	}
+	problem = r->sink->check_target(target, &r->destination);
+	if (problem && validate)
+		outbox_route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
+						   r->sink->target_hint);
 
 	/* defaults */
-	r->payload = r->sink == SINK_HTTP ? PAYLOAD_OBJECT_OR_ARRAY : PAYLOAD_ANY;
+	r->payload = r->sink->default_payload;
 	r->max_attempts = 10;
 	r->timeout_ms = 10000;
 	r->connect_timeout_ms = 2000;
 	r->backoff_base_ms = 500;
 	r->backoff_max_ms = 300000;
-	r->exchange = "amq.topic";
-	r->routing_key = "{topic}";
-	r->mandatory = true;
-	r->persistent = true;
+	if (r->sink->init_options)
+		r->sink->init_options(r);
 
 	if (!JB_ROOT_IS_OBJECT(options))
-		route_error("options must be a JSON object", NULL, NULL);
+		outbox_route_error("options must be a JSON object", NULL, NULL);
 	it = JsonbIteratorInit(&options->root);
 	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
@@ -607,89 +963,21 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 			continue;
 		(void) JsonbIteratorNext(&it, &v, true);
 		name = pnstrdup(k.val.string.val, k.val.string.len);
-		if (strcmp(name, "payload") == 0)
-		{
-			char	   *s = option_string(&v, name);
-
-			if (strcmp(s, "any") == 0)
-				r->payload = PAYLOAD_ANY;
-			else if (strcmp(s, "object") == 0)
-				r->payload = PAYLOAD_OBJECT;
-			else if (strcmp(s, "array") == 0)
-				r->payload = PAYLOAD_ARRAY;
-			else if (strcmp(s, "object_or_array") == 0)
-				r->payload = PAYLOAD_OBJECT_OR_ARRAY;
-			else
-				route_error("option \"payload\" must be any, object, array or object_or_array", NULL, NULL);
-		}
-		else if (strcmp(name, "max_attempts") == 0)
-			r->max_attempts = option_int(&v, name, 1, 1000);
-		else if (strcmp(name, "timeout_ms") == 0)
-			r->timeout_ms = option_int(&v, name, 1, 600000);
-		else if (strcmp(name, "connect_timeout_ms") == 0)
-			r->connect_timeout_ms = option_int(&v, name, 1, 600000);
-		else if (strcmp(name, "backoff_base_ms") == 0)
-			r->backoff_base_ms = option_int(&v, name, 1, 3600000);
-		else if (strcmp(name, "backoff_max_ms") == 0)
-			r->backoff_max_ms = option_int(&v, name, 1, 86400000);
-		else if (strcmp(name, "on_dead_letter") == 0)
-		{
-			char	   *s = option_string(&v, name);
-
-			if (strcmp(s, "block") == 0)
-				r->block_on_dead_letter = true;
-			else if (strcmp(s, "skip") != 0)
-				route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
-		}
-		else if (strcmp(name, "exchange") == 0 && r->sink == SINK_AMQP)
-		{
-			r->exchange = option_string(&v, name);
-			if (strlen(r->exchange) > 255 || (int) strlen(r->exchange) != v.val.string.len)
-				route_error("option \"exchange\" must be at most 255 bytes, without NUL", NULL, NULL);
-		}
-		else if (strcmp(name, "routing_key") == 0 && r->sink == SINK_AMQP)
-		{
-			const char *problem;
-
-			r->routing_key = option_string(&v, name);
-			problem = amqp_routing_key_problem(r->routing_key);
-			if (problem || (int) strlen(r->routing_key) != v.val.string.len)
-				route_error(problem ? problem : "option \"routing_key\" must not contain NUL", NULL,
-							"For example \"orders.{key}\"; the default is \"{topic}\".");
-		}
-		else if (strcmp(name, "mandatory") == 0 && r->sink == SINK_AMQP)
-			r->mandatory = option_bool(&v, name);
-		else if (strcmp(name, "persistent") == 0 && r->sink == SINK_AMQP)
-			r->persistent = option_bool(&v, name);
-		else if (strcmp(name, "headers") == 0 && r->sink == SINK_HTTP)
-		{
-			if (v.type != jbvBinary)
-				route_error("option \"headers\" must be a JSON object", NULL, NULL);
-			r->headers = parse_headers(v.val.binary.data, "option \"headers\"", false);
-		}
-		else if (strcmp(name, "proxy") == 0 && r->sink == SINK_HTTP)
-		{
-			char	   *dest;
-			const char *problem;
-
-			r->proxy = option_string(&v, name);
-			problem = outbox_destination_allowed(r->proxy, &dest);
-			if (problem && validate)
-				route_error(psprintf("option \"proxy\": %s", problem),
-							psprintf("The proxy is %s.", outbox_redact_target(r->proxy)),
-							"A proxy is an http:// or https:// URL; its host must be allowed like a target's.");
-		}
-		else
-			route_error(psprintf("unknown option \"%s\" for sink %s", name, sink_names[r->sink]),
-						NULL,
-						"Options are payload, max_attempts, on_dead_letter; for http and amqp "
-						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms; for http "
-						"headers and proxy; for amqp exchange, routing_key, mandatory, persistent.");
+		if (parse_common_option(r, name, &v))
+			continue;
+		if (r->sink->parse_option && r->sink->parse_option(r, name, &v, validate))
+			continue;
+		outbox_route_error(psprintf("unknown option \"%s\" for sink %s", name, r->sink->name),
+						   NULL,
+						   psprintf("Options are payload, max_attempts, on_dead_letter, timeout_ms, "
+									"connect_timeout_ms, backoff_base_ms, backoff_max_ms%s%s.",
+									r->sink->options_hint ? "; for this sink " : "",
+									r->sink->options_hint ? r->sink->options_hint : ""));
 	}
 	if (validate && r->connect_timeout_ms > r->timeout_ms)
-		route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
+		outbox_route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
 	if (validate && r->backoff_max_ms < r->backoff_base_ms)
-		route_error("backoff_max_ms must not be less than backoff_base_ms", NULL, NULL);
+		outbox_route_error("backoff_max_ms must not be less than backoff_base_ms", NULL, NULL);
 	return r;
 }
 
@@ -771,9 +1059,9 @@ outbox_load_routes(bool push_only, const char *queue_consumer)
 			routes = lappend(routes, r);
 		else if (!r->enabled)
 			continue;
-		else if (push_only && r->sink != SINK_QUEUE)
+		else if (push_only && r->sink->push)
 			routes = lappend(routes, r);
-		else if (!push_only && r->sink == SINK_QUEUE && strcmp(r->target, queue_consumer) == 0)
+		else if (!push_only && !r->sink->push && strcmp(r->target, queue_consumer) == 0)
 			routes = lappend(routes, r);
 	}
 	return routes;
@@ -812,7 +1100,7 @@ load_route_cache(void)
 			CachedRoute *c = &route_cache[n++];
 
 			c->id = r->id;
-			c->push = r->sink != SINK_QUEUE;
+			c->push = r->sink->push;
 			c->payload = r->payload;
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
 			SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));

@@ -73,270 +73,12 @@ typedef struct Transfer
 
 static CURLM *multi = NULL;
 
-/* ---- destinations ---- */
-
-/* Is host one of loopback's names or addresses? */
-static bool
-host_is_loopback(const char *host)
-{
-	struct in_addr a4;
-	struct in6_addr a6;
-	char		bare[INET6_ADDRSTRLEN + 2];
-	size_t		len = strlen(host);
-
-	if (pg_strcasecmp(host, "localhost") == 0)
-		return true;
-	if (inet_pton(AF_INET, host, &a4) == 1)
-		return (ntohl(a4.s_addr) >> 24) == 127;
-	if (len >= 2 && host[0] == '[' && host[len - 1] == ']' && len - 2 < sizeof(bare))
-	{
-		memcpy(bare, host + 1, len - 2);
-		bare[len - 2] = '\0';
-		host = bare;
-	}
-	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
-}
-
-/*
- * Parse an IP address or CIDR range ("10.0.0.0/8", "::1", "[fe80::]/10")
- * into r; false if text is neither.
- */
-static bool
-parse_range(const char *text, OutboxAddressRange *r)
-{
-	char		buf[INET6_ADDRSTRLEN + 8];
-	char	   *slash;
-	char	   *addr = buf;
-	size_t		len;
-	int			max;
-
-	if (strlen(text) >= sizeof(buf))
-		return false;
-	strcpy(buf, text);
-	slash = strchr(buf, '/');
-	if (slash)
-		*slash = '\0';
-	len = strlen(addr);
-	if (len >= 2 && addr[0] == '[' && addr[len - 1] == ']')
-	{
-		addr[len - 1] = '\0';
-		addr++;
-	}
-	memset(r, 0, sizeof(*r));
-	if (inet_pton(AF_INET, addr, r->addr) == 1)
-		r->family = AF_INET;
-	else if (inet_pton(AF_INET6, addr, r->addr) == 1)
-		r->family = AF_INET6;
-	else
-		return false;
-	max = r->family == AF_INET ? 32 : 128;
-	r->bits = max;
-	if (slash)
-	{
-		char	   *end;
-		long		bits = strtol(slash + 1, &end, 10);
-
-		if (end == slash + 1 || *end != '\0' || bits < 0 || bits > max)
-			return false;
-		r->bits = (int) bits;
-	}
-	return true;
-}
-
-/* Is the address of family (4 or 16 bytes at addr) within r? */
-static bool
-address_in_range(const OutboxAddressRange *r, int family, const unsigned char *addr)
-{
-	int			full = r->bits / 8;
-	int			rest = r->bits % 8;
-
-	if (r->family != family)
-		return false;
-	if (memcmp(r->addr, addr, full) != 0)
-		return false;
-	if (rest == 0)
-		return true;
-	return ((r->addr[full] ^ addr[full]) & (0xFF << (8 - rest)) & 0xFF) == 0;
-}
-
-/* Is host an IP address (bracketed for IPv6 in URLs) within range entry? */
-static bool
-host_in_range(const char *host, const char *entry)
-{
-	OutboxAddressRange r;
-	OutboxAddressRange h;
-
-	if (!parse_range(entry, &r) || !parse_range(host, &h) || strchr(host, '/') != NULL)
-		return false;
-	return address_in_range(&r, h.family, h.addr);
-}
-
-/*
- * The address policy in force (palloc'd): loopback only, or the IP and CIDR
- * entries of the allow-list.  The sinks make it before connecting, so that
- * checking an address (in libcurl's callback) allocates nothing.
- */
-OutboxAddressPolicy *
-outbox_address_policy(void)
-{
-	OutboxAddressPolicy *p = palloc0(sizeof(OutboxAddressPolicy));
-	char	   *allow = outbox_allow_list();
-	List	   *entries = NIL;
-	ListCell   *lc;
-
-	p->loopback_only = allow[0] == '\0';
-	if (p->loopback_only || !SplitGUCList(pstrdup(allow), ',', &entries))
-		return p;
-	p->ranges = palloc0(sizeof(OutboxAddressRange) * Max(list_length(entries), 1));
-	foreach(lc, entries)
-		if (parse_range(lfirst(lc), &p->ranges[p->nranges]))
-			p->nranges++;
-	return p;
-}
-
-/*
- * The special range addr (family, 4 or 16 bytes) is in: "loopback",
- * "link-local", "private" or "unspecified"; NULL for any other address.
- */
-static const char *
-special_range(int family, const unsigned char *a)
-{
-	if (family == AF_INET)
-	{
-		if (a[0] == 127)
-			return "loopback";
-		if (a[0] == 169 && a[1] == 254)
-			return "link-local";
-		if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xF0) == 16) || (a[0] == 192 && a[1] == 168))
-			return "private";
-		if (a[0] == 0)
-			return "unspecified";
-		return NULL;
-	}
-	if (IN6_IS_ADDR_LOOPBACK((const struct in6_addr *) a))
-		return "loopback";
-	if (IN6_IS_ADDR_UNSPECIFIED((const struct in6_addr *) a))
-		return "unspecified";
-	if (a[0] == 0xFE && (a[1] & 0xC0) == 0x80)
-		return "link-local";
-	if ((a[0] & 0xFE) == 0xFC)
-		return "private";
-	return NULL;
-}
-
-/*
- * May a sink connect to addr under policy?  If not, why says so, naming the
- * address.  Allocates nothing and never raises (it runs inside libcurl).
- */
-bool
-outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
-				  char *why, size_t len)
-{
-	unsigned char bytes[16];
-	int			family = addr->sa_family;
-	char		text[INET6_ADDRSTRLEN];
-	const char *range;
-	int			i;
-
-	if (family == AF_INET)
-		memcpy(bytes, &((const struct sockaddr_in *) addr)->sin_addr, 4);
-	else if (family == AF_INET6)
-	{
-		const struct in6_addr *a6 = &((const struct sockaddr_in6 *) addr)->sin6_addr;
-
-		memcpy(bytes, a6, 16);
-		if (IN6_IS_ADDR_V4MAPPED(a6))
-		{
-			/* ::ffff:a.b.c.d is a.b.c.d */
-			family = AF_INET;
-			memmove(bytes, bytes + 12, 4);
-		}
-	}
-	else
-	{
-		snprintf(why, len, "address family %d not allowed", family);
-		return false;
-	}
-	if (inet_ntop(family, bytes, text, sizeof(text)) == NULL)
-		strlcpy(text, "?", sizeof(text));
-	range = special_range(family, bytes);
-	if (policy->loopback_only)
-	{
-		if (range != NULL && strcmp(range, "loopback") == 0)
-			return true;
-		snprintf(why, len, "address %s not allowed: not loopback "
-				 "(resilience.outbox_allowed_hosts is empty: loopback only)", text);
-		return false;
-	}
-	if (range == NULL)
-		return true;
-	for (i = 0; i < policy->nranges; i++)
-		if (address_in_range(&policy->ranges[i], family, bytes))
-			return true;
-	snprintf(why, len, "address %s not allowed: %s, and no IP or CIDR entry of "
-			 "resilience.outbox_allowed_hosts covers it", text, range);
-	return false;
-}
-
-/*
- * The allow-list in force for the sinks that connect out (http, amqp): the
- * hosts of resilience.outbox_allowed_hosts and of its older name
- * resilience.outbox_http_allowed_hosts, comma-separated ("" when loopback
- * only).
- */
-char *
-outbox_allow_list(void)
-{
-	const char *value;
-	const char *old;
-
-	if (!resilience_preloaded)
-		return "";
-	value = GetConfigOption("resilience.outbox_allowed_hosts", true, false);
-	old = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
-	if (value == NULL || value[0] == '\0')
-		return old ? pstrdup(old) : "";
-	if (old == NULL || old[0] == '\0')
-		return pstrdup(value);
-	return psprintf("%s, %s", value, old);
-}
-
-/* May the http sink call host, given allow (a comma-separated list)? */
-bool
-http_host_allowed(const char *host, const char *allow)
-{
-	List	   *entries = NIL;
-	char	   *copy = pstrdup(allow);
-	ListCell   *lc;
-
-	if (allow[0] == '\0')
-		return host_is_loopback(host);
-	if (!SplitGUCList(copy, ',', &entries))
-		return false;
-	foreach(lc, entries)
-	{
-		const char *entry = lfirst(lc);
-		size_t		hlen = strlen(host);
-		size_t		elen = strlen(entry);
-
-		if (pg_strcasecmp(entry, host) == 0)
-			return true;
-		if (host_in_range(host, entry))
-			return true;
-		/* *.example.com: any subdomain of example.com */
-		if (elen > 2 && entry[0] == '*' && entry[1] == '.' && hlen > elen - 1 &&
-			pg_strcasecmp(host + hlen - (elen - 1), entry + 1) == 0)
-			return true;
-	}
-	return false;
-}
-
 /*
  * Check an http target: NULL if it may be used (then *destination is
  * scheme://host:port, the breaker's key), else why not.
  */
-const char *
-outbox_destination_allowed(const char *url, char **destination)
+static const char *
+http_check_target(const char *url, char **destination)
 {
 	CURLU	   *u = curl_url();
 	char	   *scheme = NULL;
@@ -359,9 +101,7 @@ outbox_destination_allowed(const char *url, char **destination)
 	else
 	{
 		*destination = psprintf("%s://%s:%s", scheme, host, port);
-		if (!http_host_allowed(host, outbox_allow_list()))
-			problem = psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
-							   host, outbox_allow_list()[0] ? "" : " (empty: loopback only)");
+		problem = outbox_host_problem(host);
 	}
 	curl_free(scheme);
 	curl_free(host);
@@ -459,13 +199,13 @@ start_transfer(Transfer *t, const OutboxAddressPolicy *policy)
 	OutboxItem *item = t->item;
 	OutboxRoute *r = item->route;
 	char	   *dest;
-	const char *problem = outbox_destination_allowed(r->target, &dest);
+	const char *problem = http_check_target(r->target, &dest);
 	List	   *event_headers = NIL;
 	ListCell   *lc;
 
 	if (problem == NULL && r->proxy != NULL)
 	{
-		problem = outbox_destination_allowed(r->proxy, &dest);
+		problem = http_check_target(r->proxy, &dest);
 		if (problem)
 			problem = psprintf("option \"proxy\": %s", problem);
 	}
@@ -600,7 +340,7 @@ abandon(Transfer *transfers, int n)
  * Deliver items (route sink http, in seq order per route) with no
  * transaction open; sets each item's outcome.
  */
-void
+static void
 http_deliver(List *items)
 {
 	int			n = list_length(items);
@@ -715,3 +455,39 @@ http_deliver(List *items)
 	PG_END_TRY();
 	abandon(transfers, n);
 }
+
+/* ---- route options ---- */
+
+static bool
+http_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate)
+{
+	if (strcmp(name, "headers") == 0)
+		r->headers = outbox_parse_headers(v, "option \"headers\"");
+	else if (strcmp(name, "proxy") == 0)
+	{
+		char	   *dest;
+		const char *problem;
+
+		r->proxy = outbox_option_string(v, name);
+		problem = http_check_target(r->proxy, &dest);
+		if (problem && validate)
+			outbox_route_error(psprintf("option \"proxy\": %s", problem),
+							   psprintf("The proxy is %s.", outbox_redact_target(r->proxy)),
+							   "A proxy is an http:// or https:// URL; its host must be allowed like a target's.");
+	}
+	else
+		return false;
+	return true;
+}
+
+const OutboxSinkOps outbox_sink_http = {
+	.name = "http",
+	.push = true,
+	.default_payload = PAYLOAD_OBJECT_OR_ARRAY,
+	.check_target = http_check_target,
+	.target_hint = "Targets are http:// or https:// URLs; hosts other than loopback must be "
+	"listed in resilience.outbox_allowed_hosts.",
+	.parse_option = http_parse_option,
+	.options_hint = "headers, proxy",
+	.deliver = http_deliver,
+};
