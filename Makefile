@@ -25,8 +25,8 @@ OBJS = \
 	src/worker.o \
 	src/tenants.o
 
-# the outbox's http and amqp sinks
-SHLIB_LINK += -lcurl -lrabbitmq
+# the outbox's http and amqp sinks (libcrypto: webhook signatures' HMAC)
+SHLIB_LINK += -lcurl -lrabbitmq -lcrypto
 
 # A call to an undeclared function is an error, not a warning: on PostgreSQL
 # 18 one built a library that could not be loaded (a macro that had moved to
@@ -40,7 +40,8 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 # pg_regress: one test per capability, the SQL contract with its errors.
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
-	outbox outbox_errors events events_errors roles
+	outbox outbox_errors events events_errors roles \
+	outbox_signing
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

@@ -624,3 +624,19 @@ REVOKE ALL ON FUNCTION resilience._tenant_check(text, text, oid, oid),
 REVOKE ALL ON resilience.owners FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.set_owner(text, text, regrole) TO resilience_admin;
 GRANT SELECT ON resilience.owners TO resilience_admin;
+
+------------------------------------------------------------------------------
+-- Issue 18: a relay ready for production webhooks (docs/outbox.md)
+------------------------------------------------------------------------------
+
+-- Standard Webhooks signatures (route option signing_secret of http routes;
+-- src/sink_http.c).  This computes one for checks against the
+-- specification's examples; admin only, as it takes a secret.
+CREATE FUNCTION resilience._webhook_sign(secret text, msg_id text, "timestamp" bigint, body text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'webhook_signature_sql'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;  -- STRICT: no secret, no signature
+COMMENT ON FUNCTION resilience._webhook_sign(text, text, bigint, text) IS
+'Internal: the webhook-signature header value (v1,<base64 HMAC-SHA256 of "msg_id.timestamp.body">) for a whsec_ secret';
+REVOKE ALL ON FUNCTION resilience._webhook_sign(text, text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._webhook_sign(text, text, bigint, text) TO resilience_admin;

@@ -5,7 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events webhooks"   which comparisons to run
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
 #                      other work on a shared machine then weighs on both
@@ -18,6 +18,7 @@
 . "$(dirname "$0")/outbox.sh"
 . "$(dirname "$0")/amqp.sh"
 . "$(dirname "$0")/redis.sh"
+. "$(dirname "$0")/webhooks.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -118,7 +119,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events webhooks}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -199,6 +200,9 @@ fi
 if section events; then
 	run_events_section
 fi
+if section webhooks; then
+	run_webhooks_section
+fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
@@ -244,6 +248,7 @@ report() {
 	section outbox && report_outbox
 	section amqp && report_amqp
 	section events && report_events
+	section webhooks && report_webhooks
 	true
 }
 

@@ -636,7 +636,8 @@ header_reserved(const char *name)
 		pg_strcasecmp(name, "Host") == 0 ||
 		pg_strcasecmp(name, "Transfer-Encoding") == 0 ||
 		pg_strcasecmp(name, "Connection") == 0 ||
-		pg_strcasecmp(name, "Expect") == 0;
+		pg_strcasecmp(name, "Expect") == 0 ||
+		pg_strncasecmp(name, "webhook-", 8) == 0;
 }
 
 /*
@@ -708,7 +709,7 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 		}
 		if (header_reserved(name))
 		{
-			*detail = pstrdup("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection and Expect cannot be given.");
+			*detail = pstrdup("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection, Expect and webhook-* cannot be given.");
 			return psprintf("header \"%s\" is set by the relay", name);
 		}
 		if (event && header_event_reserved(name))

@@ -19,6 +19,7 @@
 #define OUTBOX_TOPIC_MAX 255
 #define OUTBOX_KEY_MAX 255
 #define OUTBOX_ERROR_MAX 300
+#define OUTBOX_SIGNING_KEYS_MAX 2	/* the new and the old while rotating */
 
 /* What a route accepts as payload (route option "payload"). */
 typedef enum OutboxPayloadKind
@@ -52,6 +53,10 @@ typedef struct OutboxRoute
 	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
 	char	   *proxy;			/* http: the proxy to use (NULL: none, whatever
 								 * the server's environment says) */
+	int			nsigning_keys;	/* http: Standard Webhooks keys (2 while
+								 * rotating); secrets: never in views or logs */
+	unsigned char *signing_keys[OUTBOX_SIGNING_KEYS_MAX];
+	int			signing_key_len[OUTBOX_SIGNING_KEYS_MAX];
 	char	   *exchange;		/* amqp: the exchange */
 	char	   *routing_key;	/* amqp: a template of {topic} and {key} */
 	bool		mandatory;		/* amqp: unroutable messages come back */

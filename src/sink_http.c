@@ -31,6 +31,17 @@
  * used; a route may name its own (option "proxy", a host allowed like a
  * target's), and then it is the proxy's address that is checked.
  *
+ * Signatures (Standard Webhooks, https://www.standardwebhooks.com): with
+ * the route option signing_secret ("whsec_" + base64 of 24 to 64 bytes, or
+ * a list of two while rotating), each request also carries webhook-id (the
+ * event id), webhook-timestamp (seconds since the epoch, taken just before
+ * the send) and webhook-signature: "v1,<base64 of HMAC-SHA256(key,
+ * "id.timestamp.body")>", one per key, space-separated.  The HMAC is
+ * OpenSSL's (libcurl's TLS already needs it): PostgreSQL's pg_hmac_* ties
+ * its contexts to a resource owner, and the relay sends with no
+ * transaction open.  The keys live in the route's options (readable only by
+ * resilience_admin) and in the relaying process' memory, nowhere else.
+ *
  * Headers: the event's headers are checked again before each send (a row
  * written before the checks of outbox_publish, or by hand): a header that
  * is not allowed makes the event a dead letter; one the route sets too is
@@ -45,6 +56,10 @@
 #include <sys/socket.h>
 
 #include <curl/curl.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "common/base64.h"
 
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -184,6 +199,164 @@ on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addres
 	return socket(address->family, address->socktype, address->protocol);
 }
 
+/* ---- signatures ---- */
+
+#define WEBHOOK_SECRET_PREFIX "whsec_"
+#define WEBHOOK_KEY_MIN 24
+#define WEBHOOK_KEY_MAX 64
+
+/*
+ * Decode a signing secret into key (WEBHOOK_KEY_MAX bytes of room): its
+ * length, or -1 and *why.  Never quotes the secret.
+ */
+static int
+webhook_key(const char *secret, int len, unsigned char *key, const char **why)
+{
+	int			plen = strlen(WEBHOOK_SECRET_PREFIX);
+	char		buf[256];
+	int			n = -1;
+
+	*why = NULL;
+	if (len < plen || strncmp(secret, WEBHOOK_SECRET_PREFIX, plen) != 0)
+		*why = "it does not start with whsec_";
+	/* pg_b64_decode needs room for what the text could hold */
+	else if (pg_b64_dec_len(len - plen) > (int) sizeof(buf) ||
+			 (n = pg_b64_decode(secret + plen, len - plen, (void *) buf, sizeof(buf))) < 0)
+		*why = "what follows whsec_ is not base64";
+	else if (n < WEBHOOK_KEY_MIN || n > WEBHOOK_KEY_MAX)
+		*why = psprintf("its key is %d bytes", n);
+	else
+		memcpy(key, buf, n);
+	explicit_bzero(buf, sizeof(buf));
+	return *why ? -1 : n;
+}
+
+/*
+ * The webhook-signature value for content ("id.timestamp.body") under
+ * keys: "v1,<base64>" per key, space-separated, into out.
+ */
+static void
+webhook_signature(unsigned char *const *keys, const int *key_len, int nkeys,
+				  const char *content, size_t content_len, StringInfo out)
+{
+	int			i;
+
+	for (i = 0; i < nkeys; i++)
+	{
+		unsigned char mac[EVP_MAX_MD_SIZE];
+		unsigned int mac_len = 0;
+		char		b64[128];
+		int			n;
+
+		if (HMAC(EVP_sha256(), keys[i], key_len[i], (const unsigned char *) content,
+				 content_len, mac, &mac_len) == NULL)
+			elog(ERROR, "HMAC-SHA256 failed");
+		n = pg_b64_encode((const void *) mac, (int) mac_len, b64, sizeof(b64));
+		if (n < 0)
+			elog(ERROR, "base64 encoding failed");
+		appendStringInfo(out, "%sv1,%.*s", i == 0 ? "" : " ", n, b64);
+	}
+}
+
+/* The webhook-* headers of an item signed now, appended to headers. */
+static struct curl_slist *
+sign_item(OutboxItem *item, struct curl_slist *headers)
+{
+	OutboxRoute *r = item->route;
+	int64		now = (int64) time(NULL);
+	StringInfoData content;
+	StringInfoData sig;
+
+	initStringInfo(&content);
+	appendStringInfo(&content, INT64_FORMAT "." INT64_FORMAT ".%s", item->id, now, item->payload);
+	initStringInfo(&sig);
+	appendStringInfoString(&sig, "webhook-signature: ");
+	webhook_signature(r->signing_keys, r->signing_key_len, r->nsigning_keys,
+					  content.data, content.len, &sig);
+	headers = curl_slist_append(headers, psprintf("webhook-id: " INT64_FORMAT, item->id));
+	headers = curl_slist_append(headers, psprintf("webhook-timestamp: " INT64_FORMAT, now));
+	return curl_slist_append(headers, sig.data);
+}
+
+/*
+ * _webhook_sign(secret, id, timestamp, body) → the webhook-signature
+ * header value, for checking against the specification's examples and for
+ * receivers' tests.
+ */
+PG_FUNCTION_INFO_V1(webhook_signature_sql);
+Datum
+webhook_signature_sql(PG_FUNCTION_ARGS)
+{
+	text	   *secret = PG_GETARG_TEXT_PP(0);
+	unsigned char key[WEBHOOK_KEY_MAX];
+	unsigned char *keys[1] = {key};
+	int			len;
+	const char *why;
+	StringInfoData content;
+	StringInfoData sig;
+
+	len = webhook_key(VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), key, &why);
+	if (len < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("secret must be \"whsec_\" followed by the base64 of %d to %d bytes",
+						WEBHOOK_KEY_MIN, WEBHOOK_KEY_MAX),
+				 errdetail("The secret given is not: %s.", why)));
+	initStringInfo(&content);
+	appendStringInfo(&content, "%s." INT64_FORMAT ".%s", text_to_cstring(PG_GETARG_TEXT_PP(1)),
+					 PG_GETARG_INT64(2), text_to_cstring(PG_GETARG_TEXT_PP(3)));
+	initStringInfo(&sig);
+	webhook_signature(keys, &len, 1, content.data, content.len, &sig);
+	explicit_bzero(key, sizeof(key));
+	PG_RETURN_TEXT_P(cstring_to_text(sig.data));
+}
+
+/*
+ * Option signing_secret: one secret, or a list of at most two (rotation:
+ * every request is signed with each).  The error never quotes a secret.
+ */
+static void
+parse_signing_secret(OutboxRoute *r, JsonbValue *v)
+{
+	const char *bad = "option \"signing_secret\" must be \"whsec_\" followed by the base64 of 24 to 64 bytes, or a list of one or two of them";
+	JsonbValue	elems[OUTBOX_SIGNING_KEYS_MAX];
+	int			n = 0;
+
+	if (v->type == jbvString)
+		elems[n++] = *v;
+	else if (v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
+	{
+		JsonbIterator *it = JsonbIteratorInit(v->val.binary.data);
+		JsonbValue	e;
+		JsonbIteratorToken tok;
+
+		while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+		{
+			if (tok != WJB_ELEM)
+				continue;
+			if (n == OUTBOX_SIGNING_KEYS_MAX || e.type != jbvString)
+				outbox_route_error(bad, NULL, "While rotating, list the new secret and the old one.");
+			elems[n++] = e;
+		}
+	}
+	if (n == 0)
+		outbox_route_error(bad, NULL, NULL);
+	r->nsigning_keys = 0;
+	for (int i = 0; i < n; i++)
+	{
+		unsigned char *key = palloc(WEBHOOK_KEY_MAX);
+		const char *why;
+		int			len = webhook_key(elems[i].val.string.val, elems[i].val.string.len, key, &why);
+
+		if (len < 0)
+			outbox_route_error(bad, psprintf("Secret %d of %d is not: %s.", i + 1, n, why),
+							   "Generate one with: SELECT 'whsec_' || encode(gen_random_bytes(32), 'base64') (pgcrypto).");
+		r->signing_keys[i] = key;
+		r->signing_key_len[i] = len;
+		r->nsigning_keys++;
+	}
+}
+
 /* ---- requests ---- */
 
 static void
@@ -228,6 +401,8 @@ start_transfer(Transfer *t, const OutboxAddressPolicy *policy)
 		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
 	foreach(lc, r->headers)
 		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
+	if (r->nsigning_keys > 0)
+		t->headers = sign_item(item, t->headers);
 
 	if (t->easy == NULL)
 		t->easy = curl_easy_init();
@@ -463,6 +638,8 @@ http_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate
 {
 	if (strcmp(name, "headers") == 0)
 		r->headers = outbox_parse_headers(v, "option \"headers\"");
+	else if (strcmp(name, "signing_secret") == 0)
+		parse_signing_secret(r, v);
 	else if (strcmp(name, "proxy") == 0)
 	{
 		char	   *dest;
@@ -488,6 +665,6 @@ const OutboxSinkOps outbox_sink_http = {
 	.target_hint = "Targets are http:// or https:// URLs; hosts other than loopback must be "
 	"listed in resilience.outbox_allowed_hosts.",
 	.parse_option = http_parse_option,
-	.options_hint = "headers, proxy",
+	.options_hint = "headers, proxy, signing_secret",
 	.deliver = http_deliver,
 };
