@@ -640,3 +640,20 @@ COMMENT ON FUNCTION resilience._webhook_sign(text, text, bigint, text) IS
 'Internal: the webhook-signature header value (v1,<base64 HMAC-SHA256 of "msg_id.timestamp.body">) for a whsec_ secret';
 REVOKE ALL ON FUNCTION resilience._webhook_sign(text, text, bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience._webhook_sign(text, text, bigint, text) TO resilience_admin;
+
+-- W3C trace context: outbox_publish records traceparent/tracestate (as the
+-- event headers of those names, which the http and amqp sinks send) from
+-- its new arguments or from the settings resilience.traceparent and
+-- resilience.tracestate.  New arguments with defaults: the old signature
+-- goes (callers that name or omit them are unchanged).
+DROP FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval);
+CREATE FUNCTION resilience.outbox_publish(
+    topic text, payload jsonb, key text DEFAULT NULL, headers jsonb DEFAULT '{}',
+    deliver_after interval DEFAULT NULL, traceparent text DEFAULT NULL, tracestate text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'outbox_publish'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: a NULL topic or payload raises 22004
+COMMENT ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) IS
+'Publish an event in this transaction: it exists for the relay if and only if the transaction commits; returns its id (the Idempotency-Key); traceparent/tracestate (else resilience.traceparent) are sent with it';
+REVOKE ALL ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) TO resilience_user;

@@ -85,6 +85,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -608,6 +609,156 @@ outbox_option_string(JsonbValue *v, const char *name)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
+/* ---- trace context (W3C Trace Context) ---- */
+
+#define TRACEPARENT_MAX 256
+#define TRACESTATE_MAX 512
+#define TRACESTATE_MEMBERS_MAX 32
+#define TRACESTATE_PART_MAX 256
+
+static bool
+lower_hex(const char *s, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	return true;
+}
+
+static bool
+all_zeros(const char *s, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (s[i] != '0')
+			return false;
+	return true;
+}
+
+/*
+ * What is wrong with a traceparent (NULL: nothing): version-traceid-
+ * parentid-flags, 2-32-16-2 lowercase hex digits; a later version may
+ * append fields after a dash.
+ */
+static const char *
+traceparent_problem(const char *s, int len)
+{
+	if (len < 55 || len > TRACEPARENT_MAX || !lower_hex(s, 2) || s[2] != '-' ||
+		!lower_hex(s + 3, 32) || s[35] != '-' || !lower_hex(s + 36, 16) || s[52] != '-' ||
+		!lower_hex(s + 53, 2))
+		return "it must be version-traceid-parentid-flags in lowercase hex, as in 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+	if (strncmp(s, "ff", 2) == 0)
+		return "version ff is invalid";
+	if (strncmp(s, "00", 2) == 0 && len != 55)
+		return "a version 00 traceparent is 55 characters long";
+	if (len > 55 && s[55] != '-')
+		return "fields after the flags must follow a dash";
+	if (all_zeros(s + 3, 32))
+		return "the trace id is all zeros";
+	if (all_zeros(s + 36, 16))
+		return "the parent id is all zeros";
+	return NULL;
+}
+
+/*
+ * What is wrong with a tracestate (NULL: nothing): at most 32 comma-
+ * separated key=value members, 512 characters in all; keys of lowercase
+ * letters, digits and _-*\/ (one @ for multi-tenant keys); values of
+ * printable ASCII without comma or equals sign.
+ */
+static const char *
+tracestate_problem(const char *s, int len)
+{
+	int			members = 0;
+	int			i = 0;
+
+	if (len > TRACESTATE_MAX)
+		return "it is longer than 512 characters";
+	while (i <= len)
+	{
+		int			end = i;
+		int			eq = -1;
+		int			a = i;
+		int			b;
+		int			ats = 0;
+
+		while (end < len && s[end] != ',')
+			end++;
+		/* trim optional white space around the member */
+		while (a < end && (s[a] == ' ' || s[a] == '\t'))
+			a++;
+		b = end;
+		while (b > a && (s[b - 1] == ' ' || s[b - 1] == '\t'))
+			b--;
+		if (a < b)
+		{
+			if (++members > TRACESTATE_MEMBERS_MAX)
+				return "it has more than 32 members";
+			for (int j = a; j < b; j++)
+				if (s[j] == '=')
+				{
+					eq = j;
+					break;
+				}
+			if (eq <= a || eq == b - 1 || eq - a > TRACESTATE_PART_MAX || b - eq - 1 > TRACESTATE_PART_MAX)
+				return "each member must be key=value";
+			if (!((s[a] >= 'a' && s[a] <= 'z') || (s[a] >= '0' && s[a] <= '9')))
+				return "a key must start with a lowercase letter or a digit";
+			for (int j = a; j < eq; j++)
+			{
+				char		c = s[j];
+
+				if (c == '@')
+					ats++;
+				else if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("_-*/", c)))
+					return "a key may hold only lowercase letters, digits, _ - * / and one @";
+			}
+			if (ats > 1)
+				return "a key may hold only lowercase letters, digits, _ - * / and one @";
+			for (int j = eq + 1; j < b; j++)
+				if (s[j] < 0x20 || s[j] > 0x7e || s[j] == ',' || s[j] == '=')
+					return "a value may hold only printable ASCII without , and =";
+		}
+		i = end + 1;
+	}
+	return NULL;
+}
+
+/* Check hook of resilience.traceparent: 22023 for a malformed one. */
+bool
+outbox_check_traceparent_guc(char **newval, void **extra, GucSource source)
+{
+	const char *problem;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	problem = traceparent_problem(*newval, strlen(*newval));
+	if (problem)
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("%s.", problem);
+		return false;
+	}
+	return true;
+}
+
+/* Check hook of resilience.tracestate. */
+bool
+outbox_check_tracestate_guc(char **newval, void **extra, GucSource source)
+{
+	const char *problem;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	problem = tracestate_problem(*newval, strlen(*newval));
+	if (problem)
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("%s.", problem);
+		return false;
+	}
+	return true;
+}
+
 /* Is this a valid HTTP header name (an RFC 9110 token)? */
 static bool
 header_name_ok(const char *name, int len)
@@ -730,6 +881,19 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 			*detail = psprintf("Values are at most %d bytes, without line breaks or NUL.",
 							   HEADER_VALUE_MAX);
 			return psprintf("the value of header \"%s\" is not allowed", name);
+		}
+		if (pg_strcasecmp(name, "traceparent") == 0 || pg_strcasecmp(name, "tracestate") == 0)
+		{
+			bool		parent = pg_strcasecmp(name, "traceparent") == 0;
+			const char *bad = parent ?
+				traceparent_problem(v.val.string.val, v.val.string.len) :
+				tracestate_problem(v.val.string.val, v.val.string.len);
+
+			if (bad)
+			{
+				*detail = psprintf("%c%s.", pg_toupper(bad[0]), bad + 1);
+				return psprintf("header \"%s\" is not a valid W3C %s", name, parent ? "traceparent" : "tracestate");
+			}
 		}
 		count++;
 		total += k.val.string.len + v.val.string.len;
@@ -1246,8 +1410,100 @@ event_header_collision(Jsonb *headers, CachedRoute *r)
 	}
 }
 
+/* Does a JSON object of headers have one named name (any case)? */
+static bool
+has_header(Jsonb *headers, const char *name)
+{
+	JsonbIterator *it = JsonbIteratorInit(&headers->root);
+	JsonbValue	k;
+	JsonbIteratorToken tok;
+
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+		if (tok == WJB_KEY && strlen(name) == k.val.string.len &&
+			pg_strncasecmp(name, k.val.string.val, k.val.string.len) == 0)
+			return true;
+	return false;
+}
+
+/* A trace context argument, checked (22023 naming it). */
+static char *
+trace_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	text	   *t;
+	char	   *s;
+	const char *problem;
+
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return NULL;
+	t = PG_GETARG_TEXT_PP(argno);
+	s = text_to_cstring(t);
+	problem = argno == 5 ? traceparent_problem(s, strlen(s)) : tracestate_problem(s, strlen(s));
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is not a valid W3C %s", what, what),
+				 errdetail("%c%s.", pg_toupper(problem[0]), problem + 1),
+				 errhint("Pass what the tracing library's propagator writes (OpenTelemetry: TraceContextTextMapPropagator), or NULL.")));
+	return s;
+}
+
 /*
- * outbox_publish(topic, payload, key, headers, deliver_after) → event id.
+ * The event's headers with its trace context added: the arguments
+ * traceparent and tracestate, else the traceparent and tracestate headers
+ * the caller gave, else the settings resilience.traceparent and
+ * resilience.tracestate.  Each is checked (22023).
+ */
+static Jsonb *
+with_trace_context(FunctionCallInfo fcinfo, Jsonb *headers)
+{
+	char	   *parent = trace_arg(fcinfo, 5, "traceparent");
+	char	   *state = trace_arg(fcinfo, 6, "tracestate");
+	bool		given = headers && (has_header(headers, "traceparent") ||
+									has_header(headers, "tracestate"));
+	StringInfoData buf;
+	Jsonb	   *added;
+
+	if (state && !parent)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tracestate needs a traceparent"),
+				 errdetail("A tracestate means nothing without the traceparent it goes with.")));
+	if (parent && given)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("traceparent is given both as an argument and in headers"),
+				 errhint("Give the trace context once.")));
+	if (parent == NULL && !given && resilience_traceparent && resilience_traceparent[0])
+	{
+		/* the settings' check hooks have checked them */
+		parent = resilience_traceparent;
+		if (resilience_tracestate && resilience_tracestate[0])
+			state = resilience_tracestate;
+	}
+	if (parent == NULL)
+		return headers;
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"traceparent\": ");
+	escape_json(&buf, parent);
+	if (state)
+	{
+		appendStringInfoString(&buf, ", \"tracestate\": ");
+		escape_json(&buf, state);
+	}
+	appendStringInfoChar(&buf, '}');
+	added = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	if (headers == NULL)
+		return added;
+	headers = DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(headers),
+												 JsonbPGetDatum(added)));
+	/* the limits on count and size hold for the whole */
+	(void) parse_headers(&headers->root, "headers", true);
+	return headers;
+}
+
+/*
+ * outbox_publish(topic, payload, key, headers, deliver_after, traceparent,
+ * tracestate) → event id.
  * Checks everything now; the rows are written when the transaction commits.
  */
 Datum
@@ -1276,6 +1532,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 		headers = PG_GETARG_JSONB_P(3);
 		(void) parse_headers(&headers->root, "headers", true);
 	}
+	headers = with_trace_context(fcinfo, headers);
 	PreventCommandIfReadOnly("outbox_publish()");
 
 	lookup_relations();

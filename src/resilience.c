@@ -56,6 +56,8 @@ int			resilience_outbox_retention_s = 0;
 int			resilience_outbox_breaker_failures = 5;
 int			resilience_outbox_breaker_open_ms = 30000;
 bool		resilience_preloaded = false;
+char	   *resilience_traceparent = NULL;
+char	   *resilience_tracestate = NULL;
 
 static const struct config_enum_entry when_full_options[] = {
 	{"evict", WHEN_FULL_EVICT, false},
@@ -187,6 +189,20 @@ _PG_init(void)
 							&resilience_reaper_max_batches,
 							20, 1, 1000000,
 							PGC_SUSET, 0, NULL, NULL, NULL);
+
+	/* what outbox_publish records as an event's trace context */
+	DefineCustomStringVariable("resilience.traceparent",
+							   "W3C traceparent recorded with the events this session publishes.",
+							   "An instrumented application sets it with SET LOCAL; an argument of outbox_publish wins over it.",
+							   &resilience_traceparent,
+							   "",
+							   PGC_USERSET, 0, outbox_check_traceparent_guc, NULL, NULL);
+	DefineCustomStringVariable("resilience.tracestate",
+							   "W3C tracestate recorded with resilience.traceparent.",
+							   NULL,
+							   &resilience_tracestate,
+							   "",
+							   PGC_USERSET, 0, outbox_check_tracestate_guc, NULL, NULL);
 
 	/*
 	 * The other settings concern shared memory or the workers, and

@@ -14,6 +14,7 @@
 
 #include "datatype/timestamp.h"
 #include "fmgr.h"
+#include "utils/guc.h"
 
 /* What a shared-memory table does when it is full (resilience.when_full). */
 typedef enum ResilienceWhenFull
@@ -69,6 +70,12 @@ extern char *resilience_outbox_allowed_hosts;
 extern int	resilience_outbox_retention_s;
 extern int	resilience_outbox_breaker_failures;
 extern int	resilience_outbox_breaker_open_ms;
+
+/* W3C trace context of the events a session publishes (outbox.c checks it). */
+extern char *resilience_traceparent;
+extern char *resilience_tracestate;
+extern bool outbox_check_traceparent_guc(char **newval, void **extra, GucSource source);
+extern bool outbox_check_tracestate_guc(char **newval, void **extra, GucSource source);
 
 /* True once _PG_init ran from shared_preload_libraries. */
 extern bool resilience_preloaded;
