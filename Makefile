@@ -41,7 +41,7 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
-	outbox_signing outbox_trace
+	outbox_signing outbox_trace outbox_route_options
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

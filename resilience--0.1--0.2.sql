@@ -657,3 +657,21 @@ COMMENT ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval
 'Publish an event in this transaction: it exists for the relay if and only if the transaction commits; returns its id (the Idempotency-Key); traceparent/tracestate (else resilience.traceparent) are sent with it';
 REVOKE ALL ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) TO resilience_user;
+
+-- Long-poll claims: outbox_claim(..., wait) sleeps until an event for the
+-- consumer commits (or wait is over) when it finds nothing.  SECURITY
+-- INVOKER, as the 0.2 tenants section made the old one: it checks the
+-- calling role against the consumer name itself.
+DROP FUNCTION resilience.outbox_claim(text, integer, interval);
+CREATE FUNCTION resilience.outbox_claim(
+    consumer text, batch integer DEFAULT 100, visibility interval DEFAULT '30 seconds',
+    wait interval DEFAULT NULL)
+RETURNS TABLE (id bigint, topic text, key text, payload jsonb, headers jsonb,
+               published_at timestamptz, attempts integer)
+AS 'MODULE_PATHNAME', 'outbox_claim'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) IS
+'Claim up to batch events of consumer''s queue routes for visibility: no other consumer gets them meanwhile; one event per key at a time, in commit order; with wait, sleeps until one commits (at most wait) when there is none';
+REVOKE ALL ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) TO resilience_user;

@@ -65,6 +65,7 @@
 #include "tenants.h"
 
 #include <arpa/inet.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -93,6 +94,7 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 #include "utils/varlena.h"
 
 /* locktag field 4 of the key locks; locks.c uses 3, PostgreSQL 1 and 2 */
@@ -102,6 +104,7 @@
 #define HEADER_VALUE_MAX 4096
 #define HEADERS_MAX 64
 #define HEADERS_TOTAL_MAX 8192
+#define CLAIM_WAIT_MAX_US (INT64CONST(3600) * USECS_PER_SEC)
 
 PG_FUNCTION_INFO_V1(outbox_publish);
 PG_FUNCTION_INFO_V1(outbox_route_check);
@@ -133,6 +136,7 @@ typedef struct CachedRoute
 {
 	int32		id;
 	bool		push;			/* delivered by the relay (not queue) */
+	int			claim_slot;		/* pulled: its consumer's claim slot */
 	OutboxPayloadKind payload;
 	text	   *pattern;
 	int			nheaders;
@@ -141,6 +145,7 @@ typedef struct CachedRoute
 
 static List *pending_events = NIL;	/* in TopTransactionContext */
 static bool wake_at_commit = false;
+static uint64 wake_claimers_at_commit = 0;	/* claim slots with new events */
 static bool callbacks_registered = false;
 
 static MemoryContext route_cache_context = NULL;
@@ -1139,6 +1144,8 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 									r->sink->options_hint ? "; for this sink " : "",
 									r->sink->options_hint ? r->sink->options_hint : ""));
 	}
+	if (r->sink->check_options)
+		r->sink->check_options(r);
 	if (validate && r->connect_timeout_ms > r->timeout_ms)
 		outbox_route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
 	if (validate && r->backoff_max_ms < r->backoff_base_ms)
@@ -1266,6 +1273,7 @@ load_route_cache(void)
 
 			c->id = r->id;
 			c->push = r->sink->push;
+			c->claim_slot = outbox_claim_slot(r->target);
 			c->payload = r->payload;
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
 			SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
@@ -1560,6 +1568,8 @@ outbox_publish(PG_FUNCTION_ARGS)
 		matched[nmatched++] = r->id;
 		if (r->push)
 			wake_relay_at_commit();
+		else
+			wake_claimers_at_commit |= UINT64CONST(1) << r->claim_slot;
 	}
 	if (!callbacks_registered)
 	{
@@ -1720,14 +1730,19 @@ outbox_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 			if (wake_at_commit)
 				worker_wake(MyDatabaseId);
+			/* visible now: consumers waiting in outbox_claim may have them */
+			if (wake_claimers_at_commit)
+				relay_wake_claimers(wake_claimers_at_commit);
 			pending_events = NIL;
 			wake_at_commit = false;
+			wake_claimers_at_commit = 0;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* a prepared transaction's events wait for the safety poll */
 			pending_events = NIL;	/* freed with TopTransactionContext */
 			wake_at_commit = false;
+			wake_claimers_at_commit = 0;
 			break;
 		default:
 			break;
@@ -1869,6 +1884,9 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 
 	if (route->probe_only)
 		limit = Min(limit, 1);
+	/* a rate-limited route: about a second's worth, so a batch stays short */
+	if (route->rate > 0)
+		limit = Min(limit, route->burst + (int) ceil(route->rate));
 	if (route->block_on_dead_letter)
 		load_blocked_keys(route->id, blocked);
 
@@ -2172,7 +2190,33 @@ consumer_become_owner(text *consumer, ResilienceUser *save)
 	tenant_claim(TENANT_OUTBOX_CONSUMER, VARDATA_ANY(consumer), VARSIZE_ANY_EXHDR(consumer), caller);
 }
 
-/* outbox_claim(consumer, batch, visibility) → the claimed events. */
+/* The claim slot of a consumer name (waiters sleep on it). */
+int
+outbox_claim_slot(const char *consumer)
+{
+	return hash_bytes((const unsigned char *) consumer, strlen(consumer)) % OUTBOX_CLAIM_SLOTS;
+}
+
+/* Wake consumers of slots (all: ~0) when this transaction commits. */
+static void
+wake_claimers_at_commit_of(uint64 slots)
+{
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(outbox_xact_callback, NULL);
+		RegisterSubXactCallback(outbox_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+	wake_claimers_at_commit |= slots;
+}
+
+/*
+ * outbox_claim(consumer, batch, visibility, wait) → the claimed events.
+ * With wait, a claim that finds nothing sleeps on the consumer's claim slot
+ * until a transaction that published for it commits (or an event falls
+ * due, or wait is over), then claims again: a long poll, not a poll loop.
+ * Each claim reads with a new snapshot (READ COMMITTED).
+ */
 Datum
 outbox_claim(PG_FUNCTION_ARGS)
 {
@@ -2183,6 +2227,10 @@ outbox_claim(PG_FUNCTION_ARGS)
 	OutboxClaim claim;
 	ListCell   *lc;
 	ResilienceUser save;
+	int64		wait = 0;
+	TimestampTz deadline;
+	ConditionVariable *cv = NULL;
+	static uint32 wait_event = 0;
 
 	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) <= 0 || PG_GETARG_INT32(1) > 10000)
 		ereport(ERROR,
@@ -2190,6 +2238,23 @@ outbox_claim(PG_FUNCTION_ARGS)
 				 errmsg("batch must be between 1 and 10000")));
 	batch = PG_GETARG_INT32(1);
 	visibility = resilience_arg_duration(fcinfo, 2, "visibility", false);
+	if (PG_NARGS() > 3 && !PG_ARGISNULL(3))
+		wait = resilience_arg_duration(fcinfo, 3, "wait", true);
+	if (wait > CLAIM_WAIT_MAX_US)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("wait must be at most 1 hour")));
+	if (wait > 0)
+	{
+		resilience_require_preload("outbox_claim with wait");
+		if (IsolationUsesXactSnapshot())
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("outbox_claim can wait only in a READ COMMITTED transaction"),
+					 errdetail("Under REPEATABLE READ or SERIALIZABLE it would never see the events that commit while it waits."),
+					 errhint("Call it in autocommit, or pass wait => NULL.")));
+		cv = relay_claim_cv(outbox_claim_slot(text_to_cstring(consumer)));
+	}
 
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&claim, 0, sizeof(claim));
@@ -2201,10 +2266,33 @@ outbox_claim(PG_FUNCTION_ARGS)
 	claim.count_attempt = true;
 	claim.claimer = text_to_cstring(consumer);
 	claim.visibility_ms = visibility / 1000;
-	claim.now = GetCurrentTimestamp();
-	outbox_claim_rows(&claim);
-	foreach(lc, claim.dead)
-		outbox_dead_letter(lfirst(lc), NULL, 0, NULL);
+	deadline = GetCurrentTimestamp() + wait;
+	/* on the wait list before the first look: a commit in between wakes us */
+	if (cv)
+		ConditionVariablePrepareToSleep(cv);
+	for (;;)
+	{
+		long		sleep_ms;
+
+		claim.now = GetCurrentTimestamp();
+		if (cv)
+			PushActiveSnapshot(GetTransactionSnapshot());
+		outbox_claim_rows(&claim);
+		foreach(lc, claim.dead)
+			outbox_dead_letter(lfirst(lc), NULL, 0, NULL);
+		if (cv)
+			PopActiveSnapshot();
+		if (cv == NULL || claim.items != NIL || claim.now >= deadline)
+			break;
+		sleep_ms = (deadline - claim.now + 999) / 1000;
+		if (claim.next_due > 0)
+			sleep_ms = Min(sleep_ms, Max((claim.next_due - claim.now + 999) / 1000, 1));
+		if (wait_event == 0)
+			wait_event = resilience_wait_event_compat("ResilienceOutboxClaim");
+		(void) ConditionVariableTimedSleep(cv, sleep_ms, wait_event);
+	}
+	if (cv)
+		ConditionVariableCancelSleep();
 	foreach(lc, claim.items)
 	{
 		OutboxItem *item = lfirst(lc);
@@ -2316,6 +2404,8 @@ outbox_nack(PG_FUNCTION_ARGS)
 		uint64		n = SPI_processed;
 		List	   *routes = outbox_load_routes(false, NULL);
 
+		wake_claimers_at_commit_of(UINT64CONST(1) << outbox_claim_slot(text_to_cstring(consumer)));
+
 		for (i = 0; i < n; i++)
 		{
 			bool		isnull;
@@ -2393,6 +2483,9 @@ outbox_redrive(PG_FUNCTION_ARGS)
 	ret = (int) SPI_processed;
 	SPI_finish();
 	if (ret > 0)
+	{
 		wake_relay_at_commit();
+		wake_claimers_at_commit_of(~UINT64CONST(0));
+	}
 	PG_RETURN_INT32(ret);
 }

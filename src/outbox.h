@@ -14,11 +14,13 @@
 
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
+#include "storage/condition_variable.h"
 #include "storage/itemptr.h"
 
 #define OUTBOX_TOPIC_MAX 255
 #define OUTBOX_KEY_MAX 255
 #define OUTBOX_ERROR_MAX 300
+#define OUTBOX_CLAIM_SLOTS 64		/* consumer names hash to these (a uint64 mask) */
 #define OUTBOX_SIGNING_KEYS_MAX 2	/* the new and the old while rotating */
 
 /* What a route accepts as payload (route option "payload"). */
@@ -50,6 +52,9 @@ typedef struct OutboxRoute
 	int			backoff_max_ms;
 	bool		block_on_dead_letter;
 	bool		probe_only;		/* relay: half-open breaker, claim one event */
+	double		rate;			/* http: most requests per second (0: no limit) */
+	int			burst;			/* http: the rate's token bucket capacity */
+	int			max_in_flight;	/* http: most requests at once (0: no limit) */
 	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
 	char	   *proxy;			/* http: the proxy to use (NULL: none, whatever
 								 * the server's environment says) */
@@ -152,6 +157,9 @@ typedef struct OutboxSinkOps
 								 struct JsonbValue *v, bool validate);
 	const char *options_hint;	/* the sink's own options, for errors */
 
+	/* After every option: check how they go together (22023). */
+	void		(*check_options) (OutboxRoute *r);
+
 	/* Deliver claimed items (in seq order per route); sets their outcomes. */
 	void		(*deliver) (List *items);
 } OutboxSinkOps;
@@ -189,6 +197,7 @@ extern int	outbox_setting_int(const char *name, int dflt, int flags);
 extern const char *outbox_item_headers(OutboxItem *item, List **out);
 extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
 extern const OutboxSinkOps *const *outbox_sinks(int *n);
+extern int	outbox_claim_slot(const char *consumer);
 
 /* outbox.c: for the sinks' option parsing (22023 naming the option) */
 extern void outbox_route_error(const char *msg, const char *detail, const char *hint);
@@ -205,6 +214,8 @@ extern bool outbox_address_ok(const OutboxAddressPolicy *policy, const struct so
 							  char *why, size_t len);
 
 /* relay.c */
+extern ConditionVariable *relay_claim_cv(int slot);
+extern void relay_wake_claimers(uint64 slots);
 extern bool relay_may_start(OutboxItem *item);
 extern void relay_item_done(OutboxItem *item);
 extern long relay_worker_job(void);

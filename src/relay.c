@@ -124,6 +124,8 @@ typedef struct RelayShared
 	LWLock	   *lock;
 	RouteStats	routes[RELAY_MAX_ROUTES];
 	DestState	dests[RELAY_MAX_DESTS];
+	/* outbox_claim(..., wait): consumers sleep on their name's slot */
+	ConditionVariable claim_cv[OUTBOX_CLAIM_SLOTS];
 } RelayShared;
 
 static RelayShared *relay_shared = NULL;	/* shared memory, or process-local */
@@ -170,7 +172,30 @@ relay_shmem_init(void)
 	{
 		memset(relay_shared, 0, relay_shmem_size());
 		relay_shared->lock = &(GetNamedLWLockTranche(RELAY_TRANCHE))->lock;
+		for (int i = 0; i < OUTBOX_CLAIM_SLOTS; i++)
+			ConditionVariableInit(&relay_shared->claim_cv[i]);
 	}
+}
+
+/*
+ * The condition variable consumers of claim slot sleep on in
+ * outbox_claim(..., wait); NULL without preloading.
+ */
+ConditionVariable *
+relay_claim_cv(int slot)
+{
+	if (relay_shared == NULL || relay_shared->lock == NULL)
+		return NULL;
+	return &relay_shared->claim_cv[slot % OUTBOX_CLAIM_SLOTS];
+}
+
+/* Wake the consumers waiting on the claim slots set in slots (at commit). */
+void
+relay_wake_claimers(uint64 slots)
+{
+	for (int i = 0; i < OUTBOX_CLAIM_SLOTS; i++)
+		if ((slots & (UINT64CONST(1) << i)) && relay_claim_cv(i))
+			ConditionVariableBroadcast(relay_claim_cv(i));
 }
 
 /* The state, in shared memory or (not preloaded) in this process. */

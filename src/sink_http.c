@@ -42,6 +42,16 @@
  * transaction open.  The keys live in the route's options (readable only by
  * resilience_admin) and in the relaying process' memory, nowhere else.
  *
+ * Limits per route (options rate, burst, max_in_flight): a request starts
+ * only when the route's token bucket has a token and fewer than
+ * max_in_flight of its requests are running.  Both are the extension's own
+ * shared ones (a rate_limit bucket and a bulkhead named
+ * outbox:<database oid>:<route id>), so every relaying process of the
+ * cluster shares them; without preloading, a process-local bucket and
+ * count.  A request that may not start yet waits in this batch (others go
+ * on); the relay claims about a second's worth of a rate-limited route per
+ * batch.  Retry-After still pauses the destination on top of this.
+ *
  * Headers: the event's headers are checked again before each send (a row
  * written before the checks of outbox_publish, or by hand): a header that
  * is not allowed makes the event a dead letter; one the route sets too is
@@ -52,6 +62,7 @@
 #include "outbox.h"
 
 #include <arpa/inet.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
@@ -66,14 +77,17 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/varlena.h"
 
 #define BODY_SNIPPET 120
 #define POLL_MS 100
+#define HOLD_MS 5				/* re-check held-back requests this often */
 
 typedef struct Transfer
 {
 	OutboxItem *item;
+	bool		permit;			/* holds an in-flight permit of its route */
 	struct Transfer *next_in_chain;
 	CURL	   *easy;
 	struct curl_slist *headers;
@@ -87,6 +101,22 @@ typedef struct Transfer
 } Transfer;
 
 static CURLM *multi = NULL;
+
+/* Without preloading: a route's bucket and in-flight count, in this process. */
+typedef struct LocalLimit
+{
+	Oid			dbid;
+	int32		route_id;
+	double		tokens;
+	int64		stamp;			/* resilience_clock_ns() */
+	int			in_flight;
+} LocalLimit;
+
+static List *local_limits = NIL;	/* LocalLimit *, in TopMemoryContext */
+
+extern Datum rate_limit(PG_FUNCTION_ARGS);
+extern Datum bulkhead_acquire_session(PG_FUNCTION_ARGS);
+extern Datum bulkhead_release(PG_FUNCTION_ARGS);
 
 /*
  * Check an http target: NULL if it may be used (then *destination is
@@ -357,6 +387,121 @@ parse_signing_secret(OutboxRoute *r, JsonbValue *v)
 	}
 }
 
+/* ---- per-route limits: rate and max_in_flight ---- */
+
+/* The name of a route's bucket and bulkhead. */
+static text *
+limit_name(OutboxRoute *r)
+{
+	return cstring_to_text(psprintf("outbox:%u:%d", MyDatabaseId, r->id));
+}
+
+static LocalLimit *
+local_limit(OutboxRoute *r)
+{
+	ListCell   *lc;
+	LocalLimit *l;
+	MemoryContext old;
+
+	foreach(lc, local_limits)
+	{
+		l = lfirst(lc);
+		if (l->dbid == MyDatabaseId && l->route_id == r->id)
+			return l;
+	}
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	l = palloc0(sizeof(LocalLimit));
+	l->dbid = MyDatabaseId;
+	l->route_id = r->id;
+	l->tokens = r->burst;
+	l->stamp = resilience_clock_ns();
+	local_limits = lappend(local_limits, l);
+	MemoryContextSwitchTo(old);
+	return l;
+}
+
+/* Take one token of the route's bucket; false if there is none now. */
+static bool
+take_token(OutboxRoute *r)
+{
+	LocalLimit *l;
+	int64		now;
+
+	if (r->rate <= 0)
+		return true;
+	if (resilience_preloaded)
+		return DatumGetBool(DirectFunctionCall4(rate_limit, PointerGetDatum(limit_name(r)),
+												Int32GetDatum(r->burst), Float8GetDatum(r->rate),
+												Int32GetDatum(1)));
+	l = local_limit(r);
+	now = resilience_clock_ns();
+	l->tokens = Min(l->tokens + (now - l->stamp) * r->rate / 1e9, (double) r->burst);
+	l->stamp = now;
+	if (l->tokens < 1)
+		return false;
+	l->tokens -= 1;
+	return true;
+}
+
+/* Take an in-flight permit of the item's route; false if all are taken. */
+static bool
+take_permit(Transfer *t)
+{
+	OutboxRoute *r = t->item->route;
+	bool		ok;
+
+	if (r->max_in_flight <= 0)
+		return true;
+	if (resilience_preloaded)
+		ok = DatumGetBool(DirectFunctionCall4(bulkhead_acquire_session, PointerGetDatum(limit_name(r)),
+											  Int32GetDatum(r->max_in_flight),
+											  DirectFunctionCall7(make_interval, Int32GetDatum(0),
+																  Int32GetDatum(0), Int32GetDatum(0),
+																  Int32GetDatum(0), Int32GetDatum(0),
+																  Int32GetDatum(0), Float8GetDatum(0)),
+											  Int32GetDatum(0)));
+	else
+	{
+		LocalLimit *l = local_limit(r);
+
+		ok = l->in_flight < r->max_in_flight;
+		if (ok)
+			l->in_flight++;
+	}
+	t->permit = ok;
+	return ok;
+}
+
+static void
+give_permit(Transfer *t)
+{
+	if (!t->permit)
+		return;
+	t->permit = false;
+	if (resilience_preloaded)
+		(void) DirectFunctionCall1(bulkhead_release, PointerGetDatum(limit_name(t->item->route)));
+	else
+		local_limit(t->item->route)->in_flight--;
+}
+
+/*
+ * May t start now as far as its route's limits go?  A token is taken only
+ * once the permit is held, so a request that waits for a permit does not
+ * spend the route's rate.
+ */
+static bool
+route_limits_allow(Transfer *t)
+{
+	if (!take_permit(t))
+		return false;
+	if (!take_token(t->item->route))
+	{
+		give_permit(t);
+		return false;
+	}
+	return true;
+}
+
 /* ---- requests ---- */
 
 static void
@@ -477,6 +622,7 @@ finish_transfer(Transfer *t, CURLcode result)
 	curl_multi_remove_handle(multi, t->easy);
 	curl_slist_free_all(t->headers);
 	t->headers = NULL;
+	give_permit(t);
 }
 
 /* Mark the rest of a chain not tried. */
@@ -505,6 +651,7 @@ abandon(Transfer *transfers, int n)
 			t->item->outcome = OUTCOME_NOT_TRIED;
 			relay_item_done(t->item);
 		}
+		give_permit(t);
 		if (t->easy)
 			curl_easy_cleanup(t->easy);
 		t->easy = NULL;
@@ -521,6 +668,9 @@ http_deliver(List *items)
 	int			n = list_length(items);
 	Transfer   *transfers = palloc0(sizeof(Transfer) * n);
 	Transfer  **ready = palloc(sizeof(Transfer *) * n);
+	Transfer  **held = palloc(sizeof(Transfer *) * n);
+	int			nheld = 0;
+	int			nheld_now;
 	int			nready = 0;
 	int			next_ready = 0;
 	int			running = 0;
@@ -576,6 +726,27 @@ http_deliver(List *items)
 			CURLMsg    *msg;
 			int			left;
 
+			/* requests held back by their route's limits go first */
+			nheld_now = nheld;
+			nheld = 0;
+			for (i = 0; i < nheld_now; i++)
+			{
+				Transfer   *t = held[i];
+
+				if (running < parallelism && route_limits_allow(t))
+				{
+					if (start_transfer(t, policy))
+						running++;
+					else
+					{
+						give_permit(t);
+						relay_item_done(t->item);
+						skip_chain(t->next_in_chain);
+					}
+				}
+				else
+					held[nheld++] = t;
+			}
 			while (running < parallelism && next_ready < nready && !worker_stop_requested())
 			{
 				Transfer   *t = ready[next_ready++];
@@ -585,16 +756,35 @@ http_deliver(List *items)
 					skip_chain(t);
 					continue;
 				}
+				if (!route_limits_allow(t))
+				{
+					held[nheld++] = t;
+					continue;
+				}
 				if (start_transfer(t, policy))
 					running++;
 				else
 				{
+					give_permit(t);
 					relay_item_done(t->item);
 					skip_chain(t->next_in_chain);
 				}
 			}
-			if (running == 0)
+			if (running == 0 && nheld == 0)
 				break;
+			if (running == 0)
+			{
+				/* only held-back requests: wait a little for a token or permit */
+				if (worker_stop_requested())
+				{
+					for (i = 0; i < nheld; i++)
+						skip_chain(held[i]);
+					break;
+				}
+				(void) curl_multi_poll(multi, NULL, 0, HOLD_MS, NULL);
+				CHECK_FOR_INTERRUPTS();
+				continue;
+			}
 			curl_multi_perform(multi, &still);
 			while ((msg = curl_multi_info_read(multi, &left)) != NULL)
 			{
@@ -618,7 +808,7 @@ http_deliver(List *items)
 				break;
 			}
 			if (running > 0)
-				curl_multi_poll(multi, NULL, 0, POLL_MS, NULL);
+				curl_multi_poll(multi, NULL, 0, nheld > 0 ? HOLD_MS : POLL_MS, NULL);
 			CHECK_FOR_INTERRUPTS();
 		}
 	}
@@ -640,6 +830,27 @@ http_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate
 		r->headers = outbox_parse_headers(v, "option \"headers\"");
 	else if (strcmp(name, "signing_secret") == 0)
 		parse_signing_secret(r, v);
+	else if (strcmp(name, "rate") == 0)
+	{
+		if (v->type != jbvNumeric)
+			outbox_route_error("option \"rate\" must be a number (requests per second)", NULL, NULL);
+		r->rate = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+		if (!(r->rate > 0 && r->rate <= 1000000))
+			outbox_route_error("option \"rate\" must be greater than 0 and at most 1000000 (requests per second)",
+							   NULL, "Leave it out for no limit.");
+		if (r->burst == 0)
+			r->burst = Max((int) ceil(r->rate), 1);
+	}
+	else if (strcmp(name, "burst") == 0)
+		r->burst = outbox_option_int(v, name, 1, 1000000);
+	else if (strcmp(name, "max_in_flight") == 0)
+	{
+		r->max_in_flight = outbox_option_int(v, name, 1, 10000);
+		if (validate &&
+			!DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(v->val.numeric),
+											  DirectFunctionCall1(int4_numeric, Int32GetDatum(r->max_in_flight)))))
+			outbox_route_error("option \"max_in_flight\" must be a whole number", NULL, NULL);
+	}
 	else if (strcmp(name, "proxy") == 0)
 	{
 		char	   *dest;
@@ -657,6 +868,14 @@ http_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate
 	return true;
 }
 
+static void
+http_check_options(OutboxRoute *r)
+{
+	if (r->burst > 0 && r->rate == 0)
+		outbox_route_error("option \"burst\" needs option \"rate\"", NULL,
+						   "For example {\"rate\": 50, \"burst\": 10}: 50 requests per second, at most 10 at once after a pause.");
+}
+
 const OutboxSinkOps outbox_sink_http = {
 	.name = "http",
 	.push = true,
@@ -665,6 +884,7 @@ const OutboxSinkOps outbox_sink_http = {
 	.target_hint = "Targets are http:// or https:// URLs; hosts other than loopback must be "
 	"listed in resilience.outbox_allowed_hosts.",
 	.parse_option = http_parse_option,
-	.options_hint = "headers, proxy, signing_secret",
+	.options_hint = "headers, proxy, signing_secret, rate, burst, max_in_flight",
+	.check_options = http_check_options,
 	.deliver = http_deliver,
 };
