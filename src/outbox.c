@@ -87,6 +87,7 @@
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/json.h"
+#include "utils/jsonpath.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -1029,6 +1030,50 @@ sink_list(void)
 	return buf.data;
 }
 
+/*
+ * Option partition_by: "key", or a JSON path into the payload ($) and the
+ * headers ($headers); 22023 if it does not parse or names other variables.
+ * The error of the path parser is replaced (the transaction ends anyway).
+ */
+static char *
+partition_by_option(JsonbValue *v)
+{
+	char	   *path = outbox_option_string(v, "partition_by");
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		quoted = false;
+	bool		parsed = true;
+
+	if (strcmp(path, "key") == 0)
+		return path;
+	if (path[0] != '$' || strlen(path) > 1024)
+		outbox_route_error("option \"partition_by\" must be \"key\" or a JSON path such as \"$.tenant\"",
+						   NULL, "$ is the payload, $headers the event's headers: \"$headers.\\\"X-Tenant\\\"\".");
+	PG_TRY();
+	{
+		(void) DirectFunctionCall1(jsonpath_in, CStringGetDatum(path));
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		parsed = false;
+	}
+	PG_END_TRY();
+	if (!parsed)
+		outbox_route_error("option \"partition_by\" is not a valid JSON path", NULL,
+						   "For example \"$.tenant\" (the payload) or \"$headers.\\\"X-Tenant\\\"\" (a header).");
+	/* the only variable is $headers */
+	for (const char *p = path; *p; p++)
+	{
+		if (*p == '"' && (p == path || p[-1] != '\\'))
+			quoted = !quoted;
+		else if (!quoted && *p == '$' && (isalnum((unsigned char) p[1]) || p[1] == '_' || p[1] == '"') &&
+				 strncmp(p + 1, "headers", 7) != 0)
+			outbox_route_error("option \"partition_by\" may use only $ (the payload) and $headers", NULL, NULL);
+	}
+	return path;
+}
+
 /* An option every sink has; false if name is none of them. */
 static bool
 parse_common_option(OutboxRoute *r, const char *name, JsonbValue *v)
@@ -1059,6 +1104,8 @@ parse_common_option(OutboxRoute *r, const char *name, JsonbValue *v)
 		else if (strcmp(s, "skip") != 0)
 			outbox_route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
 	}
+	else if (strcmp(name, "partition_by") == 0)
+		r->partition_by = partition_by_option(v);
 	/* the timeouts and backoff matter to the sinks that connect out */
 	else if (strcmp(name, "timeout_ms") == 0)
 		r->timeout_ms = outbox_option_int(v, name, 1, 600000);
@@ -1788,6 +1835,7 @@ typedef struct KeyEntry
 typedef struct Candidate
 {
 	ItemPointerData ctid;
+	int64		seq;
 	char	   *key;
 	bool		dead;			/* queue head out of attempts */
 	bool		keep;
@@ -1862,6 +1910,180 @@ compare_items(const ListCell *a, const ListCell *b)
 	return x->seq < y->seq ? -1 : (x->seq > y->seq ? 1 : 0);
 }
 
+/*
+ * Fair sharing (route option partition_by): the route's undelivered rows
+ * round-robin over the partitions -- the first row of every partition (in
+ * seq order), then the second of every one... -- at most limit of each.
+ * Each partition's rows stay in seq order, so with partition_by "key" (one
+ * key, one partition) per-key order is kept as without it; for a path,
+ * drop_keys_out_of_order keeps it.  The price: each claim reads the
+ * route's whole backlog (a window function over it).
+ */
+static Portal
+open_partitioned_scan(OutboxRoute *route, int limit, TimestampTz now)
+{
+	static SPIPlanPtr by_key = NULL;
+	static SPIPlanPtr by_path = NULL;
+	bool		key = strcmp(route->partition_by, "key") == 0;
+	SPIPlanPtr *plan = key ? &by_key : &by_path;
+	Datum		args[4];
+	Oid			types[4] = {INT4OID, INT4OID, TIMESTAMPTZOID, TEXTOID};
+
+	if (*plan == NULL)
+	{
+		const char *part = key ? "key" :
+			"pg_catalog.jsonb_path_query_first(payload, $4::pg_catalog.jsonpath,"
+			" pg_catalog.jsonb_build_object('headers', headers), true) OPERATOR(pg_catalog.#>>) '{}'";
+
+		/*
+		 * rn: how many ready rows of its partition come before a row and
+		 * itself (rows claimed or waiting stay in, at their place, for
+		 * they block their keys); rows in (rn, seq) order keep each
+		 * partition's seq order.
+		 */
+		SPIPlanPtr	p = SPI_prepare(psprintf("SELECT ctid, key, not_before, claim_until, attempts, seq FROM"
+											 " (SELECT ctid, key, not_before, claim_until, attempts, seq,"
+											 "   pg_catalog.count(*) FILTER (WHERE (claim_until IS NULL"
+											 "     OR claim_until OPERATOR(pg_catalog.<=) $3) AND not_before OPERATOR(pg_catalog.<=) $3)"
+											 "   OVER (PARTITION BY %s ORDER BY seq) AS rn"
+											 "  FROM resilience.outbox"
+											 "  WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL) s"
+											 " WHERE rn OPERATOR(pg_catalog.<=) $2 ORDER BY rn, seq", part),
+										key ? 3 : 4, types);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	args[0] = Int32GetDatum(route->id);
+	args[1] = Int32GetDatum(limit);
+	args[2] = TimestampTzGetDatum(now);
+	args[3] = CStringGetTextDatum(route->partition_by);
+	return SPI_cursor_open(NULL, *plan, args, NULL, true);
+}
+
+/*
+ * With partitions by a path, the rows of one key may be in several
+ * partitions, and so not be read in seq order.  Keep of a key's candidates
+ * only those that are its oldest undelivered rows, in an unbroken run from
+ * the oldest (the key's head is always kept if it is a candidate); the
+ * others wait for a later claim.  One more read of the route's backlog.
+ */
+typedef struct KeyRun
+{
+	char		key[OUTBOX_KEY_MAX + 1];
+	List	   *seqs;			/* of its candidates (int64 *, any order) */
+	int64		maxseq;			/* of its candidates */
+	int64		valid_max;		/* candidates up to this seq are in order */
+} KeyRun;
+
+static int
+compare_int64p(const ListCell *a, const ListCell *b)
+{
+	int64		x = *(int64 *) lfirst(a);
+	int64		y = *(int64 *) lfirst(b);
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+static void
+drop_keys_out_of_order(OutboxRoute *route, List **cands)
+{
+	HASHCTL		ctl;
+	HTAB	   *runs;
+	HASH_SEQ_STATUS status;
+	KeyRun	   *kr;
+	ListCell   *lc;
+	Datum	   *keys;
+	Datum	   *maxseqs;
+	Datum		args[3];
+	Oid			types[3] = {INT4OID, TEXTARRAYOID, INT8ARRAYOID};
+	int			nkeys = 0;
+	int			ret;
+
+	ctl.keysize = OUTBOX_KEY_MAX + 1;
+	ctl.entrysize = sizeof(KeyRun);
+	ctl.hcxt = CurrentMemoryContext;
+	runs = hash_create("outbox key runs", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	foreach(lc, *cands)
+	{
+		Candidate  *c = lfirst(lc);
+		bool		found;
+
+		if (c->key == NULL)
+			continue;
+		kr = hash_search(runs, c->key, HASH_ENTER, &found);
+		if (!found)
+		{
+			kr->seqs = NIL;
+			kr->maxseq = c->seq;
+			kr->valid_max = -1;
+			nkeys++;
+		}
+		kr->seqs = lappend(kr->seqs, &c->seq);
+		kr->maxseq = Max(kr->maxseq, c->seq);
+	}
+	if (nkeys == 0)
+		return;
+	keys = palloc(sizeof(Datum) * nkeys);
+	maxseqs = palloc(sizeof(Datum) * nkeys);
+	nkeys = 0;
+	hash_seq_init(&status, runs);
+	while ((kr = hash_seq_search(&status)) != NULL)
+	{
+		keys[nkeys] = CStringGetTextDatum(kr->key);
+		maxseqs[nkeys++] = Int64GetDatum(kr->maxseq);
+	}
+	args[0] = Int32GetDatum(route->id);
+	args[1] = PointerGetDatum(construct_array(keys, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_array(maxseqs, nkeys, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	/* each key's undelivered seqs up to its last candidate's */
+	ret = SPI_execute_with_args("SELECT c.key, pg_catalog.array_agg(o.seq ORDER BY o.seq)"
+								" FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]),"
+								"   pg_catalog.unnest($3::pg_catalog.int8[])) AS c(key, maxseq)"
+								" JOIN resilience.outbox o ON o.key OPERATOR(pg_catalog.=) c.key"
+								"  AND o.seq OPERATOR(pg_catalog.<=) c.maxseq"
+								" WHERE o.route_id OPERATOR(pg_catalog.=) $1 AND o.delivered_at IS NULL"
+								" GROUP BY c.key",
+								3, types, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "checking key order failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		char	   *key = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		ArrayType  *pending = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[i],
+															   SPI_tuptable->tupdesc, 2, &isnull));
+		Datum	   *p;
+		int			np;
+		int			n = 0;
+
+		kr = hash_search(runs, key, HASH_FIND, NULL);
+		if (kr == NULL)
+			continue;
+		deconstruct_array(pending, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &p, NULL, &np);
+		list_sort(kr->seqs, compare_int64p);
+		/* the longest run of candidates that are the key's oldest rows */
+		foreach(lc, kr->seqs)
+		{
+			int64		seq = *(int64 *) lfirst(lc);
+
+			if (n >= np || DatumGetInt64(p[n]) != seq)
+				break;
+			kr->valid_max = seq;
+			n++;
+		}
+	}
+	foreach(lc, *cands)
+	{
+		Candidate  *c = lfirst(lc);
+
+		if (c->key && c->seq > ((KeyRun *) hash_search(runs, c->key, HASH_FIND, NULL))->valid_max)
+			*cands = foreach_delete_current(*cands, lc);
+	}
+}
+
 /* Claim up to limit rows of one route into claim->items. */
 static int
 claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
@@ -1893,7 +2115,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	if (scan_plan == NULL)
 	{
 		Oid			t = INT4OID;
-		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts"
+		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts, seq"
 									   " FROM resilience.outbox"
 									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
 									   " ORDER BY route_id, seq", 1, &t);
@@ -1904,7 +2126,10 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		scan_plan = plan;
 	}
 	args[0] = Int32GetDatum(route->id);
-	portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
+	if (route->partition_by)
+		portal = open_partitioned_scan(route, limit, claim->now);
+	else
+		portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
 	while (!done)
 	{
 		SPI_cursor_fetch(portal, true, fetch);
@@ -1942,6 +2167,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 				continue;
 			c = palloc0(sizeof(Candidate));
 			ItemPointerCopy(ctid, &c->ctid);
+			c->seq = DatumGetInt64(SPI_getbinval(t, d, 6, &isnull));
 			c->key = key;
 			if (claim->count_attempt && attempts >= route->max_attempts)
 				c->dead = true;
@@ -1980,6 +2206,14 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			if (c->key && key_in(late, c->key))
 				cands = foreach_delete_current(cands, lc);
 		}
+		if (cands == NIL)
+			return 0;
+	}
+
+	/* partitions by a path: a key's rows may be in several, keep its order */
+	if (route->partition_by && strcmp(route->partition_by, "key") != 0)
+	{
+		drop_keys_out_of_order(route, &cands);
 		if (cands == NIL)
 			return 0;
 	}

@@ -52,6 +52,7 @@ typedef struct OutboxRoute
 	int			backoff_max_ms;
 	bool		block_on_dead_letter;
 	bool		probe_only;		/* relay: half-open breaker, claim one event */
+	char	   *partition_by;	/* fair sharing: "key", a JSON path, or NULL */
 	double		rate;			/* http: most requests per second (0: no limit) */
 	int			burst;			/* http: the rate's token bucket capacity */
 	int			max_in_flight;	/* http: most requests at once (0: no limit) */
