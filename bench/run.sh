@@ -100,7 +100,7 @@ ensure_packages postgresql-client-15 redis-server redis-tools
 build_and_install
 # 100k random keys must fit without eviction; room for 8 clients and more.
 # fsync stays off as in the test harness (reported below).
-start_cluster "resilience.max_keys = 200000" "max_connections = 100" "shared_buffers = 256MB"
+start_cluster "resilience.max_keys = 200000" "max_connections = 120" "shared_buffers = 256MB"
 start_redis
 OUT="$WORK/bench"
 mkdir -p "$OUT"

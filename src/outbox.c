@@ -54,6 +54,24 @@
  * it checks that the calling role may use the consumer name (src/tenants.c;
  * the first role to use a name owns it), then acts as the tables' owner.
  *
+ * Fair sharing (route option partition_by): a partitioned route's rows are
+ * read round-robin over the partitions, each partition in seq order; with a
+ * JSON path a key may span partitions, so a key's candidates are kept only
+ * as an unbroken run from its oldest row (open_partitioned_scan,
+ * drop_keys_out_of_order).
+ *
+ * Long polls: outbox_claim(..., wait) sleeps on the condition variable of
+ * its consumer name's slot (relay.c's shared state); a transaction that
+ * wrote rows for a queue route broadcasts that slot after its commit is
+ * visible (never on abort), and the claim looks again with a new snapshot.
+ *
+ * Trace context: outbox_publish records traceparent/tracestate (arguments,
+ * else the event's headers, else resilience.traceparent/tracestate) as
+ * event headers, which every sink sends.
+ *
+ * Sinks: an operations table (OutboxSinkOps, below); the allow-list the
+ * sinks that connect out share lives here too.
+ *
  * Routes with on_dead_letter = 'block' also treat a key with a blocking
  * dead letter as blocked; the dead letters are read both before and after
  * the rows, so a dead letter being moved in or redriven out meanwhile is
