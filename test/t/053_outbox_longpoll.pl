@@ -7,9 +7,8 @@
 #    wait and returns nothing;
 #  - an event for another consumer does not end the wait either;
 #  - 20 consumers idling in a long poll use no CPU to speak of.
-# (An isolation spec cannot show this: isolationtester sees only
-# heavyweight-lock waits, and waits for a step sleeping on a condition
-# variable to finish before it goes on.)
+# (test/specs/outbox_longpoll.spec shows the first three as an isolation
+# spec; this test adds the CPU of idle waiters.)
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
