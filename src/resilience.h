@@ -142,6 +142,16 @@ extern void resilience_become(Oid role, bool pin_path, ResilienceUser *save);
 extern void resilience_become_owner(bool pin_path, ResilienceUser *save);
 extern void resilience_restore_user(const ResilienceUser *save);
 
+/*
+ * The relay's per-route limits (sink_http.c): a token bucket and a bulkhead
+ * in the shared tables under kinds of their own, which no name a SQL caller
+ * of rate_limit or bulkhead_acquire passes can reach.  Need preloading.
+ */
+extern bool rate_limit_take_internal(const char *key, int keylen, int32 capacity,
+									 double rate);
+extern bool bulkhead_try_acquire_internal(const char *name, int32 max_concurrent);
+extern void bulkhead_release_internal(const char *name);
+
 /* backoff.c: exponential backoff with jitter (docs/bulkheads-and-retries.md). */
 typedef enum ResilienceJitter
 {

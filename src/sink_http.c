@@ -45,10 +45,11 @@
  * Limits per route (options rate, burst, max_in_flight): a request starts
  * only when the route's token bucket has a token and fewer than
  * max_in_flight of its requests are running.  Both are the extension's own
- * shared ones (a rate_limit bucket and a bulkhead named
- * outbox:<database oid>:<route id>), so every relaying process of the
- * cluster shares them; without preloading, a process-local bucket and
- * count.  A request that may not start yet waits in this batch (others go
+ * shared ones (a token bucket and a bulkhead named
+ * outbox:<database oid>:<route id>, under kinds of their own in the shared
+ * tables, so no SQL caller of rate_limit or bulkhead_acquire can spend
+ * them), and every relaying process of the cluster shares them; without
+ * preloading, a process-local bucket and count.  A request that may not start yet waits in this batch (others go
  * on); the relay claims about a second's worth of a rate-limited route per
  * batch.  Retry-After still pauses the destination on top of this.
  *
@@ -113,10 +114,6 @@ typedef struct LocalLimit
 } LocalLimit;
 
 static List *local_limits = NIL;	/* LocalLimit *, in TopMemoryContext */
-
-extern Datum rate_limit(PG_FUNCTION_ARGS);
-extern Datum bulkhead_acquire_session(PG_FUNCTION_ARGS);
-extern Datum bulkhead_release(PG_FUNCTION_ARGS);
 
 /*
  * Check an http target: NULL if it may be used (then *destination is
@@ -389,11 +386,14 @@ parse_signing_secret(OutboxRoute *r, JsonbValue *v)
 
 /* ---- per-route limits: rate and max_in_flight ---- */
 
-/* The name of a route's bucket and bulkhead. */
-static text *
-limit_name(OutboxRoute *r)
+#define LIMIT_NAME_LEN 32
+
+/* The name of a route's bucket and bulkhead (in the relay's own kinds). */
+static const char *
+limit_name(OutboxRoute *r, char *buf)
 {
-	return cstring_to_text(psprintf("outbox:%u:%d", MyDatabaseId, r->id));
+	snprintf(buf, LIMIT_NAME_LEN, "outbox:%u:%d", MyDatabaseId, r->id);
+	return buf;
 }
 
 static LocalLimit *
@@ -426,13 +426,15 @@ take_token(OutboxRoute *r)
 {
 	LocalLimit *l;
 	int64		now;
+	char		name[LIMIT_NAME_LEN];
 
 	if (r->rate <= 0)
 		return true;
 	if (resilience_preloaded)
-		return DatumGetBool(DirectFunctionCall4(rate_limit, PointerGetDatum(limit_name(r)),
-												Int32GetDatum(r->burst), Float8GetDatum(r->rate),
-												Int32GetDatum(1)));
+	{
+		limit_name(r, name);
+		return rate_limit_take_internal(name, strlen(name), r->burst, r->rate);
+	}
 	l = local_limit(r);
 	now = resilience_clock_ns();
 	l->tokens = Min(l->tokens + (now - l->stamp) * r->rate / 1e9, (double) r->burst);
@@ -449,17 +451,12 @@ take_permit(Transfer *t)
 {
 	OutboxRoute *r = t->item->route;
 	bool		ok;
+	char		name[LIMIT_NAME_LEN];
 
 	if (r->max_in_flight <= 0)
 		return true;
 	if (resilience_preloaded)
-		ok = DatumGetBool(DirectFunctionCall4(bulkhead_acquire_session, PointerGetDatum(limit_name(r)),
-											  Int32GetDatum(r->max_in_flight),
-											  DirectFunctionCall7(make_interval, Int32GetDatum(0),
-																  Int32GetDatum(0), Int32GetDatum(0),
-																  Int32GetDatum(0), Int32GetDatum(0),
-																  Int32GetDatum(0), Float8GetDatum(0)),
-											  Int32GetDatum(0)));
+		ok = bulkhead_try_acquire_internal(limit_name(r, name), r->max_in_flight);
 	else
 	{
 		LocalLimit *l = local_limit(r);
@@ -475,11 +472,13 @@ take_permit(Transfer *t)
 static void
 give_permit(Transfer *t)
 {
+	char		name[LIMIT_NAME_LEN];
+
 	if (!t->permit)
 		return;
 	t->permit = false;
 	if (resilience_preloaded)
-		(void) DirectFunctionCall1(bulkhead_release, PointerGetDatum(limit_name(t->item->route)));
+		bulkhead_release_internal(limit_name(t->item->route, name));
 	else
 		local_limit(t->item->route)->in_flight--;
 }
