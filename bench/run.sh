@@ -36,6 +36,7 @@ bench_cleanup() {
 	local rc=$?
 	set +e
 	stop_receiver
+	stop_fast_receiver
 	stop_broker
 	stop_redis
 	(exit "$rc")
