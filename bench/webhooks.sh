@@ -39,7 +39,7 @@ stop_fast_receiver() {
 }
 
 run_webhooks_section() {
-	local round kind worker hz t0 stats
+	local round kind order worker hz t0 stats
 	start_fast_receiver
 	psql -X -q -v ON_ERROR_STOP=1 -c "DELETE FROM resilience.outbox_routes WHERE topic_pattern LIKE 'bench.webhook.%'" \
 		-c "INSERT INTO resilience.outbox_routes (topic_pattern, sink, target, options, enabled) VALUES
@@ -50,8 +50,12 @@ run_webhooks_section() {
 	# the relay worker's own CPU per event too
 	worker=$(psql -X -Atc "SELECT pid FROM pg_stat_activity WHERE backend_type = 'resilience worker' AND datname = current_database()")
 	hz=$(getconf CLK_TCK)
+	# turns alternate which goes first, so that neither always drains the
+	# table the other has just left full of dead rows
 	for round in $(seq "$WEBHOOK_ROUNDS"); do
-		for kind in unsigned signed; do
+		order="unsigned signed"
+		[ $((round % 2)) = 0 ] && order="signed unsigned"
+		for kind in $order; do
 			t0=$(cpu_ticks $worker)
 			OUTBOX_EVENTS=$WEBHOOK_EVENTS outbox_drain "webhook_$kind" "relay to HTTP, $kind (events/s)" "bench.webhook.$kind"
 			record "webhook_${kind}_cpu" "relay worker CPU per event, $kind (us)" \
