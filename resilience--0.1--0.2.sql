@@ -1608,3 +1608,54 @@ COMMENT ON FUNCTION resilience.saga_graph(text, bigint) IS
 
 REVOKE ALL ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience._saga_dot(text), resilience.saga_graph(text, bigint) TO resilience_admin;
+
+------------------------------------------------------------------------------
+-- Issue 18: a relay ready for production webhooks (docs/outbox.md)
+------------------------------------------------------------------------------
+
+-- Standard Webhooks signatures (route option signing_secret of http routes;
+-- src/sink_http.c).  This computes one for checks against the
+-- specification's examples; admin only, as it takes a secret.
+CREATE FUNCTION resilience._webhook_sign(secret text, msg_id text, "timestamp" bigint, body text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'webhook_signature_sql'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;  -- STRICT: no secret, no signature
+COMMENT ON FUNCTION resilience._webhook_sign(text, text, bigint, text) IS
+'Internal: the webhook-signature header value (v1,<base64 HMAC-SHA256 of "msg_id.timestamp.body">) for a whsec_ secret';
+REVOKE ALL ON FUNCTION resilience._webhook_sign(text, text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience._webhook_sign(text, text, bigint, text) TO resilience_admin;
+
+-- W3C trace context: outbox_publish records traceparent/tracestate (as the
+-- event headers of those names, which the http and amqp sinks send) from
+-- its new arguments or from the settings resilience.traceparent and
+-- resilience.tracestate.  New arguments with defaults: the old signature
+-- goes (callers that name or omit them are unchanged).
+DROP FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval);
+CREATE FUNCTION resilience.outbox_publish(
+    topic text, payload jsonb, key text DEFAULT NULL, headers jsonb DEFAULT '{}',
+    deliver_after interval DEFAULT NULL, traceparent text DEFAULT NULL, tracestate text DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'outbox_publish'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: a NULL topic or payload raises 22004
+COMMENT ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) IS
+'Publish an event in this transaction: it exists for the relay if and only if the transaction commits; returns its id (the Idempotency-Key); traceparent/tracestate (else resilience.traceparent) are sent with it';
+REVOKE ALL ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.outbox_publish(text, jsonb, text, jsonb, interval, text, text) TO resilience_user;
+
+-- Long-poll claims: outbox_claim(..., wait) sleeps until an event for the
+-- consumer commits (or wait is over) when it finds nothing.  SECURITY
+-- INVOKER, as the 0.2 tenants section made the old one: it checks the
+-- calling role against the consumer name itself.
+DROP FUNCTION resilience.outbox_claim(text, integer, interval);
+CREATE FUNCTION resilience.outbox_claim(
+    consumer text, batch integer DEFAULT 100, visibility interval DEFAULT '30 seconds',
+    wait interval DEFAULT NULL)
+RETURNS TABLE (id bigint, topic text, key text, payload jsonb, headers jsonb,
+               published_at timestamptz, attempts integer)
+AS 'MODULE_PATHNAME', 'outbox_claim'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) IS
+'Claim up to batch events of consumer''s queue routes for visibility: no other consumer gets them meanwhile; one event per key at a time, in commit order; with wait, sleeps until one commits (at most wait) when there is none';
+REVOKE ALL ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) TO resilience_user;

@@ -5,7 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules quota"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks"   which comparisons to run
 #   BENCH_SCHEDULES=5000   the schedules section's schedules (see bench/schedules.sh)
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
@@ -21,6 +21,7 @@
 . "$(dirname "$0")/redis.sh"
 . "$(dirname "$0")/schedules.sh"
 . "$(dirname "$0")/quota.sh"
+. "$(dirname "$0")/webhooks.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -38,6 +39,7 @@ bench_cleanup() {
 	local rc=$?
 	set +e
 	stop_receiver
+	stop_fast_receiver
 	stop_broker
 	stop_redis
 	(exit "$rc")
@@ -102,7 +104,7 @@ ensure_packages postgresql-client-15 redis-server redis-tools
 build_and_install
 # 100k random keys must fit without eviction; room for 8 clients and more.
 # fsync stays off as in the test harness (reported below).
-start_cluster "resilience.max_keys = 200000" "max_connections = 100" "shared_buffers = 256MB"
+start_cluster "resilience.max_keys = 200000" "max_connections = 120" "shared_buffers = 256MB"
 start_redis
 OUT="$WORK/bench"
 mkdir -p "$OUT"
@@ -121,7 +123,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules quota}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -207,6 +209,9 @@ fi
 if section events; then
 	run_events_section
 fi
+if section webhooks; then
+	run_webhooks_section
+fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
@@ -254,6 +259,7 @@ report() {
 	section events && report_events
 	section schedules && report_schedules
 	section quota && report_quota
+	section webhooks && report_webhooks
 	true
 }
 

@@ -123,7 +123,7 @@ SELECT resilience._outbox_redact('https://u:p@example.com:8443/a/b?x=1#f');
 -- Port 9 refuses connections: the attempt is recorded and retried later.
 SELECT resilience.outbox_publish('hooks.x', '{"n": 10}') AS hook_id \gset
 CALL resilience.relay_outbox(1);
-SELECT attempts, last_error LIKE '%onnect%' AS connection_error, not_before > now() AS backing_off,
+SELECT attempts, last_error LIKE '%onnect%' AS connection_error, not_before > published_at AS backing_off,
        claimed_by IS NULL AS released
   FROM resilience.outbox WHERE id = :hook_id;
 BEGIN;

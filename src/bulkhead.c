@@ -62,6 +62,11 @@
 #define BULKHEAD_PARTITIONS 16
 #define BULKHEAD_TRANCHE "resilience_bulkheads"
 #define KIND_BULKHEAD 1
+/*
+ * The relay's route bulkheads (bulkhead_try_acquire_internal): a kind no SQL
+ * function asks for, so no name a caller passes reaches them.
+ */
+#define KIND_INTERNAL 2
 #define BULKHEAD_KEY_LEN (NAMEDATALEN - 1)
 /* Longest single sleep; a longer wait sleeps again, keeping its place. */
 #define MAX_SLEEP_MS 3600000
@@ -409,10 +414,10 @@ bulkhead_wait(ShmEntry *entry, int64 deadline)
  * use.
  */
 static EnterOutcome
-permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
-			   int32 max_queue, ShmEntry **acquired)
+permit_acquire(uint8 kind, const char *name, int len, int32 max_concurrent,
+			   int64 wait_usec, int32 max_queue, ShmEntry **acquired)
 {
-	uint32		hash = shm_table_hash(KIND_BULKHEAD, name, len);
+	uint32		hash = shm_table_hash(kind, name, len);
 	LWLock	   *lock = shm_table_lock(bulkhead_table, hash);
 	int64		deadline = resilience_clock_ns() + wait_usec * 1000;
 	ShmEntry   *entry;
@@ -422,11 +427,11 @@ permit_acquire(const char *name, int len, int32 max_concurrent, int64 wait_usec,
 	bool		found;
 
 	LWLockAcquire(lock, LW_SHARED);
-	entry = shm_table_find(bulkhead_table, hash, KIND_BULKHEAD, name, len);
+	entry = shm_table_find(bulkhead_table, hash, kind, name, len);
 	if (entry == NULL)
 	{
 		LWLockRelease(lock);
-		entry = shm_table_enter(bulkhead_table, hash, KIND_BULKHEAD, name, len,
+		entry = shm_table_enter(bulkhead_table, hash, kind, name, len,
 								false, NULL, &found);
 		if (entry == NULL)
 			ereport(ERROR,
@@ -514,7 +519,8 @@ acquire(FunctionCallInfo fcinfo, bool session, const char *fn)
 	bulkhead_prepare_backend();
 	/* before the permit is taken: nothing may fail until it is remembered */
 	counted = metrics_counter(RC_BULKHEAD_ACQUISITIONS, RV_ACQUIRED, name);
-	outcome = permit_acquire(name, len, max_concurrent, wait_usec, max_queue, &entry);
+	outcome = permit_acquire(KIND_BULKHEAD, name, len, max_concurrent, wait_usec,
+							 max_queue, &entry);
 	if (outcome != ENTER_ACQUIRED)
 	{
 		metrics_add(RC_BULKHEAD_ACQUISITIONS,
@@ -545,6 +551,60 @@ bulkhead_acquire_session(PG_FUNCTION_ARGS)
 	return acquire(fcinfo, true, "bulkhead_acquire_session");
 }
 
+/* Give back one session permit this backend holds; false if none. */
+static bool
+release_session_permit(uint8 kind, const char *name, int len)
+{
+	int			i;
+
+	for (i = nheld - 1; i >= 0; i--)
+	{
+		ShmEntry   *entry = held[i].entry;
+
+		/* the key of an entry we hold a permit of cannot change */
+		if (held[i].subid == InvalidSubTransactionId && entry->kind == kind &&
+			entry->keylen == len &&
+			memcmp(shm_entry_key(bulkhead_table, entry), name, len) == 0)
+		{
+			permit_release(entry);
+			held[i] = held[--nheld];
+			return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * A permit of a bulkhead of the relay's own (a route's max_in_flight,
+ * sink_http.c), never waiting: true if taken.  Held like a session permit
+ * until bulkhead_release_internal or exit.  Its entry is of a kind no SQL
+ * function reaches, and the bulkheads view does not list it.  Needs
+ * preloading.
+ */
+bool
+bulkhead_try_acquire_internal(const char *name, int32 max_concurrent)
+{
+	ShmEntry   *entry;
+
+	Assert(strlen(name) <= BULKHEAD_KEY_LEN);
+	bulkhead_prepare_backend();
+	if (permit_acquire(KIND_INTERNAL, name, strlen(name), max_concurrent, 0, -1,
+					   &entry) != ENTER_ACQUIRED)
+		return false;
+	held[nheld].entry = entry;
+	held[nheld].subid = InvalidSubTransactionId;
+	nheld++;
+	return true;
+}
+
+/* Give back a permit taken with bulkhead_try_acquire_internal. */
+void
+bulkhead_release_internal(const char *name)
+{
+	if (!release_session_permit(KIND_INTERNAL, name, strlen(name)))
+		elog(WARNING, "resilience: no permit of internal bulkhead \"%s\" is held", name);
+}
+
 /*
  * bulkhead_release(name) → boolean: give back one session permit of the
  * bulkhead held by this session; false (with a warning) if it holds none.
@@ -554,23 +614,11 @@ bulkhead_release(PG_FUNCTION_ARGS)
 {
 	char		name[NAMEDATALEN];
 	int			len;
-	int			i;
 
 	resilience_require_preload("bulkhead_release");
 	len = resilience_arg_name(fcinfo, 0, "bulkhead name", name);
-	for (i = nheld - 1; i >= 0; i--)
-	{
-		ShmEntry   *entry = held[i].entry;
-
-		/* the key of an entry we hold a permit of cannot change */
-		if (held[i].subid == InvalidSubTransactionId && entry->keylen == len &&
-			memcmp(shm_entry_key(bulkhead_table, entry), name, len) == 0)
-		{
-			permit_release(entry);
-			held[i] = held[--nheld];
-			PG_RETURN_BOOL(true);
-		}
-	}
+	if (release_session_permit(KIND_BULKHEAD, name, len))
+		PG_RETURN_BOOL(true);
 	ereport(WARNING,
 			(errmsg("this session holds no session permit of bulkhead \"%s\"", name),
 			 errhint("Permits taken with bulkhead_acquire are given back when their transaction ends.")));
@@ -590,8 +638,11 @@ static void
 copy_bulkhead(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
 	List	  **list = (List **) arg;
-	BulkheadCopy *copy = palloc(sizeof(BulkheadCopy));
+	BulkheadCopy *copy;
 
+	if (entry->kind != KIND_BULKHEAD)
+		return;					/* the relay's: not a bulkhead of anybody's */
+	copy = palloc(sizeof(BulkheadCopy));
 	memcpy(copy->name, key, entry->keylen);
 	copy->name[entry->keylen] = '\0';
 	SpinLockAcquire(&entry->mutex);

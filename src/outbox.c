@@ -54,6 +54,24 @@
  * it checks that the calling role may use the consumer name (src/tenants.c;
  * the first role to use a name owns it), then acts as the tables' owner.
  *
+ * Fair sharing (route option partition_by): a partitioned route's rows are
+ * read round-robin over the partitions, each partition in seq order; with a
+ * JSON path a key may span partitions, so a key's candidates are kept only
+ * as an unbroken run from its oldest row (open_partitioned_scan,
+ * drop_keys_out_of_order).
+ *
+ * Long polls: outbox_claim(..., wait) sleeps on the condition variable of
+ * its consumer name's slot (relay.c's shared state); a transaction that
+ * wrote rows for a queue route broadcasts that slot after its commit is
+ * visible (never on abort), and the claim looks again with a new snapshot.
+ *
+ * Trace context: outbox_publish records traceparent/tracestate (arguments,
+ * else the event's headers, else resilience.traceparent/tracestate) as
+ * event headers, which every sink sends.
+ *
+ * Sinks: an operations table (OutboxSinkOps, below); the allow-list the
+ * sinks that connect out share lives here too.
+ *
  * Routes with on_dead_letter = 'block' also treat a key with a blocking
  * dead letter as blocked; the dead letters are read both before and after
  * the rows, so a dead letter being moved in or redriven out meanwhile is
@@ -63,6 +81,11 @@
  */
 #include "outbox.h"
 #include "tenants.h"
+
+#include <arpa/inet.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include "access/htup_details.h"
 #include "access/xact.h"
@@ -81,6 +104,8 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/jsonpath.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -88,6 +113,8 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
+#include "utils/varlena.h"
 
 /* locktag field 4 of the key locks; locks.c uses 3, PostgreSQL 1 and 2 */
 #define OUTBOX_LOCK_SPACE 4
@@ -96,6 +123,7 @@
 #define HEADER_VALUE_MAX 4096
 #define HEADERS_MAX 64
 #define HEADERS_TOTAL_MAX 8192
+#define CLAIM_WAIT_MAX_US (INT64CONST(3600) * USECS_PER_SEC)
 
 PG_FUNCTION_INFO_V1(outbox_publish);
 PG_FUNCTION_INFO_V1(outbox_route_check);
@@ -127,6 +155,7 @@ typedef struct CachedRoute
 {
 	int32		id;
 	bool		push;			/* delivered by the relay (not queue) */
+	int			claim_slot;		/* pulled: its consumer's claim slot */
 	OutboxPayloadKind payload;
 	text	   *pattern;
 	int			nheaders;
@@ -135,6 +164,7 @@ typedef struct CachedRoute
 
 static List *pending_events = NIL;	/* in TopTransactionContext */
 static bool wake_at_commit = false;
+static uint64 wake_claimers_at_commit = 0;	/* claim slots with new events */
 static bool callbacks_registered = false;
 
 static MemoryContext route_cache_context = NULL;
@@ -268,12 +298,302 @@ outbox_redact(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(outbox_redact_target(text_to_cstring(PG_GETARG_TEXT_PP(0)))));
 }
 
+/* ---- destinations: the allow-list (http, amqp) ---- */
+
+/* Is host one of loopback's names or addresses? */
+static bool
+host_is_loopback(const char *host)
+{
+	struct in_addr a4;
+	struct in6_addr a6;
+	char		bare[INET6_ADDRSTRLEN + 2];
+	size_t		len = strlen(host);
+
+	if (pg_strcasecmp(host, "localhost") == 0)
+		return true;
+	if (inet_pton(AF_INET, host, &a4) == 1)
+		return (ntohl(a4.s_addr) >> 24) == 127;
+	if (len >= 2 && host[0] == '[' && host[len - 1] == ']' && len - 2 < sizeof(bare))
+	{
+		memcpy(bare, host + 1, len - 2);
+		bare[len - 2] = '\0';
+		host = bare;
+	}
+	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
+/*
+ * Parse an IP address or CIDR range ("10.0.0.0/8", "::1", "[fe80::]/10")
+ * into r; false if text is neither.
+ */
+static bool
+parse_range(const char *text, OutboxAddressRange *r)
+{
+	char		buf[INET6_ADDRSTRLEN + 8];
+	char	   *slash;
+	char	   *addr = buf;
+	size_t		len;
+	int			max;
+
+	if (strlen(text) >= sizeof(buf))
+		return false;
+	strcpy(buf, text);
+	slash = strchr(buf, '/');
+	if (slash)
+		*slash = '\0';
+	len = strlen(addr);
+	if (len >= 2 && addr[0] == '[' && addr[len - 1] == ']')
+	{
+		addr[len - 1] = '\0';
+		addr++;
+	}
+	memset(r, 0, sizeof(*r));
+	if (inet_pton(AF_INET, addr, r->addr) == 1)
+		r->family = AF_INET;
+	else if (inet_pton(AF_INET6, addr, r->addr) == 1)
+		r->family = AF_INET6;
+	else
+		return false;
+	max = r->family == AF_INET ? 32 : 128;
+	r->bits = max;
+	if (slash)
+	{
+		char	   *end;
+		long		bits = strtol(slash + 1, &end, 10);
+
+		if (end == slash + 1 || *end != '\0' || bits < 0 || bits > max)
+			return false;
+		r->bits = (int) bits;
+	}
+	return true;
+}
+
+/* Is the address of family (4 or 16 bytes at addr) within r? */
+static bool
+address_in_range(const OutboxAddressRange *r, int family, const unsigned char *addr)
+{
+	int			full = r->bits / 8;
+	int			rest = r->bits % 8;
+
+	if (r->family != family)
+		return false;
+	if (memcmp(r->addr, addr, full) != 0)
+		return false;
+	if (rest == 0)
+		return true;
+	return ((r->addr[full] ^ addr[full]) & (0xFF << (8 - rest)) & 0xFF) == 0;
+}
+
+/* Is host an IP address (bracketed for IPv6 in URLs) within range entry? */
+static bool
+host_in_range(const char *host, const char *entry)
+{
+	OutboxAddressRange r;
+	OutboxAddressRange h;
+
+	if (!parse_range(entry, &r) || !parse_range(host, &h) || strchr(host, '/') != NULL)
+		return false;
+	return address_in_range(&r, h.family, h.addr);
+}
+
+/*
+ * The address policy in force (palloc'd): loopback only, or the IP and CIDR
+ * entries of the allow-list.  The sinks make it before connecting, so that
+ * checking an address (in libcurl's callback) allocates nothing.
+ */
+OutboxAddressPolicy *
+outbox_address_policy(void)
+{
+	OutboxAddressPolicy *p = palloc0(sizeof(OutboxAddressPolicy));
+	char	   *allow = outbox_allow_list();
+	List	   *entries = NIL;
+	ListCell   *lc;
+
+	p->loopback_only = allow[0] == '\0';
+	if (p->loopback_only || !SplitGUCList(pstrdup(allow), ',', &entries))
+		return p;
+	p->ranges = palloc0(sizeof(OutboxAddressRange) * Max(list_length(entries), 1));
+	foreach(lc, entries)
+		if (parse_range(lfirst(lc), &p->ranges[p->nranges]))
+			p->nranges++;
+	return p;
+}
+
+/*
+ * The special range addr (family, 4 or 16 bytes) is in: "loopback",
+ * "link-local", "private" or "unspecified"; NULL for any other address.
+ */
+static const char *
+special_range(int family, const unsigned char *a)
+{
+	if (family == AF_INET)
+	{
+		if (a[0] == 127)
+			return "loopback";
+		if (a[0] == 169 && a[1] == 254)
+			return "link-local";
+		if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xF0) == 16) || (a[0] == 192 && a[1] == 168))
+			return "private";
+		if (a[0] == 0)
+			return "unspecified";
+		return NULL;
+	}
+	if (IN6_IS_ADDR_LOOPBACK((const struct in6_addr *) a))
+		return "loopback";
+	if (IN6_IS_ADDR_UNSPECIFIED((const struct in6_addr *) a))
+		return "unspecified";
+	if (a[0] == 0xFE && (a[1] & 0xC0) == 0x80)
+		return "link-local";
+	if ((a[0] & 0xFE) == 0xFC)
+		return "private";
+	return NULL;
+}
+
+/*
+ * May a sink connect to addr under policy?  If not, why says so, naming the
+ * address.  Allocates nothing and never raises (it runs inside libcurl).
+ */
+bool
+outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
+				  char *why, size_t len)
+{
+	unsigned char bytes[16];
+	int			family = addr->sa_family;
+	char		text[INET6_ADDRSTRLEN];
+	const char *range;
+	int			i;
+
+	if (family == AF_INET)
+		memcpy(bytes, &((const struct sockaddr_in *) addr)->sin_addr, 4);
+	else if (family == AF_INET6)
+	{
+		const struct in6_addr *a6 = &((const struct sockaddr_in6 *) addr)->sin6_addr;
+
+		memcpy(bytes, a6, 16);
+		if (IN6_IS_ADDR_V4MAPPED(a6))
+		{
+			/* ::ffff:a.b.c.d is a.b.c.d */
+			family = AF_INET;
+			memmove(bytes, bytes + 12, 4);
+		}
+	}
+	else
+	{
+		snprintf(why, len, "address family %d not allowed", family);
+		return false;
+	}
+	if (inet_ntop(family, bytes, text, sizeof(text)) == NULL)
+		strlcpy(text, "?", sizeof(text));
+	range = special_range(family, bytes);
+	if (policy->loopback_only)
+	{
+		if (range != NULL && strcmp(range, "loopback") == 0)
+			return true;
+		snprintf(why, len, "address %s not allowed: not loopback "
+				 "(resilience.outbox_allowed_hosts is empty: loopback only)", text);
+		return false;
+	}
+	if (range == NULL)
+		return true;
+	for (i = 0; i < policy->nranges; i++)
+		if (address_in_range(&policy->ranges[i], family, bytes))
+			return true;
+	snprintf(why, len, "address %s not allowed: %s, and no IP or CIDR entry of "
+			 "resilience.outbox_allowed_hosts covers it", text, range);
+	return false;
+}
+
+/*
+ * The allow-list in force for the sinks that connect out (http, amqp): the
+ * hosts of resilience.outbox_allowed_hosts and of its older name
+ * resilience.outbox_http_allowed_hosts, comma-separated ("" when loopback
+ * only).
+ */
+char *
+outbox_allow_list(void)
+{
+	const char *value;
+	const char *old;
+
+	if (!resilience_preloaded)
+		return "";
+	value = GetConfigOption("resilience.outbox_allowed_hosts", true, false);
+	old = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
+	if (value == NULL || value[0] == '\0')
+		return old ? pstrdup(old) : "";
+	if (old == NULL || old[0] == '\0')
+		return pstrdup(value);
+	return psprintf("%s, %s", value, old);
+}
+
+/* May a sink that connects out call host, given allow (a comma-separated list)? */
+static bool
+host_allowed(const char *host, const char *allow)
+{
+	List	   *entries = NIL;
+	char	   *copy = pstrdup(allow);
+	ListCell   *lc;
+
+	if (allow[0] == '\0')
+		return host_is_loopback(host);
+	if (!SplitGUCList(copy, ',', &entries))
+		return false;
+	foreach(lc, entries)
+	{
+		const char *entry = lfirst(lc);
+		size_t		hlen = strlen(host);
+		size_t		elen = strlen(entry);
+
+		if (pg_strcasecmp(entry, host) == 0)
+			return true;
+		if (host_in_range(host, entry))
+			return true;
+		/* *.example.com: any subdomain of example.com */
+		if (elen > 2 && entry[0] == '*' && entry[1] == '.' && hlen > elen - 1 &&
+			pg_strcasecmp(host + hlen - (elen - 1), entry + 1) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * May a sink that connects out name host in a target?  NULL if so, else why
+ * not (naming the setting).
+ */
+const char *
+outbox_host_problem(const char *host)
+{
+	char	   *allow = outbox_allow_list();
+
+	if (host_allowed(host, allow))
+		return NULL;
+	return psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
+					host, allow[0] ? "" : " (empty: loopback only)");
+}
+
 /* ---- routes ---- */
 
-static const char *const sink_names[] = {"notify", "http", "queue", "amqp"};
+/*
+ * The sinks: adding one is its file and a line here (and its extern in
+ * outbox.h).
+ */
+static const OutboxSinkOps *const sinks[] = {
+	&outbox_sink_notify,
+	&outbox_sink_http,
+	&outbox_sink_queue,
+	&outbox_sink_amqp,
+};
 
-static void
-route_error(const char *msg, const char *detail, const char *hint)
+/* Every sink, for the relay's dispatch. */
+const OutboxSinkOps *const *
+outbox_sinks(int *n)
+{
+	*n = lengthof(sinks);
+	return sinks;
+}
+
+void
+outbox_route_error(const char *msg, const char *detail, const char *hint)
 {
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -283,34 +603,184 @@ route_error(const char *msg, const char *detail, const char *hint)
 }
 
 /* A whole number from a JSON value, or an error naming the option. */
-static int
-option_int(JsonbValue *v, const char *name, int min, int max)
+int
+outbox_option_int(JsonbValue *v, const char *name, int min, int max)
 {
 	int64		n;
 
 	if (v->type != jbvNumeric)
-		route_error(psprintf("option \"%s\" must be a number", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be a number", name), NULL, NULL);
 	n = DatumGetInt64(DirectFunctionCall1(numeric_int8, NumericGetDatum(v->val.numeric)));
 	if (n < min || n > max)
-		route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
+		outbox_route_error(psprintf("option \"%s\" must be between %d and %d", name, min, max),
 					psprintf("It is %lld.", (long long) n), NULL);
 	return (int) n;
 }
 
-static bool
-option_bool(JsonbValue *v, const char *name)
+bool
+outbox_option_bool(JsonbValue *v, const char *name)
 {
 	if (v->type != jbvBool)
-		route_error(psprintf("option \"%s\" must be true or false", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be true or false", name), NULL, NULL);
 	return v->val.boolean;
 }
 
-static char *
-option_string(JsonbValue *v, const char *name)
+char *
+outbox_option_string(JsonbValue *v, const char *name)
 {
 	if (v->type != jbvString)
-		route_error(psprintf("option \"%s\" must be a string", name), NULL, NULL);
+		outbox_route_error(psprintf("option \"%s\" must be a string", name), NULL, NULL);
 	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/* ---- trace context (W3C Trace Context) ---- */
+
+#define TRACEPARENT_MAX 256
+#define TRACESTATE_MAX 512
+#define TRACESTATE_MEMBERS_MAX 32
+#define TRACESTATE_PART_MAX 256
+
+static bool
+lower_hex(const char *s, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	return true;
+}
+
+static bool
+all_zeros(const char *s, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (s[i] != '0')
+			return false;
+	return true;
+}
+
+/*
+ * What is wrong with a traceparent (NULL: nothing): version-traceid-
+ * parentid-flags, 2-32-16-2 lowercase hex digits; a later version may
+ * append fields after a dash.
+ */
+static const char *
+traceparent_problem(const char *s, int len)
+{
+	if (len < 55 || len > TRACEPARENT_MAX || !lower_hex(s, 2) || s[2] != '-' ||
+		!lower_hex(s + 3, 32) || s[35] != '-' || !lower_hex(s + 36, 16) || s[52] != '-' ||
+		!lower_hex(s + 53, 2))
+		return "it must be version-traceid-parentid-flags in lowercase hex, as in 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+	if (strncmp(s, "ff", 2) == 0)
+		return "version ff is invalid";
+	if (strncmp(s, "00", 2) == 0 && len != 55)
+		return "a version 00 traceparent is 55 characters long";
+	if (len > 55 && s[55] != '-')
+		return "fields after the flags must follow a dash";
+	if (all_zeros(s + 3, 32))
+		return "the trace id is all zeros";
+	if (all_zeros(s + 36, 16))
+		return "the parent id is all zeros";
+	return NULL;
+}
+
+/*
+ * What is wrong with a tracestate (NULL: nothing): at most 32 comma-
+ * separated key=value members, 512 characters in all; keys of lowercase
+ * letters, digits and _-*\/ (one @ for multi-tenant keys); values of
+ * printable ASCII without comma or equals sign.
+ */
+static const char *
+tracestate_problem(const char *s, int len)
+{
+	int			members = 0;
+	int			i = 0;
+
+	if (len > TRACESTATE_MAX)
+		return "it is longer than 512 characters";
+	while (i <= len)
+	{
+		int			end = i;
+		int			eq = -1;
+		int			a = i;
+		int			b;
+		int			ats = 0;
+
+		while (end < len && s[end] != ',')
+			end++;
+		/* trim optional white space around the member */
+		while (a < end && (s[a] == ' ' || s[a] == '\t'))
+			a++;
+		b = end;
+		while (b > a && (s[b - 1] == ' ' || s[b - 1] == '\t'))
+			b--;
+		if (a < b)
+		{
+			if (++members > TRACESTATE_MEMBERS_MAX)
+				return "it has more than 32 members";
+			for (int j = a; j < b; j++)
+				if (s[j] == '=')
+				{
+					eq = j;
+					break;
+				}
+			if (eq <= a || eq == b - 1 || eq - a > TRACESTATE_PART_MAX || b - eq - 1 > TRACESTATE_PART_MAX)
+				return "each member must be key=value";
+			if (!((s[a] >= 'a' && s[a] <= 'z') || (s[a] >= '0' && s[a] <= '9')))
+				return "a key must start with a lowercase letter or a digit";
+			for (int j = a; j < eq; j++)
+			{
+				char		c = s[j];
+
+				if (c == '@')
+					ats++;
+				else if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("_-*/", c)))
+					return "a key may hold only lowercase letters, digits, _ - * / and one @";
+			}
+			if (ats > 1)
+				return "a key may hold only lowercase letters, digits, _ - * / and one @";
+			for (int j = eq + 1; j < b; j++)
+				if (s[j] < 0x20 || s[j] > 0x7e || s[j] == ',' || s[j] == '=')
+					return "a value may hold only printable ASCII without , and =";
+		}
+		i = end + 1;
+	}
+	return NULL;
+}
+
+/* Check hook of resilience.traceparent: 22023 for a malformed one. */
+bool
+outbox_check_traceparent_guc(char **newval, void **extra, GucSource source)
+{
+	const char *problem;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	problem = traceparent_problem(*newval, strlen(*newval));
+	if (problem)
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("%s.", problem);
+		return false;
+	}
+	return true;
+}
+
+/* Check hook of resilience.tracestate. */
+bool
+outbox_check_tracestate_guc(char **newval, void **extra, GucSource source)
+{
+	const char *problem;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	problem = tracestate_problem(*newval, strlen(*newval));
+	if (problem)
+	{
+		GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+		GUC_check_errdetail("%s.", problem);
+		return false;
+	}
+	return true;
 }
 
 /* Is this a valid HTTP header name (an RFC 9110 token)? */
@@ -341,7 +811,8 @@ header_reserved(const char *name)
 		pg_strcasecmp(name, "Host") == 0 ||
 		pg_strcasecmp(name, "Transfer-Encoding") == 0 ||
 		pg_strcasecmp(name, "Connection") == 0 ||
-		pg_strcasecmp(name, "Expect") == 0;
+		pg_strcasecmp(name, "Expect") == 0 ||
+		pg_strncasecmp(name, "webhook-", 8) == 0;
 }
 
 /*
@@ -413,7 +884,7 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 		}
 		if (header_reserved(name))
 		{
-			*detail = pstrdup("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection and Expect cannot be given.");
+			*detail = pstrdup("Idempotency-Key, Content-Type, Content-Length, Host, Transfer-Encoding, Connection, Expect and webhook-* cannot be given.");
 			return psprintf("header \"%s\" is set by the relay", name);
 		}
 		if (event && header_event_reserved(name))
@@ -434,6 +905,19 @@ headers_problem(JsonbContainer *container, bool event, char **detail, char **hin
 			*detail = psprintf("Values are at most %d bytes, without line breaks or NUL.",
 							   HEADER_VALUE_MAX);
 			return psprintf("the value of header \"%s\" is not allowed", name);
+		}
+		if (pg_strcasecmp(name, "traceparent") == 0 || pg_strcasecmp(name, "tracestate") == 0)
+		{
+			bool		parent = pg_strcasecmp(name, "traceparent") == 0;
+			const char *bad = parent ?
+				traceparent_problem(v.val.string.val, v.val.string.len) :
+				tracestate_problem(v.val.string.val, v.val.string.len);
+
+			if (bad)
+			{
+				*detail = psprintf("%c%s.", pg_toupper(bad[0]), bad + 1);
+				return psprintf("header \"%s\" is not a valid W3C %s", name, parent ? "traceparent" : "tracestate");
+			}
 		}
 		count++;
 		total += k.val.string.len + v.val.string.len;
@@ -487,6 +971,15 @@ parse_headers(JsonbContainer *container, const char *what, bool event)
 	return result;
 }
 
+/* A route option of headers (a JSON object) as "Name: value" strings. */
+List *
+outbox_parse_headers(JsonbValue *v, const char *what)
+{
+	if (v->type != jbvBinary)
+		outbox_route_error(psprintf("%s must be a JSON object", what), NULL, NULL);
+	return parse_headers(v->val.binary.data, what, false);
+}
+
 /*
  * The headers of a claimed event, checked again at send (the row may have
  * been written before these checks, or by hand): NULL and *out = its
@@ -524,6 +1017,127 @@ outbox_item_headers(OutboxItem *item, List **out)
 	return NULL;
 }
 
+/* A queue target is a consumer name. */
+static const char *
+queue_check_target(const char *target, char **destination)
+{
+	*destination = NULL;
+	if (strlen(target) > OUTBOX_KEY_MAX)
+		return "a queue target (consumer name) must be at most 255 bytes";
+	return NULL;
+}
+
+/* The pull API (outbox_claim...): no relay, no options of its own. */
+const OutboxSinkOps outbox_sink_queue = {
+	.name = "queue",
+	.push = false,
+	.default_payload = PAYLOAD_ANY,
+	.check_target = queue_check_target,
+};
+
+/* The names of the sinks, for errors. */
+static char *
+sink_list(void)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	for (i = 0; i < lengthof(sinks); i++)
+		appendStringInfo(&buf, "%s%s", i == 0 ? "" : ", ", sinks[i]->name);
+	return buf.data;
+}
+
+/*
+ * Option partition_by: "key", or a JSON path into the payload ($) and the
+ * headers ($headers); 22023 if it does not parse or names other variables.
+ * The error of the path parser is replaced (the transaction ends anyway).
+ */
+static char *
+partition_by_option(JsonbValue *v)
+{
+	char	   *path = outbox_option_string(v, "partition_by");
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		quoted = false;
+	bool		parsed = true;
+
+	if (strcmp(path, "key") == 0)
+		return path;
+	if (path[0] != '$' || strlen(path) > 1024)
+		outbox_route_error("option \"partition_by\" must be \"key\" or a JSON path such as \"$.tenant\"",
+						   NULL, "$ is the payload, $headers the event's headers: \"$headers.\\\"X-Tenant\\\"\".");
+	PG_TRY();
+	{
+		(void) DirectFunctionCall1(jsonpath_in, CStringGetDatum(path));
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		parsed = false;
+	}
+	PG_END_TRY();
+	if (!parsed)
+		outbox_route_error("option \"partition_by\" is not a valid JSON path", NULL,
+						   "For example \"$.tenant\" (the payload) or \"$headers.\\\"X-Tenant\\\"\" (a header).");
+	/* the only variable is $headers */
+	for (const char *p = path; *p; p++)
+	{
+		if (*p == '"' && (p == path || p[-1] != '\\'))
+			quoted = !quoted;
+		else if (!quoted && *p == '$' && (isalnum((unsigned char) p[1]) || p[1] == '_' || p[1] == '"') &&
+				 strncmp(p + 1, "headers", 7) != 0)
+			outbox_route_error("option \"partition_by\" may use only $ (the payload) and $headers", NULL, NULL);
+	}
+	return path;
+}
+
+/* An option every sink has; false if name is none of them. */
+static bool
+parse_common_option(OutboxRoute *r, const char *name, JsonbValue *v)
+{
+	if (strcmp(name, "payload") == 0)
+	{
+		char	   *s = outbox_option_string(v, name);
+
+		if (strcmp(s, "any") == 0)
+			r->payload = PAYLOAD_ANY;
+		else if (strcmp(s, "object") == 0)
+			r->payload = PAYLOAD_OBJECT;
+		else if (strcmp(s, "array") == 0)
+			r->payload = PAYLOAD_ARRAY;
+		else if (strcmp(s, "object_or_array") == 0)
+			r->payload = PAYLOAD_OBJECT_OR_ARRAY;
+		else
+			outbox_route_error("option \"payload\" must be any, object, array or object_or_array", NULL, NULL);
+	}
+	else if (strcmp(name, "max_attempts") == 0)
+		r->max_attempts = outbox_option_int(v, name, 1, 1000);
+	else if (strcmp(name, "on_dead_letter") == 0)
+	{
+		char	   *s = outbox_option_string(v, name);
+
+		if (strcmp(s, "block") == 0)
+			r->block_on_dead_letter = true;
+		else if (strcmp(s, "skip") != 0)
+			outbox_route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
+	}
+	else if (strcmp(name, "partition_by") == 0)
+		r->partition_by = partition_by_option(v);
+	/* the timeouts and backoff matter to the sinks that connect out */
+	else if (strcmp(name, "timeout_ms") == 0)
+		r->timeout_ms = outbox_option_int(v, name, 1, 600000);
+	else if (strcmp(name, "connect_timeout_ms") == 0)
+		r->connect_timeout_ms = outbox_option_int(v, name, 1, 600000);
+	else if (strcmp(name, "backoff_base_ms") == 0)
+		r->backoff_base_ms = outbox_option_int(v, name, 1, 3600000);
+	else if (strcmp(name, "backoff_max_ms") == 0)
+		r->backoff_max_ms = outbox_option_int(v, name, 1, 86400000);
+	else
+		return false;
+	return true;
+}
+
 /*
  * Parse (and, when validating, check) a route.  With validate, anything
  * wrong raises 22023 with the reason; without, the row is trusted.
@@ -537,67 +1151,44 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 	JsonbValue	k;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
+	const char *problem;
 	int			i;
 
 	r->id = id;
 	r->enabled = enabled;
 	r->pattern = pstrdup(pattern);
 	r->target = pstrdup(target);
-	r->sink = -1;
-	for (i = 0; i < lengthof(sink_names); i++)
-		if (strcmp(sink, sink_names[i]) == 0)
-			r->sink = i;
-	if ((int) r->sink < 0)
-		route_error(psprintf("unknown sink \"%s\"", sink), NULL,
-					"The sinks are notify, http, amqp and queue.");
+	for (i = 0; i < lengthof(sinks); i++)
+		if (strcmp(sink, sinks[i]->name) == 0)
+			r->sink = sinks[i];
+	if (r->sink == NULL)
+		outbox_route_error(psprintf("unknown sink \"%s\"", sink), NULL,
+						   psprintf("The sinks are %s.", sink_list()));
 	if (validate)
 	{
 		if (pattern[0] == '\0' || strlen(pattern) > OUTBOX_TOPIC_MAX)
-			route_error("topic_pattern must be 1 to 255 bytes", NULL,
-						"It is a LIKE pattern: orders.% matches every topic starting with \"orders.\".");
+			outbox_route_error("topic_pattern must be 1 to 255 bytes", NULL,
+							   "It is a LIKE pattern: orders.% matches every topic starting with \"orders.\".");
 		if (target[0] == '\0')
-			route_error("target must not be empty", NULL, NULL);
-		if (r->sink == SINK_NOTIFY && strlen(target) >= NAMEDATALEN)
-			route_error("a notify target (channel name) must be shorter than 64 bytes", NULL, NULL);
-		if (r->sink == SINK_QUEUE && strlen(target) > OUTBOX_KEY_MAX)
-			route_error("a queue target (consumer name) must be at most 255 bytes", NULL, NULL);
+			outbox_route_error("target must not be empty", NULL, NULL);
 	}
-	if (r->sink == SINK_HTTP)
-	{
-		const char *problem = outbox_destination_allowed(target, &r->destination);
-
-		if (problem && validate)
-			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
-						"Targets are http:// or https:// URLs; hosts other than loopback must be "
-						"listed in resilience.outbox_allowed_hosts.");
-	}
-	if (r->sink == SINK_AMQP)
-	{
-		const char *problem = amqp_target_problem(target, &r->destination);
-
-		if (problem && validate)
-			route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
-						"Targets are amqp://user:password@host:port/vhost (percent-encoded; "
-						"vhost \"/\" is %2f or no path); hosts other than loopback must be "
-						"listed in resilience.outbox_allowed_hosts.");
-		if (r->destination == NULL)
-			r->destination = pstrdup("amqp://?");	/* a row that no longer parses */
-	}
+	problem = r->sink->check_target(target, &r->destination);
+	if (problem && validate)
+		outbox_route_error(problem, psprintf("The target is %s.", outbox_redact_target(target)),
+						   r->sink->target_hint);
 
 	/* defaults */
-	r->payload = r->sink == SINK_HTTP ? PAYLOAD_OBJECT_OR_ARRAY : PAYLOAD_ANY;
+	r->payload = r->sink->default_payload;
 	r->max_attempts = 10;
 	r->timeout_ms = 10000;
 	r->connect_timeout_ms = 2000;
 	r->backoff_base_ms = 500;
 	r->backoff_max_ms = 300000;
-	r->exchange = "amq.topic";
-	r->routing_key = "{topic}";
-	r->mandatory = true;
-	r->persistent = true;
+	if (r->sink->init_options)
+		r->sink->init_options(r);
 
 	if (!JB_ROOT_IS_OBJECT(options))
-		route_error("options must be a JSON object", NULL, NULL);
+		outbox_route_error("options must be a JSON object", NULL, NULL);
 	it = JsonbIteratorInit(&options->root);
 	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
 	{
@@ -607,89 +1198,23 @@ parse_route(int32 id, const char *pattern, const char *sink, const char *target,
 			continue;
 		(void) JsonbIteratorNext(&it, &v, true);
 		name = pnstrdup(k.val.string.val, k.val.string.len);
-		if (strcmp(name, "payload") == 0)
-		{
-			char	   *s = option_string(&v, name);
-
-			if (strcmp(s, "any") == 0)
-				r->payload = PAYLOAD_ANY;
-			else if (strcmp(s, "object") == 0)
-				r->payload = PAYLOAD_OBJECT;
-			else if (strcmp(s, "array") == 0)
-				r->payload = PAYLOAD_ARRAY;
-			else if (strcmp(s, "object_or_array") == 0)
-				r->payload = PAYLOAD_OBJECT_OR_ARRAY;
-			else
-				route_error("option \"payload\" must be any, object, array or object_or_array", NULL, NULL);
-		}
-		else if (strcmp(name, "max_attempts") == 0)
-			r->max_attempts = option_int(&v, name, 1, 1000);
-		else if (strcmp(name, "timeout_ms") == 0)
-			r->timeout_ms = option_int(&v, name, 1, 600000);
-		else if (strcmp(name, "connect_timeout_ms") == 0)
-			r->connect_timeout_ms = option_int(&v, name, 1, 600000);
-		else if (strcmp(name, "backoff_base_ms") == 0)
-			r->backoff_base_ms = option_int(&v, name, 1, 3600000);
-		else if (strcmp(name, "backoff_max_ms") == 0)
-			r->backoff_max_ms = option_int(&v, name, 1, 86400000);
-		else if (strcmp(name, "on_dead_letter") == 0)
-		{
-			char	   *s = option_string(&v, name);
-
-			if (strcmp(s, "block") == 0)
-				r->block_on_dead_letter = true;
-			else if (strcmp(s, "skip") != 0)
-				route_error("option \"on_dead_letter\" must be skip or block", NULL, NULL);
-		}
-		else if (strcmp(name, "exchange") == 0 && r->sink == SINK_AMQP)
-		{
-			r->exchange = option_string(&v, name);
-			if (strlen(r->exchange) > 255 || (int) strlen(r->exchange) != v.val.string.len)
-				route_error("option \"exchange\" must be at most 255 bytes, without NUL", NULL, NULL);
-		}
-		else if (strcmp(name, "routing_key") == 0 && r->sink == SINK_AMQP)
-		{
-			const char *problem;
-
-			r->routing_key = option_string(&v, name);
-			problem = amqp_routing_key_problem(r->routing_key);
-			if (problem || (int) strlen(r->routing_key) != v.val.string.len)
-				route_error(problem ? problem : "option \"routing_key\" must not contain NUL", NULL,
-							"For example \"orders.{key}\"; the default is \"{topic}\".");
-		}
-		else if (strcmp(name, "mandatory") == 0 && r->sink == SINK_AMQP)
-			r->mandatory = option_bool(&v, name);
-		else if (strcmp(name, "persistent") == 0 && r->sink == SINK_AMQP)
-			r->persistent = option_bool(&v, name);
-		else if (strcmp(name, "headers") == 0 && r->sink == SINK_HTTP)
-		{
-			if (v.type != jbvBinary)
-				route_error("option \"headers\" must be a JSON object", NULL, NULL);
-			r->headers = parse_headers(v.val.binary.data, "option \"headers\"", false);
-		}
-		else if (strcmp(name, "proxy") == 0 && r->sink == SINK_HTTP)
-		{
-			char	   *dest;
-			const char *problem;
-
-			r->proxy = option_string(&v, name);
-			problem = outbox_destination_allowed(r->proxy, &dest);
-			if (problem && validate)
-				route_error(psprintf("option \"proxy\": %s", problem),
-							psprintf("The proxy is %s.", outbox_redact_target(r->proxy)),
-							"A proxy is an http:// or https:// URL; its host must be allowed like a target's.");
-		}
-		else
-			route_error(psprintf("unknown option \"%s\" for sink %s", name, sink_names[r->sink]),
-						NULL,
-						"Options are payload, max_attempts, on_dead_letter; for http and amqp "
-						"timeout_ms, connect_timeout_ms, backoff_base_ms, backoff_max_ms; for http "
-						"headers and proxy; for amqp exchange, routing_key, mandatory, persistent.");
+		if (parse_common_option(r, name, &v))
+			continue;
+		if (r->sink->parse_option && r->sink->parse_option(r, name, &v, validate))
+			continue;
+		outbox_route_error(psprintf("unknown option \"%s\" for sink %s", name, r->sink->name),
+						   NULL,
+						   psprintf("Options are payload, max_attempts, on_dead_letter, timeout_ms, "
+									"connect_timeout_ms, backoff_base_ms, backoff_max_ms%s%s.",
+									r->sink->options_hint ? "; for this sink " : "",
+									r->sink->options_hint ? r->sink->options_hint : ""));
 	}
+	if (r->sink->check_options)
+		r->sink->check_options(r);
 	if (validate && r->connect_timeout_ms > r->timeout_ms)
-		route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
+		outbox_route_error("connect_timeout_ms must not exceed timeout_ms", NULL, NULL);
 	if (validate && r->backoff_max_ms < r->backoff_base_ms)
-		route_error("backoff_max_ms must not be less than backoff_base_ms", NULL, NULL);
+		outbox_route_error("backoff_max_ms must not be less than backoff_base_ms", NULL, NULL);
 	return r;
 }
 
@@ -771,9 +1296,9 @@ outbox_load_routes(bool push_only, const char *queue_consumer)
 			routes = lappend(routes, r);
 		else if (!r->enabled)
 			continue;
-		else if (push_only && r->sink != SINK_QUEUE)
+		else if (push_only && r->sink->push)
 			routes = lappend(routes, r);
-		else if (!push_only && r->sink == SINK_QUEUE && strcmp(r->target, queue_consumer) == 0)
+		else if (!push_only && !r->sink->push && strcmp(r->target, queue_consumer) == 0)
 			routes = lappend(routes, r);
 	}
 	return routes;
@@ -812,7 +1337,8 @@ load_route_cache(void)
 			CachedRoute *c = &route_cache[n++];
 
 			c->id = r->id;
-			c->push = r->sink != SINK_QUEUE;
+			c->push = r->sink->push;
+			c->claim_slot = outbox_claim_slot(r->target);
 			c->payload = r->payload;
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
 			SET_VARSIZE(c->pattern, VARHDRSZ + strlen(r->pattern));
@@ -957,8 +1483,100 @@ event_header_collision(Jsonb *headers, CachedRoute *r)
 	}
 }
 
+/* Does a JSON object of headers have one named name (any case)? */
+static bool
+has_header(Jsonb *headers, const char *name)
+{
+	JsonbIterator *it = JsonbIteratorInit(&headers->root);
+	JsonbValue	k;
+	JsonbIteratorToken tok;
+
+	while ((tok = JsonbIteratorNext(&it, &k, true)) != WJB_DONE)
+		if (tok == WJB_KEY && strlen(name) == k.val.string.len &&
+			pg_strncasecmp(name, k.val.string.val, k.val.string.len) == 0)
+			return true;
+	return false;
+}
+
+/* A trace context argument, checked (22023 naming it). */
+static char *
+trace_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	text	   *t;
+	char	   *s;
+	const char *problem;
+
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return NULL;
+	t = PG_GETARG_TEXT_PP(argno);
+	s = text_to_cstring(t);
+	problem = argno == 5 ? traceparent_problem(s, strlen(s)) : tracestate_problem(s, strlen(s));
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is not a valid W3C %s", what, what),
+				 errdetail("%c%s.", pg_toupper(problem[0]), problem + 1),
+				 errhint("Pass what the tracing library's propagator writes (OpenTelemetry: TraceContextTextMapPropagator), or NULL.")));
+	return s;
+}
+
 /*
- * outbox_publish(topic, payload, key, headers, deliver_after) → event id.
+ * The event's headers with its trace context added: the arguments
+ * traceparent and tracestate, else the traceparent and tracestate headers
+ * the caller gave, else the settings resilience.traceparent and
+ * resilience.tracestate.  Each is checked (22023).
+ */
+static Jsonb *
+with_trace_context(FunctionCallInfo fcinfo, Jsonb *headers)
+{
+	char	   *parent = trace_arg(fcinfo, 5, "traceparent");
+	char	   *state = trace_arg(fcinfo, 6, "tracestate");
+	bool		given = headers && (has_header(headers, "traceparent") ||
+									has_header(headers, "tracestate"));
+	StringInfoData buf;
+	Jsonb	   *added;
+
+	if (state && !parent)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("tracestate needs a traceparent"),
+				 errdetail("A tracestate means nothing without the traceparent it goes with.")));
+	if (parent && given)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("traceparent is given both as an argument and in headers"),
+				 errhint("Give the trace context once.")));
+	if (parent == NULL && !given && resilience_traceparent && resilience_traceparent[0])
+	{
+		/* the settings' check hooks have checked them */
+		parent = resilience_traceparent;
+		if (resilience_tracestate && resilience_tracestate[0])
+			state = resilience_tracestate;
+	}
+	if (parent == NULL)
+		return headers;
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"traceparent\": ");
+	escape_json(&buf, parent);
+	if (state)
+	{
+		appendStringInfoString(&buf, ", \"tracestate\": ");
+		escape_json(&buf, state);
+	}
+	appendStringInfoChar(&buf, '}');
+	added = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data)));
+	if (headers == NULL)
+		return added;
+	headers = DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(headers),
+												 JsonbPGetDatum(added)));
+	/* the limits on count and size hold for the whole */
+	(void) parse_headers(&headers->root, "headers", true);
+	return headers;
+}
+
+/*
+ * outbox_publish(topic, payload, key, headers, deliver_after, traceparent,
+ * tracestate) → event id.
  * Checks everything now; the rows are written when the transaction commits.
  */
 Datum
@@ -987,6 +1605,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 		headers = PG_GETARG_JSONB_P(3);
 		(void) parse_headers(&headers->root, "headers", true);
 	}
+	headers = with_trace_context(fcinfo, headers);
 	PreventCommandIfReadOnly("outbox_publish()");
 
 	lookup_relations();
@@ -1014,6 +1633,8 @@ outbox_publish(PG_FUNCTION_ARGS)
 		matched[nmatched++] = r->id;
 		if (r->push)
 			wake_relay_at_commit();
+		else
+			wake_claimers_at_commit |= UINT64CONST(1) << r->claim_slot;
 	}
 	if (!callbacks_registered)
 	{
@@ -1174,14 +1795,19 @@ outbox_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 			if (wake_at_commit)
 				worker_wake(MyDatabaseId);
+			/* visible now: consumers waiting in outbox_claim may have them */
+			if (wake_claimers_at_commit)
+				relay_wake_claimers(wake_claimers_at_commit);
 			pending_events = NIL;
 			wake_at_commit = false;
+			wake_claimers_at_commit = 0;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* a prepared transaction's events wait for the safety poll */
 			pending_events = NIL;	/* freed with TopTransactionContext */
 			wake_at_commit = false;
+			wake_claimers_at_commit = 0;
 			break;
 		default:
 			break;
@@ -1227,6 +1853,7 @@ typedef struct KeyEntry
 typedef struct Candidate
 {
 	ItemPointerData ctid;
+	int64		seq;
 	char	   *key;
 	bool		dead;			/* queue head out of attempts */
 	bool		keep;
@@ -1301,6 +1928,180 @@ compare_items(const ListCell *a, const ListCell *b)
 	return x->seq < y->seq ? -1 : (x->seq > y->seq ? 1 : 0);
 }
 
+/*
+ * Fair sharing (route option partition_by): the route's undelivered rows
+ * round-robin over the partitions -- the first row of every partition (in
+ * seq order), then the second of every one... -- at most limit of each.
+ * Each partition's rows stay in seq order, so with partition_by "key" (one
+ * key, one partition) per-key order is kept as without it; for a path,
+ * drop_keys_out_of_order keeps it.  The price: each claim reads the
+ * route's whole backlog (a window function over it).
+ */
+static Portal
+open_partitioned_scan(OutboxRoute *route, int limit, TimestampTz now)
+{
+	static SPIPlanPtr by_key = NULL;
+	static SPIPlanPtr by_path = NULL;
+	bool		key = strcmp(route->partition_by, "key") == 0;
+	SPIPlanPtr *plan = key ? &by_key : &by_path;
+	Datum		args[4];
+	Oid			types[4] = {INT4OID, INT4OID, TIMESTAMPTZOID, TEXTOID};
+
+	if (*plan == NULL)
+	{
+		const char *part = key ? "key" :
+			"pg_catalog.jsonb_path_query_first(payload, $4::pg_catalog.jsonpath,"
+			" pg_catalog.jsonb_build_object('headers', headers), true) OPERATOR(pg_catalog.#>>) '{}'";
+
+		/*
+		 * rn: how many ready rows of its partition come before a row and
+		 * itself (rows claimed or waiting stay in, at their place, for
+		 * they block their keys); rows in (rn, seq) order keep each
+		 * partition's seq order.
+		 */
+		SPIPlanPtr	p = SPI_prepare(psprintf("SELECT ctid, key, not_before, claim_until, attempts, seq FROM"
+											 " (SELECT ctid, key, not_before, claim_until, attempts, seq,"
+											 "   pg_catalog.count(*) FILTER (WHERE (claim_until IS NULL"
+											 "     OR claim_until OPERATOR(pg_catalog.<=) $3) AND not_before OPERATOR(pg_catalog.<=) $3)"
+											 "   OVER (PARTITION BY %s ORDER BY seq) AS rn"
+											 "  FROM resilience.outbox"
+											 "  WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL) s"
+											 " WHERE rn OPERATOR(pg_catalog.<=) $2 ORDER BY rn, seq", part),
+										key ? 3 : 4, types);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	args[0] = Int32GetDatum(route->id);
+	args[1] = Int32GetDatum(limit);
+	args[2] = TimestampTzGetDatum(now);
+	args[3] = CStringGetTextDatum(route->partition_by);
+	return SPI_cursor_open(NULL, *plan, args, NULL, true);
+}
+
+/*
+ * With partitions by a path, the rows of one key may be in several
+ * partitions, and so not be read in seq order.  Keep of a key's candidates
+ * only those that are its oldest undelivered rows, in an unbroken run from
+ * the oldest (the key's head is always kept if it is a candidate); the
+ * others wait for a later claim.  One more read of the route's backlog.
+ */
+typedef struct KeyRun
+{
+	char		key[OUTBOX_KEY_MAX + 1];
+	List	   *seqs;			/* of its candidates (int64 *, any order) */
+	int64		maxseq;			/* of its candidates */
+	int64		valid_max;		/* candidates up to this seq are in order */
+} KeyRun;
+
+static int
+compare_int64p(const ListCell *a, const ListCell *b)
+{
+	int64		x = *(int64 *) lfirst(a);
+	int64		y = *(int64 *) lfirst(b);
+
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+static void
+drop_keys_out_of_order(OutboxRoute *route, List **cands)
+{
+	HASHCTL		ctl;
+	HTAB	   *runs;
+	HASH_SEQ_STATUS status;
+	KeyRun	   *kr;
+	ListCell   *lc;
+	Datum	   *keys;
+	Datum	   *maxseqs;
+	Datum		args[3];
+	Oid			types[3] = {INT4OID, TEXTARRAYOID, INT8ARRAYOID};
+	int			nkeys = 0;
+	int			ret;
+
+	ctl.keysize = OUTBOX_KEY_MAX + 1;
+	ctl.entrysize = sizeof(KeyRun);
+	ctl.hcxt = CurrentMemoryContext;
+	runs = hash_create("outbox key runs", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	foreach(lc, *cands)
+	{
+		Candidate  *c = lfirst(lc);
+		bool		found;
+
+		if (c->key == NULL)
+			continue;
+		kr = hash_search(runs, c->key, HASH_ENTER, &found);
+		if (!found)
+		{
+			kr->seqs = NIL;
+			kr->maxseq = c->seq;
+			kr->valid_max = -1;
+			nkeys++;
+		}
+		kr->seqs = lappend(kr->seqs, &c->seq);
+		kr->maxseq = Max(kr->maxseq, c->seq);
+	}
+	if (nkeys == 0)
+		return;
+	keys = palloc(sizeof(Datum) * nkeys);
+	maxseqs = palloc(sizeof(Datum) * nkeys);
+	nkeys = 0;
+	hash_seq_init(&status, runs);
+	while ((kr = hash_seq_search(&status)) != NULL)
+	{
+		keys[nkeys] = CStringGetTextDatum(kr->key);
+		maxseqs[nkeys++] = Int64GetDatum(kr->maxseq);
+	}
+	args[0] = Int32GetDatum(route->id);
+	args[1] = PointerGetDatum(construct_array(keys, nkeys, TEXTOID, -1, false, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_array(maxseqs, nkeys, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	/* each key's undelivered seqs up to its last candidate's */
+	ret = SPI_execute_with_args("SELECT c.key, pg_catalog.array_agg(o.seq ORDER BY o.seq)"
+								" FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]),"
+								"   pg_catalog.unnest($3::pg_catalog.int8[])) AS c(key, maxseq)"
+								" JOIN resilience.outbox o ON o.key OPERATOR(pg_catalog.=) c.key"
+								"  AND o.seq OPERATOR(pg_catalog.<=) c.maxseq"
+								" WHERE o.route_id OPERATOR(pg_catalog.=) $1 AND o.delivered_at IS NULL"
+								" GROUP BY c.key",
+								3, types, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "checking key order failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		char	   *key = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		ArrayType  *pending = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[i],
+															   SPI_tuptable->tupdesc, 2, &isnull));
+		Datum	   *p;
+		int			np;
+		int			n = 0;
+
+		kr = hash_search(runs, key, HASH_FIND, NULL);
+		if (kr == NULL)
+			continue;
+		deconstruct_array(pending, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &p, NULL, &np);
+		list_sort(kr->seqs, compare_int64p);
+		/* the longest run of candidates that are the key's oldest rows */
+		foreach(lc, kr->seqs)
+		{
+			int64		seq = *(int64 *) lfirst(lc);
+
+			if (n >= np || DatumGetInt64(p[n]) != seq)
+				break;
+			kr->valid_max = seq;
+			n++;
+		}
+	}
+	foreach(lc, *cands)
+	{
+		Candidate  *c = lfirst(lc);
+
+		if (c->key && c->seq > ((KeyRun *) hash_search(runs, c->key, HASH_FIND, NULL))->valid_max)
+			*cands = foreach_delete_current(*cands, lc);
+	}
+}
+
 /* Claim up to limit rows of one route into claim->items. */
 static int
 claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
@@ -1323,13 +2124,16 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 
 	if (route->probe_only)
 		limit = Min(limit, 1);
+	/* a rate-limited route: about a second's worth, so a batch stays short */
+	if (route->rate > 0)
+		limit = Min(limit, route->burst + (int) ceil(route->rate));
 	if (route->block_on_dead_letter)
 		load_blocked_keys(route->id, blocked);
 
 	if (scan_plan == NULL)
 	{
 		Oid			t = INT4OID;
-		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts"
+		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts, seq"
 									   " FROM resilience.outbox"
 									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
 									   " ORDER BY route_id, seq", 1, &t);
@@ -1340,7 +2144,10 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		scan_plan = plan;
 	}
 	args[0] = Int32GetDatum(route->id);
-	portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
+	if (route->partition_by)
+		portal = open_partitioned_scan(route, limit, claim->now);
+	else
+		portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
 	while (!done)
 	{
 		SPI_cursor_fetch(portal, true, fetch);
@@ -1378,6 +2185,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 				continue;
 			c = palloc0(sizeof(Candidate));
 			ItemPointerCopy(ctid, &c->ctid);
+			c->seq = DatumGetInt64(SPI_getbinval(t, d, 6, &isnull));
 			c->key = key;
 			if (claim->count_attempt && attempts >= route->max_attempts)
 				c->dead = true;
@@ -1416,6 +2224,14 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			if (c->key && key_in(late, c->key))
 				cands = foreach_delete_current(cands, lc);
 		}
+		if (cands == NIL)
+			return 0;
+	}
+
+	/* partitions by a path: a key's rows may be in several, keep its order */
+	if (route->partition_by && strcmp(route->partition_by, "key") != 0)
+	{
+		drop_keys_out_of_order(route, &cands);
 		if (cands == NIL)
 			return 0;
 	}
@@ -1626,7 +2442,33 @@ consumer_become_owner(text *consumer, ResilienceUser *save)
 	tenant_claim(TENANT_OUTBOX_CONSUMER, VARDATA_ANY(consumer), VARSIZE_ANY_EXHDR(consumer), caller);
 }
 
-/* outbox_claim(consumer, batch, visibility) → the claimed events. */
+/* The claim slot of a consumer name (waiters sleep on it). */
+int
+outbox_claim_slot(const char *consumer)
+{
+	return hash_bytes((const unsigned char *) consumer, strlen(consumer)) % OUTBOX_CLAIM_SLOTS;
+}
+
+/* Wake consumers of slots (all: ~0) when this transaction commits. */
+static void
+wake_claimers_at_commit_of(uint64 slots)
+{
+	if (!callbacks_registered)
+	{
+		RegisterXactCallback(outbox_xact_callback, NULL);
+		RegisterSubXactCallback(outbox_subxact_callback, NULL);
+		callbacks_registered = true;
+	}
+	wake_claimers_at_commit |= slots;
+}
+
+/*
+ * outbox_claim(consumer, batch, visibility, wait) → the claimed events.
+ * With wait, a claim that finds nothing sleeps on the consumer's claim slot
+ * until a transaction that published for it commits (or an event falls
+ * due, or wait is over), then claims again: a long poll, not a poll loop.
+ * Each claim reads with a new snapshot (READ COMMITTED).
+ */
 Datum
 outbox_claim(PG_FUNCTION_ARGS)
 {
@@ -1637,6 +2479,10 @@ outbox_claim(PG_FUNCTION_ARGS)
 	OutboxClaim claim;
 	ListCell   *lc;
 	ResilienceUser save;
+	int64		wait = 0;
+	TimestampTz deadline;
+	ConditionVariable *cv = NULL;
+	static uint32 wait_event = 0;
 
 	if (PG_ARGISNULL(1) || PG_GETARG_INT32(1) <= 0 || PG_GETARG_INT32(1) > 10000)
 		ereport(ERROR,
@@ -1644,6 +2490,23 @@ outbox_claim(PG_FUNCTION_ARGS)
 				 errmsg("batch must be between 1 and 10000")));
 	batch = PG_GETARG_INT32(1);
 	visibility = resilience_arg_duration(fcinfo, 2, "visibility", false);
+	if (PG_NARGS() > 3 && !PG_ARGISNULL(3))
+		wait = resilience_arg_duration(fcinfo, 3, "wait", true);
+	if (wait > CLAIM_WAIT_MAX_US)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("wait must be at most 1 hour")));
+	if (wait > 0)
+	{
+		resilience_require_preload("outbox_claim with wait");
+		if (IsolationUsesXactSnapshot())
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("outbox_claim can wait only in a READ COMMITTED transaction"),
+					 errdetail("Under REPEATABLE READ or SERIALIZABLE it would never see the events that commit while it waits."),
+					 errhint("Call it in autocommit, or pass wait => NULL.")));
+		cv = relay_claim_cv(outbox_claim_slot(text_to_cstring(consumer)));
+	}
 
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&claim, 0, sizeof(claim));
@@ -1655,10 +2518,33 @@ outbox_claim(PG_FUNCTION_ARGS)
 	claim.count_attempt = true;
 	claim.claimer = text_to_cstring(consumer);
 	claim.visibility_ms = visibility / 1000;
-	claim.now = GetCurrentTimestamp();
-	outbox_claim_rows(&claim);
-	foreach(lc, claim.dead)
-		outbox_dead_letter(lfirst(lc), NULL, 0, NULL);
+	deadline = GetCurrentTimestamp() + wait;
+	/* on the wait list before the first look: a commit in between wakes us */
+	if (cv)
+		ConditionVariablePrepareToSleep(cv);
+	for (;;)
+	{
+		long		sleep_ms;
+
+		claim.now = GetCurrentTimestamp();
+		if (cv)
+			PushActiveSnapshot(GetTransactionSnapshot());
+		outbox_claim_rows(&claim);
+		foreach(lc, claim.dead)
+			outbox_dead_letter(lfirst(lc), NULL, 0, NULL);
+		if (cv)
+			PopActiveSnapshot();
+		if (cv == NULL || claim.items != NIL || claim.now >= deadline)
+			break;
+		sleep_ms = (deadline - claim.now + 999) / 1000;
+		if (claim.next_due > 0)
+			sleep_ms = Min(sleep_ms, Max((claim.next_due - claim.now + 999) / 1000, 1));
+		if (wait_event == 0)
+			wait_event = resilience_wait_event_compat("ResilienceOutboxClaim");
+		(void) ConditionVariableTimedSleep(cv, sleep_ms, wait_event);
+	}
+	if (cv)
+		ConditionVariableCancelSleep();
 	foreach(lc, claim.items)
 	{
 		OutboxItem *item = lfirst(lc);
@@ -1770,6 +2656,8 @@ outbox_nack(PG_FUNCTION_ARGS)
 		uint64		n = SPI_processed;
 		List	   *routes = outbox_load_routes(false, NULL);
 
+		wake_claimers_at_commit_of(UINT64CONST(1) << outbox_claim_slot(text_to_cstring(consumer)));
+
 		for (i = 0; i < n; i++)
 		{
 			bool		isnull;
@@ -1847,6 +2735,9 @@ outbox_redrive(PG_FUNCTION_ARGS)
 	ret = (int) SPI_processed;
 	SPI_finish();
 	if (ret > 0)
+	{
 		wake_relay_at_commit();
+		wake_claimers_at_commit_of(~UINT64CONST(0));
+	}
 	PG_RETURN_INT32(ret);
 }

@@ -14,19 +14,14 @@
 
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
+#include "storage/condition_variable.h"
 #include "storage/itemptr.h"
 
 #define OUTBOX_TOPIC_MAX 255
 #define OUTBOX_KEY_MAX 255
 #define OUTBOX_ERROR_MAX 300
-
-typedef enum OutboxSink
-{
-	SINK_NOTIFY,
-	SINK_HTTP,
-	SINK_QUEUE,
-	SINK_AMQP
-} OutboxSink;
+#define OUTBOX_CLAIM_SLOTS 64		/* consumer names hash to these (a uint64 mask) */
+#define OUTBOX_SIGNING_KEYS_MAX 2	/* the new and the old while rotating */
 
 /* What a route accepts as payload (route option "payload"). */
 typedef enum OutboxPayloadKind
@@ -37,11 +32,14 @@ typedef enum OutboxPayloadKind
 	PAYLOAD_OBJECT_OR_ARRAY
 } OutboxPayloadKind;
 
+struct OutboxSinkOps;
+struct JsonbValue;
+
 /* A route with its options parsed (defaults filled in). */
 typedef struct OutboxRoute
 {
 	int32		id;
-	OutboxSink	sink;
+	const struct OutboxSinkOps *sink;
 	bool		enabled;
 	char	   *pattern;
 	char	   *target;
@@ -54,9 +52,17 @@ typedef struct OutboxRoute
 	int			backoff_max_ms;
 	bool		block_on_dead_letter;
 	bool		probe_only;		/* relay: half-open breaker, claim one event */
+	char	   *partition_by;	/* fair sharing: "key", a JSON path, or NULL */
+	double		rate;			/* http: most requests per second (0: no limit) */
+	int			burst;			/* http: the rate's token bucket capacity */
+	int			max_in_flight;	/* http: most requests at once (0: no limit) */
 	List	   *headers;		/* http: "Name: value" strings (may hold secrets) */
 	char	   *proxy;			/* http: the proxy to use (NULL: none, whatever
 								 * the server's environment says) */
+	int			nsigning_keys;	/* http: Standard Webhooks keys (2 while
+								 * rotating); secrets: never in views or logs */
+	unsigned char *signing_keys[OUTBOX_SIGNING_KEYS_MAX];
+	int			signing_key_len[OUTBOX_SIGNING_KEYS_MAX];
 	char	   *exchange;		/* amqp: the exchange */
 	char	   *routing_key;	/* amqp: a template of {topic} and {key} */
 	bool		mandatory;		/* amqp: unroutable messages come back */
@@ -118,6 +124,52 @@ typedef struct OutboxAddressPolicy
 
 struct sockaddr;
 
+/*
+ * A sink: what the shared code needs to know of it.  Each sink is one file
+ * that defines its OutboxSinkOps, plus one line in outbox.c's table (and
+ * one extern below).  Route options common to every sink (payload,
+ * max_attempts, on_dead_letter, timeouts, backoff) are parsed by outbox.c;
+ * the rest by the sink's parse_option.
+ */
+typedef struct OutboxSinkOps
+{
+	const char *name;			/* outbox_routes.sink */
+	bool		push;			/* delivered by the relay (else pulled) */
+	bool		in_claim;		/* delivered inside the claim transaction */
+	OutboxPayloadKind default_payload;
+
+	/*
+	 * Check a target: NULL if it may be used, else why not.  Sets
+	 * *destination (the breaker's key) when the sink has destinations,
+	 * also for a target refused only by the allow-list.
+	 */
+	const char *(*check_target) (const char *target, char **destination);
+	const char *target_hint;	/* for a refused target */
+
+	/* Fill in the defaults of the sink's own options. */
+	void		(*init_options) (OutboxRoute *r);
+
+	/*
+	 * Parse one option: false if the sink has no option of that name; a bad
+	 * value raises 22023 naming it (validate: also checks that need the
+	 * settings in force, such as the allow-list).
+	 */
+	bool		(*parse_option) (OutboxRoute *r, const char *name,
+								 struct JsonbValue *v, bool validate);
+	const char *options_hint;	/* the sink's own options, for errors */
+
+	/* After every option: check how they go together (22023). */
+	void		(*check_options) (OutboxRoute *r);
+
+	/* Deliver claimed items (in seq order per route); sets their outcomes. */
+	void		(*deliver) (List *items);
+} OutboxSinkOps;
+
+extern const OutboxSinkOps outbox_sink_notify;
+extern const OutboxSinkOps outbox_sink_http;
+extern const OutboxSinkOps outbox_sink_amqp;
+extern const OutboxSinkOps outbox_sink_queue;
+
 /* What a claim asks for. */
 typedef struct OutboxClaim
 {
@@ -143,30 +195,31 @@ extern void outbox_dead_letter(OutboxItem *item, const char *error, int add_atte
 							   const char *claimer);
 extern char *outbox_redact_target(const char *target);
 extern int	outbox_setting_int(const char *name, int dflt, int flags);
-extern const char *outbox_destination_allowed(const char *url, char **destination);
 extern const char *outbox_item_headers(OutboxItem *item, List **out);
-extern char *outbox_allow_list(void);
 extern void outbox_count(ResilienceCounter counter, int32 route_id, uint64 n);
+extern const OutboxSinkOps *const *outbox_sinks(int *n);
+extern int	outbox_claim_slot(const char *consumer);
 
-/* relay.c */
-extern bool relay_may_start(OutboxItem *item);
-extern void relay_item_done(OutboxItem *item);
-extern long relay_worker_job(void);
+/* outbox.c: for the sinks' option parsing (22023 naming the option) */
+extern void outbox_route_error(const char *msg, const char *detail, const char *hint);
+extern int	outbox_option_int(struct JsonbValue *v, const char *name, int min, int max);
+extern bool outbox_option_bool(struct JsonbValue *v, const char *name);
+extern char *outbox_option_string(struct JsonbValue *v, const char *name);
+extern List *outbox_parse_headers(struct JsonbValue *v, const char *what);
 
-/* sink_http.c */
-extern void http_deliver(List *items);
-extern bool http_host_allowed(const char *host, const char *allow_list);
+/* outbox.c: destinations (the allow-list) */
+extern char *outbox_allow_list(void);
+extern const char *outbox_host_problem(const char *host);
 extern OutboxAddressPolicy *outbox_address_policy(void);
 extern bool outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
 							  char *why, size_t len);
 
-/* sink_amqp.c */
-extern void amqp_deliver(List *items);
-extern const char *amqp_target_problem(const char *target, char **destination);
-extern const char *amqp_routing_key_problem(const char *template);
-
-/* sink_notify.c */
-extern void notify_deliver(List *items);
+/* relay.c */
+extern ConditionVariable *relay_claim_cv(int slot);
+extern void relay_wake_claimers(uint64 slots);
+extern bool relay_may_start(OutboxItem *item);
+extern void relay_item_done(OutboxItem *item);
+extern long relay_worker_job(void);
 
 /* worker.c */
 extern bool worker_lock_extension(void);

@@ -61,6 +61,12 @@
 /* Keys of policies carry the policy name, a NUL, then the caller's key. */
 #define KIND_BUCKET 1
 #define KIND_WINDOW 2
+/*
+ * The relay's route buckets (rate_limit_take_internal): a kind no SQL
+ * function asks for, so no key a caller passes reaches them.
+ */
+#define KIND_INTERNAL_BUCKET 3
+#define IS_BUCKET(kind) ((kind) != KIND_WINDOW)
 
 /* Slack for floating-point refills: 1e-9 of a token. */
 #define TOKEN_EPSILON 1e-9
@@ -342,7 +348,7 @@ rate_entry_idle(ShmEntry *entry, void *payload, int64 now)
 {
 	RateState  *s = (RateState *) payload;
 
-	if (entry->kind == KIND_BUCKET)
+	if (IS_BUCKET(entry->kind))
 		return bucket_level(s, now) + TOKEN_EPSILON >= s->limit;
 	else
 	{
@@ -574,8 +580,8 @@ count_decision(RateRequest *req, bool allowed)
 {
 	int			v = allowed ? RV_ALLOWED : RV_DENIED;
 
-	if (req->cost == 0)
-		return;
+	if (req->cost == 0 || req->kind == KIND_INTERNAL_BUCKET)
+		return;					/* a peek, or the relay's (not a caller's) */
 	if (req->counters[v])
 		metrics_inc(req->counters[v]);
 	else
@@ -628,7 +634,7 @@ decide(RateRequest *req, RateDecision *d)
 	}
 
 	SpinLockAcquire(&entry->mutex);
-	if (req->kind == KIND_BUCKET)
+	if (IS_BUCKET(req->kind))
 		bucket_decide(shm_entry_payload(rate_table, entry), fresh, req, now, d);
 	else
 		window_decide(shm_entry_payload(rate_table, entry), fresh, req, now, d);
@@ -736,6 +742,29 @@ rate_limit(PG_FUNCTION_ARGS)
 	parse_bucket(fcinfo, &req);
 	decide(&req, &d);
 	PG_RETURN_BOOL(d.allowed);
+}
+
+/*
+ * One token of a bucket of the relay's own (a route's rate, sink_http.c):
+ * true if taken.  Its entry is of a kind no SQL function reaches, and the
+ * rate_limits view does not list it.  Needs preloading.
+ */
+bool
+rate_limit_take_internal(const char *key, int keylen, int32 capacity, double rate)
+{
+	RateRequest req;
+	RateDecision d;
+
+	Assert(keylen > 0 && keylen <= resilience_max_key_length);
+	req.kind = KIND_INTERNAL_BUCKET;
+	req.counters[0] = req.counters[1] = NULL;
+	req.limit = capacity;
+	req.rate = rate;
+	req.cost = 1;
+	req.keylen = keylen;
+	memcpy(req.key, key, keylen);
+	decide(&req, &d);
+	return d.allowed;
 }
 
 /* rate_limit_check(key, capacity, refill_per_sec, cost) → decision record */
@@ -858,8 +887,11 @@ static void
 copy_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 {
 	EntryList  *list = (EntryList *) arg;
-	EntryCopy  *copy = palloc(sizeof(EntryCopy));
+	EntryCopy  *copy;
 
+	if (entry->kind == KIND_INTERNAL_BUCKET)
+		return;					/* the relay's: not a key of anybody's */
+	copy = palloc(sizeof(EntryCopy));
 	copy->kind = entry->kind;
 	copy->keylen = entry->keylen;
 	copy->key = palloc(entry->keylen + 1);
@@ -996,7 +1028,7 @@ save_entry(ShmEntry *entry, void *payload, const char *key, void *arg)
 	rec.allowed = s->allowed;
 	rec.denied = s->denied;
 	rec.idle_ns = Max(ctx->now - entry->last_used, 0);
-	if (entry->kind == KIND_BUCKET)
+	if (IS_BUCKET(entry->kind))
 	{
 		rec.tokens = bucket_level(s, ctx->now);
 		rec.rate = s->u.bucket.rate;
@@ -1033,7 +1065,8 @@ rate_saved_invalid(const RateSaved *rec)
 	int64		sum = 0;
 	int			i;
 
-	if (rec->kind != KIND_BUCKET && rec->kind != KIND_WINDOW)
+	if (rec->kind != KIND_BUCKET && rec->kind != KIND_WINDOW &&
+		rec->kind != KIND_INTERNAL_BUCKET)
 		return "an unknown kind";
 	if (rec->keylen == 0)
 		return "an empty key";
@@ -1041,7 +1074,7 @@ rate_saved_invalid(const RateSaved *rec)
 		return "a limit below 1";
 	if (rec->idle_ns < 0)
 		return "a last use in the future";
-	if (rec->kind == KIND_BUCKET)
+	if (IS_BUCKET(rec->kind))
 	{
 		if (isnan(rec->rate) || isinf(rec->rate) || rec->rate < 0)
 			return "a refill rate that is not a finite number >= 0";
@@ -1112,7 +1145,7 @@ ratelimit_state_load(FILE *file, uint32 nrecords)
 		s->limit = rec.limit;
 		s->allowed = rec.allowed;
 		s->denied = rec.denied;
-		if (rec.kind == KIND_BUCKET)
+		if (IS_BUCKET(rec.kind))
 		{
 			s->u.bucket.tokens = rec.tokens;
 			s->u.bucket.rate = rec.rate;

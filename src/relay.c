@@ -124,6 +124,8 @@ typedef struct RelayShared
 	LWLock	   *lock;
 	RouteStats	routes[RELAY_MAX_ROUTES];
 	DestState	dests[RELAY_MAX_DESTS];
+	/* outbox_claim(..., wait): consumers sleep on their name's slot */
+	ConditionVariable claim_cv[OUTBOX_CLAIM_SLOTS];
 } RelayShared;
 
 static RelayShared *relay_shared = NULL;	/* shared memory, or process-local */
@@ -170,7 +172,30 @@ relay_shmem_init(void)
 	{
 		memset(relay_shared, 0, relay_shmem_size());
 		relay_shared->lock = &(GetNamedLWLockTranche(RELAY_TRANCHE))->lock;
+		for (int i = 0; i < OUTBOX_CLAIM_SLOTS; i++)
+			ConditionVariableInit(&relay_shared->claim_cv[i]);
 	}
+}
+
+/*
+ * The condition variable consumers of claim slot sleep on in
+ * outbox_claim(..., wait); NULL without preloading.
+ */
+ConditionVariable *
+relay_claim_cv(int slot)
+{
+	if (relay_shared == NULL || relay_shared->lock == NULL)
+		return NULL;
+	return &relay_shared->claim_cv[slot % OUTBOX_CLAIM_SLOTS];
+}
+
+/* Wake the consumers waiting on the claim slots set in slots (at commit). */
+void
+relay_wake_claimers(uint64 slots)
+{
+	for (int i = 0; i < OUTBOX_CLAIM_SLOTS; i++)
+		if ((slots & (UINT64CONST(1) << i)) && relay_claim_cv(i))
+			ConditionVariableBroadcast(relay_claim_cv(i));
 }
 
 /* The state, in shared memory or (not preloaded) in this process. */
@@ -751,6 +776,32 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 /* ---- a batch ---- */
 
 /*
+ * Hand items to their sinks' deliver, one call per sink (in_claim: the
+ * sinks that deliver inside the claim transaction, else the others).
+ */
+static void
+deliver_by_sink(List *items, bool in_claim)
+{
+	int			nsinks;
+	const OutboxSinkOps *const *sinks = outbox_sinks(&nsinks);
+	int			i;
+
+	for (i = 0; i < nsinks; i++)
+	{
+		List	   *mine = NIL;
+		ListCell   *lc;
+
+		if (sinks[i]->deliver == NULL || sinks[i]->in_claim != in_claim)
+			continue;
+		foreach(lc, items)
+			if (((OutboxItem *) lfirst(lc))->route->sink == sinks[i])
+				mine = lappend(mine, lfirst(lc));
+		if (mine != NIL)
+			sinks[i]->deliver(mine);
+	}
+}
+
+/*
  * One batch: claim, deliver, record.  Returns the number delivered; sets
  * run->more when there may be more ready now, run->next_due otherwise.
  */
@@ -760,9 +811,8 @@ relay_batch(RelayRun *run)
 	OutboxClaim claim;
 	List	   *routes;
 	List	   *claimable = NIL;
-	List	   *http_items = NIL;
-	List	   *amqp_items = NIL;
-	List	   *notify_items = NIL;
+	List	   *in_claim = NIL;
+	List	   *pushed = NIL;
 	ListCell   *lc;
 	TimestampTz next_due = 0;
 	MemoryContext old;
@@ -818,42 +868,33 @@ relay_batch(RelayRun *run)
 	{
 		OutboxItem *item = lfirst(lc);
 
-		if (item->route->sink == SINK_NOTIFY)
-			notify_items = lappend(notify_items, item);
-		else if (item->route->sink == SINK_AMQP)
-			amqp_items = lappend(amqp_items, item);
+		if (item->route->sink->in_claim)
+			in_claim = lappend(in_claim, item);
 		else
-			http_items = lappend(http_items, item);
+			pushed = lappend(pushed, item);
 	}
 	MemoryContextSwitchTo(old);
-	if (notify_items != NIL)
+	if (in_claim != NIL)
 	{
-		notify_deliver(notify_items);
-		record_outcomes(notify_items, claimer, &next_due);
-		delivered += list_length(notify_items);
+		deliver_by_sink(in_claim, true);
+		record_outcomes(in_claim, claimer, &next_due);
+		delivered += list_length(in_claim);
 	}
 	phase_end(run);
 
-	if (http_items != NIL || amqp_items != NIL)
+	if (pushed != NIL)
 	{
-		List	   *pushed;
-		ListCell   *lc2;
-
 		pgstat_report_activity(STATE_RUNNING, "resilience relay: delivering (no transaction open)");
 		old = MemoryContextSwitchTo(run->batch_cxt);
-		if (http_items != NIL)
-			http_deliver(http_items);
-		if (amqp_items != NIL)
-			amqp_deliver(amqp_items);
-		pushed = list_concat(http_items, amqp_items);
+		deliver_by_sink(pushed, false);
 		MemoryContextSwitchTo(old);
 		pgstat_report_activity(STATE_IDLE, NULL);
 
 		if (phase_begin(run, "resilience relay: recording"))
 			record_outcomes(pushed, claimer, &next_due);
 		phase_end(run);
-		foreach(lc2, pushed)
-			if (((OutboxItem *) lfirst(lc2))->outcome == OUTCOME_DELIVERED)
+		foreach(lc, pushed)
+			if (((OutboxItem *) lfirst(lc))->outcome == OUTCOME_DELIVERED)
 				delivered++;
 	}
 	run->more = !claim.exhausted;

@@ -60,6 +60,8 @@ int			resilience_outbox_retention_s = 0;
 int			resilience_outbox_breaker_failures = 5;
 int			resilience_outbox_breaker_open_ms = 30000;
 bool		resilience_preloaded = false;
+char	   *resilience_traceparent = NULL;
+char	   *resilience_tracestate = NULL;
 
 static const struct config_enum_entry when_full_options[] = {
 	{"evict", WHEN_FULL_EVICT, false},
@@ -199,6 +201,20 @@ _PG_init(void)
 							   "",
 							   PGC_USERSET, GUC_NOT_IN_SAMPLE | GUC_DISALLOW_IN_FILE,
 							   NULL, NULL, NULL);
+
+	/* what outbox_publish records as an event's trace context */
+	DefineCustomStringVariable("resilience.traceparent",
+							   "W3C traceparent recorded with the events this session publishes.",
+							   "An instrumented application sets it with SET LOCAL; an argument of outbox_publish wins over it.",
+							   &resilience_traceparent,
+							   "",
+							   PGC_USERSET, 0, outbox_check_traceparent_guc, NULL, NULL);
+	DefineCustomStringVariable("resilience.tracestate",
+							   "W3C tracestate recorded with resilience.traceparent.",
+							   NULL,
+							   &resilience_tracestate,
+							   "",
+							   PGC_USERSET, 0, outbox_check_tracestate_guc, NULL, NULL);
 
 	/*
 	 * The other settings concern shared memory or the workers, and

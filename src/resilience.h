@@ -14,6 +14,7 @@
 
 #include "datatype/timestamp.h"
 #include "fmgr.h"
+#include "utils/guc.h"
 
 /* What a shared-memory table does when it is full (resilience.when_full). */
 typedef enum ResilienceWhenFull
@@ -75,6 +76,12 @@ extern char *resilience_outbox_allowed_hosts;
 extern int	resilience_outbox_retention_s;
 extern int	resilience_outbox_breaker_failures;
 extern int	resilience_outbox_breaker_open_ms;
+
+/* W3C trace context of the events a session publishes (outbox.c checks it). */
+extern char *resilience_traceparent;
+extern char *resilience_tracestate;
+extern bool outbox_check_traceparent_guc(char **newval, void **extra, GucSource source);
+extern bool outbox_check_tracestate_guc(char **newval, void **extra, GucSource source);
 
 /* True once _PG_init ran from shared_preload_libraries. */
 extern bool resilience_preloaded;
@@ -140,6 +147,16 @@ extern Oid	resilience_owner(void);
 extern void resilience_become(Oid role, bool pin_path, ResilienceUser *save);
 extern void resilience_become_owner(bool pin_path, ResilienceUser *save);
 extern void resilience_restore_user(const ResilienceUser *save);
+
+/*
+ * The relay's per-route limits (sink_http.c): a token bucket and a bulkhead
+ * in the shared tables under kinds of their own, which no name a SQL caller
+ * of rate_limit or bulkhead_acquire passes can reach.  Need preloading.
+ */
+extern bool rate_limit_take_internal(const char *key, int keylen, int32 capacity,
+									 double rate);
+extern bool bulkhead_try_acquire_internal(const char *name, int32 max_concurrent);
+extern void bulkhead_release_internal(const char *name);
 
 /* backoff.c: exponential backoff with jitter (docs/bulkheads-and-retries.md). */
 typedef enum ResilienceJitter

@@ -1457,14 +1457,15 @@ attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retry
 	saga_write(s);
 }
 
-/* The oid of resilience.outbox_publish(text, jsonb, text, jsonb, interval), if it exists. */
+/*
+ * The oid of resilience.outbox_publish, if it exists (by name: it gains
+ * arguments with defaults, and is called by name with four).
+ */
 static Oid
 outbox_publish_function(void)
 {
-	Oid			argtypes[5] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID, INTERVALOID};
-
 	return LookupFuncName(list_make2(makeString("resilience"), makeString("outbox_publish")),
-						  5, argtypes, true);
+						  -1, NULL, true);
 }
 
 /*

@@ -181,23 +181,23 @@ parse_target(const char *target, AmqpTarget *parsed, char **destination)
 	parsed->vhost = pstrdup(info.vhost);
 	parsed->port = info.port;
 	*destination = psprintf("amqp://%s:%d", info.host, info.port);
-	if (!http_host_allowed(info.host, outbox_allow_list()))
-		return psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
-						info.host, outbox_allow_list()[0] ? "" : " (empty: loopback only)");
-	return NULL;
+	return outbox_host_problem(info.host);
 }
 
 /* Check an amqp target for a route: NULL if fine, else why not. */
-const char *
-amqp_target_problem(const char *target, char **destination)
+static const char *
+amqp_check_target(const char *target, char **destination)
 {
 	AmqpTarget	parsed;
+	const char *problem = parse_target(target, &parsed, destination);
 
-	return parse_target(target, &parsed, destination);
+	if (*destination == NULL)
+		*destination = pstrdup("amqp://?");	/* a row that no longer parses */
+	return problem;
 }
 
 /* Check a routing key template: NULL if fine, else why not. */
-const char *
+static const char *
 amqp_routing_key_problem(const char *template)
 {
 	const char *p;
@@ -1182,7 +1182,7 @@ deliver_guarded(AmqpConn *c, Publication *share, int nshare, const OutboxAddress
  * Deliver items (route sink amqp, in seq order per route) with no
  * transaction open; sets each item's outcome.
  */
-void
+static void
 amqp_deliver(List *items)
 {
 	int			n = list_length(items);
@@ -1265,3 +1265,56 @@ amqp_deliver(List *items)
 		deliver_guarded(c, share, nshare, policy);
 	}
 }
+
+/* ---- route options ---- */
+
+static void
+amqp_init_options(OutboxRoute *r)
+{
+	r->exchange = "amq.topic";
+	r->routing_key = "{topic}";
+	r->mandatory = true;
+	r->persistent = true;
+}
+
+static bool
+amqp_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate)
+{
+	if (strcmp(name, "exchange") == 0)
+	{
+		r->exchange = outbox_option_string(v, name);
+		if (strlen(r->exchange) > 255 || (int) strlen(r->exchange) != v->val.string.len)
+			outbox_route_error("option \"exchange\" must be at most 255 bytes, without NUL", NULL, NULL);
+	}
+	else if (strcmp(name, "routing_key") == 0)
+	{
+		const char *problem;
+
+		r->routing_key = outbox_option_string(v, name);
+		problem = amqp_routing_key_problem(r->routing_key);
+		if (problem || (int) strlen(r->routing_key) != v->val.string.len)
+			outbox_route_error(problem ? problem : "option \"routing_key\" must not contain NUL", NULL,
+							   "For example \"orders.{key}\"; the default is \"{topic}\".");
+	}
+	else if (strcmp(name, "mandatory") == 0)
+		r->mandatory = outbox_option_bool(v, name);
+	else if (strcmp(name, "persistent") == 0)
+		r->persistent = outbox_option_bool(v, name);
+	else
+		return false;
+	return true;
+}
+
+const OutboxSinkOps outbox_sink_amqp = {
+	.name = "amqp",
+	.push = true,
+	.default_payload = PAYLOAD_ANY,
+	.check_target = amqp_check_target,
+	.target_hint = "Targets are amqp://user:password@host:port/vhost (percent-encoded; "
+	"vhost \"/\" is %2f or no path); hosts other than loopback must be "
+	"listed in resilience.outbox_allowed_hosts.",
+	.init_options = amqp_init_options,
+	.parse_option = amqp_parse_option,
+	.options_hint = "exchange, routing_key, mandatory, persistent",
+	.deliver = amqp_deliver,
+};

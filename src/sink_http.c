@@ -31,6 +31,28 @@
  * used; a route may name its own (option "proxy", a host allowed like a
  * target's), and then it is the proxy's address that is checked.
  *
+ * Signatures (Standard Webhooks, https://www.standardwebhooks.com): with
+ * the route option signing_secret ("whsec_" + base64 of 24 to 64 bytes, or
+ * a list of two while rotating), each request also carries webhook-id (the
+ * event id), webhook-timestamp (seconds since the epoch, taken just before
+ * the send) and webhook-signature: "v1,<base64 of HMAC-SHA256(key,
+ * "id.timestamp.body")>", one per key, space-separated.  The HMAC is
+ * OpenSSL's (libcurl's TLS already needs it): PostgreSQL's pg_hmac_* ties
+ * its contexts to a resource owner, and the relay sends with no
+ * transaction open.  The keys live in the route's options (readable only by
+ * resilience_admin) and in the relaying process' memory, nowhere else.
+ *
+ * Limits per route (options rate, burst, max_in_flight): a request starts
+ * only when the route's token bucket has a token and fewer than
+ * max_in_flight of its requests are running.  Both are the extension's own
+ * shared ones (a token bucket and a bulkhead named
+ * outbox:<database oid>:<route id>, under kinds of their own in the shared
+ * tables, so no SQL caller of rate_limit or bulkhead_acquire can spend
+ * them), and every relaying process of the cluster shares them; without
+ * preloading, a process-local bucket and count.  A request that may not start yet waits in this batch (others go
+ * on); the relay claims about a second's worth of a rate-limited route per
+ * batch.  Retry-After still pauses the destination on top of this.
+ *
  * Headers: the event's headers are checked again before each send (a row
  * written before the checks of outbox_publish, or by hand): a header that
  * is not allowed makes the event a dead letter; one the route sets too is
@@ -41,24 +63,32 @@
 #include "outbox.h"
 
 #include <arpa/inet.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
 #include <curl/curl.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "common/base64.h"
 
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/varlena.h"
 
 #define BODY_SNIPPET 120
 #define POLL_MS 100
+#define HOLD_MS 5				/* re-check held-back requests this often */
 
 typedef struct Transfer
 {
 	OutboxItem *item;
+	bool		permit;			/* holds an in-flight permit of its route */
 	struct Transfer *next_in_chain;
 	CURL	   *easy;
 	struct curl_slist *headers;
@@ -73,270 +103,24 @@ typedef struct Transfer
 
 static CURLM *multi = NULL;
 
-/* ---- destinations ---- */
-
-/* Is host one of loopback's names or addresses? */
-static bool
-host_is_loopback(const char *host)
+/* Without preloading: a route's bucket and in-flight count, in this process. */
+typedef struct LocalLimit
 {
-	struct in_addr a4;
-	struct in6_addr a6;
-	char		bare[INET6_ADDRSTRLEN + 2];
-	size_t		len = strlen(host);
+	Oid			dbid;
+	int32		route_id;
+	double		tokens;
+	int64		stamp;			/* resilience_clock_ns() */
+	int			in_flight;
+} LocalLimit;
 
-	if (pg_strcasecmp(host, "localhost") == 0)
-		return true;
-	if (inet_pton(AF_INET, host, &a4) == 1)
-		return (ntohl(a4.s_addr) >> 24) == 127;
-	if (len >= 2 && host[0] == '[' && host[len - 1] == ']' && len - 2 < sizeof(bare))
-	{
-		memcpy(bare, host + 1, len - 2);
-		bare[len - 2] = '\0';
-		host = bare;
-	}
-	return inet_pton(AF_INET6, host, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
-}
-
-/*
- * Parse an IP address or CIDR range ("10.0.0.0/8", "::1", "[fe80::]/10")
- * into r; false if text is neither.
- */
-static bool
-parse_range(const char *text, OutboxAddressRange *r)
-{
-	char		buf[INET6_ADDRSTRLEN + 8];
-	char	   *slash;
-	char	   *addr = buf;
-	size_t		len;
-	int			max;
-
-	if (strlen(text) >= sizeof(buf))
-		return false;
-	strcpy(buf, text);
-	slash = strchr(buf, '/');
-	if (slash)
-		*slash = '\0';
-	len = strlen(addr);
-	if (len >= 2 && addr[0] == '[' && addr[len - 1] == ']')
-	{
-		addr[len - 1] = '\0';
-		addr++;
-	}
-	memset(r, 0, sizeof(*r));
-	if (inet_pton(AF_INET, addr, r->addr) == 1)
-		r->family = AF_INET;
-	else if (inet_pton(AF_INET6, addr, r->addr) == 1)
-		r->family = AF_INET6;
-	else
-		return false;
-	max = r->family == AF_INET ? 32 : 128;
-	r->bits = max;
-	if (slash)
-	{
-		char	   *end;
-		long		bits = strtol(slash + 1, &end, 10);
-
-		if (end == slash + 1 || *end != '\0' || bits < 0 || bits > max)
-			return false;
-		r->bits = (int) bits;
-	}
-	return true;
-}
-
-/* Is the address of family (4 or 16 bytes at addr) within r? */
-static bool
-address_in_range(const OutboxAddressRange *r, int family, const unsigned char *addr)
-{
-	int			full = r->bits / 8;
-	int			rest = r->bits % 8;
-
-	if (r->family != family)
-		return false;
-	if (memcmp(r->addr, addr, full) != 0)
-		return false;
-	if (rest == 0)
-		return true;
-	return ((r->addr[full] ^ addr[full]) & (0xFF << (8 - rest)) & 0xFF) == 0;
-}
-
-/* Is host an IP address (bracketed for IPv6 in URLs) within range entry? */
-static bool
-host_in_range(const char *host, const char *entry)
-{
-	OutboxAddressRange r;
-	OutboxAddressRange h;
-
-	if (!parse_range(entry, &r) || !parse_range(host, &h) || strchr(host, '/') != NULL)
-		return false;
-	return address_in_range(&r, h.family, h.addr);
-}
-
-/*
- * The address policy in force (palloc'd): loopback only, or the IP and CIDR
- * entries of the allow-list.  The sinks make it before connecting, so that
- * checking an address (in libcurl's callback) allocates nothing.
- */
-OutboxAddressPolicy *
-outbox_address_policy(void)
-{
-	OutboxAddressPolicy *p = palloc0(sizeof(OutboxAddressPolicy));
-	char	   *allow = outbox_allow_list();
-	List	   *entries = NIL;
-	ListCell   *lc;
-
-	p->loopback_only = allow[0] == '\0';
-	if (p->loopback_only || !SplitGUCList(pstrdup(allow), ',', &entries))
-		return p;
-	p->ranges = palloc0(sizeof(OutboxAddressRange) * Max(list_length(entries), 1));
-	foreach(lc, entries)
-		if (parse_range(lfirst(lc), &p->ranges[p->nranges]))
-			p->nranges++;
-	return p;
-}
-
-/*
- * The special range addr (family, 4 or 16 bytes) is in: "loopback",
- * "link-local", "private" or "unspecified"; NULL for any other address.
- */
-static const char *
-special_range(int family, const unsigned char *a)
-{
-	if (family == AF_INET)
-	{
-		if (a[0] == 127)
-			return "loopback";
-		if (a[0] == 169 && a[1] == 254)
-			return "link-local";
-		if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xF0) == 16) || (a[0] == 192 && a[1] == 168))
-			return "private";
-		if (a[0] == 0)
-			return "unspecified";
-		return NULL;
-	}
-	if (IN6_IS_ADDR_LOOPBACK((const struct in6_addr *) a))
-		return "loopback";
-	if (IN6_IS_ADDR_UNSPECIFIED((const struct in6_addr *) a))
-		return "unspecified";
-	if (a[0] == 0xFE && (a[1] & 0xC0) == 0x80)
-		return "link-local";
-	if ((a[0] & 0xFE) == 0xFC)
-		return "private";
-	return NULL;
-}
-
-/*
- * May a sink connect to addr under policy?  If not, why says so, naming the
- * address.  Allocates nothing and never raises (it runs inside libcurl).
- */
-bool
-outbox_address_ok(const OutboxAddressPolicy *policy, const struct sockaddr *addr,
-				  char *why, size_t len)
-{
-	unsigned char bytes[16];
-	int			family = addr->sa_family;
-	char		text[INET6_ADDRSTRLEN];
-	const char *range;
-	int			i;
-
-	if (family == AF_INET)
-		memcpy(bytes, &((const struct sockaddr_in *) addr)->sin_addr, 4);
-	else if (family == AF_INET6)
-	{
-		const struct in6_addr *a6 = &((const struct sockaddr_in6 *) addr)->sin6_addr;
-
-		memcpy(bytes, a6, 16);
-		if (IN6_IS_ADDR_V4MAPPED(a6))
-		{
-			/* ::ffff:a.b.c.d is a.b.c.d */
-			family = AF_INET;
-			memmove(bytes, bytes + 12, 4);
-		}
-	}
-	else
-	{
-		snprintf(why, len, "address family %d not allowed", family);
-		return false;
-	}
-	if (inet_ntop(family, bytes, text, sizeof(text)) == NULL)
-		strlcpy(text, "?", sizeof(text));
-	range = special_range(family, bytes);
-	if (policy->loopback_only)
-	{
-		if (range != NULL && strcmp(range, "loopback") == 0)
-			return true;
-		snprintf(why, len, "address %s not allowed: not loopback "
-				 "(resilience.outbox_allowed_hosts is empty: loopback only)", text);
-		return false;
-	}
-	if (range == NULL)
-		return true;
-	for (i = 0; i < policy->nranges; i++)
-		if (address_in_range(&policy->ranges[i], family, bytes))
-			return true;
-	snprintf(why, len, "address %s not allowed: %s, and no IP or CIDR entry of "
-			 "resilience.outbox_allowed_hosts covers it", text, range);
-	return false;
-}
-
-/*
- * The allow-list in force for the sinks that connect out (http, amqp): the
- * hosts of resilience.outbox_allowed_hosts and of its older name
- * resilience.outbox_http_allowed_hosts, comma-separated ("" when loopback
- * only).
- */
-char *
-outbox_allow_list(void)
-{
-	const char *value;
-	const char *old;
-
-	if (!resilience_preloaded)
-		return "";
-	value = GetConfigOption("resilience.outbox_allowed_hosts", true, false);
-	old = GetConfigOption("resilience.outbox_http_allowed_hosts", true, false);
-	if (value == NULL || value[0] == '\0')
-		return old ? pstrdup(old) : "";
-	if (old == NULL || old[0] == '\0')
-		return pstrdup(value);
-	return psprintf("%s, %s", value, old);
-}
-
-/* May the http sink call host, given allow (a comma-separated list)? */
-bool
-http_host_allowed(const char *host, const char *allow)
-{
-	List	   *entries = NIL;
-	char	   *copy = pstrdup(allow);
-	ListCell   *lc;
-
-	if (allow[0] == '\0')
-		return host_is_loopback(host);
-	if (!SplitGUCList(copy, ',', &entries))
-		return false;
-	foreach(lc, entries)
-	{
-		const char *entry = lfirst(lc);
-		size_t		hlen = strlen(host);
-		size_t		elen = strlen(entry);
-
-		if (pg_strcasecmp(entry, host) == 0)
-			return true;
-		if (host_in_range(host, entry))
-			return true;
-		/* *.example.com: any subdomain of example.com */
-		if (elen > 2 && entry[0] == '*' && entry[1] == '.' && hlen > elen - 1 &&
-			pg_strcasecmp(host + hlen - (elen - 1), entry + 1) == 0)
-			return true;
-	}
-	return false;
-}
+static List *local_limits = NIL;	/* LocalLimit *, in TopMemoryContext */
 
 /*
  * Check an http target: NULL if it may be used (then *destination is
  * scheme://host:port, the breaker's key), else why not.
  */
-const char *
-outbox_destination_allowed(const char *url, char **destination)
+static const char *
+http_check_target(const char *url, char **destination)
 {
 	CURLU	   *u = curl_url();
 	char	   *scheme = NULL;
@@ -359,9 +143,7 @@ outbox_destination_allowed(const char *url, char **destination)
 	else
 	{
 		*destination = psprintf("%s://%s:%s", scheme, host, port);
-		if (!http_host_allowed(host, outbox_allow_list()))
-			problem = psprintf("host \"%s\" is not allowed by resilience.outbox_allowed_hosts%s",
-							   host, outbox_allow_list()[0] ? "" : " (empty: loopback only)");
+		problem = outbox_host_problem(host);
 	}
 	curl_free(scheme);
 	curl_free(host);
@@ -444,6 +226,281 @@ on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *addres
 	return socket(address->family, address->socktype, address->protocol);
 }
 
+/* ---- signatures ---- */
+
+#define WEBHOOK_SECRET_PREFIX "whsec_"
+#define WEBHOOK_KEY_MIN 24
+#define WEBHOOK_KEY_MAX 64
+
+/*
+ * Decode a signing secret into key (WEBHOOK_KEY_MAX bytes of room): its
+ * length, or -1 and *why.  Never quotes the secret.
+ */
+static int
+webhook_key(const char *secret, int len, unsigned char *key, const char **why)
+{
+	int			plen = strlen(WEBHOOK_SECRET_PREFIX);
+	char		buf[256];
+	int			n = -1;
+
+	*why = NULL;
+	if (len < plen || strncmp(secret, WEBHOOK_SECRET_PREFIX, plen) != 0)
+		*why = "it does not start with whsec_";
+	/* pg_b64_decode needs room for what the text could hold */
+	else if (pg_b64_dec_len(len - plen) > (int) sizeof(buf) ||
+			 (n = pg_b64_decode(secret + plen, len - plen, (void *) buf, sizeof(buf))) < 0)
+		*why = "what follows whsec_ is not base64";
+	else if (n < WEBHOOK_KEY_MIN || n > WEBHOOK_KEY_MAX)
+		*why = psprintf("its key is %d bytes", n);
+	else
+		memcpy(key, buf, n);
+	explicit_bzero(buf, sizeof(buf));
+	return *why ? -1 : n;
+}
+
+/*
+ * The webhook-signature value for content ("id.timestamp.body") under
+ * keys: "v1,<base64>" per key, space-separated, into out.
+ */
+static void
+webhook_signature(unsigned char *const *keys, const int *key_len, int nkeys,
+				  const char *content, size_t content_len, StringInfo out)
+{
+	int			i;
+
+	for (i = 0; i < nkeys; i++)
+	{
+		unsigned char mac[EVP_MAX_MD_SIZE];
+		unsigned int mac_len = 0;
+		char		b64[128];
+		int			n;
+
+		if (HMAC(EVP_sha256(), keys[i], key_len[i], (const unsigned char *) content,
+				 content_len, mac, &mac_len) == NULL)
+			elog(ERROR, "HMAC-SHA256 failed");
+		n = pg_b64_encode((const void *) mac, (int) mac_len, b64, sizeof(b64));
+		if (n < 0)
+			elog(ERROR, "base64 encoding failed");
+		appendStringInfo(out, "%sv1,%.*s", i == 0 ? "" : " ", n, b64);
+	}
+}
+
+/* The webhook-* headers of an item signed now, appended to headers. */
+static struct curl_slist *
+sign_item(OutboxItem *item, struct curl_slist *headers)
+{
+	OutboxRoute *r = item->route;
+	int64		now = (int64) time(NULL);
+	StringInfoData content;
+	StringInfoData sig;
+
+	initStringInfo(&content);
+	appendStringInfo(&content, INT64_FORMAT "." INT64_FORMAT ".%s", item->id, now, item->payload);
+	initStringInfo(&sig);
+	appendStringInfoString(&sig, "webhook-signature: ");
+	webhook_signature(r->signing_keys, r->signing_key_len, r->nsigning_keys,
+					  content.data, content.len, &sig);
+	headers = curl_slist_append(headers, psprintf("webhook-id: " INT64_FORMAT, item->id));
+	headers = curl_slist_append(headers, psprintf("webhook-timestamp: " INT64_FORMAT, now));
+	return curl_slist_append(headers, sig.data);
+}
+
+/*
+ * _webhook_sign(secret, id, timestamp, body) → the webhook-signature
+ * header value, for checking against the specification's examples and for
+ * receivers' tests.
+ */
+PG_FUNCTION_INFO_V1(webhook_signature_sql);
+Datum
+webhook_signature_sql(PG_FUNCTION_ARGS)
+{
+	text	   *secret = PG_GETARG_TEXT_PP(0);
+	unsigned char key[WEBHOOK_KEY_MAX];
+	unsigned char *keys[1] = {key};
+	int			len;
+	const char *why;
+	StringInfoData content;
+	StringInfoData sig;
+
+	len = webhook_key(VARDATA_ANY(secret), VARSIZE_ANY_EXHDR(secret), key, &why);
+	if (len < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("secret must be \"whsec_\" followed by the base64 of %d to %d bytes",
+						WEBHOOK_KEY_MIN, WEBHOOK_KEY_MAX),
+				 errdetail("The secret given is not: %s.", why)));
+	initStringInfo(&content);
+	appendStringInfo(&content, "%s." INT64_FORMAT ".%s", text_to_cstring(PG_GETARG_TEXT_PP(1)),
+					 PG_GETARG_INT64(2), text_to_cstring(PG_GETARG_TEXT_PP(3)));
+	initStringInfo(&sig);
+	webhook_signature(keys, &len, 1, content.data, content.len, &sig);
+	explicit_bzero(key, sizeof(key));
+	PG_RETURN_TEXT_P(cstring_to_text(sig.data));
+}
+
+/*
+ * Option signing_secret: one secret, or a list of at most two (rotation:
+ * every request is signed with each).  The error never quotes a secret.
+ */
+static void
+parse_signing_secret(OutboxRoute *r, JsonbValue *v)
+{
+	const char *bad = "option \"signing_secret\" must be \"whsec_\" followed by the base64 of 24 to 64 bytes, or a list of one or two of them";
+	JsonbValue	elems[OUTBOX_SIGNING_KEYS_MAX];
+	int			n = 0;
+
+	if (v->type == jbvString)
+		elems[n++] = *v;
+	else if (v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data))
+	{
+		JsonbIterator *it = JsonbIteratorInit(v->val.binary.data);
+		JsonbValue	e;
+		JsonbIteratorToken tok;
+
+		while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+		{
+			if (tok != WJB_ELEM)
+				continue;
+			if (n == OUTBOX_SIGNING_KEYS_MAX || e.type != jbvString)
+				outbox_route_error(bad, NULL, "While rotating, list the new secret and the old one.");
+			elems[n++] = e;
+		}
+	}
+	if (n == 0)
+		outbox_route_error(bad, NULL, NULL);
+	r->nsigning_keys = 0;
+	for (int i = 0; i < n; i++)
+	{
+		unsigned char *key = palloc(WEBHOOK_KEY_MAX);
+		const char *why;
+		int			len = webhook_key(elems[i].val.string.val, elems[i].val.string.len, key, &why);
+
+		if (len < 0)
+			outbox_route_error(bad, psprintf("Secret %d of %d is not: %s.", i + 1, n, why),
+							   "Generate one with: SELECT 'whsec_' || encode(gen_random_bytes(32), 'base64') (pgcrypto).");
+		r->signing_keys[i] = key;
+		r->signing_key_len[i] = len;
+		r->nsigning_keys++;
+	}
+}
+
+/* ---- per-route limits: rate and max_in_flight ---- */
+
+#define LIMIT_NAME_LEN 32
+
+/* The name of a route's bucket and bulkhead (in the relay's own kinds). */
+static const char *
+limit_name(OutboxRoute *r, char *buf)
+{
+	snprintf(buf, LIMIT_NAME_LEN, "outbox:%u:%d", MyDatabaseId, r->id);
+	return buf;
+}
+
+static LocalLimit *
+local_limit(OutboxRoute *r)
+{
+	ListCell   *lc;
+	LocalLimit *l;
+	MemoryContext old;
+
+	foreach(lc, local_limits)
+	{
+		l = lfirst(lc);
+		if (l->dbid == MyDatabaseId && l->route_id == r->id)
+			return l;
+	}
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	l = palloc0(sizeof(LocalLimit));
+	l->dbid = MyDatabaseId;
+	l->route_id = r->id;
+	l->tokens = r->burst;
+	l->stamp = resilience_clock_ns();
+	local_limits = lappend(local_limits, l);
+	MemoryContextSwitchTo(old);
+	return l;
+}
+
+/* Take one token of the route's bucket; false if there is none now. */
+static bool
+take_token(OutboxRoute *r)
+{
+	LocalLimit *l;
+	int64		now;
+	char		name[LIMIT_NAME_LEN];
+
+	if (r->rate <= 0)
+		return true;
+	if (resilience_preloaded)
+	{
+		limit_name(r, name);
+		return rate_limit_take_internal(name, strlen(name), r->burst, r->rate);
+	}
+	l = local_limit(r);
+	now = resilience_clock_ns();
+	l->tokens = Min(l->tokens + (now - l->stamp) * r->rate / 1e9, (double) r->burst);
+	l->stamp = now;
+	if (l->tokens < 1)
+		return false;
+	l->tokens -= 1;
+	return true;
+}
+
+/* Take an in-flight permit of the item's route; false if all are taken. */
+static bool
+take_permit(Transfer *t)
+{
+	OutboxRoute *r = t->item->route;
+	bool		ok;
+	char		name[LIMIT_NAME_LEN];
+
+	if (r->max_in_flight <= 0)
+		return true;
+	if (resilience_preloaded)
+		ok = bulkhead_try_acquire_internal(limit_name(r, name), r->max_in_flight);
+	else
+	{
+		LocalLimit *l = local_limit(r);
+
+		ok = l->in_flight < r->max_in_flight;
+		if (ok)
+			l->in_flight++;
+	}
+	t->permit = ok;
+	return ok;
+}
+
+static void
+give_permit(Transfer *t)
+{
+	char		name[LIMIT_NAME_LEN];
+
+	if (!t->permit)
+		return;
+	t->permit = false;
+	if (resilience_preloaded)
+		bulkhead_release_internal(limit_name(t->item->route, name));
+	else
+		local_limit(t->item->route)->in_flight--;
+}
+
+/*
+ * May t start now as far as its route's limits go?  A token is taken only
+ * once the permit is held, so a request that waits for a permit does not
+ * spend the route's rate.
+ */
+static bool
+route_limits_allow(Transfer *t)
+{
+	if (!take_permit(t))
+		return false;
+	if (!take_token(t->item->route))
+	{
+		give_permit(t);
+		return false;
+	}
+	return true;
+}
+
 /* ---- requests ---- */
 
 static void
@@ -459,13 +516,13 @@ start_transfer(Transfer *t, const OutboxAddressPolicy *policy)
 	OutboxItem *item = t->item;
 	OutboxRoute *r = item->route;
 	char	   *dest;
-	const char *problem = outbox_destination_allowed(r->target, &dest);
+	const char *problem = http_check_target(r->target, &dest);
 	List	   *event_headers = NIL;
 	ListCell   *lc;
 
 	if (problem == NULL && r->proxy != NULL)
 	{
-		problem = outbox_destination_allowed(r->proxy, &dest);
+		problem = http_check_target(r->proxy, &dest);
 		if (problem)
 			problem = psprintf("option \"proxy\": %s", problem);
 	}
@@ -488,6 +545,8 @@ start_transfer(Transfer *t, const OutboxAddressPolicy *policy)
 		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
 	foreach(lc, r->headers)
 		t->headers = curl_slist_append(t->headers, (char *) lfirst(lc));
+	if (r->nsigning_keys > 0)
+		t->headers = sign_item(item, t->headers);
 
 	if (t->easy == NULL)
 		t->easy = curl_easy_init();
@@ -562,6 +621,7 @@ finish_transfer(Transfer *t, CURLcode result)
 	curl_multi_remove_handle(multi, t->easy);
 	curl_slist_free_all(t->headers);
 	t->headers = NULL;
+	give_permit(t);
 }
 
 /* Mark the rest of a chain not tried. */
@@ -590,6 +650,7 @@ abandon(Transfer *transfers, int n)
 			t->item->outcome = OUTCOME_NOT_TRIED;
 			relay_item_done(t->item);
 		}
+		give_permit(t);
 		if (t->easy)
 			curl_easy_cleanup(t->easy);
 		t->easy = NULL;
@@ -600,12 +661,15 @@ abandon(Transfer *transfers, int n)
  * Deliver items (route sink http, in seq order per route) with no
  * transaction open; sets each item's outcome.
  */
-void
+static void
 http_deliver(List *items)
 {
 	int			n = list_length(items);
 	Transfer   *transfers = palloc0(sizeof(Transfer) * n);
 	Transfer  **ready = palloc(sizeof(Transfer *) * n);
+	Transfer  **held = palloc(sizeof(Transfer *) * n);
+	int			nheld = 0;
+	int			nheld_now;
 	int			nready = 0;
 	int			next_ready = 0;
 	int			running = 0;
@@ -661,6 +725,27 @@ http_deliver(List *items)
 			CURLMsg    *msg;
 			int			left;
 
+			/* requests held back by their route's limits go first */
+			nheld_now = nheld;
+			nheld = 0;
+			for (i = 0; i < nheld_now; i++)
+			{
+				Transfer   *t = held[i];
+
+				if (running < parallelism && route_limits_allow(t))
+				{
+					if (start_transfer(t, policy))
+						running++;
+					else
+					{
+						give_permit(t);
+						relay_item_done(t->item);
+						skip_chain(t->next_in_chain);
+					}
+				}
+				else
+					held[nheld++] = t;
+			}
 			while (running < parallelism && next_ready < nready && !worker_stop_requested())
 			{
 				Transfer   *t = ready[next_ready++];
@@ -670,16 +755,35 @@ http_deliver(List *items)
 					skip_chain(t);
 					continue;
 				}
+				if (!route_limits_allow(t))
+				{
+					held[nheld++] = t;
+					continue;
+				}
 				if (start_transfer(t, policy))
 					running++;
 				else
 				{
+					give_permit(t);
 					relay_item_done(t->item);
 					skip_chain(t->next_in_chain);
 				}
 			}
-			if (running == 0)
+			if (running == 0 && nheld == 0)
 				break;
+			if (running == 0)
+			{
+				/* only held-back requests: wait a little for a token or permit */
+				if (worker_stop_requested())
+				{
+					for (i = 0; i < nheld; i++)
+						skip_chain(held[i]);
+					break;
+				}
+				(void) curl_multi_poll(multi, NULL, 0, HOLD_MS, NULL);
+				CHECK_FOR_INTERRUPTS();
+				continue;
+			}
 			curl_multi_perform(multi, &still);
 			while ((msg = curl_multi_info_read(multi, &left)) != NULL)
 			{
@@ -703,7 +807,7 @@ http_deliver(List *items)
 				break;
 			}
 			if (running > 0)
-				curl_multi_poll(multi, NULL, 0, POLL_MS, NULL);
+				curl_multi_poll(multi, NULL, 0, nheld > 0 ? HOLD_MS : POLL_MS, NULL);
 			CHECK_FOR_INTERRUPTS();
 		}
 	}
@@ -715,3 +819,71 @@ http_deliver(List *items)
 	PG_END_TRY();
 	abandon(transfers, n);
 }
+
+/* ---- route options ---- */
+
+static bool
+http_parse_option(OutboxRoute *r, const char *name, JsonbValue *v, bool validate)
+{
+	if (strcmp(name, "headers") == 0)
+		r->headers = outbox_parse_headers(v, "option \"headers\"");
+	else if (strcmp(name, "signing_secret") == 0)
+		parse_signing_secret(r, v);
+	else if (strcmp(name, "rate") == 0)
+	{
+		if (v->type != jbvNumeric)
+			outbox_route_error("option \"rate\" must be a number (requests per second)", NULL, NULL);
+		r->rate = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+		if (!(r->rate > 0 && r->rate <= 1000000))
+			outbox_route_error("option \"rate\" must be greater than 0 and at most 1000000 (requests per second)",
+							   NULL, "Leave it out for no limit.");
+		if (r->burst == 0)
+			r->burst = Max((int) ceil(r->rate), 1);
+	}
+	else if (strcmp(name, "burst") == 0)
+		r->burst = outbox_option_int(v, name, 1, 1000000);
+	else if (strcmp(name, "max_in_flight") == 0)
+	{
+		r->max_in_flight = outbox_option_int(v, name, 1, 10000);
+		if (validate &&
+			!DatumGetBool(DirectFunctionCall2(numeric_eq, NumericGetDatum(v->val.numeric),
+											  DirectFunctionCall1(int4_numeric, Int32GetDatum(r->max_in_flight)))))
+			outbox_route_error("option \"max_in_flight\" must be a whole number", NULL, NULL);
+	}
+	else if (strcmp(name, "proxy") == 0)
+	{
+		char	   *dest;
+		const char *problem;
+
+		r->proxy = outbox_option_string(v, name);
+		problem = http_check_target(r->proxy, &dest);
+		if (problem && validate)
+			outbox_route_error(psprintf("option \"proxy\": %s", problem),
+							   psprintf("The proxy is %s.", outbox_redact_target(r->proxy)),
+							   "A proxy is an http:// or https:// URL; its host must be allowed like a target's.");
+	}
+	else
+		return false;
+	return true;
+}
+
+static void
+http_check_options(OutboxRoute *r)
+{
+	if (r->burst > 0 && r->rate == 0)
+		outbox_route_error("option \"burst\" needs option \"rate\"", NULL,
+						   "For example {\"rate\": 50, \"burst\": 10}: 50 requests per second, at most 10 at once after a pause.");
+}
+
+const OutboxSinkOps outbox_sink_http = {
+	.name = "http",
+	.push = true,
+	.default_payload = PAYLOAD_OBJECT_OR_ARRAY,
+	.check_target = http_check_target,
+	.target_hint = "Targets are http:// or https:// URLs; hosts other than loopback must be "
+	"listed in resilience.outbox_allowed_hosts.",
+	.parse_option = http_parse_option,
+	.options_hint = "headers, proxy, signing_secret, rate, burst, max_in_flight",
+	.check_options = http_check_options,
+	.deliver = http_deliver,
+};

@@ -20,6 +20,7 @@
 #include "outbox.h"
 
 #include "commands/async.h"
+#include "miscadmin.h"
 #include "lib/stringinfo.h"
 #include "utils/json.h"
 
@@ -48,7 +49,7 @@ envelope(OutboxItem *item, bool whole)
 }
 
 /* Queue a NOTIFY for each item (sent at commit); all count as delivered. */
-void
+static void
 notify_deliver(List *items)
 {
 	ListCell   *lc;
@@ -67,3 +68,22 @@ notify_deliver(List *items)
 		item->outcome = OUTCOME_DELIVERED;
 	}
 }
+
+/* A notify target is a channel name. */
+static const char *
+notify_check_target(const char *target, char **destination)
+{
+	*destination = NULL;
+	if (strlen(target) >= NAMEDATALEN)
+		return "a notify target (channel name) must be shorter than 64 bytes";
+	return NULL;
+}
+
+const OutboxSinkOps outbox_sink_notify = {
+	.name = "notify",
+	.push = true,
+	.in_claim = true,
+	.default_payload = PAYLOAD_ANY,
+	.check_target = notify_check_target,
+	.deliver = notify_deliver,
+};

@@ -7,8 +7,9 @@
 # Every POST is answered (200 unless told otherwise) and, with --log, recorded
 # as one tab-separated line:
 #   epoch-ms  status  idempotency-key  path  content-type  x-headers  body
-# (x-headers: the request's X-*, Authorization, Cookie and Proxy-Authorization
-# headers as name=value joined by '&'; a repeated header's values joined by '|').
+# (x-headers: the request's X-*, webhook-*, Authorization, Cookie,
+# Proxy-Authorization, traceparent and tracestate headers as name=value
+# joined by '&'; a repeated header's values joined by '|').
 #
 # It is told what to do by GET /_control?... (answered 200 "ok"):
 #   mode=ok                         answer 200 again
@@ -151,7 +152,7 @@ sub handle_request
 	$failed++ if $status != 200;
 	if ($log)
 	{
-		my $x = join('&', map { "$_=$headers->{$_}" } sort grep { /^x-/ || /^(authorization|cookie|proxy-authorization)$/ } keys %$headers);
+		my $x = join('&', map { "$_=$headers->{$_}" } sort grep { /^(x|webhook)-/ || /^(authorization|cookie|proxy-authorization|traceparent|tracestate)$/ } keys %$headers);
 		(my $flat = $body) =~ s/[\t\n]/ /g;
 		printf $log "%.3f\t%d\t%s\t%s\t%s\t%s\t%s\n", time * 1000, $status,
 		  $headers->{'idempotency-key'} // '', $path, $headers->{'content-type'} // '', $x, $flat;

@@ -2,7 +2,8 @@
 # a private node on loopback) with publisher confirms, read back by a
 # consumer (test/amqp_consumer.py):
 #  - message properties: message id = event id, type = topic, persistent,
-#    content type, headers from the event, routing key from the template;
+#    content type, headers from the event (W3C trace context included),
+#    routing key from the template;
 #  - woken on commit (the safety poll is an hour here);
 #  - 10,000 events on 20 keys from 4 producers: all arrive, per key in
 #    commit order, each under its own event id, over the one connection
@@ -84,7 +85,8 @@ sub route_of
 # --- one event: properties, headers, body; woken on commit ---
 my $t0 = time;
 my $id = $node->safe_psql('postgres',
-	q{SELECT resilience.outbox_publish('orders.created', '{"m": "basic", "n": 1}', 'o-1', '{"X-Trace": "t-1"}')});
+	q{SELECT resilience.outbox_publish('orders.created', '{"m": "basic", "n": 1}', 'o-1', '{"X-Trace": "t-1"}',
+	    traceparent => '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', tracestate => 'congo=t61rcWkgMzE')});
 ok($orders->wait_for(sub { grep { $_->{body} =~ /"basic"/ } @{ $_[0] } }, 10), 'a published event arrives');
 my $latency = time - $t0;
 ok($latency < 5, sprintf('woken on commit: arrived in %.3f s with a one-hour safety poll', $latency));
@@ -98,6 +100,9 @@ is($m->{content_type}, 'application/json', 'content type application/json');
 is($m->{delivery_mode}, 2, 'persistent delivery mode');
 is($m->{app_id}, 'resilience', 'app id');
 is($m->{headers}{'X-Trace'}, 't-1', 'the event headers are message headers');
+is($m->{headers}{traceparent}, '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01',
+	'the trace context is in the message headers: traceparent');
+is($m->{headers}{tracestate}, 'congo=t61rcWkgMzE', 'and tracestate');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM resilience.outbox}), '0',
 	'a confirmed event leaves the outbox');
 
