@@ -1659,3 +1659,9 @@ COMMENT ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) I
 'Claim up to batch events of consumer''s queue routes for visibility: no other consumer gets them meanwhile; one event per key at a time, in commit order; with wait, sleeps until one commits (at most wait) when there is none';
 REVOKE ALL ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience.outbox_claim(text, integer, interval, interval) TO resilience_user;
+
+-- A saga carries the trace context (resilience.traceparent, tracestate) of
+-- the transaction that started it to the commands it publishes (docs/sagas.md).
+ALTER TABLE resilience.sagas ADD COLUMN trace_context jsonb;
+COMMENT ON COLUMN resilience.sagas.trace_context IS
+'The W3C traceparent/tracestate of the transaction that started the saga (NULL: none); sent as headers of its commands';

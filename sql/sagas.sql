@@ -389,6 +389,20 @@ SELECT (detail ->> 'outbox_event_id')::bigint =
 SELECT resilience.saga_step_completed(:published, 'charge', '{}');
 CALL trip.settle(:published);
 SELECT state FROM resilience.sagas WHERE id = :published;
+-- the trace context of the transaction that started the saga travels with
+-- its commands (docs/outbox.md, "Trace context")
+BEGIN;
+SET LOCAL resilience.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+SET LOCAL resilience.tracestate = 'rojo=00f067aa0ba902b7';
+SELECT resilience.saga_start('pay', '{"amount": 60}') AS traced \gset
+COMMIT;
+SELECT resilience.saga_tick();   -- reserve
+SELECT resilience.saga_tick();   -- the command
+SELECT headers ->> 'traceparent' AS traceparent, headers ->> 'tracestate' AS tracestate
+  FROM resilience.outbox_claim('trip-payments', 100, '1 minute') WHERE key = 'saga:' || :'traced';
+SELECT resilience.saga_step_completed(:traced, 'charge', '{}');
+CALL trip.settle(:traced);
+SELECT state, trace_context IS NOT NULL AS traced FROM resilience.sagas WHERE id = :traced;
 DELETE FROM resilience.outbox_routes WHERE target = 'trip-payments';
 
 ------------------------------------------------------------------------------

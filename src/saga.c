@@ -1457,6 +1457,8 @@ attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retry
 	saga_write(s);
 }
 
+static void add_trace_context(int64 id, JsonBuf *headers);
+
 /*
  * The oid of resilience.outbox_publish, if it exists (by name: it gains
  * arguments with defaults, and is called by name with four).
@@ -1554,6 +1556,7 @@ send_command(Saga *s, bool compensation)
 	jb_str(&headers, "Saga-Command", command);
 	jb_str(&headers, "Saga-Attempt", attempt_str);
 	jb_str(&headers, "Saga-Idempotency-Key", key);
+	add_trace_context(s->id, &headers);
 
 	if (OidIsValid(outbox_publish_function()))
 	{
@@ -2205,6 +2208,7 @@ saga_define(PG_FUNCTION_ARGS)
 }
 
 static void saga_set_owner_role(int64 id, Oid role);
+static void saga_set_trace_context(int64 id, const char *traceparent, const char *tracestate);
 
 /*
  * saga_start(name, payload, idempotency_key) → saga id.  The saga exists if
@@ -2226,6 +2230,8 @@ saga_start(PG_FUNCTION_ARGS)
 	int64		id;
 	TimestampTz now = GetCurrentTimestamp();
 	ResilienceUser save;
+	char	   *traceparent;
+	char	   *tracestate;
 
 	require_arg(fcinfo, 1, "payload");
 	payload = PG_GETARG_JSONB_P(1);
@@ -2237,6 +2243,9 @@ saga_start(PG_FUNCTION_ARGS)
 				 errhint("Pass '{}' for an empty payload.")));
 	if (!PG_ARGISNULL(2))
 		key = text_arg(fcinfo, 2, "idempotency_key", KEY_MAX);
+	/* the caller's trace, for the commands the saga will publish */
+	traceparent = pstrdup(resilience_traceparent ? resilience_traceparent : "");
+	tracestate = pstrdup(resilience_tracestate ? resilience_tracestate : "");
 
 	SPI_connect();
 	resilience_become_owner(true, &save);
@@ -2263,6 +2272,8 @@ saga_start(PG_FUNCTION_ARGS)
 		id = DatumGetInt64(column(0, 1, &null));
 		if (tenants_enabled())
 			saga_set_owner_role(id, save.userid);
+		if (traceparent[0] != '\0')
+			saga_set_trace_context(id, traceparent, tracestate);
 		memset(&s, 0, sizeof(s));
 		s.id = id;
 		s.state = SAGA_RUNNING;
@@ -2358,6 +2369,51 @@ saga_set_owner_role(int64 id, Oid role)
 							  " WHERE id OPERATOR(pg_catalog.=) $1",
 							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "recording the owner of saga " INT64_FORMAT " failed", id);
+}
+
+/*
+ * The trace context (resilience.traceparent and tracestate) of the
+ * transaction that started saga id, kept for its commands (send_command).
+ */
+static void
+saga_set_trace_context(int64 id, const char *traceparent, const char *tracestate)
+{
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', tracestate[0] ? ' ' : 'n'};
+
+	values[0] = Int64GetDatum(id);
+	values[1] = CStringGetTextDatum(traceparent);
+	values[2] = CStringGetTextDatum(tracestate);
+	if (SPI_execute_with_args("UPDATE resilience.sagas SET trace_context ="
+							  " pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object("
+							  "'traceparent', $2, 'tracestate', $3))"
+							  " WHERE id OPERATOR(pg_catalog.=) $1",
+							  3, types, values, nulls, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "recording the trace context of saga " INT64_FORMAT " failed", id);
+}
+
+/* Add the trace context saga id was started in (if any) to headers. */
+static void
+add_trace_context(int64 id, JsonBuf *headers)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	bool		isnull;
+	const char *names[2] = {"traceparent", "tracestate"};
+
+	values[0] = Int64GetDatum(id);
+	if (SPI_execute_with_args("SELECT trace_context ->> 'traceparent', trace_context ->> 'tracestate'"
+							  " FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) $1",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "reading the trace context of saga " INT64_FORMAT " failed", id);
+	for (int i = 0; i < 2; i++)
+	{
+		Datum		d = column(0, i + 1, &isnull);
+
+		if (!isnull)
+			jb_str(headers, names[i], TextDatumGetCString(d));
+	}
 }
 
 /*

@@ -124,7 +124,7 @@ sub contents
 			"$_: "
 			  . $node->safe_psql($db,
 				qq{SELECT coalesce(string_agg(j, ' | ' ORDER BY j), '')
-				     FROM (SELECT (to_jsonb(t) - 'released_at' - 'owner_role' - 'search_path')::text AS j FROM resilience.$_ t) x})
+				     FROM (SELECT (to_jsonb(t) - 'released_at' - 'owner_role' - 'search_path' - 'trace_context')::text AS j FROM resilience.$_ t) x})
 		} @tables);
 }
 my $rows_before = contents('upg');
