@@ -47,7 +47,7 @@ REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempo
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
-	outbox_order outbox_consumers events_append quota_race
+	outbox_order outbox_consumers events_append quota_race quota_policy_cache
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.
