@@ -60,6 +60,12 @@
  * could not hold every row, new keys are refused (resilience.quota_when_full
  * decides how) rather than risk a second row for a key.
  *
+ * Named policies (resilience.quota_policies: limit, period, tz) are read
+ * by SPI once per backend and cached like rate-limit policies; a statement
+ * trigger on the table invalidates every backend's cache at commit, and a
+ * row trigger refuses rows that the functions' argument checks would
+ * refuse.  A key under a policy is its own row (column policy).
+ *
  * So a call on an existing key is: a hash lookup under a partition lock in
  * shared mode, one buffer lock, a check, a generic WAL record of a few
  * dozen bytes, the unlock.
@@ -1246,7 +1252,7 @@ typedef struct QuotaPolicy
 static HTAB *quota_policy_cache = NULL;
 static Oid	quota_policy_relid = InvalidOid;
 
-/* A policy name, not NULL, 1 to NAMEDATALEN - 1 bytes (22004, 22023). */
+/* A policy name of 1 to NAMEDATALEN - 1 bytes into buf (22023). */
 static void
 quota_policy_name(text *name, char *buf)
 {
