@@ -51,7 +51,7 @@ ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempot
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
 	outbox_order outbox_consumers events_append \
-	schedule_run_once quota_race saga_signal_race outbox_order outbox_consumers events_append outbox_longpoll
+	schedule_run_once quota_race saga_signal_race outbox_longpoll quota_policy_cache
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

@@ -871,6 +871,80 @@ GRANT EXECUTE ON FUNCTION resilience.quota_set(text, bigint, text, text),
     resilience.quota_reset(text) TO resilience_admin;
 GRANT SELECT ON resilience.quota_usage, resilience.quotas TO resilience_admin;
 
+-- Issue 19: named quota policies (src/quota.c, docs/quotas.md)
+-- A policy names a limit, a period and a time zone, so that tiers live in
+-- data.  Rows are validated by a trigger with the functions' own checks
+-- (22004/22023, nothing stored); each backend caches the rows it used and
+-- drops them when the table changes (the rate-limit policies' trigger
+-- function is generic: it invalidates the relation it fires on).
+CREATE TABLE resilience.quota_policies (
+    name text PRIMARY KEY
+        CHECK (length(name) BETWEEN 1 AND 63),
+    "limit" bigint NOT NULL
+        CHECK ("limit" > 0),
+    period text NOT NULL,
+    tz text NOT NULL DEFAULT 'UTC',
+    description text
+);
+COMMENT ON TABLE resilience.quota_policies IS
+'Named quotas: limit per period (hour, day, week, month, year in tz, or a rolling interval)';
+SELECT pg_catalog.pg_extension_config_dump('resilience.quota_policies', '');
+
+CREATE FUNCTION resilience._quota_policy_check()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'quota_policy_check'
+LANGUAGE C;
+COMMENT ON FUNCTION resilience._quota_policy_check() IS
+'Internal (trigger on quota_policies): refuses a row the quota functions would refuse';
+CREATE TRIGGER quota_policy_check
+    BEFORE INSERT OR UPDATE ON resilience.quota_policies
+    FOR EACH ROW EXECUTE FUNCTION resilience._quota_policy_check();
+CREATE TRIGGER quota_policies_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON resilience.quota_policies
+    FOR EACH STATEMENT EXECUTE FUNCTION resilience._rate_limit_policies_changed();
+
+CREATE FUNCTION resilience.quota(key text, policy text, cost bigint DEFAULT 1)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota_policy'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota(text, text, bigint) IS
+'quota under a named policy of resilience.quota_policies';
+
+CREATE FUNCTION resilience.quota_check(key text, policy text, cost bigint DEFAULT 1,
+    OUT allowed boolean, OUT used bigint, OUT remaining bigint, OUT resets_at timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'quota_policy_check_decide'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_check(text, text, bigint) IS
+'quota_check under a named policy of resilience.quota_policies';
+
+CREATE FUNCTION resilience.quota_set(key text, policy text, used bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota_policy_set'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_set(text, text, bigint) IS
+'Admin: set key''s usage under policy (creating the key in the policy''s current period); true if the key existed';
+
+CREATE FUNCTION resilience.quota_reset(key text, policy text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'quota_policy_reset'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience.quota_reset(text, text) IS
+'Admin: usage of key under policy back to 0 for its current period; true if the key exists';
+
+REVOKE ALL ON FUNCTION resilience.quota(text, text, bigint),
+    resilience.quota_check(text, text, bigint),
+    resilience.quota_set(text, text, bigint),
+    resilience.quota_reset(text, text),
+    resilience._quota_policy_check() FROM PUBLIC;
+REVOKE ALL ON resilience.quota_policies FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION resilience.quota(text, text, bigint),
+    resilience.quota_check(text, text, bigint) TO resilience_user;
+GRANT EXECUTE ON FUNCTION resilience.quota_set(text, text, bigint),
+    resilience.quota_reset(text, text) TO resilience_admin;
+GRANT SELECT ON resilience.quota_policies TO resilience_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON resilience.quota_policies TO resilience_admin;
+
 ------------------------------------------------------------------------------
 -- Issue 16: sagas that wait and fan out
 ------------------------------------------------------------------------------

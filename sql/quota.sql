@@ -72,5 +72,27 @@ UPDATE resilience.quota_usage SET used = 0 WHERE key = 'q:a';
 DELETE FROM resilience.quota_usage WHERE key = 'q:a';
 SELECT key, used, "limit", remaining FROM resilience.quotas WHERE key LIKE 'q:%' ORDER BY key;
 
+-- Named policies: limit, period and time zone live in a table.
+INSERT INTO resilience.quota_policies (name, "limit", period, tz, description)
+VALUES ('free', 2, 'day', 'Asia/Tokyo', 'free tier'), ('roll', 3, '10 minutes', 'UTC', NULL);
+SELECT resilience.quota('q:p', 'free'), resilience.quota('q:p', 'free'), resilience.quota('q:p', 'free');
+SELECT allowed, used, remaining, resets_at = date_trunc('day', now() AT TIME ZONE 'Asia/Tokyo') AT TIME ZONE 'Asia/Tokyo' + interval '1 day' AS tokyo_midnight
+  FROM resilience.quota_check('q:p', 'free', 0);
+-- a key under a policy is not the same key without one
+SELECT resilience.quota('q:p', 2, 'day');
+SELECT key, policy, used, "limit" FROM resilience.quotas WHERE key = 'q:p' ORDER BY policy;
+SELECT allowed, used, remaining FROM resilience.quota_check('q:p', 'roll', 2);
+-- a change of the policy is seen by the next call (the cache is dropped at commit)
+UPDATE resilience.quota_policies SET "limit" = 4 WHERE name = 'free';
+SELECT resilience.quota('q:p', 'free', 2);
+SELECT used, "limit" FROM resilience.quotas WHERE key = 'q:p' AND policy = 'free';
+SELECT resilience.quota_set('q:p', 'free', 1);
+SELECT resilience.quota_set('q:p2', 'free', 3);
+SELECT used, "limit" FROM resilience.quotas WHERE key = 'q:p2' AND policy = 'free';
+SELECT resilience.quota_reset('q:p', 'free'), resilience.quota_reset('q:p', 'nosuch');
+SELECT used FROM resilience.quotas WHERE key = 'q:p' AND policy = 'free';
+DELETE FROM resilience.quota_policies WHERE name = 'roll';
+SELECT sqlstate_of($$SELECT resilience.quota('q:p', 'roll')$$);
+
 -- Decisions are counted.
 SELECT resilience.metrics() ~ 'resilience_quota_decisions_total\{[^}]*decision="allowed"' AS counted;

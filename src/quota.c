@@ -60,6 +60,12 @@
  * could not hold every row, new keys are refused (resilience.quota_when_full
  * decides how) rather than risk a second row for a key.
  *
+ * Named policies (resilience.quota_policies: limit, period, tz) are read
+ * by SPI once per backend and cached like rate-limit policies; a statement
+ * trigger on the table invalidates every backend's cache at commit, and a
+ * row trigger refuses rows that the functions' argument checks would
+ * refuse.  A key under a policy is its own row (column policy).
+ *
  * So a call on an existing key is: a hash lookup under a partition lock in
  * shared mode, one buffer lock, a check, a generic WAL record of a few
  * dozen bytes, the unlock.
@@ -103,8 +109,10 @@
 #include "access/tupmacs.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "replication/syncrep.h"
@@ -115,7 +123,9 @@
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -226,7 +236,7 @@ typedef struct QuotaRequest
 	int			policylen;
 	const char *key;
 	int			keylen;
-	int64		limit;			/* CONSUME */
+	int64		limit;			/* CONSUME; SET under a policy (else 0) */
 	int64		amount;			/* CONSUME: the cost; SET: the new usage */
 	QuotaPeriod *period;		/* SET: NULL keeps the key's period */
 	bool		create;			/* may add the key */
@@ -240,6 +250,8 @@ typedef struct QuotaResult
 	bool		existed;
 	int64		used;
 	TimestampTz resets_at;		/* DT_NOBEGIN: none */
+	int64		limit;			/* the request's (set by quota_decide) */
+	int64		cost;
 } QuotaResult;
 
 typedef enum QuotaLookup
@@ -263,6 +275,11 @@ PG_FUNCTION_INFO_V1(quota_check);
 PG_FUNCTION_INFO_V1(quota_set);
 PG_FUNCTION_INFO_V1(quota_reset);
 PG_FUNCTION_INFO_V1(quota_usage_guard);
+PG_FUNCTION_INFO_V1(quota_policy);
+PG_FUNCTION_INFO_V1(quota_policy_check_decide);
+PG_FUNCTION_INFO_V1(quota_policy_set);
+PG_FUNCTION_INFO_V1(quota_policy_reset);
+PG_FUNCTION_INFO_V1(quota_policy_check);
 
 /* ---- settings and shared memory ---- */
 
@@ -730,6 +747,8 @@ quota_next_state(const QuotaRequest *req, const QuotaRow *old, QuotaRow *new)
 			new->period_start = req->period->start;
 			new->period_end = req->period->end;
 		}
+		if (req->limit > 0)		/* under a policy: its limit is known */
+			new->quota_limit = req->limit;
 		new->used = req->amount;
 		return true;
 	}
@@ -1101,25 +1120,18 @@ quota_cache_period(const char *str, text *tz, const QuotaPeriod *period)
 }
 
 /*
- * The period argument at argno (and the time zone at tzargno) as the period
- * a count starting at now falls in.  22004 for NULLs, 22023 for an unknown
- * unit, a bad interval or an unknown time zone; nothing is changed yet.
+ * The period str in time zone tz as the period a count starting at now
+ * falls in.  22023 for an unknown unit, a bad interval or an unknown time
+ * zone; nothing is changed yet.
  */
 static void
-quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz now,
-				 QuotaPeriod *period)
+quota_period(char *str, text *tz, TimestampTz now, QuotaPeriod *period)
 {
-	text	   *arg = resilience_arg_text(fcinfo, argno, "period");
-	text	   *tz = resilience_arg_text(fcinfo, tzargno, "tz");
-	char	   *str = text_to_cstring(arg);
 	Timestamp	local;
 	int			i;
 
 	if (quota_cached_period(str, tz, now, period))
-	{
-		pfree(str);
 		return;
-	}
 	/* the time zone is checked whatever the period (22023 if unknown) */
 	local = DatumGetTimestamp(DirectFunctionCall2(timestamptz_zone, PointerGetDatum(tz),
 												  TimestampTzGetDatum(now)));
@@ -1185,6 +1197,18 @@ quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz no
 		period->end = now + period->span;
 	}
 	quota_cache_period(str, tz, period);
+}
+
+/* The period and time zone arguments at argno and tzargno (see quota_period). */
+static void
+quota_arg_period(FunctionCallInfo fcinfo, int argno, int tzargno, TimestampTz now,
+				 QuotaPeriod *period)
+{
+	text	   *arg = resilience_arg_text(fcinfo, argno, "period");
+	text	   *tz = resilience_arg_text(fcinfo, tzargno, "tz");
+	char	   *str = text_to_cstring(arg);
+
+	quota_period(str, tz, now, period);
 	pfree(str);
 }
 
@@ -1208,12 +1232,218 @@ quota_arg_cost(FunctionCallInfo fcinfo, int argno, int64 limit)
 	return cost;
 }
 
+/* ---- named policies ---- */
+
+#define QUOTA_POLICY_TEXT 64	/* period and tz of a policy: shorter than this */
+
+/* A row of resilience.quota_policies, cached per backend. */
+typedef struct QuotaPolicy
+{
+	char		name[NAMEDATALEN];	/* hash key */
+	int64		limit;
+	char		period[QUOTA_POLICY_TEXT];
+	union
+	{
+		char		data[VARHDRSZ + QUOTA_POLICY_TEXT];
+		int32		align;
+	}			tz;				/* a text datum */
+} QuotaPolicy;
+
+static HTAB *quota_policy_cache = NULL;
+static Oid	quota_policy_relid = InvalidOid;
+
+/* A policy name of 1 to NAMEDATALEN - 1 bytes into buf (22023). */
+static void
+quota_policy_name(text *name, char *buf)
+{
+	int			len = VARSIZE_ANY_EXHDR(name);
+
+	if (len == 0 || len >= NAMEDATALEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quota policy name must be 1 to %d bytes long", NAMEDATALEN - 1)));
+	memcpy(buf, VARDATA_ANY(name), len);
+	buf[len] = '\0';
+}
+
 /*
- * quota(key, limit, period, cost, tz) and quota_check: arguments 0 to 4,
- * every one checked before anything is looked at or changed.
+ * Check a policy's limit, period and time zone the way quota's arguments
+ * are checked, and store them into policy (22004, 22023).
  */
 static void
-quota_decide(FunctionCallInfo fcinfo, QuotaResult *res)
+quota_policy_fill(QuotaPolicy *policy, bool limitnull, int64 limit,
+				  text *period, text *tz)
+{
+	QuotaPeriod p;
+	int			plen;
+	int			tzlen;
+
+	if (limitnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("limit must not be null")));
+	if (limit <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("limit must be positive"),
+				 errdetail("limit is " INT64_FORMAT ".", limit)));
+	if (period == NULL || tz == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", period == NULL ? "period" : "tz")));
+	plen = VARSIZE_ANY_EXHDR(period);
+	tzlen = VARSIZE_ANY_EXHDR(tz);
+	if (plen >= QUOTA_POLICY_TEXT || tzlen >= QUOTA_POLICY_TEXT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a quota policy's %s must be shorter than %d bytes",
+						plen >= QUOTA_POLICY_TEXT ? "period" : "tz", QUOTA_POLICY_TEXT)));
+	policy->limit = limit;
+	memcpy(policy->period, VARDATA_ANY(period), plen);
+	policy->period[plen] = '\0';
+	SET_VARSIZE(policy->tz.data, VARHDRSZ + tzlen);
+	memcpy(VARDATA(policy->tz.data), VARDATA_ANY(tz), tzlen);
+	quota_period(policy->period, (text *) policy->tz.data, GetCurrentTimestamp(), &p);
+}
+
+static void
+quota_policy_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == quota_policy_relid)
+	{
+		if (quota_policy_cache)
+			hash_destroy(quota_policy_cache);
+		quota_policy_cache = NULL;
+		quota_policy_relid = InvalidOid;
+	}
+}
+
+/*
+ * The policy named by argument argno: this backend's cache first, the
+ * table on a miss (42704 if there is no such row).  A change committed
+ * after the read sends an invalidation that empties the cache again.
+ */
+static QuotaPolicy *
+quota_policy_lookup(FunctionCallInfo fcinfo, int argno)
+{
+	static bool callback_registered = false;
+	text	   *name_text = resilience_arg_text(fcinfo, argno, "policy");
+	char		name[NAMEDATALEN];
+	QuotaPolicy fetched;
+	QuotaPolicy *entry;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {PointerGetDatum(name_text)};
+	bool		limitnull;
+	bool		isnull;
+	Datum		d;
+	int			ret;
+
+	quota_policy_name(name_text, name);
+	if (quota_policy_cache &&
+		(entry = hash_search(quota_policy_cache, name, HASH_FIND, NULL)) != NULL)
+		return entry;
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(quota_policy_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
+
+	SPI_connect();
+	ret = SPI_execute_with_args("SELECT \"limit\", period, tz FROM resilience.quota_policies "
+								"WHERE name OPERATOR(pg_catalog.=) $1",
+								1, argtypes, values, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read resilience.quota_policies: %s",
+			 SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("quota policy \"%s\" does not exist", name),
+				 errhint("Policies are rows of resilience.quota_policies.")));
+	memset(&fetched, 0, sizeof(fetched));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &limitnull);
+	fetched.limit = limitnull ? 0 : DatumGetInt64(d);
+	{
+		Datum		period = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		text	   *p = isnull ? NULL : DatumGetTextPP(period);
+		Datum		tz = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull);
+		text	   *t = isnull ? NULL : DatumGetTextPP(tz);
+
+		/* rows are checked on write; this catches a row written past the trigger */
+		quota_policy_fill(&fetched, limitnull, fetched.limit, p, t);
+	}
+	SPI_finish();
+
+	/* only now: an invalidation processed during the query reset the relid */
+	quota_policy_relid = get_relname_relid("quota_policies",
+										   get_namespace_oid("resilience", false));
+	if (quota_policy_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = NAMEDATALEN;
+		ctl.entrysize = sizeof(QuotaPolicy);
+		ctl.hcxt = CacheMemoryContext;
+		quota_policy_cache = hash_create("resilience quota policies", 16, &ctl,
+										 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	}
+	entry = hash_search(quota_policy_cache, name, HASH_ENTER, NULL);
+	entry->limit = fetched.limit;
+	memcpy(entry->period, fetched.period, sizeof(entry->period));
+	memcpy(&entry->tz, &fetched.tz, sizeof(entry->tz));
+	return entry;
+}
+
+/* A text column of the trigger's new row, or NULL. */
+static text *
+quota_policy_column(HeapTuple tuple, TupleDesc desc, const char *column)
+{
+	bool		isnull;
+	Datum		d = heap_getattr(tuple, SPI_fnumber(desc, column), desc, &isnull);
+
+	return isnull ? NULL : DatumGetTextPP(d);
+}
+
+/* Row trigger on quota_policies: refuse what quota would refuse. */
+Datum
+quota_policy_check(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	HeapTuple	tuple;
+	TupleDesc	desc;
+	text	   *name;
+	char		buf[NAMEDATALEN];
+	QuotaPolicy policy;
+	bool		limitnull;
+	Datum		limit;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		elog(ERROR, "quota_policy_check: not called as a row trigger");
+	tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ?
+		trigdata->tg_newtuple : trigdata->tg_trigtuple;
+	desc = trigdata->tg_relation->rd_att;
+	name = quota_policy_column(tuple, desc, "name");
+	if (name == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("quota policy name must not be null")));
+	quota_policy_name(name, buf);
+	limit = heap_getattr(tuple, SPI_fnumber(desc, "limit"), desc, &limitnull);
+	quota_policy_fill(&policy, limitnull, limitnull ? 0 : DatumGetInt64(limit),
+					  quota_policy_column(tuple, desc, "period"),
+					  quota_policy_column(tuple, desc, "tz"));
+	return PointerGetDatum(tuple);
+}
+
+/* ---- decisions ---- */
+
+/*
+ * quota(key, limit, period, cost, tz) and quota_check: arguments 0 to 4;
+ * with named, quota(key, policy, cost): arguments 0 to 2.  Every one is
+ * checked before anything is looked at or changed.
+ */
+static void
+quota_decide(FunctionCallInfo fcinfo, bool named, QuotaResult *res)
 {
 	QuotaRequest req = {0};
 	QuotaPeriod period;
@@ -1222,18 +1452,34 @@ quota_decide(FunctionCallInfo fcinfo, QuotaResult *res)
 	req.op = QOP_CONSUME;
 	req.policy = "";
 	req.now = GetCurrentTimestamp();
-	quota_arg_key(fcinfo, 0, &req);
-	req.limit = quota_arg_int64(fcinfo, 1, "limit");
-	if (req.limit <= 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("limit must be positive"),
-				 errdetail("limit is " INT64_FORMAT ".", req.limit)));
-	quota_arg_period(fcinfo, 2, 4, req.now, &period);
-	req.amount = quota_arg_cost(fcinfo, 3, req.limit);
+	if (named)
+	{
+		QuotaPolicy *policy = quota_policy_lookup(fcinfo, 1);
+
+		req.policy = policy->name;
+		req.policylen = strlen(policy->name);
+		quota_arg_key(fcinfo, 0, &req);
+		req.limit = policy->limit;
+		quota_period(policy->period, (text *) policy->tz.data, req.now, &period);
+		req.amount = quota_arg_cost(fcinfo, 2, req.limit);
+	}
+	else
+	{
+		quota_arg_key(fcinfo, 0, &req);
+		req.limit = quota_arg_int64(fcinfo, 1, "limit");
+		if (req.limit <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("limit must be positive"),
+					 errdetail("limit is " INT64_FORMAT ".", req.limit)));
+		quota_arg_period(fcinfo, 2, 4, req.now, &period);
+		req.amount = quota_arg_cost(fcinfo, 3, req.limit);
+	}
 	req.period = &period;
 	req.create = req.amount > 0;
 	quota_run(&req, res);
+	res->limit = req.limit;
+	res->cost = req.amount;
 	if (req.amount > 0)
 		metrics_inc(quota_counters[res->allowed ? RV_ALLOWED : RV_DENIED]);
 }
@@ -1249,6 +1495,35 @@ quota_init_counters(void)
 	}
 }
 
+/* quota_check's record: (allowed, used, remaining, resets_at) */
+static Datum
+quota_check_result(FunctionCallInfo fcinfo, const QuotaResult *res)
+{
+	TupleDesc	desc;
+	Datum		values[4];
+	bool		nulls[4] = {false};
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	desc = BlessTupleDesc(desc);
+	values[0] = BoolGetDatum(res->allowed);
+	if (res->tracked || res->allowed)
+	{
+		int64		used = res->tracked ? res->used : res->cost;
+
+		values[1] = Int64GetDatum(used);
+		values[2] = Int64GetDatum(Max(res->limit - used, 0));
+	}
+	else
+	{
+		nulls[1] = true;
+		values[2] = Int64GetDatum(0);
+	}
+	values[3] = TimestampTzGetDatum(res->resets_at);
+	nulls[3] = res->resets_at == DT_NOBEGIN;
+	return HeapTupleGetDatum(heap_form_tuple(desc, values, nulls));
+}
+
 /* quota(key, limit, period, cost, tz) -> boolean */
 Datum
 quota(PG_FUNCTION_ARGS)
@@ -1256,7 +1531,7 @@ quota(PG_FUNCTION_ARGS)
 	QuotaResult res;
 
 	quota_init_counters();
-	quota_decide(fcinfo, &res);
+	quota_decide(fcinfo, false, &res);
 	PG_RETURN_BOOL(res.allowed);
 }
 
@@ -1265,60 +1540,56 @@ Datum
 quota_check(PG_FUNCTION_ARGS)
 {
 	QuotaResult res;
-	TupleDesc	desc;
-	Datum		values[4];
-	bool		nulls[4] = {false};
-	int64		limit;
 
 	quota_init_counters();
-	quota_decide(fcinfo, &res);
-	limit = PG_GETARG_INT64(1);
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-	desc = BlessTupleDesc(desc);
-	values[0] = BoolGetDatum(res.allowed);
-	if (res.tracked || res.allowed)
-	{
-		values[1] = Int64GetDatum(res.tracked ? res.used : PG_GETARG_INT64(3));
-		values[2] = Int64GetDatum(Max(limit - DatumGetInt64(values[1]), 0));
-	}
-	else
-	{
-		nulls[1] = true;
-		values[2] = Int64GetDatum(0);
-	}
-	values[3] = TimestampTzGetDatum(res.resets_at);
-	nulls[3] = res.resets_at == DT_NOBEGIN;
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+	quota_decide(fcinfo, false, &res);
+	PG_RETURN_DATUM(quota_check_result(fcinfo, &res));
 }
 
-/* quota_set(key, used, period, tz) -> boolean: did the key exist? */
+/* quota(key, policy, cost) -> boolean */
 Datum
-quota_set(PG_FUNCTION_ARGS)
+quota_policy(PG_FUNCTION_ARGS)
 {
-	QuotaRequest req = {0};
 	QuotaResult res;
-	QuotaPeriod period;
 
-	resilience_require_preload("quota_set");
-	req.op = QOP_SET;
-	req.policy = "";
-	req.now = GetCurrentTimestamp();
-	quota_arg_key(fcinfo, 0, &req);
-	req.amount = quota_arg_int64(fcinfo, 1, "used");
-	if (req.amount < 0)
+	quota_init_counters();
+	quota_decide(fcinfo, true, &res);
+	PG_RETURN_BOOL(res.allowed);
+}
+
+/* quota_check(key, policy, cost) -> (allowed, used, remaining, resets_at) */
+Datum
+quota_policy_check_decide(PG_FUNCTION_ARGS)
+{
+	QuotaResult res;
+
+	quota_init_counters();
+	quota_decide(fcinfo, true, &res);
+	PG_RETURN_DATUM(quota_check_result(fcinfo, &res));
+}
+
+/* used: not NULL, not negative (22004, 22023). */
+static int64
+quota_arg_used(FunctionCallInfo fcinfo, int argno)
+{
+	int64		used = quota_arg_int64(fcinfo, argno, "used");
+
+	if (used < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("used must not be negative"),
-				 errdetail("used is " INT64_FORMAT ".", req.amount)));
-	if (!PG_ARGISNULL(2))
-	{
-		quota_arg_period(fcinfo, 2, 3, req.now, &period);
-		req.period = &period;
-		req.create = true;
-	}
-	quota_run(&req, &res);
-	if (!res.tracked && req.create)
+				 errdetail("used is " INT64_FORMAT ".", used)));
+	return used;
+}
+
+/* quota_set's work once its arguments are checked: did the key exist? */
+static bool
+quota_set_run(QuotaRequest *req)
+{
+	QuotaResult res;
+
+	quota_run(req, &res);
+	if (!res.tracked && req->create)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("quota table is full"),
@@ -1327,9 +1598,54 @@ quota_set(PG_FUNCTION_ARGS)
 	if (!res.tracked)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("quota key \"%.*s\" does not exist", req.keylen, req.key),
+				 errmsg("quota key \"%.*s\" does not exist", req->keylen, req->key),
 				 errhint("Pass a period to create it.")));
-	PG_RETURN_BOOL(res.existed);
+	return res.existed;
+}
+
+/* quota_set(key, used, period, tz) -> boolean: did the key exist? */
+Datum
+quota_set(PG_FUNCTION_ARGS)
+{
+	QuotaRequest req = {0};
+	QuotaPeriod period;
+
+	resilience_require_preload("quota_set");
+	req.op = QOP_SET;
+	req.policy = "";
+	req.now = GetCurrentTimestamp();
+	quota_arg_key(fcinfo, 0, &req);
+	req.amount = quota_arg_used(fcinfo, 1);
+	if (!PG_ARGISNULL(2))
+	{
+		quota_arg_period(fcinfo, 2, 3, req.now, &period);
+		req.period = &period;
+		req.create = true;
+	}
+	PG_RETURN_BOOL(quota_set_run(&req));
+}
+
+/* quota_set(key, policy, used) -> boolean: creates the key in the policy's period. */
+Datum
+quota_policy_set(PG_FUNCTION_ARGS)
+{
+	QuotaRequest req = {0};
+	QuotaPeriod period;
+	QuotaPolicy *policy;
+
+	resilience_require_preload("quota_set");
+	req.op = QOP_SET;
+	req.now = GetCurrentTimestamp();
+	policy = quota_policy_lookup(fcinfo, 1);
+	req.policy = policy->name;
+	req.policylen = strlen(policy->name);
+	quota_arg_key(fcinfo, 0, &req);
+	req.amount = quota_arg_used(fcinfo, 2);
+	req.limit = policy->limit;
+	quota_period(policy->period, (text *) policy->tz.data, req.now, &period);
+	req.period = &period;
+	req.create = true;
+	PG_RETURN_BOOL(quota_set_run(&req));
 }
 
 /* quota_reset(key) -> boolean: usage back to 0 in the key's period. */
@@ -1343,6 +1659,26 @@ quota_reset(PG_FUNCTION_ARGS)
 	req.op = QOP_SET;
 	req.policy = "";
 	req.now = GetCurrentTimestamp();
+	quota_arg_key(fcinfo, 0, &req);
+	quota_run(&req, &res);
+	PG_RETURN_BOOL(res.tracked);
+}
+
+/* quota_reset(key, policy) -> boolean: the same for a key under a policy. */
+Datum
+quota_policy_reset(PG_FUNCTION_ARGS)
+{
+	QuotaRequest req = {0};
+	QuotaResult res;
+	char		name[NAMEDATALEN];
+
+	resilience_require_preload("quota_reset");
+	req.op = QOP_SET;
+	req.now = GetCurrentTimestamp();
+	/* the name only: a key stays resettable after its policy is deleted */
+	quota_policy_name(resilience_arg_text(fcinfo, 1, "policy"), name);
+	req.policy = name;
+	req.policylen = strlen(name);
 	quota_arg_key(fcinfo, 0, &req);
 	quota_run(&req, &res);
 	PG_RETURN_BOOL(res.tracked);
