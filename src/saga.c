@@ -1457,6 +1457,7 @@ attempt_failed(Saga *s, bool compensation, int attempt, Jsonb *error, bool retry
 	saga_write(s);
 }
 
+static bool has_trace_context(void);
 static void add_trace_context(int64 id, JsonBuf *headers);
 
 /*
@@ -2272,7 +2273,7 @@ saga_start(PG_FUNCTION_ARGS)
 		id = DatumGetInt64(column(0, 1, &null));
 		if (tenants_enabled())
 			saga_set_owner_role(id, save.userid);
-		if (traceparent[0] != '\0')
+		if (traceparent[0] != '\0' && has_trace_context())
 			saga_set_trace_context(id, traceparent, tracestate);
 		memset(&s, 0, sizeof(s));
 		s.id = id;
@@ -2371,6 +2372,13 @@ saga_set_owner_role(int64 id, Oid role)
 		elog(ERROR, "recording the owner of saga " INT64_FORMAT " failed", id);
 }
 
+/* Has resilience.sagas the trace_context column (not before 0.2)? */
+static bool
+has_trace_context(void)
+{
+	return get_attnum(resilience_relid("sagas"), "trace_context") != InvalidAttrNumber;
+}
+
 /*
  * The trace context (resilience.traceparent and tracestate) of the
  * transaction that started saga id, kept for its commands (send_command).
@@ -2402,6 +2410,8 @@ add_trace_context(int64 id, JsonBuf *headers)
 	bool		isnull;
 	const char *names[2] = {"traceparent", "tracestate"};
 
+	if (!has_trace_context())
+		return;
 	values[0] = Int64GetDatum(id);
 	if (SPI_execute_with_args("SELECT trace_context ->> 'traceparent', trace_context ->> 'tracestate'"
 							  " FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) $1",
