@@ -174,6 +174,7 @@ extern int64 resilience_backoff_usec(int attempt, int64 base, int64 cap,
 extern void worker_register_launcher(void);
 extern void worker_utility_hook_init(void);
 extern void worker_wake(Oid dboid);
+extern void worker_wake_at_commit(void);
 extern bool worker_stop_requested(void);
 
 /* schedule.c: the worker's schedules job */

@@ -216,7 +216,6 @@ PG_FUNCTION_INFO_V1(saga_signal_by_key);
 static int64 step_saga_id = 0;
 
 /* Wake this database's worker when the transaction commits. */
-static bool wake_at_commit = false;
 
 /*
  * Where this backend's next tick looks first (see tick_once): the saga it
@@ -416,34 +415,6 @@ saga_id_arg(FunctionCallInfo fcinfo, const char *function)
 	saga_id = PG_GETARG_INT64(0);
 	not_from_own_step(saga_id, function);
 	return saga_id;
-}
-
-/* ---- waking the worker ---- */
-
-/* At commit, wake the worker if this transaction asked for it. */
-static void
-saga_xact_callback(XactEvent event, void *arg)
-{
-	if ((event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT) && wake_at_commit)
-		worker_wake(MyDatabaseId);
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
-		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
-		event == XACT_EVENT_PREPARE)
-		wake_at_commit = false;
-}
-
-/* Ask this database's worker to look at the sagas once we commit. */
-static void
-wake_worker_at_commit(void)
-{
-	static bool registered = false;
-
-	if (!registered)
-	{
-		RegisterXactCallback(saga_xact_callback, NULL);
-		registered = true;
-	}
-	wake_at_commit = true;
 }
 
 /* ---- SPI statements ---- */
@@ -2283,7 +2254,7 @@ saga_start(PG_FUNCTION_ARGS)
 		jb_str(&detail, "idempotency_key", key);
 		saga_event(&s, "saga_started", 0, 0, false, NULL, jb_done(&detail));
 		metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event("saga_started"), name, 1);
-		wake_worker_at_commit();
+		worker_wake_at_commit();
 	}
 	else
 	{
@@ -2522,7 +2493,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 		saga_event(&s, "reply_received", stepno, s.attempt, compensation,
 				   completed ? NULL : body, jb_done(&detail));
 		saga_write(&s);
-		wake_worker_at_commit();
+		worker_wake_at_commit();
 		resilience_restore_user(&save);
 		SPI_finish();
 		return true;
@@ -2667,7 +2638,7 @@ signal_deliver(int64 saga_id, const char *signal, Jsonb *payload, const char *si
 	{
 		s.next_run_at = now;
 		saga_write(&s);
-		wake_worker_at_commit();
+		worker_wake_at_commit();
 		jb_bool(&detail, "awaited", true);
 	}
 	else
@@ -2777,7 +2748,7 @@ saga_retry(PG_FUNCTION_ARGS)
 	}
 	saga_event(&s, "saga_retried", suspended ? 0 : s.step, 0, !suspended, NULL, NULL);
 	saga_write(&s);
-	wake_worker_at_commit();
+	worker_wake_at_commit();
 	SPI_finish();
 	PG_RETURN_VOID();
 }
@@ -2832,7 +2803,7 @@ saga_abort(PG_FUNCTION_ARGS)
 	jb_str(&error, "aborted", reason);
 	compensation_begin(&s, from, jb_done(&error));
 	saga_write(&s);
-	wake_worker_at_commit();
+	worker_wake_at_commit();
 	SPI_finish();
 	PG_RETURN_VOID();
 }

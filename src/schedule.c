@@ -112,7 +112,6 @@ typedef struct Schedule
 	TimestampTz last_finished;
 } Schedule;
 
-static bool wake_at_commit = false;
 
 /* ---- small helpers ---- */
 
@@ -286,31 +285,6 @@ may_act(Oid caller, Oid creator)
 		(OidIsValid(admin) && has_privs_of_role(caller, admin));
 }
 
-/* At commit, wake this database's worker if this transaction asked for it. */
-static void
-schedule_xact_callback(XactEvent event, void *arg)
-{
-	if ((event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT) && wake_at_commit)
-		worker_wake(MyDatabaseId);
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
-		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
-		event == XACT_EVENT_PREPARE)
-		wake_at_commit = false;
-}
-
-static void
-wake_worker_at_commit(void)
-{
-	static bool registered = false;
-
-	if (!registered)
-	{
-		RegisterXactCallback(schedule_xact_callback, NULL);
-		registered = true;
-	}
-	wake_at_commit = true;
-}
-
 /* A slot as text, in UTC, whatever the session's TimeZone: 2026-01-02T03:04:05Z. */
 static char *
 slot_text(TimestampTz slot)
@@ -414,7 +388,7 @@ schedule_create(PG_FUNCTION_ARGS)
 				 errhint("Choose another name, or unschedule('%s') first.", name)));
 	resilience_restore_user(&save);
 	SPI_finish();
-	wake_worker_at_commit();
+	worker_wake_at_commit();
 	PG_RETURN_TIMESTAMPTZ(first);
 }
 
@@ -473,7 +447,7 @@ change_schedule(FunctionCallInfo fcinfo, ScheduleChange change)
 			" next_slot = $2, due_at = $2, attempt = 0"
 			" WHERE name OPERATOR(pg_catalog.=) $1 AND NOT enabled",
 			2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, values, NULL, SPI_OK_UPDATE);
-		wake_worker_at_commit();
+		worker_wake_at_commit();
 	}
 	resilience_restore_user(&save);
 	SPI_finish();

@@ -345,6 +345,36 @@ worker_wake(Oid dboid)
 	}
 }
 
+/*
+ * worker_wake(MyDatabaseId) when this transaction commits (sagas started or
+ * signalled, schedules changed): nothing on abort or PREPARE.
+ */
+static bool wake_at_commit = false;
+
+static void
+wake_xact_callback(XactEvent event, void *arg)
+{
+	if ((event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT) && wake_at_commit)
+		worker_wake(MyDatabaseId);
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_PREPARE)
+		wake_at_commit = false;
+}
+
+void
+worker_wake_at_commit(void)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		RegisterXactCallback(wake_xact_callback, NULL);
+		registered = true;
+	}
+	wake_at_commit = true;
+}
+
 /* ---- registration ---- */
 
 void
