@@ -277,6 +277,57 @@ is($node->safe_psql('appdb',
 		q{SET search_path = pg_catalog; SELECT pg_catalog.count(*) FROM public.pwned WHERE su OR who OPERATOR(pg_catalog.<>) 'dbowner'}),
 	'0', 'the evidence table holds nothing from another role');
 
+# --- callers: functions that act as the tables' owner, called from the
+# owner's planted search_path ---
+#
+# A plain application role calls every function that writes the extension's
+# tables as their owner (leases and fences, idempotency keys, the inbox,
+# streams, the outbox, sagas, schedules, quotas, the shared-memory limiters).
+# Its session has the database's search_path, evil first and pg_catalog
+# last; nothing planted may run as anyone but the caller or the owner.
+$node->safe_psql('appdb', q{
+CREATE ROLE app_user LOGIN IN ROLE resilience_user;
+});
+$log_offset = -s $node->logfile;
+
+# The planted objects are live for the caller's own statements.
+($ret, $out, $err) = $node->psql('appdb', 'SELECT count(*) FROM (VALUES (1)) v',
+	extra_params => [ '-U', 'app_user' ]);
+like($err, qr/PWNED who=app_user su=f/, "the caller's unqualified count(*) is the planted one");
+
+($ret, $out, $err) = $node->psql('appdb', q{
+SELECT resilience.lock_acquire('evil-lease', '30 seconds'::pg_catalog.interval) AS token \gset
+SELECT resilience.lock_check('evil-lease', :token);
+SELECT resilience.lock_renew('evil-lease', :token, '1 minute'::pg_catalog.interval);
+SELECT resilience.fence('evil-resource', :token);
+SELECT resilience.fence_check('evil-resource', :token);
+SELECT resilience.lock_release('evil-lease', :token);
+SELECT (resilience.idempotency_begin('evil', 'k1', '{"a": 1}'::pg_catalog.jsonb)).outcome;
+SELECT resilience.idempotency_checkpoint('evil', 'k1', 'charged');
+SELECT resilience.idempotency_complete('evil', 'k1', '{"ok": true}'::pg_catalog.jsonb, 200);
+SELECT (resilience.idempotency_begin('evil', 'k1', '{"a": 1}'::pg_catalog.jsonb)).outcome;
+SELECT (resilience.idempotency_begin('evil', 'k2', '{"a": 1}'::pg_catalog.jsonb)).outcome;
+SELECT resilience.idempotency_fail('evil', 'k2', '{"e": 1}'::pg_catalog.jsonb, false);
+SELECT resilience.inbox_accept('evil', 'm1');
+SELECT resilience.append_events('evil-stream', -1, ARRAY['{"type": "a"}'::pg_catalog.jsonb]);
+SELECT resilience.append_events('evil-stream', NULL, ARRAY['{"type": "b"}'::pg_catalog.jsonb]) AS version \gset
+SELECT resilience.append_events('evil-stream', :version, ARRAY['{"type": "c"}'::pg_catalog.jsonb]);
+SELECT resilience.outbox_publish('evil.created', '{"n": 1}'::pg_catalog.jsonb, 'k');
+SELECT resilience.saga_start('esc', '{}'::pg_catalog.jsonb, 'evil-1');
+SELECT resilience.rate_limit('evil', 10, 1.0::pg_catalog.float8);
+SELECT resilience.bulkhead_acquire('evil', 2);
+SELECT resilience.breaker_allow('evil');
+SELECT resilience.quota('evil', 10::pg_catalog.int8, 'day');
+SELECT (resilience.quota_check('evil', 10::pg_catalog.int8, 'day')).allowed;
+}, extra_params => [ '-U', 'app_user', '-v', 'ON_ERROR_STOP=1' ]);
+is($ret, 0, 'the caller ran every call') or diag($err);
+
+$log = slurp_file($node->logfile, $log_offset);
+@pwned = $log =~ /(PWNED who=\S+ su=\S+ what=[^\n]*)/g;
+my @escalated = grep { /su=t/ || !/who=(app_user|dbowner) / } @pwned;
+is(scalar(@escalated), 0, "nothing planted ran as the tables' owner (or any role but the caller)")
+  or diag(join("\n", @escalated[0 .. ($#escalated < 9 ? $#escalated : 9)]));
+
 # --- refused RENAME / DROP DATABASE do not release the worker ---
 
 # pid and start time of the reaper row of $db's worker
