@@ -1739,3 +1739,17 @@ GRANT EXECUTE ON FUNCTION resilience.outbox_claim(text, integer, interval, inter
 ALTER TABLE resilience.sagas ADD COLUMN trace_context jsonb;
 COMMENT ON COLUMN resilience.sagas.trace_context IS
 'The W3C traceparent/tracestate of the transaction that started the saga (NULL: none); sent as headers of its commands';
+
+------------------------------------------------------------------------------
+-- Issue 20: append_events in C (src/events.c); faster leases and replays
+------------------------------------------------------------------------------
+
+-- append_events no longer runs a PL/pgSQL body through the stream gate: the
+-- C function checks the events, writes the head row through a saved plan
+-- and the events directly (docs/benchmarks.md).  Same signature, errors and
+-- privileges; the internal function it replaces goes.
+CREATE OR REPLACE FUNCTION resilience.append_events(stream text, expected_version bigint, events jsonb[])
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'append_events'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+DROP FUNCTION resilience._append_events(text, bigint, jsonb[], oid);
