@@ -1753,3 +1753,14 @@ RETURNS bigint
 AS 'MODULE_PATHNAME', 'append_events'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
 DROP FUNCTION resilience._append_events(text, bigint, jsonb[], oid);
+
+-- The lease functions are SECURITY INVOKER and switch to the tables' owner
+-- themselves; every statement they run qualifies every name and operator.
+-- Their SET search_path saved, set and restored a setting on every call
+-- (and made the server recompute the path): a third of a lease cycle's time
+-- outside its statements (docs/benchmarks.md).  As for idempotency_begin,
+-- the qualification is the defence, not the setting.
+ALTER FUNCTION resilience.lock_acquire(text, interval, text, interval) RESET search_path;
+ALTER FUNCTION resilience.lock_renew(text, bigint, interval) RESET search_path;
+ALTER FUNCTION resilience.lock_release(text, bigint) RESET search_path;
+ALTER FUNCTION resilience.lock_check(text, bigint) RESET search_path;

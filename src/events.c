@@ -65,6 +65,7 @@ PG_FUNCTION_INFO_V1(append_events);
 /* The statements, prepared once per backend. */
 typedef enum EventStatement
 {
+	ES_BUMP,					/* expected version NULL, the stream exists */
 	ES_APPEND_ANY,				/* expected version NULL: insert or bump */
 	ES_CREATE,					/* -1: insert only */
 	ES_APPEND_AT,				/* a version: bump if at it */
@@ -85,6 +86,18 @@ static const struct
 	int			nargs;
 	Oid			argtypes[6];
 }			event_sql[NUM_EVENT_STATEMENTS] = {
+	/*
+	 * Most appends without an expected version are to a stream that exists:
+	 * a plain UPDATE spares the insert's conflict probe and row lock.
+	 */
+	[ES_BUMP] = {
+		"UPDATE resilience.streams s SET version = s.version OPERATOR(pg_catalog.+) $2,"
+		" updated_at = pg_catalog.now(),"
+		" owner_role = COALESCE(s.owner_role, $4::pg_catalog.regrole)"
+		" WHERE s.stream OPERATOR(pg_catalog.=) $1"
+		" RETURNING s.version, s.owner_role::pg_catalog.oid",
+		4, {TEXTOID, INT8OID, OIDOID, OIDOID}
+	},
 	[ES_APPEND_ANY] = {
 		"INSERT INTO resilience.streams AS s (stream, version, updated_at, owner_role)"
 		" VALUES ($1, $2 OPERATOR(pg_catalog.-) 1, pg_catalog.now(), $3::pg_catalog.regrole)"
@@ -336,6 +349,37 @@ forward_events(Datum stream, int64 new_version, int n, Datum events)
 }
 
 /*
+ * The head row was not at the expected version: 40001 with the actual
+ * version, unless the stream is another role's (42501: its version is that
+ * role's business too).  values: the statement's, SPI connected.
+ */
+static pg_noreturn_compat void
+conflict(const char *name, int64 expected, Datum *values, Oid caller)
+{
+	int64		actual = -1;
+	bool		isnull;
+
+	if (run_event_statement(ES_ACTUAL, values, NULL) == 1)
+	{
+		Oid			owner;
+
+		actual = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+		owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 2, &isnull));
+		if (!isnull)
+			tenant_check(TENANT_STREAM, name, owner, caller);
+	}
+	metrics_add(RC_STREAM_CONFLICTS, 0, NULL, 1);
+	ereport(ERROR,
+			(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+			 errmsg("stream \"%s\" is not at version " INT64_FORMAT, name, expected),
+			 actual < 0 ? errdetail("Its actual version is -1 (it does not exist).")
+			 : errdetail("Its actual version is " INT64_FORMAT ".", actual),
+			 errhint("Read the stream again, decide again, and append with the version read.")));
+}
+
+/*
  * append_events(stream, expected_version, events jsonb[]) → the stream's
  * new version.  -1: the stream must not exist; NULL: whatever its version.
  */
@@ -350,7 +394,6 @@ append_events(PG_FUNCTION_ARGS)
 	Datum		(*rows)[EVENT_COLUMNS];
 	Datum		recorded_at = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	Oid			caller = GetUserId();
-	Oid			new_owner;
 	Oid			stream_owner;
 	int64		new_version;
 	bool		isnull;
@@ -394,17 +437,12 @@ append_events(PG_FUNCTION_ARGS)
 		rows[i][5] = recorded_at;
 	}
 
-	/* the owner of a new stream: the one an admin declared, else the caller */
 	name = text_to_cstring(stream);
 	SPI_connect();
 	resilience_become_owner(false, &save);
-	new_owner = tenant_declared_owner(TENANT_STREAM, VARDATA_ANY(stream),
-									  VARSIZE_ANY_EXHDR(stream));
-	if (!OidIsValid(new_owner))
-		new_owner = caller;
 	values[0] = PointerGetDatum(stream);
 	values[1] = Int64GetDatum(n);
-	values[2] = ObjectIdGetDatum(new_owner);
+	values[2] = ObjectIdGetDatum(caller);
 	values[3] = ObjectIdGetDatum(caller);
 	if (PG_ARGISNULL(1))
 		which = ES_APPEND_ANY;
@@ -416,30 +454,20 @@ append_events(PG_FUNCTION_ARGS)
 
 	/*
 	 * The head row is locked by the write, so its owner is checked after it
-	 * (an error undoes the write).
+	 * (an error undoes the write).  A stream that may be new belongs to the
+	 * role an admin declared for it, else to the caller.
 	 */
-	if (run_event_statement(which, values, nulls) != 1)
+	if (which != ES_APPEND_ANY || run_event_statement(ES_BUMP, values, nulls) != 1)
 	{
-		int64		actual = -1;
+		Oid			declared = InvalidOid;
 
-		if (run_event_statement(ES_ACTUAL, values, nulls) == 1)
-		{
-			actual = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-												 SPI_tuptable->tupdesc, 1, &isnull));
-			stream_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-														  SPI_tuptable->tupdesc, 2, &isnull));
-			/* the actual version is the owner's business too */
-			if (!isnull)
-				tenant_check(TENANT_STREAM, name, stream_owner, caller);
-		}
-		metrics_add(RC_STREAM_CONFLICTS, 0, NULL, 1);
-		ereport(ERROR,
-				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("stream \"%s\" is not at version " INT64_FORMAT,
-						name, PG_GETARG_INT64(1)),
-				 actual < 0 ? errdetail("Its actual version is -1 (it does not exist).")
-				 : errdetail("Its actual version is " INT64_FORMAT ".", actual),
-				 errhint("Read the stream again, decide again, and append with the version read.")));
+		if (which != ES_APPEND_AT)
+			declared = tenant_declared_owner(TENANT_STREAM, VARDATA_ANY(stream),
+											 VARSIZE_ANY_EXHDR(stream));
+		if (OidIsValid(declared))
+			values[2] = ObjectIdGetDatum(declared);
+		if (run_event_statement(which, values, nulls) != 1)
+			conflict(name, PG_GETARG_INT64(1), values, caller);
 	}
 	new_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 											  SPI_tuptable->tupdesc, 1, &isnull));
