@@ -26,7 +26,8 @@ OBJS = \
 	src/tenants.o \
 	src/cron.o \
 	src/schedule.o \
-	src/quota.o
+	src/quota.o \
+	src/events.o
 
 # the outbox's http and amqp sinks (libcrypto: webhook signatures' HMAC)
 SHLIB_LINK += -lcurl -lrabbitmq -lcrypto

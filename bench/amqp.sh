@@ -1,9 +1,7 @@
-# Sourced by bench/run.sh: the amqp and events sections of `make bench` (issue 8).
+# Sourced by bench/run.sh: the amqp section of `make bench` (issue 8).
 #   amqp: relay throughput to a private RabbitMQ node on loopback (events/s,
 #         every event confirmed by the broker: publisher confirms, persistent
 #         messages, a durable queue), with and without keys;
-#   events: append_events (one event, a new stream; one event, an existing
-#         stream) against a plain INSERT of the same event row.
 #   BENCH_AMQP_EVENTS=50000   backlog drained in each amqp run
 
 AMQP_EVENTS=${BENCH_AMQP_EVENTS:-50000}
@@ -81,16 +79,4 @@ report_amqp() {
 	awk -v t="$(tput amqp_drain)" 'BEGIN { ok = (t >= 5000) ? "PASS" : "BELOW"; printf "  %-48s %7.0f   >= 5000  %s\n", "relay to RabbitMQ, confirmed, events/s", t, ok }'
 	awk -v t="$(tput amqp_drain_keys)" 'BEGIN { printf "  %-48s %7.0f\n", "  the same, 100 keys (per-key chains)", t }'
 	say "  RabbitMQ node started in ${BROKER_STARTUP} s; messages in its queue afterwards: $AMQP_QUEUED (expected $((2 * AMQP_EVENTS)))"
-}
-
-run_events_section() {
-	load_sql events_setup.sql
-	run_pgbench events_insert "plain INSERT of the same event row, in a transaction" events_insert.sql
-	run_pgbench events_append_new "append_events, one event, new stream (-1)" events_append_new.sql
-	run_pgbench events_append_existing "append_events, one event, 1000 streams (NULL)" events_append_existing.sql
-}
-
-report_events() {
-	ratio_line "append_events (new stream) / plain INSERT" events_append_new events_insert
-	ratio_line "append_events (existing stream) / plain INSERT" events_append_existing events_insert
 }

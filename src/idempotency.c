@@ -60,7 +60,9 @@
  * Privileges
  * ----------
  * Callers need no privilege on the tables.  Reads go straight to the primary
- * key index (no permission check, as for catalogs); each statement that
+ * key index (no permission check, as for catalogs), unless Citus is
+ * installed (citus_present(), src/events.c: the rows may live on other
+ * nodes; they are then read through SPI, as the owner); each statement that
  * writes runs as the tables' owner (spi_connect_as_owner), and qualifies
  * every name and operator, so the caller's search_path cannot change what it
  * does.  None of these functions runs caller-supplied SQL: idempotent(),
@@ -101,6 +103,7 @@
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -200,6 +203,7 @@ typedef enum Statement
 	STMT_INBOX,
 	STMT_REAP_KEYS,
 	STMT_REAP_INBOX,
+	STMT_READ,
 	NUM_STATEMENTS
 } Statement;
 
@@ -293,6 +297,11 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"   WHERE expires_at OPERATOR(pg_catalog.<=) $1"
 		"   ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 		2, {TIMESTAMPTZOID, INT8OID}
+	},
+	/* a key's row through the executor, when Citus is installed (lookup_key) */
+	[STMT_READ] = {
+		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES,
+		2, {TEXTOID, TEXTOID}
 	},
 };
 
@@ -464,23 +473,99 @@ read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
 }
 
 /*
+ * The OIDs of the key table and its primary key, looked up once: a replay
+ * is one index probe, and four catalog lookups were a visible part of it.
+ * Forgotten when the table changes (or every relation does).
+ */
+static Oid	keys_relid = InvalidOid;
+static Oid	keys_pkey_relid = InvalidOid;
+
+static void
+keys_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == keys_relid || relid == keys_pkey_relid)
+		keys_relid = keys_pkey_relid = InvalidOid;
+}
+
+static Oid
+keys_table(Oid *pkey)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(keys_relcache_callback, (Datum) 0);
+		registered = true;
+	}
+	if (!OidIsValid(keys_relid) || !OidIsValid(keys_pkey_relid))
+	{
+		keys_pkey_relid = resilience_relid("idempotency_keys_pkey");
+		keys_relid = resilience_relid("idempotency_keys");
+	}
+	*pkey = keys_pkey_relid;
+	return keys_relid;
+}
+
+static void spi_connect_as_owner(ResilienceUser *save);
+static void spi_finish(const ResilienceUser *save);
+static SPIPlanPtr statement_plan(Statement which);
+
+/*
+ * lookup_key through the executor, as the tables' owner: when Citus is
+ * installed the rows may live on other nodes.  fresh: see everything
+ * committed until now (a read-write SPI call takes a new snapshot), else
+ * the statement's snapshot (read-only).
+ */
+static bool
+lookup_key_spi(text *scope, text *key, bool fresh, const BeginArgs *a, KeyRow *row)
+{
+	MemoryContext caller_context = CurrentMemoryContext;
+	ResilienceUser save;
+	Datum		values[2];
+	int			ret;
+
+	values[0] = PointerGetDatum(scope);
+	values[1] = PointerGetDatum(key);
+	memset(row, 0, sizeof(KeyRow));
+	row->state = KEY_ABSENT;
+	spi_connect_as_owner(&save);
+	ret = SPI_execute_plan(statement_plan(STMT_READ), values, NULL, !fresh, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_plan failed for \"%s\": %s",
+			 statements[STMT_READ].sql, SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+
+		read_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, a, row);
+		MemoryContextSwitchTo(spi_context);
+	}
+	spi_finish(&save);
+	return row->state != KEY_ABSENT;
+}
+
+/*
  * Read the key row through the primary key with the given snapshot, taking
  * no row lock.  Returns false (row->state = KEY_ABSENT) if there is none.
  */
 static bool
 lookup_key(text *scope, text *key, Snapshot snapshot, const BeginArgs *a, KeyRow *row)
 {
-	Relation	rel = table_open(resilience_relid("idempotency_keys"), AccessShareLock);
+	Relation	rel;
+	Oid			pkey;
 	ScanKeyData skey[2];
 	SysScanDesc scan;
 	HeapTuple	tuple;
+
+	if (citus_present())
+		return lookup_key_spi(scope, key, false, a, row);
+	rel = table_open(keys_table(&pkey), AccessShareLock);
 
 	ScanKeyEntryInitialize(&skey[0], 0, Anum_scope, BTEqualStrategyNumber,
 						   InvalidOid, C_COLLATION_OID, F_TEXTEQ, PointerGetDatum(scope));
 	ScanKeyEntryInitialize(&skey[1], 0, Anum_key, BTEqualStrategyNumber,
 						   InvalidOid, C_COLLATION_OID, F_TEXTEQ, PointerGetDatum(key));
-	scan = systable_beginscan(rel, resilience_relid("idempotency_keys_pkey"), true,
-							  snapshot, 2, skey);
+	scan = systable_beginscan(rel, pkey, true, snapshot, 2, skey);
 	tuple = systable_getnext(scan);
 	memset(row, 0, sizeof(KeyRow));
 	if (HeapTupleIsValid(tuple))
@@ -499,6 +584,8 @@ lookup_key_now(text *scope, text *key, const BeginArgs *a, KeyRow *row)
 	Snapshot	snapshot;
 	bool		found;
 
+	if (citus_present())
+		return lookup_key_spi(scope, key, true, a, row);
 	CommandCounterIncrement();
 	snapshot = RegisterSnapshot(GetTransactionSnapshot());
 	found = lookup_key(scope, key, snapshot, a, row);
@@ -530,12 +617,10 @@ spi_finish(const ResilienceUser *save)
 	SPI_finish();
 }
 
-/* Run a prepared statement (SPI connected); returns the rows it processed. */
-static uint64
-run(Statement which, Datum *values, const char *nulls)
+/* The saved plan of a statement, prepared on first use (SPI connected). */
+static SPIPlanPtr
+statement_plan(Statement which)
 {
-	int			ret;
-
 	if (plans[which] == NULL)
 	{
 		SPIPlanPtr	plan = SPI_prepare(statements[which].sql, statements[which].nargs,
@@ -547,7 +632,15 @@ run(Statement which, Datum *values, const char *nulls)
 		SPI_keepplan(plan);
 		plans[which] = plan;
 	}
-	ret = SPI_execute_plan(plans[which], values, nulls, false, 0);
+	return plans[which];
+}
+
+/* Run a prepared statement (SPI connected); returns the rows it processed. */
+static uint64
+run(Statement which, Datum *values, const char *nulls)
+{
+	int			ret = SPI_execute_plan(statement_plan(which), values, nulls, false, 0);
+
 	if (ret < 0)
 		elog(ERROR, "SPI_execute_plan failed for \"%s\": %s",
 			 statements[which].sql, SPI_result_code_string(ret));

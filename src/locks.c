@@ -42,6 +42,13 @@
  * role's privileges (or resilience_admin's), and then the statement runs
  * again as that role.  fence refuses tokens never issued (22023).
  *
+ * search_path: the owner switch of the lease functions does not pin it
+ * (privilege.c), as on idempotency.c's hot path: every statement here
+ * qualifies every name, operator and the sequence, and runs no user code,
+ * and pinning (a GUC set and restore, and the namespace path recomputed
+ * after it) cost about a third of the time spent outside the statements
+ * themselves (docs/benchmarks.md, "Where the time goes").
+ *
  *-------------------------------------------------------------------------
  */
 #include "shmem.h"
@@ -783,7 +790,7 @@ lock_acquire(PG_FUNCTION_ARGS)
 						   (int) VARSIZE_ANY_EXHDR(owner), LOCK_NAME_MAX)));
 
 	SPI_connect();
-	resilience_become_owner(true, &save);
+	resilience_become_owner(false, &save);	/* see "search_path" above */
 	for (;;)
 	{
 		TimestampTz now = GetCurrentTimestamp();
@@ -842,7 +849,7 @@ lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
 		: TimestampTzGetDatum(now);
 	values[4] = ObjectIdGetDatum(GetUserId());
 	SPI_connect();
-	resilience_become_owner(true, &save);
+	resilience_become_owner(false, &save);	/* see "search_path" above */
 	matched = run_plan(which, values) == 1;
 	if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
 	{

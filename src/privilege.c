@@ -20,8 +20,9 @@
  *	  changes is reverted.
  *
  * pin_path = false is for documented hot paths only (idempotency.c, where
- * pinning measured about 20% of a key's write); their SQL is fully
- * qualified and runs no user code.
+ * pinning measured about 20% of a key's write; the leases of locks.c and
+ * append_events in events.c); their SQL is fully qualified and runs no
+ * user code.
  *
  * An error between become and restore needs no cleanup: the abort of the
  * (sub)transaction restores the user, the security context and the

@@ -148,6 +148,9 @@ extern void resilience_become(Oid role, bool pin_path, ResilienceUser *save);
 extern void resilience_become_owner(bool pin_path, ResilienceUser *save);
 extern void resilience_restore_user(const ResilienceUser *save);
 
+/* Is Citus installed here?  Then no direct heap/index access (src/events.c). */
+extern bool citus_present(void);
+
 /*
  * The relay's per-route limits (sink_http.c): a token bucket and a bulkhead
  * in the shared tables under kinds of their own, which no name a SQL caller
