@@ -37,8 +37,24 @@
  * was not listed): the catch-up policy applies (none: drop them; latest:
  * run only the newest; all: run each, in order).  Slots dropped are
  * counted in skipped_slots and get no run row.  The worker runs one slot
- * at a time per database, so runs of a schedule never overlap in time:
- * 'allow' behaves as 'queue' (docs/schedules.md).
+ * at a time per database, so runs of a 'skip' or 'queue' schedule never
+ * overlap in time.
+ *
+ * Concurrent runs (overlap 'allow').  The tick does not run the slot: it
+ * inserts its run row in state pending (dispatch_at = now) and advances the
+ * schedule, in one transaction, and the schedules job then starts an
+ * executor, a dynamic background worker (start_executors).  An executor
+ * takes one of resilience.schedule_max_parallel places (a session-level
+ * advisory lock of its own kind), then takes due runs FOR UPDATE SKIP
+ * LOCKED and runs each like run_slot does, setting its final state (or
+ * retrying with dispatch_at after the backoff) in the same transaction as
+ * the command's effects; it exits when none is left.  Exactly once per
+ * slot thus rests on the run row instead of the schedule row.  A run that
+ * no executor holds a second after its dispatch_at (no free place, no free
+ * worker slot, a retry, an executor that died) is dispatched again by the
+ * worker's next look.  The executor holds the schedule FOR KEY SHARE:
+ * unschedule (FOR UPDATE) waits for it, the tick (FOR NO KEY UPDATE) and
+ * pause/resume do not.
  *
  * Retries: a failed attempt is recorded (the run row in state retrying, the
  * error) and retried after resilience.backoff(attempt, backoff, 16 *
