@@ -694,6 +694,21 @@ advance(Schedule *s, TimestampTz next, const char *state, TimestampTz started,
 		values, nulls, SPI_OK_UPDATE);
 }
 
+/*
+ * Keep the runs for resilience.schedule_retention; unfinished 'allow' runs
+ * (dispatch_at set) stay whatever their age.
+ */
+static void
+prune_runs(Schedule *s, TimestampTz now)
+{
+	Datum		v[2] = {CStringGetTextDatum(s->name),
+	TimestampTzGetDatum(now - (int64) resilience_schedule_retention_s * USECS_PER_SEC)};
+
+	run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1"
+		" AND slot OPERATOR(pg_catalog.<) $2 AND dispatch_at IS NULL",
+		2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, v, NULL, SPI_OK_DELETE);
+}
+
 /* Run slot s->next_slot once (attempt s->attempt + 1) and record it. */
 static void
 run_slot(Schedule *s, TimestampTz started)
@@ -766,16 +781,7 @@ run_slot(Schedule *s, TimestampTz started)
 				(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
 						s->name, slot_text(s->next_slot), attempt, attempt == 1 ? "" : "s", error)));
 	advance(s, cron_next(&s->spec, s->zone, s->next_slot), state, started, now, 0);
-
-	/* keep the runs for resilience.schedule_retention */
-	{
-		Datum		v[2] = {CStringGetTextDatum(s->name),
-		TimestampTzGetDatum(now - (int64) resilience_schedule_retention_s * USECS_PER_SEC)};
-
-		run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1"
-			" AND slot OPERATOR(pg_catalog.<) $2 AND dispatch_at IS NULL",
-			2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, v, NULL, SPI_OK_DELETE);
-	}
+	prune_runs(s, now);
 }
 
 /*
@@ -799,6 +805,7 @@ dispatch_slot(Schedule *s, TimestampTz now)
 				 errmsg("a slot of schedule \"%s\" has already run", s->name),
 				 errdetail("Slot %s already has a run row.", slot_text(s->next_slot))));
 	advance(s, cron_next(&s->spec, s->zone, s->next_slot), NULL, 0, now, 0);
+	prune_runs(s, now);
 	dispatch_wanted++;
 	worker_wake_at_commit();	/* a tick by hand: the worker starts the executor */
 }
