@@ -67,7 +67,7 @@ sub check_once
 SELECT (extract(epoch FROM max(slot) - min(slot)) + 1 - count(DISTINCT slot))::int FROM $e e}), '0',
 		"$what: no slot between the first and the last was forgotten");
 	is(psql(qq{
-SELECT count(*) FROM (SELECT * FROM resilience.schedule_runs WHERE slot > '$after') r
+SELECT count(*) FROM (SELECT * FROM resilience.schedule_runs WHERE schedule = 'slow' AND slot > '$after') r
   FULL JOIN $e e ON e.slot = r.slot
  WHERE r.slot IS NULL OR e.slot IS NULL OR r.state <> 'succeeded'}), '0',
 		"$what: one succeeded run row per side effect");
@@ -108,6 +108,22 @@ settle();
 like(slurp_file($node->logfile), qr/schedule executor.*\(PID $pid\) was terminated by signal 9/,
 	'an executor was killed inside its command');
 check_once('after kill -9 of an executor', $last);
+
+# ---- a failing 'allow' run: retried after its backoff, then failed ----
+psql(q{SET ROLE tap_sched;
+SELECT resilience.schedule('flaky', '@hourly', '{"sql": "SELECT 1/0"}', overlap => 'allow',
+       max_attempts => 2, backoff => '1 second')});
+psql(q{UPDATE resilience.schedule_definitions
+          SET next_slot = date_trunc('hour', now()), due_at = date_trunc('hour', now()) WHERE name = 'flaky'});
+$node->poll_query_until('postgres', q{
+SELECT count(*) = 1 FROM resilience.schedule_runs WHERE schedule = 'flaky' AND state = 'failed'})
+  or die 'the failing run did not end';
+is(psql(q{
+SELECT attempt || ' ' || split_part(error, ':', 1) || ' ' || (dispatch_at IS NULL)
+  FROM resilience.schedule_runs WHERE schedule = 'flaky'}), '2 22012 true',
+	'allow: a failing run is retried after its backoff (dispatched again), then failed');
+is(psql(q{SELECT last_state FROM resilience.schedules WHERE name = 'flaky'}), 'failed',
+	'... and the schedule shows it');
 
 $node->stop;
 done_testing();
