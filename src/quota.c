@@ -72,7 +72,7 @@
  * refuse.  A key under a policy is its own row (column policy).
  *
  * So a call on an existing key is: a hash lookup under a partition lock in
- * shared mode, one buffer lock, a check, a WAL record of 42 bytes of data,
+ * shared mode, one buffer lock, a check, a WAL record of 48 bytes of data,
  * the unlock.
  *
  * Locking rules:
