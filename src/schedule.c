@@ -709,6 +709,31 @@ prune_runs(Schedule *s, TimestampTz now)
 		2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, v, NULL, SPI_OK_DELETE);
 }
 
+/* Count attempt s->attempt + 1 of slot s->next_slot, started at started. */
+static void
+count_attempt(Schedule *s, bool failed, TimestampTz started)
+{
+	metrics_add_at_commit(RC_SCHEDULE_RUNS, !failed ? RV_SCHEDULE_SUCCEEDED :
+						  s->attempt + 1 < s->max_attempts ? RV_SCHEDULE_RETRYING :
+						  RV_SCHEDULE_FAILED, s->name, 1);
+	if (s->attempt == 0)
+	{
+		metrics_add_at_commit(RC_SCHEDULE_STARTS, 0, s->name, 1);
+		metrics_add_at_commit(RC_SCHEDULE_LAG, 0, s->name, (uint64) Max(started - s->next_slot, 0));
+	}
+}
+
+/* Log slot s->next_slot's last attempt, which failed with error. */
+static void
+log_failed(Schedule *s, const char *error)
+{
+	int			attempt = s->attempt + 1;
+
+	ereport(LOG,
+			(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
+					s->name, slot_text(s->next_slot), attempt, attempt == 1 ? "" : "s", error)));
+}
+
 /* Run slot s->next_slot once (attempt s->attempt + 1) and record it. */
 static void
 run_slot(Schedule *s, TimestampTz started)
@@ -750,14 +775,7 @@ run_slot(Schedule *s, TimestampTz started)
 				 errdetail("Slot %s has a finished run; the command was rolled back.",
 						   slot_text(s->next_slot))));
 
-	metrics_add_at_commit(RC_SCHEDULE_RUNS, error == NULL ? RV_SCHEDULE_SUCCEEDED :
-				attempt < s->max_attempts ? RV_SCHEDULE_RETRYING : RV_SCHEDULE_FAILED,
-				s->name, 1);
-	if (s->attempt == 0)
-	{
-		metrics_add_at_commit(RC_SCHEDULE_STARTS, 0, s->name, 1);
-		metrics_add_at_commit(RC_SCHEDULE_LAG, 0, s->name, (uint64) Max(started - s->next_slot, 0));
-	}
+	count_attempt(s, error != NULL, started);
 
 	if (error != NULL && attempt < s->max_attempts)
 	{
@@ -777,9 +795,7 @@ run_slot(Schedule *s, TimestampTz started)
 		return;
 	}
 	if (error != NULL)
-		ereport(LOG,
-				(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
-						s->name, slot_text(s->next_slot), attempt, attempt == 1 ? "" : "s", error)));
+		log_failed(s, error);
 	advance(s, cron_next(&s->spec, s->zone, s->next_slot), state, started, now, 0);
 	prune_runs(s, now);
 }
@@ -1065,19 +1081,11 @@ execute_one(void)
 		6, (Oid[]) {TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID},
 		values, NULL, SPI_OK_UPDATE);
 
-	metrics_add_at_commit(RC_SCHEDULE_RUNS, error == NULL ? RV_SCHEDULE_SUCCEEDED :
-						  retry_at ? RV_SCHEDULE_RETRYING : RV_SCHEDULE_FAILED, s.name, 1);
-	if (s.attempt == 0)
-	{
-		metrics_add_at_commit(RC_SCHEDULE_STARTS, 0, s.name, 1);
-		metrics_add_at_commit(RC_SCHEDULE_LAG, 0, s.name, (uint64) Max(now - s.next_slot, 0));
-	}
+	count_attempt(&s, error != NULL, now);
 	if (retry_at)
 		worker_wake_at_commit();	/* to dispatch the retry when it is due */
 	else if (error != NULL)
-		ereport(LOG,
-				(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
-						s.name, slot_text(s.next_slot), attempt, attempt == 1 ? "" : "s", error)));
+		log_failed(&s, error);
 	return true;
 }
 
