@@ -1764,3 +1764,25 @@ ALTER FUNCTION resilience.lock_acquire(text, interval, text, interval) RESET sea
 ALTER FUNCTION resilience.lock_renew(text, bigint, interval) RESET search_path;
 ALTER FUNCTION resilience.lock_release(text, bigint) RESET search_path;
 ALTER FUNCTION resilience.lock_check(text, bigint) RESET search_path;
+
+------------------------------------------------------------------------------
+-- Issue 17: overlap => 'allow' runs slots concurrently (src/schedule.c)
+------------------------------------------------------------------------------
+
+-- An 'allow' slot gets its run row when it comes due, in state pending, in
+-- the transaction that advances the schedule; an executor (a background
+-- worker of its own) takes it FOR UPDATE SKIP LOCKED and runs it.
+-- dispatch_at: when an executor may take it (pending: since its dispatch;
+-- retrying: after the backoff); NULL once it is finished, and always for
+-- the runs of 'skip' and 'queue' schedules.
+ALTER TABLE resilience.schedule_runs
+    DROP CONSTRAINT schedule_runs_state_check,
+    ADD CONSTRAINT schedule_runs_state_check
+        CHECK (state IN ('pending', 'succeeded', 'retrying', 'failed')),
+    ALTER COLUMN started_at DROP NOT NULL,
+    ALTER COLUMN finished_at DROP NOT NULL,
+    ADD COLUMN dispatch_at timestamptz;
+CREATE INDEX schedule_runs_dispatch ON resilience.schedule_runs (dispatch_at)
+    WHERE dispatch_at IS NOT NULL;
+COMMENT ON COLUMN resilience.schedule_runs.dispatch_at IS
+'overlap => ''allow'': when an executor may take this run (pending since, or retry after); NULL when finished and for other schedules';

@@ -157,6 +157,20 @@ SELECT resilience.unschedule('hits') AS removed, resilience.unschedule('hits') A
 RESET ROLE;
 SELECT count(*) AS runs_left FROM resilience.schedule_runs WHERE schedule = 'hits';
 
+-- overlap => 'allow': a tick only dispatches the slot (a pending run row,
+-- the schedule advanced); an executor runs it (test/t/044_schedule_allow.pl).
+SET ROLE regress_sched_b;
+SELECT resilience.schedule('par', '@hourly', '{"sql": "SELECT 1"}', overlap => 'allow') IS NOT NULL AS created;
+RESET ROLE;
+UPDATE resilience.schedule_definitions
+   SET next_slot = date_trunc('hour', now()), due_at = date_trunc('hour', now()) WHERE name = 'par';
+SELECT resilience.schedule_tick() AS dispatched;
+SELECT state, attempt, started_at IS NULL AS not_started, duration IS NULL AS no_duration,
+       dispatch_at IS NOT NULL AS dispatched
+  FROM resilience.schedule_runs WHERE schedule = 'par';
+SELECT next_slot = date_trunc('hour', now()) + interval '1 hour' AS advanced, last_slot IS NULL AS no_last_run
+  FROM resilience.schedules WHERE name = 'par';
+
 -- clean up
 SELECT resilience.unschedule(name) FROM resilience.schedule_definitions ORDER BY name;
 DROP SCHEMA sched CASCADE;

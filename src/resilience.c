@@ -49,6 +49,7 @@ int			resilience_saga_workers = 1;
 int			resilience_saga_retention_s = 7 * 86400;
 int			resilience_schedule_interval_ms = 10000;
 int			resilience_schedule_retention_s = 7 * 86400;
+int			resilience_schedule_max_parallel = 4;
 char	   *resilience_schedule_slot = NULL;
 int			resilience_saga_stuck_after_s = 300;
 int			resilience_relay_interval_ms = 10000;
@@ -333,6 +334,12 @@ _PG_init(void)
 							&resilience_schedule_retention_s,
 							7 * 86400, 0, 3650 * 86400,
 							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.schedule_max_parallel",
+							"Most runs of overlap => 'allow' schedules executing at once per database.",
+							"Each is a background worker of its own and takes a slot of max_worker_processes.",
+							&resilience_schedule_max_parallel,
+							4, 1, 64,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	/* the outbox relay; read with GetConfigOption where preloading is optional */
 	DefineCustomIntVariable("resilience.relay_interval",
 							"Safety poll of the outbox relay (0 disables the relay in the worker).",

@@ -68,6 +68,7 @@ extern int	resilience_saga_stuck_after_s;
 extern int	resilience_relay_interval_ms;
 extern int	resilience_schedule_interval_ms;
 extern int	resilience_schedule_retention_s;
+extern int	resilience_schedule_max_parallel;
 extern char *resilience_schedule_slot;
 extern int	resilience_outbox_batch_size;
 extern int	resilience_outbox_http_parallelism;

@@ -37,8 +37,24 @@
  * was not listed): the catch-up policy applies (none: drop them; latest:
  * run only the newest; all: run each, in order).  Slots dropped are
  * counted in skipped_slots and get no run row.  The worker runs one slot
- * at a time per database, so runs of a schedule never overlap in time:
- * 'allow' behaves as 'queue' (docs/schedules.md).
+ * at a time per database, so runs of a 'skip' or 'queue' schedule never
+ * overlap in time.
+ *
+ * Concurrent runs (overlap 'allow').  The tick does not run the slot: it
+ * inserts its run row in state pending (dispatch_at = now) and advances the
+ * schedule, in one transaction, and the schedules job then starts an
+ * executor, a dynamic background worker (start_executors).  An executor
+ * takes one of resilience.schedule_max_parallel places (a session-level
+ * advisory lock of its own kind), then takes due runs FOR UPDATE SKIP
+ * LOCKED and runs each like run_slot does, setting its final state (or
+ * retrying with dispatch_at after the backoff) in the same transaction as
+ * the command's effects; it exits when none is left.  Exactly once per
+ * slot thus rests on the run row instead of the schedule row.  A run that
+ * no executor holds a second after its dispatch_at (no free place, no free
+ * worker slot, a retry, an executor that died) is dispatched again by the
+ * worker's next look.  The executor holds the schedule FOR KEY SHARE:
+ * unschedule (FOR UPDATE) waits for it, the tick (FOR NO KEY UPDATE) and
+ * pause/resume do not.
  *
  * Retries: a failed attempt is recorded (the run row in state retrying, the
  * error) and retried after resilience.backoff(attempt, backoff, 16 *
@@ -69,6 +85,10 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/lmgr.h"
+#include "tcop/tcopprot.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
@@ -86,6 +106,16 @@
 #define LOCKED_RETRY_MS 100
 /* Looking for the newest due slot after a long outage stops after this many. */
 #define MAX_SLOT_WALK 100000
+/* An 'allow' run nobody took this long after its dispatch is dispatched again. */
+#define REDISPATCH_AFTER_USEC USECS_PER_SEC
+/* field4 of the advisory lock tags of executor places (SQL's functions use 1 and 2) */
+#define EXECUTOR_LOCK_KIND 3
+#define EXECUTOR_LOCK_ID 0x52534348	/* "RSCH" */
+
+/* Executors the schedules job starts once its transaction has committed. */
+static int	dispatch_wanted = 0;
+
+PGDLLEXPORT void resilience_schedule_executor_main(Datum main_arg);
 
 PG_FUNCTION_INFO_V1(schedule_create);
 PG_FUNCTION_INFO_V1(schedule_drop);
@@ -416,8 +446,12 @@ change_schedule(FunctionCallInfo fcinfo, ScheduleChange change)
 
 	SPI_connect();
 	resilience_become_owner(true, &save);
-	found = run("SELECT creator::pg_catalog.oid, cron, timezone FROM resilience.schedule_definitions"
-				" WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+	/* FOR UPDATE waits for the 'allow' runs in progress (FOR KEY SHARE) */
+	found = run(change == CHANGE_DROP ?
+				"SELECT creator::pg_catalog.oid, cron, timezone FROM resilience.schedule_definitions"
+				" WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE" :
+				"SELECT creator::pg_catalog.oid, cron, timezone FROM resilience.schedule_definitions"
+				" WHERE name OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
 				1, (Oid[]) {TEXTOID}, values, NULL, SPI_OK_SELECT) == 1;
 	if (found && !may_act(caller, DatumGetObjectId(column(0, 1, &isnull))))
 		ereport(ERROR,
@@ -502,7 +536,7 @@ pick_due(Oid caller, TimestampTz now)
 			" WHERE enabled AND due_at OPERATOR(pg_catalog.<=) $1"
 			" AND ($2 OPERATOR(pg_catalog.=) 0::pg_catalog.oid"
 			"      OR pg_catalog.pg_has_role($2, creator::pg_catalog.oid, 'USAGE'))"
-			" ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+			" ORDER BY due_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
 			2, (Oid[]) {TIMESTAMPTZOID, OIDOID}, values, NULL, SPI_OK_SELECT) == 0)
 		return NULL;
 	s = palloc0(sizeof(Schedule));
@@ -660,6 +694,46 @@ advance(Schedule *s, TimestampTz next, const char *state, TimestampTz started,
 		values, nulls, SPI_OK_UPDATE);
 }
 
+/*
+ * Keep the runs for resilience.schedule_retention; unfinished 'allow' runs
+ * (dispatch_at set) stay whatever their age.
+ */
+static void
+prune_runs(Schedule *s, TimestampTz now)
+{
+	Datum		v[2] = {CStringGetTextDatum(s->name),
+	TimestampTzGetDatum(now - (int64) resilience_schedule_retention_s * USECS_PER_SEC)};
+
+	run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1"
+		" AND slot OPERATOR(pg_catalog.<) $2 AND dispatch_at IS NULL",
+		2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, v, NULL, SPI_OK_DELETE);
+}
+
+/* Count attempt s->attempt + 1 of slot s->next_slot, started at started. */
+static void
+count_attempt(Schedule *s, bool failed, TimestampTz started)
+{
+	metrics_add_at_commit(RC_SCHEDULE_RUNS, !failed ? RV_SCHEDULE_SUCCEEDED :
+						  s->attempt + 1 < s->max_attempts ? RV_SCHEDULE_RETRYING :
+						  RV_SCHEDULE_FAILED, s->name, 1);
+	if (s->attempt == 0)
+	{
+		metrics_add_at_commit(RC_SCHEDULE_STARTS, 0, s->name, 1);
+		metrics_add_at_commit(RC_SCHEDULE_LAG, 0, s->name, (uint64) Max(started - s->next_slot, 0));
+	}
+}
+
+/* Log slot s->next_slot's last attempt, which failed with error. */
+static void
+log_failed(Schedule *s, const char *error)
+{
+	int			attempt = s->attempt + 1;
+
+	ereport(LOG,
+			(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
+					s->name, slot_text(s->next_slot), attempt, attempt == 1 ? "" : "s", error)));
+}
+
 /* Run slot s->next_slot once (attempt s->attempt + 1) and record it. */
 static void
 run_slot(Schedule *s, TimestampTz started)
@@ -701,14 +775,7 @@ run_slot(Schedule *s, TimestampTz started)
 				 errdetail("Slot %s has a finished run; the command was rolled back.",
 						   slot_text(s->next_slot))));
 
-	metrics_add_at_commit(RC_SCHEDULE_RUNS, error == NULL ? RV_SCHEDULE_SUCCEEDED :
-				attempt < s->max_attempts ? RV_SCHEDULE_RETRYING : RV_SCHEDULE_FAILED,
-				s->name, 1);
-	if (s->attempt == 0)
-	{
-		metrics_add_at_commit(RC_SCHEDULE_STARTS, 0, s->name, 1);
-		metrics_add_at_commit(RC_SCHEDULE_LAG, 0, s->name, (uint64) Max(started - s->next_slot, 0));
-	}
+	count_attempt(s, error != NULL, started);
 
 	if (error != NULL && attempt < s->max_attempts)
 	{
@@ -728,20 +795,35 @@ run_slot(Schedule *s, TimestampTz started)
 		return;
 	}
 	if (error != NULL)
-		ereport(LOG,
-				(errmsg("schedule \"%s\": slot %s failed after %d attempt%s: %s",
-						s->name, slot_text(s->next_slot), attempt, attempt == 1 ? "" : "s", error)));
+		log_failed(s, error);
 	advance(s, cron_next(&s->spec, s->zone, s->next_slot), state, started, now, 0);
+	prune_runs(s, now);
+}
 
-	/* keep the runs for resilience.schedule_retention */
-	{
-		Datum		v[2] = {CStringGetTextDatum(s->name),
-		TimestampTzGetDatum(now - (int64) resilience_schedule_retention_s * USECS_PER_SEC)};
+/*
+ * overlap => 'allow': record slot s->next_slot as a pending run and
+ * advance the schedule, in this transaction; an executor runs it after the
+ * commit (see "Concurrent runs" in the header).
+ */
+static void
+dispatch_slot(Schedule *s, TimestampTz now)
+{
+	Datum		values[4] = {CStringGetTextDatum(s->name), TimestampTzGetDatum(s->next_slot),
+		ObjectIdGetDatum(s->creator), TimestampTzGetDatum(now)};
 
-		run("DELETE FROM resilience.schedule_runs WHERE schedule OPERATOR(pg_catalog.=) $1"
-			" AND slot OPERATOR(pg_catalog.<) $2", 2, (Oid[]) {TEXTOID, TIMESTAMPTZOID}, v,
-			NULL, SPI_OK_DELETE);
-	}
+	if (run("INSERT INTO resilience.schedule_runs (schedule, slot, state, attempt, creator,"
+			" dispatch_at) VALUES ($1, $2, 'pending', 0, $3::pg_catalog.regrole, $4)"
+			" ON CONFLICT (schedule, slot) DO NOTHING",
+			4, (Oid[]) {TEXTOID, TIMESTAMPTZOID, OIDOID, TIMESTAMPTZOID},
+			values, NULL, SPI_OK_INSERT) != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("a slot of schedule \"%s\" has already run", s->name),
+				 errdetail("Slot %s already has a run row.", slot_text(s->next_slot))));
+	advance(s, cron_next(&s->spec, s->zone, s->next_slot), NULL, 0, now, 0);
+	prune_runs(s, now);
+	dispatch_wanted++;
+	worker_wake_at_commit();	/* a tick by hand: the worker starts the executor */
 }
 
 /*
@@ -796,7 +878,10 @@ tick_once(Oid caller)
 			}
 		}
 	}
-	run_slot(s, now);
+	if (strcmp(s->overlap, "allow") == 0)
+		dispatch_slot(s, now);
+	else
+		run_slot(s, now);
 	return true;
 }
 
@@ -825,16 +910,66 @@ worker_tick(void)
 	Datum		next;
 	int64		wish;
 
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		before = TimestampTzGetDatum(now - REDISPATCH_AFTER_USEC);
+	int64		ready;
+
 	if (tick_once(InvalidOid))
 		return 0;
-	run("SELECT pg_catalog.min(due_at) FROM resilience.schedule_definitions WHERE enabled",
-		0, NULL, NULL, NULL, SPI_OK_SELECT);
+
+	/*
+	 * 'allow' runs that are due and that no executor holds: a dispatch that
+	 * found no free place, a retry whose backoff has passed, the run of an
+	 * executor that died.  Start executors for them.
+	 */
+	run("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM resilience.schedule_runs"
+		" WHERE dispatch_at OPERATOR(pg_catalog.<=) $1 FOR KEY SHARE SKIP LOCKED) r",
+		1, (Oid[]) {TIMESTAMPTZOID}, &before, NULL, SPI_OK_SELECT);
+	ready = DatumGetInt64(column(0, 1, &isnull));
+	dispatch_wanted += (int) Min(ready, (int64) resilience_schedule_max_parallel);
+
+	run("SELECT pg_catalog.min(t) FROM (SELECT pg_catalog.min(due_at) AS t"
+		" FROM resilience.schedule_definitions WHERE enabled"
+		" UNION ALL SELECT pg_catalog.min(dispatch_at) OPERATOR(pg_catalog.+) '1 second'"
+		" FROM resilience.schedule_runs WHERE dispatch_at OPERATOR(pg_catalog.>) $1) n",
+		1, (Oid[]) {TIMESTAMPTZOID}, &before, NULL, SPI_OK_SELECT);
 	next = column(0, 1, &isnull);
 	if (isnull)
 		return -1;
 	/* due now but locked by another transaction: look again soon */
-	wish = (DatumGetTimestampTz(next) - GetCurrentTimestamp() + 999) / 1000;
+	wish = (DatumGetTimestampTz(next) - now + 999) / 1000;
 	return wish <= 0 ? LOCKED_RETRY_MS : (long) Min(wish, (int64) INT_MAX);
+}
+
+/* Start the executors this unit of work asked for (after its commit). */
+static void
+start_executors(void)
+{
+	int			n = Min(dispatch_wanted, resilience_schedule_max_parallel);
+
+	dispatch_wanted = 0;
+	while (n-- > 0)
+	{
+		BackgroundWorker worker;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = BGW_NEVER_RESTART;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_schedule_executor_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "resilience schedule executor %u", MyDatabaseId);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "resilience schedule executor");
+		worker.bgw_main_arg = ObjectIdGetDatum(MyDatabaseId);
+		if (!RegisterDynamicBackgroundWorker(&worker, NULL))
+		{
+			/* the runs stay pending: the next look dispatches them again */
+			ereport(LOG,
+					(errmsg("resilience could not start a schedule executor: no free background worker slot"),
+					 errhint("Raise max_worker_processes, or lower resilience.schedule_max_parallel.")));
+			break;
+		}
+	}
 }
 
 /*
@@ -867,5 +1002,153 @@ schedule_worker_job(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	start_executors();
 	return wish;
+}
+
+/* ---- executors of 'allow' runs ---- */
+
+/*
+ * Run one due 'allow' run that no one holds, and record it, in this
+ * transaction: true if there was one.  SPI connected, as the owner.
+ */
+static bool
+execute_one(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		arg = TimestampTzGetDatum(now);
+	Schedule	s = {0};
+	Jsonb	   *result;
+	char	   *error;
+	int			attempt;
+	const char *state;
+	TimestampTz finished;
+	TimestampTz retry_at = 0;
+	bool		isnull;
+	Datum		values[9];
+	char		nulls[9] = "         ";
+
+	/* KEY SHARE of the schedule: unschedule waits for the run, the tick does not */
+	if (run("SELECT r.schedule, r.slot, r.attempt, d.command, d.max_attempts, d.backoff,"
+			" d.creator::pg_catalog.oid"
+			" FROM resilience.schedule_runs r JOIN resilience.schedule_definitions d"
+			"   ON d.name OPERATOR(pg_catalog.=) r.schedule"
+			" WHERE r.dispatch_at OPERATOR(pg_catalog.<=) $1"
+			" ORDER BY r.dispatch_at LIMIT 1"
+			" FOR UPDATE OF r SKIP LOCKED FOR KEY SHARE OF d SKIP LOCKED",
+			1, (Oid[]) {TIMESTAMPTZOID}, &arg, NULL, SPI_OK_SELECT) == 0)
+		return false;
+	s.name = column_text(0, 1);
+	s.next_slot = DatumGetTimestampTz(column(0, 2, &isnull));
+	s.attempt = DatumGetInt32(column(0, 3, &isnull));
+	s.command = DatumGetJsonbPCopy(column(0, 4, &isnull));
+	s.max_attempts = DatumGetInt32(column(0, 5, &isnull));
+	s.backoff_usec = resilience_interval_usec(DatumGetIntervalP(column(0, 6, &isnull)));
+	s.creator = DatumGetObjectId(column(0, 7, &isnull));
+
+	error = run_command(&s, s.next_slot, &result);
+	finished = GetCurrentTimestamp();
+	attempt = s.attempt + 1;
+	state = error == NULL ? "succeeded" : attempt < s.max_attempts ? "retrying" : "failed";
+	if (strcmp(state, "retrying") == 0)
+		retry_at = finished + resilience_backoff_usec(attempt, s.backoff_usec,
+													  s.backoff_usec * 16, JITTER_EQUAL, 0);
+
+	values[0] = CStringGetTextDatum(s.name);
+	values[1] = TimestampTzGetDatum(s.next_slot);
+	values[2] = CStringGetTextDatum(state);
+	values[3] = Int32GetDatum(attempt);
+	values[4] = TimestampTzGetDatum(now);
+	values[5] = TimestampTzGetDatum(finished);
+	values[6] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	nulls[6] = error ? ' ' : 'n';
+	values[7] = result ? JsonbPGetDatum(result) : (Datum) 0;
+	nulls[7] = result ? ' ' : 'n';
+	values[8] = TimestampTzGetDatum(retry_at);
+	nulls[8] = retry_at ? ' ' : 'n';
+	run("UPDATE resilience.schedule_runs SET state = $3, attempt = $4, started_at = $5,"
+		" finished_at = $6, error = $7, result = $8, dispatch_at = $9"
+		" WHERE schedule OPERATOR(pg_catalog.=) $1 AND slot OPERATOR(pg_catalog.=) $2",
+		9, (Oid[]) {TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID,
+			TIMESTAMPTZOID, TEXTOID, JSONBOID, TIMESTAMPTZOID},
+		values, nulls, SPI_OK_UPDATE);
+	/* the schedule's last run: the newest slot's latest news */
+	run("UPDATE resilience.schedule_definitions SET last_slot = $2, last_state = $3,"
+		" last_started = $5, last_finished = $6,"
+		" last_success = CASE WHEN $3 OPERATOR(pg_catalog.=) 'succeeded' THEN $6 ELSE last_success END"
+		" WHERE name OPERATOR(pg_catalog.=) $1"
+		" AND (last_slot IS NULL OR last_slot OPERATOR(pg_catalog.<=) $2)",
+		6, (Oid[]) {TEXTOID, TIMESTAMPTZOID, TEXTOID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+		values, NULL, SPI_OK_UPDATE);
+
+	count_attempt(&s, error != NULL, now);
+	if (retry_at)
+		worker_wake_at_commit();	/* to dispatch the retry when it is due */
+	else if (error != NULL)
+		log_failed(&s, error);
+	return true;
+}
+
+/* One execute_one in a transaction of its own, as the extension's owner. */
+static bool
+execute_one_xact(void)
+{
+	bool		did = false;
+	Oid			nsp;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "resilience schedule executor");
+	nsp = get_namespace_oid("resilience", true);
+	if (worker_lock_extension() && OidIsValid(nsp) &&
+		OidIsValid(get_relname_relid("schedule_runs", nsp)))
+	{
+		ResilienceUser save;
+
+		resilience_become_owner(true, &save);
+		did = execute_one();
+		resilience_restore_user(&save);
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return did;
+}
+
+/*
+ * An executor of 'allow' runs (started by start_executors): takes one of
+ * the database's resilience.schedule_max_parallel places (a session-level
+ * lock, released by its exit, even by a crash), runs due runs until there
+ * are none, and exits.  With no free place it exits at once: the runs
+ * stay for the executors that hold the places, or the next dispatch.
+ */
+void
+resilience_schedule_executor_main(Datum main_arg)
+{
+	bool		placed = false;
+	int			i;
+
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(main_arg), InvalidOid, 0);
+	/* as the worker does, for the same reasons (see worker.c) */
+	SetConfigOption("search_path", RESILIENCE_SEARCH_PATH, PGC_SUSET, PGC_S_CLIENT);
+
+	StartTransactionCommand();
+	for (i = 0; i < resilience_schedule_max_parallel && !placed; i++)
+	{
+		LOCKTAG		tag;
+
+		SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, EXECUTOR_LOCK_ID, i, EXECUTOR_LOCK_KIND);
+		placed = LockAcquire(&tag, ExclusiveLock, true, true) != LOCKACQUIRE_NOT_AVAIL;
+	}
+	CommitTransactionCommand();
+	if (!placed)
+		proc_exit(0);
+	while (!RecoveryInProgress() && execute_one_xact())
+		CHECK_FOR_INTERRUPTS();
+	proc_exit(0);
 }

@@ -122,8 +122,24 @@ sub check_counted
 my %counts;
 
 # --- kill -9 of the postmaster ---
+# Recovery replays from this checkpoint: the decisions' records (custom
+# resource manager 187, src/quota.c), the first after it on each page with
+# a full-page image, the others applied by quota_redo.
+$primary->safe_psql('postgres', 'CHECKPOINT');
+my $wal_start = $primary->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
 my $runs = start_clients($primary, 'kill9');
 sleep 3;
+my $wal_end = $primary->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
+# pg_waldump cannot decode them (it does not load the library): it shows
+# them as resource manager custom187, and can count them
+my ($dump, $dump_err) = ('', '');
+IPC::Run::run([ 'pg_waldump', '--rmgr=custom187', '-s', $wal_start, '-e', $wal_end,
+	'-p', $primary->data_dir . '/pg_wal' ], '>', \$dump, '2>', \$dump_err);
+my $records = () = $dump =~ /^rmgr: custom187 /mg;
+my $fpis = () = $dump =~ /^rmgr: custom187 .*FPW/mg;
+cmp_ok($records - $fpis, '>', 1000,
+	"the decisions were logged by the custom resource manager ($records records, $fpis with a full-page image)")
+  or diag($dump_err);
 $primary->kill9;
 finish_clients($runs, \%counts);
 # its children notice the postmaster's death and leave; start once they have
