@@ -1760,11 +1760,9 @@ AS $citus$
 DECLARE
     -- table, distribution column (NULL: reference table), co-location anchor
     dist CONSTANT text[] := ARRAY[
-        ['resilience.leases', 'name', 'none'],
-        ['resilience.fences', 'resource', 'resilience.leases'],
-        ['resilience.streams', 'stream', 'resilience.leases'],
-        ['resilience.stream_events', 'stream', 'resilience.leases'],
-        ['resilience.inbox', 'message_id', 'none'],          -- COLLATE "C": a group of its own
+        ['resilience.fences', 'resource', 'none'],
+        ['resilience.streams', 'stream', 'resilience.fences'],
+        ['resilience.stream_events', 'stream', 'resilience.fences'],
         ['resilience.rate_limit_policies', NULL, NULL],
         ['resilience.breaker_config', NULL, NULL]];
     -- shared-memory state addressed by its first argument (key or name)
@@ -1821,13 +1819,13 @@ BEGIN
                 AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'text'::regtype
               ORDER BY p.oid::regprocedure::text LOOP
         object := f::text;
-        placement := 'delegated to the node of $1 (co-located with resilience.leases)';
+        placement := 'delegated to the node of $1 (co-located with resilience.fences)';
         changed := NOT EXISTS (SELECT FROM pg_dist_object o
                                 WHERE o.classid OPERATOR(pg_catalog.=) 'pg_proc'::regclass
                                   AND o.objid OPERATOR(pg_catalog.=) f::oid
                                   AND o.distribution_argument_index IS NOT NULL);
         IF changed THEN
-            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, ''$1'', colocate_with => ''resilience.leases'')'
+            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, ''$1'', colocate_with => ''resilience.fences'')'
                 USING f;
         END IF;
         RETURN NEXT;

@@ -37,9 +37,9 @@ my $first = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
 my $second = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
-like($first, qr/^resilience\.leases\|distributed by name\|t$/m, 'leases distributed by name');
+like($first, qr/^resilience\.leases\|coordinator only\|f$/m, 'leases stay on the coordinator');
 like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by resource');
-like($first, qr/^resilience\.inbox\|distributed by message_id\|t$/m, 'inbox by message_id');
+like($first, qr/^resilience\.inbox\|coordinator only\|f$/m, 'the inbox stays on the coordinator');
 like($first, qr/^resilience\.stream_events\|distributed by stream\|t$/m, 'stream events by stream');
 like($first, qr/^resilience\.rate_limit_policies\|reference\|t$/m, 'policies: a reference table');
 like($first, qr/^resilience\.outbox\|coordinator only\|f$/m, 'the outbox stays on the coordinator');
@@ -51,9 +51,9 @@ like($first, qr/^resilience\.rate_limit\(text,integer,double precision,integer\)
 is($second, $expect, 'a second call places the same and changes nothing');
 is($coord->safe_psql('postgres', q{
 	SELECT string_agg(DISTINCT colocationid::text, ',') FROM pg_dist_partition
-	 WHERE logicalrelid IN ('resilience.leases'::regclass, 'resilience.fences'::regclass,
+	 WHERE logicalrelid IN ('resilience.fences'::regclass,
 	                        'resilience.streams'::regclass, 'resilience.stream_events'::regclass)}) =~ /^\d+$/
-	? 'one' : 'several', 'one', 'leases, fences and streams are co-located');
+	? 'one' : 'several', 'one', 'fences and streams are co-located');
 
 # --- a delegated limiter lives on the key's worker only ---
 $coord->safe_psql('postgres', q{
@@ -63,7 +63,7 @@ my @keys = split /\n/, $coord->safe_psql('postgres', q{
 	SELECT k FROM (SELECT k, p.nodeport, row_number() OVER (PARTITION BY p.nodeport ORDER BY i) AS r
 	                 FROM generate_series(1, 50) i, LATERAL (SELECT 'k' || i AS k) x
 	                 JOIN pg_dist_shard_placement p
-	                   ON p.shardid = get_shard_id_for_distribution_column('resilience.leases', x.k)) y
+	                   ON p.shardid = get_shard_id_for_distribution_column('resilience.fences', x.k)) y
 	 WHERE r <= 2 ORDER BY nodeport, k});
 is(scalar(@keys), 4, 'two keys on each worker');
 my %allowed;

@@ -62,14 +62,14 @@ sub setup
 }
 
 # The worker node that holds the shard of a text key in the co-location
-# group of resilience.leases (every distributed table and function of
-# resilience is in it).
+# group of resilience.fences (every distributed table and function of
+# resilience but the inbox is in it).
 sub worker_of
 {
 	my ($self, $key) = @_;
 	my $port = $self->{coord}->safe_psql('postgres', qq{
 		SELECT nodeport FROM pg_dist_shard_placement
-		 WHERE shardid = get_shard_id_for_distribution_column('resilience.leases', '$key')});
+		 WHERE shardid = get_shard_id_for_distribution_column('resilience.fences', '$key')});
 	my ($w) = grep { $_->port == $port } @{ $self->{workers} };
 	return $w;
 }
