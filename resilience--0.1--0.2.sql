@@ -1761,8 +1761,6 @@ DECLARE
     -- table, distribution column (NULL: reference table), co-location anchor
     dist CONSTANT text[] := ARRAY[
         ['resilience.fences', 'resource', 'none'],
-        ['resilience.streams', 'stream', 'resilience.fences'],
-        ['resilience.stream_events', 'stream', 'resilience.fences'],
         ['resilience.rate_limit_policies', NULL, NULL],
         ['resilience.breaker_config', NULL, NULL]];
     -- shared-memory state addressed by its first argument (key or name)

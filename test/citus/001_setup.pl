@@ -4,7 +4,9 @@
 #  - places every table and delegated function as docs/citus.md says, and a
 #    second call changes nothing;
 #  - a delegated rate limit keeps its bucket on the one worker that owns the
-#    key, and the coordinator's named policies (a reference table) reach it.
+#    key, and the coordinator's named policies (a reference table) reach it;
+#  - streams (kept on the coordinator: append_events' INSERT has a subquery
+#    Citus refuses) append at the expected version, refuse a stale one (40001).
 use strict;
 use warnings;
 use lib 'test/perl';
@@ -40,7 +42,7 @@ my $second = $coord->safe_psql('postgres',
 like($first, qr/^resilience\.leases\|coordinator only\|f$/m, 'leases stay on the coordinator');
 like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by resource');
 like($first, qr/^resilience\.inbox\|coordinator only\|f$/m, 'the inbox stays on the coordinator');
-like($first, qr/^resilience\.stream_events\|distributed by stream\|t$/m, 'stream events by stream');
+like($first, qr/^resilience\.stream_events\|coordinator only\|f$/m, 'stream events stay on the coordinator');
 like($first, qr/^resilience\.rate_limit_policies\|reference\|t$/m, 'policies: a reference table');
 like($first, qr/^resilience\.outbox\|coordinator only\|f$/m, 'the outbox stays on the coordinator');
 like($first, qr/^resilience\.idempotency_keys\|coordinator only\|f$/m,
@@ -49,11 +51,6 @@ like($first, qr/^resilience\.rate_limit\(text,integer,double precision,integer\)
 	'rate_limit delegated');
 (my $expect = $first) =~ s/\|t$/|f/mg;
 is($second, $expect, 'a second call places the same and changes nothing');
-is($coord->safe_psql('postgres', q{
-	SELECT string_agg(DISTINCT colocationid::text, ',') FROM pg_dist_partition
-	 WHERE logicalrelid IN ('resilience.fences'::regclass,
-	                        'resilience.streams'::regclass, 'resilience.stream_events'::regclass)}) =~ /^\d+$/
-	? 'one' : 'several', 'one', 'fences and streams are co-located');
 
 # --- a delegated limiter lives on the key's worker only ---
 $coord->safe_psql('postgres', q{
@@ -84,6 +81,21 @@ for my $key (@keys)
 		SELECT count(*) FROM resilience.rate_limit_entries() WHERE key = '$key'}),
 		'00', "$key: and nowhere else");
 }
+
+# --- streams (on the coordinator): append with an expected version ---
+is($coord->safe_psql('postgres', q{
+	SELECT resilience.append_events('order-9', -1, ARRAY['{"type": "created", "data": {}}'::jsonb])}),
+	'0', 'a new stream appended through the coordinator');
+is($coord->safe_psql('postgres', q{
+	SELECT resilience.append_events('order-9', 0, ARRAY['{"type": "paid", "data": {}}'::jsonb])}),
+	'1', 'appended at the expected version');
+($ret, $out, $err) = $coord->psql('postgres', q{
+	SELECT resilience.append_events('order-9', 0, ARRAY['{"type": "paid", "data": {}}'::jsonb])},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/40001/, 'a stale expected version: 40001');
+is($coord->safe_psql('postgres', q{
+	SELECT string_agg(type, ',' ORDER BY version) FROM resilience.read_stream('order-9', 0)}),
+	'created,paid', 'read back in order, nothing from the refused append');
 
 $c->stop;
 done_testing();
