@@ -1786,3 +1786,110 @@ CREATE INDEX schedule_runs_dispatch ON resilience.schedule_runs (dispatch_at)
     WHERE dispatch_at IS NOT NULL;
 COMMENT ON COLUMN resilience.schedule_runs.dispatch_at IS
 'overlap => ''allow'': when an executor may take this run (pending since, or retry after); NULL when finished and for other schedules';
+
+-- Issue 21: Citus
+-- citus_setup() places every table and key-addressed function of the
+-- extension on a Citus cluster (docs/citus.md argues each placement):
+-- tables keyed by what their guarantee is about are hash-distributed by that
+-- column, the configuration read by delegated functions becomes reference
+-- tables, the rest stays a plain table of the coordinator, where the relay,
+-- the orchestrator and the scheduler run.  Shared-memory functions are
+-- delegated to the node that owns their key.  Checks come first and it runs
+-- in the caller's one transaction: an error changes nothing, a second call
+-- changes nothing (each row says whether this call placed the object).
+-- Distributing the extension's tables needs their owner: not granted.
+CREATE FUNCTION resilience.citus_setup(
+    OUT object text, OUT placement text, OUT changed boolean)
+RETURNS SETOF record
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $citus$
+DECLARE
+    -- table, distribution column (NULL: reference table), co-location anchor
+    dist CONSTANT text[] := ARRAY[
+        ['resilience.fences', 'resource', 'none'],
+        ['resilience.rate_limit_policies', NULL, NULL],
+        ['resilience.breaker_config', NULL, NULL]];
+    -- shared-memory state addressed by its first argument (key or name)
+    delegated CONSTANT name[] := ARRAY['rate_limit', 'rate_limit_check', 'window_limit',
+        'window_limit_check', 'rate_limit_reset', 'breaker_allow', 'breaker_record',
+        'breaker_guard', 'breaker_state', 'breaker_reset', 'breaker_force_open'];
+    t text[];
+    f regprocedure;
+    ok boolean;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
+        RAISE EXCEPTION 'Citus is not installed in database "%"', current_database()
+            USING ERRCODE = '55000',
+                  DETAIL = 'resilience.citus_setup() distributes resilience''s tables with Citus; on a single server there is nothing to place.',
+                  HINT = 'Add citus to shared_preload_libraries, CREATE EXTENSION citus and add the workers on the coordinator first (docs/citus.md).';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.citus_is_coordinator()' INTO ok;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'resilience.citus_setup() must be called on the Citus coordinator'
+            USING ERRCODE = '55000',
+                  DETAIL = 'This node is a Citus worker: placements are decided and recorded by the coordinator.',
+                  HINT = 'Connect to the coordinator and call it there.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM pg_catalog.citus_get_active_worker_nodes()'
+        INTO ok;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'the Citus cluster has no active worker node'
+            USING ERRCODE = '55000',
+                  DETAIL = 'Distributed tables would all live on the coordinator.',
+                  HINT = 'Add the workers with citus_add_node() first.';
+    END IF;
+    -- Reference tables with triggers (their caches are invalidated on every
+    -- node by the trigger on each placement) need this, for this call only.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+
+    FOREACH t SLICE 1 IN ARRAY dist LOOP
+        object := t[1];
+        placement := CASE WHEN t[2] IS NULL THEN 'reference'
+                          ELSE 'distributed by ' OPERATOR(pg_catalog.||) t[2] END;
+        changed := NOT EXISTS (SELECT FROM pg_dist_partition
+                                WHERE logicalrelid OPERATOR(pg_catalog.=) t[1]::regclass);
+        IF changed AND t[2] IS NULL THEN
+            EXECUTE 'SELECT pg_catalog.create_reference_table($1)' USING t[1]::regclass;
+        ELSIF changed THEN
+            EXECUTE 'SELECT pg_catalog.create_distributed_table($1, $2, colocate_with => $3)'
+                USING t[1]::regclass, t[2], t[3];
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
+                AND p.proname OPERATOR(pg_catalog.=) ANY (delegated)
+                AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'text'::regtype
+              ORDER BY p.oid::regprocedure::text LOOP
+        object := f::text;
+        placement := 'delegated to the node of $1 (co-located with resilience.fences)';
+        changed := NOT EXISTS (SELECT FROM pg_dist_object o
+                                WHERE o.classid OPERATOR(pg_catalog.=) 'pg_proc'::regclass
+                                  AND o.objid OPERATOR(pg_catalog.=) f::oid
+                                  AND o.distribution_argument_index IS NOT NULL);
+        IF changed THEN
+            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, ''$1'', colocate_with => ''resilience.fences'')'
+                USING f;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+
+    -- Everything else stays where it is: a plain table on every node, the
+    -- coordinator's being the one the API uses (docs/citus.md says why).
+    FOR object IN SELECT c.oid::regclass::text FROM pg_class c
+                   WHERE c.relnamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
+                     AND c.relkind OPERATOR(pg_catalog.=) 'r'
+                     AND NOT EXISTS (SELECT FROM pg_dist_partition d
+                                      WHERE d.logicalrelid OPERATOR(pg_catalog.=) c.oid)
+                   ORDER BY 1 LOOP
+        placement := 'coordinator only';
+        changed := false;
+        RETURN NEXT;
+    END LOOP;
+END
+$citus$;
+COMMENT ON FUNCTION resilience.citus_setup() IS
+'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
+REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner

@@ -5,7 +5,7 @@
 # Prints a table of throughputs and ratios against the targets of issue 2.
 # Performance is reported, not asserted: exits 0 whenever the runs succeed.
 #   BENCH_SECONDS=10   length of each run
-#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks"   which comparisons to run
+#   BENCH_SECTIONS="ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks citus"   which comparisons to run (citus: PostgreSQL 16+ only)
 #   BENCH_SCHEDULES=5000   the schedules section's schedules (see bench/schedules.sh)
 #   BENCH_SAGA_BACKLOG=20000   the sagas section's backlog (see bench/sagas.sh)
 #   BENCH_ROUNDS=1     repeat every section's runs, taking turns, and average:
@@ -23,6 +23,7 @@
 . "$(dirname "$0")/quota.sh"
 . "$(dirname "$0")/webhooks.sh"
 . "$(dirname "$0")/events.sh"
+. "$(dirname "$0")/citus.sh"
 
 BENCH_DIR="$SRC_DIR/bench"
 DURATION=${BENCH_SECONDS:-10}
@@ -43,6 +44,7 @@ bench_cleanup() {
 	stop_fast_receiver
 	stop_broker
 	stop_redis
+	stop_citus_nodes
 	(exit "$rc")
 	cleanup
 }
@@ -124,7 +126,7 @@ redis-cli -s "$REDIS_SOCK" EVAL "for i = 0, $NKEYS - 1 do
 	redis.call('PEXPIRE', k, 600000)
 end" 0 $CAPACITY >/dev/null
 
-SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks}
+SECTIONS=${BENCH_SECTIONS:-ratelimit locks idempotency breakers sagas outbox amqp events schedules quota webhooks citus}
 ROUNDS=${BENCH_ROUNDS:-1}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -211,6 +213,10 @@ fi
 if section webhooks; then
 	run_webhooks_section
 fi
+# Citus (PostgreSQL 16 and later): through a coordinator vs one plain node.
+if section citus && [ "$PG_MAJOR" -ge 16 ] && bash "$SRC_DIR/tools/citus.sh" "$BINDIR"; then
+	run_citus_section
+fi
 
 # ratio_line label numerator-id denominator-id [target-op target]
 ratio_line() {
@@ -259,6 +265,7 @@ report() {
 	section schedules && report_schedules
 	section quota && report_quota
 	section webhooks && report_webhooks
+	[ -n "${CITUS_SPREAD:-}" ] && report_citus
 	true
 }
 

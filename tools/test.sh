@@ -8,18 +8,21 @@
 #   rabbitmq-server and python3-pika only when this suite runs),
 #   upgrade (test/upgrade: pg_upgrade from 15 to the version under test; not
 #   run for 15 itself),
-#   dist (META.json, and `make dist`'s tarball builds and installs with PGXS).
+#   dist (META.json, and `make dist`'s tarball builds and installs with PGXS),
+#   citus (test/citus: TAP tests against a Citus coordinator and two workers;
+#   PostgreSQL 16 and later only, Citus built once by tools/citus.sh).
 # Each suite's line names its version ("== regress@18: N passed, N failed");
 # the run ends with one line "N passed, N failed" over everything and exits
 # non-zero on any failure.
 # PG="15 18" (default) selects the versions, SUITES="build regress isolation
-# pgtap tap amqp upgrade dist" the suites, TAP_FILES the TAP files (default
-# test/t/*.pl), AMQP_FILES the amqp ones (test/amqp/*.pl); KEEP_WORK=1 keeps
+# pgtap tap amqp upgrade dist citus" the suites, TAP_FILES the TAP files (default
+# test/t/*.pl), AMQP_FILES the amqp ones (test/amqp/*.pl), CITUS_FILES the
+# citus ones (test/citus/*.pl); KEEP_WORK=1 keeps
 # the temporary files.
 . "$(dirname "$0")/cluster.sh"
 
 VERSIONS=${PG:-15 18}
-SUITES=${SUITES:-build regress isolation pgtap tap amqp upgrade dist}
+SUITES=${SUITES:-build regress isolation pgtap tap amqp upgrade dist citus}
 
 ensure_packages
 # Every version is built before any suite runs, so a build failure shows at
@@ -231,6 +234,17 @@ for v in $VERSIONS; do
 			OLD_INSTALL=$(upgrade_source) run_tap_suite upgrade test/upgrade/*.pl ;;
 		dist)
 			run_dist ;;
+		citus)
+			# Citus 14 supports PostgreSQL 16-18: said, not counted as passed
+			if [ "$v" -lt 16 ]; then
+				say "== citus@$v: does not apply (Citus 14 supports PostgreSQL 16-18), not run"
+				continue
+			fi
+			if ! bash "$SRC_DIR/tools/citus.sh" "$BINDIR"; then
+				count citus 0 1
+				continue
+			fi
+			run_tap_suite citus ${CITUS_FILES:-test/citus/*.pl} ;;
 		*) die "unknown suite $suite" ;;
 		esac
 	done
