@@ -1881,3 +1881,30 @@ BEGIN
     RETURN removed;
 END
 $$;
+
+-- stuck_sagas: a saga at a parallel group waits for its branches.
+CREATE OR REPLACE VIEW resilience.stuck_sagas AS
+    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
+           s.attempt,
+           CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
+                WHEN d.steps -> (s.step - 1) ? 'parallel' AND (s.awaiting OR s.state = 'compensating') THEN 'branches'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ? 'await' THEN 'signal'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until'] THEN 'timer'
+                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
+                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
+                ELSE 'worker' END AS waiting_for,
+           s.next_run_at,
+           s.updated_at AS last_progress_at,
+           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
+           (SELECT e.error FROM resilience.saga_events e
+             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+     WHERE s.state = 'suspended'
+        OR (s.state IN ('running', 'compensating', 'compensation_failed')
+            AND s.updated_at < pg_catalog.clock_timestamp()
+                - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval
+            AND NOT (s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until']
+                     AND s.next_run_at > pg_catalog.clock_timestamp()));
+COMMENT ON VIEW resilience.stuck_sagas IS
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, branches, retry, worker, saga_retry)';

@@ -90,6 +90,9 @@ SELECT resilience.saga_start('holiday', '{}') AS aborted \gset
 SELECT resilience.saga_tick() AS reserve, resilience.saga_tick() AS enter_group,
        resilience.saga_tick() AS first_branch;
 SELECT name, state FROM resilience.saga_branches WHERE saga_id = :aborted ORDER BY branch_no;
+-- an hour without progress: stuck_sagas says it waits for its branches
+UPDATE resilience.sagas SET updated_at = updated_at - interval '1 hour' WHERE id = :aborted;
+SELECT step_name, waiting_for FROM resilience.stuck_sagas WHERE id = :aborted;
 SELECT resilience.saga_abort(:aborted, 'changed my mind');
 SELECT name, state FROM resilience.saga_branches WHERE saga_id = :aborted ORDER BY branch_no;
 CALL resilience.saga_run();
