@@ -91,6 +91,8 @@
 #define LOCKED_RETRY_MS 100
 /* How often a pick scans the queue from its start rather than from the floor. */
 #define FLOOR_RESET_MS 100
+/* At most how many units of one saga the worker runs in one transaction. */
+#define BATCH_TICKS 16
 
 typedef enum SagaState
 {
@@ -458,6 +460,7 @@ typedef enum SagaPlan
 	PLAN_BRANCH_LIST,
 	PLAN_BRANCH_CANCEL,
 	PLAN_BRANCH_ARM,
+	PLAN_BRANCH_OTHERS,
 	NUM_PLANS
 } SagaPlan;
 
@@ -594,10 +597,13 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) $3"
 	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
+	"SELECT pg_catalog.count(*) FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.<>) $3"
+	" AND state IN ('pending', 'compensating')",
 };
 
 static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
-2, 1, 12, 2, 4, 2, 3, 5};
+2, 1, 12, 2, 4, 2, 3, 5, 3};
 
 #define MAX_PLAN_ARGS 12
 static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
@@ -635,6 +641,7 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{INT8OID, INT4OID},
 	{INT8OID, INT4OID, TIMESTAMPTZOID},
 	{INT8OID, INT4OID, TEXTOID, TIMESTAMPTZOID, INT4ARRAYOID},
+	{INT8OID, INT4OID, INT4OID},
 };
 
 /*
@@ -1897,9 +1904,9 @@ await_advance(Saga *s, SagaStepDef *st)
  * A parallel group is one step whose branches (SQL steps) are rows of
  * resilience.saga_branches, each claimed and run by any orchestrator in a
  * transaction of its own (branch_tick), so with several orchestrators they
- * run at the same time.  The saga waits at the group; each branch that
- * finishes makes it due (a poke, committed with the branch), and the
- * saga's tick (group_advance) looks at the branches: when all completed,
+ * run at the same time.  The saga waits at the group; the last branch to
+ * finish makes it due (a poke, committed with the branch: branch_write),
+ * and the saga's tick (group_advance) looks at the branches: when all completed,
  * their results merge into the context under their names; when one failed,
  * the branches not started are cancelled, the running ones finish, and the
  * completed ones are compensated, concurrently, before the steps before the
@@ -2022,9 +2029,9 @@ group_arm_compensations(Saga *s, SagaStepDef *st, const char *from)
 }
 
 /*
- * The saga waits at its group: for the branches' pokes, and at the latest
- * after the longest branch timeout (a safety net: a poke commits with its
- * branch, so none is lost).
+ * The saga waits at its group: for the last branch's poke, and at the
+ * latest after the longest branch timeout (a safety net: a poke commits
+ * with its branch, so none is lost).
  */
 static void
 group_wait(Saga *s, SagaStepDef *st)
@@ -2256,7 +2263,13 @@ typedef struct Branch
 	Jsonb	   *error;
 } Branch;
 
-/* Write branch b back to its (locked) row; a finished one makes its saga due. */
+/*
+ * Write branch b back to its (locked) row.  The last of a group's branches
+ * to finish makes its saga due: each finishing branch locks the saga's row
+ * first (lock order: branch row, then saga row), so the branches' ends are
+ * serialized and the last one sees every other end committed (a statement
+ * of a READ COMMITTED transaction sees what committed before it).
+ */
 static void
 branch_write(Branch *b)
 {
@@ -2285,8 +2298,15 @@ branch_write(Branch *b)
 	run_plan(PLAN_BRANCH_WRITE, values, isnull);
 	if (b->next_run_at == 0)
 	{
-		/* lock order: the branch row (held), then the saga's */
+		bool		isnull;
+
 		values[0] = Int64GetDatum(b->saga_id);
+		run_plan(PLAN_LOCK, values, NULL);
+		values[1] = Int32GetDatum(b->step_no);
+		values[2] = Int32GetDatum(b->branch_no);
+		run_plan(PLAN_BRANCH_OTHERS, values, NULL);
+		if (DatumGetInt64(column(0, 1, &isnull)) > 0)
+			return;				/* another branch will */
 		values[1] = TimestampTzGetDatum(now);
 		run_plan(PLAN_POKE, values, NULL);
 		worker_wake_at_commit();
@@ -2912,6 +2932,19 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 			if (wish <= 0)
 				wish = LOCKED_RETRY_MS;
 		}
+	}
+	else
+	{
+		/*
+		 * The saga it advanced is due again at once (its next step): run it
+		 * on in this transaction, to its end or its first wait, at most
+		 * BATCH_TICKS units.  Each step keeps its subtransaction, and they
+		 * commit together: a crash redoes them all, none is applied twice.
+		 * A wait ends the batch, so the branches of a group it entered go
+		 * to every orchestrator at the commit.
+		 */
+		for (int i = 1; i < BATCH_TICKS && sticky_saga_id != 0; i++)
+			(void) tick_once(InvalidOid);
 	}
 	SPI_finish();
 	PG_RETURN_INT64(wish);
