@@ -581,7 +581,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" AND branch_no OPERATOR(pg_catalog.=) $3",
 	/* a branch finished: its saga is due (it waits at the group) */
 	"UPDATE resilience.sagas SET next_run_at = $2 WHERE id OPERATOR(pg_catalog.=) $1"
-	" AND state IN ('running', 'compensating') AND next_run_at OPERATOR(pg_catalog.>) $2",
+	" AND state OPERATOR(pg_catalog.=) ANY ('{running,compensating}'::pg_catalog.text[]) AND next_run_at OPERATOR(pg_catalog.>) $2",
 	"INSERT INTO resilience.saga_branches (saga_id, step_no, branch_no, name, state, next_run_at)"
 	" SELECT $1, $2, b.n::pg_catalog.int4, b.name, 'pending', $3"
 	" FROM pg_catalog.unnest($4) WITH ORDINALITY AS b(name, n) ON CONFLICT DO NOTHING",
@@ -589,17 +589,17 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 ORDER BY branch_no",
 	/* the saga's tick never waits for a branch row: a locked one is running */
 	"UPDATE resilience.saga_branches SET state = 'cancelled', next_run_at = NULL, finished_at = $3"
-	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no IN"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'pending' FOR UPDATE SKIP LOCKED)",
 	"UPDATE resilience.saga_branches SET state = 'compensating', next_run_at = $4"
-	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no IN"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) $3"
 	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
 	"SELECT pg_catalog.count(*) FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.<>) $3"
-	" AND state IN ('pending', 'compensating')",
+	" AND state OPERATOR(pg_catalog.=) ANY ('{pending,compensating}'::pg_catalog.text[])",
 };
 
 static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
