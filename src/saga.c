@@ -460,7 +460,6 @@ typedef enum SagaPlan
 	PLAN_BRANCH_LIST,
 	PLAN_BRANCH_CANCEL,
 	PLAN_BRANCH_ARM,
-	PLAN_BRANCH_OTHERS,
 	NUM_PLANS
 } SagaPlan;
 
@@ -597,13 +596,10 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) $3"
 	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
-	"SELECT pg_catalog.count(*) FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
-	" AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.<>) $3"
-	" AND state OPERATOR(pg_catalog.=) ANY ('{pending,compensating}'::pg_catalog.text[])",
 };
 
 static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
-2, 1, 12, 2, 4, 2, 3, 5, 3};
+2, 1, 12, 2, 4, 2, 3, 5};
 
 #define MAX_PLAN_ARGS 12
 static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
@@ -641,7 +637,6 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{INT8OID, INT4OID},
 	{INT8OID, INT4OID, TIMESTAMPTZOID},
 	{INT8OID, INT4OID, TEXTOID, TIMESTAMPTZOID, INT4ARRAYOID},
-	{INT8OID, INT4OID, INT4OID},
 };
 
 /*
@@ -1904,8 +1899,8 @@ await_advance(Saga *s, SagaStepDef *st)
  * A parallel group is one step whose branches (SQL steps) are rows of
  * resilience.saga_branches, each claimed and run by any orchestrator in a
  * transaction of its own (branch_tick), so with several orchestrators they
- * run at the same time.  The saga waits at the group; the last branch to
- * finish makes it due (a poke, committed with the branch: branch_write),
+ * run at the same time.  The saga waits at the group; each branch that
+ * finishes makes it due (a poke, committed with the branch: branch_write),
  * and the saga's tick (group_advance) looks at the branches: when all completed,
  * their results merge into the context under their names; when one failed,
  * the branches not started are cancelled, the running ones finish, and the
@@ -2029,9 +2024,9 @@ group_arm_compensations(Saga *s, SagaStepDef *st, const char *from)
 }
 
 /*
- * The saga waits at its group: for the last branch's poke, and at the
- * latest after the longest branch timeout (a safety net: a poke commits
- * with its branch, so none is lost).
+ * The saga waits at its group: for the branches' pokes, and at the latest
+ * after the longest branch timeout (a safety net: a poke commits with its
+ * branch, so none is lost).
  */
 static void
 group_wait(Saga *s, SagaStepDef *st)
@@ -2264,11 +2259,11 @@ typedef struct Branch
 } Branch;
 
 /*
- * Write branch b back to its (locked) row.  The last of a group's branches
- * to finish makes its saga due: each finishing branch locks the saga's row
- * first (lock order: branch row, then saga row), so the branches' ends are
- * serialized and the last one sees every other end committed (a statement
- * of a READ COMMITTED transaction sees what committed before it).
+ * Write branch b back to its (locked) row; a finished one makes its saga due
+ * (lock order: the branch row, then the saga's).  Every finished branch
+ * pokes: counting the unfinished ones first would need the saga's lock to
+ * be sure, and costs more than the poke (an orchestrator takes due branches
+ * before sagas, so the saga's tick mostly comes after the last one).
  */
 static void
 branch_write(Branch *b)
@@ -2298,15 +2293,7 @@ branch_write(Branch *b)
 	run_plan(PLAN_BRANCH_WRITE, values, isnull);
 	if (b->next_run_at == 0)
 	{
-		bool		isnull;
-
 		values[0] = Int64GetDatum(b->saga_id);
-		run_plan(PLAN_LOCK, values, NULL);
-		values[1] = Int32GetDatum(b->step_no);
-		values[2] = Int32GetDatum(b->branch_no);
-		run_plan(PLAN_BRANCH_OTHERS, values, NULL);
-		if (DatumGetInt64(column(0, 1, &isnull)) > 0)
-			return;				/* another branch will */
 		values[1] = TimestampTzGetDatum(now);
 		run_plan(PLAN_POKE, values, NULL);
 		worker_wake_at_commit();
