@@ -46,14 +46,15 @@ REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempo
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
 	schedules_cron schedules quota quota_errors sagas_waits outbox_signing outbox_trace outbox_route_options \
-	citus_errors
+	citus_errors sagas_groups
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
 	outbox_order outbox_consumers events_append \
-	schedule_run_once quota_race saga_signal_race outbox_longpoll quota_policy_cache
+	schedule_run_once quota_race saga_signal_race outbox_longpoll quota_policy_cache \
+	saga_branch_claim
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

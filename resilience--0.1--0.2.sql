@@ -1086,10 +1086,11 @@ COMMENT ON FUNCTION resilience._saga_normalize_wait(jsonb, text) IS
 -- (22023): only those two keys, at least two branches, one level (a branch
 -- is not a group), SQL actions only (no async, timer or await branch), and
 -- step names unique across the branches and the other steps.  Each branch
--- is validated as a step of a definition would be.
+-- is validated as a step of a definition would be; returns the normalized
+-- branches.
 CREATE FUNCTION resilience._saga_check_group(name text, step jsonb, label text, caller_search_path text,
                                              steps jsonb)
-RETURNS void
+RETURNS jsonb
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1175,10 +1176,11 @@ BEGIN
         END IF;
         RAISE EXCEPTION USING ERRCODE = state, MESSAGE = msg, DETAIL = det, HINT = hnt;
     END;
+    RETURN normalized;
 END
 $$;
 COMMENT ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) IS
-'Internal (saga_define): validates a parallel group (22023), which saga_define then refuses (0A000: not run yet)';
+'Internal (saga_define): validates a parallel group (22023) and returns its branches normalized';
 REVOKE ALL ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION resilience._saga_check_group(text, jsonb, text, text, jsonb) TO resilience_admin;
 
@@ -1249,12 +1251,19 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', left(step::text, 200));
         END IF;
         IF step ? 'parallel' THEN
-            -- validated as a definition would be, then refused: the engine
-            -- that runs branches concurrently is not in this version
-            PERFORM resilience._saga_check_group(name, step, label, caller_search_path, steps);
-            RAISE EXCEPTION '% is a parallel group, which this version does not run', label
-                USING ERRCODE = 'feature_not_supported',
-                      HINT = 'Run the branches as steps one after the other.';
+            -- a parallel group: stored as {"name", "parallel": [normalized branches]}
+            IF step ->> 'name' = ANY (step_names) THEN
+                RAISE EXCEPTION 'duplicate step name "%"', step ->> 'name'
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = format('Steps %s and %s have that name.',
+                                          array_position(step_names, step ->> 'name'), pos),
+                          HINT = 'Step names identify steps in replies and events: make them unique.';
+            END IF;
+            normalized := normalized || jsonb_build_array(jsonb_build_object(
+                'name', step -> 'name',
+                'parallel', resilience._saga_check_group(name, step, label, caller_search_path, steps)));
+            step_names := step_names || coalesce(step ->> 'name', '');
+            CONTINUE;
         END IF;
         FOR k IN SELECT jsonb_object_keys(step) LOOP
             IF NOT k = ANY (known_keys) THEN
@@ -1567,7 +1576,7 @@ COMMENT ON VIEW resilience.stuck_sagas IS
 
 -- saga_graph(name [, saga_id]): the latest definition (or the one saga_id
 -- runs on) as Graphviz DOT.  Steps in order, timers and awaits in shapes of
--- their own, each compensation a dashed node and the compensation path
+-- their own, parallel groups as clusters, each compensation a dashed node and the compensation path
 -- dashed edges in reverse; given a saga, the steps coloured by what they
 -- came to and the path it took drawn bold.  Render with `dot -Tpng`.
 CREATE FUNCTION resilience._saga_dot(s text)
@@ -1597,8 +1606,14 @@ DECLARE
     reached boolean;
     prev text := 'start';
     prev_reached boolean := true;
-    comps text[] := '{}';
+    comp_in text[] := '{}';      -- each compensation's first and last node
+    comp_out text[] := '{}';
     comp_done boolean[] := '{}';
+    br jsonb;
+    bn bigint;
+    branch_state text;
+    group_comps text[];
+    group_done boolean;
     out text[];
 BEGIN
     IF name IS NULL THEN
@@ -1635,6 +1650,67 @@ BEGIN
              WHERE ss.saga_id OPERATOR(pg_catalog.=) saga_graph.saga_id AND ss.step_no OPERATOR(pg_catalog.=) n;
         END IF;
         reached := step_state IS NOT NULL;
+        IF st ? 'parallel' THEN
+            -- a parallel group: a cluster, forked and joined; its branches'
+            -- compensations run concurrently too
+            out := out OPERATOR(pg_catalog.||) ARRAY[
+                format('  subgraph cluster_%s {', n),
+                format('    label=%s; style="rounded,dashed"; color="#757575"; fontname="Helvetica"; fontsize=10;',
+                       resilience._saga_dot('parallel: ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'name'))),
+                format('    f%s [shape=point, width=0.1]; j%s [shape=point, width=0.1];', n, n)];
+            group_comps := '{}';
+            group_done := true;
+            FOR br, bn IN SELECT e.value, e.ordinality
+                            FROM pg_catalog.jsonb_array_elements(st OPERATOR(pg_catalog.->) 'parallel') WITH ORDINALITY e LOOP
+                branch_state := NULL;
+                IF saga_id IS NOT NULL THEN
+                    SELECT b.state INTO branch_state FROM resilience.saga_branches b
+                     WHERE b.saga_id OPERATOR(pg_catalog.=) saga_graph.saga_id AND b.step_no OPERATOR(pg_catalog.=) n
+                       AND b.branch_no OPERATOR(pg_catalog.=) bn;
+                END IF;
+                fill := CASE WHEN branch_state IN ('completed', 'compensating', 'compensated', 'compensation_failed') THEN '"#a5d6a7"'
+                             WHEN branch_state = 'failed' THEN '"#ef9a9a"'
+                             WHEN branch_state = 'pending' THEN '"#fff59d"'
+                             WHEN branch_state = 'cancelled' THEN '"#e0e0e0"'
+                             ELSE 'white' END;
+                out := out OPERATOR(pg_catalog.||) ARRAY[
+                    format('    s%s_%s [label=%s, fillcolor=%s];', n, bn,
+                           resilience._saga_dot((br OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n'
+                                                OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'action')), fill),
+                    format('    f%s -> s%s_%s%s;', n, n, bn,
+                           CASE WHEN branch_state IS NOT NULL AND branch_state <> 'cancelled' THEN ' [penwidth=2.5]' ELSE '' END),
+                    format('    s%s_%s -> j%s%s;', n, bn, n,
+                           CASE WHEN branch_state IN ('completed', 'compensating', 'compensated', 'compensation_failed')
+                                THEN ' [penwidth=2.5]' ELSE '' END)];
+                IF br OPERATOR(pg_catalog.->>) 'compensation' IS NOT NULL THEN
+                    group_comps := group_comps OPERATOR(pg_catalog.||) format('c%s_%s', n, bn);
+                    group_done := group_done AND branch_state IS NOT DISTINCT FROM 'compensated';
+                    out := out OPERATOR(pg_catalog.||) ARRAY[
+                        format('    c%s_%s [label=%s, style="rounded,dashed,filled", fillcolor=%s];', n, bn,
+                               resilience._saga_dot('undo ' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'name')
+                                                    OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'compensation')),
+                               CASE branch_state WHEN 'compensated' THEN '"#e0e0e0"' WHEN 'compensation_failed' THEN '"#ef9a9a"'
+                                                 WHEN 'compensating' THEN '"#fff59d"' ELSE 'white' END),
+                        format('    s%s_%s -> c%s_%s [style=dashed, arrowhead=empty, constraint=false];', n, bn, n, bn)];
+                END IF;
+            END LOOP;
+            out := out OPERATOR(pg_catalog.||) '  }'::text OPERATOR(pg_catalog.||)
+                format('  %s -> f%s%s;', prev, n, CASE WHEN reached AND prev_reached THEN ' [penwidth=2.5]' ELSE '' END);
+            IF pg_catalog.cardinality(group_comps) OPERATOR(pg_catalog.>) 0 THEN
+                out := out OPERATOR(pg_catalog.||) format('  cf%s [shape=point, width=0.1]; cj%s [shape=point, width=0.1];', n, n);
+                FOR i IN 1 .. pg_catalog.cardinality(group_comps) LOOP
+                    out := out OPERATOR(pg_catalog.||) ARRAY[
+                        format('  cf%s -> %s [style=dashed];', n, group_comps[i]),
+                        format('  %s -> cj%s [style=dashed];', group_comps[i], n)];
+                END LOOP;
+                comp_in := comp_in OPERATOR(pg_catalog.||) ('cf' OPERATOR(pg_catalog.||) n);
+                comp_out := comp_out OPERATOR(pg_catalog.||) ('cj' OPERATOR(pg_catalog.||) n);
+                comp_done := comp_done OPERATOR(pg_catalog.||) (reached AND group_done);
+            END IF;
+            prev := 'j' OPERATOR(pg_catalog.||) n;
+            prev_reached := step_state IN ('completed', 'compensating', 'compensated', 'compensation_failed');
+            CONTINUE;
+        END IF;
         shape := CASE WHEN st ? 'await' THEN 'invhouse' WHEN st ?| ARRAY['sleep', 'until'] THEN 'hexagon' ELSE 'box' END;
         label := (st OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||)
             CASE WHEN st ? 'sleep' THEN 'sleep ' OPERATOR(pg_catalog.||) (st OPERATOR(pg_catalog.->>) 'sleep')
@@ -1660,7 +1736,8 @@ BEGIN
                 CASE step_state WHEN 'compensated' THEN '"#e0e0e0"' WHEN 'compensation_failed' THEN '"#ef9a9a"'
                                 WHEN 'compensating' THEN '"#fff59d"' ELSE 'white' END);
             out := out OPERATOR(pg_catalog.||) format('  s%s -> c%s [style=dashed, arrowhead=empty, constraint=false];', n, n);
-            comps := comps OPERATOR(pg_catalog.||) ('c' OPERATOR(pg_catalog.||) n);
+            comp_in := comp_in OPERATOR(pg_catalog.||) ('c' OPERATOR(pg_catalog.||) n);
+            comp_out := comp_out OPERATOR(pg_catalog.||) ('c' OPERATOR(pg_catalog.||) n);
             comp_done := comp_done OPERATOR(pg_catalog.||) (step_state OPERATOR(pg_catalog.=) 'compensated');
         END IF;
         prev := 's' OPERATOR(pg_catalog.||) n;
@@ -1669,9 +1746,9 @@ BEGIN
     out := out OPERATOR(pg_catalog.||) format('  %s -> done%s;', prev,
                                               CASE WHEN saga_state OPERATOR(pg_catalog.=) 'completed' THEN ' [penwidth=2.5]' ELSE '' END);
     -- the compensation path: each compensation, in reverse, then compensated
-    FOR i IN REVERSE pg_catalog.cardinality(comps) .. 1 LOOP
-        out := out OPERATOR(pg_catalog.||) format('  %s -> %s [style=dashed%s];', comps[i],
-            CASE WHEN i OPERATOR(pg_catalog.>) 1 THEN comps[i OPERATOR(pg_catalog.-) 1] ELSE 'undone' END,
+    FOR i IN REVERSE pg_catalog.cardinality(comp_out) .. 1 LOOP
+        out := out OPERATOR(pg_catalog.||) format('  %s -> %s [style=dashed%s];', comp_out[i],
+            CASE WHEN i OPERATOR(pg_catalog.>) 1 THEN comp_in[i OPERATOR(pg_catalog.-) 1] ELSE 'undone' END,
             CASE WHEN comp_done[i] AND (i OPERATOR(pg_catalog.=) 1 OR comp_done[i OPERATOR(pg_catalog.-) 1]) THEN ', penwidth=2.5' ELSE '' END);
     END LOOP;
     RETURN pg_catalog.array_to_string(out OPERATOR(pg_catalog.||) '}'::text, E'\n');
@@ -1893,3 +1970,94 @@ $citus$;
 COMMENT ON FUNCTION resilience.citus_setup() IS
 'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
 REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
+
+-- Issue 16: parallel groups
+------------------------------------------------------------------------------
+
+-- One row per branch of a parallel group a saga has reached, inserted by
+-- the tick that enters the group.  A due row (next_run_at) is claimed FOR
+-- UPDATE SKIP LOCKED by any orchestrator and one attempt of its action (or
+-- compensation) runs in that transaction; lock order: branch row, then the
+-- saga row (the orchestrators' tick never waits for a branch row).
+CREATE TABLE resilience.saga_branches (
+    saga_id bigint NOT NULL,
+    step_no integer NOT NULL,
+    branch_no integer NOT NULL,
+    name text NOT NULL,
+    state text NOT NULL
+        CHECK (state IN ('pending', 'completed', 'failed', 'cancelled',
+                         'compensating', 'compensated', 'compensation_failed')),
+    attempts integer NOT NULL DEFAULT 0,
+    compensation_attempts integer NOT NULL DEFAULT 0,
+    next_run_at timestamptz,
+    started_at timestamptz,
+    finished_at timestamptz,
+    compensated_at timestamptz,
+    result jsonb,
+    error jsonb,
+    PRIMARY KEY (saga_id, step_no, branch_no)
+);
+CREATE INDEX saga_branches_due ON resilience.saga_branches (next_run_at) WHERE next_run_at IS NOT NULL;
+COMMENT ON TABLE resilience.saga_branches IS
+'The branches of the parallel groups sagas have reached: state, attempts, result and last error, and compensation';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_branches', '');
+GRANT SELECT ON resilience.saga_branches TO resilience_admin;
+
+-- The reaper removes a finished saga's branches with it.
+CREATE OR REPLACE FUNCTION resilience._saga_reap()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    retention interval := resilience._saga_retention();
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    removed bigint := 0;
+    ids bigint[];
+BEGIN
+    FOR i IN 1 .. max_batches LOOP
+        SELECT pg_catalog.array_agg(s.id) INTO ids
+          FROM (SELECT id FROM resilience.sagas
+                 WHERE finished_at OPERATOR(pg_catalog.<)
+                       (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) retention)
+                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
+        EXIT WHEN ids IS NULL;
+        DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_signals WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
+        removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
+        EXIT WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- stuck_sagas: a saga at a parallel group waits for its branches.
+CREATE OR REPLACE VIEW resilience.stuck_sagas AS
+    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
+           s.attempt,
+           CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
+                WHEN d.steps -> (s.step - 1) ? 'parallel' AND (s.awaiting OR s.state = 'compensating') THEN 'branches'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ? 'await' THEN 'signal'
+                WHEN s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until'] THEN 'timer'
+                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
+                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
+                ELSE 'worker' END AS waiting_for,
+           s.next_run_at,
+           s.updated_at AS last_progress_at,
+           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
+           (SELECT e.error FROM resilience.saga_events e
+             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
+      FROM resilience.sagas s
+      JOIN resilience.saga_definitions d ON d.id = s.definition_id
+     WHERE s.state = 'suspended'
+        OR (s.state IN ('running', 'compensating', 'compensation_failed')
+            AND s.updated_at < pg_catalog.clock_timestamp()
+                - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval
+            AND NOT (s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until']
+                     AND s.next_run_at > pg_catalog.clock_timestamp()));
+COMMENT ON VIEW resilience.stuck_sagas IS
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, branches, retry, worker, saga_retry)';

@@ -9,6 +9,9 @@
 #   - drained: BENCH_SAGA_BACKLOG sagas (default 20,000) started in one
 #     transaction, then driven by 1, 2 and 4 orchestrators per database
 #     (resilience.saga_workers: the worker and its saga helpers);
+#   - a 3-branch parallel group of the same steps (bench_fan), end to end
+#     as above with 1 and 4 orchestrators: each branch is claimed and run
+#     in a transaction of its own, then the saga's tick joins them;
 # and the ratio of a saga's cost to the direct calls, and of 2 and 4
 # orchestrators to 1.
 
@@ -16,8 +19,8 @@ SAGA_BACKLOG=${BENCH_SAGA_BACKLOG:-20000}
 
 # Empty the saga tables (definitions stay), vacuumed.
 sagas_reset() {
-	psql -X -q -c 'TRUNCATE resilience.saga_events, resilience.saga_steps, resilience.sagas' \
-		-c 'VACUUM ANALYZE resilience.sagas, resilience.saga_steps, resilience.saga_events' >/dev/null
+	psql -X -q -c 'TRUNCATE resilience.saga_events, resilience.saga_steps, resilience.saga_branches, resilience.sagas' \
+		-c 'VACUUM ANALYZE resilience.sagas, resilience.saga_steps, resilience.saga_branches, resilience.saga_events' >/dev/null
 }
 
 # Wait until every saga has finished (at most 10 minutes).
@@ -55,6 +58,16 @@ run_sagas() {
 		say "-- waiting for the orchestrators to finish the sagas"
 		sagas_wait_done
 		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s)"
+	done
+
+	for n in 1 4; do
+		sagas_set_workers "$n"
+		sagas_reset
+		run_pgbench "saga_fan_start$(sfx "$n")" "saga_start of a 3-branch group (while $n orchestrator(s) drive them)" \
+			saga_fan_start.sql
+		say "-- waiting for the orchestrators to finish the sagas"
+		sagas_wait_done
+		record_saga_rate "saga_fan$(sfx "$n")" "3-branch group sagas/s, end to end, $n orchestrator(s)"
 	done
 
 	for n in 1 2 4; do
@@ -108,4 +121,13 @@ report_sagas() {
 	ratio_line "2 orchestrators / 1 (drained backlog, x)" saga_drain_2 saga_drain ">" 1
 	ratio_line "4 orchestrators / 1 (drained backlog, x)" saga_drain_4 saga_drain ">" 1
 	ratio_line "direct calls / sagas end to end (saga cost, x)" saga_direct saga_e2e
+	info_line "3-branch group sagas/s, end to end, 1 orchestrator" saga_fan
+	info_line "3-branch group sagas/s, end to end, 4 orchestrators" saga_fan_4
+	ratio_line "3-step sagas / 3-branch group sagas (end to end, x)" saga_e2e saga_fan
+	ratio_line "4 orchestrators / 1 (3-branch group, x)" saga_fan_4 saga_fan ">" 1
+}
+
+# info_line label id: a figure without a target.
+info_line() {
+	awk -v l="$1" -v v="$(tput "$2")" 'BEGIN { printf "  %-54s %7.0f\n", l, v }'
 }

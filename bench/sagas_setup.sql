@@ -25,3 +25,12 @@ SELECT resilience.saga_define('bench3', '[
 	{"name": "s2", "action": "bench.saga_s2"},
 	{"name": "s3", "action": "bench.saga_s3"}]');
 RESET ROLE;
+
+-- A saga that is one parallel group of the three steps as branches: each
+-- branch is claimed and run in a transaction of its own (bench/sagas.sh).
+SET ROLE bench_saga;
+SELECT resilience.saga_define('bench_fan', '[{"name": "fan", "parallel": [
+	{"name": "s1", "action": "bench.saga_s1"},
+	{"name": "s2", "action": "bench.saga_s2"},
+	{"name": "s3", "action": "bench.saga_s3"}]}]');
+RESET ROLE;

@@ -120,7 +120,8 @@ static const char *const saga_events[] = {
 	"reply_received", "reply_ignored", "compensation_started", "step_compensated",
 	"compensation_failed", "saga_completed", "saga_compensated", "saga_parked",
 	"saga_retried", "saga_aborted", "saga_suspended", "timer_started", "timer_fired",
-	"signal_received", "signal_awaited", "signal_consumed", "signal_timed_out", NULL
+	"signal_received", "signal_awaited", "signal_consumed", "signal_timed_out",
+	"group_started", "group_failed", NULL
 };
 static const char *const retry_kinds[] = {"action", "compensation", NULL};
 static const char *const job_results[] = {"success", "failure", NULL};

@@ -91,6 +91,8 @@
 #define LOCKED_RETRY_MS 100
 /* How often a pick scans the queue from its start rather than from the floor. */
 #define FLOOR_RESET_MS 100
+/* At most how many units of one saga the worker runs in one transaction. */
+#define BATCH_TICKS 16
 
 typedef enum SagaState
 {
@@ -127,10 +129,13 @@ typedef enum StepKind
 	STEP_ACTION,
 	STEP_SLEEP,
 	STEP_UNTIL,
-	STEP_AWAIT
+	STEP_AWAIT,
+	STEP_GROUP
 } StepKind;
 
-typedef struct SagaStepDef
+typedef struct SagaStepDef SagaStepDef;
+
+struct SagaStepDef
 {
 	char	   *name;
 	StepKind	kind;
@@ -151,7 +156,9 @@ typedef struct SagaStepDef
 	int			nretry_on;
 	int		   *retry_on;		/* SQLSTATEs, or classes when retry_on_class */
 	bool	   *retry_on_class;
-} SagaStepDef;
+	int			nbranches;		/* STEP_GROUP: its branches (SQL actions) */
+	SagaStepDef *branches;
+};
 
 /* A definition as loaded from resilience.saga_definitions (immutable). */
 typedef struct SagaDef
@@ -445,9 +452,19 @@ typedef enum SagaPlan
 	PLAN_SIGNAL_CONSUME,
 	PLAN_SIGNAL_INSERT,
 	PLAN_ID_BY_KEY,
+	PLAN_BRANCH_PICK,
+	PLAN_SAGA_READ,
+	PLAN_BRANCH_WRITE,
+	PLAN_POKE,
+	PLAN_BRANCH_INSERT,
+	PLAN_BRANCH_LIST,
+	PLAN_BRANCH_CANCEL,
+	PLAN_BRANCH_ARM,
 	NUM_PLANS
 } SagaPlan;
 
+#define BRANCH_COLUMNS \
+	"saga_id, step_no, branch_no, state, attempts, compensation_attempts, started_at"
 #define SAGA_COLUMNS \
 	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at, name"
 /* a tick run by hand takes only the sagas of definers whose privileges $3 has */
@@ -456,7 +473,11 @@ typedef enum SagaPlan
 	" FROM resilience.saga_definitions d" \
 	" WHERE d.id OPERATOR(pg_catalog.=) sagas.definition_id), 'USAGE')"
 
-/* a definition, one row per step in order, intervals in microseconds */
+/*
+ * a definition, one row per step in order, intervals in microseconds; a
+ * parallel group's row (column 21) is followed by one per branch (column 20:
+ * the branch's number, 0 for a step)
+ */
 #define LOAD_DEF(search_path) \
 	"SELECT d.name, d.version, d.definer::pg_catalog.oid, e.s OPERATOR(pg_catalog.->>) 'name', e.s OPERATOR(pg_catalog.->>) 'action'," \
 	" e.s OPERATOR(pg_catalog.->>) 'compensation', e.s OPERATOR(pg_catalog.->>) 'topic'," \
@@ -469,9 +490,12 @@ typedef enum SagaPlan
 	" " search_path "," \
 	" (pg_catalog.date_part('epoch', (e.s OPERATOR(pg_catalog.->>) 'sleep')::pg_catalog.interval) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8," \
 	" e.s OPERATOR(pg_catalog.->>) 'until', e.s OPERATOR(pg_catalog.->>) 'await', e.s OPERATOR(pg_catalog.->>) 'on_timeout'," \
-	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'signalers'))" \
-	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS e(s, n)" \
-	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY e.n"
+	" ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e.s OPERATOR(pg_catalog.->) 'signalers'))," \
+	" e.k, e.s OPERATOR(pg_catalog.?) 'parallel'" \
+	" FROM resilience.saga_definitions d, pg_catalog.jsonb_array_elements(d.steps) WITH ORDINALITY AS g(s, n)," \
+	" LATERAL (SELECT g.s, 0::pg_catalog.int8 UNION ALL SELECT b.s, b.k" \
+	" FROM pg_catalog.jsonb_array_elements(g.s OPERATOR(pg_catalog.->) 'parallel') WITH ORDINALITY AS b(s, k)) AS e(s, k)" \
+	" WHERE d.id OPERATOR(pg_catalog.=) $1 ORDER BY g.n, e.k"
 
 static const char *const plan_sql[NUM_PLANS] = {
 	/* the saga due longest (from a floor on), unless another tick has it */
@@ -503,7 +527,8 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"INSERT INTO resilience.saga_events"
 	" (saga_id, at, event, step, attempt, state, error, detail, correlation_id)"
 	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-	"SELECT pg_catalog.min(next_run_at) FROM resilience.sagas",
+	"SELECT LEAST((SELECT pg_catalog.min(next_run_at) FROM resilience.sagas),"
+	" (SELECT pg_catalog.min(next_run_at) FROM resilience.saga_branches))",
 	"SELECT id, version FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1"
 	" ORDER BY version DESC LIMIT 1",
 	"INSERT INTO resilience.sagas (definition_id, name, state, step, payload, context,"
@@ -540,11 +565,44 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" VALUES ($1, $2, $3, $4, $5::pg_catalog.regrole, $6) ON CONFLICT (saga_id, signal_id) DO NOTHING RETURNING id",
 	"SELECT id FROM resilience.sagas"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
+	/* parallel groups: the branch due longest, unless another tick has it ($2: by hand) */
+	"SELECT " BRANCH_COLUMNS " FROM resilience.saga_branches b"
+	" WHERE next_run_at OPERATOR(pg_catalog.<=) $1 AND ($2 OPERATOR(pg_catalog.=) 0::pg_catalog.oid"
+	" OR pg_catalog.pg_has_role($2, (SELECT d.definer::pg_catalog.oid"
+	" FROM resilience.sagas s, resilience.saga_definitions d WHERE s.id OPERATOR(pg_catalog.=) b.saga_id"
+	" AND d.id OPERATOR(pg_catalog.=) s.definition_id), 'USAGE'))"
+	" ORDER BY next_run_at LIMIT 1 FOR UPDATE OF b SKIP LOCKED",
+	"SELECT " SAGA_COLUMNS " FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) $1",
+	"UPDATE resilience.saga_branches SET state = $4, attempts = $5, compensation_attempts = $6,"
+	" next_run_at = $7, started_at = COALESCE(started_at, $8), finished_at = COALESCE($9, finished_at),"
+	" compensated_at = $10, result = COALESCE($11, result), error = COALESCE($12, error)"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2"
+	" AND branch_no OPERATOR(pg_catalog.=) $3",
+	/* a branch finished: its saga is due (it waits at the group) */
+	"UPDATE resilience.sagas SET next_run_at = $2 WHERE id OPERATOR(pg_catalog.=) $1"
+	" AND state OPERATOR(pg_catalog.=) ANY ('{running,compensating}'::pg_catalog.text[]) AND next_run_at OPERATOR(pg_catalog.>) $2",
+	"INSERT INTO resilience.saga_branches (saga_id, step_no, branch_no, name, state, next_run_at)"
+	" SELECT $1, $2, b.n::pg_catalog.int4, b.name, 'pending', $3"
+	" FROM pg_catalog.unnest($4) WITH ORDINALITY AS b(name, n) ON CONFLICT DO NOTHING",
+	"SELECT branch_no, state, result, error FROM resilience.saga_branches"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 ORDER BY branch_no",
+	/* the saga's tick never waits for a branch row: a locked one is running */
+	"UPDATE resilience.saga_branches SET state = 'cancelled', next_run_at = NULL, finished_at = $3"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
+	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'pending' FOR UPDATE SKIP LOCKED)",
+	"UPDATE resilience.saga_branches SET state = 'compensating', next_run_at = $4"
+	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
+	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) $3"
+	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2};
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
+2, 1, 12, 2, 4, 2, 3, 5};
 
-static const Oid plan_argtypes[NUM_PLANS][11] = {
+#define MAX_PLAN_ARGS 12
+static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
 	{INT8OID, TIMESTAMPTZOID},
 	{INT8OID},
@@ -570,13 +628,24 @@ static const Oid plan_argtypes[NUM_PLANS][11] = {
 	{INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID},
 	{INT8OID, TEXTOID, TEXTOID, JSONBOID, OIDOID, TIMESTAMPTZOID},
 	{TEXTOID, TEXTOID},
+	{TIMESTAMPTZOID, OIDOID},
+	{INT8OID},
+	{INT8OID, INT4OID, INT4OID, TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, JSONBOID, JSONBOID},
+	{INT8OID, TIMESTAMPTZOID},
+	{INT8OID, INT4OID, TIMESTAMPTZOID, TEXTARRAYOID},
+	{INT8OID, INT4OID},
+	{INT8OID, INT4OID, TIMESTAMPTZOID},
+	{INT8OID, INT4OID, TEXTOID, TIMESTAMPTZOID, INT4ARRAYOID},
 };
 
 /*
  * The statements that differ on a 0.1 schema, which this library still
- * drives until ALTER EXTENSION resilience UPDATE: no search_path recorded.
+ * drives until ALTER EXTENSION resilience UPDATE: no search_path recorded,
+ * no parallel groups (saga_branches).
  */
 static const char *const plan_sql_0_1[NUM_PLANS] = {
+	[PLAN_NEXT_DUE] = "SELECT pg_catalog.min(next_run_at) FROM resilience.sagas",
 	[PLAN_LOAD_DEF] = LOAD_DEF("NULL::pg_catalog.text"),
 	[PLAN_DEF_LATEST] = "SELECT version, steps OPERATOR(pg_catalog.=) $2"
 	" AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
@@ -608,7 +677,7 @@ schema_is_0_1(void)
 static uint64
 run_plan(SagaPlan which, Datum *values, const bool *isnull)
 {
-	char		nulls[11];
+	char		nulls[MAX_PLAN_ARGS];
 	int			i;
 	int			ret;
 	int			nestlevel;
@@ -707,6 +776,60 @@ parse_sqlstate(const char *code, bool *is_class)
 	return MAKE_SQLSTATE(code[0], code[1], code[2], code[3], code[4]);
 }
 
+/* Step (or branch) pos of definition id from row i of PLAN_LOAD_DEF's result. */
+static void
+step_parse(uint64 i, SagaStepDef *st, int64 id, int pos)
+{
+	char	   *jitter;
+	Datum	   *codes;
+	bool	   *code_nulls;
+	int			j;
+	bool		isnull;
+
+	st->name = column_text(i, 4);
+	st->until_key = column_text(i, 16);
+	st->signal = column_text(i, 17);
+	st->continue_on_timeout = st->signal && strcmp(column_text(i, 18), "continue") == 0;
+	if (DatumGetBool(column(i, 21, &isnull)))
+		st->kind = STEP_GROUP;
+	else if (!column_is_null(i, 15))
+	{
+		st->kind = STEP_SLEEP;
+		st->sleep_us = DatumGetInt64(column(i, 15, &isnull));
+	}
+	else
+		st->kind = st->until_key ? STEP_UNTIL : st->signal ? STEP_AWAIT : STEP_ACTION;
+	deconstruct_array(DatumGetArrayTypeP(column(i, 19, &isnull)), TEXTOID, -1, false,
+					  TYPALIGN_INT, &codes, &code_nulls, &st->nsignalers);
+	st->signalers = palloc0(Max(st->nsignalers, 1) * sizeof(char *));
+	for (j = 0; j < st->nsignalers; j++)
+		st->signalers[j] = TextDatumGetCString(codes[j]);
+	st->action = parse_op(column_text(i, 5));
+	st->compensation = parse_op(column_text(i, 6));
+	st->topic = column_text(i, 7);
+	st->timeout_us = DatumGetInt64(column(i, 8, &isnull));
+	st->max_attempts = DatumGetInt32(column(i, 9, &isnull));
+	st->backoff_base_us = DatumGetInt64(column(i, 10, &isnull));
+	st->backoff_cap_us = DatumGetInt64(column(i, 11, &isnull));
+	jitter = column_text(i, 12);
+	st->jitter = jitter == NULL ? JITTER_FULL : strcmp(jitter, "none") == 0 ? JITTER_NONE :
+		strcmp(jitter, "equal") == 0 ? JITTER_EQUAL : JITTER_FULL;
+	deconstruct_array(DatumGetArrayTypeP(column(i, 13, &isnull)), TEXTOID, -1, false,
+					  TYPALIGN_INT, &codes, &code_nulls, &st->nretry_on);
+	st->retry_on = palloc0(Max(st->nretry_on, 1) * sizeof(int));
+	st->retry_on_class = palloc0(Max(st->nretry_on, 1) * sizeof(bool));
+	for (j = 0; j < st->nretry_on; j++)
+		st->retry_on[j] = parse_sqlstate(TextDatumGetCString(codes[j]), &st->retry_on_class[j]);
+	if (st->name == NULL ||
+		(st->kind == STEP_ACTION &&
+		 (st->action.kind == OP_NONE || st->timeout_us <= 0 || st->max_attempts < 1 ||
+		  st->backoff_base_us <= 0 || st->backoff_cap_us < st->backoff_base_us)) ||
+		(st->kind == STEP_SLEEP && st->sleep_us <= 0) ||
+		(st->kind == STEP_AWAIT && st->timeout_us <= 0) ||
+		(st->kind != STEP_ACTION && (st->action.kind != OP_NONE || st->compensation.kind != OP_NONE)))
+		elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, pos);
+}
+
 /* Load definition id (inside SPI) into mcxt. */
 static SagaDef *
 definition_load(int64 id, MemoryContext mcxt)
@@ -717,6 +840,7 @@ definition_load(int64 id, MemoryContext mcxt)
 	uint64		n;
 	uint64		i;
 	bool		isnull;
+	SagaStepDef *group = NULL;
 
 	values[0] = Int64GetDatum(id);
 	n = run_plan(PLAN_LOAD_DEF, values, NULL);
@@ -730,57 +854,32 @@ definition_load(int64 id, MemoryContext mcxt)
 	def->version = DatumGetInt32(column(0, 2, &isnull));
 	def->definer = DatumGetObjectId(column(0, 3, &isnull));
 	def->search_path = column_text(0, 14);
-	def->nsteps = (int) n;
 	def->steps = palloc0(n * sizeof(SagaStepDef));
 	for (i = 0; i < n; i++)
 	{
-		SagaStepDef *st = &def->steps[i];
-		char	   *jitter;
-		Datum	   *codes;
-		bool	   *code_nulls;
-		int			j;
+		int64		branch = DatumGetInt64(column(i, 20, &isnull));
+		SagaStepDef *st;
 
-		st->name = column_text(i, 4);
-		st->until_key = column_text(i, 16);
-		st->signal = column_text(i, 17);
-		st->continue_on_timeout = st->signal && strcmp(column_text(i, 18), "continue") == 0;
-		if (!column_is_null(i, 15))
+		if (branch == 0)
 		{
-			st->kind = STEP_SLEEP;
-			st->sleep_us = DatumGetInt64(column(i, 15, &isnull));
+			st = &def->steps[def->nsteps++];
+			step_parse(i, st, id, def->nsteps);
+			group = st->kind == STEP_GROUP ? st : NULL;
+			if (group)
+				group->branches = palloc0(n * sizeof(SagaStepDef));
+			continue;
 		}
-		else
-			st->kind = st->until_key ? STEP_UNTIL : st->signal ? STEP_AWAIT : STEP_ACTION;
-		deconstruct_array(DatumGetArrayTypeP(column(i, 19, &isnull)), TEXTOID, -1, false,
-						  TYPALIGN_INT, &codes, &code_nulls, &st->nsignalers);
-		st->signalers = palloc0(Max(st->nsignalers, 1) * sizeof(char *));
-		for (j = 0; j < st->nsignalers; j++)
-			st->signalers[j] = TextDatumGetCString(codes[j]);
-		st->action = parse_op(column_text(i, 5));
-		st->compensation = parse_op(column_text(i, 6));
-		st->topic = column_text(i, 7);
-		st->timeout_us = DatumGetInt64(column(i, 8, &isnull));
-		st->max_attempts = DatumGetInt32(column(i, 9, &isnull));
-		st->backoff_base_us = DatumGetInt64(column(i, 10, &isnull));
-		st->backoff_cap_us = DatumGetInt64(column(i, 11, &isnull));
-		jitter = column_text(i, 12);
-		st->jitter = jitter == NULL ? JITTER_FULL : strcmp(jitter, "none") == 0 ? JITTER_NONE :
-			strcmp(jitter, "equal") == 0 ? JITTER_EQUAL : JITTER_FULL;
-		deconstruct_array(DatumGetArrayTypeP(column(i, 13, &isnull)), TEXTOID, -1, false,
-						  TYPALIGN_INT, &codes, &code_nulls, &st->nretry_on);
-		st->retry_on = palloc0(Max(st->nretry_on, 1) * sizeof(int));
-		st->retry_on_class = palloc0(Max(st->nretry_on, 1) * sizeof(bool));
-		for (j = 0; j < st->nretry_on; j++)
-			st->retry_on[j] = parse_sqlstate(TextDatumGetCString(codes[j]), &st->retry_on_class[j]);
-		if (st->name == NULL ||
-			(st->kind == STEP_ACTION &&
-			 (st->action.kind == OP_NONE || st->timeout_us <= 0 || st->max_attempts < 1 ||
-			  st->backoff_base_us <= 0 || st->backoff_cap_us < st->backoff_base_us)) ||
-			(st->kind == STEP_SLEEP && st->sleep_us <= 0) ||
-			(st->kind == STEP_AWAIT && st->timeout_us <= 0) ||
-			(st->kind != STEP_ACTION && (st->action.kind != OP_NONE || st->compensation.kind != OP_NONE)))
-			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, (int) i + 1);
+		if (group == NULL || branch != group->nbranches + 1)
+			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, def->nsteps);
+		st = &group->branches[group->nbranches++];
+		step_parse(i, st, id, def->nsteps);
+		if (st->kind != STEP_ACTION || st->action.kind != OP_SQL ||
+			st->compensation.kind == OP_ASYNC)
+			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, def->nsteps);
 	}
+	for (i = 0; i < def->nsteps; i++)
+		if (def->steps[i].kind == STEP_GROUP && def->steps[i].nbranches < 2)
+			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, (int) i + 1);
 	MemoryContextSwitchTo(oldcontext);
 	return def;
 }
@@ -923,21 +1022,23 @@ saga_write(Saga *s)
 	run_plan(PLAN_WRITE, values, isnull);
 }
 
-/* The key participants see: saga:<id>:<step>[:compensate]. */
+/*
+ * The key participants see: saga:<id>:<step>[:compensate] (step: a step's
+ * or a branch's name, unique in the saga).
+ */
 static char *
-idempotency_key(Saga *s, int stepno, bool compensation)
+idempotency_key(Saga *s, const char *step, bool compensation)
 {
-	return psprintf("saga:" INT64_FORMAT ":%s%s", s->id, s->def->steps[stepno - 1].name,
-					compensation ? ":compensate" : "");
+	return psprintf("saga:" INT64_FORMAT ":%s%s", s->id, step, compensation ? ":compensate" : "");
 }
 
 /*
- * Record an event (stepno 0: about the saga as a whole; attempt 0: none),
- * with the saga's state as it is now in *s.
+ * Record an event about step (a step's or a branch's name; NULL: about the
+ * saga as a whole; attempt 0: none), with the saga's state as it is now.
  */
 static void
-saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensation,
-		   Jsonb *error, Jsonb *detail)
+saga_event_at(Saga *s, const char *event, const char *step, int attempt, bool compensation,
+			  Jsonb *error, Jsonb *detail)
 {
 	Datum		values[9];
 	bool		isnull[9] = {0};
@@ -945,9 +1046,9 @@ saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensatio
 	values[0] = Int64GetDatum(s->id);
 	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
 	values[2] = CStringGetTextDatum(event);
-	isnull[3] = stepno == 0;
-	if (stepno)
-		values[3] = CStringGetTextDatum(s->def->steps[stepno - 1].name);
+	isnull[3] = step == NULL;
+	if (step)
+		values[3] = CStringGetTextDatum(step);
 	values[4] = Int32GetDatum(attempt);
 	isnull[4] = attempt == 0;
 	values[5] = CStringGetTextDatum(state_names[s->state]);
@@ -955,11 +1056,20 @@ saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensatio
 	isnull[6] = error == NULL;
 	values[7] = JsonbPGetDatum(detail);
 	isnull[7] = detail == NULL;
-	values[8] = CStringGetTextDatum(stepno ? idempotency_key(s, stepno, compensation) :
+	values[8] = CStringGetTextDatum(step ? idempotency_key(s, step, compensation) :
 									psprintf("saga:" INT64_FORMAT, s->id));
 	run_plan(PLAN_EVENT, values, isnull);
 	if (s->def)					/* saga_start counts its own */
 		metrics_add_at_commit(RC_SAGA_EVENTS, metrics_saga_event(event), s->def->name, 1);
+}
+
+/* An event about step number stepno (0: about the saga as a whole). */
+static void
+saga_event(Saga *s, const char *event, int stepno, int attempt, bool compensation,
+		   Jsonb *error, Jsonb *detail)
+{
+	saga_event_at(s, event, stepno ? s->def->steps[stepno - 1].name : NULL, attempt,
+				  compensation, error, detail);
 }
 
 /* Write the action side of a step's row (created on its first attempt). */
@@ -1040,10 +1150,14 @@ step_row_read(Saga *s, int stepno, bool compensation, char **state, int *attempt
 
 /* ---- context ---- */
 
-/* The context a step receives: the saga's, with "_saga" describing the call. */
+/*
+ * The context step st (the current step, or a branch of it, a group)
+ * receives: the saga's, with "_saga" describing the call.
+ */
 static Jsonb *
-step_context(Saga *s, bool compensation, int attempt)
+step_context(Saga *s, SagaStepDef *st, bool compensation, int attempt)
 {
+	SagaStepDef *current = &s->def->steps[s->step - 1];
 	JsonBuf		inner;
 	JsonBuf		outer;
 
@@ -1051,11 +1165,13 @@ step_context(Saga *s, bool compensation, int attempt)
 	jb_int(&inner, "id", s->id);
 	jb_str(&inner, "name", s->def->name);
 	jb_int(&inner, "version", s->def->version);
-	jb_str(&inner, "step", s->def->steps[s->step - 1].name);
+	jb_str(&inner, "step", st->name);
 	jb_int(&inner, "step_no", s->step);
+	if (st != current)
+		jb_str(&inner, "group", current->name);
 	jb_int(&inner, "attempt", attempt);
 	jb_bool(&inner, "compensating", compensation);
-	jb_str(&inner, "idempotency_key", idempotency_key(s, s->step, compensation));
+	jb_str(&inner, "idempotency_key", idempotency_key(s, st->name, compensation));
 	jb_init(&outer);
 	jb_jsonb(&outer, "_saga", jb_done(&inner));
 	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(s->context),
@@ -1157,17 +1273,16 @@ sql_retryable(SagaStepDef *st, int sqlerrcode)
 }
 
 /*
- * One attempt of the SQL action (or compensation) of the saga's current
- * step, in a subtransaction: as the definer, in a security-restricted
+ * One attempt of the SQL action (or compensation) of step st (the saga's
+ * current step, or a branch of it), in a subtransaction: as the definer, in a security-restricted
  * operation, with a pinned search_path, every setting it changes reverted,
  * and cancelled when its timeout passes.  An error rolls the subtransaction
  * back and is returned in *out; a cancel that is not the step's own timeout
  * (the caller's statement_timeout, pg_cancel_backend) is raised again.
  */
 static void
-call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
+call_sql_step(Saga *s, SagaStepDef *st, bool compensation, int attempt, StepCall *out)
 {
-	SagaStepDef *st = &s->def->steps[s->step - 1];
 	SagaOp	   *op = compensation ? &st->compensation : &st->action;
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -1176,7 +1291,7 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 	bool		outer_active = get_timeout_active(STATEMENT_TIMEOUT);
 	TimestampTz outer_fin = outer_active ? get_timeout_finish_time(STATEMENT_TIMEOUT) : 0;
 	bool		armed = !outer_active || deadline < outer_fin;
-	Jsonb	   *context = step_context(s, compensation, attempt);
+	Jsonb	   *context = step_context(s, st, compensation, attempt);
 	ErrorContextCallback *outer_context = error_context_stack;
 	ResilienceUser save;
 
@@ -1260,6 +1375,8 @@ call_sql_step(Saga *s, bool compensation, int attempt, StepCall *out)
 
 /* ---- transitions ---- */
 
+static bool step_undoable(SagaStepDef *st);
+
 /*
  * Compensation goes on from s->step downwards: find the next step that has
  * something to undo (it completed, or its outcome is unknown, and it has a
@@ -1281,10 +1398,13 @@ compensation_settle(Saga *s)
 	{
 		int			stepno = DatumGetInt32(column(i, 1, &isnull));
 		char	   *state = column_text(i, 2);
+		SagaStepDef *st = &s->def->steps[stepno - 1];
 
-		if (s->def->steps[stepno - 1].compensation.kind != OP_NONE &&
+		/* a group that failed may have completed branches */
+		if (step_undoable(st) &&
 			(strcmp(state, "completed") == 0 || strcmp(state, "timed_out") == 0 ||
-			 strcmp(state, "abandoned") == 0 || strcmp(state, "compensating") == 0))
+			 strcmp(state, "abandoned") == 0 || strcmp(state, "compensating") == 0 ||
+			 (st->kind == STEP_GROUP && strcmp(state, "failed") == 0)))
 			next = stepno;
 	}
 	s->attempt = 0;
@@ -1502,7 +1622,7 @@ send_command(Saga *s, bool compensation)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz deadline = now + st->timeout_us;
 	const char *command = compensation ? "compensation" : "action";
-	char	   *key = idempotency_key(s, s->step, compensation);
+	char	   *key = idempotency_key(s, st->name, compensation);
 	char	   *attempt_str = psprintf("%d", attempt);
 	JsonBuf		payload;
 	JsonBuf		headers;
@@ -1773,6 +1893,246 @@ await_advance(Saga *s, SagaStepDef *st)
 	}
 }
 
+/* ---- parallel groups ---- */
+
+/*
+ * A parallel group is one step whose branches (SQL steps) are rows of
+ * resilience.saga_branches, each claimed and run by any orchestrator in a
+ * transaction of its own (branch_tick), so with several orchestrators they
+ * run at the same time.  The saga waits at the group; each branch that
+ * finishes makes it due (a poke, committed with the branch: branch_write),
+ * and the saga's tick (group_advance) looks at the branches: when all completed,
+ * their results merge into the context under their names; when one failed,
+ * the branches not started are cancelled, the running ones finish, and the
+ * completed ones are compensated, concurrently, before the steps before the
+ * group, in reverse.  The saga's tick never waits for a branch row (SKIP
+ * LOCKED): a locked branch is running, and its poke will come.
+ */
+
+/* What a saga's tick sees of a group's branches. */
+typedef struct GroupView
+{
+	int			pending;		/* not finished (running, or due, or to retry) */
+	int			completed;
+	int			failed;
+	int			compensating;
+	int			compensation_failed;
+	Jsonb	   *results;		/* {branch name: result} of the completed ones */
+	Jsonb	   *error;			/* the first failed branch's failure */
+} GroupView;
+
+/* Does undoing step st do anything (a group: one of its branches)? */
+static bool
+step_undoable(SagaStepDef *st)
+{
+	int			i;
+
+	if (st->kind != STEP_GROUP)
+		return st->compensation.kind != OP_NONE;
+	for (i = 0; i < st->nbranches; i++)
+		if (st->branches[i].compensation.kind != OP_NONE)
+			return true;
+	return false;
+}
+
+/* Read the branches of the saga's current step (a group). */
+static void
+group_view(Saga *s, SagaStepDef *st, GroupView *v)
+{
+	Datum		values[2];
+	uint64		n;
+	uint64		i;
+	bool		isnull;
+	JsonBuf		results;
+
+	memset(v, 0, sizeof(GroupView));
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	n = run_plan(PLAN_BRANCH_LIST, values, NULL);
+	jb_init(&results);
+	for (i = 0; i < n; i++)
+	{
+		int			b = DatumGetInt32(column(i, 1, &isnull));
+		char	   *state = column_text(i, 2);
+
+		if (b < 1 || b > st->nbranches)
+			elog(ERROR, "saga " INT64_FORMAT " has branch %d of step %d, which its definition does not have",
+				 s->id, b, s->step);
+		if (strcmp(state, "pending") == 0)
+			v->pending++;
+		else if (strcmp(state, "completed") == 0)
+		{
+			v->completed++;
+			jb_jsonb(&results, st->branches[b - 1].name, column_jsonb(i, 3));
+		}
+		else if (strcmp(state, "failed") == 0)
+		{
+			if (v->failed++ == 0)
+			{
+				JsonBuf		failure;
+
+				jb_init(&failure);
+				jb_str(&failure, "step", st->name);
+				jb_str(&failure, "branch", st->branches[b - 1].name);
+				jb_jsonb(&failure, "error", column_jsonb(i, 4));
+				v->error = jb_done(&failure);
+			}
+		}
+		else if (strcmp(state, "compensating") == 0)
+			v->compensating++;
+		else if (strcmp(state, "compensation_failed") == 0)
+			v->compensation_failed++;
+	}
+	v->results = jb_done(&results);
+}
+
+/* Cancel the branches of the current group that no tick is running. */
+static void
+group_cancel_pending(Saga *s)
+{
+	Datum		values[3];
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+	run_plan(PLAN_BRANCH_CANCEL, values, NULL);
+}
+
+/*
+ * Make the branches of the current group that are in state from and have a
+ * compensation due for it (those a tick is running are left alone).
+ */
+static uint64
+group_arm_compensations(Saga *s, SagaStepDef *st, const char *from)
+{
+	Datum		values[5];
+	Datum	   *numbers = palloc(st->nbranches * sizeof(Datum));
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < st->nbranches; i++)
+		if (st->branches[i].compensation.kind != OP_NONE)
+			numbers[n++] = Int32GetDatum(i + 1);
+	if (n == 0)
+		return 0;
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	values[2] = CStringGetTextDatum(from);
+	values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[4] = PointerGetDatum(construct_array(numbers, n, INT4OID, sizeof(int32), true, TYPALIGN_INT));
+	return run_plan(PLAN_BRANCH_ARM, values, NULL);
+}
+
+/*
+ * The saga waits at its group: for the branches' pokes, and at the latest
+ * after the longest branch timeout (a safety net: a poke commits with its
+ * branch, so none is lost).
+ */
+static void
+group_wait(Saga *s, SagaStepDef *st)
+{
+	int64		longest = 0;
+	int			i;
+
+	for (i = 0; i < st->nbranches; i++)
+		longest = Max(longest, st->branches[i].timeout_us);
+	s->awaiting = true;
+	s->next_run_at = GetCurrentTimestamp() + longest + USECS_PER_SEC;
+	saga_write(s);
+}
+
+/* A saga's tick at a parallel group (running, or compensating it). */
+static void
+group_advance(Saga *s, SagaStepDef *st, bool compensation)
+{
+	GroupView	v;
+	JsonBuf		detail;
+
+	if (!compensation && !s->awaiting)
+	{
+		/* entering the group: one due row per branch, every orchestrator woken */
+		Datum		values[4];
+		Datum	   *names = palloc(st->nbranches * sizeof(Datum));
+		int			i;
+
+		for (i = 0; i < st->nbranches; i++)
+			names[i] = CStringGetTextDatum(st->branches[i].name);
+		values[0] = Int64GetDatum(s->id);
+		values[1] = Int32GetDatum(s->step);
+		values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+		values[3] = PointerGetDatum(construct_array(names, st->nbranches, TEXTOID, -1, false, TYPALIGN_INT));
+		run_plan(PLAN_BRANCH_INSERT, values, NULL);
+		step_row_action(s, "waiting", 0, 0, NULL, NULL);
+		jb_init(&detail);
+		jb_int(&detail, "branches", st->nbranches);
+		saga_event(s, "group_started", s->step, 0, false, NULL, jb_done(&detail));
+		group_wait(s, st);
+		worker_wake_at_commit();
+		return;
+	}
+
+	group_view(s, st, &v);
+	if ((compensation || v.failed > 0) && v.pending > 0)
+	{
+		/* stop the branches not started; the running ones finish */
+		group_cancel_pending(s);
+		group_view(s, st, &v);
+	}
+	if (v.pending > 0)
+	{
+		group_wait(s, st);
+		return;
+	}
+
+	if (!compensation)
+	{
+		if (v.failed == 0)
+		{
+			/* every branch completed: their results under their names */
+			action_done(s, v.results, 1, -1);
+			return;
+		}
+		step_row_action(s, "failed", 1, GetCurrentTimestamp(), NULL, v.error);
+		saga_event(s, "group_failed", s->step, 0, false, v.error, NULL);
+		compensation_begin(s, s->step, v.error);
+		saga_write(s);
+		return;
+	}
+
+	/* compensating the group: its completed branches, concurrently */
+	if (v.completed > 0 && group_arm_compensations(s, st, "completed") > 0)
+	{
+		group_view(s, st, &v);
+		worker_wake_at_commit();
+	}
+	if (v.compensating > 0)
+	{
+		group_wait(s, st);
+		return;
+	}
+	if (v.compensation_failed > 0)
+	{
+		step_row_compensation(s, "compensation_failed", false, 0, NULL);
+		s->state = SAGA_PARKED;
+		s->awaiting = false;
+		s->next_run_at = 0;
+		saga_event(s, "saga_parked", s->step, 0, true, NULL, NULL);
+		ereport(LOG,
+				(errmsg("saga " INT64_FORMAT " (\"%s\" version %d) is parked in compensation_failed",
+						s->id, s->def->name, s->def->version),
+				 errdetail("The compensation of a branch of parallel group \"%s\" failed; see resilience.saga_branches.",
+						   st->name),
+				 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", s->id)));
+		saga_write(s);
+		return;
+	}
+	step_row_compensation(s, "compensated", false, GetCurrentTimestamp(), NULL);
+	saga_event(s, "step_compensated", s->step, 0, true, NULL, NULL);
+	s->step--;
+	compensation_settle(s);
+	saga_write(s);
+}
+
 /* One unit of work on a running or compensating saga. */
 static void
 saga_advance(Saga *s)
@@ -1788,6 +2148,11 @@ saga_advance(Saga *s)
 		return;
 	}
 	st = &s->def->steps[s->step - 1];
+	if (st->kind == STEP_GROUP)
+	{
+		group_advance(s, st, compensation);
+		return;
+	}
 	if (!compensation && st->kind == STEP_AWAIT)
 	{
 		await_advance(s, st);
@@ -1814,7 +2179,7 @@ saga_advance(Saga *s)
 		StepCall	call;
 		int			attempt = s->attempt + 1;
 
-		call_sql_step(s, compensation, attempt, &call);
+		call_sql_step(s, st, compensation, attempt, &call);
 		if (call.ok && compensation)
 			compensation_done(s, call.result, attempt);
 		else if (call.ok)
@@ -1874,6 +2239,228 @@ saga_suspend(int64 id, const char *name, ErrorData *edata)
 					id, name, edata->message),
 			 errdetail("The other sagas go on; this one waits in state suspended."),
 			 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", id)));
+}
+
+/* A branch row as claimed (BRANCH_COLUMNS). */
+typedef struct Branch
+{
+	int64		saga_id;
+	int			step_no;
+	int			branch_no;
+	char	   *state;
+	int			attempts;
+	int			compensation_attempts;
+	TimestampTz started_at;		/* 0: not yet */
+	TimestampTz next_run_at;	/* 0: not due */
+	TimestampTz finished_at;
+	TimestampTz compensated_at;
+	Jsonb	   *result;
+	Jsonb	   *error;
+} Branch;
+
+/*
+ * Write branch b back to its (locked) row; a finished one makes its saga due
+ * (lock order: the branch row, then the saga's).  Every finished branch
+ * pokes: counting the unfinished ones first would need the saga's lock to
+ * be sure, and costs more than the poke (an orchestrator takes due branches
+ * before sagas, so the saga's tick mostly comes after the last one).
+ */
+static void
+branch_write(Branch *b)
+{
+	Datum		values[12];
+	bool		isnull[12] = {0};
+	TimestampTz now = GetCurrentTimestamp();
+
+	values[0] = Int64GetDatum(b->saga_id);
+	values[1] = Int32GetDatum(b->step_no);
+	values[2] = Int32GetDatum(b->branch_no);
+	values[3] = CStringGetTextDatum(b->state);
+	values[4] = Int32GetDatum(b->attempts);
+	values[5] = Int32GetDatum(b->compensation_attempts);
+	values[6] = TimestampTzGetDatum(b->next_run_at);
+	isnull[6] = b->next_run_at == 0;
+	values[7] = TimestampTzGetDatum(b->started_at);
+	isnull[7] = b->started_at == 0;
+	values[8] = TimestampTzGetDatum(b->finished_at);
+	isnull[8] = b->finished_at == 0;
+	values[9] = TimestampTzGetDatum(b->compensated_at);
+	isnull[9] = b->compensated_at == 0;
+	values[10] = JsonbPGetDatum(b->result);
+	isnull[10] = b->result == NULL;
+	values[11] = JsonbPGetDatum(b->error);
+	isnull[11] = b->error == NULL;
+	run_plan(PLAN_BRANCH_WRITE, values, isnull);
+	if (b->next_run_at == 0)
+	{
+		values[0] = Int64GetDatum(b->saga_id);
+		values[1] = TimestampTzGetDatum(now);
+		run_plan(PLAN_POKE, values, NULL);
+		worker_wake_at_commit();
+	}
+}
+
+/*
+ * One attempt of branch b's action (or compensation, when it is
+ * compensating) of saga s, read unlocked: its context does not change
+ * while it is at the group.  The branch's effects and its row commit
+ * together, as a step's do.
+ */
+static void
+branch_run(Saga *s, SagaStepDef *st, Branch *b)
+{
+	bool		compensation = strcmp(b->state, "compensating") == 0;
+	int			attempt = (compensation ? b->compensation_attempts : b->attempts) + 1;
+	StepCall	call;
+	TimestampTz now;
+	JsonBuf		detail;
+
+	if (!compensation && strcmp(b->state, "pending") != 0)
+		elog(ERROR, "branch \"%s\" of saga " INT64_FORMAT " is %s and not due", st->name, s->id, b->state);
+	call_sql_step(s, st, compensation, attempt, &call);
+	now = GetCurrentTimestamp();
+	if (compensation)
+		b->compensation_attempts = attempt;
+	else
+		b->attempts = attempt;
+	if (b->started_at == 0)
+		b->started_at = s->attempt_start;
+	jb_init(&detail);
+	if (call.ok)
+	{
+		b->next_run_at = 0;
+		if (compensation)
+		{
+			b->state = "compensated";
+			b->compensated_at = now;
+			saga_event_at(s, "step_compensated", st->name, attempt, true, NULL, NULL);
+		}
+		else
+		{
+			b->state = "completed";
+			b->finished_at = now;
+			b->result = call.result;
+			jb_int(&detail, "duration_us", call.duration_us);
+			saga_event_at(s, "step_completed", st->name, attempt, false, NULL, jb_done(&detail));
+		}
+	}
+	else
+	{
+		bool		retry = call.retryable && attempt < st->max_attempts;
+
+		b->error = call.error;
+		jb_bool(&detail, "retryable", call.retryable);
+		jb_int(&detail, "max_attempts", st->max_attempts);
+		if (retry)
+		{
+			b->next_run_at = now + resilience_backoff_usec(attempt - 1, st->backoff_base_us,
+														   st->backoff_cap_us, st->jitter,
+														   st->backoff_base_us);
+			jb_time(&detail, "retry_at", b->next_run_at);
+			metrics_add_at_commit(RC_SAGA_STEP_RETRIES, compensation ? RV_COMPENSATION : RV_ACTION,
+								  s->def->name, 1);
+		}
+		else
+		{
+			b->next_run_at = 0;
+			b->state = compensation ? "compensation_failed" : "failed";
+			if (!compensation)
+			{
+				/* the group fails: the branches not started never will */
+				b->finished_at = now;
+				group_cancel_pending(s);
+			}
+		}
+		saga_event_at(s, compensation ? "compensation_failed" :
+					  call.timed_out ? "step_timed_out" : "step_failed",
+					  st->name, attempt, compensation, call.error, jb_done(&detail));
+	}
+	branch_write(b);
+}
+
+/*
+ * Claim a due branch of a parallel group (skipping those another tick
+ * holds) and run one attempt of it.  False if none is due.  An error
+ * outside the branch's own subtransaction fails the branch (its saga then
+ * compensates) rather than the tick, so one branch never blocks the queue.
+ */
+static bool
+branch_tick(Oid by_hand)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	Datum		values[2];
+	bool		isnull;
+	Branch		b;
+	Datum		d;
+
+	if (schema_is_0_1())
+		return false;
+	values[0] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[1] = ObjectIdGetDatum(by_hand);
+	if (run_plan(PLAN_BRANCH_PICK, values, NULL) == 0)
+		return false;
+	memset(&b, 0, sizeof(b));
+	b.saga_id = DatumGetInt64(column(0, 1, &isnull));
+	b.step_no = DatumGetInt32(column(0, 2, &isnull));
+	b.branch_no = DatumGetInt32(column(0, 3, &isnull));
+	b.state = column_text(0, 4);
+	b.attempts = DatumGetInt32(column(0, 5, &isnull));
+	b.compensation_attempts = DatumGetInt32(column(0, 6, &isnull));
+	d = column(0, 7, &isnull);
+	b.started_at = isnull ? 0 : DatumGetTimestampTz(d);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		Saga		s;
+		SagaStepDef *group;
+
+		values[0] = Int64GetDatum(b.saga_id);
+		if (run_plan(PLAN_SAGA_READ, values, NULL) != 1)
+			elog(ERROR, "saga " INT64_FORMAT " of a parallel branch does not exist", b.saga_id);
+		saga_read(&s);
+		if (b.step_no < 1 || b.step_no > s.def->nsteps ||
+			s.def->steps[b.step_no - 1].kind != STEP_GROUP ||
+			b.branch_no < 1 || b.branch_no > s.def->steps[b.step_no - 1].nbranches)
+			elog(ERROR, "saga " INT64_FORMAT " has no branch %d of step %d", b.saga_id, b.branch_no, b.step_no);
+		s.step = b.step_no;
+		group = &s.def->steps[b.step_no - 1];
+		branch_run(&s, &group->branches[b.branch_no - 1], &b);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		step_saga_id = 0;
+		if (tick_error_is_transient(edata))
+			ReThrowError(edata);
+		ereport(LOG,
+				(errmsg("branch %d of step %d of saga " INT64_FORMAT " failed outside its step: %s",
+						b.branch_no, b.step_no, b.saga_id, edata->message)));
+		if (strcmp(b.state, "compensating") == 0)
+			b.state = "compensation_failed";
+		else
+		{
+			b.state = "failed";
+			b.finished_at = GetCurrentTimestamp();
+		}
+		b.next_run_at = 0;
+		b.error = error_json(edata, NULL);
+		branch_write(&b);
+	}
+	PG_END_TRY();
+	return true;
 }
 
 /*
@@ -1954,6 +2541,9 @@ tick_once(Oid by_hand)
 	bool		isnull;
 
 	PreventCommandDuringRecovery("saga_tick()");
+	/* a branch of a parallel group first, unless a saga is running on */
+	if (sticky_saga_id == 0 && branch_tick(by_hand))
+		return true;
 	if (!saga_pick(by_hand))
 		return false;
 	id = DatumGetInt64(column(0, 1, &isnull));
@@ -2030,12 +2620,13 @@ check_saga_name(text *name)
 /*
  * Step names travel in the headers and payloads of async commands, in
  * idempotency keys and in events: 1 to 63 bytes of ASCII letters, digits,
- * '_', '-' and '.' (22023).  normalized is _saga_normalize's array.
+ * '_', '-' and '.' (22023).  steps is _saga_normalize's array (or a
+ * group's branches, group_pos the group's position).
  */
 static void
-check_step_names(Jsonb *normalized)
+check_step_names(JsonbContainer *steps, int group_pos)
 {
-	JsonbIterator *it = JsonbIteratorInit(&normalized->root);
+	JsonbIterator *it = JsonbIteratorInit(steps);
 	JsonbValue	v;
 	JsonbIteratorToken tok;
 	int			pos = 0;
@@ -2043,6 +2634,7 @@ check_step_names(Jsonb *normalized)
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
 		JsonbValue *name;
+		JsonbValue *branches;
 		int			i;
 		bool		ok;
 
@@ -2062,10 +2654,14 @@ check_step_names(Jsonb *normalized)
 		if (!ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 group_pos ? errmsg("branch %d of step %d has an invalid step name", pos, group_pos) :
 					 errmsg("step %d has an invalid step name", pos),
 					 errdetail("Step names are 1 to %d ASCII letters, digits, \"_\", \"-\" and \".\".",
 							   SAGA_NAME_MAX),
 					 errhint("Step names travel in the headers of async commands, in idempotency keys and in events.")));
+		branches = getKeyJsonValueFromContainer(v.val.binary.data, "parallel", 8, NULL);
+		if (branches && branches->type == jbvBinary && group_pos == 0)
+			check_step_names(branches->val.binary.data, pos);
 	}
 }
 
@@ -2141,7 +2737,7 @@ saga_define(PG_FUNCTION_ARGS)
 		normalized = column_jsonb(0, 1);
 		if (normalized == NULL)
 			elog(ERROR, "resilience._saga_normalize returned NULL");
-		check_step_names(normalized);
+		check_step_names(&normalized->root, 0);
 	}
 
 	/* store it as the extension's owner, with a pinned search_path */
@@ -2323,6 +2919,19 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 			if (wish <= 0)
 				wish = LOCKED_RETRY_MS;
 		}
+	}
+	else
+	{
+		/*
+		 * The saga it advanced is due again at once (its next step): run it
+		 * on in this transaction, to its end or its first wait, at most
+		 * BATCH_TICKS units.  Each step keeps its subtransaction, and they
+		 * commit together: a crash redoes them all, none is applied twice.
+		 * A wait ends the batch, so the branches of a group it entered go
+		 * to every orchestrator at the commit.
+		 */
+		for (int i = 1; i < BATCH_TICKS && sticky_saga_id != 0; i++)
+			(void) tick_once(InvalidOid);
 	}
 	SPI_finish();
 	PG_RETURN_INT64(wish);
@@ -2745,6 +3354,8 @@ saga_retry(PG_FUNCTION_ARGS)
 		s.awaiting = false;
 		s.reply = NULL;
 		step_row_state(&s, s.step, "compensating");
+		if (s.step > 0 && s.def->steps[s.step - 1].kind == STEP_GROUP)
+			(void) group_arm_compensations(&s, &s.def->steps[s.step - 1], "compensation_failed");
 	}
 	saga_event(&s, "saga_retried", suspended ? 0 : s.step, 0, !suspended, NULL, NULL);
 	saga_write(&s);
@@ -2786,7 +3397,14 @@ saga_abort(PG_FUNCTION_ARGS)
 						 saga_id) : 0));
 
 	from = s.step - 1;
-	if (s.awaiting && s.def->steps[s.step - 1].kind != STEP_ACTION)
+	if (s.awaiting && s.def->steps[s.step - 1].kind == STEP_GROUP)
+	{
+		/* branches not started are cancelled; the group compensates its completed ones */
+		group_cancel_pending(&s);
+		step_row_state(&s, s.step, "compensating");
+		from = s.step;
+	}
+	else if (s.awaiting && s.def->steps[s.step - 1].kind != STEP_ACTION)
 		step_row_state(&s, s.step, "failed");	/* a timer or an await: nothing done */
 	else if (s.awaiting)
 	{

@@ -29,9 +29,10 @@
  * A job marked says_when returns how many ms until it wants to run again: 0
  * means it did some work and may have more, and it is called again at once,
  * each call in a new transaction, for up to JOB_BURST_MS at a time (the
- * sagas job: one saga step per transaction).  worker_wake(dboid) runs the
- * jobs marked on_wake of that database's worker at once (saga_start and
- * publishing outbox transactions call it at commit).  A job may also be a C
+ * sagas job: one saga, to its end or its first wait, per transaction).
+ * worker_wake(dboid) runs the jobs marked on_wake of that database's worker
+ * at once (saga_start and publishing outbox transactions call it at
+ * commit).  A job may also be a C
  * function, called with no transaction open, that runs transactions of its
  * own and says when (the outbox relay: it must not hold a transaction open
  * across network I/O); it locks the extension the same way

@@ -1,0 +1,1 @@
+SELECT resilience.saga_start('bench_fan', '{}');
