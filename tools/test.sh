@@ -61,6 +61,13 @@ run_pg_regress() { # suite make-overrides...
 	ok=$(grep -cE '\.\.\. ok|^ok [0-9]+ ' "$out" || true)
 	bad=$(grep -cE '\.\.\. FAILED|failed \(ignored\)|^not ok [0-9]+ ' "$out" || true)
 	if [ "$ok" -eq 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi # the runner itself failed
+	# A runner that stops early (e.g. a spec without its expected file makes
+	# the diff fail) prints no summary: count that as a failure, never as a
+	# shorter green run.
+	if ! grep -qE 'All [0-9]+ tests passed|[0-9]+ of [0-9]+ tests failed' "$out"; then
+		say "not ok - $suite stopped before its summary line"
+		bad=$((bad + 1))
+	fi
 	for f in "$BUILD"/regression.diffs "$BUILD"/output_iso/regression.diffs; do
 		[ "$bad" -gt 0 ] && [ -s "$f" ] && { say "--- $f"; cat "$f"; }
 	done
