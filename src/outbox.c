@@ -1443,9 +1443,9 @@ delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
 	return resilience_arg_duration(fcinfo, argno, what, zero_ok);
 }
 
-/* Wake this database's relay when the transaction commits. */
+/* The transaction and subtransaction callbacks, once per backend. */
 static void
-wake_relay_at_commit(void)
+register_callbacks(void)
 {
 	if (!callbacks_registered)
 	{
@@ -1453,6 +1453,13 @@ wake_relay_at_commit(void)
 		RegisterSubXactCallback(outbox_subxact_callback, NULL);
 		callbacks_registered = true;
 	}
+}
+
+/* Wake this database's relay when the transaction commits. */
+static void
+wake_relay_at_commit(void)
+{
+	register_callbacks();
 	wake_at_commit = true;
 }
 
@@ -1636,12 +1643,7 @@ outbox_publish(PG_FUNCTION_ARGS)
 		else
 			wake_claimers_at_commit |= UINT64CONST(1) << r->claim_slot;
 	}
-	if (!callbacks_registered)
-	{
-		RegisterXactCallback(outbox_xact_callback, NULL);
-		RegisterSubXactCallback(outbox_subxact_callback, NULL);
-		callbacks_registered = true;
-	}
+	register_callbacks();
 
 	old = MemoryContextSwitchTo(TopTransactionContext);
 	ev = palloc(sizeof(PendingEvent));
@@ -2453,12 +2455,7 @@ outbox_claim_slot(const char *consumer)
 static void
 wake_claimers_at_commit_of(uint64 slots)
 {
-	if (!callbacks_registered)
-	{
-		RegisterXactCallback(outbox_xact_callback, NULL);
-		RegisterSubXactCallback(outbox_subxact_callback, NULL);
-		callbacks_registered = true;
-	}
+	register_callbacks();
 	wake_claimers_at_commit |= slots;
 }
 
