@@ -88,13 +88,17 @@
 #include <sys/socket.h>
 
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -155,6 +159,7 @@ typedef struct CachedRoute
 {
 	int32		id;
 	bool		push;			/* delivered by the relay (not queue) */
+	bool		enabled;		/* a paused route needs no relay woken */
 	int			claim_slot;		/* pulled: its consumer's claim slot */
 	OutboxPayloadKind payload;
 	text	   *pattern;
@@ -188,6 +193,8 @@ static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
 static SPIPlanPtr insert_plan = NULL;
+static bool citus_known = false;	/* citus_installed() below */
+static bool citus_present = false;
 
 /* ---- settings, ownership, names ---- */
 
@@ -206,7 +213,11 @@ outbox_setting_int(const char *name, int dflt, int flags)
 	return result;
 }
 
-/* Reload the routes when they change; look up our relations again. */
+/*
+ * Reload the routes when they change; look up our relations again.  Any
+ * relation's invalidation makes the Citus check look again (see
+ * citus_installed).
+ */
 static void
 outbox_relcache_callback(Datum arg, Oid relid)
 {
@@ -215,6 +226,7 @@ outbox_relcache_callback(Datum arg, Oid relid)
 	if (relid == InvalidOid || relid == cached_outbox_relid ||
 		relid == cached_routes_relid || relid == cached_seq_relid)
 		relations_valid = false;
+	citus_known = false;
 }
 
 static void
@@ -1338,6 +1350,7 @@ load_route_cache(void)
 
 			c->id = r->id;
 			c->push = r->sink->push;
+			c->enabled = r->enabled;
 			c->claim_slot = outbox_claim_slot(r->target);
 			c->payload = r->payload;
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
@@ -1638,9 +1651,9 @@ outbox_publish(PG_FUNCTION_ARGS)
 			event_header_collision(headers, r);
 		pull[nmatched] = !r->push;
 		matched[nmatched++] = r->id;
-		if (r->push)
+		if (r->push && r->enabled)
 			wake_relay_at_commit();
-		else
+		else if (!r->push)
 			wake_claimers_at_commit |= UINT64CONST(1) << r->claim_slot;
 	}
 	register_callbacks();
@@ -1700,8 +1713,219 @@ key_hash(text *key)
 }
 
 /*
+ * The columns the pre-commit writes, in the order of the INSERT's
+ * parameters; the direct path also writes attempts (the column's default).
+ * Every other column of resilience.outbox is left NULL.
+ */
+typedef enum OutboxColumn
+{
+	OC_ID,
+	OC_SEQ,
+	OC_ROUTE_ID,
+	OC_TOPIC,
+	OC_KEY,
+	OC_PAYLOAD,
+	OC_HEADERS,
+	OC_PUBLISHED_AT,
+	OC_NOT_BEFORE,
+	OC_PULL,
+	OC_ATTEMPTS,
+	OC_COUNT
+} OutboxColumn;
+
+#define OC_PARAMS OC_ATTEMPTS	/* the INSERT's parameters: all but attempts */
+
+static const char *const outbox_column_names[OC_COUNT] = {
+	"id", "seq", "route_id", "topic", "key", "payload", "headers",
+	"published_at", "not_before", "pull", "attempts"
+};
+static const Oid outbox_column_types[OC_COUNT] = {
+	INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID, INT4OID
+};
+
+/*
+ * Is Citus installed in this database?  Then outbox rows are written with
+ * an INSERT (SPI), never with the table and index APIs: Citus (issue 21)
+ * handles INSERTs into its distributed and reference tables in its planner
+ * and executor hooks, which a direct heap insert would bypass, leaving the
+ * rows in the coordinator's local shell table.  Cached per backend:
+ * CREATE and DROP EXTENSION citus create and drop relations, and any
+ * relation's invalidation makes the next call look again
+ * (outbox_relcache_callback), so a stale answer costs one catalog lookup.
+ */
+static bool
+citus_installed(void)
+{
+	if (!citus_known)
+	{
+		citus_known = true;		/* an invalidation from here on unsets it */
+		citus_present = OidIsValid(get_extension_oid("citus", true));
+	}
+	return citus_present;
+}
+
+/*
+ * May the rows go into rel with the table and index APIs, meaning exactly
+ * what the INSERT would?  Only into a plain table with no trigger (foreign
+ * keys are triggers too), no rule, no row-level security, whose columns
+ * are ours (attnums[c]: the attribute number of column c) and whose other
+ * columns are nullable without a default.  Then the INSERT would only check
+ * the constraints, store the tuple and insert the index entries, which is
+ * what ExecSimpleRelationInsert does.  Anything else takes the INSERT.
+ */
+static bool
+direct_insert_ok(Relation rel, int *attnums)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			c;
+
+	if (citus_installed() || rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->trigdesc != NULL || rel->rd_rules != NULL || rel->rd_rel->relrowsecurity)
+		return false;
+	for (c = 0; c < OC_COUNT; c++)
+		attnums[c] = 0;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		known = false;
+
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < OC_COUNT && !known; c++)
+		{
+			if (strcmp(NameStr(att->attname), outbox_column_names[c]) != 0)
+				continue;
+			if (att->atttypid != outbox_column_types[c])
+				return false;
+			attnums[c] = att->attnum;
+			known = true;
+		}
+		if (!known && (att->atthasdef || att->attnotnull || att->attgenerated))
+			return false;
+	}
+	for (c = 0; c < OC_COUNT; c++)
+		if (attnums[c] == 0)
+			return false;
+	return true;
+}
+
+/* The row of event ev for its i-th route, as the INSERT's parameters. */
+static void
+event_row(PendingEvent *ev, int i, int64 seq, Datum *values, bool *nulls)
+{
+	values[OC_ID] = Int64GetDatum(ev->id);
+	values[OC_SEQ] = Int64GetDatum(seq);
+	values[OC_ROUTE_ID] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
+	values[OC_TOPIC] = PointerGetDatum(ev->topic);
+	values[OC_KEY] = PointerGetDatum(ev->key);
+	values[OC_PAYLOAD] = JsonbPGetDatum(ev->payload);
+	values[OC_HEADERS] = JsonbPGetDatum(ev->headers ? ev->headers : empty_headers());
+	values[OC_PUBLISHED_AT] = TimestampTzGetDatum(ev->published_at);
+	values[OC_NOT_BEFORE] = TimestampTzGetDatum(ev->not_before);
+	values[OC_PULL] = BoolGetDatum(ev->nroutes ? ev->pull[i] : false);
+	values[OC_ATTEMPTS] = Int32GetDatum(0);
+	for (int c = 0; c < OC_COUNT; c++)
+		nulls[c] = false;
+	nulls[OC_ROUTE_ID] = ev->nroutes == 0;
+	nulls[OC_KEY] = ev->key == NULL;
+}
+
+/*
+ * Write the pending events' rows with the table and index APIs: one
+ * executor state for the whole transaction, no plan, no parse, no SQL.
+ */
+static void
+insert_rows_directly(Relation rel, const int *attnums)
+{
+	EState	   *estate = CreateExecutorState();
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+	TupleTableSlot *slot;
+	ListCell   *lc;
+
+	InitResultRelInfo(rri, rel, 0, NULL, 0);
+	ExecOpenIndices(rri, false);
+	estate->es_output_cid = GetCurrentCommandId(true);
+	slot = table_slot_create(rel, NULL);
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+		int64		seq = nextval_internal(cached_seq_relid, false);
+
+		for (int i = 0; i < Max(ev->nroutes, 1); i++)
+		{
+			Datum		values[OC_COUNT];
+			bool		nulls[OC_COUNT];
+
+			event_row(ev, i, seq, values, nulls);
+			ExecClearTuple(slot);
+			memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+			for (int c = 0; c < OC_COUNT; c++)
+			{
+				slot->tts_values[attnums[c] - 1] = values[c];
+				slot->tts_isnull[attnums[c] - 1] = nulls[c];
+			}
+			ExecStoreVirtualTuple(slot);
+			ExecSimpleRelationInsert(rri, estate, slot);
+			ResetPerTupleExprContext(estate);
+		}
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	ExecCloseIndices(rri);
+	FreeExecutorState(estate);
+	CommandCounterIncrement();
+}
+
+/* Write the pending events' rows with an INSERT, through SPI. */
+static void
+insert_rows_with_spi(void)
+{
+	ListCell   *lc;
+	Oid			argtypes[OC_PARAMS];
+
+	SPI_connect();
+	if (insert_plan == NULL)
+	{
+		SPIPlanPtr	plan;
+
+		memcpy(argtypes, outbox_column_types, sizeof(argtypes));
+		plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
+						   " key, payload, headers, published_at, not_before, pull)"
+						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+						   OC_PARAMS, argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+		int64		seq = nextval_internal(cached_seq_relid, false);
+
+		for (int i = 0; i < Max(ev->nroutes, 1); i++)
+		{
+			Datum		values[OC_COUNT];
+			bool		nulls[OC_COUNT];
+			char		spi_nulls[OC_PARAMS];
+			int			ret;
+
+			event_row(ev, i, seq, values, nulls);
+			for (int c = 0; c < OC_PARAMS; c++)
+				spi_nulls[c] = nulls[c] ? 'n' : ' ';
+			ret = SPI_execute_plan(insert_plan, values, spi_nulls, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
+		}
+	}
+	SPI_finish();
+}
+
+/*
  * Pre-commit: lock the keys in hash order, then take each event's seq and
  * write its rows.  See the top of the file for why this gives commit order.
+ * The rows go in with the table and index APIs when that means exactly what
+ * an INSERT would (direct_insert_ok), else with an INSERT.
  */
 static void
 flush_pending_events(void)
@@ -1711,10 +1935,9 @@ flush_pending_events(void)
 	ListCell   *lc;
 	int			i;
 	ResilienceUser save;
-	static Datum values[10];
-	static char nulls[10];
-	Oid			argtypes[10] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
-	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID};
+	Relation	rel;
+	int			attnums[OC_COUNT];
+	bool		direct;
 
 	hashes = palloc(sizeof(uint64) * list_length(pending_events));
 	foreach(lc, pending_events)
@@ -1737,50 +1960,18 @@ flush_pending_events(void)
 	}
 
 	lookup_relations();
-	resilience_become_owner(true, &save);
-	SPI_connect();
+	rel = table_open(cached_outbox_relid, RowExclusiveLock);
+	direct = direct_insert_ok(rel, attnums);
+	/* no SQL is parsed on the direct path: no search_path to pin */
+	resilience_become_owner(!direct, &save);
 	PushActiveSnapshot(GetTransactionSnapshot());
-	if (insert_plan == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
-									   " key, payload, headers, published_at, not_before, pull)"
-									   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-									   10, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		insert_plan = plan;
-	}
-	foreach(lc, pending_events)
-	{
-		PendingEvent *ev = lfirst(lc);
-		int64		seq = nextval_internal(cached_seq_relid, false);
-
-		values[0] = Int64GetDatum(ev->id);
-		values[1] = Int64GetDatum(seq);
-		values[3] = PointerGetDatum(ev->topic);
-		values[4] = PointerGetDatum(ev->key);
-		nulls[4] = ev->key ? ' ' : 'n';
-		values[5] = JsonbPGetDatum(ev->payload);
-		values[6] = JsonbPGetDatum(ev->headers ? ev->headers : empty_headers());
-		values[7] = TimestampTzGetDatum(ev->published_at);
-		values[8] = TimestampTzGetDatum(ev->not_before);
-		for (i = 0; i < Max(ev->nroutes, 1); i++)
-		{
-			int			ret;
-
-			values[2] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
-			nulls[2] = ev->nroutes ? ' ' : 'n';
-			values[9] = BoolGetDatum(ev->nroutes ? ev->pull[i] : false);
-			ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
-		}
-	}
+	if (direct)
+		insert_rows_directly(rel, attnums);
+	else
+		insert_rows_with_spi();
 	PopActiveSnapshot();
-	SPI_finish();
 	resilience_restore_user(&save);
+	table_close(rel, NoLock);
 	pending_events = NIL;
 }
 
