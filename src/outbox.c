@@ -2050,6 +2050,7 @@ typedef struct Candidate
 	char	   *key;
 	bool		dead;			/* queue head out of attempts */
 	bool		keep;
+	uint64		row;			/* its row in the result of the lock step */
 } Candidate;
 
 static HTAB *
@@ -2295,11 +2296,75 @@ drop_keys_out_of_order(OutboxRoute *route, List **cands)
 	}
 }
 
+/* The columns an item is built from (item_from_row), and the lock step. */
+#define ITEM_COLUMNS "ctid, id, seq, key, topic, payload::pg_catalog.text," \
+	" headers::pg_catalog.text, published_at, attempts"
+#define LOCK_STEP " FROM resilience.outbox" \
+	" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL" \
+	" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)" \
+	" AND not_before OPERATOR(pg_catalog.<=) $2" \
+	" FOR UPDATE SKIP LOCKED"
+
+/* A row the lock step locked, and where it is in its result. */
+typedef struct LockedRow
+{
+	ItemPointerData ctid;		/* first: compare_tids */
+	uint64		row;
+} LockedRow;
+
+/* An item from a row of ITEM_COLUMNS (in the current memory context). */
+static OutboxItem *
+item_from_row(HeapTuple t, TupleDesc d, OutboxRoute *route, bool held)
+{
+	OutboxItem *item = palloc0(sizeof(OutboxItem));
+	bool		isnull;
+
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
+	item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
+	item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
+	item->key = SPI_getvalue(t, d, 4);
+	item->topic = SPI_getvalue(t, d, 5);
+	item->payload = SPI_getvalue(t, d, 6);
+	item->headers = SPI_getvalue(t, d, 7);
+	item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
+	item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
+	item->route_id = route->id;
+	item->route = route;
+	item->retry_after_ms = -1;
+	item->held = held;
+	return item;
+}
+
+/*
+ * A statement prepared once per backend with a generic plan: the relay's
+ * statements take arrays of a batch's ctids, and planning them each time
+ * (selectivity of "ctid = ANY(array)" over 500 elements) cost more than
+ * running them.
+ */
+SPIPlanPtr
+outbox_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	return *plan;
+}
+
 /* Claim up to limit rows of one route into claim->items. */
 static int
 claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 {
 	static SPIPlanPtr scan_plan = NULL;
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr hold_plan = NULL;
+	static SPIPlanPtr claim_plan = NULL;
+	bool		hold;
 	HTAB	   *blocked = key_set("outbox blocked keys");
 	HTAB	   *open = key_set("outbox open keys");
 	List	   *cands = NIL;
@@ -2429,21 +2494,22 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			return 0;
 	}
 
-	/* lock what is still unclaimed; skip what another claimer holds */
+	/*
+	 * Lock what is still unclaimed; skip what another claimer holds.  Rows
+	 * held in the claim transaction (hold) are read whole by this step.
+	 */
+	hold = claim->hold_in_claim && route->sink->in_claim;
 	args[0] = tid_array(cands);
 	args[1] = TimestampTzGetDatum(claim->now);
 	types[0] = TIDARRAYOID;
-	ret = SPI_execute_with_args("SELECT ctid FROM resilience.outbox"
-								" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL"
-								" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)"
-								" AND not_before OPERATOR(pg_catalog.<=) $2"
-								" FOR UPDATE SKIP LOCKED",
-								2, types, args, NULL, false, 0);
+	ret = SPI_execute_plan(hold ? outbox_plan(&hold_plan, "SELECT " ITEM_COLUMNS LOCK_STEP, 2, types)
+						   : outbox_plan(&lock_plan, "SELECT ctid" LOCK_STEP, 2, types),
+						   args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "locking outbox rows failed: %s", SPI_result_code_string(ret));
 	{
 		HTAB	   *broken = key_set("outbox broken keys");
-		ItemPointerData *locked = palloc(sizeof(ItemPointerData) * Max(SPI_processed, 1));
+		LockedRow  *locked = palloc(sizeof(LockedRow) * Max(SPI_processed, 1));
 		uint64		nlocked = SPI_processed;
 
 		for (i = 0; i < nlocked; i++)
@@ -2453,14 +2519,15 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
 																		SPI_tuptable->tupdesc, 1,
 																		&isnull)),
-							&locked[i]);
+							&locked[i].ctid);
+			locked[i].row = i;
 		}
-		qsort(locked, nlocked, sizeof(ItemPointerData), compare_tids);
+		qsort(locked, nlocked, sizeof(LockedRow), compare_tids);
 		foreach(lc, cands)
 		{
 			Candidate  *c = lfirst(lc);
-			bool		got = bsearch(&c->ctid, locked, nlocked, sizeof(ItemPointerData),
-									  compare_tids) != NULL;
+			LockedRow  *got = bsearch(&c->ctid, locked, nlocked, sizeof(LockedRow),
+									  compare_tids);
 
 			if (c->key && key_in(broken, c->key))
 				continue;
@@ -2481,57 +2548,56 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 				claim->dead = lappend(claim->dead, item);
 				continue;
 			}
+			c->row = got->row;
 			valid = lappend(valid, c);
 		}
 	}
 	if (valid == NIL)
 		return 0;
 
-	/* claim them */
+	/* claim them (held rows: the lock step read them, nothing to write) */
 	{
 		List	   *got = NIL;
 		MemoryContext old;
 
-		args[0] = tid_array(valid);
-		args[1] = CStringGetTextDatum(claim->claimer);
-		args[2] = TimestampTzGetDatum(claim->now + claim->visibility_ms * 1000);
-		args[3] = Int32GetDatum(claim->count_attempt ? 1 : 0);
-		types[0] = TIDARRAYOID;
-		types[1] = TEXTOID;
-		types[2] = TIMESTAMPTZOID;
-		types[3] = INT4OID;
-		ret = SPI_execute_with_args("UPDATE resilience.outbox"
-									" SET claimed_by = $2, claim_until = $3, attempts = attempts OPERATOR(pg_catalog.+) $4"
-									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
-									" RETURNING ctid, id, seq, key, topic, payload::pg_catalog.text,"
-									" headers::pg_catalog.text,"
-									" published_at, attempts",
-									4, types, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE_RETURNING)
-			elog(ERROR, "claiming outbox rows failed: %s", SPI_result_code_string(ret));
-		old = MemoryContextSwitchTo(claim->result_cxt ? claim->result_cxt : old_context);
-		for (i = 0; i < SPI_processed; i++)
+		if (!hold)
 		{
-			HeapTuple	t = SPI_tuptable->vals[i];
-			TupleDesc	d = SPI_tuptable->tupdesc;
-			OutboxItem *item = palloc0(sizeof(OutboxItem));
-			bool		isnull;
-
-			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
-			item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
-			item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
-			item->key = SPI_getvalue(t, d, 4);
-			item->topic = SPI_getvalue(t, d, 5);
-			item->payload = SPI_getvalue(t, d, 6);
-			item->headers = SPI_getvalue(t, d, 7);
-			item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
-			item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
-			item->route_id = route->id;
-			item->route = route;
-			item->retry_after_ms = -1;
-			got = lappend(got, item);
-			nvalid++;
+			args[0] = tid_array(valid);
+			args[1] = CStringGetTextDatum(claim->claimer);
+			args[2] = TimestampTzGetDatum(claim->now + claim->visibility_ms * 1000);
+			args[3] = Int32GetDatum(claim->count_attempt ? 1 : 0);
+			types[0] = TIDARRAYOID;
+			types[1] = TEXTOID;
+			types[2] = TIMESTAMPTZOID;
+			types[3] = INT4OID;
+			ret = SPI_execute_plan(outbox_plan(&claim_plan,
+											   "UPDATE resilience.outbox"
+											   " SET claimed_by = $2, claim_until = $3,"
+											   " attempts = attempts OPERATOR(pg_catalog.+) $4"
+											   " WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+											   " RETURNING " ITEM_COLUMNS, 4, types),
+								   args, NULL, false, 0);
+			if (ret != SPI_OK_UPDATE_RETURNING)
+				elog(ERROR, "claiming outbox rows failed: %s", SPI_result_code_string(ret));
 		}
+		old = MemoryContextSwitchTo(claim->result_cxt ? claim->result_cxt : old_context);
+		if (hold)
+		{
+			foreach(lc, valid)
+			{
+				Candidate  *c = lfirst(lc);
+
+				got = lappend(got, item_from_row(SPI_tuptable->vals[c->row], SPI_tuptable->tupdesc,
+												 route, true));
+			}
+		}
+		else
+		{
+			for (i = 0; i < SPI_processed; i++)
+				got = lappend(got, item_from_row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+												 route, false));
+		}
+		nvalid = list_length(got);
 		list_sort(got, compare_items);
 		claim->items = list_concat(claim->items, got);
 		MemoryContextSwitchTo(old);
