@@ -44,7 +44,8 @@ PGFILEDESC = "resilience - reliability patterns inside PostgreSQL"
 REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempotency_errors \
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
-	schedules_cron schedules quota quota_errors sagas_waits outbox_signing outbox_trace outbox_route_options
+	schedules_cron schedules quota quota_errors sagas_waits outbox_signing outbox_trace outbox_route_options \
+	outbox_write
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

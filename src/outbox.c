@@ -44,7 +44,9 @@
  *
  * Concurrent claimers (the worker, relay_outbox by hand, queue consumers)
  * read without locks, then lock the chosen rows FOR UPDATE SKIP LOCKED,
- * which re-checks that each is still unclaimed.  A chosen row that could not
+ * which re-checks that each is still unclaimed (rows the relay delivers in
+ * that same transaction, NOTIFY, are read by this step and stay only
+ * locked: hold_in_claim).  A chosen row that could not
  * be locked (another claimer has it, or it changed) drops every later row of
  * its key from the claim, so a key is never claimed past a row someone else
  * holds.  A row of key k that did not exist when the rows were read

@@ -12,7 +12,9 @@
  *	   (outbox_claim_rows: per-key order, see outbox.c) for a while long
  *	   enough to deliver them, deliver the NOTIFY ones (NOTIFY is itself
  *	   transactional: it is sent when this transaction commits, together
- *	   with the removal of the rows), commit;
+ *	   with the removal of the rows), commit.  The NOTIFY rows are only
+ *	   locked and read (held), never claimed by an UPDATE: nothing outside
+ *	   this transaction needs to see them as taken;
  *	2. deliver the HTTP and AMQP ones with no transaction open (sink_http.c,
  *	   sink_amqp.c);
  *	3. record (one transaction): delete the delivered rows (or mark them
