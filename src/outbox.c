@@ -1284,13 +1284,15 @@ outbox_routes_invalidate(PG_FUNCTION_ARGS)
 List *
 outbox_load_routes(bool push_only, const char *queue_consumer)
 {
+	static SPIPlanPtr plan = NULL;
 	MemoryContext caller = CurrentMemoryContext;
 	List	   *routes = NIL;
 	uint64		i;
 	int			ret;
 
-	ret = SPI_execute("SELECT id, topic_pattern, sink, target, options, enabled"
-					  " FROM resilience.outbox_routes ORDER BY id", true, 0);
+	ret = SPI_execute_plan(outbox_plan(&plan, "SELECT id, topic_pattern, sink, target, options, enabled"
+									   " FROM resilience.outbox_routes ORDER BY id", 0, NULL),
+						   NULL, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading resilience.outbox_routes failed: %s", SPI_result_code_string(ret));
 	/* SPI leaves its own context current: the routes go where the caller was */
@@ -2314,6 +2316,16 @@ typedef struct LockedRow
 	uint64		row;
 } LockedRow;
 
+/* A text column as a C string (NULL for NULL), without an output function. */
+static char *
+text_or_null_column(HeapTuple t, TupleDesc d, int col)
+{
+	bool		isnull;
+	Datum		v = SPI_getbinval(t, d, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(v);
+}
+
 /* An item from a row of ITEM_COLUMNS (in the current memory context). */
 static OutboxItem *
 item_from_row(HeapTuple t, TupleDesc d, OutboxRoute *route, bool held)
@@ -2324,10 +2336,10 @@ item_from_row(HeapTuple t, TupleDesc d, OutboxRoute *route, bool held)
 	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
 	item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
 	item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
-	item->key = SPI_getvalue(t, d, 4);
-	item->topic = SPI_getvalue(t, d, 5);
-	item->payload = SPI_getvalue(t, d, 6);
-	item->headers = SPI_getvalue(t, d, 7);
+	item->key = text_or_null_column(t, d, 4);
+	item->topic = text_or_null_column(t, d, 5);
+	item->payload = text_or_null_column(t, d, 6);
+	item->headers = text_or_null_column(t, d, 7);
 	item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
 	item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
 	item->route_id = route->id;
@@ -2410,7 +2422,8 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
 	while (!done)
 	{
-		SPI_cursor_fetch(portal, true, fetch);
+		/* the first fetch: what a batch takes when no key is in the way */
+		SPI_cursor_fetch(portal, true, cands == NIL ? Min(Max(limit, 64), fetch) : fetch);
 		if (SPI_processed == 0)
 			break;
 		for (i = 0; i < SPI_processed && !done; i++)
@@ -2421,7 +2434,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 						n_claim,
 						isnull;
 			ItemPointer ctid = (ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull));
-			char	   *key = SPI_getvalue(t, d, 2);
+			char	   *key = text_or_null_column(t, d, 2);
 			TimestampTz not_before = DatumGetTimestampTz(SPI_getbinval(t, d, 3, &isnull));
 			TimestampTz claim_until = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &n_claim));
 			int			attempts = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));

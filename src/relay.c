@@ -595,14 +595,20 @@ item_arrays(List *items, Datum *tids, Datum *ids)
 /*
  * Delivered rows still claimed by claimer: deleted (keep_secs < 0), or kept
  * that long, marked delivered.  The id is checked along with the ctid.
- * claimer NULL: rows this transaction holds locked since it read them
- * (held items), which nobody else can have changed.
+ * claimer NULL: rows this transaction has held locked since it read them
+ * (held items), so their ctids are theirs: nothing else is checked.
  */
 static void
 finish_rows(List *items, const char *claimer, int keep_secs)
 {
-	static SPIPlanPtr delete_plan = NULL;
-	static SPIPlanPtr keep_plan = NULL;
+	static SPIPlanPtr plans[2][2];	/* [held][kept] */
+	static const char *const where[2] = {
+		" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
+		" AND claimed_by OPERATOR(pg_catalog.=) $3",
+		" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+	};
+	bool		held = claimer == NULL;
+	bool		kept = keep_secs >= 0;
 	Datum		args[4];
 	Oid			types[4] = {TIDARRAYOID, INT8ARRAYOID, TEXTOID, INT4OID};
 	char		nulls[4] = {' ', ' ', ' ', ' '};
@@ -613,23 +619,17 @@ finish_rows(List *items, const char *claimer, int keep_secs)
 	item_arrays(items, &args[0], &args[1]);
 	args[2] = text_or_null(claimer, &nulls[2]);
 	args[3] = Int32GetDatum(keep_secs);
-	if (keep_secs < 0)
-		ret = SPI_execute_plan(outbox_plan(&delete_plan,
-										   "DELETE FROM resilience.outbox"
-										   " WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
-										   " AND ($3::pg_catalog.text IS NULL OR claimed_by OPERATOR(pg_catalog.=) $3)",
-										   3, types),
-							   args, nulls, false, 0);
-	else
-		ret = SPI_execute_plan(outbox_plan(&keep_plan,
-										   "UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
-										   " not_before = pg_catalog.now() OPERATOR(pg_catalog.+)"
-										   " pg_catalog.make_interval(secs => $4),"
-										   " claimed_by = NULL, claim_until = NULL"
-										   " WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
-										   " AND ($3::pg_catalog.text IS NULL OR claimed_by OPERATOR(pg_catalog.=) $3)",
-										   4, types),
-							   args, nulls, false, 0);
+	if (plans[held][kept] == NULL)
+		(void) outbox_plan(&plans[held][kept],
+						   psprintf("%s%s", kept ?
+									"UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
+									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+)"
+									" pg_catalog.make_interval(secs => $4),"
+									" claimed_by = NULL, claim_until = NULL"
+									: "DELETE FROM resilience.outbox",
+									where[held]),
+						   4, types);
+	ret = SPI_execute_plan(plans[held][kept], args, nulls, false, 0);
 	if (ret < 0)
 		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
 }
