@@ -2402,13 +2402,19 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	if (route->block_on_dead_letter)
 		load_blocked_keys(route->id, blocked);
 
+	/*
+	 * Planned for a cursor's first rows: planned for reading the whole
+	 * backlog, a backlog from right after a TRUNCATE (no statistics) got a
+	 * seq scan and a sort of every pending row in each batch instead of
+	 * the ordered index scan that stops after a batch's worth.
+	 */
 	if (scan_plan == NULL)
 	{
 		Oid			t = INT4OID;
-		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts, seq"
-									   " FROM resilience.outbox"
-									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
-									   " ORDER BY route_id, seq", 1, &t);
+		SPIPlanPtr	plan = SPI_prepare_cursor("SELECT ctid, key, not_before, claim_until, attempts, seq"
+											  " FROM resilience.outbox"
+											  " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
+											  " ORDER BY route_id, seq", 1, &t, CURSOR_OPT_FAST_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
