@@ -46,7 +46,7 @@ REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempo
 	breaker breaker_errors bulkhead retry sagas sagas_errors sagas_by_hand \
 	outbox outbox_errors events events_errors roles \
 	schedules_cron schedules quota quota_errors sagas_waits outbox_signing outbox_trace outbox_route_options \
-	citus_errors sagas_groups
+	citus_errors sagas_groups outbox_write
 
 # Isolation specs: one per race we promise to win.
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \

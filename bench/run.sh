@@ -197,8 +197,9 @@ for round in $(seq "$ROUNDS"); do
 	done
 done
 
-# Outbox (once, whatever BENCH_ROUNDS): publish vs INSERT, relay throughput,
-# latency, and the table's size under a sustained load (bench/outbox.sh).
+# Outbox: publish vs INSERT and the NOTIFY relay vs its reference loop
+# (BENCH_ROUNDS turns), HTTP relay throughput, latency, and the table's size
+# under a sustained load (bench/outbox.sh).
 if section outbox; then
 	run_outbox_section
 fi

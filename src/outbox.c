@@ -44,7 +44,9 @@
  *
  * Concurrent claimers (the worker, relay_outbox by hand, queue consumers)
  * read without locks, then lock the chosen rows FOR UPDATE SKIP LOCKED,
- * which re-checks that each is still unclaimed.  A chosen row that could not
+ * which re-checks that each is still unclaimed (rows the relay delivers in
+ * that same transaction, NOTIFY, are read by this step and stay only
+ * locked: hold_in_claim).  A chosen row that could not
  * be locked (another claimer has it, or it changed) drops every later row of
  * its key from the claim, so a key is never claimed past a row someone else
  * holds.  A row of key k that did not exist when the rows were read
@@ -88,13 +90,17 @@
 #include <sys/socket.h>
 
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -155,6 +161,7 @@ typedef struct CachedRoute
 {
 	int32		id;
 	bool		push;			/* delivered by the relay (not queue) */
+	bool		enabled;		/* a paused route needs no relay woken */
 	int			claim_slot;		/* pulled: its consumer's claim slot */
 	OutboxPayloadKind payload;
 	text	   *pattern;
@@ -188,6 +195,8 @@ static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
 static SPIPlanPtr insert_plan = NULL;
+static bool citus_known = false;	/* citus_installed() below */
+static bool citus_present = false;
 
 /* ---- settings, ownership, names ---- */
 
@@ -206,7 +215,11 @@ outbox_setting_int(const char *name, int dflt, int flags)
 	return result;
 }
 
-/* Reload the routes when they change; look up our relations again. */
+/*
+ * Reload the routes when they change; look up our relations again.  Any
+ * relation's invalidation makes the Citus check look again (see
+ * citus_installed).
+ */
 static void
 outbox_relcache_callback(Datum arg, Oid relid)
 {
@@ -215,6 +228,7 @@ outbox_relcache_callback(Datum arg, Oid relid)
 	if (relid == InvalidOid || relid == cached_outbox_relid ||
 		relid == cached_routes_relid || relid == cached_seq_relid)
 		relations_valid = false;
+	citus_known = false;
 }
 
 static void
@@ -1270,13 +1284,15 @@ outbox_routes_invalidate(PG_FUNCTION_ARGS)
 List *
 outbox_load_routes(bool push_only, const char *queue_consumer)
 {
+	static SPIPlanPtr plan = NULL;
 	MemoryContext caller = CurrentMemoryContext;
 	List	   *routes = NIL;
 	uint64		i;
 	int			ret;
 
-	ret = SPI_execute("SELECT id, topic_pattern, sink, target, options, enabled"
-					  " FROM resilience.outbox_routes ORDER BY id", true, 0);
+	ret = SPI_execute_plan(outbox_plan(&plan, "SELECT id, topic_pattern, sink, target, options, enabled"
+									   " FROM resilience.outbox_routes ORDER BY id", 0, NULL),
+						   NULL, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading resilience.outbox_routes failed: %s", SPI_result_code_string(ret));
 	/* SPI leaves its own context current: the routes go where the caller was */
@@ -1338,6 +1354,7 @@ load_route_cache(void)
 
 			c->id = r->id;
 			c->push = r->sink->push;
+			c->enabled = r->enabled;
 			c->claim_slot = outbox_claim_slot(r->target);
 			c->payload = r->payload;
 			c->pattern = MemoryContextAlloc(route_cache_context, VARHDRSZ + strlen(r->pattern));
@@ -1443,9 +1460,9 @@ delay_arg(FunctionCallInfo fcinfo, int argno, const char *what, bool zero_ok)
 	return resilience_arg_duration(fcinfo, argno, what, zero_ok);
 }
 
-/* Wake this database's relay when the transaction commits. */
+/* The transaction and subtransaction callbacks, once per backend. */
 static void
-wake_relay_at_commit(void)
+register_callbacks(void)
 {
 	if (!callbacks_registered)
 	{
@@ -1453,6 +1470,13 @@ wake_relay_at_commit(void)
 		RegisterSubXactCallback(outbox_subxact_callback, NULL);
 		callbacks_registered = true;
 	}
+}
+
+/* Wake this database's relay when the transaction commits. */
+static void
+wake_relay_at_commit(void)
+{
+	register_callbacks();
 	wake_at_commit = true;
 }
 
@@ -1631,17 +1655,12 @@ outbox_publish(PG_FUNCTION_ARGS)
 			event_header_collision(headers, r);
 		pull[nmatched] = !r->push;
 		matched[nmatched++] = r->id;
-		if (r->push)
+		if (r->push && r->enabled)
 			wake_relay_at_commit();
-		else
+		else if (!r->push)
 			wake_claimers_at_commit |= UINT64CONST(1) << r->claim_slot;
 	}
-	if (!callbacks_registered)
-	{
-		RegisterXactCallback(outbox_xact_callback, NULL);
-		RegisterSubXactCallback(outbox_subxact_callback, NULL);
-		callbacks_registered = true;
-	}
+	register_callbacks();
 
 	old = MemoryContextSwitchTo(TopTransactionContext);
 	ev = palloc(sizeof(PendingEvent));
@@ -1698,8 +1717,219 @@ key_hash(text *key)
 }
 
 /*
+ * The columns the pre-commit writes, in the order of the INSERT's
+ * parameters; the direct path also writes attempts (the column's default).
+ * Every other column of resilience.outbox is left NULL.
+ */
+typedef enum OutboxColumn
+{
+	OC_ID,
+	OC_SEQ,
+	OC_ROUTE_ID,
+	OC_TOPIC,
+	OC_KEY,
+	OC_PAYLOAD,
+	OC_HEADERS,
+	OC_PUBLISHED_AT,
+	OC_NOT_BEFORE,
+	OC_PULL,
+	OC_ATTEMPTS,
+	OC_COUNT
+} OutboxColumn;
+
+#define OC_PARAMS OC_ATTEMPTS	/* the INSERT's parameters: all but attempts */
+
+static const char *const outbox_column_names[OC_COUNT] = {
+	"id", "seq", "route_id", "topic", "key", "payload", "headers",
+	"published_at", "not_before", "pull", "attempts"
+};
+static const Oid outbox_column_types[OC_COUNT] = {
+	INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID, INT4OID
+};
+
+/*
+ * Is Citus installed in this database?  Then outbox rows are written with
+ * an INSERT (SPI), never with the table and index APIs: Citus (issue 21)
+ * handles INSERTs into its distributed and reference tables in its planner
+ * and executor hooks, which a direct heap insert would bypass, leaving the
+ * rows in the coordinator's local shell table.  Cached per backend:
+ * CREATE and DROP EXTENSION citus create and drop relations, and any
+ * relation's invalidation makes the next call look again
+ * (outbox_relcache_callback), so a stale answer costs one catalog lookup.
+ */
+static bool
+citus_installed(void)
+{
+	if (!citus_known)
+	{
+		citus_known = true;		/* an invalidation from here on unsets it */
+		citus_present = OidIsValid(get_extension_oid("citus", true));
+	}
+	return citus_present;
+}
+
+/*
+ * May the rows go into rel with the table and index APIs, meaning exactly
+ * what the INSERT would?  Only into a plain table with no trigger (foreign
+ * keys are triggers too), no rule, no row-level security, whose columns
+ * are ours (attnums[c]: the attribute number of column c) and whose other
+ * columns are nullable without a default.  Then the INSERT would only check
+ * the constraints, store the tuple and insert the index entries, which is
+ * what ExecSimpleRelationInsert does.  Anything else takes the INSERT.
+ */
+static bool
+direct_insert_ok(Relation rel, int *attnums)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			c;
+
+	if (citus_installed() || rel->rd_rel->relkind != RELKIND_RELATION ||
+		rel->trigdesc != NULL || rel->rd_rules != NULL || rel->rd_rel->relrowsecurity)
+		return false;
+	for (c = 0; c < OC_COUNT; c++)
+		attnums[c] = 0;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		known = false;
+
+		if (att->attisdropped)
+			continue;
+		for (c = 0; c < OC_COUNT && !known; c++)
+		{
+			if (strcmp(NameStr(att->attname), outbox_column_names[c]) != 0)
+				continue;
+			if (att->atttypid != outbox_column_types[c])
+				return false;
+			attnums[c] = att->attnum;
+			known = true;
+		}
+		if (!known && (att->atthasdef || att->attnotnull || att->attgenerated))
+			return false;
+	}
+	for (c = 0; c < OC_COUNT; c++)
+		if (attnums[c] == 0)
+			return false;
+	return true;
+}
+
+/* The row of event ev for its i-th route, as the INSERT's parameters. */
+static void
+event_row(PendingEvent *ev, int i, int64 seq, Datum *values, bool *nulls)
+{
+	values[OC_ID] = Int64GetDatum(ev->id);
+	values[OC_SEQ] = Int64GetDatum(seq);
+	values[OC_ROUTE_ID] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
+	values[OC_TOPIC] = PointerGetDatum(ev->topic);
+	values[OC_KEY] = PointerGetDatum(ev->key);
+	values[OC_PAYLOAD] = JsonbPGetDatum(ev->payload);
+	values[OC_HEADERS] = JsonbPGetDatum(ev->headers ? ev->headers : empty_headers());
+	values[OC_PUBLISHED_AT] = TimestampTzGetDatum(ev->published_at);
+	values[OC_NOT_BEFORE] = TimestampTzGetDatum(ev->not_before);
+	values[OC_PULL] = BoolGetDatum(ev->nroutes ? ev->pull[i] : false);
+	values[OC_ATTEMPTS] = Int32GetDatum(0);
+	for (int c = 0; c < OC_COUNT; c++)
+		nulls[c] = false;
+	nulls[OC_ROUTE_ID] = ev->nroutes == 0;
+	nulls[OC_KEY] = ev->key == NULL;
+}
+
+/*
+ * Write the pending events' rows with the table and index APIs: one
+ * executor state for the whole transaction, no plan, no parse, no SQL.
+ */
+static void
+insert_rows_directly(Relation rel, const int *attnums)
+{
+	EState	   *estate = CreateExecutorState();
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+	TupleTableSlot *slot;
+	ListCell   *lc;
+
+	InitResultRelInfo(rri, rel, 0, NULL, 0);
+	ExecOpenIndices(rri, false);
+	estate->es_output_cid = GetCurrentCommandId(true);
+	slot = table_slot_create(rel, NULL);
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+		int64		seq = nextval_internal(cached_seq_relid, false);
+
+		for (int i = 0; i < Max(ev->nroutes, 1); i++)
+		{
+			Datum		values[OC_COUNT];
+			bool		nulls[OC_COUNT];
+
+			event_row(ev, i, seq, values, nulls);
+			ExecClearTuple(slot);
+			memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+			for (int c = 0; c < OC_COUNT; c++)
+			{
+				slot->tts_values[attnums[c] - 1] = values[c];
+				slot->tts_isnull[attnums[c] - 1] = nulls[c];
+			}
+			ExecStoreVirtualTuple(slot);
+			ExecSimpleRelationInsert(rri, estate, slot);
+			ResetPerTupleExprContext(estate);
+		}
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	ExecCloseIndices(rri);
+	FreeExecutorState(estate);
+	CommandCounterIncrement();
+}
+
+/* Write the pending events' rows with an INSERT, through SPI. */
+static void
+insert_rows_with_spi(void)
+{
+	ListCell   *lc;
+	Oid			argtypes[OC_PARAMS];
+
+	SPI_connect();
+	if (insert_plan == NULL)
+	{
+		SPIPlanPtr	plan;
+
+		memcpy(argtypes, outbox_column_types, sizeof(argtypes));
+		plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
+						   " key, payload, headers, published_at, not_before, pull)"
+						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+						   OC_PARAMS, argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	foreach(lc, pending_events)
+	{
+		PendingEvent *ev = lfirst(lc);
+		int64		seq = nextval_internal(cached_seq_relid, false);
+
+		for (int i = 0; i < Max(ev->nroutes, 1); i++)
+		{
+			Datum		values[OC_COUNT];
+			bool		nulls[OC_COUNT];
+			char		spi_nulls[OC_PARAMS];
+			int			ret;
+
+			event_row(ev, i, seq, values, nulls);
+			for (int c = 0; c < OC_PARAMS; c++)
+				spi_nulls[c] = nulls[c] ? 'n' : ' ';
+			ret = SPI_execute_plan(insert_plan, values, spi_nulls, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
+		}
+	}
+	SPI_finish();
+}
+
+/*
  * Pre-commit: lock the keys in hash order, then take each event's seq and
  * write its rows.  See the top of the file for why this gives commit order.
+ * The rows go in with the table and index APIs when that means exactly what
+ * an INSERT would (direct_insert_ok), else with an INSERT.
  */
 static void
 flush_pending_events(void)
@@ -1709,10 +1939,9 @@ flush_pending_events(void)
 	ListCell   *lc;
 	int			i;
 	ResilienceUser save;
-	static Datum values[10];
-	static char nulls[10];
-	Oid			argtypes[10] = {INT8OID, INT8OID, INT4OID, TEXTOID, TEXTOID, JSONBOID,
-	JSONBOID, TIMESTAMPTZOID, TIMESTAMPTZOID, BOOLOID};
+	Relation	rel;
+	int			attnums[OC_COUNT];
+	bool		direct;
 
 	hashes = palloc(sizeof(uint64) * list_length(pending_events));
 	foreach(lc, pending_events)
@@ -1735,50 +1964,18 @@ flush_pending_events(void)
 	}
 
 	lookup_relations();
-	resilience_become_owner(true, &save);
-	SPI_connect();
+	rel = table_open(cached_outbox_relid, RowExclusiveLock);
+	direct = direct_insert_ok(rel, attnums);
+	/* no SQL is parsed on the direct path: no search_path to pin */
+	resilience_become_owner(!direct, &save);
 	PushActiveSnapshot(GetTransactionSnapshot());
-	if (insert_plan == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare("INSERT INTO resilience.outbox (id, seq, route_id, topic,"
-									   " key, payload, headers, published_at, not_before, pull)"
-									   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-									   10, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		insert_plan = plan;
-	}
-	foreach(lc, pending_events)
-	{
-		PendingEvent *ev = lfirst(lc);
-		int64		seq = nextval_internal(cached_seq_relid, false);
-
-		values[0] = Int64GetDatum(ev->id);
-		values[1] = Int64GetDatum(seq);
-		values[3] = PointerGetDatum(ev->topic);
-		values[4] = PointerGetDatum(ev->key);
-		nulls[4] = ev->key ? ' ' : 'n';
-		values[5] = JsonbPGetDatum(ev->payload);
-		values[6] = JsonbPGetDatum(ev->headers ? ev->headers : empty_headers());
-		values[7] = TimestampTzGetDatum(ev->published_at);
-		values[8] = TimestampTzGetDatum(ev->not_before);
-		for (i = 0; i < Max(ev->nroutes, 1); i++)
-		{
-			int			ret;
-
-			values[2] = Int32GetDatum(ev->nroutes ? ev->routes[i] : 0);
-			nulls[2] = ev->nroutes ? ' ' : 'n';
-			values[9] = BoolGetDatum(ev->nroutes ? ev->pull[i] : false);
-			ret = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "writing an outbox event failed: %s", SPI_result_code_string(ret));
-		}
-	}
+	if (direct)
+		insert_rows_directly(rel, attnums);
+	else
+		insert_rows_with_spi();
 	PopActiveSnapshot();
-	SPI_finish();
 	resilience_restore_user(&save);
+	table_close(rel, NoLock);
 	pending_events = NIL;
 }
 
@@ -1857,6 +2054,7 @@ typedef struct Candidate
 	char	   *key;
 	bool		dead;			/* queue head out of attempts */
 	bool		keep;
+	uint64		row;			/* its row in the result of the lock step */
 } Candidate;
 
 static HTAB *
@@ -2102,11 +2300,85 @@ drop_keys_out_of_order(OutboxRoute *route, List **cands)
 	}
 }
 
+/* The columns an item is built from (item_from_row), and the lock step. */
+#define ITEM_COLUMNS "ctid, id, seq, key, topic, payload::pg_catalog.text," \
+	" headers::pg_catalog.text, published_at, attempts"
+#define LOCK_STEP " FROM resilience.outbox" \
+	" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL" \
+	" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)" \
+	" AND not_before OPERATOR(pg_catalog.<=) $2" \
+	" FOR UPDATE SKIP LOCKED"
+
+/* A row the lock step locked, and where it is in its result. */
+typedef struct LockedRow
+{
+	ItemPointerData ctid;		/* first: compare_tids */
+	uint64		row;
+} LockedRow;
+
+/* A text column as a C string (NULL for NULL), without an output function. */
+static char *
+text_or_null_column(HeapTuple t, TupleDesc d, int col)
+{
+	bool		isnull;
+	Datum		v = SPI_getbinval(t, d, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(v);
+}
+
+/* An item from a row of ITEM_COLUMNS (in the current memory context). */
+static OutboxItem *
+item_from_row(HeapTuple t, TupleDesc d, OutboxRoute *route, bool held)
+{
+	OutboxItem *item = palloc0(sizeof(OutboxItem));
+	bool		isnull;
+
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
+	item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
+	item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
+	item->key = text_or_null_column(t, d, 4);
+	item->topic = text_or_null_column(t, d, 5);
+	item->payload = text_or_null_column(t, d, 6);
+	item->headers = text_or_null_column(t, d, 7);
+	item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
+	item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
+	item->route_id = route->id;
+	item->route = route;
+	item->retry_after_ms = -1;
+	item->held = held;
+	return item;
+}
+
+/*
+ * A statement prepared once per backend with a generic plan: the relay's
+ * statements take arrays of a batch's ctids, and planning them each time
+ * (selectivity of "ctid = ANY(array)" over 500 elements) cost more than
+ * running them.
+ */
+SPIPlanPtr
+outbox_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	return *plan;
+}
+
 /* Claim up to limit rows of one route into claim->items. */
 static int
 claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 {
 	static SPIPlanPtr scan_plan = NULL;
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr hold_plan = NULL;
+	static SPIPlanPtr claim_plan = NULL;
+	bool		hold;
 	HTAB	   *blocked = key_set("outbox blocked keys");
 	HTAB	   *open = key_set("outbox open keys");
 	List	   *cands = NIL;
@@ -2130,13 +2402,19 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 	if (route->block_on_dead_letter)
 		load_blocked_keys(route->id, blocked);
 
+	/*
+	 * Planned for a cursor's first rows: planned for reading the whole
+	 * backlog, a backlog from right after a TRUNCATE (no statistics) got a
+	 * seq scan and a sort of every pending row in each batch instead of
+	 * the ordered index scan that stops after a batch's worth.
+	 */
 	if (scan_plan == NULL)
 	{
 		Oid			t = INT4OID;
-		SPIPlanPtr	plan = SPI_prepare("SELECT ctid, key, not_before, claim_until, attempts, seq"
-									   " FROM resilience.outbox"
-									   " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
-									   " ORDER BY route_id, seq", 1, &t);
+		SPIPlanPtr	plan = SPI_prepare_cursor("SELECT ctid, key, not_before, claim_until, attempts, seq"
+											  " FROM resilience.outbox"
+											  " WHERE route_id OPERATOR(pg_catalog.=) $1 AND delivered_at IS NULL"
+											  " ORDER BY route_id, seq", 1, &t, CURSOR_OPT_FAST_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -2150,7 +2428,8 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 		portal = SPI_cursor_open(NULL, scan_plan, args, NULL, true);
 	while (!done)
 	{
-		SPI_cursor_fetch(portal, true, fetch);
+		/* the first fetch: what a batch takes when no key is in the way */
+		SPI_cursor_fetch(portal, true, cands == NIL ? Min(Max(limit, 64), fetch) : fetch);
 		if (SPI_processed == 0)
 			break;
 		for (i = 0; i < SPI_processed && !done; i++)
@@ -2161,7 +2440,7 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 						n_claim,
 						isnull;
 			ItemPointer ctid = (ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull));
-			char	   *key = SPI_getvalue(t, d, 2);
+			char	   *key = text_or_null_column(t, d, 2);
 			TimestampTz not_before = DatumGetTimestampTz(SPI_getbinval(t, d, 3, &isnull));
 			TimestampTz claim_until = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &n_claim));
 			int			attempts = DatumGetInt32(SPI_getbinval(t, d, 5, &isnull));
@@ -2236,21 +2515,22 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			return 0;
 	}
 
-	/* lock what is still unclaimed; skip what another claimer holds */
+	/*
+	 * Lock what is still unclaimed; skip what another claimer holds.  Rows
+	 * held in the claim transaction (hold) are read whole by this step.
+	 */
+	hold = claim->hold_in_claim && route->sink->in_claim;
 	args[0] = tid_array(cands);
 	args[1] = TimestampTzGetDatum(claim->now);
 	types[0] = TIDARRAYOID;
-	ret = SPI_execute_with_args("SELECT ctid FROM resilience.outbox"
-								" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND delivered_at IS NULL"
-								" AND (claim_until IS NULL OR claim_until OPERATOR(pg_catalog.<=) $2)"
-								" AND not_before OPERATOR(pg_catalog.<=) $2"
-								" FOR UPDATE SKIP LOCKED",
-								2, types, args, NULL, false, 0);
+	ret = SPI_execute_plan(hold ? outbox_plan(&hold_plan, "SELECT " ITEM_COLUMNS LOCK_STEP, 2, types)
+						   : outbox_plan(&lock_plan, "SELECT ctid" LOCK_STEP, 2, types),
+						   args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "locking outbox rows failed: %s", SPI_result_code_string(ret));
 	{
 		HTAB	   *broken = key_set("outbox broken keys");
-		ItemPointerData *locked = palloc(sizeof(ItemPointerData) * Max(SPI_processed, 1));
+		LockedRow  *locked = palloc(sizeof(LockedRow) * Max(SPI_processed, 1));
 		uint64		nlocked = SPI_processed;
 
 		for (i = 0; i < nlocked; i++)
@@ -2260,14 +2540,15 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
 																		SPI_tuptable->tupdesc, 1,
 																		&isnull)),
-							&locked[i]);
+							&locked[i].ctid);
+			locked[i].row = i;
 		}
-		qsort(locked, nlocked, sizeof(ItemPointerData), compare_tids);
+		qsort(locked, nlocked, sizeof(LockedRow), compare_tids);
 		foreach(lc, cands)
 		{
 			Candidate  *c = lfirst(lc);
-			bool		got = bsearch(&c->ctid, locked, nlocked, sizeof(ItemPointerData),
-									  compare_tids) != NULL;
+			LockedRow  *got = bsearch(&c->ctid, locked, nlocked, sizeof(LockedRow),
+									  compare_tids);
 
 			if (c->key && key_in(broken, c->key))
 				continue;
@@ -2288,57 +2569,56 @@ claim_route(OutboxClaim *claim, OutboxRoute *route, int limit)
 				claim->dead = lappend(claim->dead, item);
 				continue;
 			}
+			c->row = got->row;
 			valid = lappend(valid, c);
 		}
 	}
 	if (valid == NIL)
 		return 0;
 
-	/* claim them */
+	/* claim them (held rows: the lock step read them, nothing to write) */
 	{
 		List	   *got = NIL;
 		MemoryContext old;
 
-		args[0] = tid_array(valid);
-		args[1] = CStringGetTextDatum(claim->claimer);
-		args[2] = TimestampTzGetDatum(claim->now + claim->visibility_ms * 1000);
-		args[3] = Int32GetDatum(claim->count_attempt ? 1 : 0);
-		types[0] = TIDARRAYOID;
-		types[1] = TEXTOID;
-		types[2] = TIMESTAMPTZOID;
-		types[3] = INT4OID;
-		ret = SPI_execute_with_args("UPDATE resilience.outbox"
-									" SET claimed_by = $2, claim_until = $3, attempts = attempts OPERATOR(pg_catalog.+) $4"
-									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
-									" RETURNING ctid, id, seq, key, topic, payload::pg_catalog.text,"
-									" headers::pg_catalog.text,"
-									" published_at, attempts",
-									4, types, args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE_RETURNING)
-			elog(ERROR, "claiming outbox rows failed: %s", SPI_result_code_string(ret));
-		old = MemoryContextSwitchTo(claim->result_cxt ? claim->result_cxt : old_context);
-		for (i = 0; i < SPI_processed; i++)
+		if (!hold)
 		{
-			HeapTuple	t = SPI_tuptable->vals[i];
-			TupleDesc	d = SPI_tuptable->tupdesc;
-			OutboxItem *item = palloc0(sizeof(OutboxItem));
-			bool		isnull;
-
-			ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, d, 1, &isnull)), &item->ctid);
-			item->id = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
-			item->seq = DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
-			item->key = SPI_getvalue(t, d, 4);
-			item->topic = SPI_getvalue(t, d, 5);
-			item->payload = SPI_getvalue(t, d, 6);
-			item->headers = SPI_getvalue(t, d, 7);
-			item->published_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
-			item->attempts = DatumGetInt32(SPI_getbinval(t, d, 9, &isnull));
-			item->route_id = route->id;
-			item->route = route;
-			item->retry_after_ms = -1;
-			got = lappend(got, item);
-			nvalid++;
+			args[0] = tid_array(valid);
+			args[1] = CStringGetTextDatum(claim->claimer);
+			args[2] = TimestampTzGetDatum(claim->now + claim->visibility_ms * 1000);
+			args[3] = Int32GetDatum(claim->count_attempt ? 1 : 0);
+			types[0] = TIDARRAYOID;
+			types[1] = TEXTOID;
+			types[2] = TIMESTAMPTZOID;
+			types[3] = INT4OID;
+			ret = SPI_execute_plan(outbox_plan(&claim_plan,
+											   "UPDATE resilience.outbox"
+											   " SET claimed_by = $2, claim_until = $3,"
+											   " attempts = attempts OPERATOR(pg_catalog.+) $4"
+											   " WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+											   " RETURNING " ITEM_COLUMNS, 4, types),
+								   args, NULL, false, 0);
+			if (ret != SPI_OK_UPDATE_RETURNING)
+				elog(ERROR, "claiming outbox rows failed: %s", SPI_result_code_string(ret));
 		}
+		old = MemoryContextSwitchTo(claim->result_cxt ? claim->result_cxt : old_context);
+		if (hold)
+		{
+			foreach(lc, valid)
+			{
+				Candidate  *c = lfirst(lc);
+
+				got = lappend(got, item_from_row(SPI_tuptable->vals[c->row], SPI_tuptable->tupdesc,
+												 route, true));
+			}
+		}
+		else
+		{
+			for (i = 0; i < SPI_processed; i++)
+				got = lappend(got, item_from_row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+												 route, false));
+		}
+		nvalid = list_length(got);
 		list_sort(got, compare_items);
 		claim->items = list_concat(claim->items, got);
 		MemoryContextSwitchTo(old);
@@ -2453,12 +2733,7 @@ outbox_claim_slot(const char *consumer)
 static void
 wake_claimers_at_commit_of(uint64 slots)
 {
-	if (!callbacks_registered)
-	{
-		RegisterXactCallback(outbox_xact_callback, NULL);
-		RegisterSubXactCallback(outbox_subxact_callback, NULL);
-		callbacks_registered = true;
-	}
+	register_callbacks();
 	wake_claimers_at_commit |= slots;
 }
 

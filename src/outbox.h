@@ -90,6 +90,7 @@ typedef struct OutboxItem
 	int64		retry_after_ms; /* -1: none given */
 	char		error[OUTBOX_ERROR_MAX];
 	bool		keep;			/* keep the row after delivery (NOTIFY too large) */
+	bool		held;			/* locked by the claim transaction, not claimed */
 	bool		destination_ok; /* a retry that is no fault of the destination
 								 * (amqp: returned unroutable): not counted
 								 * by its breaker */
@@ -181,6 +182,7 @@ typedef struct OutboxClaim
 	int64		visibility_ms;
 	TimestampTz now;
 	MemoryContext result_cxt;	/* where items are built (NULL: current) */
+	bool		hold_in_claim;	/* rows of in_claim sinks: locked, not claimed */
 	/* results */
 	List	   *items;			/* OutboxItem *, in seq order per route */
 	List	   *dead;			/* OutboxItem *: queue heads out of attempts */
@@ -189,6 +191,8 @@ typedef struct OutboxClaim
 } OutboxClaim;
 
 /* outbox.c */
+extern struct _SPI_plan *outbox_plan(struct _SPI_plan **plan, const char *sql, int nargs,
+									 Oid *types);
 extern List *outbox_load_routes(bool push_only, const char *queue_consumer);
 extern void outbox_claim_rows(OutboxClaim *claim);
 extern void outbox_dead_letter(OutboxItem *item, const char *error, int add_attempts,

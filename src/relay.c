@@ -12,7 +12,9 @@
  *	   (outbox_claim_rows: per-key order, see outbox.c) for a while long
  *	   enough to deliver them, deliver the NOTIFY ones (NOTIFY is itself
  *	   transactional: it is sent when this transaction commits, together
- *	   with the removal of the rows), commit;
+ *	   with the removal of the rows), commit.  The NOTIFY rows are only
+ *	   locked and read (held), never claimed by an UPDATE: nothing outside
+ *	   this transaction needs to see them as taken;
  *	2. deliver the HTTP and AMQP ones with no transaction open (sink_http.c,
  *	   sink_amqp.c);
  *	3. record (one transaction): delete the delivered rows (or mark them
@@ -593,32 +595,41 @@ item_arrays(List *items, Datum *tids, Datum *ids)
 /*
  * Delivered rows still claimed by claimer: deleted (keep_secs < 0), or kept
  * that long, marked delivered.  The id is checked along with the ctid.
+ * claimer NULL: rows this transaction has held locked since it read them
+ * (held items), so their ctids are theirs: nothing else is checked.
  */
 static void
 finish_rows(List *items, const char *claimer, int keep_secs)
 {
+	static SPIPlanPtr plans[2][2];	/* [held][kept] */
+	static const char *const where[2] = {
+		" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
+		" AND claimed_by OPERATOR(pg_catalog.=) $3",
+		" WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"
+	};
+	bool		held = claimer == NULL;
+	bool		kept = keep_secs >= 0;
 	Datum		args[4];
 	Oid			types[4] = {TIDARRAYOID, INT8ARRAYOID, TEXTOID, INT4OID};
+	char		nulls[4] = {' ', ' ', ' ', ' '};
 	int			ret;
 
 	if (items == NIL)
 		return;
 	item_arrays(items, &args[0], &args[1]);
-	args[2] = CStringGetTextDatum(claimer);
+	args[2] = text_or_null(claimer, &nulls[2]);
 	args[3] = Int32GetDatum(keep_secs);
-	if (keep_secs < 0)
-		ret = SPI_execute_with_args("DELETE FROM resilience.outbox"
-									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
-									" AND claimed_by OPERATOR(pg_catalog.=) $3",
-									3, types, args, NULL, false, 0);
-	else
-		ret = SPI_execute_with_args("UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
+	if (plans[held][kept] == NULL)
+		(void) outbox_plan(&plans[held][kept],
+						   psprintf("%s%s", kept ?
+									"UPDATE resilience.outbox SET delivered_at = pg_catalog.now(),"
 									" not_before = pg_catalog.now() OPERATOR(pg_catalog.+)"
 									" pg_catalog.make_interval(secs => $4),"
 									" claimed_by = NULL, claim_until = NULL"
-									" WHERE ctid OPERATOR(pg_catalog.=) ANY($1) AND id OPERATOR(pg_catalog.=) ANY($2)"
-									" AND claimed_by OPERATOR(pg_catalog.=) $3",
-									4, types, args, NULL, false, 0);
+									: "DELETE FROM resilience.outbox",
+									where[held]),
+						   4, types);
+	ret = SPI_execute_plan(plans[held][kept], args, nulls, false, 0);
 	if (ret < 0)
 		elog(ERROR, "recording delivered events failed: %s", SPI_result_code_string(ret));
 }
@@ -669,8 +680,10 @@ due_at(TimestampTz *next_due, TimestampTz t)
  * retries scheduled make *next_due earlier.
  */
 static void
-record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
+record_outcomes(List *items, const char *claimed_by, TimestampTz *next_due)
 {
+	/* a list is all held (in_claim sinks) or all claimed (relay_batch) */
+	const char *claimer = (items != NIL && ((OutboxItem *) linitial(items))->held) ? NULL : claimed_by;
 	int			retention = outbox_setting_int("resilience.outbox_retention", 0, GUC_UNIT_S);
 	TimestampTz now = GetCurrentTimestamp();
 	List	   *done = NIL;
@@ -707,7 +720,7 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 						delay = Max(delay, Min(item->retry_after_ms, MAX_RETRY_AFTER_MS));
 					due_at(next_due, now + delay * 1000);
 					args[0] = PointerGetDatum(&item->ctid);
-					args[1] = CStringGetTextDatum(claimer);
+					args[1] = text_or_null(claimer, &nulls[1]);
 					args[2] = TimestampTzGetDatum(now + delay * 1000);
 					args[3] = text_or_null(item->error, &nulls[3]);
 					types[0] = TIDOID;
@@ -717,7 +730,8 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 					ret = SPI_execute_with_args("UPDATE resilience.outbox SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
 												" not_before = $3, last_error = $4,"
 												" claimed_by = NULL, claim_until = NULL"
-												" WHERE ctid OPERATOR(pg_catalog.=) $1 AND claimed_by OPERATOR(pg_catalog.=) $2",
+												" WHERE ctid OPERATOR(pg_catalog.=) $1"
+												" AND ($2::pg_catalog.text IS NULL OR claimed_by OPERATOR(pg_catalog.=) $2)",
 												4, types, args, nulls, false, 0);
 					if (ret != SPI_OK_UPDATE)
 						elog(ERROR, "scheduling a retry failed: %s", SPI_result_code_string(ret));
@@ -757,7 +771,8 @@ record_outcomes(List *items, const char *claimer, TimestampTz *next_due)
 		finish_rows(kept, claimer, retention);
 		finish_rows(fetchable, claimer, Max(retention, 3600));
 	}
-	if (release != NIL)
+	/* held rows need no release: their locks go with the transaction */
+	if (release != NIL && claimer != NULL)
 	{
 		item_arrays(release, &args[0], &args[1]);
 		args[2] = CStringGetTextDatum(claimer);
@@ -862,6 +877,7 @@ relay_batch(RelayRun *run)
 	claim.visibility_ms = visibility + CLAIM_SLACK_MS;
 	claim.now = GetCurrentTimestamp();
 	claim.result_cxt = run->batch_cxt;
+	claim.hold_in_claim = true;
 	outbox_claim_rows(&claim);
 	/* the lists must outlive this transaction (and SPI's memory) */
 	foreach(lc, claim.items)

@@ -27,46 +27,49 @@
 /* NOTIFY refuses payloads of 8000 bytes or more (async.c). */
 #define NOTIFY_PAYLOAD_LIMIT 7999
 
-/* The envelope of an event, with or without its payload and headers. */
-static char *
-envelope(OutboxItem *item, bool whole)
+/* The envelope of an event, with or without its payload and headers, in buf. */
+static void
+envelope(StringInfo buf, OutboxItem *item, bool whole)
 {
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "{\"id\": " INT64_FORMAT ", \"topic\": ", item->id);
-	escape_json(&buf, item->topic);
-	appendStringInfoString(&buf, ", \"key\": ");
+	resetStringInfo(buf);
+	appendStringInfo(buf, "{\"id\": " INT64_FORMAT ", \"topic\": ", item->id);
+	escape_json(buf, item->topic);
+	appendStringInfoString(buf, ", \"key\": ");
 	if (item->key)
-		escape_json(&buf, item->key);
+		escape_json(buf, item->key);
 	else
-		appendStringInfoString(&buf, "null");
+		appendStringInfoString(buf, "null");
 	if (whole)
-		appendStringInfo(&buf, ", \"headers\": %s, \"payload\": %s}", item->headers, item->payload);
+		appendStringInfo(buf, ", \"headers\": %s, \"payload\": %s}", item->headers, item->payload);
 	else
-		appendStringInfoString(&buf, ", \"payload_omitted\": true}");
-	return buf.data;
+		appendStringInfoString(buf, ", \"payload_omitted\": true}");
 }
 
-/* Queue a NOTIFY for each item (sent at commit); all count as delivered. */
+/*
+ * Queue a NOTIFY for each item (sent at commit); all count as delivered.
+ * One buffer for the batch: Async_Notify copies the payload.
+ */
 static void
 notify_deliver(List *items)
 {
 	ListCell   *lc;
+	StringInfoData buf;
 
+	initStringInfo(&buf);
 	foreach(lc, items)
 	{
 		OutboxItem *item = lfirst(lc);
-		char	   *msg = envelope(item, true);
 
-		if (strlen(msg) > NOTIFY_PAYLOAD_LIMIT)
+		envelope(&buf, item, true);
+		if (buf.len > NOTIFY_PAYLOAD_LIMIT)
 		{
-			msg = envelope(item, false);
+			envelope(&buf, item, false);
 			item->keep = true;
 		}
-		Async_Notify(item->route->target, msg);
+		Async_Notify(item->route->target, buf.data);
 		item->outcome = OUTCOME_DELIVERED;
 	}
+	pfree(buf.data);
 }
 
 /* A notify target is a channel name. */
