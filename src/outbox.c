@@ -96,7 +96,6 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
-#include "commands/extension.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "common/hashfn.h"
@@ -195,8 +194,6 @@ static Oid	cached_outbox_relid = InvalidOid;
 static Oid	cached_routes_relid = InvalidOid;
 static Oid	cached_seq_relid = InvalidOid;
 static SPIPlanPtr insert_plan = NULL;
-static bool citus_known = false;	/* citus_installed() below */
-static bool citus_present = false;
 
 /* ---- settings, ownership, names ---- */
 
@@ -216,9 +213,7 @@ outbox_setting_int(const char *name, int dflt, int flags)
 }
 
 /*
- * Reload the routes when they change; look up our relations again.  Any
- * relation's invalidation makes the Citus check look again (see
- * citus_installed).
+ * Reload the routes when they change; look up our relations again.
  */
 static void
 outbox_relcache_callback(Datum arg, Oid relid)
@@ -228,7 +223,6 @@ outbox_relcache_callback(Datum arg, Oid relid)
 	if (relid == InvalidOid || relid == cached_outbox_relid ||
 		relid == cached_routes_relid || relid == cached_seq_relid)
 		relations_valid = false;
-	citus_known = false;
 }
 
 static void
@@ -1749,27 +1743,6 @@ static const Oid outbox_column_types[OC_COUNT] = {
 };
 
 /*
- * Is Citus installed in this database?  Then outbox rows are written with
- * an INSERT (SPI), never with the table and index APIs: Citus (issue 21)
- * handles INSERTs into its distributed and reference tables in its planner
- * and executor hooks, which a direct heap insert would bypass, leaving the
- * rows in the coordinator's local shell table.  Cached per backend:
- * CREATE and DROP EXTENSION citus create and drop relations, and any
- * relation's invalidation makes the next call look again
- * (outbox_relcache_callback), so a stale answer costs one catalog lookup.
- */
-static bool
-citus_installed(void)
-{
-	if (!citus_known)
-	{
-		citus_known = true;		/* an invalidation from here on unsets it */
-		citus_present = OidIsValid(get_extension_oid("citus", true));
-	}
-	return citus_present;
-}
-
-/*
  * May the rows go into rel with the table and index APIs, meaning exactly
  * what the INSERT would?  Only into a plain table with no trigger (foreign
  * keys are triggers too), no rule, no row-level security, whose columns
@@ -1784,7 +1757,12 @@ direct_insert_ok(Relation rel, int *attnums)
 	TupleDesc	desc = RelationGetDescr(rel);
 	int			c;
 
-	if (citus_installed() || rel->rd_rel->relkind != RELKIND_RELATION ||
+	/*
+	 * Citus handles INSERTs into its tables in its planner and executor
+	 * hooks; a direct insert would leave the rows in the coordinator's
+	 * local shell table.
+	 */
+	if (citus_present() || rel->rd_rel->relkind != RELKIND_RELATION ||
 		rel->trigdesc != NULL || rel->rd_rules != NULL || rel->rd_rel->relrowsecurity)
 		return false;
 	for (c = 0; c < OC_COUNT; c++)
