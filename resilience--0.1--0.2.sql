@@ -1808,6 +1808,7 @@ DECLARE
     -- table, distribution column (NULL: reference table), co-location anchor
     dist CONSTANT text[] := ARRAY[
         ['resilience.fences', 'resource', 'none'],
+        ['resilience.leases', 'name', 'resilience.fences'],
         ['resilience.rate_limit_policies', NULL, NULL],
         ['resilience.breaker_config', NULL, NULL]];
     -- shared-memory state addressed by its first argument (key or name)
@@ -1893,3 +1894,48 @@ $citus$;
 COMMENT ON FUNCTION resilience.citus_setup() IS
 'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
 REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
+
+-- Issue 21: leases distributed by name on Citus
+-- citus_setup() distributes resilience.leases by name (co-located with the
+-- fences).  The reaper's ctid + FOR UPDATE SKIP LOCKED batch is not a query
+-- Citus runs on a distributed table: there it deletes by a cutoff taken
+-- first (a constant, as Citus wants in a modification), one statement per
+-- shard; a lease taken again meanwhile no longer matches when its row lock
+-- is granted, so it stays.
+CREATE OR REPLACE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    cutoff timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than;
+    distributed boolean := false;
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition'
+                ' WHERE logicalrelid OPERATOR(pg_catalog.=) ''resilience.leases''::pg_catalog.regclass)'
+            INTO distributed;
+    END IF;
+    IF distributed THEN
+        DELETE FROM resilience.leases WHERE expires_at OPERATOR(pg_catalog.<) cutoff;
+        GET DIAGNOSTICS removed = ROW_COUNT;
+        RETURN removed;
+    END IF;
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.leases
+             WHERE expires_at OPERATOR(pg_catalog.<)
+                   (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than)
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.leases l USING doomed WHERE l.ctid OPERATOR(pg_catalog.=) doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed OPERATOR(pg_catalog.+) n;
+        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;

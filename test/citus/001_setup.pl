@@ -39,7 +39,7 @@ my $first = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
 my $second = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
-like($first, qr/^resilience\.leases\|coordinator only\|f$/m, 'leases stay on the coordinator');
+like($first, qr/^resilience\.leases\|distributed by name\|t$/m, 'leases by name');
 like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by resource');
 like($first, qr/^resilience\.inbox\|coordinator only\|f$/m, 'the inbox stays on the coordinator');
 like($first, qr/^resilience\.stream_events\|coordinator only\|f$/m, 'stream events stay on the coordinator');
