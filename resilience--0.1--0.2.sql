@@ -1809,6 +1809,9 @@ DECLARE
     dist CONSTANT text[] := ARRAY[
         ['resilience.fences', 'resource', 'none'],
         ['resilience.leases', 'name', 'resilience.fences'],
+        -- their keys collate "C": a co-location group of their own
+        ['resilience.idempotency_keys', 'key', 'none'],
+        ['resilience.inbox', 'message_id', 'resilience.idempotency_keys'],
         ['resilience.rate_limit_policies', NULL, NULL],
         ['resilience.breaker_config', NULL, NULL]];
     -- shared-memory state addressed by its first argument (key or name)

@@ -41,12 +41,12 @@ my $second = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
 like($first, qr/^resilience\.leases\|distributed by name\|t$/m, 'leases by name');
 like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by resource');
-like($first, qr/^resilience\.inbox\|coordinator only\|f$/m, 'the inbox stays on the coordinator');
+like($first, qr/^resilience\.inbox\|distributed by message_id\|t$/m, 'the inbox by message id');
 like($first, qr/^resilience\.stream_events\|coordinator only\|f$/m, 'stream events stay on the coordinator');
 like($first, qr/^resilience\.rate_limit_policies\|reference\|t$/m, 'policies: a reference table');
 like($first, qr/^resilience\.outbox\|coordinator only\|f$/m, 'the outbox stays on the coordinator');
-like($first, qr/^resilience\.idempotency_keys\|coordinator only\|f$/m,
-	'idempotency keys stay on the coordinator');
+like($first, qr/^resilience\.idempotency_keys\|distributed by key\|t$/m,
+	'idempotency keys by key');
 like($first, qr/^resilience\.rate_limit\(text,integer,double precision,integer\)\|delegated.*\|t$/m,
 	'rate_limit delegated');
 (my $expect = $first) =~ s/\|t$/|f/mg;
