@@ -1809,6 +1809,8 @@ DECLARE
     dist CONSTANT text[] := ARRAY[
         ['resilience.fences', 'resource', 'none'],
         ['resilience.leases', 'name', 'resilience.fences'],
+        ['resilience.streams', 'stream', 'resilience.fences'],
+        ['resilience.stream_events', 'stream', 'resilience.fences'],
         -- their keys collate "C": a co-location group of their own
         ['resilience.idempotency_keys', 'key', 'none'],
         ['resilience.inbox', 'message_id', 'resilience.idempotency_keys'],
@@ -1942,3 +1944,44 @@ BEGIN
     RETURN removed;
 END
 $$;
+
+-- Issue 21: streams distributed by stream on Citus
+-- citus_setup() distributes resilience.streams and resilience.stream_events
+-- by stream (co-located with the fences).  _read_stream reads the owner
+-- first and checks it here: as one query with the check in its target list,
+-- Citus would run the check on the worker, against the worker's tables.
+CREATE OR REPLACE FUNCTION resilience._read_stream(stream text, from_version bigint, max integer, caller oid)
+RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    stream_owner regrole;
+BEGIN
+    IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF _read_stream.from_version < 0 THEN
+        RAISE EXCEPTION 'from_version must not be negative'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.from_version);
+    END IF;
+    IF _read_stream.max <= 0 THEN
+        RAISE EXCEPTION 'max must be positive, or NULL for no limit'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
+    END IF;
+    SELECT s.owner_role INTO stream_owner FROM resilience.streams s WHERE s.stream = _read_stream.stream;
+    IF FOUND THEN
+        PERFORM resilience._tenant_check('stream', _read_stream.stream, stream_owner, caller);
+    END IF;
+    RETURN QUERY
+        SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
+          FROM resilience.stream_events e
+         WHERE e.stream = _read_stream.stream AND e.version >= _read_stream.from_version
+         ORDER BY e.version
+         LIMIT _read_stream.max;
+END
+$$;
+COMMENT ON FUNCTION resilience._read_stream(text, bigint, integer, oid) IS
+'Internal (read_stream): the read, for caller';
