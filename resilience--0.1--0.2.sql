@@ -1885,6 +1885,12 @@ DECLARE
     -- table, distribution column (NULL: reference table), co-location anchor
     dist CONSTANT text[] := ARRAY[
         ['resilience.fences', 'resource', 'none'],
+        ['resilience.leases', 'name', 'resilience.fences'],
+        ['resilience.streams', 'stream', 'resilience.fences'],
+        ['resilience.stream_events', 'stream', 'resilience.fences'],
+        -- their keys collate "C": a co-location group of their own
+        ['resilience.idempotency_keys', 'key', 'none'],
+        ['resilience.inbox', 'message_id', 'resilience.idempotency_keys'],
         ['resilience.rate_limit_policies', NULL, NULL],
         ['resilience.breaker_config', NULL, NULL]];
     -- shared-memory state addressed by its first argument (key or name)
@@ -2061,3 +2067,89 @@ CREATE OR REPLACE VIEW resilience.stuck_sagas AS
                      AND s.next_run_at > pg_catalog.clock_timestamp()));
 COMMENT ON VIEW resilience.stuck_sagas IS
 'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, branches, retry, worker, saga_retry)';
+
+-- Issue 21: leases distributed by name on Citus
+-- citus_setup() distributes resilience.leases by name (co-located with the
+-- fences).  The reaper's ctid + FOR UPDATE SKIP LOCKED batch is not a query
+-- Citus runs on a distributed table: there it deletes by a cutoff taken
+-- first (a constant, as Citus wants in a modification), one statement per
+-- shard; a lease taken again meanwhile no longer matches when its row lock
+-- is granted, so it stays.
+CREATE OR REPLACE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
+    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    cutoff timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than;
+    distributed boolean := false;
+    removed bigint := 0;
+    n bigint;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition'
+                ' WHERE logicalrelid OPERATOR(pg_catalog.=) ''resilience.leases''::pg_catalog.regclass)'
+            INTO distributed;
+    END IF;
+    IF distributed THEN
+        DELETE FROM resilience.leases WHERE expires_at OPERATOR(pg_catalog.<) cutoff;
+        GET DIAGNOSTICS removed = ROW_COUNT;
+        RETURN removed;
+    END IF;
+    FOR i IN 1 .. max_batches LOOP
+        WITH doomed AS (
+            SELECT ctid FROM resilience.leases
+             WHERE expires_at OPERATOR(pg_catalog.<)
+                   (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than)
+             LIMIT batch_size FOR UPDATE SKIP LOCKED)
+        DELETE FROM resilience.leases l USING doomed WHERE l.ctid OPERATOR(pg_catalog.=) doomed.ctid;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        removed := removed OPERATOR(pg_catalog.+) n;
+        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
+    RETURN removed;
+END
+$$;
+
+-- Issue 21: streams distributed by stream on Citus
+-- citus_setup() distributes resilience.streams and resilience.stream_events
+-- by stream (co-located with the fences).  _read_stream reads the owner
+-- first and checks it here: as one query with the check in its target list,
+-- Citus would run the check on the worker, against the worker's tables.
+CREATE OR REPLACE FUNCTION resilience._read_stream(stream text, from_version bigint, max integer, caller oid)
+RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    stream_owner regrole;
+BEGIN
+    IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
+        RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF _read_stream.from_version < 0 THEN
+        RAISE EXCEPTION 'from_version must not be negative'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.from_version);
+    END IF;
+    IF _read_stream.max <= 0 THEN
+        RAISE EXCEPTION 'max must be positive, or NULL for no limit'
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
+    END IF;
+    SELECT s.owner_role INTO stream_owner FROM resilience.streams s WHERE s.stream = _read_stream.stream;
+    IF FOUND THEN
+        PERFORM resilience._tenant_check('stream', _read_stream.stream, stream_owner, caller);
+    END IF;
+    RETURN QUERY
+        SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
+          FROM resilience.stream_events e
+         WHERE e.stream = _read_stream.stream AND e.version >= _read_stream.from_version
+         ORDER BY e.version
+         LIMIT _read_stream.max;
+END
+$$;
+COMMENT ON FUNCTION resilience._read_stream(text, bigint, integer, oid) IS
+'Internal (read_stream): the read, for caller';

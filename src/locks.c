@@ -484,6 +484,8 @@ typedef enum LeasePlan
 	PLAN_CHECK,
 	PLAN_FENCE,
 	PLAN_FENCE_CURRENT,
+	PLAN_TAKEOVER_LOCK,
+	PLAN_TAKEOVER_SET,
 	NUM_PLANS
 } LeasePlan;
 
@@ -527,9 +529,27 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at"
 	" WHERE f.token OPERATOR(pg_catalog.<=) excluded.token RETURNING token",
 	"SELECT token FROM resilience.fences WHERE resource OPERATOR(pg_catalog.=) $1",
+
+	/*
+	 * The takeover when Citus is present (leases distributed by name): Citus
+	 * refuses nextval() in an UPDATE and a sub-select in its RETURNING, so
+	 * the expired or released row is locked first, then the token is taken
+	 * (on the coordinator, its one sequence) and written as $6.  Any later
+	 * taker waits for this row lock, so its token is larger.
+	 */
+	"SELECT released_at IS NULL FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) FOR UPDATE",
+	"UPDATE resilience.leases SET owner = $2, token = $6,"
+	" acquired_at = $3, expires_at = $4, released_at = NULL, owner_role = $5"
+	" WHERE name OPERATOR(pg_catalog.=) $1 RETURNING token",
 };
 
-static const int plan_nargs[NUM_PLANS] = {5, 5, 5, 5, 5, 5, 3, 1};
+/*
+ * PLAN_EXPIRY takes the name only: lease_statement runs it with a token as
+ * $2, and Citus sends every parameter on, by its declared type.
+ */
+static const int plan_nargs[NUM_PLANS] = {5, 5, 1, 5, 5, 5, 3, 1, 5, 6};
 
 /* The lease statements on a 0.1 schema (no released_at, no owner_role; $5 unused). */
 static const char *const plan_sql_0_1[NUM_PLANS] = {
@@ -583,7 +603,7 @@ leases_have_released_at(void)
 static uint64
 run_plan(LeasePlan which, Datum *values)
 {
-	static Oid	argtypes[NUM_PLANS][5] = {
+	static Oid	argtypes[NUM_PLANS][6] = {
 		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
@@ -592,6 +612,8 @@ run_plan(LeasePlan which, Datum *values)
 		{TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 		{TEXTOID, INT8OID, TIMESTAMPTZOID},
 		{TEXTOID},
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
+		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID, INT8OID},
 	};
 	int			ret;
 	bool		old_schema = plan_sql_0_1[which] != NULL && !leases_have_released_at();
@@ -671,6 +693,43 @@ lease_adopt_declared_owner(text *name, Oid as_role, Oid caller)
 }
 
 /*
+ * The takeover when Citus is present: two statements it can route to the
+ * name's shard (PLAN_TAKEOVER_LOCK, then PLAN_TAKEOVER_SET with a token taken
+ * in between), in a subtransaction.  A FOR UPDATE that waited for another
+ * taker and then found the lease held keeps its row lock (EvalPlanQual locks
+ * the newest version first): a failed attempt is rolled back so that the
+ * caller, about to wait for the holder, does not block the holder's release.
+ */
+static bool
+citus_try_takeover(Datum *values, int64 *token, bool *takeover)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	bool		got = false;
+	bool		isnull;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	if (run_plan(PLAN_TAKEOVER_LOCK, values) == 1)
+	{
+		*takeover = DatumGetBool(first_value(&isnull)) && !isnull;
+		values[5] = Int64GetDatum(next_token());
+		if (run_plan(PLAN_TAKEOVER_SET, values) != 1)
+			elog(ERROR, "lease \"%s\" vanished while locked",
+				 text_to_cstring(DatumGetTextPP(values[0])));
+		*token = DatumGetInt64(first_value(&isnull));
+		got = true;
+	}
+	if (got)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return got;
+}
+
+/*
  * One attempt at a lease, acting as *as_role: take it over if expired or
  * released, or create it.  Returns true with *token set, and *takeover if
  * the previous holder let it expire; otherwise *held_until is when the
@@ -682,7 +741,7 @@ static bool
 lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now, Oid caller,
 				  Oid *as_role, int64 *token, bool *takeover, TimestampTz *held_until)
 {
-	Datum		values[5];
+	Datum		values[6];
 	bool		isnull;
 
 	values[0] = PointerGetDatum(name);
@@ -691,7 +750,12 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now, Oid c
 	values[3] = DirectFunctionCall2(timestamptz_pl_interval,
 									TimestampTzGetDatum(now), IntervalPGetDatum(ttl));
 	values[4] = ObjectIdGetDatum(*as_role);
-	if (run_plan(PLAN_TAKEOVER, values) == 1)
+	if (citus_present() && leases_have_released_at())
+	{
+		if (citus_try_takeover(values, token, takeover))
+			return true;
+	}
+	else if (run_plan(PLAN_TAKEOVER, values) == 1)
 	{
 		*token = DatumGetInt64(first_value(&isnull));
 		*takeover = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],

@@ -39,14 +39,14 @@ my $first = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
 my $second = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
-like($first, qr/^resilience\.leases\|coordinator only\|f$/m, 'leases stay on the coordinator');
+like($first, qr/^resilience\.leases\|distributed by name\|t$/m, 'leases by name');
 like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by resource');
-like($first, qr/^resilience\.inbox\|coordinator only\|f$/m, 'the inbox stays on the coordinator');
-like($first, qr/^resilience\.stream_events\|coordinator only\|f$/m, 'stream events stay on the coordinator');
+like($first, qr/^resilience\.inbox\|distributed by message_id\|t$/m, 'the inbox by message id');
+like($first, qr/^resilience\.stream_events\|distributed by stream\|t$/m, 'stream events by stream');
 like($first, qr/^resilience\.rate_limit_policies\|reference\|t$/m, 'policies: a reference table');
 like($first, qr/^resilience\.outbox\|coordinator only\|f$/m, 'the outbox stays on the coordinator');
-like($first, qr/^resilience\.idempotency_keys\|coordinator only\|f$/m,
-	'idempotency keys stay on the coordinator');
+like($first, qr/^resilience\.idempotency_keys\|distributed by key\|t$/m,
+	'idempotency keys by key');
 like($first, qr/^resilience\.rate_limit\(text,integer,double precision,integer\)\|delegated.*\|t$/m,
 	'rate_limit delegated');
 (my $expect = $first) =~ s/\|t$/|f/mg;
@@ -82,7 +82,7 @@ for my $key (@keys)
 		'00', "$key: and nowhere else");
 }
 
-# --- streams (on the coordinator): append with an expected version ---
+# --- streams (distributed by stream): append with an expected version ---
 is($coord->safe_psql('postgres', q{
 	SELECT resilience.append_events('order-9', -1, ARRAY['{"type": "created", "data": {}}'::jsonb])}),
 	'0', 'a new stream appended through the coordinator');
