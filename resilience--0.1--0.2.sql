@@ -99,9 +99,25 @@ AS $$
 DECLARE
     batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
     max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
+    cutoff timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than;
+    distributed boolean := false;
     removed bigint := 0;
     n bigint;
 BEGIN
+    -- On Citus (citus_setup() distributes leases by name) the ctid + FOR
+    -- UPDATE SKIP LOCKED batch is not a query Citus runs on a distributed
+    -- table: delete by a cutoff taken first, one statement per shard; a lease
+    -- taken again meanwhile no longer matches when its row lock is granted.
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition'
+                ' WHERE logicalrelid OPERATOR(pg_catalog.=) ''resilience.leases''::pg_catalog.regclass)'
+            INTO distributed;
+    END IF;
+    IF distributed THEN
+        DELETE FROM resilience.leases WHERE expires_at OPERATOR(pg_catalog.<) cutoff;
+        GET DIAGNOSTICS removed = ROW_COUNT;
+        RETURN removed;
+    END IF;
     FOR i IN 1 .. max_batches LOOP
         WITH doomed AS (
             SELECT ctid FROM resilience.leases
@@ -112,35 +128,6 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         removed := removed OPERATOR(pg_catalog.+) n;
         EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
-    END LOOP;
-    RETURN removed;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION resilience._saga_reap()
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    retention interval := resilience._saga_retention();
-    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
-    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
-    removed bigint := 0;
-    ids bigint[];
-BEGIN
-    FOR i IN 1 .. max_batches LOOP
-        SELECT pg_catalog.array_agg(s.id) INTO ids
-          FROM (SELECT id FROM resilience.sagas
-                 WHERE finished_at OPERATOR(pg_catalog.<)
-                       (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) retention)
-                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
-        EXIT WHEN ids IS NULL;
-        DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
-        removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
-        EXIT WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<) batch_size;
     END LOOP;
     RETURN removed;
 END
@@ -361,6 +348,8 @@ LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    stream_owner regrole;
 BEGIN
     IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
         RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
@@ -374,8 +363,12 @@ BEGIN
         RAISE EXCEPTION 'max must be positive, or NULL for no limit'
             USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
     END IF;
-    PERFORM resilience._tenant_check('stream', _read_stream.stream, s.owner_role, caller)
-       FROM resilience.streams s WHERE s.stream = _read_stream.stream;
+    -- The owner read first, the check here: in one query Citus would run the
+    -- check on the worker, against the worker's tables (issue 21).
+    SELECT s.owner_role INTO stream_owner FROM resilience.streams s WHERE s.stream = _read_stream.stream;
+    IF FOUND THEN
+        PERFORM resilience._tenant_check('stream', _read_stream.stream, stream_owner, caller);
+    END IF;
     RETURN QUERY
         SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
           FROM resilience.stream_events e
@@ -1515,7 +1508,36 @@ GRANT EXECUTE ON FUNCTION resilience.saga_signal(bigint, text, jsonb, text),
     resilience.saga_signal_by_key(text, text, text, jsonb, text) TO resilience_user;
 GRANT SELECT ON resilience.saga_signals TO resilience_admin;
 
--- The reaper removes a finished saga's signals with it.
+-- One row per branch of a parallel group a saga has reached, inserted by
+-- the tick that enters the group.  A due row (next_run_at) is claimed FOR
+-- UPDATE SKIP LOCKED by any orchestrator and one attempt of its action (or
+-- compensation) runs in that transaction; lock order: branch row, then the
+-- saga row (the orchestrators' tick never waits for a branch row).
+CREATE TABLE resilience.saga_branches (
+    saga_id bigint NOT NULL,
+    step_no integer NOT NULL,
+    branch_no integer NOT NULL,
+    name text NOT NULL,
+    state text NOT NULL
+        CHECK (state IN ('pending', 'completed', 'failed', 'cancelled',
+                         'compensating', 'compensated', 'compensation_failed')),
+    attempts integer NOT NULL DEFAULT 0,
+    compensation_attempts integer NOT NULL DEFAULT 0,
+    next_run_at timestamptz,
+    started_at timestamptz,
+    finished_at timestamptz,
+    compensated_at timestamptz,
+    result jsonb,
+    error jsonb,
+    PRIMARY KEY (saga_id, step_no, branch_no)
+);
+CREATE INDEX saga_branches_due ON resilience.saga_branches (next_run_at) WHERE next_run_at IS NOT NULL;
+COMMENT ON TABLE resilience.saga_branches IS
+'The branches of the parallel groups sagas have reached: state, attempts, result and last error, and compensation';
+SELECT pg_catalog.pg_extension_config_dump('resilience.saga_branches', '');
+GRANT SELECT ON resilience.saga_branches TO resilience_admin;
+
+-- The reaper removes a finished saga's signals and branches with it.
 CREATE OR REPLACE FUNCTION resilience._saga_reap()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
@@ -1537,6 +1559,7 @@ BEGIN
         EXIT WHEN ids IS NULL;
         DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
         DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
+        DELETE FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
         DELETE FROM resilience.saga_signals WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
         DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
         removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
@@ -1548,11 +1571,12 @@ $$;
 
 -- stuck_sagas: suspended sagas at once (nothing moves them but
 -- saga_retry); a timer that is not due yet is not stuck; an await shows as
--- waiting for a signal.
+-- waiting for a signal, a saga at a parallel group as waiting for its branches.
 CREATE OR REPLACE VIEW resilience.stuck_sagas AS
     SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
            s.attempt,
            CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
+                WHEN d.steps -> (s.step - 1) ? 'parallel' AND (s.awaiting OR s.state = 'compensating') THEN 'branches'
                 WHEN s.awaiting AND d.steps -> (s.step - 1) ? 'await' THEN 'signal'
                 WHEN s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until'] THEN 'timer'
                 WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
@@ -1572,7 +1596,7 @@ CREATE OR REPLACE VIEW resilience.stuck_sagas AS
             AND NOT (s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until']
                      AND s.next_run_at > pg_catalog.clock_timestamp()));
 COMMENT ON VIEW resilience.stuck_sagas IS
-'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, retry, worker, saga_retry)';
+'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, branches, retry, worker, saga_retry)';
 
 -- saga_graph(name [, saga_id]): the latest definition (or the one saga_id
 -- runs on) as Graphviz DOT.  Steps in order, timers and awaits in shapes of
@@ -1977,179 +2001,3 @@ COMMENT ON FUNCTION resilience.citus_setup() IS
 'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
 REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
 
--- Issue 16: parallel groups
-------------------------------------------------------------------------------
-
--- One row per branch of a parallel group a saga has reached, inserted by
--- the tick that enters the group.  A due row (next_run_at) is claimed FOR
--- UPDATE SKIP LOCKED by any orchestrator and one attempt of its action (or
--- compensation) runs in that transaction; lock order: branch row, then the
--- saga row (the orchestrators' tick never waits for a branch row).
-CREATE TABLE resilience.saga_branches (
-    saga_id bigint NOT NULL,
-    step_no integer NOT NULL,
-    branch_no integer NOT NULL,
-    name text NOT NULL,
-    state text NOT NULL
-        CHECK (state IN ('pending', 'completed', 'failed', 'cancelled',
-                         'compensating', 'compensated', 'compensation_failed')),
-    attempts integer NOT NULL DEFAULT 0,
-    compensation_attempts integer NOT NULL DEFAULT 0,
-    next_run_at timestamptz,
-    started_at timestamptz,
-    finished_at timestamptz,
-    compensated_at timestamptz,
-    result jsonb,
-    error jsonb,
-    PRIMARY KEY (saga_id, step_no, branch_no)
-);
-CREATE INDEX saga_branches_due ON resilience.saga_branches (next_run_at) WHERE next_run_at IS NOT NULL;
-COMMENT ON TABLE resilience.saga_branches IS
-'The branches of the parallel groups sagas have reached: state, attempts, result and last error, and compensation';
-SELECT pg_catalog.pg_extension_config_dump('resilience.saga_branches', '');
-GRANT SELECT ON resilience.saga_branches TO resilience_admin;
-
--- The reaper removes a finished saga's branches with it.
-CREATE OR REPLACE FUNCTION resilience._saga_reap()
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    retention interval := resilience._saga_retention();
-    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
-    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
-    removed bigint := 0;
-    ids bigint[];
-BEGIN
-    FOR i IN 1 .. max_batches LOOP
-        SELECT pg_catalog.array_agg(s.id) INTO ids
-          FROM (SELECT id FROM resilience.sagas
-                 WHERE finished_at OPERATOR(pg_catalog.<)
-                       (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) retention)
-                 ORDER BY finished_at LIMIT batch_size FOR UPDATE SKIP LOCKED) s;
-        EXIT WHEN ids IS NULL;
-        DELETE FROM resilience.saga_events WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.saga_steps WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.saga_signals WHERE saga_id OPERATOR(pg_catalog.=) ANY (ids);
-        DELETE FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) ANY (ids);
-        removed := removed OPERATOR(pg_catalog.+) pg_catalog.cardinality(ids);
-        EXIT WHEN pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<) batch_size;
-    END LOOP;
-    RETURN removed;
-END
-$$;
-
--- stuck_sagas: a saga at a parallel group waits for its branches.
-CREATE OR REPLACE VIEW resilience.stuck_sagas AS
-    SELECT s.id, s.name, d.version, s.state, s.step, d.steps -> (s.step - 1) ->> 'name' AS step_name,
-           s.attempt,
-           CASE WHEN s.state IN ('compensation_failed', 'suspended') THEN 'saga_retry'
-                WHEN d.steps -> (s.step - 1) ? 'parallel' AND (s.awaiting OR s.state = 'compensating') THEN 'branches'
-                WHEN s.awaiting AND d.steps -> (s.step - 1) ? 'await' THEN 'signal'
-                WHEN s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until'] THEN 'timer'
-                WHEN s.awaiting AND s.reply IS NULL THEN 'reply'
-                WHEN s.next_run_at > pg_catalog.clock_timestamp() THEN 'retry'
-                ELSE 'worker' END AS waiting_for,
-           s.next_run_at,
-           s.updated_at AS last_progress_at,
-           pg_catalog.clock_timestamp() - s.updated_at AS stuck_for,
-           (SELECT e.error FROM resilience.saga_events e
-             WHERE e.saga_id = s.id AND e.error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS last_error
-      FROM resilience.sagas s
-      JOIN resilience.saga_definitions d ON d.id = s.definition_id
-     WHERE s.state = 'suspended'
-        OR (s.state IN ('running', 'compensating', 'compensation_failed')
-            AND s.updated_at < pg_catalog.clock_timestamp()
-                - coalesce(nullif(pg_catalog.current_setting('resilience.saga_stuck_after', true), ''), '5 min')::interval
-            AND NOT (s.awaiting AND d.steps -> (s.step - 1) ?| ARRAY['sleep', 'until']
-                     AND s.next_run_at > pg_catalog.clock_timestamp()));
-COMMENT ON VIEW resilience.stuck_sagas IS
-'Unfinished sagas without progress for longer than resilience.saga_stuck_after (a timer not yet due excepted), and suspended ones, and what each waits for (reply, signal, timer, branches, retry, worker, saga_retry)';
-
--- Issue 21: leases distributed by name on Citus
--- citus_setup() distributes resilience.leases by name (co-located with the
--- fences).  The reaper's ctid + FOR UPDATE SKIP LOCKED batch is not a query
--- Citus runs on a distributed table: there it deletes by a cutoff taken
--- first (a constant, as Citus wants in a modification), one statement per
--- shard; a lease taken again meanwhile no longer matches when its row lock
--- is granted, so it stays.
-CREATE OR REPLACE FUNCTION resilience._reap_leases(older_than interval DEFAULT '1 hour')
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    batch_size integer := coalesce(pg_catalog.current_setting('resilience.reaper_batch_size', true)::integer, 5000);
-    max_batches integer := coalesce(pg_catalog.current_setting('resilience.reaper_max_batches', true)::integer, 20);
-    cutoff timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than;
-    distributed boolean := false;
-    removed bigint := 0;
-    n bigint;
-BEGIN
-    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
-        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition'
-                ' WHERE logicalrelid OPERATOR(pg_catalog.=) ''resilience.leases''::pg_catalog.regclass)'
-            INTO distributed;
-    END IF;
-    IF distributed THEN
-        DELETE FROM resilience.leases WHERE expires_at OPERATOR(pg_catalog.<) cutoff;
-        GET DIAGNOSTICS removed = ROW_COUNT;
-        RETURN removed;
-    END IF;
-    FOR i IN 1 .. max_batches LOOP
-        WITH doomed AS (
-            SELECT ctid FROM resilience.leases
-             WHERE expires_at OPERATOR(pg_catalog.<)
-                   (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) older_than)
-             LIMIT batch_size FOR UPDATE SKIP LOCKED)
-        DELETE FROM resilience.leases l USING doomed WHERE l.ctid OPERATOR(pg_catalog.=) doomed.ctid;
-        GET DIAGNOSTICS n = ROW_COUNT;
-        removed := removed OPERATOR(pg_catalog.+) n;
-        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
-    END LOOP;
-    RETURN removed;
-END
-$$;
-
--- Issue 21: streams distributed by stream on Citus
--- citus_setup() distributes resilience.streams and resilience.stream_events
--- by stream (co-located with the fences).  _read_stream reads the owner
--- first and checks it here: as one query with the check in its target list,
--- Citus would run the check on the worker, against the worker's tables.
-CREATE OR REPLACE FUNCTION resilience._read_stream(stream text, from_version bigint, max integer, caller oid)
-RETURNS TABLE (version bigint, type text, data jsonb, metadata jsonb, recorded_at timestamptz)
-LANGUAGE plpgsql STABLE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    stream_owner regrole;
-BEGIN
-    IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
-        RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF _read_stream.from_version < 0 THEN
-        RAISE EXCEPTION 'from_version must not be negative'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.from_version);
-    END IF;
-    IF _read_stream.max <= 0 THEN
-        RAISE EXCEPTION 'max must be positive, or NULL for no limit'
-            USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
-    END IF;
-    SELECT s.owner_role INTO stream_owner FROM resilience.streams s WHERE s.stream = _read_stream.stream;
-    IF FOUND THEN
-        PERFORM resilience._tenant_check('stream', _read_stream.stream, stream_owner, caller);
-    END IF;
-    RETURN QUERY
-        SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
-          FROM resilience.stream_events e
-         WHERE e.stream = _read_stream.stream AND e.version >= _read_stream.from_version
-         ORDER BY e.version
-         LIMIT _read_stream.max;
-END
-$$;
-COMMENT ON FUNCTION resilience._read_stream(text, bigint, integer, oid) IS
-'Internal (read_stream): the read, for caller';
