@@ -15,7 +15,7 @@
  * check, row triggers), which costs a fraction of an executor INSERT.
  * When Citus is installed the tables may be distributed and the local
  * heap is not where the rows live: the events then go through SPI too
- * (citus_present()).
+ * (citus_present(), src/resilience.c).
  *
  * Privileges: like the other stream functions (src/tenants.c) this one is
  * SECURITY INVOKER and switches to the tables' owner itself, so it knows
@@ -37,9 +37,7 @@
 
 #include "access/table.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
-#include "commands/extension.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -52,7 +50,6 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/timestamp.h"
-#include "utils/varlena.h"
 
 #define STREAM_NAME_MAX 255
 #define EVENT_TYPE_MAX 255
@@ -178,42 +175,6 @@ run_event_statement(EventStatement which, Datum *values, const char *nulls)
 		elog(ERROR, "SPI_execute_plan failed for \"%s\": %s",
 			 event_sql[which].sql, SPI_result_code_string(ret));
 	return SPI_processed;
-}
-
-/*
- * Is the extension citus installed in this database?  Then resilience's
- * tables may be distributed (issue 21): their rows are on the workers, not
- * in the local heap, and every read or write must go through the executor
- * (SPI), which Citus plans.  Citus works only when preloaded, so a server
- * that does not preload it (the setting cannot change while it runs)
- * answers at once, and the catalog is read only when it does.  Any direct
- * heap or index path in the extension asks this first.
- */
-bool
-citus_present(void)
-{
-	static int	preloaded = -1;
-
-	if (preloaded < 0)
-	{
-		char	   *libs = pstrdup(shared_preload_libraries_string ?
-								   shared_preload_libraries_string : "");
-		List	   *names;
-		ListCell   *lc;
-
-		preloaded = 0;
-		if (SplitDirectoriesString(libs, ',', &names))
-			foreach(lc, names)
-			{
-				const char *path = lfirst(lc);
-				const char *base = last_dir_separator(path);
-
-				base = base ? base + 1 : path;
-				if (strcmp(base, "citus") == 0 || strcmp(base, "citus.so") == 0)
-					preloaded = 1;
-			}
-	}
-	return preloaded == 1 && OidIsValid(get_extension_oid("citus", true));
 }
 
 /* ---- arguments ---- */

@@ -61,7 +61,7 @@
  * ----------
  * Callers need no privilege on the tables.  Reads go straight to the primary
  * key index (no permission check, as for catalogs), unless Citus is
- * installed (citus_present(), src/events.c: the rows may live on other
+ * installed (citus_present(), src/resilience.c: the rows may live on other
  * nodes; they are then read through SPI, as the owner); each statement that
  * writes runs as the tables' owner (spi_connect_as_owner), and qualifies
  * every name and operator, so the caller's search_path cannot change what it

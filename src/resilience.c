@@ -15,7 +15,9 @@
 
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "commands/extension.h"
 #include "utils/guc.h"
+#include "utils/varlena.h"
 
 #include <limits.h>
 
@@ -401,4 +403,40 @@ _PG_init(void)
 	resilience_shmem_hooks();
 	worker_utility_hook_init();
 	worker_register_launcher();
+}
+
+/*
+ * Is the extension citus installed in this database?  Then resilience's
+ * tables may be distributed (issue 21): their rows are on the workers, not
+ * in the local heap, and every read or write must go through the executor
+ * (SPI), which Citus plans.  Citus works only when preloaded, so a server
+ * that does not preload it (the setting cannot change while it runs)
+ * answers at once, and the catalog is read only when it does.  Any direct
+ * heap or index path in the extension asks this first.
+ */
+bool
+citus_present(void)
+{
+	static int	preloaded = -1;
+
+	if (preloaded < 0)
+	{
+		char	   *libs = pstrdup(shared_preload_libraries_string ?
+								   shared_preload_libraries_string : "");
+		List	   *names;
+		ListCell   *lc;
+
+		preloaded = 0;
+		if (SplitDirectoriesString(libs, ',', &names))
+			foreach(lc, names)
+			{
+				const char *path = lfirst(lc);
+				const char *base = last_dir_separator(path);
+
+				base = base ? base + 1 : path;
+				if (strcmp(base, "citus") == 0 || strcmp(base, "citus.so") == 0)
+					preloaded = 1;
+			}
+	}
+	return preloaded == 1 && OidIsValid(get_extension_oid("citus", true));
 }
