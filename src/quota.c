@@ -34,8 +34,13 @@
  *	  (which the extension needs anyway), and pg_waldump shows the records
  *	  as an unknown resource manager.  Adding a key (rare) still writes
  *	  one generic WAL record: the page gets a new tuple.
- *	- The caller's commit is not acknowledged before the record is durable:
- *	  a pre-commit callback flushes WAL up to it and waits for the
+ *	- Not every decision writes a record: like nextval, a record logs a
+ *	  few decisions ahead, and the decisions it covers change the page in
+ *	  place without WAL (below, "Logging ahead").
+ *	- The caller's commit is not acknowledged before the record that covers
+ *	  its decisions is durable: a pre-commit callback flushes WAL up to it
+ *	  (usually already done for a decision within a reservation) and waits
+ *	  for the
  *	  synchronous standbys, as this session's synchronous_commit makes a
  *	  commit do.  Hence: every decision a committed transaction saw as
  *	  allowed is durable and on the synchronous standby.  nextval gets the
@@ -71,9 +76,52 @@
  * row trigger refuses rows that the functions' argument checks would
  * refuse.  A key under a policy is its own row (column policy).
  *
+ * Logging ahead
+ * -------------
+ * A flushed WAL record per decision costs more than the decision (the
+ * pwrite of the flush: docs/benchmarks.md).  So a decision that must log
+ * logs used + ahead instead of used, ahead = min(resilience.quota_log_ahead
+ * (default 32), limit / 64), never beyond the limit: a reservation.  The
+ * page gets the true used (the record is made while the page holds the
+ * logged value, so a full-page image in it has the reservation, as nextval
+ * does it); the key's hash entry keeps the logged value and the record's
+ * end.  The next decisions up to the logged value change the tuple in
+ * place, mark the buffer dirty and write no WAL; their commit only makes
+ * sure the reservation's record is durable (flushed, and on the
+ * synchronous standbys), which it nearly always already is.  A decision
+ * beyond the logged value, one that changes the period or the limit, and
+ * quota_set/quota_reset log (the last two exactly).
+ *
+ * Why no admitted decision can be lost: the page holds the truth and the
+ * last record of a key holds at least that.  A checkpoint writes the page
+ * with every in-place change made before it starts writing buffers.
+ * Changes after the checkpoint's redo pointer would be lost if crash
+ * recovery started from a page that lacks them, so a decision in place
+ * requires that the key's own reservation was logged after the current
+ * redo pointer (GetRedoRecPtr): then recovery restores the page from the
+ * full-page image of the first record after the redo pointer (at or before
+ * the reservation) and replays the reservation over it.  Sequences test
+ * the page's LSN instead; here a page holds 32 keys, and another key's
+ * record after the checkpoint would leave a key whose reservation is older
+ * with in-place changes no replayed record covers: so the test is per key.
+ * Hence the condition full_page_writes = on: without images, recovery
+ * skips a record that the page on disk (written after in-place changes)
+ * is newer than, and the changes made after that write would be lost, so
+ * with it off every decision is logged.  After turning full_page_writes
+ * on, pages touched while it was off carry no image until the next
+ * checkpoint: run one (docs/quotas.md).  A standby replays the records,
+ * never sees the in-place changes, and so holds every key at its last
+ * reservation: after a promotion, as after a crash, a key may be charged up
+ * to ahead decisions that were never made, never fewer than were admitted.
+ * A clean shutdown writes the pages: nothing is over-counted.  After any
+ * restart the hash is rebuilt with no record known, so each key's first
+ * decision logs.  limit / 64 bounds the over-count to 1.6 % of a small
+ * limit (none below 64: every decision logs, exactly as before).
+ *
  * So a call on an existing key is: a hash lookup under a partition lock in
- * shared mode, one buffer lock, a check, a WAL record of 48 bytes of data,
- * the unlock.
+ * shared mode, one buffer lock, a check, then either a second look at the
+ * key's entry and an in-place change, or (one call in ahead + 1) a WAL
+ * record of 48 bytes of data; the unlock.
  *
  * Locking rules:
  *	- Decisions on one key (on one page) are serialised by the buffer's
@@ -84,7 +132,8 @@
  *	  whose TID is invalid is a reservation made under it (or left by an
  *	  insert that failed): outside the lock it means "ask again under it".
  *	- Hash partition locks are held only for lookups and linking, never
- *	  across buffer I/O.
+ *	  across buffer I/O; one may be taken (shared) while a buffer lock is
+ *	  held, never the other way round.
  *	- The table is opened with RowExclusiveLock, so TRUNCATE, VACUUM FULL
  *	  and CLUSTER (which change the file) wait for calls in flight.
  *
@@ -176,11 +225,16 @@ static const struct config_enum_entry quota_when_full_options[] = {
 static int	quota_max_keys = 100000;
 static int	quota_when_full = QUOTA_FULL_DENY;
 
+static int	quota_log_ahead = 32;
+
 /*
  * The payload of a hash entry.  For a key: where its tuple is, in which
- * file of the table.  For a database: the file the hash was loaded from,
- * and whether every row fitted.  Written only under the partition lock held
- * exclusively (and the load lock); read under it in any mode.
+ * file of the table, and the key's last WAL record (see "Logging ahead").
+ * For a database: the file the hash was loaded from, and whether every row
+ * fitted.  Written only under the partition lock held exclusively (and the
+ * load lock); read under it in any mode -- except logged and logged_lsn,
+ * which a decision holding the tuple's buffer lock reads and writes under
+ * the entry's spinlock with the partition lock held shared.
  */
 typedef struct QuotaSlot
 {
@@ -188,6 +242,8 @@ typedef struct QuotaSlot
 	BlockNumber blkno;			/* InvalidBlockNumber: a reservation */
 	OffsetNumber offnum;
 	bool		complete;
+	int64		logged;			/* used as the key's last record has it */
+	XLogRecPtr	logged_lsn;		/* that record's end; invalid: none known */
 } QuotaSlot;
 
 /*
@@ -328,6 +384,12 @@ quota_define_settings(void)
 							 &quota_when_full,
 							 QUOTA_FULL_DENY, quota_when_full_options,
 							 PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("resilience.quota_log_ahead",
+							"Decisions a quota WAL record reserves beyond the one it logs.",
+							"At most limit / 64 of a key; 0 logs every decision.  A crash may count up to this many decisions per key that were never made.",
+							&quota_log_ahead,
+							32, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	/* here because this runs only while shared_preload_libraries loads */
 	RegisterCustomRmgr(RM_RESILIENCE_QUOTA_ID, &quota_rmgr);
 }
@@ -427,24 +489,30 @@ static RmgrData quota_rmgr = {
 
 /*
  * Write next into the row at offnum of the exclusively locked buf and log
- * it; returns the record's end.
+ * it with used = logged (>= next->used: the reservation); returns the
+ * record's end.  As nextval does, the page holds the logged value while
+ * the record is made, so a full-page image in it carries the reservation
+ * too, and the true value after.
  */
 static XLogRecPtr
-quota_log_row(Buffer buf, OffsetNumber offnum, QuotaRow *row, const QuotaRow *next)
+quota_log_row(Buffer buf, OffsetNumber offnum, QuotaRow *row, const QuotaRow *next,
+			  int64 logged)
 {
 	xl_quota_set_row xlrec;
 	XLogRecPtr	lsn;
 
 	xlrec.offnum = offnum;
 	memcpy(&xlrec.row, next, sizeof(QuotaRow));
+	xlrec.row.used = logged;
 	START_CRIT_SECTION();
-	memcpy(row, next, sizeof(QuotaRow));
+	memcpy(row, &xlrec.row, sizeof(QuotaRow));
 	MarkBufferDirty(buf);
 	XLogBeginInsert();
 	XLogRegisterData((char *) &xlrec, SizeOfQuotaSetRow);
 	XLogRegisterBuffer(0, buf, REGBUF_STANDARD);
 	lsn = XLogInsert(RM_RESILIENCE_QUOTA_ID, XLOG_QUOTA_SET_ROW);
 	PageSetLSN(BufferGetPage(buf), lsn);
+	row->used = next->used;
 	END_CRIT_SECTION();
 	return lsn;
 }
@@ -697,7 +765,8 @@ quota_load(Relation rel, bool force)
 	Snapshot	snapshot;
 	TableScanDesc scan;
 	HeapTuple	tuple;
-	QuotaSlot	db = {relfile, InvalidBlockNumber, InvalidOffsetNumber, true};
+	QuotaSlot	db = {relfile, InvalidBlockNumber, InvalidOffsetNumber, true, 0,
+	InvalidXLogRecPtr};
 	char	   *hkey = palloc(quota_hash_key_len());
 	bool		found;
 	int64		duplicates = 0;
@@ -739,6 +808,9 @@ quota_load(Relation rel, bool force)
 		slot.blkno = ItemPointerGetBlockNumber(&tuple->t_self);
 		slot.offnum = ItemPointerGetOffsetNumber(&tuple->t_self);
 		slot.complete = true;
+		/* no record known: the key's next decision logs */
+		slot.logged = qt.row->used;
+		slot.logged_lsn = InvalidXLogRecPtr;
 		if (!quota_hash_set(KIND_QUOTA_KEY, hkey, hlen, &slot, &found))
 		{
 			db.complete = false;
@@ -785,28 +857,36 @@ static bool quota_callback_registered = false;
  * here, before the commit, instead of the WARNING a commit gives after it:
  * the caller never sees a commit whose decisions a promoted standby lacks.
  */
-static void
-quota_make_durable(XLogRecPtr lsn)
+static bool
+quota_standbys_have(XLogRecPtr lsn)
 {
 	bool		flushed;
 
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	flushed = !sync_standbys_defined_compat() ||
+		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
+	LWLockRelease(SyncRepLock);
+	return flushed;
+}
+
+static void
+quota_make_durable(XLogRecPtr lsn)
+{
 	if (synchronous_commit <= SYNCHRONOUS_COMMIT_OFF)
 	{
 		XLogSetAsyncXactLSN(lsn);
 		return;
 	}
+	/* returns at once if lsn is flushed: usually so within a reservation */
 	XLogFlush(lsn);
-	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH)
+	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH ||
+		quota_standbys_have(lsn))
 		return;
 	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
 	SyncRepWaitForLSN(lsn, false);
 	RESUME_INTERRUPTS();
 	CHECK_FOR_INTERRUPTS();
-	LWLockAcquire(SyncRepLock, LW_SHARED);
-	flushed = !sync_standbys_defined_compat() ||
-		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
-	LWLockRelease(SyncRepLock);
-	if (!flushed)
+	if (!quota_standbys_have(lsn))
 		ereport(ERROR,
 				(errcode(ERRCODE_QUERY_CANCELED),
 				 errmsg("the transaction was not committed: the synchronous standby has not confirmed its quota decisions"),
@@ -841,8 +921,6 @@ quota_flush_at_commit(XLogRecPtr lsn)
 	if (lsn > quota_commit_lsn)
 		quota_commit_lsn = lsn;
 }
-
-/* ---- changing a tuple ---- */
 
 /* The new state of a row for req, given what it holds; false: refused. */
 static bool
@@ -884,19 +962,106 @@ quota_next_state(const QuotaRequest *req, const QuotaRow *old, QuotaRow *new)
 	return true;
 }
 
+/* ---- logging ahead ---- */
+
 /*
- * Apply req to the tuple at tid; false if that is not the key's tuple any
- * more (the caller rebuilds the hash and asks again).
+ * The used value to log for a row about to hold next: next's own, or for
+ * a decision up to min(resilience.quota_log_ahead, limit / 64) more, never
+ * beyond the limit.  Only while full_page_writes is on (see the header).
+ */
+static int64
+quota_reserve(const QuotaRequest *req, const QuotaRow *next)
+{
+	int64		ahead;
+
+	if (req->op != QOP_CONSUME || !fullPageWrites)
+		return next->used;
+	ahead = Min((int64) quota_log_ahead, req->limit / 64);
+	if (next->used >= req->limit - ahead)
+		return Max(next->used, req->limit);
+	return next->used + ahead;
+}
+
+/*
+ * Read (store false) or write (store true) the logged value and record of
+ * the key's hash entry, if the entry still points at tid in relfile.  The
+ * caller holds the tuple's buffer lock exclusively: that serialises the
+ * key's decisions; the spinlock keeps a reader of the other fields whole.
  */
 static bool
-quota_apply(Relation rel, ItemPointer tid, const QuotaRequest *req,
-			QuotaResult *res)
+quota_slot_logged(const char *hkey, int hlen, Oid relfile, ItemPointer tid,
+				  bool store, int64 *logged, XLogRecPtr *lsn)
+{
+	uint32		hash = shm_table_hash(KIND_QUOTA_KEY, hkey, hlen);
+	LWLock	   *lock = shm_table_lock(quota_table, hash);
+	ShmEntry   *entry;
+	bool		found = false;
+
+	LWLockAcquire(lock, LW_SHARED);
+	entry = shm_table_find(quota_table, hash, KIND_QUOTA_KEY, hkey, hlen);
+	if (entry)
+	{
+		QuotaSlot  *slot = shm_entry_payload(quota_table, entry);
+
+		SpinLockAcquire(&entry->mutex);
+		found = slot->relfile == relfile &&
+			slot->blkno == ItemPointerGetBlockNumber(tid) &&
+			slot->offnum == ItemPointerGetOffsetNumber(tid);
+		if (found && store)
+		{
+			slot->logged = *logged;
+			slot->logged_lsn = *lsn;
+		}
+		else if (found)
+		{
+			*logged = slot->logged;
+			*lsn = slot->logged_lsn;
+		}
+		SpinLockRelease(&entry->mutex);
+	}
+	LWLockRelease(lock);
+	return found;
+}
+
+/*
+ * May a decision taking row to next skip its WAL record?  Only if the
+ * key's last record reserved next's usage for the same period and limit,
+ * and was written after the last checkpoint's redo pointer (so that crash
+ * recovery replays it, over a full-page image of the page taken at or
+ * before it); returns that record's end in *lsn.
+ */
+static bool
+quota_within_reservation(const char *hkey, int hlen, Oid relfile, ItemPointer tid,
+						 const QuotaRow *row, const QuotaRow *next, XLogRecPtr *lsn)
+{
+	int64		logged;
+
+	if (!fullPageWrites ||
+		next->period_start != row->period_start || next->period_end != row->period_end ||
+		next->quota_limit != row->quota_limit ||
+		!quota_slot_logged(hkey, hlen, relfile, tid, false, &logged, lsn))
+		return false;
+	return !XLogRecPtrIsInvalid(*lsn) && next->used <= logged &&
+		*lsn > GetRedoRecPtr();
+}
+
+/* ---- changing a tuple ---- */
+
+/*
+ * Apply req to the tuple at tid (hash key hkey); false if that is not the
+ * key's tuple any more (the caller rebuilds the hash and asks again).
+ */
+static bool
+quota_apply(Relation rel, const char *hkey, int hlen, ItemPointer tid,
+			const QuotaRequest *req, QuotaResult *res)
 {
 	bool		write = req->op == QOP_SET || req->amount > 0;
+	Oid			relfile = RelationGetRelFileNumber_compat(rel);
 	Buffer		buf;
 	QuotaRow   *row;
 	QuotaRow	next;
 	bool		allowed;
+	XLogRecPtr	lsn;
 
 	/*
 	 * No check against the relation's length (an lseek per call): rows are
@@ -918,20 +1083,36 @@ quota_apply(Relation rel, ItemPointer tid, const QuotaRequest *req,
 	res->used = allowed ? next.used : (req->now >= row->period_end ? 0 : row->used);
 	res->resets_at = allowed ? next.period_end :
 		(req->now >= row->period_end ? req->period->end : row->period_end);
-	if (write && allowed)
-		quota_flush_at_commit(quota_log_row(buf, ItemPointerGetOffsetNumber(tid),
-											row, &next));
+	if (write && allowed &&
+		req->op == QOP_CONSUME &&
+		quota_within_reservation(hkey, hlen, relfile, tid, row, &next, &lsn))
+	{
+		/* in place, no WAL: the record that reserved it must be durable */
+		memcpy(row, &next, sizeof(QuotaRow));
+		MarkBufferDirty(buf);
+		quota_flush_at_commit(lsn);
+	}
+	else if (write && allowed)
+	{
+		int64		logged = quota_reserve(req, &next);
+
+		lsn = quota_log_row(buf, ItemPointerGetOffsetNumber(tid), row, &next, logged);
+		quota_flush_at_commit(lsn);
+		(void) quota_slot_logged(hkey, hlen, relfile, tid, true, &logged, &lsn);
+	}
 	UnlockReleaseBuffer(buf);
 	return true;
 }
 
 /*
  * Add the key's tuple (frozen, outside the caller's transaction) holding
- * the state after req, and return its TID.  The caller holds the load lock.
+ * the state after req, logged with used = logged (a reservation, as in
+ * quota_log_row); return its TID and the record's end.  The caller holds
+ * the load lock.
  */
-static void
+static XLogRecPtr
 quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
-			 ItemPointer tid)
+			 int64 logged, ItemPointer tid)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	Datum		values[QUOTA_NCOLS];
@@ -945,10 +1126,11 @@ quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
 	Page		page;
 	OffsetNumber offnum;
 	HeapTupleHeader htup;
+	XLogRecPtr	lsn;
 
 	values[0] = TimestampTzGetDatum(state->period_start);
 	values[1] = TimestampTzGetDatum(state->period_end);
-	values[2] = Int64GetDatum(state->used);
+	values[2] = Int64GetDatum(logged);
 	values[3] = Int64GetDatum(state->quota_limit);
 	values[4] = TimestampTzGetDatum(state->updated_at);
 	values[5] = PointerGetDatum(cstring_to_text_with_len(req->policy, req->policylen));
@@ -997,9 +1179,16 @@ quota_insert(Relation rel, const QuotaRequest *req, const QuotaRow *state,
 	htup = (HeapTupleHeader) PageGetItem(page, PageGetItemId(page, offnum));
 	ItemPointerSet(&htup->t_ctid, BufferGetBlockNumber(buf), offnum);
 	ItemPointerSet(tid, BufferGetBlockNumber(buf), offnum);
-	quota_flush_at_commit(GenericXLogFinish(xlog));
+	lsn = GenericXLogFinish(xlog);
+	/* still locked: the page gets the true value after the logged one */
+	page = BufferGetPage(buf);
+	htup = (HeapTupleHeader) PageGetItem(page, PageGetItemId(page, offnum));
+	((QuotaRow *) ((char *) htup + htup->t_hoff))->used = state->used;
+	MarkBufferDirty(buf);
+	quota_flush_at_commit(lsn);
 	UnlockReleaseBuffer(buf);
 	heap_freetuple(tuple);
+	return lsn;
 }
 
 /* The answer for a key the table does not hold and will not hold now. */
@@ -1019,7 +1208,7 @@ quota_add_key(Relation rel, const char *hkey, int hlen, const QuotaRequest *req,
 			  QuotaResult *res)
 {
 	QuotaSlot	slot = {RelationGetRelFileNumber_compat(rel), InvalidBlockNumber,
-	InvalidOffsetNumber, true};
+	InvalidOffsetNumber, true, 0, InvalidXLogRecPtr};
 	QuotaRow	state;
 	ItemPointerData tid;
 	bool		found;
@@ -1037,7 +1226,8 @@ quota_add_key(Relation rel, const char *hkey, int hlen, const QuotaRequest *req,
 		return;
 	}
 	(void) quota_next_state(req, NULL, &state);
-	quota_insert(rel, req, &state, &tid);
+	slot.logged = quota_reserve(req, &state);
+	slot.logged_lsn = quota_insert(rel, req, &state, slot.logged, &tid);
 	slot.blkno = ItemPointerGetBlockNumber(&tid);
 	slot.offnum = ItemPointerGetOffsetNumber(&tid);
 	(void) quota_hash_set(KIND_QUOTA_KEY, hkey, hlen, &slot, &found);
@@ -1080,7 +1270,7 @@ quota_run(const QuotaRequest *req, QuotaResult *res)
 
 		if (look == QL_FOUND)
 		{
-			if (quota_apply(rel, &tid, req, res))
+			if (quota_apply(rel, hkey, hlen, &tid, req, res))
 				break;
 			/* the tuple is not where the hash says: rebuild, ask again */
 			LWLockAcquire(quota_load_lock, LW_EXCLUSIVE);
