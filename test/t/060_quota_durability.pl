@@ -259,7 +259,7 @@ $primary->safe_psql('postgres', qq{SELECT resilience.quota('$kb', $LIMIT, 'month
 $primary->stop('immediate');
 $primary->start;
 cmp_ok(used_of($primary, $kb), '>=', 11,
-	"a reservation older than the checkpoint is renewed after it ($kb's 11 decisions kept)");
+	"a reservation older than the checkpoint is renewed after it (${kb}'s 11 decisions kept)");
 
 # (b) A decision within a reservation that another, still open transaction
 # logged must flush that record before its own commit.
