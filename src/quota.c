@@ -94,7 +94,9 @@
  *
  * Why no admitted decision can be lost: the page holds the truth and the
  * last record of a key holds at least that.  A checkpoint writes the page
- * with every in-place change made before it starts writing buffers.
+ * with every in-place change made before it starts writing buffers (the
+ * buffer is dirtied before the redo pointer is compared, so a change that
+ * saw the old redo pointer is in a buffer the checkpoint will write).
  * Changes after the checkpoint's redo pointer would be lost if crash
  * recovery started from a page that lacks them, so a decision in place
  * requires that the key's own reservation was logged after the current
@@ -1083,13 +1085,22 @@ quota_apply(Relation rel, const char *hkey, int hlen, ItemPointer tid,
 	res->used = allowed ? next.used : (req->now >= row->period_end ? 0 : row->used);
 	res->resets_at = allowed ? next.period_end :
 		(req->now >= row->period_end ? req->period->end : row->period_end);
+	if (write && allowed)
+	{
+		/*
+		 * Dirty before the redo pointer is read (quota_within_reservation):
+		 * if a checkpoint's redo pointer is still the old one there, its
+		 * buffer sync starts later and finds the buffer dirty, so it writes
+		 * the change made in place (transam/README, SyncOneBuffer).
+		 */
+		MarkBufferDirty(buf);
+	}
 	if (write && allowed &&
 		req->op == QOP_CONSUME &&
 		quota_within_reservation(hkey, hlen, relfile, tid, row, &next, &lsn))
 	{
 		/* in place, no WAL: the record that reserved it must be durable */
 		memcpy(row, &next, sizeof(QuotaRow));
-		MarkBufferDirty(buf);
 		quota_flush_at_commit(lsn);
 	}
 	else if (write && allowed)
