@@ -881,8 +881,9 @@ quota_make_durable(XLogRecPtr lsn)
 	}
 	/* returns at once if lsn is flushed: usually so within a reservation */
 	XLogFlush(lsn);
+	/* unlocked first, as SyncRepWaitForLSN does: no standbys, no lock */
 	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH ||
-		quota_standbys_have(lsn))
+		!sync_standbys_defined_compat() || quota_standbys_have(lsn))
 		return;
 	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
 	SyncRepWaitForLSN(lsn, false);
