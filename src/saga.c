@@ -99,7 +99,7 @@
  * every other backend's snapshots would look them up in pg_subtrans).
  */
 #define BATCH_UNITS 64
-#define BATCH_MS 20
+#define BATCH_MS 100
 #define BATCH_SUBXIDS (PGPROC_MAX_CACHED_SUBXIDS / 2)
 
 typedef enum SagaState
@@ -2955,8 +2955,8 @@ saga_tick(PG_FUNCTION_ARGS)
  *
  * One call is a batch: after its first unit it goes on, in the same
  * transaction, with the saga it advanced (to its end or its first wait) and
- * then with the next due sagas, at most BATCH_UNITS units, BATCH_MS and
- * BATCH_SUBXIDS subtransaction ids.  Each saga's work keeps its
+ * then with the next due sagas, at most BATCH_UNITS units, BATCH_MS after
+ * the first one, and BATCH_SUBXIDS subtransaction ids.  Each saga's work keeps its
  * subtransaction (and each SQL step its own in that), so an error in one
  * never touches another; all commit together, so a crash redoes the whole
  * batch and applies no step twice.  A saga left waiting for other processes
@@ -2968,7 +2968,6 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 {
 	int64		wish = 0;
 	TickBatch	batch = {0};
-	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BATCH_MS);
 
 	not_from_own_step(0, "saga_tick");
 	SPI_connect();
@@ -2991,6 +2990,8 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 	}
 	else
 	{
+		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BATCH_MS);
+
 		for (batch.units = 1; batch.units < BATCH_UNITS && !batch.stop; batch.units++)
 		{
 			if (GetCurrentTimestamp() >= until ||
