@@ -10,8 +10,9 @@
  * and does one unit of work on it in the caller's transaction: one attempt
  * of a SQL step or compensation, sending the command of an async one,
  * applying the reply received for it, or timing it out.  The worker's sagas
- * job calls it again and again, each call in a transaction of its own
- * (worker.c), until nothing is due; CALL saga_run() does the same by hand.
+ * job runs batches of such units, each batch in a transaction of its own
+ * (saga_worker_tick, worker.c), until nothing is due; CALL saga_run() runs
+ * one unit per transaction by hand.
  *
  * Exactly once for SQL steps: the step function runs in a subtransaction of
  * the tick's transaction, and the saga's advance (its row, the step's row and

@@ -29,7 +29,8 @@
  * A job marked says_when returns how many ms until it wants to run again: 0
  * means it did some work and may have more, and it is called again at once,
  * each call in a new transaction, for up to JOB_BURST_MS at a time (the
- * sagas job: one saga, to its end or its first wait, per transaction).
+ * sagas job: a batch of sagas, each to its end or its first wait, per
+ * transaction).  SQL jobs run a plan prepared once per process.
  * worker_wake(dboid) runs the jobs marked on_wake of that database's worker
  * at once (saga_start and publishing outbox transactions call it at
  * commit).  A job may also be a C
