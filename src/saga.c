@@ -2616,9 +2616,11 @@ tick_once(Oid by_hand, TickBatch *batch)
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
 		step_saga_id = 0;
-		if (tick_error_is_transient(edata) && (batch == NULL || batch->units == 0))
+		if (!tick_error_is_transient(edata))
+			saga_suspend(id, name, edata);
+		else if (batch == NULL || batch->units == 0)
 			ReThrowError(edata);
-		if (tick_error_is_transient(edata))
+		else
 		{
 			/* the saga stays as it was, locked until the batch commits */
 			ereport(LOG,
@@ -2627,20 +2629,18 @@ tick_once(Oid by_hand, TickBatch *batch)
 					 errdetail("The batch ends here; the saga is taken again by the next tick.")));
 			batch->stop = true;
 		}
-		else
-			saga_suspend(id, name, edata);
 		return true;
 	}
 	PG_END_TRY();
-	/* its next step is due at once: the next tick takes it first */
-	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
-		sticky_saga_id = s.id;
 
 	/*
-	 * It waits for other processes now (the relay for a command it sent,
-	 * orchestrators for the branches of a group): they see it at the commit,
-	 * so the batch ends here.
+	 * Its next step is due at once: the next tick takes it first.  Or it
+	 * waits for other processes now (the relay for a command it sent,
+	 * orchestrators for the branches of a group), which see it at the
+	 * commit: the batch ends here.
 	 */
+	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
+		sticky_saga_id = s.id;
 	else if (batch && (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING) && s.step > 0 &&
 			 (s.awaiting || s.def->steps[s.step - 1].kind == STEP_GROUP))
 		batch->stop = true;
@@ -2957,12 +2957,12 @@ saga_tick(PG_FUNCTION_ARGS)
  * One call is a batch: after its first unit it goes on, in the same
  * transaction, with the saga it advanced (to its end or its first wait) and
  * then with the next due sagas, at most BATCH_UNITS units, BATCH_MS after
- * the first one, and BATCH_SUBXIDS subtransaction ids.  Each saga's work keeps its
- * subtransaction (and each SQL step its own in that), so an error in one
- * never touches another; all commit together, so a crash redoes the whole
- * batch and applies no step twice.  A saga left waiting for other processes
- * (a command sent, a group's branches) ends the batch, so they see it at
- * once.
+ * the first one, and BATCH_SUBXIDS subtransaction ids.  Each saga's work
+ * keeps its subtransaction (and each SQL step its own in that), so an
+ * error in one never touches another; all commit together, so a crash
+ * redoes the whole batch and applies no step twice.  A saga left waiting
+ * for other processes (a command sent, a group's branches) ends the batch,
+ * so they see it at once (tick_once).
  */
 Datum
 saga_worker_tick(PG_FUNCTION_ARGS)

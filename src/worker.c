@@ -454,16 +454,15 @@ forget_once(List **seen, const char *msg, const char *name)
 }
 
 /*
- * Register the dynamic worker for a slot.  The handle outlives this pass of
- * the launcher loop (whose memory context is reset every time round), so it
- * is allocated in TopMemoryContext and freed when the worker is seen gone.
- */
-/*
  * Register a dynamic background worker running function of this library,
  * type and name as pg_stat_activity shows them, started once the server is
  * consistent (after_recovery: once it accepts writes), never restarted by
  * the postmaster.  With handle, this process is told when it starts and
- * stops (the handle lives in TopMemoryContext).  False if no slot is free.
+ * stops; the handle outlives the caller's memory context (the launcher's is
+ * reset every time round), so it is allocated in TopMemoryContext, and the
+ * caller frees it when the worker is seen gone.  False if no slot is free.
+ * The worker (launch_worker), its saga helpers and the schedule executors
+ * (schedule.c) all start this way.
  */
 bool
 worker_start_dynamic(const char *function, const char *type, const char *name,
@@ -494,6 +493,7 @@ worker_start_dynamic(const char *function, const char *type, const char *name,
 	return ok;
 }
 
+/* Register the dynamic worker for a slot (its database's oid in bgw_extra). */
 static bool
 launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
 {
