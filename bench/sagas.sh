@@ -13,7 +13,9 @@
 #     as above with 1 and 4 orchestrators: each branch is claimed and run
 #     in a transaction of its own, then the saga's tick joins them;
 # and the ratio of a saga's cost to the direct calls, and of 2 and 4
-# orchestrators to 1.
+# orchestrators to 1.  For scale, the CPU time the one orchestrator (the
+# worker) used per saga end to end: it is one process, while the direct
+# calls run in 8 backends on every core.
 
 SAGA_BACKLOG=${BENCH_SAGA_BACKLOG:-20000}
 
@@ -46,18 +48,33 @@ record_saga_rate() {
 	say "   $(psql -X -Atq -c 'SELECT count(*) FROM resilience.sagas') sagas, $rate/s"
 }
 
+# worker_cpu_us: CPU time (user + system, µs) of this database's worker so far.
+worker_cpu_us() {
+	local pid
+	pid=$(psql -X -Atq -c "SELECT pid FROM pg_stat_activity
+		WHERE backend_type = 'resilience worker' AND datname = current_database()")
+	awk -v hz="$(getconf CLK_TCK)" '{ printf "%d\n", ($14 + $15) * 1000000 / hz }' "/proc/$pid/stat"
+}
+
 # One round of the section (bench/sagas_setup.sql is loaded once before).
 run_sagas() {
-	local t0
+	local t0 cpu0
 	run_pgbench saga_direct "3 step functions called directly, one transaction" saga_direct.sql
 
 	for n in 1 2 4; do
 		sagas_set_workers "$n"
 		sagas_reset
+		cpu0=$(worker_cpu_us)
 		run_pgbench "saga_start$(sfx "$n")" "saga_start (while $n orchestrator(s) drive them)" saga_start.sql
 		say "-- waiting for the orchestrators to finish the sagas"
 		sagas_wait_done
 		record_saga_rate "saga_e2e$(sfx "$n")" "3-step sagas/s, end to end, $n orchestrator(s)"
+		if [ "$n" = 1 ]; then
+			record saga_cpu "orchestrator CPU per saga, end to end, 1 orchestrator (us)" \
+				"$(awk -v c="$(($(worker_cpu_us) - cpu0))" \
+					-v n="$(psql -X -Atq -c 'SELECT count(*) FROM resilience.sagas')" \
+					'BEGIN { printf "%.1f", c / n }')"
+		fi
 	done
 
 	for n in 1 4; do
@@ -121,6 +138,7 @@ report_sagas() {
 	ratio_line "2 orchestrators / 1 (drained backlog, x)" saga_drain_2 saga_drain ">" 1
 	ratio_line "4 orchestrators / 1 (drained backlog, x)" saga_drain_4 saga_drain ">" 1
 	ratio_line "direct calls / sagas end to end (saga cost, x)" saga_direct saga_e2e
+	info_line "orchestrator CPU per saga, end to end (us)" saga_cpu
 	info_line "3-branch group sagas/s, end to end, 1 orchestrator" saga_fan
 	info_line "3-branch group sagas/s, end to end, 4 orchestrators" saga_fan_4
 	ratio_line "3-step sagas / 3-branch group sagas (end to end, x)" saga_e2e saga_fan

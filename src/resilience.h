@@ -175,7 +175,11 @@ extern int64 resilience_backoff_usec(int attempt, int64 base, int64 cap,
 									 ResilienceJitter jitter, int64 previous);
 
 /* worker.c */
+struct BackgroundWorkerHandle;
 extern void worker_register_launcher(void);
+extern bool worker_start_dynamic(const char *function, const char *type, const char *name,
+								 bool after_recovery, Datum main_arg, const void *extra,
+								 Size extra_len, struct BackgroundWorkerHandle **handle);
 extern void worker_utility_hook_init(void);
 extern void worker_wake(Oid dboid);
 extern void worker_wake_at_commit(void);

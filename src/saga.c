@@ -10,8 +10,9 @@
  * and does one unit of work on it in the caller's transaction: one attempt
  * of a SQL step or compensation, sending the command of an async one,
  * applying the reply received for it, or timing it out.  The worker's sagas
- * job calls it again and again, each call in a transaction of its own
- * (worker.c), until nothing is due; CALL saga_run() does the same by hand.
+ * job runs batches of such units, each batch in a transaction of its own
+ * (saga_worker_tick, worker.c), until nothing is due; CALL saga_run() runs
+ * one unit per transaction by hand.
  *
  * Exactly once for SQL steps: the step function runs in a subtransaction of
  * the tick's transaction, and the saga's advance (its row, the step's row and
@@ -69,6 +70,7 @@
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_func.h"
+#include "storage/proc.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -91,8 +93,15 @@
 #define LOCKED_RETRY_MS 100
 /* How often a pick scans the queue from its start rather than from the floor. */
 #define FLOOR_RESET_MS 100
-/* At most how many units of one saga the worker runs in one transaction. */
-#define BATCH_TICKS 16
+/*
+ * The worker's batch (saga_worker_tick): at most how many units of work, and
+ * for how long, it runs in one transaction, and how many subtransaction ids
+ * that transaction may take before it commits (past PGPROC_MAX_CACHED_SUBXIDS
+ * every other backend's snapshots would look them up in pg_subtrans).
+ */
+#define BATCH_UNITS 64
+#define BATCH_MS 100
+#define BATCH_SUBXIDS (PGPROC_MAX_CACHED_SUBXIDS / 2)
 
 typedef enum SagaState
 {
@@ -231,6 +240,13 @@ static int64 step_saga_id = 0;
 static int64 sticky_saga_id = 0;
 static TimestampTz pick_floor = DT_NOBEGIN;
 static TimestampTz pick_floor_since = 0;
+
+/* The worker's batch, as its units go (see saga_worker_tick). */
+typedef struct TickBatch
+{
+	int			units;			/* units run before this one */
+	bool		stop;			/* end the batch after this unit */
+} TickBatch;
 
 /* Definitions by id, valid while saga_definitions is the same relation. */
 typedef struct DefCacheEntry
@@ -531,9 +547,10 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" (SELECT pg_catalog.min(next_run_at) FROM resilience.saga_branches))",
 	"SELECT id, version FROM resilience.saga_definitions WHERE name OPERATOR(pg_catalog.=) $1"
 	" ORDER BY version DESC LIMIT 1",
+	/* a new saga, its owner role ($6) and trace context ($7) in the same row */
 	"INSERT INTO resilience.sagas (definition_id, name, state, step, payload, context,"
-	" idempotency_key, next_run_at, created_at, updated_at)"
-	" VALUES ($1, $2, 'running', 1, $3, $3, $4, $5, $5, $5)"
+	" idempotency_key, next_run_at, created_at, updated_at, owner_role, trace_context)"
+	" VALUES ($1, $2, 'running', 1, $3, $3, $4, $5, $5, $5, $6::pg_catalog.regrole, $7)"
 	" ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
 	"SELECT id, payload OPERATOR(pg_catalog.=) $3 FROM resilience.sagas"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND idempotency_key OPERATOR(pg_catalog.=) $2",
@@ -598,7 +615,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
 };
 
-static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
+static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 7, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
 2, 1, 12, 2, 4, 2, 3, 5};
 
 #define MAX_PLAN_ARGS 12
@@ -616,7 +633,7 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, JSONBOID, JSONBOID, TEXTOID},
 	{InvalidOid},
 	{TEXTOID},
-	{INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID},
+	{INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID, OIDOID, JSONBOID},
 	{TEXTOID, TEXTOID, JSONBOID},
 	{INT8OID},
 	{TEXTOID, JSONBOID, OIDOID, TEXTOID},
@@ -646,6 +663,11 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
  */
 static const char *const plan_sql_0_1[NUM_PLANS] = {
 	[PLAN_NEXT_DUE] = "SELECT pg_catalog.min(next_run_at) FROM resilience.sagas",
+	/* no owner_role, no trace_context ($6 and $7 unused) */
+	[PLAN_START] = "INSERT INTO resilience.sagas (definition_id, name, state, step, payload, context,"
+	" idempotency_key, next_run_at, created_at, updated_at)"
+	" VALUES ($1, $2, 'running', 1, $3, $3, $4, $5, $5, $5)"
+	" ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
 	[PLAN_LOAD_DEF] = LOAD_DEF("NULL::pg_catalog.text"),
 	[PLAN_DEF_LATEST] = "SELECT version, steps OPERATOR(pg_catalog.=) $2"
 	" AND definer::pg_catalog.oid OPERATOR(pg_catalog.=) $3"
@@ -2529,9 +2551,16 @@ saga_pick(Oid by_hand)
  * role has the privileges of (is, inherits from, or is a superuser): steps
  * it could have run itself by SET ROLE.  The others are left to the worker
  * (a session of no one) or to their definers (docs/sagas.md).
+ *
+ * batch: the worker's batch this unit belongs to (saga_worker_tick), or
+ * NULL.  In a batch, only the first unit looks for a branch, and a branch
+ * ends the batch: a finished branch has locked its saga's row to make it
+ * due, and the other branches' orchestrators wait for that lock.  A
+ * transient error in a unit after the first rolls back only that unit and
+ * ends the batch, so the units before it still commit.
  */
 static bool
-tick_once(Oid by_hand)
+tick_once(Oid by_hand, TickBatch *batch)
 {
 	MemoryContext oldcontext = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -2542,8 +2571,12 @@ tick_once(Oid by_hand)
 
 	PreventCommandDuringRecovery("saga_tick()");
 	/* a branch of a parallel group first, unless a saga is running on */
-	if (sticky_saga_id == 0 && branch_tick(by_hand))
+	if (sticky_saga_id == 0 && (batch == NULL || batch->units == 0) && branch_tick(by_hand))
+	{
+		if (batch)
+			batch->stop = true;
 		return true;
+	}
 	if (!saga_pick(by_hand))
 		return false;
 	id = DatumGetInt64(column(0, 1, &isnull));
@@ -2583,15 +2616,34 @@ tick_once(Oid by_hand)
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
 		step_saga_id = 0;
-		if (tick_error_is_transient(edata))
+		if (!tick_error_is_transient(edata))
+			saga_suspend(id, name, edata);
+		else if (batch == NULL || batch->units == 0)
 			ReThrowError(edata);
-		saga_suspend(id, name, edata);
+		else
+		{
+			/* the saga stays as it was, locked until the batch commits */
+			ereport(LOG,
+					(errmsg("saga " INT64_FORMAT " (\"%s\") was not advanced in this batch: %s",
+							id, name, edata->message),
+					 errdetail("The batch ends here; the saga is taken again by the next tick.")));
+			batch->stop = true;
+		}
 		return true;
 	}
 	PG_END_TRY();
-	/* its next step is due at once: the next tick takes it first */
+
+	/*
+	 * Its next step is due at once: the next tick takes it first.  Or it
+	 * waits for other processes now (the relay for a command it sent,
+	 * orchestrators for the branches of a group), which see it at the
+	 * commit: the batch ends here.
+	 */
 	if (s.next_run_at != 0 && s.next_run_at <= GetCurrentTimestamp())
 		sticky_saga_id = s.id;
+	else if (batch && (s.state == SAGA_RUNNING || s.state == SAGA_COMPENSATING) && s.step > 0 &&
+			 (s.awaiting || s.def->steps[s.step - 1].kind == STEP_GROUP))
+		batch->stop = true;
 	return true;
 }
 
@@ -2775,9 +2827,6 @@ saga_define(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(version);
 }
 
-static void saga_set_owner_role(int64 id, Oid role);
-static void saga_set_trace_context(int64 id, const char *traceparent, const char *tracestate);
-
 /*
  * saga_start(name, payload, idempotency_key) → saga id.  The saga exists if
  * and only if this transaction commits; its first step runs in a transaction
@@ -2790,8 +2839,8 @@ saga_start(PG_FUNCTION_ARGS)
 	char	   *name = text_arg(fcinfo, 0, "saga name", SAGA_NAME_MAX);
 	Jsonb	   *payload;
 	char	   *key = NULL;
-	Datum		values[5];
-	bool		isnull[5] = {0};
+	Datum		values[7];
+	bool		isnull[7] = {0};
 	bool		null;
 	int64		definition_id;
 	int			version;
@@ -2832,16 +2881,25 @@ saga_start(PG_FUNCTION_ARGS)
 	values[3] = key ? CStringGetTextDatum(key) : (Datum) 0;
 	isnull[3] = key == NULL;
 	values[4] = TimestampTzGetDatum(now);
+	values[5] = ObjectIdGetDatum(save.userid);
+	isnull[5] = !tenants_enabled();
+	isnull[6] = traceparent[0] == '\0';
+	if (!isnull[6])
+	{
+		JsonBuf		trace;
+
+		jb_init(&trace);
+		jb_str(&trace, "traceparent", traceparent);
+		if (tracestate[0] != '\0')
+			jb_str(&trace, "tracestate", tracestate);
+		values[6] = JsonbPGetDatum(jb_done(&trace));
+	}
 	if (run_plan(PLAN_START, values, isnull) == 1)
 	{
 		Saga		s;
 		JsonBuf		detail;
 
 		id = DatumGetInt64(column(0, 1, &null));
-		if (tenants_enabled())
-			saga_set_owner_role(id, save.userid);
-		if (traceparent[0] != '\0' && has_trace_context())
-			saga_set_trace_context(id, traceparent, tracestate);
 		memset(&s, 0, sizeof(s));
 		s.id = id;
 		s.state = SAGA_RUNNING;
@@ -2886,7 +2944,7 @@ saga_tick(PG_FUNCTION_ARGS)
 	not_from_own_step(0, "saga_tick");
 	SPI_connect();
 	/* the role of the session, not the owner this SECURITY DEFINER runs as */
-	did = tick_once(GetOuterUserId());
+	did = tick_once(GetOuterUserId(), NULL);
 	SPI_finish();
 	PG_RETURN_INT32(did ? 1 : 0);
 }
@@ -2895,15 +2953,26 @@ saga_tick(PG_FUNCTION_ARGS)
  * _saga_worker_tick() → ms until the worker's sagas job should run again: 0
  * after advancing a saga (there may be more), else until the next saga is
  * due, or -1 if none is.
+ *
+ * One call is a batch: after its first unit it goes on, in the same
+ * transaction, with the saga it advanced (to its end or its first wait) and
+ * then with the next due sagas, at most BATCH_UNITS units, BATCH_MS after
+ * the first one, and BATCH_SUBXIDS subtransaction ids.  Each saga's work
+ * keeps its subtransaction (and each SQL step its own in that), so an
+ * error in one never touches another; all commit together, so a crash
+ * redoes the whole batch and applies no step twice.  A saga left waiting
+ * for other processes (a command sent, a group's branches) ends the batch,
+ * so they see it at once (tick_once).
  */
 Datum
 saga_worker_tick(PG_FUNCTION_ARGS)
 {
 	int64		wish = 0;
+	TickBatch	batch = {0};
 
 	not_from_own_step(0, "saga_tick");
 	SPI_connect();
-	if (!tick_once(InvalidOid))
+	if (!tick_once(InvalidOid, &batch))
 	{
 		bool		isnull;
 		Datum		next;
@@ -2922,34 +2991,18 @@ saga_worker_tick(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		/*
-		 * The saga it advanced is due again at once (its next step): run it
-		 * on in this transaction, to its end or its first wait, at most
-		 * BATCH_TICKS units.  Each step keeps its subtransaction, and they
-		 * commit together: a crash redoes them all, none is applied twice.
-		 * A wait ends the batch, so the branches of a group it entered go
-		 * to every orchestrator at the commit.
-		 */
-		for (int i = 1; i < BATCH_TICKS && sticky_saga_id != 0; i++)
-			(void) tick_once(InvalidOid);
+		TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BATCH_MS);
+
+		for (batch.units = 1; batch.units < BATCH_UNITS && !batch.stop; batch.units++)
+		{
+			if (GetCurrentTimestamp() >= until ||
+				MyProc->subxidStatus.overflowed || MyProc->subxidStatus.count >= BATCH_SUBXIDS ||
+				!tick_once(InvalidOid, &batch))
+				break;
+		}
 	}
 	SPI_finish();
 	PG_RETURN_INT64(wish);
-}
-
-/* Record role as the owner of saga id (SPI connected, as the owner). */
-static void
-saga_set_owner_role(int64 id, Oid role)
-{
-	Oid			types[2] = {INT8OID, OIDOID};
-	Datum		values[2];
-
-	values[0] = Int64GetDatum(id);
-	values[1] = ObjectIdGetDatum(role);
-	if (SPI_execute_with_args("UPDATE resilience.sagas SET owner_role = $2"
-							  " WHERE id OPERATOR(pg_catalog.=) $1",
-							  2, types, values, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "recording the owner of saga " INT64_FORMAT " failed", id);
 }
 
 /* Has resilience.sagas the trace_context column (not before 0.2)? */
@@ -2957,28 +3010,6 @@ static bool
 has_trace_context(void)
 {
 	return get_attnum(resilience_relid("sagas"), "trace_context") != InvalidAttrNumber;
-}
-
-/*
- * The trace context (resilience.traceparent and tracestate) of the
- * transaction that started saga id, kept for its commands (send_command).
- */
-static void
-saga_set_trace_context(int64 id, const char *traceparent, const char *tracestate)
-{
-	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
-	Datum		values[3];
-	char		nulls[3] = {' ', ' ', tracestate[0] ? ' ' : 'n'};
-
-	values[0] = Int64GetDatum(id);
-	values[1] = CStringGetTextDatum(traceparent);
-	values[2] = CStringGetTextDatum(tracestate);
-	if (SPI_execute_with_args("UPDATE resilience.sagas SET trace_context ="
-							  " pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object("
-							  "'traceparent', $2, 'tracestate', $3))"
-							  " WHERE id OPERATOR(pg_catalog.=) $1",
-							  3, types, values, nulls, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "recording the trace context of saga " INT64_FORMAT " failed", id);
 }
 
 /* Add the trace context saga id was started in (if any) to headers. */

@@ -946,22 +946,14 @@ static void
 start_executors(void)
 {
 	int			n = Min(dispatch_wanted, resilience_schedule_max_parallel);
+	char		name[BGW_MAXLEN];
 
 	dispatch_wanted = 0;
+	snprintf(name, BGW_MAXLEN, "resilience schedule executor %u", MyDatabaseId);
 	while (n-- > 0)
 	{
-		BackgroundWorker worker;
-
-		memset(&worker, 0, sizeof(worker));
-		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		worker.bgw_restart_time = BGW_NEVER_RESTART;
-		snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
-		snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_schedule_executor_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "resilience schedule executor %u", MyDatabaseId);
-		snprintf(worker.bgw_type, BGW_MAXLEN, "resilience schedule executor");
-		worker.bgw_main_arg = ObjectIdGetDatum(MyDatabaseId);
-		if (!RegisterDynamicBackgroundWorker(&worker, NULL))
+		if (!worker_start_dynamic("resilience_schedule_executor_main", "resilience schedule executor",
+								  name, true, ObjectIdGetDatum(MyDatabaseId), NULL, 0, NULL))
 		{
 			/* the runs stay pending: the next look dispatches them again */
 			ereport(LOG,

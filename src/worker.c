@@ -29,7 +29,8 @@
  * A job marked says_when returns how many ms until it wants to run again: 0
  * means it did some work and may have more, and it is called again at once,
  * each call in a new transaction, for up to JOB_BURST_MS at a time (the
- * sagas job: one saga, to its end or its first wait, per transaction).
+ * sagas job: a batch of sagas, each to its end or its first wait, per
+ * transaction).  SQL jobs run a plan prepared once per process.
  * worker_wake(dboid) runs the jobs marked on_wake of that database's worker
  * at once (saga_start and publishing outbox transactions call it at
  * commit).  A job may also be a C
@@ -453,32 +454,54 @@ forget_once(List **seen, const char *msg, const char *name)
 }
 
 /*
- * Register the dynamic worker for a slot.  The handle outlives this pass of
- * the launcher loop (whose memory context is reset every time round), so it
- * is allocated in TopMemoryContext and freed when the worker is seen gone.
+ * Register a dynamic background worker running function of this library,
+ * type and name as pg_stat_activity shows them, started once the server is
+ * consistent (after_recovery: once it accepts writes), never restarted by
+ * the postmaster.  With handle, this process is told when it starts and
+ * stops; the handle outlives the caller's memory context (the launcher's is
+ * reset every time round), so it is allocated in TopMemoryContext, and the
+ * caller frees it when the worker is seen gone.  False if no slot is free.
+ * The worker (launch_worker), its saga helpers and the schedule executors
+ * (schedule.c) all start this way.
  */
-static bool
-launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
+bool
+worker_start_dynamic(const char *function, const char *type, const char *name,
+					 bool after_recovery, Datum main_arg, const void *extra, Size extra_len,
+					 BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
 	MemoryContext oldcontext;
 	bool		ok;
 
+	Assert(extra_len <= BGW_EXTRALEN);
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_ConsistentState;
+	worker.bgw_start_time = after_recovery ? BgWorkerStart_RecoveryFinished : BgWorkerStart_ConsistentState;
 	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "resilience worker %u", dboid);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "resilience worker");
-	worker.bgw_main_arg = Int32GetDatum(slotno);
-	memcpy(worker.bgw_extra, &dboid, sizeof(Oid));
-	worker.bgw_notify_pid = MyProcPid;
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", function);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "%s", name);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", type);
+	worker.bgw_main_arg = main_arg;
+	if (extra_len > 0)
+		memcpy(worker.bgw_extra, extra, extra_len);
+	if (handle)
+		worker.bgw_notify_pid = MyProcPid;
 	oldcontext = MemoryContextSwitchTo(TopMemoryContext);
 	ok = RegisterDynamicBackgroundWorker(&worker, handle);
 	MemoryContextSwitchTo(oldcontext);
 	return ok;
+}
+
+/* Register the dynamic worker for a slot (its database's oid in bgw_extra). */
+static bool
+launch_worker(int slotno, Oid dboid, BackgroundWorkerHandle **handle)
+{
+	char		name[BGW_MAXLEN];
+
+	snprintf(name, BGW_MAXLEN, "resilience worker %u", dboid);
+	return worker_start_dynamic("resilience_worker_main", "resilience worker", name, false,
+								Int32GetDatum(slotno), &dboid, sizeof(Oid), handle);
 }
 
 /*
@@ -792,10 +815,14 @@ worker_stop_requested(void)
 	return ShutdownRequestPending || (my_slot != NULL && my_slot->stop_requested);
 }
 
+/* The SQL jobs' statements, prepared once per process (kept across transactions). */
+static SPIPlanPtr job_plans[MAX_JOBS];
+
 /* A SQL job in its own transaction: false if skipped; *wish as run_job's. */
 static bool
-run_sql_job(const WorkerJob *job, long *wish)
+run_sql_job(int jobno, long *wish)
 {
+	const WorkerJob *job = &jobs[jobno];
 	bool		ran = false;
 
 	SetCurrentStatementStartTimestamp();
@@ -812,7 +839,16 @@ run_sql_job(const WorkerJob *job, long *wish)
 
 		/* as the extension's owner, restricted, search_path pinned */
 		resilience_become_owner(true, &save);
-		ret = SPI_execute(job->sql, false, 0);
+		if (job_plans[jobno] == NULL)
+		{
+			SPIPlanPtr	plan = SPI_prepare(job->sql, 0, NULL);
+
+			if (plan == NULL)
+				elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			job_plans[jobno] = plan;
+		}
+		ret = SPI_execute_plan(job_plans[jobno], NULL, NULL, false, 0);
 		if (ret < 0)
 			elog(ERROR, "%s failed: %s", job->sql, SPI_result_code_string(ret));
 		if (job->says_when && SPI_processed == 1)
@@ -861,7 +897,7 @@ run_job(int jobno, MemoryContext job_context)
 			ran = true;
 		}
 		else
-			ran = run_sql_job(job, &wish);
+			ran = run_sql_job(jobno, &wish);
 	}
 	PG_CATCH();
 	{
@@ -874,7 +910,8 @@ run_job(int jobno, MemoryContext job_context)
 	}
 	PG_END_TRY();
 	pgstat_report_activity(STATE_IDLE, NULL);
-	pgstat_report_stat(true);
+	/* at most once a second within a burst; run_job_burst flushes at its end */
+	pgstat_report_stat(false);
 
 	if (edata)
 		ereport(LOG,
@@ -921,8 +958,10 @@ run_job_burst(int jobno, MemoryContext job_context)
 		CHECK_FOR_INTERRUPTS();
 		if (wish != 0 || GetCurrentTimestamp() >= burst_end || ConfigReloadPending ||
 			my_slot->stop_requested || ShutdownRequestPending)
-			return wish;
+			break;
 	}
+	pgstat_report_stat(true);
+	return wish;
 }
 
 /* ---- saga helpers: more orchestrators for a database ---- */
@@ -951,9 +990,10 @@ saga_helpers_reconcile(void)
 
 	for (h = 0; h < MAX_SAGA_HELPERS; h++)
 	{
-		BackgroundWorker worker;
 		pid_t		pid;
 		int			args[2] = {h, MyProcPid};
+		char		extra[sizeof(Oid) + sizeof(args)];
+		char		name[BGW_MAXLEN];
 
 		if (helper_handles[h] &&
 			GetBackgroundWorkerPid(helper_handles[h], &pid) == BGWH_STOPPED)
@@ -965,19 +1005,12 @@ saga_helpers_reconcile(void)
 		if (helper_handles[h] || !helper_wanted(h) || now < helper_next_start[h])
 			continue;
 
-		memset(&worker, 0, sizeof(worker));
-		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		worker.bgw_start_time = BgWorkerStart_ConsistentState;
-		worker.bgw_restart_time = BGW_NEVER_RESTART;
-		snprintf(worker.bgw_library_name, BGW_MAXLEN, "resilience");
-		snprintf(worker.bgw_function_name, BGW_MAXLEN, "resilience_saga_helper_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "resilience saga helper %u/%d", my_slot->dboid, h + 1);
-		snprintf(worker.bgw_type, BGW_MAXLEN, "resilience saga helper");
-		worker.bgw_main_arg = Int32GetDatum(my_slot - worker_shared->slots);
-		memcpy(worker.bgw_extra, &my_slot->dboid, sizeof(Oid));
-		memcpy(worker.bgw_extra + sizeof(Oid), args, sizeof(args));
-		worker.bgw_notify_pid = MyProcPid;
-		if (!RegisterDynamicBackgroundWorker(&worker, &helper_handles[h]))
+		memcpy(extra, &my_slot->dboid, sizeof(Oid));
+		memcpy(extra + sizeof(Oid), args, sizeof(args));
+		snprintf(name, BGW_MAXLEN, "resilience saga helper %u/%d", my_slot->dboid, h + 1);
+		if (!worker_start_dynamic("resilience_saga_helper_main", "resilience saga helper", name, false,
+								  Int32GetDatum(my_slot - worker_shared->slots), extra, sizeof(extra),
+								  &helper_handles[h]))
 		{
 			helper_handles[h] = NULL;
 			helper_next_start[h] = TimestampTzPlusMilliseconds(now, resilience_worker_naptime_ms);
