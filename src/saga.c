@@ -593,7 +593,9 @@ static const char *const plan_sql[NUM_PLANS] = {
 	 * the saga's tick never waits for a branch row: a locked one is running;
 	 * one whose command is out is running too
 	 */
-	"UPDATE resilience.saga_branches SET state = 'cancelled', next_run_at = NULL, finished_at = $3"
+	"UPDATE resilience.saga_branches SET next_run_at = NULL, finished_at = $3,"
+	" state = CASE WHEN branch_no OPERATOR(pg_catalog.=) ANY ($4) AND attempts OPERATOR(pg_catalog.>) 0"
+	" AND error OPERATOR(pg_catalog.->>) 'sqlstate' OPERATOR(pg_catalog.=) '57014' THEN 'timed_out' ELSE 'cancelled' END"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
 	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'pending' AND NOT awaiting"
@@ -609,7 +611,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 };
 
 static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 5, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
-2, 1, 14, 2, 4, 2, 3, 5, 3};
+2, 1, 14, 2, 4, 2, 4, 5, 3};
 
 #define MAX_PLAN_ARGS 14
 static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
@@ -645,7 +647,7 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{INT8OID, TIMESTAMPTZOID},
 	{INT8OID, INT4OID, TIMESTAMPTZOID, TEXTARRAYOID},
 	{INT8OID, INT4OID},
-	{INT8OID, INT4OID, TIMESTAMPTZOID},
+	{INT8OID, INT4OID, TIMESTAMPTZOID, INT4ARRAYOID},
 	{INT8OID, INT4OID, TEXTARRAYOID, TIMESTAMPTZOID, INT4ARRAYOID},
 	{INT8OID, INT4OID, INT4OID},
 };
@@ -1966,6 +1968,7 @@ typedef struct GroupView
 	int			failed;
 	int			compensating;
 	int			compensation_failed;
+	int			undoable;		/* completed or timed_out, with a compensation */
 	Jsonb	   *results;		/* {branch name: result} of the completed ones */
 	Jsonb	   *error;			/* the first failed branch's failure */
 } GroupView;
@@ -2093,6 +2096,9 @@ group_view(Saga *s, SagaStepDef *st, GroupView *v)
 		if (b < 1 || b > st->nbranches)
 			elog(ERROR, "saga " INT64_FORMAT " has branch %d of step %d, which its definition does not have",
 				 s->id, b, s->step);
+		if ((strcmp(state, "completed") == 0 || strcmp(state, "timed_out") == 0) &&
+			st->branches[b - 1].compensation.kind != OP_NONE)
+			v->undoable++;
 		if (strcmp(state, "pending") == 0)
 			v->pending++;
 		else if (strcmp(state, "completed") == 0)
@@ -2121,15 +2127,28 @@ group_view(Saga *s, SagaStepDef *st, GroupView *v)
 	v->results = jb_done(&results);
 }
 
-/* Cancel the branches of the current group that no tick is running. */
+/*
+ * Cancel the branches of the current group that no tick is running and
+ * whose command is not out.  An async one whose last attempt got no reply
+ * in time (waiting to be sent again) may have been done: it ends timed_out,
+ * to be compensated.
+ */
 static void
 group_cancel_pending(Saga *s)
 {
-	Datum		values[3];
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	Datum		values[4];
+	Datum	   *numbers = palloc(Max(st->nbranches, 1) * sizeof(Datum));
+	int			n = 0;
+	int			i;
 
+	for (i = 0; i < st->nbranches; i++)
+		if (st->branches[i].action.kind == OP_ASYNC)
+			numbers[n++] = Int32GetDatum(i + 1);
 	values[0] = Int64GetDatum(s->id);
 	values[1] = Int32GetDatum(s->step);
 	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[3] = PointerGetDatum(construct_array(numbers, n, INT4OID, sizeof(int32), true, TYPALIGN_INT));
 	run_plan(PLAN_BRANCH_CANCEL, values, NULL);
 }
 
@@ -2395,8 +2414,7 @@ group_advance(Saga *s, SagaStepDef *st, bool compensation)
 	}
 
 	/* compensating the group: its completed branches, concurrently */
-	if ((v.completed > 0 || v.failed > 0) &&
-		group_arm_compensations(s, st, "completed", "timed_out") > 0)
+	if (v.undoable > 0 && group_arm_compensations(s, st, "completed", "timed_out") > 0)
 	{
 		group_view(s, st, &v);
 		worker_wake_at_commit();
@@ -2404,6 +2422,14 @@ group_advance(Saga *s, SagaStepDef *st, bool compensation)
 	if (v.compensating > 0)
 	{
 		group_wait(s, st);
+		return;
+	}
+	if (v.undoable > 0)
+	{
+		/* a stale reply holds a branch row this tick skipped: look again soon */
+		s->awaiting = true;
+		s->next_run_at = GetCurrentTimestamp() + LOCKED_RETRY_MS * INT64CONST(1000);
+		saga_write(s);
 		return;
 	}
 	if (v.compensation_failed > 0)
