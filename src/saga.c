@@ -1574,6 +1574,30 @@ outbox_publish_function(void)
 						  -1, NULL, true);
 }
 
+/* A command to publish (values: topic, payload, key, headers) and its outcome. */
+typedef struct PublishCall
+{
+	Datum	   *values;
+	int64		event_id;
+	bool		published;
+} PublishCall;
+
+static void
+publish_call(void *arg)
+{
+	PublishCall *call = arg;
+	Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
+	bool		isnull;
+	int			ret;
+
+	ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
+								4, argtypes, call->values, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
+	call->event_id = DatumGetInt64(column(0, 1, &isnull));
+	call->published = !isnull;
+}
+
 /*
  * Publish a command (values: topic, payload, key, headers) in a
  * subtransaction: NULL and the event id, or the error that refused it (the
@@ -1583,40 +1607,13 @@ outbox_publish_function(void)
 static ErrorData *
 publish_command(Datum *values, int64 *event_id, bool *published)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
+	PublishCall call = {values, 0, false};
+	ErrorData  *edata = resilience_run_caught(publish_call, &call);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
-		bool		isnull;
-		int			ret;
-
-		ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
-									4, argtypes, values, NULL, false, 1);
-		if (ret != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
-		*event_id = DatumGetInt64(column(0, 1, &isnull));
-		*published = !isnull;
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-	}
-	PG_END_TRY();
+	if (edata && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);
+	*event_id = call.event_id;
+	*published = call.published;
 	return edata;
 }
 
@@ -1785,6 +1782,22 @@ apply_reply(Saga *s, bool compensation)
 
 /* ---- timers and signals ---- */
 
+/* A time to parse, and the result. */
+typedef struct TimeParse
+{
+	const char *text;
+	TimestampTz time;
+} TimeParse;
+
+static void
+time_parse(void *arg)
+{
+	TimeParse  *parse = arg;
+
+	parse->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(parse->text),
+														  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+}
+
 /*
  * The time under key in the context (a JSON string a timestamptz accepts):
  * true, or false and why in *error.  Parsed in a subtransaction: a value
@@ -1793,12 +1806,10 @@ apply_reply(Saga *s, bool compensation)
 static bool
 context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
 {
-	char	   *text = jsonb_get_string(context, key);
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	bool		ok = false;
+	TimeParse	parse = {jsonb_get_string(context, key), 0};
+	ErrorData  *edata;
 
-	if (text == NULL)
+	if (parse.text == NULL)
 	{
 		JsonBuf		jb;
 
@@ -1808,33 +1819,16 @@ context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
 		*error = jb_done(&jb);
 		return false;
 	}
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	edata = resilience_run_caught(time_parse, &parse);
+	if (edata == NULL)
 	{
-		*out = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
-													   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = true;
+		*out = parse.time;
+		return true;
 	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-		*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
-	}
-	PG_END_TRY();
-	return ok;
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);
+	*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
+	return false;
 }
 
 /*
@@ -2600,6 +2594,28 @@ branch_run(Saga *s, SagaStepDef *st, Branch *b)
 	branch_settle(s, st, b, compensation, attempt, &call);
 }
 
+/* Run one unit of work on the claimed branch arg (a copy: it changes). */
+static void
+branch_claimed(void *arg)
+{
+	Branch	   *b = arg;
+	Datum		values[1];
+	Saga		s;
+	SagaStepDef *group;
+
+	values[0] = Int64GetDatum(b->saga_id);
+	if (run_plan(PLAN_SAGA_READ, values, NULL) != 1)
+		elog(ERROR, "saga " INT64_FORMAT " of a parallel branch does not exist", b->saga_id);
+	saga_read(&s);
+	if (b->step_no < 1 || b->step_no > s.def->nsteps ||
+		s.def->steps[b->step_no - 1].kind != STEP_GROUP ||
+		b->branch_no < 1 || b->branch_no > s.def->steps[b->step_no - 1].nbranches)
+		elog(ERROR, "saga " INT64_FORMAT " has no branch %d of step %d", b->saga_id, b->branch_no, b->step_no);
+	s.step = b->step_no;
+	group = &s.def->steps[b->step_no - 1];
+	branch_run(&s, &group->branches[b->branch_no - 1], b);
+}
+
 /*
  * Claim a due branch of a parallel group (skipping those another tick
  * holds) and run one attempt of it.  False if none is due.  An error
@@ -2609,10 +2625,10 @@ branch_run(Saga *s, SagaStepDef *st, Branch *b)
 static bool
 branch_tick(Oid by_hand)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
 	Datum		values[2];
 	Branch		b;
+	Branch		run;
+	ErrorData  *edata;
 
 	if (schema_is_0_1())
 		return false;
@@ -2621,59 +2637,28 @@ branch_tick(Oid by_hand)
 	if (run_plan(PLAN_BRANCH_PICK, values, NULL) == 0)
 		return false;
 	branch_read(0, &b);
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	run = b;
+	edata = resilience_run_caught(branch_claimed, &run);
+	if (edata == NULL)
+		return true;
+	step_saga_id = 0;
+	if (tick_error_is_transient(edata))
+		ReThrowError(edata);
+	ereport(LOG,
+			(errmsg("branch %d of step %d of saga " INT64_FORMAT " failed outside its step: %s",
+					b.branch_no, b.step_no, b.saga_id, edata->message)));
+	if (strcmp(b.state, "compensating") == 0)
+		b.state = "compensation_failed";
+	else
 	{
-		Saga		s;
-		SagaStepDef *group;
-
-		values[0] = Int64GetDatum(b.saga_id);
-		if (run_plan(PLAN_SAGA_READ, values, NULL) != 1)
-			elog(ERROR, "saga " INT64_FORMAT " of a parallel branch does not exist", b.saga_id);
-		saga_read(&s);
-		if (b.step_no < 1 || b.step_no > s.def->nsteps ||
-			s.def->steps[b.step_no - 1].kind != STEP_GROUP ||
-			b.branch_no < 1 || b.branch_no > s.def->steps[b.step_no - 1].nbranches)
-			elog(ERROR, "saga " INT64_FORMAT " has no branch %d of step %d", b.saga_id, b.branch_no, b.step_no);
-		s.step = b.step_no;
-		group = &s.def->steps[b.step_no - 1];
-		branch_run(&s, &group->branches[b.branch_no - 1], &b);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
+		b.state = "failed";
+		b.finished_at = GetCurrentTimestamp();
 	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		step_saga_id = 0;
-		if (tick_error_is_transient(edata))
-			ReThrowError(edata);
-		ereport(LOG,
-				(errmsg("branch %d of step %d of saga " INT64_FORMAT " failed outside its step: %s",
-						b.branch_no, b.step_no, b.saga_id, edata->message)));
-		if (strcmp(b.state, "compensating") == 0)
-			b.state = "compensation_failed";
-		else
-		{
-			b.state = "failed";
-			b.finished_at = GetCurrentTimestamp();
-		}
-		b.next_run_at = 0;
-		b.awaiting = false;
-		b.reply = NULL;
-		b.error = error_json(edata, NULL);
-		branch_write(&b);
-	}
-	PG_END_TRY();
+	b.next_run_at = 0;
+	b.awaiting = false;
+	b.reply = NULL;
+	b.error = error_json(edata, NULL);
+	branch_write(&b);
 	return true;
 }
 
