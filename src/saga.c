@@ -25,8 +25,9 @@
  * Async steps are at least once: the command is published through the outbox
  * (resilience.outbox_publish, when that function exists) in the transaction
  * that records the step as waiting.  A reply (saga_step_completed/failed) is
- * stored on the saga row under the same row lock and applied by the next
- * tick.  A reply is accepted only while the step waits for it and its
+ * stored on the saga row under the same row lock (a branch's: on the
+ * branch's row, see "parallel groups") and applied by the next tick.  A
+ * reply is accepted only while the step waits for it and its
  * deadline has not passed; any other reply to a command that was sent is
  * recorded as an event and ignored.  An async step whose last attempt timed
  * out (or that was abandoned by saga_abort) may have been done by its
@@ -156,7 +157,7 @@ struct SagaStepDef
 	int			nretry_on;
 	int		   *retry_on;		/* SQLSTATEs, or classes when retry_on_class */
 	bool	   *retry_on_class;
-	int			nbranches;		/* STEP_GROUP: its branches (SQL actions) */
+	int			nbranches;		/* STEP_GROUP: its branches (actions) */
 	SagaStepDef *branches;
 };
 
@@ -1941,17 +1942,21 @@ await_advance(Saga *s, SagaStepDef *st)
 /* ---- parallel groups ---- */
 
 /*
- * A parallel group is one step whose branches (SQL steps) are rows of
- * resilience.saga_branches, each claimed and run by any orchestrator in a
- * transaction of its own (branch_tick), so with several orchestrators they
- * run at the same time.  The saga waits at the group; each branch that
+ * A parallel group is one step whose branches (SQL or async actions) are
+ * rows of resilience.saga_branches, each claimed and run by any
+ * orchestrator in a transaction of its own (branch_tick), so with several
+ * orchestrators they run at the same time; the commands of its async
+ * branches are sent together by the tick entering the group, and each
+ * reply is stored on its branch's row (saga_reply locks that row only) for
+ * the orchestrator claiming it to apply.  The saga waits at the group; each branch that
  * finishes makes it due (a poke, committed with the branch: branch_write),
  * and the saga's tick (group_advance) looks at the branches: when all completed,
  * their results merge into the context under their names; when one failed,
  * the branches not started are cancelled, the running ones finish, and the
  * completed ones are compensated, concurrently, before the steps before the
  * group, in reverse.  The saga's tick never waits for a branch row (SKIP
- * LOCKED): a locked branch is running, and its poke will come.
+ * LOCKED): a locked branch is running (or being replied to), and its poke
+ * will come.
  */
 
 /* What a saga's tick sees of a group's branches. */
