@@ -1077,7 +1077,7 @@ COMMENT ON FUNCTION resilience._saga_normalize_wait(jsonb, text) IS
 
 -- The checks of a parallel group {"name", "parallel": [step, step, ...]}
 -- (22023): only those two keys, at least two branches, one level (a branch
--- is not a group), SQL actions only (no async, timer or await branch), and
+-- is not a group), actions only (SQL or async; no timer or await branch), and
 -- step names unique across the branches and the other steps.  Each branch
 -- is validated as a step of a definition would be; returns the normalized
 -- branches.
@@ -1128,12 +1128,11 @@ BEGIN
                       DETAIL = 'Parallel groups nest one level deep: a branch is a single step.',
                       HINT = 'Put the inner branches into the outer group, or make the inner group a step of its own after it.';
         END IF;
-        IF jsonb_typeof(branch) = 'object' AND (branch ?| ARRAY['sleep', 'until', 'await'] OR branch ->> 'action' = 'async'
-                                                OR branch ->> 'compensation' = 'async') THEN
-            RAISE EXCEPTION 'branch % of parallel group % is not a SQL step', bpos, label
+        IF jsonb_typeof(branch) = 'object' AND branch ?| ARRAY['sleep', 'until', 'await'] THEN
+            RAISE EXCEPTION 'branch % of parallel group % is not an action step', bpos, label
                 USING ERRCODE = 'invalid_parameter_value',
-                      DETAIL = 'A branch has a SQL action (and optionally a SQL compensation): async, sleep, until and await are not branches.',
-                      HINT = 'Put the async step or the wait before or after the group.';
+                      DETAIL = 'A branch has an action, SQL or async (and optionally a compensation): sleep, until and await are not branches.',
+                      HINT = 'Put the wait before or after the group.';
         END IF;
         branch_name := branch ->> 'name';
         IF branch_name = ANY (branch_names) THEN
@@ -1693,14 +1692,16 @@ BEGIN
                        AND b.branch_no OPERATOR(pg_catalog.=) bn;
                 END IF;
                 fill := CASE WHEN branch_state IN ('completed', 'compensating', 'compensated', 'compensation_failed') THEN '"#a5d6a7"'
-                             WHEN branch_state = 'failed' THEN '"#ef9a9a"'
+                             WHEN branch_state IN ('failed', 'timed_out') THEN '"#ef9a9a"'
                              WHEN branch_state = 'pending' THEN '"#fff59d"'
                              WHEN branch_state = 'cancelled' THEN '"#e0e0e0"'
                              ELSE 'white' END;
                 out := out OPERATOR(pg_catalog.||) ARRAY[
                     format('    s%s_%s [label=%s, fillcolor=%s];', n, bn,
                            resilience._saga_dot((br OPERATOR(pg_catalog.->>) 'name') OPERATOR(pg_catalog.||) E'\n'
-                                                OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'action')), fill),
+                                                OPERATOR(pg_catalog.||) CASE WHEN br OPERATOR(pg_catalog.->>) 'action' OPERATOR(pg_catalog.=) 'async'
+                                                    THEN 'async: ' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'topic')
+                                                    ELSE br OPERATOR(pg_catalog.->>) 'action' END), fill),
                     format('    f%s -> s%s_%s%s;', n, n, bn,
                            CASE WHEN branch_state IS NOT NULL AND branch_state <> 'cancelled' THEN ' [penwidth=2.5]' ELSE '' END),
                     format('    s%s_%s -> j%s%s;', n, bn, n,
@@ -1712,7 +1713,10 @@ BEGIN
                     out := out OPERATOR(pg_catalog.||) ARRAY[
                         format('    c%s_%s [label=%s, style="rounded,dashed,filled", fillcolor=%s];', n, bn,
                                resilience._saga_dot('undo ' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'name')
-                                                    OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'compensation')),
+                                                    OPERATOR(pg_catalog.||) E'\n' OPERATOR(pg_catalog.||)
+                                                    CASE WHEN br OPERATOR(pg_catalog.->>) 'compensation' OPERATOR(pg_catalog.=) 'async'
+                                                        THEN 'async: ' OPERATOR(pg_catalog.||) (br OPERATOR(pg_catalog.->>) 'topic')
+                                                        ELSE br OPERATOR(pg_catalog.->>) 'compensation' END),
                                CASE branch_state WHEN 'compensated' THEN '"#e0e0e0"' WHEN 'compensation_failed' THEN '"#ef9a9a"'
                                                  WHEN 'compensating' THEN '"#fff59d"' ELSE 'white' END),
                         format('    s%s_%s -> c%s_%s [style=dashed, arrowhead=empty, constraint=false];', n, bn, n, bn)];
@@ -2001,3 +2005,17 @@ COMMENT ON FUNCTION resilience.citus_setup() IS
 'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
 REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
 
+-- Issue 16: async branches
+-- A branch of a parallel group may be an async step: its command is sent
+-- by the tick that enters the group, with the other async branches', and
+-- its reply is stored on its row (awaiting, reply, as on the saga's row)
+-- for the orchestrator that claims the branch to apply.  An async action
+-- whose last attempt got no reply in time ends timed_out: it may have been
+-- done, so the group's compensation undoes it with the completed ones.
+ALTER TABLE resilience.saga_branches
+    ADD COLUMN awaiting boolean NOT NULL DEFAULT false,
+    ADD COLUMN reply jsonb,
+    DROP CONSTRAINT saga_branches_state_check,
+    ADD CONSTRAINT saga_branches_state_check
+        CHECK (state IN ('pending', 'completed', 'failed', 'timed_out', 'cancelled',
+                         'compensating', 'compensated', 'compensation_failed'));

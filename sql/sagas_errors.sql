@@ -204,8 +204,8 @@ SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "action": "ba
 SELECT resilience.saga_define('w', '[{"name": "a", "sleep": "1 s", "max_attempts": 2}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "action": "bad.ok", "on_timeout": "continue"}]');
 -- parallel groups: malformed ones are 22023 (one level deep, at least two
--- branches, names unique across the saga, SQL branches only, each branch
--- checked as a step)
+-- branches, names unique across the saga, action branches only (SQL or
+-- async: no sleep, until or await), each branch checked as a step)
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}]}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": []}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": {"name": "b", "action": "bad.ok"}}]');
@@ -214,7 +214,9 @@ SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "a
 SELECT resilience.saga_define('w', '[{"name": "b", "action": "bad.ok"}, {"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}, {"name": "c", "action": "bad.ok"}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "a", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
-SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "async", "topic": "t"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "async", "topic": "t"}, {"name": "c", "until": "due"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "async", "topic": "t"}, {"name": "c", "await": "go", "timeout": "1 h"}]}]');
+SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "async"}]}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "sleep": "1 s"}]}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "timeout": "1 s", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]');
 SELECT resilience.saga_define('w', '[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.no_such"}]}]');
@@ -226,7 +228,9 @@ SELECT left(sqlstate_of(format($$SELECT resilience.saga_define('w', %L)$$, d)), 
                ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "parallel": [{"name": "d", "action": "bad.ok"}, {"name": "e", "action": "bad.ok"}]}]}]'),
                ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "b", "action": "bad.ok"}]}]'),
                ('[{"name": "b", "action": "bad.ok"}, {"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]'),
-               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "async", "topic": "t"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "sleep": "1 s"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "async", "topic": "t"}, {"name": "c", "until": "due"}]}]'),
+               ('[{"name": "a", "parallel": [{"name": "b", "action": "async", "topic": "t"}, {"name": "c", "await": "go", "timeout": "1 h"}]}]'),
                ('[{"name": "a", "timeout": "1 s", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}]'),
                ('[{"name": "a", "parallel": [{"name": "b", "action": "bad.ok"}, {"name": "c", "action": "bad.ok"}]}, {"name": "a", "action": "bad.ok"}]')) v(d)
  GROUP BY 1 ORDER BY 1;

@@ -116,6 +116,108 @@ SELECT name, state, compensation_attempts FROM resilience.saga_branches WHERE sa
 SELECT step, kind FROM grp.effects WHERE saga_id = :parked AND kind = 'undo' ORDER BY n;
 
 ------------------------------------------------------------------------------
+-- Async branches (the test plays the participants): every command of the
+-- group goes out in the transaction that enters it, beside SQL branches
+------------------------------------------------------------------------------
+SET ROLE regress_group_agent;
+SET search_path = grp;
+SELECT resilience.saga_define('trip', '[
+    {"name": "reserve", "action": "act", "compensation": "undo"},
+    {"name": "book", "parallel": [
+        {"name": "flight", "action": "async", "compensation": "async", "topic": "air", "timeout": "1 hour"},
+        {"name": "hotel", "action": "async", "compensation": "undo", "topic": "stay", "timeout": "1 hour",
+         "max_attempts": 2, "backoff": {"base": "10 ms", "cap": "10 ms", "jitter": "none"}},
+        {"name": "car", "action": "act", "compensation": "undo"}]},
+    {"name": "pay", "action": "act", "compensation": "undo"}]') AS version;
+SELECT resilience.saga_define('trip_timeout', '[
+    {"name": "reserve", "action": "act", "compensation": "undo"},
+    {"name": "book", "parallel": [
+        {"name": "slow", "action": "async", "compensation": "undo", "topic": "slow", "timeout": "100 ms", "max_attempts": 1},
+        {"name": "fast", "action": "act", "compensation": "undo"}]}]') AS version;
+RESET search_path;
+RESET ROLE;
+CREATE ROLE regress_group_stranger NOLOGIN IN ROLE resilience_user;
+-- the commands sent for a saga, numbered by the transaction that sent them
+CREATE FUNCTION pg_temp.commands(saga bigint)
+RETURNS TABLE (key text, attempt text, topic text, "group" text, transaction bigint)
+LANGUAGE sql AS $$
+    SELECT o.payload ->> 'idempotency_key', o.payload ->> 'attempt', o.topic, o.payload ->> 'group',
+           dense_rank() OVER (ORDER BY o.xmin::text::bigint)
+      FROM resilience.outbox o WHERE o.payload ->> 'saga_id' = saga::text ORDER BY o.id, o.seq
+$$;
+
+-- Replies in any order: the group completes when both came, results under
+-- the branch names
+SELECT resilience.saga_start('trip', '{}') AS trip \gset
+CALL resilience.saga_run();
+SELECT * FROM pg_temp.commands(:trip);
+SELECT name, state, attempts, awaiting, result ->> 'ref' AS ref
+  FROM resilience.saga_branches WHERE saga_id = :trip ORDER BY branch_no;
+SELECT state, step, awaiting FROM resilience.sagas WHERE id = :trip;
+-- a role that neither started nor defined the saga may not reply: 42501, nothing changes
+SET ROLE regress_group_stranger;
+SELECT resilience.saga_step_completed(:trip, 'hotel', '{"evil": true}');
+RESET ROLE;
+SELECT resilience.saga_step_completed(:trip, 'hotel', '{"room": 12}') AS hotel_reply;
+CALL resilience.saga_run();
+SELECT state, step, awaiting FROM resilience.sagas WHERE id = :trip;
+SELECT resilience.saga_step_completed(:trip, 'flight', '{"seat": "3A"}') AS flight_reply;
+-- the same reply again is ignored (false), whether applied yet or not
+SELECT resilience.saga_step_completed(:trip, 'flight', '{"seat": "9C"}') AS flight_again;
+CALL resilience.saga_run();
+SELECT resilience.saga_step_completed(:trip, 'hotel', '{"room": 13}') AS hotel_again;
+SELECT state, context -> 'flight' AS flight, context -> 'hotel' AS hotel, context -> 'car' ->> 'ref' AS car,
+       context ->> 'ref' AS pay
+  FROM resilience.sagas WHERE id = :trip;
+SELECT name, state, attempts, awaiting, reply IS NULL AS reply_applied, result
+  FROM resilience.saga_branches WHERE saga_id = :trip ORDER BY branch_no;
+SELECT event, step, attempt, detail ->> 'reason' AS reason
+  FROM resilience.saga_events WHERE saga_id = :trip ORDER BY id;
+-- no compensation command was ever sent for it: the stale-reply error
+SELECT resilience.saga_step_completed(:trip, 'flight', NULL, true);
+-- not async: the same error as for a step
+SELECT resilience.saga_step_completed(:trip, 'car', NULL);
+
+-- A failed branch: the completed async branch's compensation goes out,
+-- the SQL branch is undone, then reserve; a retryable failure is retried
+SELECT resilience.saga_start('trip', '{}') AS trip_fail \gset
+CALL resilience.saga_run();
+SELECT resilience.saga_step_failed(:trip_fail, 'hotel', '{"why": "full"}', true) AS hotel_retryable;
+CALL resilience.saga_run();
+SELECT pg_sleep(0.1);
+CALL resilience.saga_run();
+SELECT * FROM pg_temp.commands(:trip_fail);
+SELECT resilience.saga_step_completed(:trip_fail, 'flight', '{"seat": "1A"}') AS flight_reply;
+SELECT resilience.saga_step_failed(:trip_fail, 'hotel', '{"why": "still full"}', false) AS hotel_failed;
+CALL resilience.saga_run();
+SELECT state, error -> 'branch' AS branch FROM resilience.sagas WHERE id = :trip_fail;
+SELECT name, state, attempts, compensation_attempts, awaiting FROM resilience.saga_branches
+ WHERE saga_id = :trip_fail ORDER BY branch_no;
+SELECT * FROM pg_temp.commands(:trip_fail);
+SELECT step, kind FROM grp.effects WHERE saga_id = :trip_fail ORDER BY n;
+-- a reply for the failed branch is stale (false); its compensation is SQL (error)
+SELECT resilience.saga_step_completed(:trip_fail, 'hotel', '{"room": 1}') AS hotel_late;
+SELECT resilience.saga_step_completed(:trip_fail, 'hotel', NULL, true);
+SELECT resilience.saga_step_completed(:trip_fail, 'flight', NULL, true) AS flight_undone;
+CALL resilience.saga_run();
+SELECT state FROM resilience.sagas WHERE id = :trip_fail;
+SELECT name, state, compensation_attempts FROM resilience.saga_branches WHERE saga_id = :trip_fail ORDER BY branch_no;
+SELECT step, kind FROM grp.effects WHERE saga_id = :trip_fail ORDER BY n;
+SELECT event, step, attempt FROM resilience.saga_events WHERE saga_id = :trip_fail ORDER BY id;
+
+-- No reply within the timeout: the branch is timed_out, and compensated
+-- (it may have been done), with the completed SQL branch and reserve
+SELECT resilience.saga_start('trip_timeout', '{}') AS trip_slow \gset
+CALL resilience.saga_run();
+SELECT pg_sleep(0.3);
+CALL resilience.saga_run();
+SELECT state FROM resilience.sagas WHERE id = :trip_slow;
+SELECT name, state, attempts, compensation_attempts FROM resilience.saga_branches WHERE saga_id = :trip_slow ORDER BY branch_no;
+SELECT step, kind FROM grp.effects WHERE saga_id = :trip_slow ORDER BY n;
+SELECT resilience.saga_step_completed(:trip_slow, 'slow', NULL) AS too_late;
+SELECT resilience.saga_graph('trip', :trip_fail);
+
+------------------------------------------------------------------------------
 -- The picture: the group as a cluster; with a saga, the path it took
 ------------------------------------------------------------------------------
 SELECT resilience.saga_graph('holiday');

@@ -42,12 +42,15 @@
 #include "resilience.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "miscadmin.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/syscache.h"
 
 /* The table whose owner is the extension's owner. */
@@ -142,4 +145,47 @@ resilience_restore_user(const ResilienceUser *save)
 	if (save->guc_level > 0)
 		AtEOXact_GUC(false, save->guc_level);
 	SetUserIdAndSecContext(save->userid, save->sec_context);
+}
+
+/*
+ * Run fn(arg) in a subtransaction of the current transaction: NULL if it
+ * returned (its work stays, committed into the caller's transaction), else
+ * the error it raised, copied into the caller's memory context, with the
+ * subtransaction rolled back and the user and security context as they
+ * were on entry (fn may have switched with resilience_become).  What to do
+ * with the error is the caller's: a cancel is usually raised again.  So
+ * one step, command or schedule that fails never aborts the work around
+ * it.
+ */
+ErrorData *
+resilience_run_caught(void (*fn) (void *arg), void *arg)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+	Oid			userid;
+	int			sec_context;
+
+	GetUserIdAndSecContext(&userid, &sec_context);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+		SetUserIdAndSecContext(userid, sec_context);
+	}
+	PG_END_TRY();
+	return edata;
 }

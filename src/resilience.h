@@ -148,6 +148,7 @@ extern Oid	resilience_owner(void);
 extern void resilience_become(Oid role, bool pin_path, ResilienceUser *save);
 extern void resilience_become_owner(bool pin_path, ResilienceUser *save);
 extern void resilience_restore_user(const ResilienceUser *save);
+extern ErrorData *resilience_run_caught(void (*fn) (void *arg), void *arg);
 
 /* Is Citus installed here?  Then no direct heap/index access (src/events.c). */
 extern bool citus_present(void);

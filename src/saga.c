@@ -26,8 +26,9 @@
  * Async steps are at least once: the command is published through the outbox
  * (resilience.outbox_publish, when that function exists) in the transaction
  * that records the step as waiting.  A reply (saga_step_completed/failed) is
- * stored on the saga row under the same row lock and applied by the next
- * tick.  A reply is accepted only while the step waits for it and its
+ * stored on the saga row under the same row lock (a branch's: on the
+ * branch's row, see "parallel groups") and applied by the next tick.  A
+ * reply is accepted only while the step waits for it and its
  * deadline has not passed; any other reply to a command that was sent is
  * recorded as an event and ignored.  An async step whose last attempt timed
  * out (or that was abandoned by saga_abort) may have been done by its
@@ -165,7 +166,7 @@ struct SagaStepDef
 	int			nretry_on;
 	int		   *retry_on;		/* SQLSTATEs, or classes when retry_on_class */
 	bool	   *retry_on_class;
-	int			nbranches;		/* STEP_GROUP: its branches (SQL actions) */
+	int			nbranches;		/* STEP_GROUP: its branches (actions) */
 	SagaStepDef *branches;
 };
 
@@ -476,11 +477,13 @@ typedef enum SagaPlan
 	PLAN_BRANCH_LIST,
 	PLAN_BRANCH_CANCEL,
 	PLAN_BRANCH_ARM,
+	PLAN_BRANCH_LOCK,
 	NUM_PLANS
 } SagaPlan;
 
 #define BRANCH_COLUMNS \
-	"saga_id, step_no, branch_no, state, attempts, compensation_attempts, started_at"
+	"saga_id, step_no, branch_no, state, attempts, compensation_attempts, started_at," \
+	" awaiting, reply, next_run_at"
 #define SAGA_COLUMNS \
 	"id, definition_id, state, step, attempt, awaiting, reply, context, error, next_run_at, name"
 /* a tick run by hand takes only the sagas of definers whose privileges $3 has */
@@ -592,7 +595,8 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"SELECT " SAGA_COLUMNS " FROM resilience.sagas WHERE id OPERATOR(pg_catalog.=) $1",
 	"UPDATE resilience.saga_branches SET state = $4, attempts = $5, compensation_attempts = $6,"
 	" next_run_at = $7, started_at = COALESCE(started_at, $8), finished_at = COALESCE($9, finished_at),"
-	" compensated_at = $10, result = COALESCE($11, result), error = COALESCE($12, error)"
+	" compensated_at = $10, result = COALESCE($11, result), error = COALESCE($12, error),"
+	" awaiting = $13, reply = $14"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2"
 	" AND branch_no OPERATOR(pg_catalog.=) $3",
 	/* a branch finished: its saga is due (it waits at the group) */
@@ -600,25 +604,34 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" AND state OPERATOR(pg_catalog.=) ANY ('{running,compensating}'::pg_catalog.text[]) AND next_run_at OPERATOR(pg_catalog.>) $2",
 	"INSERT INTO resilience.saga_branches (saga_id, step_no, branch_no, name, state, next_run_at)"
 	" SELECT $1, $2, b.n::pg_catalog.int4, b.name, 'pending', $3"
-	" FROM pg_catalog.unnest($4) WITH ORDINALITY AS b(name, n) ON CONFLICT DO NOTHING",
+	" FROM pg_catalog.unnest($4) WITH ORDINALITY AS b(name, n) ON CONFLICT DO NOTHING RETURNING branch_no",
 	"SELECT branch_no, state, result, error FROM resilience.saga_branches"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 ORDER BY branch_no",
-	/* the saga's tick never waits for a branch row: a locked one is running */
-	"UPDATE resilience.saga_branches SET state = 'cancelled', next_run_at = NULL, finished_at = $3"
+	/*
+	 * the saga's tick never waits for a branch row: a locked one is running;
+	 * one whose command is out is running too
+	 */
+	"UPDATE resilience.saga_branches SET next_run_at = NULL, finished_at = $3,"
+	" state = CASE WHEN branch_no OPERATOR(pg_catalog.=) ANY ($4) AND attempts OPERATOR(pg_catalog.>) 0"
+	" AND error OPERATOR(pg_catalog.->>) 'sqlstate' OPERATOR(pg_catalog.=) '57014' THEN 'timed_out' ELSE 'cancelled' END"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
-	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'pending' FOR UPDATE SKIP LOCKED)",
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) 'pending' AND NOT awaiting"
+	" FOR UPDATE SKIP LOCKED)",
 	"UPDATE resilience.saga_branches SET state = 'compensating', next_run_at = $4"
 	" WHERE saga_id OPERATOR(pg_catalog.=) $1 AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) ANY"
 	" (SELECT branch_no FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
-	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) $3"
-	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED)",
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND state OPERATOR(pg_catalog.=) ANY ($3)"
+	" AND branch_no OPERATOR(pg_catalog.=) ANY ($5) FOR UPDATE SKIP LOCKED) RETURNING " BRANCH_COLUMNS,
+	/* a reply to a branch's command: its row, waiting for a tick that holds it */
+	"SELECT " BRANCH_COLUMNS " FROM resilience.saga_branches WHERE saga_id OPERATOR(pg_catalog.=) $1"
+	" AND step_no OPERATOR(pg_catalog.=) $2 AND branch_no OPERATOR(pg_catalog.=) $3 FOR UPDATE",
 };
 
 static const int plan_nargs[NUM_PLANS] = {2, 2, 1, 11, 9, 6, 3, 2, 2, 9, 0, 1, 7, 3, 1, 4, 5, 3, 3, 2, 2, 4, 6, 2,
-2, 1, 12, 2, 4, 2, 3, 5};
+2, 1, 14, 2, 4, 2, 4, 5, 3};
 
-#define MAX_PLAN_ARGS 12
+#define MAX_PLAN_ARGS 14
 static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{TIMESTAMPTZOID, TIMESTAMPTZOID},
 	{INT8OID, TIMESTAMPTZOID},
@@ -648,12 +661,13 @@ static const Oid plan_argtypes[NUM_PLANS][MAX_PLAN_ARGS] = {
 	{TIMESTAMPTZOID, OIDOID},
 	{INT8OID},
 	{INT8OID, INT4OID, INT4OID, TEXTOID, INT4OID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	TIMESTAMPTZOID, TIMESTAMPTZOID, JSONBOID, JSONBOID},
+	TIMESTAMPTZOID, TIMESTAMPTZOID, JSONBOID, JSONBOID, BOOLOID, JSONBOID},
 	{INT8OID, TIMESTAMPTZOID},
 	{INT8OID, INT4OID, TIMESTAMPTZOID, TEXTARRAYOID},
 	{INT8OID, INT4OID},
-	{INT8OID, INT4OID, TIMESTAMPTZOID},
-	{INT8OID, INT4OID, TEXTOID, TIMESTAMPTZOID, INT4ARRAYOID},
+	{INT8OID, INT4OID, TIMESTAMPTZOID, INT4ARRAYOID},
+	{INT8OID, INT4OID, TEXTARRAYOID, TIMESTAMPTZOID, INT4ARRAYOID},
+	{INT8OID, INT4OID, INT4OID},
 };
 
 /*
@@ -895,8 +909,7 @@ definition_load(int64 id, MemoryContext mcxt)
 			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, def->nsteps);
 		st = &group->branches[group->nbranches++];
 		step_parse(i, st, id, def->nsteps);
-		if (st->kind != STEP_ACTION || st->action.kind != OP_SQL ||
-			st->compensation.kind == OP_ASYNC)
+		if (st->kind != STEP_ACTION)
 			elog(ERROR, "saga definition " INT64_FORMAT " is invalid at step %d", id, def->nsteps);
 	}
 	for (i = 0; i < def->nsteps; i++)
@@ -1584,6 +1597,30 @@ outbox_publish_function(void)
 						  -1, NULL, true);
 }
 
+/* A command to publish (values: topic, payload, key, headers) and its outcome. */
+typedef struct PublishCall
+{
+	Datum	   *values;
+	int64		event_id;
+	bool		published;
+} PublishCall;
+
+static void
+publish_call(void *arg)
+{
+	PublishCall *call = arg;
+	Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
+	bool		isnull;
+	int			ret;
+
+	ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
+								4, argtypes, call->values, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
+	call->event_id = DatumGetInt64(column(0, 1, &isnull));
+	call->published = !isnull;
+}
+
 /*
  * Publish a command (values: topic, payload, key, headers) in a
  * subtransaction: NULL and the event id, or the error that refused it (the
@@ -1593,71 +1630,43 @@ outbox_publish_function(void)
 static ErrorData *
 publish_command(Datum *values, int64 *event_id, bool *published)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	ErrorData  *volatile edata = NULL;
+	PublishCall call = {values, 0, false};
+	ErrorData  *edata = resilience_run_caught(publish_call, &call);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		Oid			argtypes[4] = {TEXTOID, JSONBOID, TEXTOID, JSONBOID};
-		bool		isnull;
-		int			ret;
-
-		ret = SPI_execute_with_args("SELECT resilience.outbox_publish($1, $2, $3, $4)",
-									4, argtypes, values, NULL, false, 1);
-		if (ret != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "resilience.outbox_publish failed: %s", SPI_result_code_string(ret));
-		*event_id = DatumGetInt64(column(0, 1, &isnull));
-		*published = !isnull;
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-	}
-	PG_END_TRY();
+	if (edata && edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);
+	*event_id = call.event_id;
+	*published = call.published;
 	return edata;
 }
 
 /*
- * Send the command of the current step's async action (or compensation):
- * published through the outbox in this transaction when the outbox exists
- * (otherwise only recorded: the participant must learn of it another way),
- * and the saga waits for its reply until the step's timeout.
+ * Publish the command of attempt attempt of step st's async action (or
+ * compensation); st is the saga's current step or a branch of it (a group).
+ * NULL and the detail of its command_sent event, or the error that refused
+ * it as JSON.  Without the outbox the command is only recorded: the
+ * participant must learn of it another way.
  */
-static void
-send_command(Saga *s, bool compensation)
+static Jsonb *
+command_publish(Saga *s, SagaStepDef *st, bool compensation, int attempt, TimestampTz deadline,
+				Jsonb **detail)
 {
-	SagaStepDef *st = &s->def->steps[s->step - 1];
-	int			attempt = s->attempt + 1;
-	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz deadline = now + st->timeout_us;
+	SagaStepDef *current = &s->def->steps[s->step - 1];
 	const char *command = compensation ? "compensation" : "action";
 	char	   *key = idempotency_key(s, st->name, compensation);
-	char	   *attempt_str = psprintf("%d", attempt);
 	JsonBuf		payload;
 	JsonBuf		headers;
-	JsonBuf		detail;
+	JsonBuf		jb;
 	bool		published = false;
 	int64		event_id = 0;
 
-	s->attempt_start = now;
 	jb_init(&payload);
 	jb_int(&payload, "saga_id", s->id);
 	jb_str(&payload, "saga", s->def->name);
 	jb_int(&payload, "version", s->def->version);
 	jb_str(&payload, "step", st->name);
+	if (st != current)
+		jb_str(&payload, "group", current->name);
 	jb_str(&payload, "command", command);
 	jb_int(&payload, "attempt", attempt);
 	jb_str(&payload, "idempotency_key", key);
@@ -1668,7 +1677,7 @@ send_command(Saga *s, bool compensation)
 	jb_str(&headers, "Saga-Name", s->def->name);
 	jb_str(&headers, "Saga-Step", st->name);
 	jb_str(&headers, "Saga-Command", command);
-	jb_str(&headers, "Saga-Attempt", attempt_str);
+	jb_str(&headers, "Saga-Attempt", psprintf("%d", attempt));
 	jb_str(&headers, "Saga-Idempotency-Key", key);
 	add_trace_context(s->id, &headers);
 
@@ -1683,16 +1692,45 @@ send_command(Saga *s, bool compensation)
 		values[3] = JsonbPGetDatum(jb_done(&headers));
 		edata = publish_command(values, &event_id, &published);
 		if (edata)
-		{
-			/* this saga's command cannot go out: it fails, the others go on */
-			attempt_failed(s, compensation, attempt,
-						   error_json(edata, psprintf("the %s command of step \"%s\" could not be published: %s",
-													  command, st->name, edata->message)),
-						   false, false, false);
-			return;
-		}
+			return error_json(edata, psprintf("the %s command of step \"%s\" could not be published: %s",
+											  command, st->name, edata->message));
 	}
+	jb_init(&jb);
+	jb_str(&jb, "command", command);
+	jb_str(&jb, "topic", st->topic);
+	jb_key(&jb, "outbox_event_id");
+	if (published)
+		appendStringInfo(&jb.buf, INT64_FORMAT, event_id);
+	else
+		appendStringInfoString(&jb.buf, "null");
+	jb_time(&jb, "reply_by", deadline);
+	*detail = jb_done(&jb);
+	return NULL;
+}
 
+/*
+ * Send the command of the current step's async action (or compensation)
+ * in this transaction; the saga waits for its reply until the step's
+ * timeout.  A command the outbox refuses fails the attempt for good: this
+ * saga's command cannot go out, the others go on.
+ */
+static void
+send_command(Saga *s, bool compensation)
+{
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	int			attempt = s->attempt + 1;
+	TimestampTz deadline;
+	Jsonb	   *detail;
+	Jsonb	   *error;
+
+	s->attempt_start = GetCurrentTimestamp();
+	deadline = s->attempt_start + st->timeout_us;
+	error = command_publish(s, st, compensation, attempt, deadline, &detail);
+	if (error)
+	{
+		attempt_failed(s, compensation, attempt, error, false, false, false);
+		return;
+	}
 	if (compensation)
 		step_row_compensation(s, "compensating", true, 0, NULL);
 	else
@@ -1701,60 +1739,87 @@ send_command(Saga *s, bool compensation)
 	s->awaiting = true;
 	s->reply = NULL;
 	s->next_run_at = deadline;
-	jb_init(&detail);
-	jb_str(&detail, "command", command);
-	jb_str(&detail, "topic", st->topic);
-	jb_key(&detail, "outbox_event_id");
-	if (published)
-		appendStringInfo(&detail.buf, INT64_FORMAT, event_id);
-	else
-		appendStringInfoString(&detail.buf, "null");
-	jb_time(&detail, "reply_by", deadline);
-	saga_event(s, "command_sent", s->step, attempt, compensation, NULL, jb_done(&detail));
+	saga_event(s, "command_sent", s->step, attempt, compensation, NULL, detail);
 	saga_write(s);
 }
 
-/* Apply the reply recorded for the current step's command. */
+/*
+ * What the reply recorded for a command (reply, as saga_reply stores it)
+ * came to, as the outcome of a step call; without a reply, the command's
+ * deadline passed (st: the step or branch; its outcome is unknown).
+ */
 static void
-apply_reply(Saga *s, bool compensation)
+reply_outcome(Jsonb *reply, SagaStepDef *st, bool compensation, StepCall *out)
 {
-	Jsonb	   *reply = s->reply;
 	char	   *status = jsonb_get_string(reply, "status");
 
-	if (status && strcmp(status, "completed") == 0)
+	memset(out, 0, sizeof(StepCall));
+	out->duration_us = -1;
+	if (reply == NULL)
 	{
-		if (compensation)
-			compensation_done(s, jsonb_get(reply, "result"), s->attempt);
-		else
-			action_done(s, jsonb_get(reply, "result"), s->attempt, -1);
+		JsonBuf		jb;
+
+		jb_init(&jb);
+		jb_str(&jb, "sqlstate", "57014");
+		jb_str(&jb, "message", psprintf("no reply to the %s command of step \"%s\" within its timeout",
+										compensation ? "compensation" : "action", st->name));
+		out->error = jb_done(&jb);
+		out->retryable = true;
+		out->timed_out = true;
+	}
+	else if (status && strcmp(status, "completed") == 0)
+	{
+		out->ok = true;
+		out->result = jsonb_get(reply, "result");
 	}
 	else
 	{
 		Jsonb	   *retryable = jsonb_get(reply, "retryable");
 		JsonbValue	v;
 
-		attempt_failed(s, compensation, s->attempt, jsonb_get(reply, "error"),
-					   retryable && JsonbExtractScalar(&retryable->root, &v) &&
-					   v.type == jbvBool && v.val.boolean,
-					   false, false);
+		out->error = jsonb_get(reply, "error");
+		out->retryable = retryable && JsonbExtractScalar(&retryable->root, &v) &&
+			v.type == jbvBool && v.val.boolean;
 	}
 }
 
-/* The error of an async command whose reply did not come in time. */
-static Jsonb *
-timeout_error(Saga *s, bool compensation)
+/*
+ * Apply the reply recorded for the current step's command, or its absence
+ * when the deadline passed (an action that timed out may have been done:
+ * it is compensated too).
+ */
+static void
+apply_reply(Saga *s, bool compensation)
 {
-	JsonBuf		jb;
+	StepCall	call;
 
-	jb_init(&jb);
-	jb_str(&jb, "sqlstate", "57014");
-	jb_str(&jb, "message", psprintf("no reply to the %s command of step \"%s\" within its timeout",
-									compensation ? "compensation" : "action",
-									s->def->steps[s->step - 1].name));
-	return jb_done(&jb);
+	reply_outcome(s->reply, &s->def->steps[s->step - 1], compensation, &call);
+	if (call.ok && compensation)
+		compensation_done(s, call.result, s->attempt);
+	else if (call.ok)
+		action_done(s, call.result, s->attempt, -1);
+	else
+		attempt_failed(s, compensation, s->attempt, call.error, call.retryable,
+					   call.timed_out, call.timed_out && !compensation);
 }
 
 /* ---- timers and signals ---- */
+
+/* A time to parse, and the result. */
+typedef struct TimeParse
+{
+	const char *text;
+	TimestampTz time;
+} TimeParse;
+
+static void
+time_parse(void *arg)
+{
+	TimeParse  *parse = arg;
+
+	parse->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(parse->text),
+														  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+}
 
 /*
  * The time under key in the context (a JSON string a timestamptz accepts):
@@ -1764,12 +1829,10 @@ timeout_error(Saga *s, bool compensation)
 static bool
 context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
 {
-	char	   *text = jsonb_get_string(context, key);
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	bool		ok = false;
+	TimeParse	parse = {jsonb_get_string(context, key), 0};
+	ErrorData  *edata;
 
-	if (text == NULL)
+	if (parse.text == NULL)
 	{
 		JsonBuf		jb;
 
@@ -1779,33 +1842,16 @@ context_time(Jsonb *context, const char *key, TimestampTz *out, Jsonb **error)
 		*error = jb_done(&jb);
 		return false;
 	}
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	edata = resilience_run_caught(time_parse, &parse);
+	if (edata == NULL)
 	{
-		*out = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
-													   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		ok = true;
+		*out = parse.time;
+		return true;
 	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-		*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
-	}
-	PG_END_TRY();
-	return ok;
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);
+	*error = error_json(edata, psprintf("\"%s\" of the context is not a time: %s", key, edata->message));
+	return false;
 }
 
 /*
@@ -1918,17 +1964,21 @@ await_advance(Saga *s, SagaStepDef *st)
 /* ---- parallel groups ---- */
 
 /*
- * A parallel group is one step whose branches (SQL steps) are rows of
- * resilience.saga_branches, each claimed and run by any orchestrator in a
- * transaction of its own (branch_tick), so with several orchestrators they
- * run at the same time.  The saga waits at the group; each branch that
+ * A parallel group is one step whose branches (SQL or async actions) are
+ * rows of resilience.saga_branches, each claimed and run by any
+ * orchestrator in a transaction of its own (branch_tick), so with several
+ * orchestrators they run at the same time; the commands of its async
+ * branches are sent together by the tick entering the group, and each
+ * reply is stored on its branch's row (saga_reply locks that row only) for
+ * the orchestrator claiming it to apply.  The saga waits at the group; each branch that
  * finishes makes it due (a poke, committed with the branch: branch_write),
  * and the saga's tick (group_advance) looks at the branches: when all completed,
  * their results merge into the context under their names; when one failed,
  * the branches not started are cancelled, the running ones finish, and the
  * completed ones are compensated, concurrently, before the steps before the
  * group, in reverse.  The saga's tick never waits for a branch row (SKIP
- * LOCKED): a locked branch is running, and its poke will come.
+ * LOCKED): a locked branch is running (or being replied to), and its poke
+ * will come.
  */
 
 /* What a saga's tick sees of a group's branches. */
@@ -1939,6 +1989,7 @@ typedef struct GroupView
 	int			failed;
 	int			compensating;
 	int			compensation_failed;
+	int			undoable;		/* completed or timed_out, with a compensation */
 	Jsonb	   *results;		/* {branch name: result} of the completed ones */
 	Jsonb	   *error;			/* the first failed branch's failure */
 } GroupView;
@@ -1955,6 +2006,92 @@ step_undoable(SagaStepDef *st)
 		if (st->branches[i].compensation.kind != OP_NONE)
 			return true;
 	return false;
+}
+
+/* A branch row as claimed (BRANCH_COLUMNS). */
+typedef struct Branch
+{
+	int64		saga_id;
+	int			step_no;
+	int			branch_no;
+	char	   *state;
+	int			attempts;
+	int			compensation_attempts;
+	TimestampTz started_at;		/* 0: not yet */
+	TimestampTz next_run_at;	/* 0: not due */
+	TimestampTz finished_at;
+	TimestampTz compensated_at;
+	Jsonb	   *result;
+	Jsonb	   *error;
+	bool		awaiting;		/* its async command is out */
+	Jsonb	   *reply;			/* the reply to it, not yet applied */
+} Branch;
+
+/*
+ * Write branch b back to its (locked) row; a finished one makes its saga due
+ * (lock order: the branch row, then the saga's).  Every finished branch
+ * pokes: counting the unfinished ones first would need the saga's lock to
+ * be sure, and costs more than the poke (an orchestrator takes due branches
+ * before sagas, so the saga's tick mostly comes after the last one).
+ */
+static void
+branch_write(Branch *b)
+{
+	Datum		values[14];
+	bool		isnull[14] = {0};
+	TimestampTz now = GetCurrentTimestamp();
+
+	values[0] = Int64GetDatum(b->saga_id);
+	values[1] = Int32GetDatum(b->step_no);
+	values[2] = Int32GetDatum(b->branch_no);
+	values[3] = CStringGetTextDatum(b->state);
+	values[4] = Int32GetDatum(b->attempts);
+	values[5] = Int32GetDatum(b->compensation_attempts);
+	values[6] = TimestampTzGetDatum(b->next_run_at);
+	isnull[6] = b->next_run_at == 0;
+	values[7] = TimestampTzGetDatum(b->started_at);
+	isnull[7] = b->started_at == 0;
+	values[8] = TimestampTzGetDatum(b->finished_at);
+	isnull[8] = b->finished_at == 0;
+	values[9] = TimestampTzGetDatum(b->compensated_at);
+	isnull[9] = b->compensated_at == 0;
+	values[10] = JsonbPGetDatum(b->result);
+	isnull[10] = b->result == NULL;
+	values[11] = JsonbPGetDatum(b->error);
+	isnull[11] = b->error == NULL;
+	values[12] = BoolGetDatum(b->awaiting);
+	values[13] = JsonbPGetDatum(b->reply);
+	isnull[13] = b->reply == NULL;
+	run_plan(PLAN_BRANCH_WRITE, values, isnull);
+	if (b->next_run_at == 0)
+	{
+		values[0] = Int64GetDatum(b->saga_id);
+		values[1] = TimestampTzGetDatum(now);
+		run_plan(PLAN_POKE, values, NULL);
+		worker_wake_at_commit();
+	}
+}
+
+/* Read branch row of the last result (BRANCH_COLUMNS). */
+static void
+branch_read(uint64 row, Branch *b)
+{
+	bool		isnull;
+	Datum		d;
+
+	memset(b, 0, sizeof(Branch));
+	b->saga_id = DatumGetInt64(column(row, 1, &isnull));
+	b->step_no = DatumGetInt32(column(row, 2, &isnull));
+	b->branch_no = DatumGetInt32(column(row, 3, &isnull));
+	b->state = column_text(row, 4);
+	b->attempts = DatumGetInt32(column(row, 5, &isnull));
+	b->compensation_attempts = DatumGetInt32(column(row, 6, &isnull));
+	d = column(row, 7, &isnull);
+	b->started_at = isnull ? 0 : DatumGetTimestampTz(d);
+	b->awaiting = DatumGetBool(column(row, 8, &isnull));
+	b->reply = column_jsonb(row, 9);
+	d = column(row, 10, &isnull);
+	b->next_run_at = isnull ? 0 : DatumGetTimestampTz(d);
 }
 
 /* Read the branches of the saga's current step (a group). */
@@ -1980,6 +2117,9 @@ group_view(Saga *s, SagaStepDef *st, GroupView *v)
 		if (b < 1 || b > st->nbranches)
 			elog(ERROR, "saga " INT64_FORMAT " has branch %d of step %d, which its definition does not have",
 				 s->id, b, s->step);
+		if ((strcmp(state, "completed") == 0 || strcmp(state, "timed_out") == 0) &&
+			st->branches[b - 1].compensation.kind != OP_NONE)
+			v->undoable++;
 		if (strcmp(state, "pending") == 0)
 			v->pending++;
 		else if (strcmp(state, "completed") == 0)
@@ -1987,7 +2127,7 @@ group_view(Saga *s, SagaStepDef *st, GroupView *v)
 			v->completed++;
 			jb_jsonb(&results, st->branches[b - 1].name, column_jsonb(i, 3));
 		}
-		else if (strcmp(state, "failed") == 0)
+		else if (strcmp(state, "failed") == 0 || strcmp(state, "timed_out") == 0)
 		{
 			if (v->failed++ == 0)
 			{
@@ -2008,29 +2148,154 @@ group_view(Saga *s, SagaStepDef *st, GroupView *v)
 	v->results = jb_done(&results);
 }
 
-/* Cancel the branches of the current group that no tick is running. */
+/*
+ * Cancel the branches of the current group that no tick is running and
+ * whose command is not out.  An async one whose last attempt got no reply
+ * in time (waiting to be sent again) may have been done: it ends timed_out,
+ * to be compensated.
+ */
 static void
 group_cancel_pending(Saga *s)
 {
-	Datum		values[3];
+	SagaStepDef *st = &s->def->steps[s->step - 1];
+	Datum		values[4];
+	Datum	   *numbers = palloc(Max(st->nbranches, 1) * sizeof(Datum));
+	int			n = 0;
+	int			i;
 
+	for (i = 0; i < st->nbranches; i++)
+		if (st->branches[i].action.kind == OP_ASYNC)
+			numbers[n++] = Int32GetDatum(i + 1);
 	values[0] = Int64GetDatum(s->id);
 	values[1] = Int32GetDatum(s->step);
 	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[3] = PointerGetDatum(construct_array(numbers, n, INT4OID, sizeof(int32), true, TYPALIGN_INT));
 	run_plan(PLAN_BRANCH_CANCEL, values, NULL);
 }
 
 /*
- * Make the branches of the current group that are in state from and have a
- * compensation due for it (those a tick is running are left alone).
+ * Write what attempt attempt of branch st's action (or compensation) came
+ * to into b (its row, locked): done, retried after a backoff, or failed for
+ * good, which cancels the branches of the group not started.  An async
+ * action whose last attempt got no reply in time ends timed_out: it may
+ * have been done, so it is compensated with the completed ones.
+ */
+static void
+branch_settle(Saga *s, SagaStepDef *st, Branch *b, bool compensation, int attempt, StepCall *call)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	JsonBuf		detail;
+
+	b->awaiting = false;
+	b->reply = NULL;
+	jb_init(&detail);
+	if (call->ok)
+	{
+		b->next_run_at = 0;
+		if (compensation)
+		{
+			b->state = "compensated";
+			b->compensated_at = now;
+			saga_event_at(s, "step_compensated", st->name, attempt, true, NULL, NULL);
+		}
+		else
+		{
+			b->state = "completed";
+			b->finished_at = now;
+			b->result = call->result;
+			if (call->duration_us >= 0)
+				jb_int(&detail, "duration_us", call->duration_us);
+			saga_event_at(s, "step_completed", st->name, attempt, false, NULL, jb_done(&detail));
+		}
+	}
+	else
+	{
+		bool		retry = call->retryable && attempt < st->max_attempts;
+
+		b->error = call->error;
+		jb_bool(&detail, "retryable", call->retryable);
+		jb_int(&detail, "max_attempts", st->max_attempts);
+		if (retry)
+		{
+			b->next_run_at = now + resilience_backoff_usec(attempt - 1, st->backoff_base_us,
+														   st->backoff_cap_us, st->jitter,
+														   st->backoff_base_us);
+			jb_time(&detail, "retry_at", b->next_run_at);
+			metrics_add_at_commit(RC_SAGA_STEP_RETRIES, compensation ? RV_COMPENSATION : RV_ACTION,
+								  s->def->name, 1);
+		}
+		else
+		{
+			b->next_run_at = 0;
+			if (compensation)
+				b->state = "compensation_failed";
+			else
+			{
+				/* the group fails: the branches not started never will */
+				b->state = call->timed_out && st->action.kind == OP_ASYNC ? "timed_out" : "failed";
+				b->finished_at = now;
+				group_cancel_pending(s);
+			}
+		}
+		saga_event_at(s, compensation ? "compensation_failed" :
+					  call->timed_out ? "step_timed_out" : "step_failed",
+					  st->name, attempt, compensation, call->error, jb_done(&detail));
+	}
+	branch_write(b);
+}
+
+/*
+ * Send the command of branch st's async action (or compensation) for b
+ * (its row, locked): the branch waits for its reply until its timeout.
+ * False if the outbox refused the command, which fails that attempt for
+ * good (written).
+ */
+static bool
+branch_send(Saga *s, SagaStepDef *st, Branch *b, bool compensation)
+{
+	int			attempt = (compensation ? b->compensation_attempts : b->attempts) + 1;
+	TimestampTz now = GetCurrentTimestamp();
+	Jsonb	   *detail;
+	StepCall	call;
+
+	memset(&call, 0, sizeof(call));
+	call.error = command_publish(s, st, compensation, attempt, now + st->timeout_us, &detail);
+	if (compensation)
+		b->compensation_attempts = attempt;
+	else
+		b->attempts = attempt;
+	if (b->started_at == 0)
+		b->started_at = now;
+	if (call.error)
+	{
+		branch_settle(s, st, b, compensation, attempt, &call);
+		return false;
+	}
+	b->awaiting = true;
+	b->reply = NULL;
+	b->next_run_at = now + st->timeout_us;
+	saga_event_at(s, "command_sent", st->name, attempt, compensation, NULL, detail);
+	branch_write(b);
+	return true;
+}
+
+/*
+ * Make the branches of the current group that are in state from (or
+ * or_from, if not NULL) and have a compensation due for it (those a tick
+ * is running are left alone); the async compensations are sent at once,
+ * together in this transaction, the SQL ones are left to the orchestrators.
  */
 static uint64
-group_arm_compensations(Saga *s, SagaStepDef *st, const char *from)
+group_arm_compensations(Saga *s, SagaStepDef *st, const char *from, const char *or_from)
 {
+	Datum		states[2] = {CStringGetTextDatum(from), CStringGetTextDatum(or_from ? or_from : from)};
 	Datum		values[5];
 	Datum	   *numbers = palloc(st->nbranches * sizeof(Datum));
 	int			n = 0;
 	int			i;
+	uint64		armed;
+	uint64		j;
+	Branch	   *rows;
 
 	for (i = 0; i < st->nbranches; i++)
 		if (st->branches[i].compensation.kind != OP_NONE)
@@ -2039,10 +2304,17 @@ group_arm_compensations(Saga *s, SagaStepDef *st, const char *from)
 		return 0;
 	values[0] = Int64GetDatum(s->id);
 	values[1] = Int32GetDatum(s->step);
-	values[2] = CStringGetTextDatum(from);
+	values[2] = PointerGetDatum(construct_array(states, 2, TEXTOID, -1, false, TYPALIGN_INT));
 	values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
 	values[4] = PointerGetDatum(construct_array(numbers, n, INT4OID, sizeof(int32), true, TYPALIGN_INT));
-	return run_plan(PLAN_BRANCH_ARM, values, NULL);
+	armed = run_plan(PLAN_BRANCH_ARM, values, NULL);
+	rows = palloc0(Max(armed, 1) * sizeof(Branch));
+	for (j = 0; j < armed; j++)
+		branch_read(j, &rows[j]);
+	for (j = 0; j < armed; j++)
+		if (st->branches[rows[j].branch_no - 1].compensation.kind == OP_ASYNC)
+			(void) branch_send(s, &st->branches[rows[j].branch_no - 1], &rows[j], true);
+	return armed;
 }
 
 /*
@@ -2063,33 +2335,74 @@ group_wait(Saga *s, SagaStepDef *st)
 	saga_write(s);
 }
 
+/*
+ * Enter group st: one row per branch, the SQL ones due now (every
+ * orchestrator woken for them), the async ones' commands sent together
+ * in this transaction.
+ */
+static void
+group_enter(Saga *s, SagaStepDef *st)
+{
+	Datum		values[4];
+	Datum	   *names = palloc(st->nbranches * sizeof(Datum));
+	int		   *inserted = palloc(st->nbranches * sizeof(int));
+	uint64		n;
+	uint64		i;
+	bool		isnull;
+	bool		refused = false;
+	JsonBuf		detail;
+
+	for (i = 0; i < (uint64) st->nbranches; i++)
+		names[i] = CStringGetTextDatum(st->branches[i].name);
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(s->step);
+	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+	values[3] = PointerGetDatum(construct_array(names, st->nbranches, TEXTOID, -1, false, TYPALIGN_INT));
+	n = run_plan(PLAN_BRANCH_INSERT, values, NULL);
+	for (i = 0; i < n; i++)
+		inserted[i] = DatumGetInt32(column(i, 1, &isnull));
+	step_row_action(s, "waiting", 0, 0, NULL, NULL);
+	jb_init(&detail);
+	jb_int(&detail, "branches", st->nbranches);
+	saga_event(s, "group_started", s->step, 0, false, NULL, jb_done(&detail));
+	for (i = 0; i < n; i++)
+	{
+		SagaStepDef *branch = &st->branches[inserted[i] - 1];
+		Branch		b;
+
+		if (branch->action.kind != OP_ASYNC)
+			continue;
+		memset(&b, 0, sizeof(b));
+		b.saga_id = s->id;
+		b.step_no = s->step;
+		b.branch_no = inserted[i];
+		b.state = "pending";
+		/* a refused one cancelled the branches not sent yet */
+		if (!branch_send(s, branch, &b, false))
+		{
+			refused = true;
+			break;
+		}
+	}
+	group_wait(s, st);
+	if (refused)
+	{
+		/* a branch failed at once: the saga's next tick starts undoing */
+		s->next_run_at = GetCurrentTimestamp();
+		saga_write(s);
+	}
+	worker_wake_at_commit();
+}
+
 /* A saga's tick at a parallel group (running, or compensating it). */
 static void
 group_advance(Saga *s, SagaStepDef *st, bool compensation)
 {
 	GroupView	v;
-	JsonBuf		detail;
 
 	if (!compensation && !s->awaiting)
 	{
-		/* entering the group: one due row per branch, every orchestrator woken */
-		Datum		values[4];
-		Datum	   *names = palloc(st->nbranches * sizeof(Datum));
-		int			i;
-
-		for (i = 0; i < st->nbranches; i++)
-			names[i] = CStringGetTextDatum(st->branches[i].name);
-		values[0] = Int64GetDatum(s->id);
-		values[1] = Int32GetDatum(s->step);
-		values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
-		values[3] = PointerGetDatum(construct_array(names, st->nbranches, TEXTOID, -1, false, TYPALIGN_INT));
-		run_plan(PLAN_BRANCH_INSERT, values, NULL);
-		step_row_action(s, "waiting", 0, 0, NULL, NULL);
-		jb_init(&detail);
-		jb_int(&detail, "branches", st->nbranches);
-		saga_event(s, "group_started", s->step, 0, false, NULL, jb_done(&detail));
-		group_wait(s, st);
-		worker_wake_at_commit();
+		group_enter(s, st);
 		return;
 	}
 
@@ -2122,7 +2435,7 @@ group_advance(Saga *s, SagaStepDef *st, bool compensation)
 	}
 
 	/* compensating the group: its completed branches, concurrently */
-	if (v.completed > 0 && group_arm_compensations(s, st, "completed") > 0)
+	if (v.undoable > 0 && group_arm_compensations(s, st, "completed", "timed_out") > 0)
 	{
 		group_view(s, st, &v);
 		worker_wake_at_commit();
@@ -2130,6 +2443,14 @@ group_advance(Saga *s, SagaStepDef *st, bool compensation)
 	if (v.compensating > 0)
 	{
 		group_wait(s, st);
+		return;
+	}
+	if (v.undoable > 0)
+	{
+		/* a stale reply holds a branch row this tick skipped: look again soon */
+		s->awaiting = true;
+		s->next_run_at = GetCurrentTimestamp() + LOCKED_RETRY_MS * INT64CONST(1000);
+		saga_write(s);
 		return;
 	}
 	if (v.compensation_failed > 0)
@@ -2190,11 +2511,8 @@ saga_advance(Saga *s)
 	{
 		if (!s->awaiting)
 			send_command(s, compensation);
-		else if (s->reply)
+		else
 			apply_reply(s, compensation);
-		else					/* the deadline passed */
-			attempt_failed(s, compensation, s->attempt, timeout_error(s, compensation),
-						   true, true, !compensation);
 	}
 	else if (op->kind == OP_SQL)
 	{
@@ -2263,141 +2581,66 @@ saga_suspend(int64 id, const char *name, ErrorData *edata)
 			 errhint("Fix the cause, then call resilience.saga_retry(" INT64_FORMAT ").", id)));
 }
 
-/* A branch row as claimed (BRANCH_COLUMNS). */
-typedef struct Branch
-{
-	int64		saga_id;
-	int			step_no;
-	int			branch_no;
-	char	   *state;
-	int			attempts;
-	int			compensation_attempts;
-	TimestampTz started_at;		/* 0: not yet */
-	TimestampTz next_run_at;	/* 0: not due */
-	TimestampTz finished_at;
-	TimestampTz compensated_at;
-	Jsonb	   *result;
-	Jsonb	   *error;
-} Branch;
-
 /*
- * Write branch b back to its (locked) row; a finished one makes its saga due
- * (lock order: the branch row, then the saga's).  Every finished branch
- * pokes: counting the unfinished ones first would need the saga's lock to
- * be sure, and costs more than the poke (an orchestrator takes due branches
- * before sagas, so the saga's tick mostly comes after the last one).
- */
-static void
-branch_write(Branch *b)
-{
-	Datum		values[12];
-	bool		isnull[12] = {0};
-	TimestampTz now = GetCurrentTimestamp();
-
-	values[0] = Int64GetDatum(b->saga_id);
-	values[1] = Int32GetDatum(b->step_no);
-	values[2] = Int32GetDatum(b->branch_no);
-	values[3] = CStringGetTextDatum(b->state);
-	values[4] = Int32GetDatum(b->attempts);
-	values[5] = Int32GetDatum(b->compensation_attempts);
-	values[6] = TimestampTzGetDatum(b->next_run_at);
-	isnull[6] = b->next_run_at == 0;
-	values[7] = TimestampTzGetDatum(b->started_at);
-	isnull[7] = b->started_at == 0;
-	values[8] = TimestampTzGetDatum(b->finished_at);
-	isnull[8] = b->finished_at == 0;
-	values[9] = TimestampTzGetDatum(b->compensated_at);
-	isnull[9] = b->compensated_at == 0;
-	values[10] = JsonbPGetDatum(b->result);
-	isnull[10] = b->result == NULL;
-	values[11] = JsonbPGetDatum(b->error);
-	isnull[11] = b->error == NULL;
-	run_plan(PLAN_BRANCH_WRITE, values, isnull);
-	if (b->next_run_at == 0)
-	{
-		values[0] = Int64GetDatum(b->saga_id);
-		values[1] = TimestampTzGetDatum(now);
-		run_plan(PLAN_POKE, values, NULL);
-		worker_wake_at_commit();
-	}
-}
-
-/*
- * One attempt of branch b's action (or compensation, when it is
- * compensating) of saga s, read unlocked: its context does not change
- * while it is at the group.  The branch's effects and its row commit
- * together, as a step's do.
+ * One unit of work on branch b of saga s, read unlocked (its context does
+ * not change while it is at the group): one attempt of its SQL action (or
+ * compensation, when it is compensating), or for an async one, sending its
+ * command, applying the reply received, or timing it out.  The branch's
+ * effects and its row commit together, as a step's do.
  */
 static void
 branch_run(Saga *s, SagaStepDef *st, Branch *b)
 {
 	bool		compensation = strcmp(b->state, "compensating") == 0;
-	int			attempt = (compensation ? b->compensation_attempts : b->attempts) + 1;
+	SagaOp	   *op = compensation ? &st->compensation : &st->action;
 	StepCall	call;
-	TimestampTz now;
-	JsonBuf		detail;
+	int			attempt;
 
 	if (!compensation && strcmp(b->state, "pending") != 0)
 		elog(ERROR, "branch \"%s\" of saga " INT64_FORMAT " is %s and not due", st->name, s->id, b->state);
+	if (op->kind == OP_ASYNC && !b->awaiting)
+	{
+		(void) branch_send(s, st, b, compensation);
+		return;
+	}
+	if (op->kind == OP_ASYNC)
+	{
+		attempt = compensation ? b->compensation_attempts : b->attempts;
+		reply_outcome(b->reply, st, compensation, &call);
+		branch_settle(s, st, b, compensation, attempt, &call);
+		return;
+	}
+	attempt = (compensation ? b->compensation_attempts : b->attempts) + 1;
 	call_sql_step(s, st, compensation, attempt, &call);
-	now = GetCurrentTimestamp();
 	if (compensation)
 		b->compensation_attempts = attempt;
 	else
 		b->attempts = attempt;
 	if (b->started_at == 0)
 		b->started_at = s->attempt_start;
-	jb_init(&detail);
-	if (call.ok)
-	{
-		b->next_run_at = 0;
-		if (compensation)
-		{
-			b->state = "compensated";
-			b->compensated_at = now;
-			saga_event_at(s, "step_compensated", st->name, attempt, true, NULL, NULL);
-		}
-		else
-		{
-			b->state = "completed";
-			b->finished_at = now;
-			b->result = call.result;
-			jb_int(&detail, "duration_us", call.duration_us);
-			saga_event_at(s, "step_completed", st->name, attempt, false, NULL, jb_done(&detail));
-		}
-	}
-	else
-	{
-		bool		retry = call.retryable && attempt < st->max_attempts;
+	branch_settle(s, st, b, compensation, attempt, &call);
+}
 
-		b->error = call.error;
-		jb_bool(&detail, "retryable", call.retryable);
-		jb_int(&detail, "max_attempts", st->max_attempts);
-		if (retry)
-		{
-			b->next_run_at = now + resilience_backoff_usec(attempt - 1, st->backoff_base_us,
-														   st->backoff_cap_us, st->jitter,
-														   st->backoff_base_us);
-			jb_time(&detail, "retry_at", b->next_run_at);
-			metrics_add_at_commit(RC_SAGA_STEP_RETRIES, compensation ? RV_COMPENSATION : RV_ACTION,
-								  s->def->name, 1);
-		}
-		else
-		{
-			b->next_run_at = 0;
-			b->state = compensation ? "compensation_failed" : "failed";
-			if (!compensation)
-			{
-				/* the group fails: the branches not started never will */
-				b->finished_at = now;
-				group_cancel_pending(s);
-			}
-		}
-		saga_event_at(s, compensation ? "compensation_failed" :
-					  call.timed_out ? "step_timed_out" : "step_failed",
-					  st->name, attempt, compensation, call.error, jb_done(&detail));
-	}
-	branch_write(b);
+/* Run one unit of work on the claimed branch arg (a copy: it changes). */
+static void
+branch_claimed(void *arg)
+{
+	Branch	   *b = arg;
+	Datum		values[1];
+	Saga		s;
+	SagaStepDef *group;
+
+	values[0] = Int64GetDatum(b->saga_id);
+	if (run_plan(PLAN_SAGA_READ, values, NULL) != 1)
+		elog(ERROR, "saga " INT64_FORMAT " of a parallel branch does not exist", b->saga_id);
+	saga_read(&s);
+	if (b->step_no < 1 || b->step_no > s.def->nsteps ||
+		s.def->steps[b->step_no - 1].kind != STEP_GROUP ||
+		b->branch_no < 1 || b->branch_no > s.def->steps[b->step_no - 1].nbranches)
+		elog(ERROR, "saga " INT64_FORMAT " has no branch %d of step %d", b->saga_id, b->branch_no, b->step_no);
+	s.step = b->step_no;
+	group = &s.def->steps[b->step_no - 1];
+	branch_run(&s, &group->branches[b->branch_no - 1], b);
 }
 
 /*
@@ -2409,12 +2652,10 @@ branch_run(Saga *s, SagaStepDef *st, Branch *b)
 static bool
 branch_tick(Oid by_hand)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
 	Datum		values[2];
-	bool		isnull;
 	Branch		b;
-	Datum		d;
+	Branch		run;
+	ErrorData  *edata;
 
 	if (schema_is_0_1())
 		return false;
@@ -2422,66 +2663,29 @@ branch_tick(Oid by_hand)
 	values[1] = ObjectIdGetDatum(by_hand);
 	if (run_plan(PLAN_BRANCH_PICK, values, NULL) == 0)
 		return false;
-	memset(&b, 0, sizeof(b));
-	b.saga_id = DatumGetInt64(column(0, 1, &isnull));
-	b.step_no = DatumGetInt32(column(0, 2, &isnull));
-	b.branch_no = DatumGetInt32(column(0, 3, &isnull));
-	b.state = column_text(0, 4);
-	b.attempts = DatumGetInt32(column(0, 5, &isnull));
-	b.compensation_attempts = DatumGetInt32(column(0, 6, &isnull));
-	d = column(0, 7, &isnull);
-	b.started_at = isnull ? 0 : DatumGetTimestampTz(d);
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	branch_read(0, &b);
+	run = b;
+	edata = resilience_run_caught(branch_claimed, &run);
+	if (edata == NULL)
+		return true;
+	step_saga_id = 0;
+	if (tick_error_is_transient(edata))
+		ReThrowError(edata);
+	ereport(LOG,
+			(errmsg("branch %d of step %d of saga " INT64_FORMAT " failed outside its step: %s",
+					b.branch_no, b.step_no, b.saga_id, edata->message)));
+	if (strcmp(b.state, "compensating") == 0)
+		b.state = "compensation_failed";
+	else
 	{
-		Saga		s;
-		SagaStepDef *group;
-
-		values[0] = Int64GetDatum(b.saga_id);
-		if (run_plan(PLAN_SAGA_READ, values, NULL) != 1)
-			elog(ERROR, "saga " INT64_FORMAT " of a parallel branch does not exist", b.saga_id);
-		saga_read(&s);
-		if (b.step_no < 1 || b.step_no > s.def->nsteps ||
-			s.def->steps[b.step_no - 1].kind != STEP_GROUP ||
-			b.branch_no < 1 || b.branch_no > s.def->steps[b.step_no - 1].nbranches)
-			elog(ERROR, "saga " INT64_FORMAT " has no branch %d of step %d", b.saga_id, b.branch_no, b.step_no);
-		s.step = b.step_no;
-		group = &s.def->steps[b.step_no - 1];
-		branch_run(&s, &group->branches[b.branch_no - 1], &b);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
+		b.state = "failed";
+		b.finished_at = GetCurrentTimestamp();
 	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		step_saga_id = 0;
-		if (tick_error_is_transient(edata))
-			ReThrowError(edata);
-		ereport(LOG,
-				(errmsg("branch %d of step %d of saga " INT64_FORMAT " failed outside its step: %s",
-						b.branch_no, b.step_no, b.saga_id, edata->message)));
-		if (strcmp(b.state, "compensating") == 0)
-			b.state = "compensation_failed";
-		else
-		{
-			b.state = "failed";
-			b.finished_at = GetCurrentTimestamp();
-		}
-		b.next_run_at = 0;
-		b.error = error_json(edata, NULL);
-		branch_write(&b);
-	}
-	PG_END_TRY();
+	b.next_run_at = 0;
+	b.awaiting = false;
+	b.reply = NULL;
+	b.error = error_json(edata, NULL);
+	branch_write(&b);
 	return true;
 }
 
@@ -3062,12 +3266,104 @@ saga_check_replier(Saga *s, Oid caller)
 }
 
 /*
- * A reply to an async command.  Accepted (true) only while the step waits for
- * it: the command of that step and kind is out, no reply is recorded yet, and
- * its deadline has not passed; the next tick applies it.  A reply to a
- * command that was sent but no longer waits is recorded and ignored (false).
- * A reply to a step that is not async, or to which no command was ever sent,
- * is an error.
+ * The group step and branch called name in def (false if none is).
+ */
+static bool
+branch_number(SagaDef *def, const char *name, int *stepno, int *branchno)
+{
+	int			i;
+	int			j;
+
+	for (i = 0; i < def->nsteps; i++)
+		for (j = 0; j < def->steps[i].nbranches; j++)
+			if (strcmp(def->steps[i].branches[j].name, name) == 0)
+			{
+				*stepno = i + 1;
+				*branchno = j + 1;
+				return true;
+			}
+	return false;
+}
+
+/* The reply as saga_reply stores it, for the tick to apply. */
+static Jsonb *
+reply_json(bool completed, Jsonb *body, bool retryable, TimestampTz now)
+{
+	JsonBuf		reply;
+
+	jb_init(&reply);
+	jb_str(&reply, "status", completed ? "completed" : "failed");
+	jb_jsonb(&reply, completed ? "result" : "error", body);
+	if (!completed)
+		jb_bool(&reply, "retryable", retryable);
+	jb_time(&reply, "received_at", now);
+	return jb_done(&reply);
+}
+
+/* 55000: no command of that kind was ever sent for step (or branch) step. */
+static void
+reply_not_sent(Saga *s, const char *step, const char *command)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("step \"%s\" of saga " INT64_FORMAT " is not waiting for a reply",
+					step, s->id),
+			 errdetail("No %s command has been sent for it; the saga is %s at step %d.",
+					   command, state_names[s->state], s->step)));
+}
+
+/*
+ * A reply to the command of branch branchno of group stepno of saga s (read
+ * unlocked): the same rules as saga_reply's, on the branch's row, which it
+ * locks (waiting for a tick that holds it), and never the saga's: the lock
+ * order is the branch row, then the saga row.  The tick that claims the
+ * branch (made due at once) applies it.
+ */
+static bool
+branch_reply(Saga *s, int stepno, int branchno, bool completed, Jsonb *body, bool retryable,
+			 bool compensation, JsonBuf *detail)
+{
+	SagaStepDef *st = &s->def->steps[stepno - 1].branches[branchno - 1];
+	const char *command = compensation ? "compensation" : "action";
+	Datum		values[3];
+	Branch		b;
+	TimestampTz now;
+	bool		waiting;
+
+	values[0] = Int64GetDatum(s->id);
+	values[1] = Int32GetDatum(stepno);
+	values[2] = Int32GetDatum(branchno);
+	if (run_plan(PLAN_BRANCH_LOCK, values, NULL) == 0)
+		reply_not_sent(s, st->name, command);
+	branch_read(0, &b);
+	now = GetCurrentTimestamp();
+	waiting = b.awaiting && strcmp(b.state, compensation ? "compensating" : "pending") == 0;
+	if (waiting && b.reply == NULL && now <= b.next_run_at)
+	{
+		b.reply = reply_json(completed, body, retryable, now);
+		b.next_run_at = now;
+		branch_write(&b);
+		saga_event_at(s, "reply_received", st->name, compensation ? b.compensation_attempts : b.attempts,
+					  compensation, completed ? NULL : body, jb_done(detail));
+		worker_wake_at_commit();
+		return true;
+	}
+	if ((compensation ? b.compensation_attempts : b.attempts) == 0)
+		reply_not_sent(s, st->name, command);
+	jb_str(detail, "reason", !waiting ? "not_waiting" : b.reply ? "already_replied" : "after_deadline");
+	jb_jsonb(detail, completed ? "result" : "error", body);
+	saga_event_at(s, "reply_ignored", st->name, compensation ? b.compensation_attempts : b.attempts,
+				  compensation, NULL, jb_done(detail));
+	return false;
+}
+
+/*
+ * A reply to an async command.  Accepted (true) only while the step (or
+ * branch of a parallel group) waits for it: the command of that step and
+ * kind is out, no reply is recorded yet, and its deadline has not passed;
+ * the next tick applies it.  A reply to a command that was sent but no
+ * longer waits is recorded and ignored (false).  A reply to a step that is
+ * not async, or to which no command was ever sent, is an error.
  */
 static bool
 saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
@@ -3077,28 +3373,39 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 	char	   *step;
 	Saga		s;
 	int			stepno;
+	int			branchno = 0;
+	SagaStepDef *st;
 	SagaOp	   *op;
 	const char *command = compensation ? "compensation" : "action";
 	TimestampTz now;
 	bool		waiting;
+	bool		accepted;
 	JsonBuf		detail;
 	ResilienceUser save;
+	Datum		values[1];
 
 	saga_id = saga_id_arg(fcinfo, completed ? "saga_step_completed" : "saga_step_failed");
 	step = text_arg(fcinfo, 1, "step", SAGA_NAME_MAX);
 
 	SPI_connect();
 	resilience_become_owner(true, &save);
-	saga_lock(&s, saga_id);
+	/* read first: a branch's reply must not lock the saga's row */
+	values[0] = Int64GetDatum(saga_id);
+	if (run_plan(PLAN_SAGA_READ, values, NULL) == 0)
+		saga_lock(&s, saga_id); /* raises 42704 */
+	saga_read(&s);
 	if (tenants_enabled())
 		saga_check_replier(&s, save.userid);
 	stepno = step_number(s.def, step);
-	if (stepno == 0)
+	if (stepno == 0 && !branch_number(s.def, step, &stepno, &branchno))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("saga " INT64_FORMAT " (\"%s\" version %d) has no step \"%s\"",
 						saga_id, s.def->name, s.def->version, step)));
-	op = compensation ? &s.def->steps[stepno - 1].compensation : &s.def->steps[stepno - 1].action;
+	if (branchno == 0)
+		saga_lock(&s, saga_id);
+	st = branchno ? &s.def->steps[stepno - 1].branches[branchno - 1] : &s.def->steps[stepno - 1];
+	op = compensation ? &st->compensation : &st->action;
 	if (op->kind != OP_ASYNC)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -3109,26 +3416,25 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 				 errhint("Only async actions and compensations take replies%s.",
 						 compensation ? "" : "; a reply to a compensation passes compensation => true")));
 
-	now = GetCurrentTimestamp();
-	waiting = s.awaiting && s.step == stepno &&
-		s.state == (compensation ? SAGA_COMPENSATING : SAGA_RUNNING);
 	jb_init(&detail);
 	jb_str(&detail, "command", command);
 	jb_str(&detail, "status", completed ? "completed" : "failed");
 	if (!completed)
 		jb_bool(&detail, "retryable", retryable);
+	if (branchno)
+	{
+		accepted = branch_reply(&s, stepno, branchno, completed, body, retryable, compensation, &detail);
+		resilience_restore_user(&save);
+		SPI_finish();
+		return accepted;
+	}
 
+	now = GetCurrentTimestamp();
+	waiting = s.awaiting && s.step == stepno &&
+		s.state == (compensation ? SAGA_COMPENSATING : SAGA_RUNNING);
 	if (waiting && s.reply == NULL && now <= s.next_run_at)
 	{
-		JsonBuf		reply;
-
-		jb_init(&reply);
-		jb_str(&reply, "status", completed ? "completed" : "failed");
-		jb_jsonb(&reply, completed ? "result" : "error", body);
-		if (!completed)
-			jb_bool(&reply, "retryable", retryable);
-		jb_time(&reply, "received_at", now);
-		s.reply = jb_done(&reply);
+		s.reply = reply_json(completed, body, retryable, now);
 		s.next_run_at = now;
 		saga_event(&s, "reply_received", stepno, s.attempt, compensation,
 				   completed ? NULL : body, jb_done(&detail));
@@ -3144,12 +3450,7 @@ saga_reply(FunctionCallInfo fcinfo, bool completed, Jsonb *body, bool retryable,
 		int			sent = 0;
 
 		if (!step_row_read(&s, stepno, compensation, &state, &sent) || sent == 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("step \"%s\" of saga " INT64_FORMAT " is not waiting for a reply",
-							step, saga_id),
-					 errdetail("No %s command has been sent for it; the saga is %s at step %d.",
-							   command, state_names[s.state], s.step)));
+			reply_not_sent(&s, step, command);
 		jb_str(&detail, "reason", !waiting ? "not_waiting" :
 			   s.reply ? "already_replied" : "after_deadline");
 		jb_jsonb(&detail, completed ? "result" : "error", body);
@@ -3386,7 +3687,7 @@ saga_retry(PG_FUNCTION_ARGS)
 		s.reply = NULL;
 		step_row_state(&s, s.step, "compensating");
 		if (s.step > 0 && s.def->steps[s.step - 1].kind == STEP_GROUP)
-			(void) group_arm_compensations(&s, &s.def->steps[s.step - 1], "compensation_failed");
+			(void) group_arm_compensations(&s, &s.def->steps[s.step - 1], "compensation_failed", NULL);
 	}
 	saga_event(&s, "saga_retried", suspended ? 0 : s.step, 0, !suspended, NULL, NULL);
 	saga_write(&s);

@@ -561,6 +561,78 @@ pick_due(Oid caller, TimestampTz now)
 	return s;
 }
 
+/* A schedule's command to run for a slot, and its result. */
+typedef struct CommandRun
+{
+	Schedule   *s;
+	TimestampTz slot;
+	Jsonb	   *result;
+} CommandRun;
+
+/* Run the command of cr->slot as the creator (in resilience_run_caught). */
+static void
+command_call(void *arg)
+{
+	CommandRun *cr = arg;
+	const char *kind = command_kind(cr->s->command);
+	ResilienceUser save;
+	char	   *res;
+
+	if (superuser_arg(cr->s->creator))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("schedules never run as a superuser"),
+				 errdetail("Role %s, which created schedule \"%s\", is a superuser now.",
+						   GetUserNameFromId(cr->s->creator, true), cr->s->name)));
+	resilience_become(cr->s->creator, true, &save);
+	/* the command may read its slot: current_setting('resilience.schedule_slot') */
+	(void) set_config_option("resilience.schedule_slot", slot_text(cr->slot),
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	if (strcmp(kind, "sql") == 0)
+	{
+		int			ret = SPI_execute(json_string(cr->s->command, "sql", "sql"), false, 0);
+
+		if (ret < 0)
+			elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
+		res = psprintf("{\"rows\": " UINT64_FORMAT "}", (uint64) SPI_processed);
+	}
+	else if (strcmp(kind, "saga") == 0)
+	{
+		Jsonb	   *payload = json_get(cr->s->command, "payload");
+		Datum		values[3];
+		bool		isnull;
+
+		values[0] = CStringGetTextDatum(json_string(cr->s->command, "saga", "saga"));
+		values[1] = payload ? JsonbPGetDatum(payload) :
+			DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+		values[2] = CStringGetTextDatum(psprintf("schedule:%s:%s", cr->s->name, slot_text(cr->slot)));
+		run("SELECT resilience.saga_start($1, $2, $3)", 3,
+			(Oid[]) {TEXTOID, JSONBOID, TEXTOID}, values, NULL, SPI_OK_SELECT);
+		res = psprintf("{\"saga_id\": " INT64_FORMAT "}",
+					   DatumGetInt64(column(0, 1, &isnull)));
+	}
+	else
+	{
+		Jsonb	   *publish = json_get(cr->s->command, "publish");
+		Jsonb	   *payload = json_get(publish, "payload");
+		char	   *key = json_string(publish, "key", "key");
+		Datum		values[3];
+		bool		isnull;
+
+		values[0] = CStringGetTextDatum(json_string(publish, "topic", "topic"));
+		values[1] = payload ? JsonbPGetDatum(payload) :
+			DirectFunctionCall1(jsonb_in, CStringGetDatum("null"));
+		values[2] = key ? CStringGetTextDatum(key) : (Datum) 0;
+		run("SELECT resilience.outbox_publish($1, $2, $3)", 3,
+			(Oid[]) {TEXTOID, JSONBOID, TEXTOID}, values, key ? "   " : "  n",
+			SPI_OK_SELECT);
+		res = psprintf("{\"event_id\": " INT64_FORMAT "}",
+					   DatumGetInt64(column(0, 1, &isnull)));
+	}
+	resilience_restore_user(&save);
+	cr->result = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(res)));
+}
+
 /*
  * Run the command of slot as the creator, in a subtransaction: NULL and
  * *result on success, else the error message (the subtransaction rolled
@@ -569,95 +641,15 @@ pick_due(Oid caller, TimestampTz now)
 static char *
 run_command(Schedule *s, TimestampTz slot, Jsonb **result)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	const char *kind = command_kind(s->command);
-	ResilienceUser save;
-	char	   *error = NULL;
+	CommandRun	run = {s, slot, NULL};
+	ErrorData  *edata = resilience_run_caught(command_call, &run);
 
-	*result = NULL;
-	GetUserIdAndSecContext(&save.userid, &save.sec_context);
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
-	{
-		char	   *res;
-
-		if (superuser_arg(s->creator))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("schedules never run as a superuser"),
-					 errdetail("Role %s, which created schedule \"%s\", is a superuser now.",
-							   GetUserNameFromId(s->creator, true), s->name)));
-		resilience_become(s->creator, true, &save);
-		/* the command may read its slot: current_setting('resilience.schedule_slot') */
-		(void) set_config_option("resilience.schedule_slot", slot_text(slot),
-								 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-		if (strcmp(kind, "sql") == 0)
-		{
-			int			ret = SPI_execute(json_string(s->command, "sql", "sql"), false, 0);
-
-			if (ret < 0)
-				elog(ERROR, "SPI_execute failed: %s", SPI_result_code_string(ret));
-			res = psprintf("{\"rows\": " UINT64_FORMAT "}", (uint64) SPI_processed);
-		}
-		else if (strcmp(kind, "saga") == 0)
-		{
-			Jsonb	   *payload = json_get(s->command, "payload");
-			Datum		values[3];
-			bool		isnull;
-
-			values[0] = CStringGetTextDatum(json_string(s->command, "saga", "saga"));
-			values[1] = payload ? JsonbPGetDatum(payload) :
-				DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
-			values[2] = CStringGetTextDatum(psprintf("schedule:%s:%s", s->name, slot_text(slot)));
-			run("SELECT resilience.saga_start($1, $2, $3)", 3,
-				(Oid[]) {TEXTOID, JSONBOID, TEXTOID}, values, NULL, SPI_OK_SELECT);
-			res = psprintf("{\"saga_id\": " INT64_FORMAT "}",
-						   DatumGetInt64(column(0, 1, &isnull)));
-		}
-		else
-		{
-			Jsonb	   *publish = json_get(s->command, "publish");
-			Jsonb	   *payload = json_get(publish, "payload");
-			char	   *key = json_string(publish, "key", "key");
-			Datum		values[3];
-			bool		isnull;
-
-			values[0] = CStringGetTextDatum(json_string(publish, "topic", "topic"));
-			values[1] = payload ? JsonbPGetDatum(payload) :
-				DirectFunctionCall1(jsonb_in, CStringGetDatum("null"));
-			values[2] = key ? CStringGetTextDatum(key) : (Datum) 0;
-			run("SELECT resilience.outbox_publish($1, $2, $3)", 3,
-				(Oid[]) {TEXTOID, JSONBOID, TEXTOID}, values, key ? "   " : "  n",
-				SPI_OK_SELECT);
-			res = psprintf("{\"event_id\": " INT64_FORMAT "}",
-						   DatumGetInt64(column(0, 1, &isnull)));
-		}
-		resilience_restore_user(&save);
-		MemoryContextSwitchTo(oldcontext);
-		*result = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(res)));
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-		SetUserIdAndSecContext(save.userid, save.sec_context);
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			ReThrowError(edata);
-		error = psprintf("%s: %s", unpack_sql_state(edata->sqlerrcode), edata->message);
-	}
-	PG_END_TRY();
-	return error;
+	*result = run.result;
+	if (edata == NULL)
+		return NULL;
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		ReThrowError(edata);
+	return psprintf("%s: %s", unpack_sql_state(edata->sqlerrcode), edata->message);
 }
 
 /*
