@@ -10,7 +10,9 @@
 #
 # %opts: conf => extra postgresql.conf lines for every node, coord_conf =>
 # extra lines for the coordinator only (the relay and the orchestrator run
-# there: resilience.database_names is set on the coordinator only).
+# there: resilience.database_names is set on the coordinator only),
+# no_coordinator_host => 1 leaves the coordinator out of Citus's metadata
+# (then $c->set_coordinator_host puts it in).
 package CitusCluster;
 
 use strict;
@@ -47,12 +49,21 @@ sub new
 	$self->{coord} = node("${name}_coord",
 		($opts{coord_conf} // "resilience.database_names = 'postgres'\nresilience.worker_naptime = '1s'") . "\n$conf");
 	my $c = $self->{coord};
-	$c->safe_psql('postgres', "SELECT citus_set_coordinator_host('127.0.0.1', " . $c->port . ')');
+	$self->set_coordinator_host unless $opts{no_coordinator_host};
 	$c->safe_psql('postgres', "SELECT citus_add_node('127.0.0.1', " . $_->port . ')')
 	  for @{ $self->{workers} };
 	# created on the coordinator, propagated to the workers by Citus
 	$c->safe_psql('postgres', 'CREATE EXTENSION resilience');
 	return $self;
+}
+
+# The coordinator in Citus's metadata (group 0): citus_setup() needs it for
+# the Citus local tables.
+sub set_coordinator_host
+{
+	my ($self) = @_;
+	my $c = $self->{coord};
+	$c->safe_psql('postgres', "SELECT citus_set_coordinator_host('127.0.0.1', " . $c->port . ')');
 }
 
 sub setup
