@@ -31,12 +31,10 @@ use CitusCluster;
 my $c = CitusCluster->new('crash', conf => "wal_level = replica\nmax_wal_senders = 2");
 my $coord = $c->{coord};
 $c->setup;
+$c->effects_table;
+$c->queue_route('orders.%', 'c1');
+$c->saga_role('agent');
 $coord->safe_psql('postgres', q{
-CREATE TABLE effects (k text NOT NULL, n bigint, src text);
-SELECT create_distributed_table('effects', 'k');
-CREATE SEQUENCE pub_order;
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('orders.%', 'queue', 'c1');
-CREATE ROLE agent LOGIN IN ROLE resilience_admin;
 CREATE FUNCTION public.noop(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
 SET ROLE agent;
 SELECT resilience.saga_define('crashtrip', '[{"name": "a", "action": "public.noop"}]');
@@ -112,20 +110,7 @@ $coord->poll_query_until('postgres', q{
 	SELECT count(*) = 0 FROM pg_dist_transaction}) or note('pg_dist_transaction not empty yet');
 
 # --- drain the outbox through the pull API ---
-$coord->safe_psql('postgres', q{
-CREATE TABLE claimed (ord serial, key text, n bigint);
-DO $$
-DECLARE got int;
-BEGIN
-  LOOP
-    WITH c AS (SELECT * FROM resilience.outbox_claim('c1', 100)),
-         i AS (INSERT INTO claimed (key, n) SELECT key, (payload->>'n')::bigint FROM c ORDER BY id RETURNING 1)
-    SELECT count(*) INTO got FROM i;
-    EXIT WHEN got = 0;
-    PERFORM resilience.outbox_ack('c1', array_agg(o.id)) FROM resilience.outbox o WHERE o.claimed_by IS NOT NULL;
-  END LOOP;
-END $$;
-});
+$c->drain_queue('c1');
 # The committed business rows, copied to the coordinator to compare
 $coord->safe_psql('postgres', q{CREATE TABLE load_rows AS SELECT n FROM effects WHERE src = 'load'});
 my $rows = $coord->safe_psql('postgres', q{SELECT count(*) FROM load_rows});
