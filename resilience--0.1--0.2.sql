@@ -2115,9 +2115,9 @@ BEGIN
     SELECT pg_catalog.string_agg(x::regclass::text, ', ') INTO lockable
       FROM (SELECT pg_catalog.unnest(todo_names) x
             UNION ALL
-            SELECT d[1] FROM pg_catalog.generate_subscripts(dist, 1) i, LATERAL (SELECT ARRAY[dist[i][1]]) y(d)
+            SELECT dist[i][1] FROM pg_catalog.generate_subscripts(dist, 1) i
              WHERE NOT EXISTS (SELECT FROM pg_dist_partition
-                                WHERE logicalrelid OPERATOR(pg_catalog.=) dist[i][1]::regclass)) z;
+                                WHERE logicalrelid OPERATOR(pg_catalog.=) dist[i][1]::regclass)) z(x);
     IF lockable IS NOT NULL THEN
         FOR attempt IN 1..600 LOOP
             BEGIN
