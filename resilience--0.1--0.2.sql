@@ -2019,3 +2019,269 @@ ALTER TABLE resilience.saga_branches
     ADD CONSTRAINT saga_branches_state_check
         CHECK (state IN ('pending', 'completed', 'failed', 'timed_out', 'cancelled',
                          'compensating', 'compensated', 'compensation_failed'));
+
+-- Issue 21: Citus local tables
+-- A transaction that writes a distributed table on one worker and a plain
+-- coordinator table (an outbox event, a saga) was committed by Citus in one
+-- phase on the worker before the coordinator: a worker dying after its
+-- COMMIT lost the coordinator's rows.  Citus uses two-phase commit once a
+-- transaction has modified a table through its local execution, so
+-- citus_setup() now also makes the tables an application writes on the
+-- coordinator Citus local tables (docs/citus.md).  The coordinator must be
+-- in Citus's metadata; checked first, like the rest.
+CREATE OR REPLACE FUNCTION resilience.citus_setup(
+    OUT object text, OUT placement text, OUT changed boolean)
+RETURNS SETOF record
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $citus$
+DECLARE
+    -- table, distribution column (NULL: reference table), co-location anchor
+    dist CONSTANT text[] := ARRAY[
+        ['resilience.fences', 'resource', 'none'],
+        ['resilience.leases', 'name', 'resilience.fences'],
+        ['resilience.streams', 'stream', 'resilience.fences'],
+        ['resilience.stream_events', 'stream', 'resilience.fences'],
+        -- their keys collate "C": a co-location group of their own
+        ['resilience.idempotency_keys', 'key', 'none'],
+        ['resilience.inbox', 'message_id', 'resilience.idempotency_keys'],
+        ['resilience.rate_limit_policies', NULL, NULL],
+        ['resilience.breaker_config', NULL, NULL]];
+    -- Citus local tables: their rows stay on the coordinator, but a write
+    -- to them goes through Citus's local execution, which makes Citus commit
+    -- a transaction that also wrote a worker with two-phase commit.  These
+    -- are the tables an application writes in its own transaction (an
+    -- outbox event, a saga, a schedule) and those their queries join.
+    -- FK-connected tables are converted together (cascade).
+    coord_local CONSTANT text[] := ARRAY['resilience.outbox', 'resilience.outbox_routes',
+        'resilience.outbox_dead_letters', 'resilience.saga_definitions', 'resilience.sagas',
+        'resilience.saga_steps', 'resilience.saga_events', 'resilience.saga_signals',
+        'resilience.saga_branches', 'resilience.schedule_definitions',
+        'resilience.schedule_runs'];
+    l text;
+    -- the extension's views over them, kept across the conversion
+    views CONSTANT text := $v$
+        WITH RECURSIVE dep(oid) AS (
+            SELECT r.ev_class FROM pg_catalog.pg_depend d
+              JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid
+             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+               AND d.refobjid OPERATOR(pg_catalog.=) ANY ($1)
+               AND r.ev_class OPERATOR(pg_catalog.<>) d.refobjid
+            UNION
+            SELECT r.ev_class FROM dep
+              JOIN pg_catalog.pg_depend d ON d.refobjid OPERATOR(pg_catalog.=) dep.oid
+              JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid
+             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+               AND r.ev_class OPERATOR(pg_catalog.<>) dep.oid)
+        SELECT c.oid::pg_catalog.regclass::pg_catalog.text, c.relacl,
+               pg_catalog.obj_description(c.oid, 'pg_class')
+          FROM dep JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) dep.oid
+         WHERE c.relkind OPERATOR(pg_catalog.=) 'v'$v$;
+    todo oid[];
+    todo_names text[];
+    attempt int;
+    lockable text;
+    v record;
+    g record;
+    saved jsonb := '[]';
+    saved_comments jsonb := '[]';
+    col record;
+    -- shared-memory state addressed by its first argument (key or name)
+    delegated CONSTANT name[] := ARRAY['rate_limit', 'rate_limit_check', 'window_limit',
+        'window_limit_check', 'rate_limit_reset', 'breaker_allow', 'breaker_record',
+        'breaker_guard', 'breaker_state', 'breaker_reset', 'breaker_force_open'];
+    t text[];
+    f regprocedure;
+    ok boolean;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
+        RAISE EXCEPTION 'Citus is not installed in database "%"', current_database()
+            USING ERRCODE = '55000',
+                  DETAIL = 'resilience.citus_setup() distributes resilience''s tables with Citus; on a single server there is nothing to place.',
+                  HINT = 'Add citus to shared_preload_libraries, CREATE EXTENSION citus and add the workers on the coordinator first (docs/citus.md).';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.citus_is_coordinator()' INTO ok;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'resilience.citus_setup() must be called on the Citus coordinator'
+            USING ERRCODE = '55000',
+                  DETAIL = 'This node is a Citus worker: placements are decided and recorded by the coordinator.',
+                  HINT = 'Connect to the coordinator and call it there.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM pg_catalog.citus_get_active_worker_nodes()'
+        INTO ok;
+    IF NOT ok THEN
+        RAISE EXCEPTION 'the Citus cluster has no active worker node'
+            USING ERRCODE = '55000',
+                  DETAIL = 'Distributed tables would all live on the coordinator.',
+                  HINT = 'Add the workers with citus_add_node() first.';
+    END IF;
+    -- Citus local tables need the coordinator in Citus's metadata (group 0)
+    IF NOT EXISTS (SELECT FROM pg_dist_node WHERE groupid OPERATOR(pg_catalog.=) 0) THEN
+        RAISE EXCEPTION 'the Citus coordinator is not in the Citus metadata'
+            USING ERRCODE = '55000',
+                  DETAIL = 'resilience.citus_setup() makes the outbox, saga and schedule tables Citus local tables, which live on the coordinator''s node (group 0).',
+                  HINT = 'Call citus_set_coordinator_host(''<coordinator host>'', <port>) first (docs/citus.md).';
+    END IF;
+    SELECT pg_catalog.array_agg(x::regclass::oid), pg_catalog.array_agg(x) INTO todo, todo_names
+      FROM pg_catalog.unnest(coord_local) x
+     WHERE NOT EXISTS (SELECT FROM pg_dist_partition
+                        WHERE logicalrelid OPERATOR(pg_catalog.=) x::regclass);
+    -- The coordinator's workers (relay, orchestrator, scheduler, reaper)
+    -- use these tables, several in one transaction: take every table this
+    -- call places at once before placing any, never waiting while holding
+    -- some (no deadlock); their transactions are short, so try again for
+    -- up to a minute.
+    SELECT pg_catalog.string_agg(x::regclass::text, ', ') INTO lockable
+      FROM (SELECT pg_catalog.unnest(todo_names) x
+            UNION ALL
+            SELECT dist[i][1] FROM pg_catalog.generate_subscripts(dist, 1) i
+             WHERE NOT EXISTS (SELECT FROM pg_dist_partition
+                                WHERE logicalrelid OPERATOR(pg_catalog.=) dist[i][1]::regclass)) z(x);
+    IF lockable IS NOT NULL THEN
+        FOR attempt IN 1..600 LOOP
+            BEGIN
+                EXECUTE 'LOCK TABLE ' OPERATOR(pg_catalog.||) lockable
+                    OPERATOR(pg_catalog.||) ' IN ACCESS EXCLUSIVE MODE NOWAIT';
+                EXIT;
+            EXCEPTION WHEN lock_not_available THEN
+                IF attempt OPERATOR(pg_catalog.=) 600 THEN
+                    RAISE EXCEPTION 'resilience.citus_setup() could not lock the coordinator''s tables'
+                        USING ERRCODE = '55P03',
+                              DETAIL = 'Sessions kept them in use for a minute.',
+                              HINT = 'Call it again when the load is lower; nothing was changed.';
+                END IF;
+                PERFORM pg_catalog.pg_sleep(0.1);
+            END;
+        END LOOP;
+    END IF;
+    -- Reference tables with triggers (their caches are invalidated on every
+    -- node by the trigger on each placement) need this, for this call only.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- one connection per node: the local tables' foreign keys (sagas to
+    -- saga_definitions) must not follow a parallel operation in this call
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+
+    FOREACH t SLICE 1 IN ARRAY dist LOOP
+        object := t[1];
+        placement := CASE WHEN t[2] IS NULL THEN 'reference'
+                          ELSE 'distributed by ' OPERATOR(pg_catalog.||) t[2] END;
+        changed := NOT EXISTS (SELECT FROM pg_dist_partition
+                                WHERE logicalrelid OPERATOR(pg_catalog.=) t[1]::regclass);
+        IF changed AND t[2] IS NULL THEN
+            EXECUTE 'SELECT pg_catalog.create_reference_table($1)' USING t[1]::regclass;
+        ELSIF changed THEN
+            EXECUTE 'SELECT pg_catalog.create_distributed_table($1, $2, colocate_with => $3)'
+                USING t[1]::regclass, t[2], t[3];
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
+                AND p.proname OPERATOR(pg_catalog.=) ANY (delegated)
+                AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'text'::regtype
+              ORDER BY p.oid::regprocedure::text LOOP
+        object := f::text;
+        placement := 'delegated to the node of $1 (co-located with resilience.fences)';
+        changed := NOT EXISTS (SELECT FROM pg_dist_object o
+                                WHERE o.classid OPERATOR(pg_catalog.=) 'pg_proc'::regclass
+                                  AND o.objid OPERATOR(pg_catalog.=) f::oid
+                                  AND o.distribution_argument_index IS NOT NULL);
+        IF changed THEN
+            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, ''$1'', colocate_with => ''resilience.fences'')'
+                USING f;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+
+    -- Citus turns each table into a shell and its shard, dropping and
+    -- recreating the views over it: an extension's member cannot be
+    -- dropped, and a recreated view loses its grants and comment.  So they
+    -- leave the extension for the conversion and come back as they were.
+    IF todo IS NOT NULL THEN
+        -- The workers have these tables already (the extension was created
+        -- there): Citus must not create the shells there too.  It skips an
+        -- extension's tables, so the shells join the extension below; the
+        -- metadata of these coordinator tables is not synced to the
+        -- workers, which never query them.
+        PERFORM set_config('citus.enable_metadata_sync', 'off', true);
+        FOR v IN EXECUTE views USING todo LOOP
+            saved := saved OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(
+                pg_catalog.jsonb_build_object('name', v.oid, 'acl', v.relacl::text[], 'comment', v.obj_description));
+            EXECUTE pg_catalog.format('ALTER EXTENSION resilience DROP VIEW %s', v.oid);
+        END LOOP;
+        -- and the shells get no comments: the tables' and their columns'
+        FOR v IN SELECT c.oid::regclass::text AS name, pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
+                        (SELECT COALESCE(pg_catalog.jsonb_object_agg(a.attname, pg_catalog.col_description(c.oid, a.attnum)), '{}')
+                           FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
+                            AND pg_catalog.col_description(c.oid, a.attnum) IS NOT NULL) AS columns
+                   FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) ANY (todo) LOOP
+            saved_comments := saved_comments OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(
+                pg_catalog.jsonb_build_object('name', v.name, 'comment', v.comment, 'columns', v.columns));
+        END LOOP;
+    END IF;
+    FOREACH l IN ARRAY coord_local LOOP
+        object := l;
+        placement := 'Citus local table (coordinator)';
+        -- this call placed it (maybe by the cascade from an earlier one)
+        changed := COALESCE(l OPERATOR(pg_catalog.=) ANY (todo_names), false);
+        IF NOT EXISTS (SELECT FROM pg_dist_partition
+                        WHERE logicalrelid OPERATOR(pg_catalog.=) l::regclass) THEN
+            -- cascade: tables tied by foreign keys (sagas, saga_definitions)
+            -- must become local tables together
+            EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata($1, cascade_via_foreign_keys => true)'
+                USING l::regclass;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    FOREACH l IN ARRAY coord_local LOOP
+        IF NOT EXISTS (SELECT FROM pg_depend
+                        WHERE classid OPERATOR(pg_catalog.=) 'pg_class'::regclass
+                          AND objid OPERATOR(pg_catalog.=) l::regclass
+                          AND deptype OPERATOR(pg_catalog.=) 'e') THEN
+            EXECUTE pg_catalog.format('ALTER EXTENSION resilience ADD TABLE %s', l);
+        END IF;
+    END LOOP;
+    FOR v IN SELECT x->>'name' AS name, x->>'comment' AS comment, x->'columns' AS columns
+               FROM pg_catalog.jsonb_array_elements(saved_comments) x LOOP
+        EXECUTE pg_catalog.format('COMMENT ON TABLE %s IS %L', v.name, v.comment);
+        FOR col IN SELECT * FROM pg_catalog.jsonb_each_text(v.columns) LOOP
+            EXECUTE pg_catalog.format('COMMENT ON COLUMN %s.%I IS %L', v.name, col.key, col.value);
+        END LOOP;
+    END LOOP;
+    FOR v IN SELECT x->>'name' AS name, x->'acl' AS acl, x->>'comment' AS comment
+               FROM pg_catalog.jsonb_array_elements(saved) x LOOP
+        EXECUTE pg_catalog.format('ALTER EXTENSION resilience ADD VIEW %s', v.name);
+        EXECUTE pg_catalog.format('COMMENT ON VIEW %s IS %L', v.name, v.comment);
+        FOR g IN SELECT a.privilege_type,
+                        CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                             ELSE a.grantee::regrole::text END AS grantee
+                   FROM pg_catalog.aclexplode(ARRAY(
+                        SELECT pg_catalog.jsonb_array_elements_text(v.acl))::aclitem[]) a LOOP
+            EXECUTE pg_catalog.format('GRANT %s ON %s TO %s', g.privilege_type, v.name, g.grantee);
+        END LOOP;
+    END LOOP;
+    PERFORM set_config('citus.enable_metadata_sync', 'on', true);
+
+    -- Everything else stays where it is: a plain table on every node, the
+    -- coordinator's being the one the API uses (docs/citus.md says why).
+    FOR object IN SELECT c.oid::regclass::text FROM pg_class c
+                   WHERE c.relnamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
+                     AND c.relkind OPERATOR(pg_catalog.=) 'r'
+                     -- nor a Citus local table's shard (the shell's name, _shardid)
+                     AND NOT EXISTS (SELECT FROM pg_dist_shard s
+                                       JOIN pg_class lc ON lc.oid OPERATOR(pg_catalog.=) s.logicalrelid
+                                      WHERE c.relname::text OPERATOR(pg_catalog.=)
+                                            pg_catalog.concat(lc.relname, '_', s.shardid))
+                     AND NOT EXISTS (SELECT FROM pg_dist_partition d
+                                      WHERE d.logicalrelid OPERATOR(pg_catalog.=) c.oid)
+                   ORDER BY 1 LOOP
+        placement := 'coordinator only';
+        changed := false;
+        RETURN NEXT;
+    END LOOP;
+END
+$citus$;
+COMMENT ON FUNCTION resilience.citus_setup() IS
+'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about, make the outbox, saga and schedule tables Citus local tables (two-phase commit with distributed writes) and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';

@@ -1,12 +1,14 @@
 # resilience.citus_setup() on a coordinator and two workers:
-#  - refused with 55000 in a database without Citus, and on a worker, with
-#    nothing placed;
+#  - refused with 55000 in a database without Citus, on a worker, and
+#    while the coordinator is not in Citus's metadata, with nothing placed;
+#  - the outbox, saga and schedule tables become Citus local tables, their
+#    grants, comments, triggers, views and extension membership intact;
 #  - places every table and delegated function as docs/citus.md says, and a
 #    second call changes nothing;
 #  - a delegated rate limit keeps its bucket on the one worker that owns the
 #    key, and the coordinator's named policies (a reference table) reach it;
-#  - streams (kept on the coordinator: append_events' INSERT has a subquery
-#    Citus refuses) append at the expected version, refuse a stale one (40001).
+#  - streams (distributed by stream) append at the expected version, refuse
+#    a stale one (40001).
 use strict;
 use warnings;
 use lib 'test/perl';
@@ -14,7 +16,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use CitusCluster;
 
-my $c = CitusCluster->new('setup');
+my $c = CitusCluster->new('setup', no_coordinator_host => 1);
 my $coord = $c->{coord};
 my ($w1, $w2) = @{ $c->{workers} };
 
@@ -30,11 +32,33 @@ like($err, qr/HINT:.*CREATE EXTENSION citus/, '... with a hint saying what to do
 	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
 like($err, qr/55000: resilience.citus_setup\(\) must be called on the Citus coordinator/,
 	'on a worker: 55000');
+($ret, $out, $err) = $coord->psql('postgres', 'SELECT * FROM resilience.citus_setup()',
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/55000: the Citus coordinator is not in the Citus metadata/,
+	'the coordinator not in the metadata: 55000');
+like($err, qr/HINT:.*citus_set_coordinator_host/, '... with a hint saying what to do');
 is($coord->safe_psql('postgres', q{
 	SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text LIKE 'resilience.%'}),
 	'0', 'nothing placed by the refused calls');
+$c->set_coordinator_host;
 
 # --- the placement, and a second call is a no-op ---
+# What the extension's tables and views are, as a user sees them: Citus
+# replaces a local table by a shell (and its views by new ones): grants,
+# comments, row security, triggers and extension membership must survive.
+my $shape = q{
+	SELECT string_agg(concat_ws(' ', c.relname, c.relkind, c.relacl, obj_description(c.oid, 'pg_class'),
+	           c.relrowsecurity, d.deptype,
+	           (SELECT string_agg(attname || ':' || col_description(c.oid, attnum), ',' ORDER BY attnum)
+	              FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0),
+	           (SELECT string_agg(tgname, ',' ORDER BY tgname) FROM pg_trigger
+	             WHERE tgrelid = c.oid AND NOT tgisinternal AND tgname NOT LIKE 'truncate_trigger%')),
+	         E'\n' ORDER BY c.relname)
+	  FROM pg_class c
+	  LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+	 WHERE c.relnamespace = 'resilience'::regnamespace AND c.relkind IN ('r', 'v')
+	   AND c.relname !~ '_[0-9]+$'};
+my $shape_before = $coord->safe_psql('postgres', $shape);
 my $first = $coord->safe_psql('postgres',
 	q{SELECT object, placement, changed FROM resilience.citus_setup() ORDER BY 1});
 my $second = $coord->safe_psql('postgres',
@@ -44,7 +68,22 @@ like($first, qr/^resilience\.fences\|distributed by resource\|t$/m, 'fences by r
 like($first, qr/^resilience\.inbox\|distributed by message_id\|t$/m, 'the inbox by message id');
 like($first, qr/^resilience\.stream_events\|distributed by stream\|t$/m, 'stream events by stream');
 like($first, qr/^resilience\.rate_limit_policies\|reference\|t$/m, 'policies: a reference table');
-like($first, qr/^resilience\.outbox\|coordinator only\|f$/m, 'the outbox stays on the coordinator');
+for my $t (qw(outbox outbox_routes outbox_dead_letters saga_definitions sagas saga_steps saga_events
+	saga_signals saga_branches schedule_definitions schedule_runs))
+{
+	like($first, qr/^resilience\.$t\|Citus local table \(coordinator\)\|t$/m, "$t: a Citus local table");
+}
+like($first, qr/^resilience\.quota_usage\|coordinator only\|f$/m, 'quotas stay plain coordinator tables');
+unlike($first, qr/_\d+\|/, 'the local tables\' shards are not listed');
+is($coord->safe_psql('postgres', $shape), $shape_before,
+	'tables and views keep their grants, comments, row security, triggers and extension membership');
+is($coord->safe_psql('postgres', q{
+	SELECT count(*) FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)
+	 WHERE s.logicalrelid = 'resilience.outbox'::regclass AND p.groupid = 0}),
+	'1', "the outbox's one shard is on the coordinator");
+is($w1->safe_psql('postgres', q{SELECT count(*) FROM resilience.outbox_status})
+	. $coord->safe_psql('postgres', q{SELECT count(*) >= 0 FROM resilience.stuck_sagas}),
+	'0t', 'the views over them still work, and the workers keep their own tables');
 like($first, qr/^resilience\.idempotency_keys\|distributed by key\|t$/m,
 	'idempotency keys by key');
 like($first, qr/^resilience\.rate_limit\(text,integer,double precision,integer\)\|delegated.*\|t$/m,

@@ -25,11 +25,7 @@ my $c = CitusCluster->new('guarantees');
 my $coord = $c->{coord};
 my ($w1, $w2) = @{ $c->{workers} };
 $c->setup;
-$coord->safe_psql('postgres', q{
-CREATE TABLE effects (k text NOT NULL, n bigint, src text);
-SELECT create_distributed_table('effects', 'k');
-CREATE SEQUENCE pub_order;
-});
+$c->effects_table;
 
 # --- rate limit: one hot key, 8 clients ---
 # The first call takes the whole capacity at once (cost = capacity): from
@@ -88,8 +84,7 @@ is($coord->safe_psql('postgres', q{
 	'1', "the fence's row is in one shard");
 
 # --- outbox: 8 clients publish with a distributed write ---
-$coord->safe_psql('postgres', q{
-INSERT INTO resilience.outbox_routes (topic_pattern, sink, target) VALUES ('orders.%', 'queue', 'c1')});
+$c->queue_route('orders.%', 'c1');
 $coord->pgbench('-n -c 8 -j 2 -t 25', 0, [qr{processed: 200/200}], [qr{^$}],
 	'8 clients publish 25 events each, each with a write to a distributed table',
 	{ '001_pub' => q{
@@ -99,20 +94,7 @@ INSERT INTO effects VALUES ('key-' || :client_id, :n, 'outbox');
 SELECT resilience.outbox_publish('orders.created', jsonb_build_object('n', :n), 'key-' || :client_id);
 COMMIT;
 } });
-$coord->safe_psql('postgres', q{
-CREATE TABLE claimed (ord serial, key text, n bigint);
-DO $$
-DECLARE got int;
-BEGIN
-  LOOP
-    WITH c AS (SELECT * FROM resilience.outbox_claim('c1', 50)),
-         i AS (INSERT INTO claimed (key, n) SELECT key, (payload->>'n')::bigint FROM c ORDER BY id RETURNING 1)
-    SELECT count(*) INTO got FROM i;
-    EXIT WHEN got = 0;
-    PERFORM resilience.outbox_ack('c1', array_agg(o.id)) FROM resilience.outbox o WHERE o.claimed_by IS NOT NULL;
-  END LOOP;
-END $$;
-});
+$c->drain_queue('c1');
 is($coord->safe_psql('postgres', q{SELECT count(*), count(DISTINCT n) FROM claimed}), '200|200',
 	'every committed event claimed once');
 is($coord->safe_psql('postgres', q{
@@ -138,10 +120,8 @@ is($coord->safe_psql('postgres', q{SELECT count(*) FROM effects WHERE src = 'inb
 	'the message is accepted once');
 
 # --- sagas: steps write a distributed table; complete or compensate ---
+$c->saga_role('agent');
 $coord->safe_psql('postgres', q{
--- LOGIN: Citus connects to the workers as the role a step runs as
-CREATE ROLE agent LOGIN IN ROLE resilience_admin;
-GRANT SELECT, INSERT, UPDATE ON effects TO agent;
 CREATE FUNCTION public.step(saga_id bigint, ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
 BEGIN
     IF ctx ->> 'fail' = ctx #>> '{_saga,step}' THEN

@@ -14,10 +14,7 @@ use CitusCluster;
 my $c = CitusCluster->new('idempotency');
 my $coord = $c->{coord};
 $c->setup;
-$coord->safe_psql('postgres', q{
-CREATE TABLE effects (k text NOT NULL, n bigint, src text);
-SELECT create_distributed_table('effects', 'k');
-});
+$c->effects_table;
 
 # --- idempotency keys: 8 clients, 20 keys ---
 $coord->pgbench('-n -c 8 -j 2 -t 20', 0, [qr{processed: 160/160}], [qr{^$}],
