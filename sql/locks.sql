@@ -53,6 +53,8 @@ SELECT owner = 'billing/' || pg_backend_pid() AS default_owner FROM resilience.l
 RESET application_name;
 
 -- Fencing: the resource remembers the newest token and refuses older ones.
+-- (tokens up to 14 exist: fence refuses a token never issued)
+SELECT setval('resilience.fencing_tokens', greatest(last_value, 14)) >= 14 AS issued FROM resilience.fencing_tokens;
 SELECT resilience.fence('account:42', 10);
 SELECT resilience.fence('account:42', 10);   -- the same holder may write again
 SELECT resilience.fence('account:42', 12);
