@@ -6,9 +6,11 @@
  *
  * Leases are rows of resilience.leases, so they survive across transactions,
  * connections, restarts and failover, and work through transaction-pooling
- * proxies.  A lease is taken by an UPDATE of an expired (or released) row or
+ * proxies.  A lease is taken by an update of an expired (or released) row or
  * an INSERT ... ON CONFLICT DO NOTHING of a new one: a failed attempt locks
- * nothing, so it never blocks the holder's renew or release.
+ * nothing, so it never blocks the holder's renew or release.  Updates of an
+ * existing row go through the table API ("Leases without SQL" below), the
+ * rest through SPI.
  *
  * Tokens come from one sequence, resilience.fencing_tokens, so they strictly
  * increase for every name forever: a sequence is not transactional (a
@@ -809,11 +811,15 @@ typedef struct LeaseScan
 #define LEASE_VALUE(ls, c) ((ls)->slot->tts_values[lease_attnums[c] - 1])
 #define LEASE_ISNULL(ls, c) ((ls)->slot->tts_isnull[lease_attnums[c] - 1])
 
-/* Open the table for the direct path; false: use SPI. */
+/*
+ * Open the table for the direct path; false: use SPI (which also raises
+ * the executor's error for a write in a read-only transaction).
+ */
 static bool
 lease_direct_begin(LeaseScan *ls, LOCKMODE mode)
 {
-	if (citus_present() || !leases_direct_layout())
+	if (citus_present() || (mode != AccessShareLock && XactReadOnly) ||
+		!leases_direct_layout())
 		return false;
 	ls->rel = table_open(leases_relid, mode);
 	if (leases_direct != 1)
