@@ -21,6 +21,7 @@ SELECT resilience.lock_release('job:nightly', :t1) AS stale_release,
        resilience.lock_renew('job:nightly', :t1, '1 minute') AS stale_renew,
        resilience.lock_check('job:nightly', :t2) AS new_holder_still_holds;
 -- A read-only transaction may check a lease, not take, renew or release one.
+\set VERBOSITY terse
 BEGIN READ ONLY;
 SELECT resilience.lock_check('job:nightly', :t2) AS holds_read_only;
 SELECT resilience.lock_release('job:nightly', :t2);
@@ -28,6 +29,7 @@ ROLLBACK;
 BEGIN READ ONLY;
 SELECT resilience.lock_renew('job:nightly', :t2, '1 minute');
 ROLLBACK;
+\set VERBOSITY default
 SELECT resilience.lock_check('job:nightly', :t2) AS still_holds;
 
 -- An expired lease is taken over at once, with a new token.
