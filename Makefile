@@ -54,7 +54,7 @@ ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempot
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
 	outbox_order outbox_consumers events_append \
 	schedule_run_once quota_race saga_signal_race outbox_longpoll quota_policy_cache \
-	saga_branch_claim saga_batch saga_branch_replies
+	saga_branch_claim saga_batch saga_branch_replies lease_direct_race
 ISOLATION_OPTS = --inputdir=test
 
 # TAP tests (crash, restart, workers) live in test/t.

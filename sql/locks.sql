@@ -20,6 +20,17 @@ SELECT :t2 > :t1 AS newer_token;
 SELECT resilience.lock_release('job:nightly', :t1) AS stale_release,
        resilience.lock_renew('job:nightly', :t1, '1 minute') AS stale_renew,
        resilience.lock_check('job:nightly', :t2) AS new_holder_still_holds;
+-- A read-only transaction may check a lease, not take, renew or release one.
+\set VERBOSITY terse
+BEGIN READ ONLY;
+SELECT resilience.lock_check('job:nightly', :t2) AS holds_read_only;
+SELECT resilience.lock_release('job:nightly', :t2);
+ROLLBACK;
+BEGIN READ ONLY;
+SELECT resilience.lock_renew('job:nightly', :t2, '1 minute');
+ROLLBACK;
+\set VERBOSITY default
+SELECT resilience.lock_check('job:nightly', :t2) AS still_holds;
 
 -- An expired lease is taken over at once, with a new token.
 SELECT resilience.lock_acquire('job:short', '50 milliseconds', 'worker-a') AS t3 \gset
@@ -53,6 +64,8 @@ SELECT owner = 'billing/' || pg_backend_pid() AS default_owner FROM resilience.l
 RESET application_name;
 
 -- Fencing: the resource remembers the newest token and refuses older ones.
+-- (tokens up to 14 exist: fence refuses a token never issued)
+SELECT setval('resilience.fencing_tokens', greatest(last_value, 14)) >= 14 AS issued FROM resilience.fencing_tokens;
 SELECT resilience.fence('account:42', 10);
 SELECT resilience.fence('account:42', 10);   -- the same holder may write again
 SELECT resilience.fence('account:42', 12);

@@ -256,4 +256,30 @@ ExtendRelationLocked_compat(Relation rel)
 #endif
 #endif							/* BUFMGR_H && LMGR_H */
 
+/*
+ * Direct row updates (locks.c).  PostgreSQL 16 made table_tuple_update
+ * report which indexes need entries (TU_UpdateIndexes, with summarizing
+ * indexes only for HOT updates) and gave ExecInsertIndexTuples an
+ * onlySummarizing argument; PostgreSQL 18 gave index_beginscan an
+ * instrumentation argument.
+ */
+#if PG_VERSION_NUM >= 160000
+#define UpdateIndexes_compat TU_UpdateIndexes
+#define update_indexes_none_compat(u) ((u) == TU_None)
+#define ExecUpdateIndexTuples_compat(rri, slot, estate, u) \
+	ExecInsertIndexTuples((rri), (slot), (estate), true, false, NULL, NIL, (u) == TU_Summarizing)
+#else
+#define UpdateIndexes_compat bool
+#define update_indexes_none_compat(u) (!(u))
+#define ExecUpdateIndexTuples_compat(rri, slot, estate, u) \
+	ExecInsertIndexTuples((rri), (slot), (estate), true, false, NULL, NIL)
+#endif
+#if PG_VERSION_NUM >= 180000
+#define index_beginscan_compat(heap, index, snapshot, nkeys, norderbys) \
+	index_beginscan((heap), (index), (snapshot), NULL, (nkeys), (norderbys))
+#else
+#define index_beginscan_compat(heap, index, snapshot, nkeys, norderbys) \
+	index_beginscan((heap), (index), (snapshot), (nkeys), (norderbys))
+#endif
+
 #endif							/* RESILIENCE_COMPAT_H */

@@ -6,9 +6,11 @@
  *
  * Leases are rows of resilience.leases, so they survive across transactions,
  * connections, restarts and failover, and work through transaction-pooling
- * proxies.  A lease is taken by an UPDATE of an expired (or released) row or
+ * proxies.  A lease is taken by an update of an expired (or released) row or
  * an INSERT ... ON CONFLICT DO NOTHING of a new one: a failed attempt locks
- * nothing, so it never blocks the holder's renew or release.
+ * nothing, so it never blocks the holder's renew or release.  Updates of an
+ * existing row go through the table API ("Leases without SQL" below), the
+ * rest through SPI.
  *
  * Tokens come from one sequence, resilience.fencing_tokens, so they strictly
  * increase for every name forever: a sequence is not transactional (a
@@ -55,7 +57,11 @@
 #include "metrics.h"
 #include "tenants.h"
 
+#include "access/genam.h"
 #include "access/relation.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
@@ -83,7 +89,12 @@
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "access/htup_details.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "executor/executor.h"
+#include "utils/fmgroids.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #define LOCK_NAME_MAX 255
@@ -136,6 +147,33 @@ static Oid	token_seq_oid = InvalidOid;
  */
 static Oid	leases_relid = InvalidOid;
 static int	leases_released_at = -1;
+
+/*
+ * The direct path (see "Leases without SQL" below): the columns of
+ * resilience.leases by attribute number, its primary key, and whether the
+ * table is one the direct path may write (-1: not known yet).
+ */
+typedef enum LeaseCol
+{
+	LCOL_NAME,
+	LCOL_OWNER,
+	LCOL_TOKEN,
+	LCOL_ACQUIRED_AT,
+	LCOL_EXPIRES_AT,
+	LCOL_RELEASED_AT,
+	LCOL_OWNER_ROLE,
+	LCOL_COUNT
+} LeaseCol;
+
+static const char *const lease_col_names[LCOL_COUNT] = {
+	"name", "owner", "token", "acquired_at", "expires_at", "released_at", "owner_role"
+};
+static const Oid lease_col_types[LCOL_COUNT] = {
+	TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID, REGROLEOID
+};
+static AttrNumber lease_attnums[LCOL_COUNT];
+static Oid	leases_pkey = InvalidOid;
+static int	leases_direct = -1;
 
 PG_FUNCTION_INFO_V1(lock_acquire);
 PG_FUNCTION_INFO_V1(lock_renew);
@@ -315,6 +353,8 @@ token_seq_invalidate(Datum arg, Oid relid)
 		token_seq_oid = InvalidOid;
 	if (relid == InvalidOid || relid == leases_relid)
 		leases_released_at = -1;
+	if (relid == InvalidOid || relid == leases_relid || relid == leases_pkey)
+		leases_direct = -1;
 }
 
 /* Our relcache callback: forget cached OIDs when the objects change. */
@@ -692,6 +732,348 @@ lease_adopt_declared_owner(text *name, Oid as_role, Oid caller)
 		elog(ERROR, "recording the owner of lease \"%s\" failed", text_to_cstring(name));
 }
 
+/* ---- leases without SQL ---- */
+
+/*
+ * Taking over, renewing, releasing and checking a lease that has a row do
+ * what their UPDATE (or SELECT) would, without the executor: one probe of
+ * leases_pkey with a snapshot taken as SPI takes one for a statement, the
+ * WHERE clause checked in C, and table_tuple_update of the version found.
+ * A concurrent transaction that changed the row first makes the update wait
+ * for it and fail (TM_Updated); under READ COMMITTED the probe is then
+ * repeated with a new snapshot, so the checks always hold for the version
+ * written (as EvalPlanQual would recheck them), and a failed attempt holds
+ * no row lock.  Under REPEATABLE READ or SERIALIZABLE that is a
+ * serialization failure, as for the UPDATE.  A takeover draws its token
+ * after its snapshot saw the version it replaces, so it is larger than that
+ * version's token, and any later taker sees this one's.
+ *
+ * Only for the table as the extension creates it: with Citus (which
+ * distributes it and routes statements itself), a 0.1 schema, triggers,
+ * rules, row-level security, check constraints or generated columns, every
+ * statement goes through SPI as before.  A name without a row goes through
+ * SPI too (the INSERT ... ON CONFLICT of a new lease).
+ */
+
+/* May the direct path write resilience.leases, as it is now? */
+static bool
+leases_direct_layout(void)
+{
+	Relation	rel;
+	TupleDesc	desc;
+	Relation	idx;
+	bool		ok = true;
+
+	if (leases_direct >= 0)
+		return leases_direct;
+	if (!leases_have_released_at())
+		return (leases_direct = 0);
+	rel = table_open(leases_relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (int c = 0; c < LCOL_COUNT && ok; c++)
+	{
+		AttrNumber	a = get_attnum(leases_relid, lease_col_names[c]);
+
+		lease_attnums[c] = a;
+		ok = a > 0 && TupleDescAttr(desc, a - 1)->atttypid == lease_col_types[c];
+	}
+	ok = ok && rel->rd_rel->relkind == RELKIND_RELATION && rel->trigdesc == NULL &&
+		rel->rd_rules == NULL && !rel->rd_rel->relrowsecurity &&
+		(desc->constr == NULL ||
+		 (desc->constr->num_check == 0 && !desc->constr->has_generated_stored));
+	if (ok)
+	{
+		list_free(RelationGetIndexList(rel));	/* sets rd_pkindex */
+		leases_pkey = rel->rd_pkindex;
+		ok = OidIsValid(leases_pkey);
+	}
+	if (ok)
+	{
+		idx = index_open(leases_pkey, AccessShareLock);
+		ok = idx->rd_rel->relam == BTREE_AM_OID &&
+			idx->rd_index->indnkeyatts == 1 && idx->rd_index->indisunique &&
+			idx->rd_index->indkey.values[0] == lease_attnums[LCOL_NAME];
+		index_close(idx, AccessShareLock);
+	}
+	table_close(rel, AccessShareLock);
+	leases_direct = ok;
+	return ok;
+}
+
+typedef struct LeaseScan
+{
+	Relation	rel;
+	Relation	idx;
+	TupleTableSlot *slot;		/* the row found, all columns deformed */
+	bool		snapshot_pushed;
+} LeaseScan;
+
+#define LEASE_VALUE(ls, c) ((ls)->slot->tts_values[lease_attnums[c] - 1])
+#define LEASE_ISNULL(ls, c) ((ls)->slot->tts_isnull[lease_attnums[c] - 1])
+
+/*
+ * Open the table for the direct path; false: use SPI (which also raises
+ * the executor's error for a write in a read-only transaction).
+ */
+static bool
+lease_direct_begin(LeaseScan *ls, LOCKMODE mode)
+{
+	if (citus_present() || (mode != AccessShareLock && XactReadOnly) ||
+		!leases_direct_layout())
+		return false;
+	ls->rel = table_open(leases_relid, mode);
+	if (leases_direct != 1)
+	{
+		/* changed while we waited for the lock */
+		table_close(ls->rel, mode);
+		return false;
+	}
+	ls->idx = index_open(leases_pkey, mode);
+	ls->slot = table_slot_create(ls->rel, NULL);
+	ls->snapshot_pushed = false;
+	return true;
+}
+
+static void
+lease_direct_end(LeaseScan *ls)
+{
+	if (ls->snapshot_pushed)
+		PopActiveSnapshot();
+	ExecDropSingleTupleTableSlot(ls->slot);
+	index_close(ls->idx, NoLock);
+	table_close(ls->rel, NoLock);
+}
+
+/*
+ * Find name's row as a statement run through SPI would: this transaction's
+ * earlier changes made visible, then a snapshot (a new one under READ
+ * COMMITTED).  True with the row in ls->slot.
+ */
+static bool
+lease_probe(LeaseScan *ls, text *name)
+{
+	ScanKeyData key;
+	IndexScanDesc scan;
+	bool		found;
+
+	if (ls->snapshot_pushed)
+		PopActiveSnapshot();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	ls->snapshot_pushed = true;
+	CommandCounterIncrement();
+	UpdateActiveSnapshotCommandId();
+
+	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_TEXTEQ, PointerGetDatum(name));
+	key.sk_collation = ls->idx->rd_indcollation[0];
+	scan = index_beginscan_compat(ls->rel, ls->idx, GetActiveSnapshot(), 1, 0);
+	index_rescan(scan, &key, 1, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, ls->slot);
+	index_endscan(scan);
+	if (found)
+		slot_getallattrs(ls->slot);
+	return found;
+}
+
+/*
+ * Write the row found with the columns in replace[] set to values[]/nulls[]:
+ * TM_Ok, or TM_Updated/TM_Deleted if another transaction changed it first
+ * (READ COMMITTED: probe again; otherwise a serialization failure is raised
+ * here, as the UPDATE would).
+ */
+static TM_Result
+lease_write(LeaseScan *ls, const Datum *values, const bool *nulls, const bool *replace)
+{
+	TupleDesc	desc = RelationGetDescr(ls->rel);
+	TupleTableSlot *slot = table_slot_create(ls->rel, NULL);
+	TM_FailureData tmfd;
+	LockTupleMode lockmode;
+	UpdateIndexes_compat update_indexes;
+	TM_Result	result;
+
+	ExecClearTuple(slot);
+	memcpy(slot->tts_values, ls->slot->tts_values, sizeof(Datum) * desc->natts);
+	memcpy(slot->tts_isnull, ls->slot->tts_isnull, sizeof(bool) * desc->natts);
+	for (int c = 0; c < LCOL_COUNT; c++)
+	{
+		if (!replace[c])
+			continue;
+		slot->tts_values[lease_attnums[c] - 1] = values[c];
+		slot->tts_isnull[lease_attnums[c] - 1] = nulls[c];
+	}
+	ExecStoreVirtualTuple(slot);
+	result = table_tuple_update(ls->rel, &ls->slot->tts_tid, slot, GetCurrentCommandId(true),
+								GetActiveSnapshot(), InvalidSnapshot, true,
+								&tmfd, &lockmode, &update_indexes);
+	if (result == TM_Ok && !update_indexes_none_compat(update_indexes))
+	{
+		/* not a HOT update: the new version needs its index entries */
+		EState	   *estate = CreateExecutorState();
+		ResultRelInfo *rri = makeNode(ResultRelInfo);
+
+		InitResultRelInfo(rri, ls->rel, 0, NULL, 0);
+		ExecOpenIndices(rri, false);
+		(void) ExecUpdateIndexTuples_compat(rri, slot, estate, update_indexes);
+		ExecCloseIndices(rri);
+		FreeExecutorState(estate);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+
+	switch (result)
+	{
+		case TM_Ok:
+			break;
+		case TM_Updated:
+		case TM_Deleted:
+			if (IsolationUsesXactSnapshot())
+				ereport(ERROR,
+						(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+						 errmsg("could not serialize access due to concurrent %s",
+								result == TM_Updated ? "update" : "delete")));
+			break;
+		default:
+			elog(ERROR, "unexpected result %d updating a lease", (int) result);
+	}
+	return result;
+}
+
+typedef enum DirectOutcome
+{
+	DIRECT_UNAVAILABLE,			/* use SPI */
+	DIRECT_ABSENT,				/* no row: SPI inserts one */
+	DIRECT_HELD,
+	DIRECT_TAKEN
+} DirectOutcome;
+
+/*
+ * lease_try_acquire for a name that has a row: take it over if it expired
+ * or was released, else report until when it is held (and switch *as_role
+ * as lease_try_acquire does when the name is another role's).
+ */
+static DirectOutcome
+lease_direct_acquire(text *name, text *owner, TimestampTz now, Datum expires,
+					 Oid caller, Oid *as_role, int64 *token, bool *takeover,
+					 TimestampTz *held_until)
+{
+	LeaseScan	ls;
+	DirectOutcome outcome;
+
+	if (!lease_direct_begin(&ls, RowExclusiveLock))
+		return DIRECT_UNAVAILABLE;
+	for (;;)
+	{
+		Oid			row_role;
+		TimestampTz row_expires;
+
+		CHECK_FOR_INTERRUPTS();
+		if (!lease_probe(&ls, name))
+		{
+			outcome = DIRECT_ABSENT;
+			break;
+		}
+		row_role = LEASE_ISNULL(&ls, LCOL_OWNER_ROLE) ? InvalidOid :
+			DatumGetObjectId(LEASE_VALUE(&ls, LCOL_OWNER_ROLE));
+		row_expires = DatumGetTimestampTz(LEASE_VALUE(&ls, LCOL_EXPIRES_AT));
+		if (row_expires <= now && (!OidIsValid(row_role) || row_role == *as_role))
+		{
+			Datum		values[LCOL_COUNT] = {0};
+			bool		nulls[LCOL_COUNT] = {false};
+			bool		replace[LCOL_COUNT] = {false};
+			bool		was_held = LEASE_ISNULL(&ls, LCOL_RELEASED_AT);
+			int64		t = nextval_internal(token_seq(), false);
+
+			values[LCOL_OWNER] = PointerGetDatum(owner);
+			values[LCOL_TOKEN] = Int64GetDatum(t);
+			values[LCOL_ACQUIRED_AT] = TimestampTzGetDatum(now);
+			values[LCOL_EXPIRES_AT] = expires;
+			nulls[LCOL_RELEASED_AT] = true;
+			values[LCOL_OWNER_ROLE] = ObjectIdGetDatum(*as_role);
+			replace[LCOL_OWNER] = replace[LCOL_TOKEN] = replace[LCOL_ACQUIRED_AT] = true;
+			replace[LCOL_EXPIRES_AT] = replace[LCOL_RELEASED_AT] = replace[LCOL_OWNER_ROLE] = true;
+			if (lease_write(&ls, values, nulls, replace) != TM_Ok)
+				continue;		/* changed meanwhile: look again */
+			*token = t;
+			*takeover = was_held;
+			outcome = DIRECT_TAKEN;
+			break;
+		}
+		*held_until = row_expires;
+		if (OidIsValid(row_role) && row_role != *as_role)
+		{
+			*as_role = lease_acting_role(name, row_role, caller);
+			*held_until = now;	/* try again at once, as a member */
+		}
+		outcome = DIRECT_HELD;
+		break;
+	}
+	lease_direct_end(&ls);
+	return outcome;
+}
+
+/*
+ * lease_statement's renew, release or check, directly: 1 if the lease
+ * matched (and was written), 0 if not, -1 if SPI must do it.
+ */
+static int
+lease_direct_statement(LeasePlan which, text *name, int64 token, TimestampTz now,
+					   Datum expires, Oid caller)
+{
+	LeaseScan	ls;
+	Oid			as_role = caller;
+	int			matched;
+
+	if (!lease_direct_begin(&ls, which == PLAN_CHECK ? AccessShareLock : RowExclusiveLock))
+		return -1;
+	for (;;)
+	{
+		Oid			row_role;
+
+		CHECK_FOR_INTERRUPTS();
+		if (!lease_probe(&ls, name))
+		{
+			matched = 0;
+			break;
+		}
+		row_role = LEASE_ISNULL(&ls, LCOL_OWNER_ROLE) ? InvalidOid :
+			DatumGetObjectId(LEASE_VALUE(&ls, LCOL_OWNER_ROLE));
+		if (DatumGetInt64(LEASE_VALUE(&ls, LCOL_TOKEN)) == token &&
+			DatumGetTimestampTz(LEASE_VALUE(&ls, LCOL_EXPIRES_AT)) > now &&
+			(!OidIsValid(row_role) || row_role == as_role))
+		{
+			Datum		values[LCOL_COUNT] = {0};
+			bool		nulls[LCOL_COUNT] = {false};
+			bool		replace[LCOL_COUNT] = {false};
+
+			if (which == PLAN_CHECK)
+			{
+				matched = 1;
+				break;
+			}
+			values[LCOL_EXPIRES_AT] = expires;
+			values[LCOL_OWNER_ROLE] = ObjectIdGetDatum(as_role);
+			replace[LCOL_EXPIRES_AT] = replace[LCOL_OWNER_ROLE] = true;
+			if (which == PLAN_RELEASE)
+			{
+				values[LCOL_RELEASED_AT] = TimestampTzGetDatum(now);
+				replace[LCOL_RELEASED_AT] = true;
+			}
+			if (lease_write(&ls, values, nulls, replace) != TM_Ok)
+				continue;		/* changed meanwhile: look again */
+			matched = 1;
+			break;
+		}
+		if (tenants_enabled() && OidIsValid(row_role) && row_role != caller && as_role == caller)
+		{
+			/* another role's lease (42501), or one the caller may act as */
+			as_role = lease_acting_role(name, row_role, caller);
+			continue;
+		}
+		matched = 0;
+		break;
+	}
+	lease_direct_end(&ls);
+	return matched;
+}
+
 /*
  * The takeover when Citus is present: two statements it can route to the
  * name's shard (PLAN_TAKEOVER_LOCK, then PLAN_TAKEOVER_SET with a token taken
@@ -844,7 +1226,9 @@ lock_acquire(PG_FUNCTION_ARGS)
 	bool		waited = false;
 	bool		takeover = false;
 	ResilienceUser save;
-	Oid			as_role = GetUserId();
+	bool		spi = false;
+	Oid			caller = GetUserId();
+	Oid			as_role = caller;
 
 	if (VARSIZE_ANY_EXHDR(owner) > LOCK_NAME_MAX)
 		ereport(ERROR,
@@ -853,19 +1237,37 @@ lock_acquire(PG_FUNCTION_ARGS)
 				 errdetail("It is %d bytes; at most %d are allowed.",
 						   (int) VARSIZE_ANY_EXHDR(owner), LOCK_NAME_MAX)));
 
-	SPI_connect();
-	resilience_become_owner(false, &save);	/* see "search_path" above */
 	for (;;)
 	{
 		TimestampTz now = GetCurrentTimestamp();
-		TimestampTz held_until;
+		TimestampTz held_until = now;
 		Oid			tried_as = as_role;
+		DirectOutcome direct;
 
-		if (lease_try_acquire(name, owner, ttl, now, save.userid, &as_role,
-							  &token, &takeover, &held_until))
+		direct = lease_direct_acquire(name, owner, now,
+									  DirectFunctionCall2(timestamptz_pl_interval,
+														  TimestampTzGetDatum(now),
+														  IntervalPGetDatum(ttl)),
+									  caller, &as_role, &token, &takeover, &held_until);
+		if (direct == DIRECT_TAKEN)
 		{
 			got = true;
 			break;
+		}
+		if (direct != DIRECT_HELD)
+		{
+			if (!spi)
+			{
+				SPI_connect();
+				resilience_become_owner(false, &save);	/* see "search_path" above */
+				spi = true;
+			}
+			if (lease_try_acquire(name, owner, ttl, now, caller, &as_role,
+								  &token, &takeover, &held_until))
+			{
+				got = true;
+				break;
+			}
 		}
 		if (as_role != tried_as)
 			continue;			/* the name's owner role, which the caller may act as */
@@ -878,8 +1280,11 @@ lock_acquire(PG_FUNCTION_ARGS)
 	}
 	if (waited && locks_shared)
 		ConditionVariableCancelSleep();
-	resilience_restore_user(&save);
-	SPI_finish();
+	if (spi)
+	{
+		resilience_restore_user(&save);
+		SPI_finish();
+	}
 
 	metrics_add(RC_LEASE_ACQUISITIONS, got ? RV_LEASE_ACQUIRED : RV_LEASE_NOT_ACQUIRED, NULL, 1);
 	if (takeover)
@@ -903,6 +1308,7 @@ lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
 	TimestampTz now = GetCurrentTimestamp();
 	Datum		values[5];
 	bool		matched;
+	int			direct;
 	ResilienceUser save;
 
 	values[0] = PointerGetDatum(name);
@@ -912,24 +1318,30 @@ lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
 										  TimestampTzGetDatum(now), IntervalPGetDatum(ttl))
 		: TimestampTzGetDatum(now);
 	values[4] = ObjectIdGetDatum(GetUserId());
-	SPI_connect();
-	resilience_become_owner(false, &save);	/* see "search_path" above */
-	matched = run_plan(which, values) == 1;
-	if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
+	direct = lease_direct_statement(which, name, token, now, values[3], GetUserId());
+	if (direct >= 0)
+		matched = direct;
+	else
 	{
-		/* not the caller's role's lease: another role's (42501), or one it may act as */
-		bool		isnull;
-		Oid			row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-															  SPI_tuptable->tupdesc, 2, &isnull));
-
-		if (!isnull && row_role != save.userid)
+		SPI_connect();
+		resilience_become_owner(false, &save);	/* see "search_path" above */
+		matched = run_plan(which, values) == 1;
+		if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
 		{
-			values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
-			matched = run_plan(which, values) == 1;
+			/* not the caller's role's lease: another role's (42501), or one it may act as */
+			bool		isnull;
+			Oid			row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+																  SPI_tuptable->tupdesc, 2, &isnull));
+
+			if (!isnull && row_role != save.userid)
+			{
+				values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
+				matched = run_plan(which, values) == 1;
+			}
 		}
+		resilience_restore_user(&save);
+		SPI_finish();
 	}
-	resilience_restore_user(&save);
-	SPI_finish();
 	if (matched && which == PLAN_RENEW)
 		ForceSyncCommit();		/* a renewal the holder relies on must not be lost */
 	if (matched && which != PLAN_CHECK)
