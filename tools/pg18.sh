@@ -44,6 +44,10 @@ if [ "$(id -u)" -eq 0 ]; then
 	fi
 fi
 
+# Run from `make test`, MAKELEVEL is 1 in the environment, and PostgreSQL's
+# build then skips generating its headers (errcodes.h, ...), which a release
+# tarball does not carry: build as a top-level make.
+unset MAKELEVEL MAKEFLAGS MFLAGS
 say "Building PostgreSQL $version from $(basename "$tarball") into $prefix (once; a few minutes)"
 t0=$(date +%s)
 rm -rf "$prefix" "$prefix.build"
