@@ -1897,139 +1897,22 @@ COMMENT ON COLUMN resilience.schedule_runs.dispatch_at IS
 -- extension on a Citus cluster (docs/citus.md argues each placement):
 -- tables keyed by what their guarantee is about are hash-distributed by that
 -- column, the configuration read by delegated functions becomes reference
--- tables, the rest stays a plain table of the coordinator, where the relay,
--- the orchestrator and the scheduler run.  Shared-memory functions are
+-- tables, the rest stays on the coordinator, where the relay, the
+-- orchestrator and the scheduler run.  Shared-memory functions are
 -- delegated to the node that owns their key.  Checks come first and it runs
 -- in the caller's one transaction: an error changes nothing, a second call
 -- changes nothing (each row says whether this call placed the object).
 -- Distributing the extension's tables needs their owner: not granted.
-CREATE FUNCTION resilience.citus_setup(
-    OUT object text, OUT placement text, OUT changed boolean)
-RETURNS SETOF record
-LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
-SET search_path = pg_catalog, pg_temp
-AS $citus$
-DECLARE
-    -- table, distribution column (NULL: reference table), co-location anchor
-    dist CONSTANT text[] := ARRAY[
-        ['resilience.fences', 'resource', 'none'],
-        ['resilience.leases', 'name', 'resilience.fences'],
-        ['resilience.streams', 'stream', 'resilience.fences'],
-        ['resilience.stream_events', 'stream', 'resilience.fences'],
-        -- their keys collate "C": a co-location group of their own
-        ['resilience.idempotency_keys', 'key', 'none'],
-        ['resilience.inbox', 'message_id', 'resilience.idempotency_keys'],
-        ['resilience.rate_limit_policies', NULL, NULL],
-        ['resilience.breaker_config', NULL, NULL]];
-    -- shared-memory state addressed by its first argument (key or name)
-    delegated CONSTANT name[] := ARRAY['rate_limit', 'rate_limit_check', 'window_limit',
-        'window_limit_check', 'rate_limit_reset', 'breaker_allow', 'breaker_record',
-        'breaker_guard', 'breaker_state', 'breaker_reset', 'breaker_force_open'];
-    t text[];
-    f regprocedure;
-    ok boolean;
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname OPERATOR(pg_catalog.=) 'citus') THEN
-        RAISE EXCEPTION 'Citus is not installed in database "%"', current_database()
-            USING ERRCODE = '55000',
-                  DETAIL = 'resilience.citus_setup() distributes resilience''s tables with Citus; on a single server there is nothing to place.',
-                  HINT = 'Add citus to shared_preload_libraries, CREATE EXTENSION citus and add the workers on the coordinator first (docs/citus.md).';
-    END IF;
-    EXECUTE 'SELECT pg_catalog.citus_is_coordinator()' INTO ok;
-    IF NOT ok THEN
-        RAISE EXCEPTION 'resilience.citus_setup() must be called on the Citus coordinator'
-            USING ERRCODE = '55000',
-                  DETAIL = 'This node is a Citus worker: placements are decided and recorded by the coordinator.',
-                  HINT = 'Connect to the coordinator and call it there.';
-    END IF;
-    EXECUTE 'SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM pg_catalog.citus_get_active_worker_nodes()'
-        INTO ok;
-    IF NOT ok THEN
-        RAISE EXCEPTION 'the Citus cluster has no active worker node'
-            USING ERRCODE = '55000',
-                  DETAIL = 'Distributed tables would all live on the coordinator.',
-                  HINT = 'Add the workers with citus_add_node() first.';
-    END IF;
-    -- Reference tables with triggers (their caches are invalidated on every
-    -- node by the trigger on each placement) need this, for this call only.
-    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
-
-    FOREACH t SLICE 1 IN ARRAY dist LOOP
-        object := t[1];
-        placement := CASE WHEN t[2] IS NULL THEN 'reference'
-                          ELSE 'distributed by ' OPERATOR(pg_catalog.||) t[2] END;
-        changed := NOT EXISTS (SELECT FROM pg_dist_partition
-                                WHERE logicalrelid OPERATOR(pg_catalog.=) t[1]::regclass);
-        IF changed AND t[2] IS NULL THEN
-            EXECUTE 'SELECT pg_catalog.create_reference_table($1)' USING t[1]::regclass;
-        ELSIF changed THEN
-            EXECUTE 'SELECT pg_catalog.create_distributed_table($1, $2, colocate_with => $3)'
-                USING t[1]::regclass, t[2], t[3];
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-
-    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
-                AND p.proname OPERATOR(pg_catalog.=) ANY (delegated)
-                AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'text'::regtype
-              ORDER BY p.oid::regprocedure::text LOOP
-        object := f::text;
-        placement := 'delegated to the node of $1 (co-located with resilience.fences)';
-        changed := NOT EXISTS (SELECT FROM pg_dist_object o
-                                WHERE o.classid OPERATOR(pg_catalog.=) 'pg_proc'::regclass
-                                  AND o.objid OPERATOR(pg_catalog.=) f::oid
-                                  AND o.distribution_argument_index IS NOT NULL);
-        IF changed THEN
-            EXECUTE 'SELECT pg_catalog.create_distributed_function($1, ''$1'', colocate_with => ''resilience.fences'')'
-                USING f;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-
-    -- Everything else stays where it is: a plain table on every node, the
-    -- coordinator's being the one the API uses (docs/citus.md says why).
-    FOR object IN SELECT c.oid::regclass::text FROM pg_class c
-                   WHERE c.relnamespace OPERATOR(pg_catalog.=) 'resilience'::regnamespace
-                     AND c.relkind OPERATOR(pg_catalog.=) 'r'
-                     AND NOT EXISTS (SELECT FROM pg_dist_partition d
-                                      WHERE d.logicalrelid OPERATOR(pg_catalog.=) c.oid)
-                   ORDER BY 1 LOOP
-        placement := 'coordinator only';
-        changed := false;
-        RETURN NEXT;
-    END LOOP;
-END
-$citus$;
-COMMENT ON FUNCTION resilience.citus_setup() IS
-'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
-REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
-
--- Issue 16: async branches
--- A branch of a parallel group may be an async step: its command is sent
--- by the tick that enters the group, with the other async branches', and
--- its reply is stored on its row (awaiting, reply, as on the saga's row)
--- for the orchestrator that claims the branch to apply.  An async action
--- whose last attempt got no reply in time ends timed_out: it may have been
--- done, so the group's compensation undoes it with the completed ones.
-ALTER TABLE resilience.saga_branches
-    ADD COLUMN awaiting boolean NOT NULL DEFAULT false,
-    ADD COLUMN reply jsonb,
-    DROP CONSTRAINT saga_branches_state_check,
-    ADD CONSTRAINT saga_branches_state_check
-        CHECK (state IN ('pending', 'completed', 'failed', 'timed_out', 'cancelled',
-                         'compensating', 'compensated', 'compensation_failed'));
-
--- Issue 21: Citus local tables
+--
 -- A transaction that writes a distributed table on one worker and a plain
 -- coordinator table (an outbox event, a saga) was committed by Citus in one
 -- phase on the worker before the coordinator: a worker dying after its
 -- COMMIT lost the coordinator's rows.  Citus uses two-phase commit once a
--- transaction has modified a table through its local execution, so
--- citus_setup() now also makes the tables an application writes on the
--- coordinator Citus local tables (docs/citus.md).  The coordinator must be
+-- transaction has modified a table through its local execution, so the
+-- tables an application writes on the coordinator become Citus local
+-- tables (docs/citus.md).  The coordinator must be
 -- in Citus's metadata; checked first, like the rest.
-CREATE OR REPLACE FUNCTION resilience.citus_setup(
+CREATE FUNCTION resilience.citus_setup(
     OUT object text, OUT placement text, OUT changed boolean)
 RETURNS SETOF record
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -2285,3 +2168,19 @@ END
 $citus$;
 COMMENT ON FUNCTION resilience.citus_setup() IS
 'On a Citus coordinator: distribute resilience''s tables by the column each guarantee is about, make the outbox, saga and schedule tables Citus local tables (two-phase commit with distributed writes) and delegate key-addressed shared-memory functions to the node of their key; idempotent; one row per object';
+REVOKE ALL ON FUNCTION resilience.citus_setup() FROM PUBLIC;   -- needs the tables' owner
+
+-- Issue 16: async branches
+-- A branch of a parallel group may be an async step: its command is sent
+-- by the tick that enters the group, with the other async branches', and
+-- its reply is stored on its row (awaiting, reply, as on the saga's row)
+-- for the orchestrator that claims the branch to apply.  An async action
+-- whose last attempt got no reply in time ends timed_out: it may have been
+-- done, so the group's compensation undoes it with the completed ones.
+ALTER TABLE resilience.saga_branches
+    ADD COLUMN awaiting boolean NOT NULL DEFAULT false,
+    ADD COLUMN reply jsonb,
+    DROP CONSTRAINT saga_branches_state_check,
+    ADD CONSTRAINT saga_branches_state_check
+        CHECK (state IN ('pending', 'completed', 'failed', 'timed_out', 'cancelled',
+                         'compensating', 'compensated', 'compensation_failed'));
