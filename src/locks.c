@@ -385,22 +385,6 @@ token_seq(void)
 }
 
 /*
- * Is WAL up to lsn safe from a failover: flushed by the synchronous standbys,
- * or none are configured (then commits do not wait for a standby either)?
- */
-static bool
-sync_standbys_flushed(XLogRecPtr lsn)
-{
-	bool		flushed;
-
-	LWLockAcquire(SyncRepLock, LW_SHARED);
-	flushed = !sync_standbys_defined_compat() ||
-		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
-	LWLockRelease(SyncRepLock);
-	return flushed;
-}
-
-/*
  * Wait until the synchronous standbys have flushed WAL up to lsn, whatever
  * this session's synchronous_commit says: a standby promoted without the
  * record that covers a token would hand it out again.  SyncRepWaitForLSN

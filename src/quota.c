@@ -859,18 +859,6 @@ static bool quota_callback_registered = false;
  * here, before the commit, instead of the WARNING a commit gives after it:
  * the caller never sees a commit whose decisions a promoted standby lacks.
  */
-static bool
-quota_standbys_have(XLogRecPtr lsn)
-{
-	bool		flushed;
-
-	LWLockAcquire(SyncRepLock, LW_SHARED);
-	flushed = !sync_standbys_defined_compat() ||
-		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
-	LWLockRelease(SyncRepLock);
-	return flushed;
-}
-
 static void
 quota_make_durable(XLogRecPtr lsn)
 {
@@ -883,13 +871,13 @@ quota_make_durable(XLogRecPtr lsn)
 	XLogFlush(lsn);
 	/* unlocked first, as SyncRepWaitForLSN does: no standbys, no lock */
 	if (max_wal_senders == 0 || synchronous_commit <= SYNCHRONOUS_COMMIT_LOCAL_FLUSH ||
-		!sync_standbys_defined_compat() || quota_standbys_have(lsn))
+		!sync_standbys_defined_compat() || sync_standbys_flushed(lsn))
 		return;
 	HOLD_INTERRUPTS();			/* as at commit: the wait handles them itself */
 	SyncRepWaitForLSN(lsn, false);
 	RESUME_INTERRUPTS();
 	CHECK_FOR_INTERRUPTS();
-	if (!quota_standbys_have(lsn))
+	if (!sync_standbys_flushed(lsn))
 		ereport(ERROR,
 				(errcode(ERRCODE_QUERY_CANCELED),
 				 errmsg("the transaction was not committed: the synchronous standby has not confirmed its quota decisions"),

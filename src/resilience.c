@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * resilience.c
- *		_PG_init: settings, hooks and the launcher, and nothing else.
+ *		_PG_init: settings, hooks and the launcher; and two checks every
+ *		module may ask (is Citus here, have the synchronous standbys the WAL).
  *
  * Loaded from shared_preload_libraries, the library defines its settings,
  * requests its shared memory and starts the launcher.  Loaded any other way
@@ -439,4 +440,22 @@ citus_present(void)
 			}
 	}
 	return preloaded == 1 && OidIsValid(get_extension_oid("citus", true));
+}
+
+/*
+ * Is WAL up to lsn safe from a failover: flushed by the synchronous standbys,
+ * or none are configured (then commits do not wait for a standby either)?
+ * Fencing tokens (locks.c) and quota decisions (quota.c) ask before they are
+ * handed out.
+ */
+bool
+sync_standbys_flushed(XLogRecPtr lsn)
+{
+	bool		flushed;
+
+	LWLockAcquire(SyncRepLock, LW_SHARED);
+	flushed = !sync_standbys_defined_compat() ||
+		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
+	LWLockRelease(SyncRepLock);
+	return flushed;
 }

@@ -153,6 +153,9 @@ extern ErrorData *resilience_run_caught(void (*fn) (void *arg), void *arg);
 /* Is Citus installed here?  Then no direct heap/index access (src/events.c). */
 extern bool citus_present(void);
 
+/* WAL up to lsn flushed by the synchronous standbys, or none configured? */
+extern bool sync_standbys_flushed(XLogRecPtr lsn);
+
 /*
  * The relay's per-route limits (sink_http.c): a token bucket and a bulkhead
  * in the shared tables under kinds of their own, which no name a SQL caller
