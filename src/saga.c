@@ -3309,7 +3309,8 @@ reply_not_sent(Saga *s, const char *step, const char *command)
 			 errmsg("step \"%s\" of saga " INT64_FORMAT " is not waiting for a reply",
 					step, s->id),
 			 errdetail("No %s command has been sent for it; the saga is %s at step %d.",
-					   command, state_names[s->state], s->step)));
+					   command, state_names[s->state], s->step),
+			 errhint("Reply only to a command the saga sent: its outbox event names the saga, the step and the command.")));
 }
 
 /*

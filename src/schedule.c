@@ -583,7 +583,9 @@ command_call(void *arg)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("schedules never run as a superuser"),
 				 errdetail("Role %s, which created schedule \"%s\", is a superuser now.",
-						   GetUserNameFromId(cr->s->creator, true), cr->s->name)));
+						   GetUserNameFromId(cr->s->creator, true), cr->s->name),
+				 errhint("Revoke SUPERUSER from %s, or create the schedule again as another role.",
+						 GetUserNameFromId(cr->s->creator, true))));
 	resilience_become(cr->s->creator, true, &save);
 	/* the command may read its slot: current_setting('resilience.schedule_slot') */
 	(void) set_config_option("resilience.schedule_slot", slot_text(cr->slot),
