@@ -24,6 +24,39 @@ COMMENT ON COLUMN resilience.leases.released_at IS
 'When lock_release ended the lease; NULL while held, and for a lease that expired without being released';
 
 ------------------------------------------------------------------------------
+-- Idempotency keys: idempotency_begin returns a named row type
+------------------------------------------------------------------------------
+
+-- The same four columns as the OUT parameters of 0.1.  A function with OUT
+-- parameters has its row type rebuilt from pg_proc on every execution of a
+-- query that calls it; a named type's comes from the type cache, which was
+-- a thirtieth of a replay (docs/benchmarks.md).  Recreated before the
+-- REVOKE from PUBLIC and the GRANT to resilience_user below.
+CREATE TYPE resilience.idempotency_decision AS (
+    outcome text, response jsonb, status_code integer, recovery_point text);
+COMMENT ON TYPE resilience.idempotency_decision IS
+'What idempotency_begin decided: proceed (from recovery_point), replay (response, status_code), in_progress or mismatch';
+
+DROP FUNCTION resilience.idempotency_begin(text, text, jsonb, interval, interval);
+CREATE FUNCTION resilience.idempotency_begin(
+    scope text, key text, request jsonb,
+    ttl interval DEFAULT '24 hours', lock_timeout interval DEFAULT '5 minutes')
+RETURNS resilience.idempotency_decision
+AS 'MODULE_PATHNAME', 'idempotency_begin'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;   -- not STRICT: NULLs raise 22004
+COMMENT ON FUNCTION resilience.idempotency_begin(text, text, jsonb, interval, interval) IS
+'Start or resume work under an idempotency key: proceed (from recovery_point), replay (the stored response), in_progress or mismatch';
+
+DROP FUNCTION resilience._idempotency_begin_wait(text, text, jsonb, interval, interval);
+CREATE FUNCTION resilience._idempotency_begin_wait(
+    scope text, key text, request jsonb, ttl interval, lock_timeout interval)
+RETURNS resilience.idempotency_decision
+AS 'MODULE_PATHNAME', 'idempotency_begin_wait'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION resilience._idempotency_begin_wait(text, text, jsonb, interval, interval) IS
+'Internal (idempotent): idempotency_begin that waits up to lock_timeout for a transaction holding the key';
+
+------------------------------------------------------------------------------
 -- Sagas: parked sagas are found without scanning the table (metrics)
 ------------------------------------------------------------------------------
 

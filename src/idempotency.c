@@ -91,7 +91,6 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
-#include "common/cryptohash.h"
 #include "common/hashfn.h"
 #include "common/sha2.h"
 #include "executor/spi.h"
@@ -110,6 +109,8 @@
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
+
+#include <openssl/evp.h>
 
 /* Longest scope, key, consumer, message id or recovery point (Stripe's limit). */
 #define MAX_NAME_CHARS 255
@@ -412,18 +413,38 @@ check_status_code(FunctionCallInfo fcinfo, int argno)
  * SHA-256 of the request's canonical text: jsonb output orders object keys
  * and drops insignificant whitespace (and duplicate keys), so equal JSON
  * documents have equal fingerprints however they were written.
+ *
+ * OpenSSL directly, with the digest fetched once per backend and one context
+ * reused: pg_cryptohash_create would look the algorithm up in OpenSSL's
+ * provider table and allocate and register a context on every call, which
+ * was a twentieth of a replay (docs/benchmarks.md).
  */
 static void
 fingerprint(Jsonb *request, uint8 *digest)
 {
+	static EVP_MD_CTX *ctx = NULL;
+	static EVP_MD *sha256 = NULL;
 	char	   *canonical = JsonbToCString(NULL, &request->root, VARSIZE(request));
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	unsigned int len;
 
-	if (pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (uint8 *) canonical, strlen(canonical)) < 0 ||
-		pg_cryptohash_final(ctx, digest, PG_SHA256_DIGEST_LENGTH) < 0)
+	if (ctx == NULL)
+	{
+		EVP_MD_CTX *c = EVP_MD_CTX_new();
+
+		if (sha256 == NULL)
+			sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+		if (c == NULL || sha256 == NULL)
+		{
+			EVP_MD_CTX_free(c);
+			elog(ERROR, "could not set up the SHA-256 fingerprint of requests");
+		}
+		ctx = c;
+	}
+	if (EVP_DigestInit_ex(ctx, sha256, NULL) != 1 ||
+		EVP_DigestUpdate(ctx, canonical, strlen(canonical)) != 1 ||
+		EVP_DigestFinal_ex(ctx, digest, &len) != 1 ||
+		len != PG_SHA256_DIGEST_LENGTH)
 		elog(ERROR, "could not compute the SHA-256 fingerprint of the request");
-	pg_cryptohash_free(ctx);
 	pfree(canonical);
 }
 
