@@ -2217,3 +2217,28 @@ ALTER TABLE resilience.saga_branches
     ADD CONSTRAINT saga_branches_state_check
         CHECK (state IN ('pending', 'completed', 'failed', 'timed_out', 'cancelled',
                          'compensating', 'compensated', 'compensation_failed'));
+
+------------------------------------------------------------------------------
+-- Sagas: the state columns' CHECK constraints as one function call
+------------------------------------------------------------------------------
+
+-- The same sets of states as the IN lists they replace.  An IN list is
+-- rebuilt from its stored form (a text array constant, token by token) for
+-- every statement that writes the table, which the orchestrator does
+-- several times per step; a function call is a short node
+-- (docs/benchmarks.md).  A constraint's function is checked for EXECUTE
+-- as the role that writes the row: only the extension's owner writes these
+-- tables.
+CREATE FUNCTION resilience._saga_state_valid(kind text, state text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'saga_state_valid'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION resilience._saga_state_valid(text, text) IS
+'Internal: the CHECK constraint of the state columns of sagas (kind saga), saga_steps (step) and saga_branches (branch)';
+REVOKE ALL ON FUNCTION resilience._saga_state_valid(text, text) FROM PUBLIC;
+ALTER TABLE resilience.sagas DROP CONSTRAINT sagas_state_check,
+    ADD CONSTRAINT sagas_state_check CHECK (resilience._saga_state_valid('saga', state));
+ALTER TABLE resilience.saga_steps DROP CONSTRAINT saga_steps_state_check,
+    ADD CONSTRAINT saga_steps_state_check CHECK (resilience._saga_state_valid('step', state));
+ALTER TABLE resilience.saga_branches DROP CONSTRAINT saga_branches_state_check,
+    ADD CONSTRAINT saga_branches_state_check CHECK (resilience._saga_state_valid('branch', state));

@@ -236,3 +236,18 @@ SELECT left(sqlstate_of(format($$SELECT resilience.saga_define('w', %L)$$, d)), 
  GROUP BY 1 ORDER BY 1;
 SELECT count(*) OPERATOR(pg_catalog.=) :definitions_before AS nothing_stored FROM resilience.saga_definitions;
 RESET ROLE;
+
+-- The state columns' checks (one C function call each) refuse a state the
+-- orchestrator never writes, and an unknown kind is an error.
+SELECT resilience._saga_state_valid('saga', 'suspended') AS saga_state,
+       resilience._saga_state_valid('step', 'abandoned') AS step_state,
+       resilience._saga_state_valid('branch', 'timed_out') AS branch_state,
+       resilience._saga_state_valid('saga', 'abandoned') AS step_state_on_saga;
+SELECT resilience._saga_state_valid('group', 'running');
+SELECT resilience.saga_start('good', '{}', 'state-check') AS state_check_saga \gset
+SELECT left(sqlstate_of($$UPDATE resilience.sagas SET state = 'bogus' WHERE id = $$ || :state_check_saga), 5) AS saga_row,
+       left(sqlstate_of($$INSERT INTO resilience.saga_steps (saga_id, step_no, name, state, started_at)
+                          VALUES ($$ || :state_check_saga || $$, 1, 'a', 'pending', now())$$), 5) AS step_row,
+       left(sqlstate_of($$INSERT INTO resilience.saga_branches (saga_id, step_no, branch_no, name, state)
+                          VALUES ($$ || :state_check_saga || $$, 1, 1, 'b', 'running')$$), 5) AS branch_row;
+SELECT state <> 'bogus' AS unchanged FROM resilience.sagas WHERE id = :state_check_saga;
