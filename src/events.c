@@ -552,7 +552,7 @@ head_direct_bump(text *stream, int64 n, bool at_version, int64 expected,
 			ereport(ERROR,
 					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
 					 errmsg("bigint out of range")));
-		/* owner_role = COALESCE(owner_role, caller): a 0.1-style row becomes the caller's */
+		/* owner_role = COALESCE(owner_role, caller), as the UPDATE sets it */
 		if (!OidIsValid(*owner))
 			*owner = caller;
 
