@@ -52,7 +52,7 @@ REGRESS = setup ratelimit ratelimit_errors locks locks_errors idempotency idempo
 ISOLATION = ratelimit_shared lease_race lease_takeover idempotency_begin idempotent_wait \
 	inbox_accept idempotency_reaper breaker_shared bulkhead_wakeup retry_serialization \
 	saga_reply_timeout saga_ticks saga_start_key saga_abort_race \
-	outbox_order outbox_consumers events_append \
+	outbox_order outbox_consumers events_append events_append_direct \
 	schedule_run_once quota_race saga_signal_race outbox_longpoll quota_policy_cache \
 	saga_branch_claim saga_batch saga_branch_replies lease_direct_race
 ISOLATION_OPTS = --inputdir=test

@@ -5,14 +5,18 @@
  *
  * One head row per stream (resilience.streams) is the lock that orders
  * appends: it is inserted or updated only if the stream is at the expected
- * version, by one statement run through SPI (a saved plan), so a concurrent
- * append that got there first makes it find nothing (40001), exactly as
- * the executor's ON CONFLICT and EvalPlanQual rules say.  The events are
- * then written after it.  Holding the head row, no other append can write
- * the same (stream, version): the event rows are inserted directly with
- * the heap and index APIs (ExecSimpleRelationInsert, the path logical
- * replication's apply uses: constraints, every index with its uniqueness
- * check, row triggers), which costs a fraction of an executor INSERT.
+ * version, so a concurrent append that got there first makes it find
+ * nothing (40001), exactly as the executor's ON CONFLICT and EvalPlanQual
+ * rules say.  The head row of a stream that exists is updated directly
+ * with the table API ("The head row without SQL" below), as locks.c does
+ * for leases; a new stream's INSERT ... ON CONFLICT, and everything when
+ * the direct path does not apply, is one statement run through SPI (a
+ * saved plan).  The events are then written after it.  Holding the head
+ * row, no other append can write the same (stream, version): the event
+ * rows are inserted directly with the heap and index APIs
+ * (ExecSimpleRelationInsert, the path logical replication's apply uses:
+ * constraints, every index with its uniqueness check, row triggers), which
+ * costs a fraction of an executor INSERT.
  * When Citus is installed the tables may be distributed and the local
  * heap is not where the rows live: the events then go through SPI too
  * (citus_present(), src/resilience.c).
@@ -35,20 +39,30 @@
 #include "metrics.h"
 #include "tenants.h"
 
+#include "access/genam.h"
+#include "access/stratnum.h"
 #include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/fmgrprotos.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #define STREAM_NAME_MAX 255
@@ -177,6 +191,20 @@ run_event_statement(EventStatement which, Datum *values, const char *nulls)
 	return SPI_processed;
 }
 
+/*
+ * Connect to SPI the first time a statement is needed: an append that
+ * writes its head row directly, to a stream without forwards, runs none.
+ */
+static void
+need_spi(bool *connected)
+{
+	if (!*connected)
+	{
+		SPI_connect();
+		*connected = true;
+	}
+}
+
 /* ---- arguments ---- */
 
 static pg_noreturn_compat void
@@ -242,7 +270,7 @@ parse_event(Jsonb *e, int i, int n, Datum *type, Datum *data, Datum *metadata)
  * directly, or through SPI when Citus may have distributed the table.
  */
 static void
-insert_events(Datum (*values)[EVENT_COLUMNS], int n)
+insert_events(Datum (*values)[EVENT_COLUMNS], int n, bool *spi)
 {
 	Relation	rel;
 	EState	   *estate;
@@ -252,6 +280,7 @@ insert_events(Datum (*values)[EVENT_COLUMNS], int n)
 
 	if (citus_present())
 	{
+		need_spi(spi);
 		for (int i = 0; i < n; i++)
 			run_event_statement(ES_INSERT_EVENT, values[i], NULL);
 		return;
@@ -284,7 +313,7 @@ insert_events(Datum (*values)[EVENT_COLUMNS], int n)
  * no query to run (with Citus the local table says nothing: always ask).
  */
 static void
-forward_events(Datum stream, int64 new_version, int n, Datum events)
+forward_events(Datum stream, int64 new_version, int n, Datum events, bool *spi)
 {
 	Relation	rel;
 	BlockNumber nblocks;
@@ -303,34 +332,288 @@ forward_events(Datum stream, int64 new_version, int n, Datum events)
 	values[1] = Int64GetDatum(new_version);
 	values[2] = Int64GetDatum(n);
 	values[3] = events;
+	need_spi(spi);
 	/* outbox_publish runs here: with search_path pinned */
 	resilience_become_owner(true, &save);
 	run_event_statement(ES_FORWARD, values, NULL);
 	resilience_restore_user(&save);
 }
 
+/* ---- the head row without SQL ---- */
+
+/*
+ * Appending to a stream that has a head row, at an expected version or
+ * with NULL, does what ES_APPEND_AT or ES_BUMP would, without the executor
+ * (the way locks.c renews a lease): one probe of the primary key with a
+ * snapshot taken as SPI takes one for a statement, the expected version
+ * checked in C, and table_tuple_update of the version found.  A concurrent
+ * append that updated the row first makes the update wait for it and fail
+ * (TM_Updated); under READ COMMITTED the probe is then repeated with a new
+ * snapshot, so the version is checked again on the row that will be
+ * written, as EvalPlanQual rechecks the UPDATE's WHERE: a stream now at
+ * another version is a conflict, and a failed attempt holds no row lock.
+ * Under REPEATABLE READ or SERIALIZABLE that is a serialization failure,
+ * as for the UPDATE.
+ *
+ * The probe also answers the conflict's question (the actual version and
+ * owner), which the SQL path asks with a second statement (ES_ACTUAL); and
+ * when it finds no row, a NULL append goes straight to the SPI insert
+ * (ES_APPEND_ANY) without trying the UPDATE first.
+ *
+ * Only for the table as the extension creates it: with Citus (which may
+ * distribute it and routes statements itself), triggers (foreign keys
+ * included), rules, row-level security, check constraints or generated
+ * columns, every statement goes through SPI as before.
+ */
+
+typedef enum StreamCol
+{
+	SCOL_STREAM,
+	SCOL_VERSION,
+	SCOL_UPDATED_AT,
+	SCOL_OWNER_ROLE,
+	SCOL_COUNT
+} StreamCol;
+
+static const char *const stream_col_names[SCOL_COUNT] = {
+	"stream", "version", "updated_at", "owner_role"
+};
+static const Oid stream_col_types[SCOL_COUNT] = {
+	TEXTOID, INT8OID, TIMESTAMPTZOID, REGROLEOID
+};
+static AttrNumber stream_attnums[SCOL_COUNT];
+static Oid	streams_relid = InvalidOid;
+static Oid	streams_pkey = InvalidOid;
+static int	streams_direct = -1;	/* -1: not known yet */
+
+#define HEAD_VALUE(slot, c) ((slot)->tts_values[stream_attnums[c] - 1])
+#define HEAD_ISNULL(slot, c) ((slot)->tts_isnull[stream_attnums[c] - 1])
+
+/* Relcache callback: the table or its key changed, look again. */
+static void
+streams_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == streams_relid || relid == streams_pkey)
+		streams_direct = -1;
+}
+
+/* May the direct path write resilience.streams, as it is now? */
+static bool
+streams_direct_layout(void)
+{
+	static bool callback_registered = false;
+	Oid			nsp;
+	Relation	rel;
+	TupleDesc	desc;
+	bool		ok = true;
+
+	if (streams_direct >= 0)
+		return streams_direct;
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(streams_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
+	nsp = get_namespace_oid("resilience", true);
+	streams_relid = OidIsValid(nsp) ? get_relname_relid("streams", nsp) : InvalidOid;
+	if (!OidIsValid(streams_relid))
+		return false;			/* not cached: SPI raises the error */
+	rel = table_open(streams_relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (int c = 0; c < SCOL_COUNT && ok; c++)
+	{
+		AttrNumber	a = get_attnum(streams_relid, stream_col_names[c]);
+
+		stream_attnums[c] = a;
+		ok = a > 0 && TupleDescAttr(desc, a - 1)->atttypid == stream_col_types[c];
+	}
+	ok = ok && rel->rd_rel->relkind == RELKIND_RELATION && rel->trigdesc == NULL &&
+		rel->rd_rules == NULL && !rel->rd_rel->relrowsecurity &&
+		(desc->constr == NULL ||
+		 (desc->constr->num_check == 0 && !desc->constr->has_generated_stored));
+	if (ok)
+	{
+		list_free(RelationGetIndexList(rel));	/* sets rd_pkindex */
+		streams_pkey = rel->rd_pkindex;
+		ok = OidIsValid(streams_pkey);
+	}
+	if (ok)
+	{
+		Relation	idx = index_open(streams_pkey, AccessShareLock);
+
+		ok = idx->rd_rel->relam == BTREE_AM_OID &&
+			idx->rd_index->indnkeyatts == 1 && idx->rd_index->indisunique &&
+			idx->rd_index->indkey.values[0] == stream_attnums[SCOL_STREAM];
+		index_close(idx, AccessShareLock);
+	}
+	table_close(rel, AccessShareLock);
+	streams_direct = ok;
+	return ok;
+}
+
+/*
+ * Find stream's head row as a statement run through SPI would: this
+ * transaction's earlier changes made visible, then a snapshot (a new one
+ * under READ COMMITTED), pushed until the caller pops it.  True with the
+ * row in slot, every column deformed.
+ */
+static bool
+head_probe(Relation rel, Relation idx, text *stream, TupleTableSlot *slot)
+{
+	ScanKeyData key;
+	IndexScanDesc scan;
+	bool		found;
+
+	PushActiveSnapshot(GetTransactionSnapshot());
+	CommandCounterIncrement();
+	UpdateActiveSnapshotCommandId();
+
+	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_TEXTEQ, PointerGetDatum(stream));
+	key.sk_collation = idx->rd_indcollation[0];
+	scan = index_beginscan_compat(rel, idx, GetActiveSnapshot(), 1, 0);
+	index_rescan(scan, &key, 1, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	index_endscan(scan);
+	if (found)
+		slot_getallattrs(slot);
+	return found;
+}
+
+typedef enum HeadOutcome
+{
+	HEAD_UNAVAILABLE,			/* use SPI */
+	HEAD_ABSENT,				/* no head row */
+	HEAD_CONFLICT,				/* not at the expected version */
+	HEAD_BUMPED					/* written */
+} HeadOutcome;
+
+/*
+ * ES_APPEND_AT (at_version) or ES_BUMP of the n events of stream, directly.
+ * *version and *owner: the row's new version and owner role when bumped,
+ * its actual ones on a conflict (owner InvalidOid if it has none).
+ */
+static HeadOutcome
+head_direct_bump(text *stream, int64 n, bool at_version, int64 expected,
+				 Oid caller, int64 *version, Oid *owner)
+{
+	Relation	rel;
+	Relation	idx;
+	TupleTableSlot *old;
+	TupleTableSlot *new;
+	TupleDesc	desc;
+	HeadOutcome outcome;
+	bool		pushed = false;
+
+	/* a read-only transaction gets the executor's error from SPI */
+	if (citus_present() || XactReadOnly || !streams_direct_layout())
+		return HEAD_UNAVAILABLE;
+	rel = table_open(streams_relid, RowExclusiveLock);
+	if (streams_direct != 1)
+	{
+		/* changed while we waited for the lock */
+		table_close(rel, RowExclusiveLock);
+		return HEAD_UNAVAILABLE;
+	}
+	/* a publication of updates needs a replica identity, as for the UPDATE */
+	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
+	idx = index_open(streams_pkey, RowExclusiveLock);
+	desc = RelationGetDescr(rel);
+	old = table_slot_create(rel, NULL);
+	new = table_slot_create(rel, NULL);
+	for (;;)
+	{
+		int64		row_version;
+		TM_FailureData tmfd;
+		LockTupleMode lockmode;
+		UpdateIndexes_compat update_indexes;
+		TM_Result	result;
+		bool		found;
+
+		CHECK_FOR_INTERRUPTS();
+		if (pushed)
+			PopActiveSnapshot();
+		found = head_probe(rel, idx, stream, old);
+		pushed = true;
+		if (!found)
+		{
+			outcome = HEAD_ABSENT;
+			break;
+		}
+		row_version = DatumGetInt64(HEAD_VALUE(old, SCOL_VERSION));
+		*owner = HEAD_ISNULL(old, SCOL_OWNER_ROLE) ? InvalidOid :
+			DatumGetObjectId(HEAD_VALUE(old, SCOL_OWNER_ROLE));
+		if (at_version && row_version != expected)
+		{
+			*version = row_version;
+			outcome = HEAD_CONFLICT;
+			break;
+		}
+		if (pg_add_s64_overflow(row_version, n, version))
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("bigint out of range")));
+		/* owner_role = COALESCE(owner_role, caller), as the UPDATE sets it */
+		if (!OidIsValid(*owner))
+			*owner = caller;
+
+		ExecClearTuple(new);
+		memcpy(new->tts_values, old->tts_values, sizeof(Datum) * desc->natts);
+		memcpy(new->tts_isnull, old->tts_isnull, sizeof(bool) * desc->natts);
+		HEAD_VALUE(new, SCOL_VERSION) = Int64GetDatum(*version);
+		HEAD_VALUE(new, SCOL_UPDATED_AT) =
+			TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		HEAD_VALUE(new, SCOL_OWNER_ROLE) = ObjectIdGetDatum(*owner);
+		HEAD_ISNULL(new, SCOL_OWNER_ROLE) = false;
+		ExecStoreVirtualTuple(new);
+		result = table_tuple_update(rel, &old->tts_tid, new, GetCurrentCommandId(true),
+									GetActiveSnapshot(), InvalidSnapshot, true,
+									&tmfd, &lockmode, &update_indexes);
+		if (result == TM_Ok)
+		{
+			if (!update_indexes_none_compat(update_indexes))
+			{
+				/* not a HOT update: the new version needs its index entries */
+				EState	   *estate = CreateExecutorState();
+				ResultRelInfo *rri = makeNode(ResultRelInfo);
+
+				InitResultRelInfo(rri, rel, 0, NULL, 0);
+				ExecOpenIndices(rri, false);
+				(void) ExecUpdateIndexTuples_compat(rri, new, estate, update_indexes);
+				ExecCloseIndices(rri);
+				FreeExecutorState(estate);
+			}
+			outcome = HEAD_BUMPED;
+			break;
+		}
+		if (result != TM_Updated && result != TM_Deleted)
+			elog(ERROR, "unexpected result %d updating the head row of stream \"%s\"",
+				 (int) result, text_to_cstring(stream));
+		if (IsolationUsesXactSnapshot())
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to concurrent %s",
+							result == TM_Updated ? "update" : "delete")));
+		/* READ COMMITTED: changed meanwhile, look again with a new snapshot */
+	}
+	if (pushed)
+		PopActiveSnapshot();
+	ExecDropSingleTupleTableSlot(new);
+	ExecDropSingleTupleTableSlot(old);
+	index_close(idx, NoLock);
+	table_close(rel, NoLock);
+	return outcome;
+}
+
 /*
  * The head row was not at the expected version: 40001 with the actual
- * version, unless the stream is another role's (42501: its version is that
- * role's business too).  values: the statement's, SPI connected.
+ * version (-1: no row), unless the stream is another role's (42501: its
+ * version is that role's business too; owner InvalidOid: nobody's).
  */
 static pg_noreturn_compat void
-conflict(const char *name, int64 expected, Datum *values, Oid caller)
+conflict(const char *name, int64 expected, int64 actual, Oid owner, Oid caller)
 {
-	int64		actual = -1;
-	bool		isnull;
-
-	if (run_event_statement(ES_ACTUAL, values, NULL) == 1)
-	{
-		Oid			owner;
-
-		actual = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-											 SPI_tuptable->tupdesc, 1, &isnull));
-		owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-											   SPI_tuptable->tupdesc, 2, &isnull));
-		if (!isnull)
-			tenant_check(TENANT_STREAM, name, owner, caller);
-	}
+	if (OidIsValid(owner))
+		tenant_check(TENANT_STREAM, name, owner, caller);
 	metrics_add(RC_STREAM_CONFLICTS, 0, NULL, 1);
 	ereport(ERROR,
 			(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
@@ -338,6 +621,26 @@ conflict(const char *name, int64 expected, Datum *values, Oid caller)
 			 actual < 0 ? errdetail("Its actual version is -1 (it does not exist).")
 			 : errdetail("Its actual version is " INT64_FORMAT ".", actual),
 			 errhint("Read the stream again, decide again, and append with the version read.")));
+}
+
+/* conflict() after a statement found nothing: read the row (SPI connected). */
+static pg_noreturn_compat void
+conflict_spi(const char *name, int64 expected, Datum *values, Oid caller)
+{
+	int64		actual = -1;
+	Oid			owner = InvalidOid;
+	bool		isnull;
+
+	if (run_event_statement(ES_ACTUAL, values, NULL) == 1)
+	{
+		actual = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+		owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+											   SPI_tuptable->tupdesc, 2, &isnull));
+		if (isnull)
+			owner = InvalidOid;
+	}
+	conflict(name, expected, actual, owner, caller);
 }
 
 /*
@@ -363,6 +666,8 @@ append_events(PG_FUNCTION_ARGS)
 	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 	ResilienceUser save;
 	char	   *name;
+	HeadOutcome head = HEAD_UNAVAILABLE;
+	bool		spi = false;	/* connected (only when a statement runs) */
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(2))
 		ereport(ERROR,
@@ -399,7 +704,6 @@ append_events(PG_FUNCTION_ARGS)
 	}
 
 	name = text_to_cstring(stream);
-	SPI_connect();
 	resilience_become_owner(false, &save);
 	values[0] = PointerGetDatum(stream);
 	values[1] = Int64GetDatum(n);
@@ -418,31 +722,46 @@ append_events(PG_FUNCTION_ARGS)
 	 * (an error undoes the write).  A stream that may be new belongs to the
 	 * role an admin declared for it, else to the caller.
 	 */
-	if (which != ES_APPEND_ANY || run_event_statement(ES_BUMP, values, nulls) != 1)
+	if (which != ES_CREATE)
+		head = head_direct_bump(stream, n, which == ES_APPEND_AT,
+								which == ES_APPEND_AT ? PG_GETARG_INT64(1) : 0,
+								caller, &new_version, &stream_owner);
+	if (head == HEAD_CONFLICT)
+		conflict(name, PG_GETARG_INT64(1), new_version, stream_owner, caller);
+	if (head == HEAD_ABSENT && which == ES_APPEND_AT)
+		conflict(name, PG_GETARG_INT64(1), -1, InvalidOid, caller);
+	if (head != HEAD_BUMPED)
 	{
-		Oid			declared = InvalidOid;
+		need_spi(&spi);
+		/* the direct probe already found no row: straight to the insert */
+		if (which != ES_APPEND_ANY || head == HEAD_ABSENT ||
+			run_event_statement(ES_BUMP, values, nulls) != 1)
+		{
+			Oid			declared = InvalidOid;
 
-		if (which != ES_APPEND_AT)
-			declared = tenant_declared_owner(TENANT_STREAM, VARDATA_ANY(stream),
-											 VARSIZE_ANY_EXHDR(stream));
-		if (OidIsValid(declared))
-			values[2] = ObjectIdGetDatum(declared);
-		if (run_event_statement(which, values, nulls) != 1)
-			conflict(name, PG_GETARG_INT64(1), values, caller);
+			if (which != ES_APPEND_AT)
+				declared = tenant_declared_owner(TENANT_STREAM, VARDATA_ANY(stream),
+												 VARSIZE_ANY_EXHDR(stream));
+			if (OidIsValid(declared))
+				values[2] = ObjectIdGetDatum(declared);
+			if (run_event_statement(which, values, nulls) != 1)
+				conflict_spi(name, PG_GETARG_INT64(1), values, caller);
+		}
+		new_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+		stream_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+													  SPI_tuptable->tupdesc, 2, &isnull));
 	}
-	new_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-											  SPI_tuptable->tupdesc, 1, &isnull));
-	stream_owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-												  SPI_tuptable->tupdesc, 2, &isnull));
 	tenant_check(TENANT_STREAM, name, stream_owner, caller);
 
 	for (int i = 0; i < n; i++)
 		rows[i][1] = Int64GetDatum(new_version - n + 1 + i);
-	insert_events(rows, n);
-	forward_events(PointerGetDatum(stream), new_version, n, PointerGetDatum(events));
+	insert_events(rows, n, &spi);
+	forward_events(PointerGetDatum(stream), new_version, n, PointerGetDatum(events), &spi);
 
 	resilience_restore_user(&save);
-	SPI_finish();
+	if (spi)
+		SPI_finish();
 	metrics_add_at_commit(RC_STREAM_EVENTS, 0, NULL, (uint64) n);
 	PG_RETURN_INT64(new_version);
 }
