@@ -90,9 +90,13 @@
  * the reaper), so begin restarts it as the caller's.  checkpoint, complete
  * and fail match only rows of the role they act as ($N); a miss re-reads
  * the row, refuses another role's key, and runs again as its owner when the
- * caller may act for it.  Keys from 0.1 have no owner (NULL): any role may
- * act on them, and the first begin that resumes one records its caller.
- * On a 0.1 schema (the new library before ALTER EXTENSION ... UPDATE) there
+ * caller may act for it.  With Citus the rows live on workers, where the
+ * same role has another oid: reads through SPI take the owner by name
+ * (owner_role::text, resolved here), a regrole written from here reaches
+ * the worker as a constant deparsed by name, and the transitions lock the
+ * row and check its owner before updating it.  Keys from
+ * 0.1 have no owner (NULL): any role may act on them, and the first begin
+ * that resumes one records its caller.  On a 0.1 schema (the new library before ALTER EXTENSION ... UPDATE) there
  * is no owner_role column, and nothing is checked, as in 0.1.
  *
  *-------------------------------------------------------------------------
@@ -119,6 +123,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -148,6 +153,7 @@
 #define Anum_locked_until 11
 #define Anum_expires_at 14
 #define Anum_owner_role 15		/* added by 0.2: absent on a 0.1 schema */
+#define Anum_owner_name 16		/* owner_role::text, in what SPI reads return */
 
 typedef enum KeyState
 {
@@ -228,6 +234,7 @@ typedef enum Statement
 	STMT_READ,
 	STMT_REAP_KEYS_CITUS,
 	STMT_REAP_INBOX_CITUS,
+	STMT_LOCK_KEY,
 	NUM_STATEMENTS
 } Statement;
 
@@ -237,6 +244,7 @@ typedef struct StatementDef
 	int			nargs;
 	Oid			argtypes[9];
 	const char *sql_0_1;		/* on a 0.1 schema (no owner_role), if different */
+	bool		citus_0_1;		/* with Citus too (the owner checked first) */
 } StatementDef;
 
 #define KEY_MATCHES \
@@ -245,6 +253,15 @@ typedef struct StatementDef
 /* ... and owned by the role the call acts as ($n), or by nobody (a key from 0.1) */
 #define OWNED_BY(n) \
 	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $" #n ")"
+
+/*
+ * A key's row read through SPI, with its owner's name as one more column:
+ * with Citus the row lives on a worker, where the role has another oid (a
+ * regrole written from the coordinator reaches the worker as a constant,
+ * deparsed by name), so the owner is read back by name.
+ */
+#define SELECT_ROW \
+	"SELECT *, owner_role::pg_catalog.text FROM resilience.idempotency_keys" KEY_MATCHES
 
 static const StatementDef statements[NUM_STATEMENTS] = {
 	/* $8: the owner, the calling role */
@@ -263,9 +280,10 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		" ON CONFLICT (scope, key) DO NOTHING"
 	},
 	[STMT_LOCK_ROW] = {
+		SELECT_ROW " FOR UPDATE SKIP LOCKED",
+		2, {TEXTOID, TEXTOID},
 		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES
-		" FOR UPDATE SKIP LOCKED",
-		2, {TEXTOID, TEXTOID}
+		" FOR UPDATE SKIP LOCKED"
 	},
 	/*
 	 * $8: reset a dead row as new (true) or take over an attempt (false).
@@ -304,7 +322,8 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" recovery_point = $3, updated_at = $4,"
 		" locked_until = $4 OPERATOR(pg_catalog.+) lock_timeout"
-		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
+		true
 	},
 	[STMT_COMPLETE] = {
 		"UPDATE resilience.idempotency_keys SET"
@@ -315,7 +334,8 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" state = 'completed', response = $3, status_code = $4, locked_until = NULL,"
 		" updated_at = $5"
-		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
+		true
 	},
 	[STMT_FAIL] = {
 		"UPDATE resilience.idempotency_keys SET"
@@ -326,7 +346,8 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" state = CASE WHEN $4 THEN 'retry' ELSE 'failed' END,"
 		" error = $3, status_code = $5, locked_until = NULL, updated_at = $6"
-		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
+		true
 	},
 	/* an expired row still waiting for the reaper counts as absent */
 	[STMT_INBOX] = {
@@ -362,8 +383,9 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 	},
 	/* a key's row through the executor, when Citus is installed (lookup_key) */
 	[STMT_READ] = {
-		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES,
-		2, {TEXTOID, TEXTOID}
+		SELECT_ROW,
+		2, {TEXTOID, TEXTOID},
+		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES
 	},
 
 	/*
@@ -384,6 +406,18 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		"DELETE FROM resilience.inbox"
 		" WHERE expires_at OPERATOR(pg_catalog.<=) $1",
 		1, {TIMESTAMPTZOID}
+	},
+
+	/*
+	 * A transition when Citus is installed: Citus refuses owner_role::text
+	 * (a STABLE function of a column) in an UPDATE, and owner_role's oid on
+	 * the worker is not the coordinator's, so the row is locked and its
+	 * owner checked first, then updated by the 0.1 form (citus_0_1).
+	 */
+	[STMT_LOCK_KEY] = {
+		SELECT_ROW " FOR UPDATE",
+		2, {TEXTOID, TEXTOID},
+		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES " FOR UPDATE"
 	},
 };
 
@@ -527,21 +561,63 @@ copy_column(TupleDesc desc, const Datum *values, const bool *nulls, int attnum, 
 	return values[attnum - 1];
 }
 
-/* Fill row from a key tuple (from an index scan, or a SELECT * of the table). */
+/* An owner role that does not exist here: nobody but superusers and resilience_admin. */
+#define UNKNOWN_OWNER OID_MAX
+
+/*
+ * The oid of the role regrole's output names (an identifier, quoted if need
+ * be; digits for a role that was dropped), or UNKNOWN_OWNER: never
+ * InvalidOid, which would be no owner at all.
+ */
+static Oid
+owner_by_name(const char *s)
+{
+	Oid			role;
+
+	if (s[0] == '"')
+	{
+		char	   *name = palloc(strlen(s) + 1);
+		char	   *out = name;
+
+		for (s++; *s; s++)
+		{
+			if (*s == '"' && s[1] != '"')
+				break;
+			if (*s == '"')
+				s++;
+			*out++ = *s;
+		}
+		*out = '\0';
+		role = get_role_oid(name, true);
+	}
+	else
+		role = get_role_oid(s, true);
+	return OidIsValid(role) ? role : UNKNOWN_OWNER;
+}
+
+/* Fill row from a key tuple (from an index scan, or a SELECT of the table). */
 static void
 read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
 {
-	Datum		values[Anum_owner_role];
-	bool		nulls[Anum_owner_role];
+	Datum		values[Anum_owner_name];
+	bool		nulls[Anum_owner_name];
 	bytea	   *fp;
 
-	/* the columns of 0.2, or of 0.1 (no owner_role) */
-	if (desc->natts != Anum_owner_role && desc->natts != Anum_expires_at)
+	/*
+	 * The columns of 0.2 (and the owner's name, from SPI), or of 0.1 (no
+	 * owner_role).  Read through SPI, the owner is taken by name: with
+	 * Citus the oid is the worker's.
+	 */
+	if (desc->natts < Anum_expires_at || desc->natts > Anum_owner_name)
 		elog(ERROR, "resilience.idempotency_keys has %d columns, expected %d",
 			 desc->natts, Anum_owner_role);
 	heap_deform_tuple(tuple, desc, values, nulls);
-	row->owner = desc->natts < Anum_owner_role || nulls[Anum_owner_role - 1] ?
-		InvalidOid : DatumGetObjectId(values[Anum_owner_role - 1]);
+	if (desc->natts < Anum_owner_role || nulls[Anum_owner_role - 1])
+		row->owner = InvalidOid;
+	else if (desc->natts == Anum_owner_name)
+		row->owner = owner_by_name(TextDatumGetCString(values[Anum_owner_name - 1]));
+	else
+		row->owner = DatumGetObjectId(values[Anum_owner_role - 1]);
 	row->state = parse_state(values[Anum_state - 1]);
 	fp = DatumGetByteaPP(values[Anum_fingerprint - 1]);
 	row->same_request = a != NULL &&
@@ -725,12 +801,14 @@ spi_finish(const ResilienceUser *save)
 
 /*
  * The saved plan of a statement, prepared on first use (SPI connected):
- * the 0.1 form on a 0.1 schema, prepared again after the update.
+ * the 0.1 form on a 0.1 schema (prepared again after the update), and for
+ * the transitions with Citus.
  */
 static SPIPlanPtr
 statement_plan(Statement which)
 {
-	bool		old_schema = statements[which].sql_0_1 != NULL && !keys_have_owner();
+	bool		old_schema = statements[which].sql_0_1 != NULL &&
+		(!keys_have_owner() || (statements[which].citus_0_1 && citus_present()));
 
 	if (plans[which] != NULL && plan_for_0_1[which] != old_schema)
 	{
@@ -1061,8 +1139,10 @@ idempotency_begin_wait(PG_FUNCTION_ARGS)
  * acts as.  It acts as the caller, and matches only the caller's keys (and
  * keys from 0.1, which have no owner); on a miss, a key of another role is
  * 42501 unless the caller may act for that role, and then the statement
- * runs again as that role.  If no started row matched, raise 42704 (never
- * begun) or 55000 (in another state), having changed nothing.
+ * runs again as that role.  With Citus, the row is locked and its owner
+ * checked before it is updated (see STMT_LOCK_KEY).  If no started row
+ * matched, raise 42704 (never begun) or 55000 (in another state), having
+ * changed nothing.
  */
 static void
 transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
@@ -1088,10 +1168,35 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	values[i + 1] = ObjectIdGetDatum(caller);
 	nulls[i + 1] = ' ';
 
-	spi_connect_as_owner(&save);
-	n = run(which, values, nulls);
-	spi_finish(&save);
-	if (n == 0 && lookup_key_now(scope, key, NULL, &row) &&
+	if (citus_present() && keys_have_owner())
+	{
+		/* lock the row and check its owner, then update it (STMT_LOCK_KEY) */
+		MemoryContext caller_context = CurrentMemoryContext;
+		bool		found = false;
+
+		spi_connect_as_owner(&save);
+		if (run(STMT_LOCK_KEY, values, nulls) == 1)
+		{
+			MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+
+			read_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, NULL, &row);
+			MemoryContextSwitchTo(spi_context);
+			found = true;
+		}
+		spi_finish(&save);
+		if (found)
+			key_check_owner(scope, key, row.owner, caller);
+		spi_connect_as_owner(&save);
+		n = run(which, values, nulls);
+		spi_finish(&save);
+	}
+	else
+	{
+		spi_connect_as_owner(&save);
+		n = run(which, values, nulls);
+		spi_finish(&save);
+	}
+	if (n == 0 && !citus_present() && lookup_key_now(scope, key, NULL, &row) &&
 		OidIsValid(row.owner) && row.owner != caller)
 	{
 		/* another role's key: refused, or acted on as that role */
