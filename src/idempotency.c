@@ -590,6 +590,8 @@ owner_by_name(const char *s)
 		*out = '\0';
 		role = get_role_oid(name, true);
 	}
+	else if (strspn(s, "0123456789") == strlen(s))
+		role = InvalidOid;		/* a dropped role: not a role named so */
 	else
 		role = get_role_oid(s, true);
 	return OidIsValid(role) ? role : UNKNOWN_OWNER;
