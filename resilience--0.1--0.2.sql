@@ -616,6 +616,13 @@ ALTER TABLE resilience.sagas ADD COLUMN owner_role regrole;
 COMMENT ON COLUMN resilience.sagas.owner_role IS
 'The role that started the saga: it, its members, the definer''s members and resilience_admin may reply to its async steps';
 
+-- The role that began the idempotency key (src/idempotency.c, "Owners");
+-- NULL for keys from 0.1: any role may act on them until one begins them
+-- again.  Added before citus_setup() can distribute the table (by key).
+ALTER TABLE resilience.idempotency_keys ADD COLUMN owner_role regrole;
+COMMENT ON COLUMN resilience.idempotency_keys.owner_role IS
+'The role that began the key: only it, its members and resilience_admin may replay, resume, checkpoint, complete or fail it';
+
 CREATE FUNCTION resilience._tenant_check(kind text, name text, owner oid, caller oid)
 RETURNS void
 AS 'MODULE_PATHNAME', 'tenant_check_sql'

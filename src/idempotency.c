@@ -76,6 +76,29 @@
  * 20,000 calls; 2026-12), about 20% for no gain, since every name and
  * operator below is qualified and no user code runs under the switch.
  *
+ * Owners
+ * ------
+ * A key belongs to the role that began it (owner_role, the caller's
+ * GetUserId() taken before the switch to the tables' owner; src/tenants.c
+ * has the rule): only that role, the roles that have its privileges and
+ * resilience_admin may replay, resume, checkpoint, complete or fail it.
+ * Another role gets 42501 before anything about the row is told (no
+ * replay, no mismatch, no in_progress, no state), and nothing changes, so
+ * no role can pre-answer, or end, another role's keys.  The check is one Oid
+ * compare when the caller is the owner (the common case); has_privs_of_role
+ * runs only when they differ.  A dead row is absent for everyone (as for
+ * the reaper), so begin restarts it as the caller's.  checkpoint, complete
+ * and fail match only rows of the role they act as ($N); a miss re-reads
+ * the row, refuses another role's key, and runs again as its owner when the
+ * caller may act for it.  With Citus the rows live on workers, where the
+ * same role has another oid: reads through SPI take the owner by name
+ * (owner_role::text, resolved here), a regrole written from here reaches
+ * the worker as a constant deparsed by name, and the transitions lock the
+ * row and check its owner before updating it.  Keys from
+ * 0.1 have no owner (NULL): any role may act on them, and the first begin
+ * that resumes one records its caller.  On a 0.1 schema (the new library before ALTER EXTENSION ... UPDATE) there
+ * is no owner_role column, and nothing is checked, as in 0.1.
+ *
  *-------------------------------------------------------------------------
  */
 #include "resilience.h"
@@ -99,6 +122,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -129,6 +153,8 @@
 #define Anum_error 8
 #define Anum_locked_until 11
 #define Anum_expires_at 14
+#define Anum_owner_role 15		/* added by 0.2: absent on a 0.1 schema */
+#define Anum_owner_name 16		/* owner_role::text, in what SPI reads return */
 
 typedef enum KeyState
 {
@@ -178,6 +204,7 @@ typedef struct KeyRow
 	bool		status_code_null;
 	Datum		recovery_point;
 	bool		recovery_point_null;
+	Oid			owner;			/* owner_role; InvalidOid: none (0.1) */
 } KeyRow;
 
 /* A validated call of begin. */
@@ -190,6 +217,7 @@ typedef struct BeginArgs
 	TimestampTz now;
 	TimestampTz locked_until;
 	TimestampTz expires_at;
+	Oid			caller;			/* the calling role (GetUserId() on entry) */
 } BeginArgs;
 
 /* Prepared statements, kept for the life of the backend. */
@@ -207,6 +235,7 @@ typedef enum Statement
 	STMT_READ,
 	STMT_REAP_KEYS_CITUS,
 	STMT_REAP_INBOX_CITUS,
+	STMT_LOCK_KEY,
 	NUM_STATEMENTS
 } Statement;
 
@@ -214,28 +243,54 @@ typedef struct StatementDef
 {
 	const char *sql;
 	int			nargs;
-	Oid			argtypes[8];
+	Oid			argtypes[9];
+	const char *sql_0_1;		/* on a 0.1 schema (no owner_role), if different */
+	bool		citus_0_1;		/* with Citus too (the owner checked first) */
 } StatementDef;
 
 #define KEY_MATCHES \
 	" WHERE scope OPERATOR(pg_catalog.=) $1 AND key OPERATOR(pg_catalog.=) $2"
 
+/* ... and owned by the role the call acts as ($n), or by nobody (a key from 0.1) */
+#define OWNED_BY(n) \
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $" #n ")"
+
+/*
+ * A key's row read through SPI, with its owner's name as one more column:
+ * with Citus the row lives on a worker, where the role has another oid (a
+ * regrole written from the coordinator reaches the worker as a constant,
+ * deparsed by name), so the owner is read back by name.
+ */
+#define SELECT_ROW \
+	"SELECT *, owner_role::pg_catalog.text FROM resilience.idempotency_keys" KEY_MATCHES
+
 static const StatementDef statements[NUM_STATEMENTS] = {
+	/* $8: the owner, the calling role */
 	[STMT_INSERT] = {
+		"INSERT INTO resilience.idempotency_keys"
+		" (scope, key, fingerprint, state, attempts, lock_timeout, locked_until,"
+		"  created_at, updated_at, expires_at, owner_role)"
+		" VALUES ($1, $2, $3, 'started', 1, $4, $5, $6, $6, $7, $8)"
+		" ON CONFLICT (scope, key) DO NOTHING",
+		8, {TEXTOID, TEXTOID, BYTEAOID, INTERVALOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, OIDOID},
 		"INSERT INTO resilience.idempotency_keys"
 		" (scope, key, fingerprint, state, attempts, lock_timeout, locked_until,"
 		"  created_at, updated_at, expires_at)"
 		" VALUES ($1, $2, $3, 'started', 1, $4, $5, $6, $6, $7)"
-		" ON CONFLICT (scope, key) DO NOTHING",
-		7, {TEXTOID, TEXTOID, BYTEAOID, INTERVALOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID}
+		" ON CONFLICT (scope, key) DO NOTHING"
 	},
 	[STMT_LOCK_ROW] = {
+		SELECT_ROW " FOR UPDATE SKIP LOCKED",
+		2, {TEXTOID, TEXTOID},
 		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES
-		" FOR UPDATE SKIP LOCKED",
-		2, {TEXTOID, TEXTOID}
+		" FOR UPDATE SKIP LOCKED"
 	},
-	/* $8: reset a dead row as new (true) or take over an attempt (false) */
+	/*
+	 * $8: reset a dead row as new (true) or take over an attempt (false).
+	 * $9: the calling role, the owner of a reset row (a new key) and of a
+	 * key from 0.1 taken over; a taken-over key keeps its owner.
+	 */
 	[STMT_RESTART] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" fingerprint = $3, state = 'started', response = NULL, status_code = NULL,"
@@ -243,31 +298,57 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		" error = CASE WHEN $8 THEN NULL ELSE error END,"
 		" attempts = CASE WHEN $8 THEN 1 ELSE attempts OPERATOR(pg_catalog.+) 1 END,"
 		" created_at = CASE WHEN $8 THEN $6 ELSE created_at END,"
-		" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7"
+		" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7,"
+		" owner_role = CASE WHEN $8 OR owner_role IS NULL THEN $9::pg_catalog.regrole"
+		" ELSE owner_role END"
 		KEY_MATCHES,
-		8, {TEXTOID, TEXTOID, BYTEAOID, INTERVALOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, BOOLOID}
+		9, {TEXTOID, TEXTOID, BYTEAOID, INTERVALOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, BOOLOID, OIDOID},
+		"UPDATE resilience.idempotency_keys SET"
+		" fingerprint = $3, state = 'started', response = NULL, status_code = NULL,"
+		" recovery_point = CASE WHEN $8 THEN NULL ELSE recovery_point END,"
+		" error = CASE WHEN $8 THEN NULL ELSE error END,"
+		" attempts = CASE WHEN $8 THEN 1 ELSE attempts OPERATOR(pg_catalog.+) 1 END,"
+		" created_at = CASE WHEN $8 THEN $6 ELSE created_at END,"
+		" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7"
+		KEY_MATCHES
 	},
+	/* the transitions: the function's arguments, the time, the role acted as */
 	[STMT_CHECKPOINT] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" recovery_point = $3, updated_at = $4,"
 		" locked_until = $4 OPERATOR(pg_catalog.+) lock_timeout"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'" OWNED_BY(5),
+		5, {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, OIDOID},
+		"UPDATE resilience.idempotency_keys SET"
+		" recovery_point = $3, updated_at = $4,"
+		" locked_until = $4 OPERATOR(pg_catalog.+) lock_timeout"
 		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
-		4, {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID}
+		true
 	},
 	[STMT_COMPLETE] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" state = 'completed', response = $3, status_code = $4, locked_until = NULL,"
 		" updated_at = $5"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'" OWNED_BY(6),
+		6, {TEXTOID, TEXTOID, JSONBOID, INT4OID, TIMESTAMPTZOID, OIDOID},
+		"UPDATE resilience.idempotency_keys SET"
+		" state = 'completed', response = $3, status_code = $4, locked_until = NULL,"
+		" updated_at = $5"
 		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
-		5, {TEXTOID, TEXTOID, JSONBOID, INT4OID, TIMESTAMPTZOID}
+		true
 	},
 	[STMT_FAIL] = {
 		"UPDATE resilience.idempotency_keys SET"
 		" state = CASE WHEN $4 THEN 'retry' ELSE 'failed' END,"
 		" error = $3, status_code = $5, locked_until = NULL, updated_at = $6"
+		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'" OWNED_BY(7),
+		7, {TEXTOID, TEXTOID, JSONBOID, BOOLOID, INT4OID, TIMESTAMPTZOID, OIDOID},
+		"UPDATE resilience.idempotency_keys SET"
+		" state = CASE WHEN $4 THEN 'retry' ELSE 'failed' END,"
+		" error = $3, status_code = $5, locked_until = NULL, updated_at = $6"
 		KEY_MATCHES " AND state OPERATOR(pg_catalog.=) 'started'",
-		6, {TEXTOID, TEXTOID, JSONBOID, BOOLOID, INT4OID, TIMESTAMPTZOID}
+		true
 	},
 	/* an expired row still waiting for the reaper counts as absent */
 	[STMT_INBOX] = {
@@ -303,8 +384,9 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 	},
 	/* a key's row through the executor, when Citus is installed (lookup_key) */
 	[STMT_READ] = {
-		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES,
-		2, {TEXTOID, TEXTOID}
+		SELECT_ROW,
+		2, {TEXTOID, TEXTOID},
+		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES
 	},
 
 	/*
@@ -326,9 +408,22 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 		" WHERE expires_at OPERATOR(pg_catalog.<=) $1",
 		1, {TIMESTAMPTZOID}
 	},
+
+	/*
+	 * A transition when Citus is installed: Citus refuses owner_role::text
+	 * (a STABLE function of a column) in an UPDATE, and owner_role's oid on
+	 * the worker is not the coordinator's, so the row is locked and its
+	 * owner checked first, then updated by the 0.1 form (citus_0_1).
+	 */
+	[STMT_LOCK_KEY] = {
+		SELECT_ROW " FOR UPDATE",
+		2, {TEXTOID, TEXTOID},
+		"SELECT * FROM resilience.idempotency_keys" KEY_MATCHES " FOR UPDATE"
+	},
 };
 
 static SPIPlanPtr plans[NUM_STATEMENTS];
+static bool plan_for_0_1[NUM_STATEMENTS];	/* prepared from sql_0_1 */
 
 PG_FUNCTION_INFO_V1(idempotency_begin);
 PG_FUNCTION_INFO_V1(idempotency_begin_wait);
@@ -487,16 +582,65 @@ copy_column(TupleDesc desc, const Datum *values, const bool *nulls, int attnum, 
 	return values[attnum - 1];
 }
 
-/* Fill row from a key tuple (from an index scan, or a SELECT * of the table). */
+/* An owner role that does not exist here: nobody but superusers and resilience_admin. */
+#define UNKNOWN_OWNER OID_MAX
+
+/*
+ * The oid of the role regrole's output names (an identifier, quoted if need
+ * be; digits for a role that was dropped), or UNKNOWN_OWNER: never
+ * InvalidOid, which would be no owner at all.
+ */
+static Oid
+owner_by_name(const char *s)
+{
+	Oid			role;
+
+	if (s[0] == '"')
+	{
+		char	   *name = palloc(strlen(s) + 1);
+		char	   *out = name;
+
+		for (s++; *s; s++)
+		{
+			if (*s == '"' && s[1] != '"')
+				break;
+			if (*s == '"')
+				s++;
+			*out++ = *s;
+		}
+		*out = '\0';
+		role = get_role_oid(name, true);
+	}
+	else if (strspn(s, "0123456789") == strlen(s))
+		role = InvalidOid;		/* a dropped role: not a role named so */
+	else
+		role = get_role_oid(s, true);
+	return OidIsValid(role) ? role : UNKNOWN_OWNER;
+}
+
+/* Fill row from a key tuple (from an index scan, or a SELECT of the table). */
 static void
 read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
 {
-	Datum		values[Anum_expires_at];
-	bool		nulls[Anum_expires_at];
+	Datum		values[Anum_owner_name];
+	bool		nulls[Anum_owner_name];
 	bytea	   *fp;
 
-	Assert(desc->natts == Anum_expires_at);
+	/*
+	 * The columns of 0.2 (and the owner's name, from SPI), or of 0.1 (no
+	 * owner_role).  Read through SPI, the owner is taken by name: with
+	 * Citus the oid is the worker's.
+	 */
+	if (desc->natts < Anum_expires_at || desc->natts > Anum_owner_name)
+		elog(ERROR, "resilience.idempotency_keys has %d columns, expected %d",
+			 desc->natts, Anum_owner_role);
 	heap_deform_tuple(tuple, desc, values, nulls);
+	if (desc->natts < Anum_owner_role || nulls[Anum_owner_role - 1])
+		row->owner = InvalidOid;
+	else if (desc->natts == Anum_owner_name)
+		row->owner = owner_by_name(TextDatumGetCString(values[Anum_owner_name - 1]));
+	else
+		row->owner = DatumGetObjectId(values[Anum_owner_role - 1]);
 	row->state = parse_state(values[Anum_state - 1]);
 	fp = DatumGetByteaPP(values[Anum_fingerprint - 1]);
 	row->same_request = a != NULL &&
@@ -522,12 +666,16 @@ read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
  */
 static Oid	keys_relid = InvalidOid;
 static Oid	keys_pkey_relid = InvalidOid;
+static int	keys_owner_column = -1; /* has the table owner_role?  -1: not known */
 
 static void
 keys_relcache_callback(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == keys_relid || relid == keys_pkey_relid)
+	{
 		keys_relid = keys_pkey_relid = InvalidOid;
+		keys_owner_column = -1;
+	}
 }
 
 static Oid
@@ -547,6 +695,20 @@ keys_table(Oid *pkey)
 	}
 	*pkey = keys_pkey_relid;
 	return keys_relid;
+}
+
+/* Has resilience.idempotency_keys the column owner_role (a 0.2 schema)? */
+static bool
+keys_have_owner(void)
+{
+	if (keys_owner_column < 0)
+	{
+		Oid			pkey;
+		Oid			relid = keys_table(&pkey);
+
+		keys_owner_column = get_attnum(relid, "owner_role") != InvalidAttrNumber;
+	}
+	return keys_owner_column == 1;
 }
 
 static void spi_connect_as_owner(ResilienceUser *save);
@@ -660,20 +822,34 @@ spi_finish(const ResilienceUser *save)
 	SPI_finish();
 }
 
-/* The saved plan of a statement, prepared on first use (SPI connected). */
+/*
+ * The saved plan of a statement, prepared on first use (SPI connected):
+ * the 0.1 form on a 0.1 schema (prepared again after the update), and for
+ * the transitions with Citus.
+ */
 static SPIPlanPtr
 statement_plan(Statement which)
 {
+	bool		old_schema = statements[which].sql_0_1 != NULL &&
+		(!keys_have_owner() || (statements[which].citus_0_1 && citus_present()));
+
+	if (plans[which] != NULL && plan_for_0_1[which] != old_schema)
+	{
+		SPI_freeplan(plans[which]);
+		plans[which] = NULL;
+	}
 	if (plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(statements[which].sql, statements[which].nargs,
+		const char *sql = old_schema ? statements[which].sql_0_1 : statements[which].sql;
+		SPIPlanPtr	plan = SPI_prepare(sql, statements[which].nargs,
 									   (Oid *) statements[which].argtypes);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 statements[which].sql, SPI_result_code_string(SPI_result));
+				 sql, SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
 		plans[which] = plan;
+		plan_for_0_1[which] = old_schema;
 	}
 	return plans[which];
 }
@@ -759,16 +935,57 @@ unlock_key(const BeginArgs *a)
 	LockRelease(&tag, ExclusiveLock, false);
 }
 
+/* ---- owners ---- */
+
+/*
+ * Raise 42501: the key belongs to owner, and the caller may not act for it.
+ * Says nothing about the row but its owner (tenant_deny's style, for a
+ * thing that is not in resilience.owners and has no set_owner).
+ */
+static void
+key_deny(text *scope, text *key, Oid owner, Oid caller)
+{
+	char	   *role = GetUserNameFromId(owner, true);
+
+	if (role == NULL)
+		role = psprintf("%u", owner);	/* a dropped role */
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied for idempotency key \"%s\" in scope \"%s\"",
+					text_to_cstring(key), text_to_cstring(scope)),
+			 errdetail("The key belongs to role \"%s\", which began it; only that role, its members and resilience_admin may use it.",
+					   role),
+			 errhint("Use keys in a scope of your own, or be granted membership in role \"%s\" (GRANT %s TO %s) or in resilience_admin.",
+					 role, quote_identifier(role),
+					 quote_identifier(GetUserNameFromId(caller, false)))));
+}
+
+/*
+ * 42501 unless caller may act on a key owned by owner (InvalidOid: a key
+ * from 0.1, anyone may).  The owner itself costs one compare.
+ */
+static inline void
+key_check_owner(text *scope, text *key, Oid owner, Oid caller)
+{
+	if (OidIsValid(owner) && owner != caller && !tenant_may_act(caller, owner))
+		key_deny(scope, key, owner, caller);
+}
+
 /* ---- begin ---- */
 
-/* What begin answers for row, or what it must do first (*outcome unset). */
+/*
+ * What begin answers for row, or what it must do first (*outcome unset).
+ * A live row of a role the caller may not act for is 42501 before anything
+ * else is decided: its request, state and response stay untold.
+ */
 static Claim
-decide(const KeyRow *row, Outcome *outcome)
+decide(const BeginArgs *a, const KeyRow *row, Outcome *outcome)
 {
 	if (row->state == KEY_ABSENT)
 		return CLAIM_NEW;
 	if (row->dead)
 		return CLAIM_RESET;
+	key_check_owner(a->scope, a->key, row->owner, a->caller);
 	if (!row->same_request)
 		*outcome = OUTCOME_MISMATCH;
 	else if (row->state == KEY_COMPLETED || row->state == KEY_FAILED)
@@ -789,8 +1006,8 @@ static Outcome
 claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 {
 	Outcome		outcome = OUTCOME_IN_PROGRESS;
-	Datum		values[8];
-	char		nulls[8];
+	Datum		values[9];
+	char		nulls[9];
 	MemoryContext caller_context = CurrentMemoryContext;
 	MemoryContext spi_context;
 	ResilienceUser save;
@@ -805,6 +1022,7 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 	values[4] = TimestampTzGetDatum(a->locked_until);
 	values[5] = TimestampTzGetDatum(a->now);
 	values[6] = TimestampTzGetDatum(a->expires_at);
+	values[7] = ObjectIdGetDatum(a->caller);	/* the owner of a new key */
 	memset(nulls, ' ', sizeof(nulls));
 
 	spi_connect_as_owner(&save);
@@ -820,7 +1038,7 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 		spi_context = MemoryContextSwitchTo(caller_context);
 		lookup_key_now(a->scope, a->key, a, row);
 		MemoryContextSwitchTo(spi_context);
-		claim = decide(row, &outcome);
+		claim = decide(a, row, &outcome);
 		if (claim == CLAIM_NONE)
 			goto done;
 		if (claim == CLAIM_NEW)
@@ -840,11 +1058,12 @@ claim_key(const BeginArgs *a, Claim claim, bool wait, KeyRow *row)
 	spi_context = MemoryContextSwitchTo(caller_context);
 	read_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, a, row);
 	MemoryContextSwitchTo(spi_context);
-	claim = decide(row, &outcome);
+	claim = decide(a, row, &outcome);
 	if (claim == CLAIM_NONE)
 		goto done;
 
 	values[7] = BoolGetDatum(claim != CLAIM_TAKEOVER);
+	values[8] = ObjectIdGetDatum(a->caller);
 	run(STMT_RESTART, values, nulls);
 	if (claim != CLAIM_TAKEOVER)
 		row->recovery_point_null = true;
@@ -869,6 +1088,7 @@ begin_common(FunctionCallInfo fcinfo, bool wait)
 	Datum		values[4];
 	bool		nulls[4] = {false, true, true, true};
 
+	a.caller = GetUserId();		/* SECURITY INVOKER: the calling role */
 	a.scope = name_arg(fcinfo, 0, "scope");
 	a.key = name_arg(fcinfo, 1, "key");
 	if (PG_ARGISNULL(2))
@@ -896,7 +1116,7 @@ begin_common(FunctionCallInfo fcinfo, bool wait)
 	}
 
 	lookup_key(a.scope, a.key, GetActiveSnapshot(), &a, &row);
-	claim = decide(&row, &outcome);
+	claim = decide(&a, &row, &outcome);
 	if (claim != CLAIM_NONE)
 		outcome = claim_key(&a, claim, wait, &row);
 	metrics_add(RC_IDEMPOTENCY_BEGINS, outcome, NULL, 1);
@@ -938,15 +1158,21 @@ idempotency_begin_wait(PG_FUNCTION_ARGS)
 
 /*
  * Run a transition of a started key: the statement's parameters are the
- * function's arguments (validated by the caller) and then the time.  If no
- * started row matched, raise 42704 (never begun) or 55000 (in another
- * state), having changed nothing.
+ * function's arguments (validated by the caller), the time and the role it
+ * acts as.  It acts as the caller, and matches only the caller's keys (and
+ * keys from 0.1, which have no owner); on a miss, a key of another role is
+ * 42501 unless the caller may act for that role, and then the statement
+ * runs again as that role.  With Citus, the row is locked and its owner
+ * checked before it is updated (see STMT_LOCK_KEY).  If no started row
+ * matched, raise 42704 (never begun) or 55000 (in another state), having
+ * changed nothing.
  */
 static void
 transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 {
 	text	   *scope = PG_GETARG_TEXT_PP(0);
 	text	   *key = PG_GETARG_TEXT_PP(1);
+	Oid			caller = GetUserId();	/* before the switch to the owner */
 	Datum		values[8];
 	char		nulls[8];
 	KeyRow		row;
@@ -954,7 +1180,7 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	int			i;
 	ResilienceUser save;
 
-	Assert(PG_NARGS() + 1 == statements[which].nargs);
+	Assert(PG_NARGS() + 2 == statements[which].nargs);
 	for (i = 0; i < PG_NARGS(); i++)
 	{
 		values[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
@@ -962,10 +1188,47 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 	}
 	values[i] = TimestampTzGetDatum(GetCurrentTimestamp());
 	nulls[i] = ' ';
+	values[i + 1] = ObjectIdGetDatum(caller);
+	nulls[i + 1] = ' ';
 
-	spi_connect_as_owner(&save);
-	n = run(which, values, nulls);
-	spi_finish(&save);
+	if (citus_present() && keys_have_owner())
+	{
+		/* lock the row and check its owner, then update it (STMT_LOCK_KEY) */
+		MemoryContext caller_context = CurrentMemoryContext;
+		bool		found = false;
+
+		spi_connect_as_owner(&save);
+		if (run(STMT_LOCK_KEY, values, nulls) == 1)
+		{
+			MemoryContext spi_context = MemoryContextSwitchTo(caller_context);
+
+			read_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, NULL, &row);
+			MemoryContextSwitchTo(spi_context);
+			found = true;
+		}
+		spi_finish(&save);
+		if (found)
+			key_check_owner(scope, key, row.owner, caller);
+		spi_connect_as_owner(&save);
+		n = run(which, values, nulls);
+		spi_finish(&save);
+	}
+	else
+	{
+		spi_connect_as_owner(&save);
+		n = run(which, values, nulls);
+		spi_finish(&save);
+	}
+	if (n == 0 && !citus_present() && lookup_key_now(scope, key, NULL, &row) &&
+		OidIsValid(row.owner) && row.owner != caller)
+	{
+		/* another role's key: refused, or acted on as that role */
+		key_check_owner(scope, key, row.owner, caller);
+		values[i + 1] = ObjectIdGetDatum(row.owner);
+		spi_connect_as_owner(&save);
+		n = run(which, values, nulls);
+		spi_finish(&save);
+	}
 	if (n == 1)
 	{
 		if (which == STMT_COMPLETE)
@@ -982,6 +1245,8 @@ transition(FunctionCallInfo fcinfo, Statement which, const char *verb)
 				 errmsg("cannot %s idempotency key \"%s\" in scope \"%s\": it was never begun",
 						verb, text_to_cstring(key), text_to_cstring(scope)),
 				 errhint("Call resilience.idempotency_begin first, and go on only if its outcome is proceed.")));
+	/* its state is told only to who may act on it (the owner may have changed) */
+	key_check_owner(scope, key, row.owner, caller);
 	ereport(ERROR,
 			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 			 errmsg("cannot %s idempotency key \"%s\" in scope \"%s\": its state is %s",

@@ -15,6 +15,9 @@
  *	- leases, streams and sagas in their own row (owner_role), by the role
  *	  that creates the row (lock_acquire of a new name, the first
  *	  append_events, saga_start);
+ *	- idempotency keys in their own row too (owner_role, by the role whose
+ *	  begin creates or restarts the row; src/idempotency.c, "Owners"): a key
+ *	  lives for its ttl, so it has no declared owner and no set_owner;
  *	- an admin declares or transfers an owner with resilience.set_owner; a
  *	  declared lease or stream owner is also kept in resilience.owners, so
  *	  that it outlives the row (a reaped lease) and applies to a name not

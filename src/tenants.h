@@ -2,8 +2,9 @@
  *
  * tenants.h
  *		Who owns what: the owner role of consumer names, inbox consumers,
- *		leases, streams and sagas, and the rule that only that role, its
- *		members and resilience_admin may act on them (src/tenants.c).
+ *		leases, streams, sagas (and idempotency keys, which are checked with
+ *		tenant_may_act), and the rule that only that role, its members and
+ *		resilience_admin may act on them (src/tenants.c).
  *
  *-------------------------------------------------------------------------
  */

@@ -3,11 +3,14 @@
 #  - random requests over 20 idempotency keys: one effect per key, each
 #    key's row on the worker that owns it, keys on both workers;
 #  - random messages over 50 ids to one inbox consumer: each accepted once;
+#  - a key belongs to the role that began it, also when its row is read
+#    and written through the coordinator (42501 for another role);
 #  - the reapers delete expired rows on the workers.
 use strict;
 use warnings;
 use lib 'test/perl';
 use PostgreSQL::Test::Utils;
+use Time::HiRes qw(usleep);
 use Test::More;
 use CitusCluster;
 
@@ -46,6 +49,41 @@ is($coord->safe_psql('postgres', qq{
 	SELECT outcome FROM resilience.idempotency_begin('orders', '$key',
 	  jsonb_build_object('n', substr('$key', 7)::int))}),
 	'replay', "$key: a later request replays the stored outcome");
+
+# --- owners: another role is refused the key, read through the coordinator ---
+$coord->safe_psql('postgres', q{CREATE ROLE idem_other NOLOGIN IN ROLE resilience_user});
+my ($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE idem_other;
+	SELECT outcome FROM resilience.idempotency_begin('orders', '$key',
+	  jsonb_build_object('n', substr('$key', 7)::int))});
+like($err, qr/permission denied for idempotency key "\Q$key\E"/,
+	"$key: another role gets 42501, not the replay");
+($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE idem_other;
+	SELECT resilience.idempotency_complete('orders', '$key', '{"forged": true}')});
+like($err, qr/permission denied for idempotency key/, "$key: nor completes it (not even its state is told)");
+is($coord->safe_psql('postgres', qq{SET ROLE idem_other;
+	SELECT outcome FROM resilience.idempotency_begin('other', 'o-1', '{}');
+	SELECT resilience.idempotency_complete('other', 'o-1', '{"mine": true}');
+	SELECT outcome || ' ' || response::text FROM resilience.idempotency_begin('other', 'o-1', '{}')}),
+	"proceed\n\nreplay {\"mine\": true}", 'its own key is begun, completed and replayed');
+is($coord->safe_psql('postgres', qq{
+	SELECT state || ' ' || response::text || ' ' || owner_role::text FROM resilience.idempotency_keys
+	 WHERE key IN ('$key', 'o-1') ORDER BY key = 'o-1'}),
+	"completed {\"ok\": true} " . $coord->safe_psql('postgres', 'SELECT current_user')
+	  . "\ncompleted {\"mine\": true} idem_other", 'each key is its owner\'s, unchanged by the other role');
+# an expired key is begun afresh by another role (the reset writes the new owner)
+$coord->safe_psql('postgres', q{CREATE ROLE idem_third NOLOGIN IN ROLE resilience_user});
+$coord->safe_psql('postgres', q{SET ROLE idem_other;
+	SELECT outcome FROM resilience.idempotency_begin('other', 'o-2', '{}', ttl => '1 ms');
+	SELECT resilience.idempotency_complete('other', 'o-2', '{"old": true}')});
+usleep(50_000);
+is($coord->safe_psql('postgres', q{SET ROLE idem_third;
+	SELECT outcome FROM resilience.idempotency_begin('other', 'o-2', '{}');
+	SELECT resilience.idempotency_complete('other', 'o-2', '{"new": true}')}),
+	"proceed\n", 'an expired key is begun and completed by the next role');
+($ret, $out, $err) = $coord->psql('postgres', q{SET ROLE idem_other;
+	SELECT outcome FROM resilience.idempotency_begin('other', 'o-2', '{}')});
+like($err, qr/permission denied for idempotency key "o-2"/, 'which owns it from then on');
+$coord->safe_psql('postgres', q{DELETE FROM resilience.idempotency_keys WHERE scope = 'other'});
 
 # --- inbox: 8 clients, 50 message ids ---
 $coord->pgbench('-n -c 8 -j 2 -t 30', 0, [qr{processed: 240/240}], [qr{^$}],

@@ -3,10 +3,11 @@
 -- SQL as the caller; and a hostile search_path (an "=" operator that is
 -- always true, ahead of pg_catalog) changes nothing.
 BEGIN;
-SELECT plan(15);
+SELECT plan(17);
 
 CREATE ROLE idem_app IN ROLE resilience_user;
 CREATE ROLE idem_ops IN ROLE resilience_admin;   -- runs the reaper
+CREATE ROLE idem_other IN ROLE resilience_user;  -- another application
 CREATE SCHEMA idem_evil AUTHORIZATION idem_app;
 GRANT USAGE ON SCHEMA idem_evil TO idem_ops;
 CREATE TABLE idem_secret (v int);
@@ -44,6 +45,18 @@ SELECT lives_ok($$SELECT resilience.idempotency_complete('sec', 'k1', '{"r": 1}'
 SELECT is((SELECT response FROM resilience.idempotency_begin('sec', 'k1', '{"a": 1}')), '{"r": 1}'::jsonb,
     'and gets the replay');
 SELECT ok(resilience.inbox_accept('sec', 'm1'), 'and accepts inbox messages');
+
+-- Its keys are its own: another application role can neither replay nor
+-- answer them (docs/idempotency.md, "Security").
+SET ROLE idem_other;
+SELECT throws_ok($$SELECT resilience.idempotency_begin('sec', 'k1', '{"a": 1}')$$, '42501', NULL,
+    'another application role cannot replay its key');
+SET ROLE idem_app;
+SELECT outcome FROM resilience.idempotency_begin('sec', 'k2', '{}');
+SET ROLE idem_other;
+SELECT throws_ok($$SELECT resilience.idempotency_complete('sec', 'k2', '{"forged": true}')$$, '42501', NULL,
+    'nor complete its key in progress');
+SET ROLE idem_app;
 
 -- idempotent() runs its SQL with the caller's privileges, never the owner's.
 SELECT is(resilience.idempotent('sec', 'who', '{}', $$SELECT to_jsonb(current_user::text)$$),
@@ -96,7 +109,7 @@ SELECT is((SELECT string_agg(step || ': ' || result, ', ') FROM evil),
 SELECT is((SELECT string_agg(key || ' ' || state || ' ' || coalesce(response::text, '-') || coalesce(' @' || recovery_point, ''),
                               ', ' ORDER BY key)
              FROM resilience.idempotency_keys WHERE scope = 'sec'),
-    'bystander started -, evil completed {"done": 1} @phase 1, k1 completed {"r": 1}, who completed "idem_app", who2 completed 42',
+    'bystander started -, evil completed {"done": 1} @phase 1, k1 completed {"r": 1}, k2 started -, who completed "idem_app", who2 completed 42',
     'and changed no other key: exactly the keys used were written, each with its own result');
 
 SELECT * FROM finish();

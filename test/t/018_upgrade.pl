@@ -143,6 +143,7 @@ is( $node->safe_psql(
 		'upg', q{
 	SELECT (SELECT count(*) FROM resilience.leases WHERE owner_role IS NOT NULL)
 	     + (SELECT count(*) FROM resilience.sagas WHERE owner_role IS NOT NULL)
+	     + (SELECT count(*) FROM resilience.idempotency_keys WHERE owner_role IS NOT NULL)
 	     + (SELECT count(*) FROM resilience.owners)}),
 	'0', 'rows from 0.1 have no owner after the update');
 
@@ -219,6 +220,9 @@ is($node->safe_psql('upg', q{SELECT resilience.fence_check('ledger', } . ($token
 is($node->safe_psql('upg', q{SELECT outcome || ' ' || response::text
 	FROM resilience.idempotency_begin('api', 'done', '{"a": 1}')}),
 	'replay {"id": 42}', 'a completed key replays');
+is($node->safe_psql('upg', q{SET ROLE upg_app; SELECT outcome || ' ' || response::text
+	FROM resilience.idempotency_begin('api', 'done', '{"a": 1}')}),
+	'replay {"id": 42}', 'a key from 0.1 has no owner: another role replays it too');
 is($node->safe_psql('upg', q{SELECT string_agg(payload->>'n', ',' ORDER BY payload->>'n')
 	FROM resilience.outbox_claim('shipping', 10, '1 minute')}), '1,2,3', 'pending events are claimed');
 is($node->safe_psql('upg', qq{SELECT resilience.saga_step_completed($saga, 'charge', '{}')}), 't',
