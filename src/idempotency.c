@@ -582,42 +582,6 @@ copy_column(TupleDesc desc, const Datum *values, const bool *nulls, int attnum, 
 	return values[attnum - 1];
 }
 
-/* An owner role that does not exist here: nobody but superusers and resilience_admin. */
-#define UNKNOWN_OWNER OID_MAX
-
-/*
- * The oid of the role regrole's output names (an identifier, quoted if need
- * be; digits for a role that was dropped), or UNKNOWN_OWNER: never
- * InvalidOid, which would be no owner at all.
- */
-static Oid
-owner_by_name(const char *s)
-{
-	Oid			role;
-
-	if (s[0] == '"')
-	{
-		char	   *name = palloc(strlen(s) + 1);
-		char	   *out = name;
-
-		for (s++; *s; s++)
-		{
-			if (*s == '"' && s[1] != '"')
-				break;
-			if (*s == '"')
-				s++;
-			*out++ = *s;
-		}
-		*out = '\0';
-		role = get_role_oid(name, true);
-	}
-	else if (strspn(s, "0123456789") == strlen(s))
-		role = InvalidOid;		/* a dropped role: not a role named so */
-	else
-		role = get_role_oid(s, true);
-	return OidIsValid(role) ? role : UNKNOWN_OWNER;
-}
-
 /* Fill row from a key tuple (from an index scan, or a SELECT of the table). */
 static void
 read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
@@ -638,7 +602,7 @@ read_row(HeapTuple tuple, TupleDesc desc, const BeginArgs *a, KeyRow *row)
 	if (desc->natts < Anum_owner_role || nulls[Anum_owner_role - 1])
 		row->owner = InvalidOid;
 	else if (desc->natts == Anum_owner_name)
-		row->owner = owner_by_name(TextDatumGetCString(values[Anum_owner_name - 1]));
+		row->owner = tenant_role_by_name(TextDatumGetCString(values[Anum_owner_name - 1]));
 	else
 		row->owner = DatumGetObjectId(values[Anum_owner_role - 1]);
 	row->state = parse_state(values[Anum_state - 1]);

@@ -510,6 +510,7 @@ typedef enum LeasePlan
 	PLAN_FENCE_CURRENT,
 	PLAN_TAKEOVER_LOCK,
 	PLAN_TAKEOVER_SET,
+	PLAN_OWNER,
 	NUM_PLANS
 } LeasePlan;
 
@@ -567,13 +568,46 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"UPDATE resilience.leases SET owner = $2, token = $6,"
 	" acquired_at = $3, expires_at = $4, released_at = NULL, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 RETURNING token",
+	/* Citus: lock the row, and read its owner by name (plan_sql_citus) */
+	"SELECT owner_role::pg_catalog.text FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+};
+
+/*
+ * With Citus the rows live on the workers, where a role has another oid
+ * than here: owner_role written from here reaches a worker as the role's
+ * name (Citus deparses the regrole constant), so it holds the worker's oid
+ * for that role, and no statement can compare it with $5.  These forms read
+ * the owner by name and do not filter by it: lease_statement and
+ * citus_try_takeover lock the row, check its owner here (row_owner), then
+ * write.
+ */
+static const char *const plan_sql_citus[NUM_PLANS] = {
+	[PLAN_EXPIRY] =
+	"SELECT expires_at, owner_role::pg_catalog.text FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1",
+	[PLAN_RENEW] =
+	"UPDATE resilience.leases SET expires_at = $4, owner_role = $5"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	[PLAN_RELEASE] =
+	"UPDATE resilience.leases SET expires_at = $3, released_at = $3, owner_role = $5"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	[PLAN_CHECK] =
+	"SELECT token FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
+	" AND expires_at OPERATOR(pg_catalog.>) $3",
+	[PLAN_TAKEOVER_LOCK] =
+	"SELECT released_at IS NULL, owner_role::pg_catalog.text FROM resilience.leases"
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3 FOR UPDATE",
 };
 
 /*
  * PLAN_EXPIRY takes the name only: lease_statement runs it with a token as
  * $2, and Citus sends every parameter on, by its declared type.
  */
-static const int plan_nargs[NUM_PLANS] = {5, 5, 1, 5, 5, 5, 3, 1, 5, 6};
+static const int plan_nargs[NUM_PLANS] = {5, 5, 1, 5, 5, 5, 3, 1, 5, 6, 1};
 
 /* The lease statements on a 0.1 schema (no released_at, no owner_role; $5 unused). */
 static const char *const plan_sql_0_1[NUM_PLANS] = {
@@ -603,7 +637,7 @@ static const char *const plan_sql_0_1[NUM_PLANS] = {
 };
 
 static SPIPlanPtr plans[NUM_PLANS];
-static bool plan_for_0_1[NUM_PLANS];	/* prepared from plan_sql_0_1 */
+static const char *plan_from[NUM_PLANS];	/* the text it was prepared from */
 
 /* Does resilience.leases have the column released_at? */
 static bool
@@ -638,25 +672,29 @@ run_plan(LeasePlan which, Datum *values)
 		{TEXTOID},
 		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID},
 		{TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, OIDOID, INT8OID},
+		{TEXTOID},
 	};
 	int			ret;
-	bool		old_schema = plan_sql_0_1[which] != NULL && !leases_have_released_at();
+	const char *sql = plan_sql[which];
 
-	if (plans[which] != NULL && plan_for_0_1[which] != old_schema)
+	if (plan_sql_0_1[which] != NULL && !leases_have_released_at())
+		sql = plan_sql_0_1[which];
+	else if (plan_sql_citus[which] != NULL && citus_present())
+		sql = plan_sql_citus[which];
+	if (plans[which] != NULL && plan_from[which] != sql)
 	{
 		SPI_freeplan(plans[which]);
 		plans[which] = NULL;
 	}
 	if (plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(old_schema ? plan_sql_0_1[which] : plan_sql[which],
-									   plan_nargs[which], argtypes[which]);
+		SPIPlanPtr	plan = SPI_prepare(sql, plan_nargs[which], argtypes[which]);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
 		plans[which] = plan;
-		plan_for_0_1[which] = old_schema;
+		plan_from[which] = sql;
 	}
 	ret = SPI_execute_plan(plans[which], values, NULL, false, 1);
 	if (ret < 0)
@@ -668,6 +706,19 @@ static Datum
 first_value(bool *isnull)
 {
 	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, isnull);
+}
+
+/* The owner role in column col of the row just read: by name with Citus (plan_sql_citus). */
+static Oid
+row_owner(int col, bool *isnull)
+{
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, isnull);
+
+	if (*isnull)
+		return InvalidOid;
+	if (SPI_gettypeid(SPI_tuptable->tupdesc, col) == TEXTOID)
+		return tenant_role_by_name(TextDatumGetCString(d));
+	return DatumGetObjectId(d);
 }
 
 /* The default owner: application_name/pid, stable for a connection. */
@@ -1067,7 +1118,7 @@ lease_direct_statement(LeasePlan which, text *name, int64 token, TimestampTz now
  * caller, about to wait for the holder, does not block the holder's release.
  */
 static bool
-citus_try_takeover(Datum *values, int64 *token, bool *takeover)
+citus_try_takeover(Datum *values, Oid caller, int64 *token, bool *takeover)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -1078,7 +1129,13 @@ citus_try_takeover(Datum *values, int64 *token, bool *takeover)
 	MemoryContextSwitchTo(cxt);
 	if (run_plan(PLAN_TAKEOVER_LOCK, values) == 1)
 	{
+		Oid			row_role = row_owner(2, &isnull);
+
 		*takeover = DatumGetBool(first_value(&isnull)) && !isnull;
+		/* another role's name: 42501, or act as that role (tenants.c) */
+		if (OidIsValid(row_role) && row_role != DatumGetObjectId(values[4]))
+			values[4] = ObjectIdGetDatum(lease_acting_role(DatumGetTextPP(values[0]),
+														   row_role, caller));
 		values[5] = Int64GetDatum(next_token());
 		if (run_plan(PLAN_TAKEOVER_SET, values) != 1)
 			elog(ERROR, "lease \"%s\" vanished while locked",
@@ -1118,7 +1175,7 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now, Oid c
 	values[4] = ObjectIdGetDatum(*as_role);
 	if (citus_present() && leases_have_released_at())
 	{
-		if (citus_try_takeover(values, token, takeover))
+		if (citus_try_takeover(values, caller, token, takeover))
 			return true;
 	}
 	else if (run_plan(PLAN_TAKEOVER, values) == 1)
@@ -1142,8 +1199,7 @@ lease_try_acquire(text *name, text *owner, Interval *ttl, TimestampTz now, Oid c
 		Oid			row_role;
 
 		*held_until = DatumGetTimestampTz(first_value(&isnull));
-		row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-												  SPI_tuptable->tupdesc, 2, &isnull));
+		row_role = row_owner(2, &isnull);
 		if (!isnull && row_role != *as_role)
 		{
 			*as_role = lease_acting_role(name, row_role, caller);
@@ -1309,18 +1365,34 @@ lease_statement(FunctionCallInfo fcinfo, LeasePlan which, Interval *ttl)
 	{
 		SPI_connect();
 		resilience_become_owner(false, &save);	/* see "search_path" above */
-		matched = run_plan(which, values) == 1;
-		if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
+		if (citus_present() && tenants_enabled())
 		{
-			/* not the caller's role's lease: another role's (42501), or one it may act as */
+			/* the row locked and its owner checked first (plan_sql_citus) */
 			bool		isnull;
-			Oid			row_role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-																  SPI_tuptable->tupdesc, 2, &isnull));
 
-			if (!isnull && row_role != save.userid)
+			if (run_plan(which == PLAN_CHECK ? PLAN_EXPIRY : PLAN_OWNER, values) == 1)
 			{
-				values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
-				matched = run_plan(which, values) == 1;
+				Oid			row_role = row_owner(which == PLAN_CHECK ? 2 : 1, &isnull);
+
+				if (!isnull)
+					values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
+			}
+			matched = run_plan(which, values) == 1;
+		}
+		else
+		{
+			matched = run_plan(which, values) == 1;
+			if (!matched && tenants_enabled() && run_plan(PLAN_EXPIRY, values) == 1)
+			{
+				/* not the caller's role's lease: another role's (42501), or one it may act as */
+				bool		isnull;
+				Oid			row_role = row_owner(2, &isnull);
+
+				if (!isnull && row_role != save.userid)
+				{
+					values[4] = ObjectIdGetDatum(lease_acting_role(name, row_role, save.userid));
+					matched = run_plan(which, values) == 1;
+				}
 			}
 		}
 		resilience_restore_user(&save);

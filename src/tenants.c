@@ -606,3 +606,38 @@ stream_gate(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	return result;
 }
+
+/*
+ * The oid of the role regrole's output names (an identifier, quoted if need
+ * be; digits for a role that was dropped), or OID_MAX for a role that does
+ * not exist here (nobody's but superusers' and resilience_admin's): never
+ * InvalidOid, which would be no owner at all.  Owners read by name: with
+ * Citus a row lives on a worker, where the same role has another oid.
+ */
+Oid
+tenant_role_by_name(const char *s)
+{
+	Oid			role;
+
+	if (s[0] == '"')
+	{
+		char	   *name = palloc(strlen(s) + 1);
+		char	   *out = name;
+
+		for (s++; *s; s++)
+		{
+			if (*s == '"' && s[1] != '"')
+				break;
+			if (*s == '"')
+				s++;
+			*out++ = *s;
+		}
+		*out = '\0';
+		role = get_role_oid(name, true);
+	}
+	else if (strspn(s, "0123456789") == strlen(s))
+		role = InvalidOid;		/* a dropped role: not a role named so */
+	else
+		role = get_role_oid(s, true);
+	return OidIsValid(role) ? role : OID_MAX;
+}

@@ -48,4 +48,7 @@ extern void tenant_claim(TenantKind kind, const char *name, int len, Oid caller)
 /* The owner an admin declared for kind `name`, or InvalidOid (SPI connected, as the owner). */
 extern Oid	tenant_declared_owner(TenantKind kind, const char *name, int len);
 
+/* A role by regrole's output (the owner_role::text read from a row); OID_MAX if unknown. */
+extern Oid	tenant_role_by_name(const char *name);
+
 #endif							/* RESILIENCE_TENANTS_H */
