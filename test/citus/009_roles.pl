@@ -57,6 +57,12 @@ is(as('app_a', q{SELECT resilience.append_events('role-stream', NULL, ARRAY['{"t
 	'and without an expected version');
 is(as('app_b', q{SELECT resilience.append_events('role-stream', 3, ARRAY['{"type": "x"}'::jsonb])}), '42501',
 	'another role may not append to it');
+is(as('app_a', q{SELECT string_agg(type, ',' ORDER BY version) || ' @' || resilience.stream_version('role-stream')
+	FROM resilience.read_stream('role-stream')}), 'a,b,c @3', 'and reads it and its version');
+is(as('app_b', q{SELECT count(*) FROM resilience.read_stream('role-stream')}), '42501',
+	'another role may not read it');
+is(as('app_b', q{SELECT resilience.stream_version('role-stream')}), '42501',
+	'nor its version');
 
 # --- idempotency keys ---
 is(as('app_a', q{SELECT outcome FROM resilience.idempotency_begin('role', 'k', '{}')}), 'proceed',
