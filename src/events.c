@@ -19,7 +19,8 @@
  * costs a fraction of an executor INSERT.
  * When Citus is installed the tables may be distributed and the local
  * heap is not where the rows live: the events then go through SPI too
- * (citus_present(), src/resilience.c).
+ * (citus_present(), src/resilience.c), and the head row is locked, checked
+ * and written by statements Citus accepts ("The head row with Citus").
  *
  * Privileges: like the other stream functions (src/tenants.c) this one is
  * SECURITY INVOKER and switches to the tables' owner itself, so it knows
@@ -83,6 +84,10 @@ typedef enum EventStatement
 	ES_ACTUAL,					/* after a conflict: the actual version */
 	ES_INSERT_EVENT,			/* an event through the executor (Citus) */
 	ES_FORWARD,					/* publish the events to matching forwards */
+	ES_LOCK_CITUS,				/* Citus: lock the head row, owner by name */
+	ES_INSERT_CITUS,			/* Citus: a new head row */
+	ES_SET_CITUS,				/* Citus: the locked head row's new version */
+	ES_SET_OWNER_CITUS,			/* Citus: the same, and its first owner */
 	NUM_EVENT_STATEMENTS
 } EventStatement;
 
@@ -162,6 +167,34 @@ static const struct
 		"  WHERE $1 OPERATOR(pg_catalog.~~) w.stream_pattern COLLATE pg_catalog.\"C\""
 		"  ORDER BY w.id, x.i) p",
 		4, {TEXTOID, INT8OID, INT8OID, JSONBARRAYOID}
+	},
+
+	/*
+	 * With Citus (head_citus): $1 stream, $2 the new version, $3 the time,
+	 * $4 the owner.  The owner is read by name, and nothing reads or
+	 * compares owner_role in an UPDATE (see head_citus).
+	 */
+	[ES_LOCK_CITUS] = {
+		"SELECT s.version, s.owner_role::pg_catalog.text FROM resilience.streams s"
+		" WHERE s.stream OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+		1, {TEXTOID}
+	},
+	[ES_INSERT_CITUS] = {
+		"INSERT INTO resilience.streams (stream, version, updated_at, owner_role)"
+		" VALUES ($1, $2, $3, $4::pg_catalog.regrole)"
+		" ON CONFLICT (stream) DO NOTHING",
+		4, {TEXTOID, INT8OID, TIMESTAMPTZOID, OIDOID}
+	},
+	[ES_SET_CITUS] = {
+		"UPDATE resilience.streams SET version = $2, updated_at = $3"
+		" WHERE stream OPERATOR(pg_catalog.=) $1",
+		3, {TEXTOID, INT8OID, TIMESTAMPTZOID}
+	},
+	[ES_SET_OWNER_CITUS] = {
+		"UPDATE resilience.streams SET version = $2, updated_at = $3,"
+		" owner_role = $4::pg_catalog.regrole"
+		" WHERE stream OPERATOR(pg_catalog.=) $1",
+		4, {TEXTOID, INT8OID, TIMESTAMPTZOID, OIDOID}
 	},
 };
 
@@ -643,6 +676,85 @@ conflict_spi(const char *name, int64 expected, Datum *values, Oid caller)
 	conflict(name, expected, actual, owner, caller);
 }
 
+/* ---- the head row with Citus ---- */
+
+/*
+ * With Citus, resilience.streams is distributed by stream and the head row
+ * lives on a worker, where a role has another oid than here: a regrole
+ * written from the coordinator reaches the worker deparsed by name, so the
+ * worker stores its own oid for the same role, and owner_role::oid read
+ * back is not comparable with the caller's.  Citus also refuses the other
+ * statements' forms: owner_role::text (a STABLE function of a column) in
+ * an UPDATE, and COALESCE in ON CONFLICT DO UPDATE SET.  So the head row is
+ * locked by a SELECT ... FOR UPDATE (routed to its one shard), which reads
+ * the owner by name; the expected version and the owner are checked here,
+ * then a plain UPDATE or INSERT writes it.  Holding the row lock, no other
+ * append can move the version in between; the outcomes and errors are
+ * those of the SPI statements.
+ *
+ * (SPI connected, as the tables' owner.)  Returns HEAD_BUMPED with the new
+ * version and the owner (the caller's oid here for a stream that had none),
+ * or raises the conflict.
+ */
+static HeadOutcome
+head_citus(text *stream, const char *name, EventStatement which, int64 n,
+		   int64 expected, Oid caller, int64 *version, Oid *owner)
+{
+	Datum		values[4];
+
+	values[0] = PointerGetDatum(stream);
+	/* what now() is in the statements without Citus */
+	values[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	for (;;)
+	{
+		Oid			declared;
+
+		CHECK_FOR_INTERRUPTS();
+		if (run_event_statement(ES_LOCK_CITUS, values, NULL) == 1)
+		{
+			bool		isnull;
+			int64		row_version;
+			char	   *owner_name;
+
+			row_version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+													  SPI_tuptable->tupdesc, 1, &isnull));
+			owner_name = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+			*owner = owner_name ? tenant_role_by_name(owner_name) : InvalidOid;
+			if (which == ES_CREATE)
+				conflict(name, -1, row_version, *owner, caller);
+			if (which == ES_APPEND_AT && row_version != expected)
+				conflict(name, expected, row_version, *owner, caller);
+			/* before the write: nothing of another role's is written */
+			tenant_check(TENANT_STREAM, name, *owner, caller);
+			if (pg_add_s64_overflow(row_version, n, version))
+				ereport(ERROR,
+						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						 errmsg("bigint out of range")));
+			values[1] = Int64GetDatum(*version);
+			values[3] = ObjectIdGetDatum(caller);
+			/* a stream from 0.1 (no owner) becomes the caller's */
+			run_event_statement(OidIsValid(*owner) ? ES_SET_CITUS : ES_SET_OWNER_CITUS,
+								values, NULL);
+			if (!OidIsValid(*owner))
+				*owner = caller;
+			return HEAD_BUMPED;
+		}
+		if (which == ES_APPEND_AT)
+			conflict(name, expected, -1, InvalidOid, caller);
+
+		/* a new stream: the role an admin declared for it, else the caller */
+		declared = tenant_declared_owner(TENANT_STREAM, VARDATA_ANY(stream),
+										 VARSIZE_ANY_EXHDR(stream));
+		*owner = OidIsValid(declared) ? declared : caller;
+		*version = n - 1;
+		values[1] = Int64GetDatum(*version);
+		values[3] = ObjectIdGetDatum(*owner);
+		if (run_event_statement(ES_INSERT_CITUS, values, NULL) == 1)
+			return HEAD_BUMPED;
+		/* created meanwhile: lock it, then a conflict (-1) or a bump (NULL) */
+	}
+}
+
 /*
  * append_events(stream, expected_version, events jsonb[]) → the stream's
  * new version.  -1: the stream must not exist; NULL: whatever its version.
@@ -722,7 +834,14 @@ append_events(PG_FUNCTION_ARGS)
 	 * (an error undoes the write).  A stream that may be new belongs to the
 	 * role an admin declared for it, else to the caller.
 	 */
-	if (which != ES_CREATE)
+	if (citus_present())
+	{
+		need_spi(&spi);
+		head = head_citus(stream, name, which, n,
+						  which == ES_APPEND_AT ? PG_GETARG_INT64(1) : 0,
+						  caller, &new_version, &stream_owner);
+	}
+	else if (which != ES_CREATE)
 		head = head_direct_bump(stream, n, which == ES_APPEND_AT,
 								which == ES_APPEND_AT ? PG_GETARG_INT64(1) : 0,
 								caller, &new_version, &stream_owner);
