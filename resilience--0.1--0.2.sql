@@ -382,7 +382,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    stream_owner regrole;
+    owner_name text;
 BEGIN
     IF _read_stream.stream IS NULL OR _read_stream.from_version IS NULL THEN
         RAISE EXCEPTION '% must not be null', CASE WHEN _read_stream.stream IS NULL THEN 'stream' ELSE 'from_version' END
@@ -396,11 +396,17 @@ BEGIN
         RAISE EXCEPTION 'max must be positive, or NULL for no limit'
             USING ERRCODE = 'invalid_parameter_value', DETAIL = format('It is %s.', _read_stream.max);
     END IF;
-    -- The owner read first, the check here: in one query Citus would run the
-    -- check on the worker, against the worker's tables (issue 21).
-    SELECT s.owner_role INTO stream_owner FROM resilience.streams s WHERE s.stream = _read_stream.stream;
+    -- The owner read first, by name, and checked here: in one query Citus
+    -- would run the check on the worker, against the worker's tables, and a
+    -- role has another oid on each node (issue 21).  A name unknown here is
+    -- nobody's (oid 4294967295): only superusers and resilience_admin pass.
+    SELECT s.owner_role::pg_catalog.text INTO owner_name
+      FROM resilience.streams s WHERE s.stream = _read_stream.stream;
     IF FOUND THEN
-        PERFORM resilience._tenant_check('stream', _read_stream.stream, stream_owner, caller);
+        PERFORM resilience._tenant_check('stream', _read_stream.stream,
+            CASE WHEN owner_name IS NOT NULL
+                 THEN coalesce(pg_catalog.to_regrole(owner_name)::pg_catalog.oid, 4294967295) END,
+            caller);
     END IF;
     RETURN QUERY
         SELECT e.version, e.type, e.data, e.metadata, e.recorded_at
@@ -427,10 +433,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v bigint;
-    o oid;
+    owner_name text;
 BEGIN
-    SELECT s.version, s.owner_role INTO v, o FROM resilience.streams s WHERE s.stream = $1;
-    PERFORM resilience._tenant_check('stream', $1, o, caller);
+    -- the owner by name, checked here (see _read_stream)
+    SELECT s.version, s.owner_role::pg_catalog.text INTO v, owner_name
+      FROM resilience.streams s WHERE s.stream = $1;
+    PERFORM resilience._tenant_check('stream', $1,
+        CASE WHEN owner_name IS NOT NULL
+             THEN coalesce(pg_catalog.to_regrole(owner_name)::pg_catalog.oid, 4294967295) END,
+        caller);
     RETURN coalesce(v, -1);
 END
 $$;

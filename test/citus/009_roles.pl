@@ -49,16 +49,17 @@ like(as('app_a', q{SELECT resilience.lock_acquire('role-lease', '1 minute', 'a')
 	'and takes it again');
 
 # --- streams ---
-is(as('app_a', q{SELECT resilience.append_events('role-stream', -1, ARRAY['{"type": "a"}'::jsonb])}), '1',
+# a stream's first event is version 0
+is(as('app_a', q{SELECT resilience.append_events('role-stream', -1, ARRAY['{"type": "a"}'::jsonb])}), '0',
 	'a role creates a stream');
-is(as('app_a', q{SELECT resilience.append_events('role-stream', 1, ARRAY['{"type": "b"}'::jsonb])}), '2',
+is(as('app_a', q{SELECT resilience.append_events('role-stream', 0, ARRAY['{"type": "b"}'::jsonb])}), '1',
 	'and appends to it at its version');
-is(as('app_a', q{SELECT resilience.append_events('role-stream', NULL, ARRAY['{"type": "c"}'::jsonb])}), '3',
+is(as('app_a', q{SELECT resilience.append_events('role-stream', NULL, ARRAY['{"type": "c"}'::jsonb])}), '2',
 	'and without an expected version');
-is(as('app_b', q{SELECT resilience.append_events('role-stream', 3, ARRAY['{"type": "x"}'::jsonb])}), '42501',
+is(as('app_b', q{SELECT resilience.append_events('role-stream', 2, ARRAY['{"type": "x"}'::jsonb])}), '42501',
 	'another role may not append to it');
 is(as('app_a', q{SELECT string_agg(type, ',' ORDER BY version) || ' @' || resilience.stream_version('role-stream')
-	FROM resilience.read_stream('role-stream')}), 'a,b,c @3', 'and reads it and its version');
+	FROM resilience.read_stream('role-stream')}), 'a,b,c @2', 'and reads it and its version');
 is(as('app_b', q{SELECT count(*) FROM resilience.read_stream('role-stream')}), '42501',
 	'another role may not read it');
 is(as('app_b', q{SELECT resilience.stream_version('role-stream')}), '42501',
