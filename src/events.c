@@ -46,8 +46,6 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_am.h"
-#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
 #include "executor/executor.h"
@@ -437,8 +435,6 @@ streams_direct_layout(void)
 	static bool callback_registered = false;
 	Oid			nsp;
 	Relation	rel;
-	TupleDesc	desc;
-	bool		ok = true;
 
 	if (streams_direct >= 0)
 		return streams_direct;
@@ -452,36 +448,11 @@ streams_direct_layout(void)
 	if (!OidIsValid(streams_relid))
 		return false;			/* not cached: SPI raises the error */
 	rel = table_open(streams_relid, AccessShareLock);
-	desc = RelationGetDescr(rel);
-	for (int c = 0; c < SCOL_COUNT && ok; c++)
-	{
-		AttrNumber	a = get_attnum(streams_relid, stream_col_names[c]);
-
-		stream_attnums[c] = a;
-		ok = a > 0 && TupleDescAttr(desc, a - 1)->atttypid == stream_col_types[c];
-	}
-	ok = ok && rel->rd_rel->relkind == RELKIND_RELATION && rel->trigdesc == NULL &&
-		rel->rd_rules == NULL && !rel->rd_rel->relrowsecurity &&
-		(desc->constr == NULL ||
-		 (desc->constr->num_check == 0 && !desc->constr->has_generated_stored));
-	if (ok)
-	{
-		list_free(RelationGetIndexList(rel));	/* sets rd_pkindex */
-		streams_pkey = rel->rd_pkindex;
-		ok = OidIsValid(streams_pkey);
-	}
-	if (ok)
-	{
-		Relation	idx = index_open(streams_pkey, AccessShareLock);
-
-		ok = idx->rd_rel->relam == BTREE_AM_OID &&
-			idx->rd_index->indnkeyatts == 1 && idx->rd_index->indisunique &&
-			idx->rd_index->indkey.values[0] == stream_attnums[SCOL_STREAM];
-		index_close(idx, AccessShareLock);
-	}
+	streams_pkey = direct_update_layout(rel, SCOL_COUNT, stream_col_names, stream_col_types,
+										stream_attnums, SCOL_STREAM);
 	table_close(rel, AccessShareLock);
-	streams_direct = ok;
-	return ok;
+	streams_direct = OidIsValid(streams_pkey);
+	return streams_direct;
 }
 
 /*
@@ -603,18 +574,7 @@ head_direct_bump(text *stream, int64 n, bool at_version, int64 expected,
 									&tmfd, &lockmode, &update_indexes);
 		if (result == TM_Ok)
 		{
-			if (!update_indexes_none_compat(update_indexes))
-			{
-				/* not a HOT update: the new version needs its index entries */
-				EState	   *estate = CreateExecutorState();
-				ResultRelInfo *rri = makeNode(ResultRelInfo);
-
-				InitResultRelInfo(rri, rel, 0, NULL, 0);
-				ExecOpenIndices(rri, false);
-				(void) ExecUpdateIndexTuples_compat(rri, new, estate, update_indexes);
-				ExecCloseIndices(rri);
-				FreeExecutorState(estate);
-			}
+			direct_update_indexes(rel, new, (int) update_indexes);
 			outcome = HEAD_BUMPED;
 			break;
 		}

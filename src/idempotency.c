@@ -263,6 +263,16 @@ typedef struct StatementDef
 #define SELECT_ROW \
 	"SELECT *, owner_role::pg_catalog.text FROM resilience.idempotency_keys" KEY_MATCHES
 
+/* What a restart sets, on either schema ($3 to $8 as below) */
+#define RESTART_SET \
+	"UPDATE resilience.idempotency_keys SET" \
+	" fingerprint = $3, state = 'started', response = NULL, status_code = NULL," \
+	" recovery_point = CASE WHEN $8 THEN NULL ELSE recovery_point END," \
+	" error = CASE WHEN $8 THEN NULL ELSE error END," \
+	" attempts = CASE WHEN $8 THEN 1 ELSE attempts OPERATOR(pg_catalog.+) 1 END," \
+	" created_at = CASE WHEN $8 THEN $6 ELSE created_at END," \
+	" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7"
+
 static const StatementDef statements[NUM_STATEMENTS] = {
 	/* $8: the owner, the calling role */
 	[STMT_INSERT] = {
@@ -291,25 +301,13 @@ static const StatementDef statements[NUM_STATEMENTS] = {
 	 * key from 0.1 taken over; a taken-over key keeps its owner.
 	 */
 	[STMT_RESTART] = {
-		"UPDATE resilience.idempotency_keys SET"
-		" fingerprint = $3, state = 'started', response = NULL, status_code = NULL,"
-		" recovery_point = CASE WHEN $8 THEN NULL ELSE recovery_point END,"
-		" error = CASE WHEN $8 THEN NULL ELSE error END,"
-		" attempts = CASE WHEN $8 THEN 1 ELSE attempts OPERATOR(pg_catalog.+) 1 END,"
-		" created_at = CASE WHEN $8 THEN $6 ELSE created_at END,"
-		" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7,"
+		RESTART_SET ","
 		" owner_role = CASE WHEN $8 OR owner_role IS NULL THEN $9::pg_catalog.regrole"
 		" ELSE owner_role END"
 		KEY_MATCHES,
 		9, {TEXTOID, TEXTOID, BYTEAOID, INTERVALOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
 		TIMESTAMPTZOID, BOOLOID, OIDOID},
-		"UPDATE resilience.idempotency_keys SET"
-		" fingerprint = $3, state = 'started', response = NULL, status_code = NULL,"
-		" recovery_point = CASE WHEN $8 THEN NULL ELSE recovery_point END,"
-		" error = CASE WHEN $8 THEN NULL ELSE error END,"
-		" attempts = CASE WHEN $8 THEN 1 ELSE attempts OPERATOR(pg_catalog.+) 1 END,"
-		" created_at = CASE WHEN $8 THEN $6 ELSE created_at END,"
-		" lock_timeout = $4, locked_until = $5, updated_at = $6, expires_at = $7"
+		RESTART_SET
 		KEY_MATCHES
 	},
 	/* the transitions: the function's arguments, the time, the role acted as */

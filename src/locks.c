@@ -89,8 +89,6 @@
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "access/htup_details.h"
-#include "catalog/pg_am.h"
-#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
 #include "utils/fmgroids.h"
@@ -795,44 +793,17 @@ static bool
 leases_direct_layout(void)
 {
 	Relation	rel;
-	TupleDesc	desc;
-	Relation	idx;
-	bool		ok = true;
 
 	if (leases_direct >= 0)
 		return leases_direct;
 	if (!leases_have_released_at())
 		return (leases_direct = 0);
 	rel = table_open(leases_relid, AccessShareLock);
-	desc = RelationGetDescr(rel);
-	for (int c = 0; c < LCOL_COUNT && ok; c++)
-	{
-		AttrNumber	a = get_attnum(leases_relid, lease_col_names[c]);
-
-		lease_attnums[c] = a;
-		ok = a > 0 && TupleDescAttr(desc, a - 1)->atttypid == lease_col_types[c];
-	}
-	ok = ok && rel->rd_rel->relkind == RELKIND_RELATION && rel->trigdesc == NULL &&
-		rel->rd_rules == NULL && !rel->rd_rel->relrowsecurity &&
-		(desc->constr == NULL ||
-		 (desc->constr->num_check == 0 && !desc->constr->has_generated_stored));
-	if (ok)
-	{
-		list_free(RelationGetIndexList(rel));	/* sets rd_pkindex */
-		leases_pkey = rel->rd_pkindex;
-		ok = OidIsValid(leases_pkey);
-	}
-	if (ok)
-	{
-		idx = index_open(leases_pkey, AccessShareLock);
-		ok = idx->rd_rel->relam == BTREE_AM_OID &&
-			idx->rd_index->indnkeyatts == 1 && idx->rd_index->indisunique &&
-			idx->rd_index->indkey.values[0] == lease_attnums[LCOL_NAME];
-		index_close(idx, AccessShareLock);
-	}
+	leases_pkey = direct_update_layout(rel, LCOL_COUNT, lease_col_names, lease_col_types,
+									   lease_attnums, LCOL_NAME);
 	table_close(rel, AccessShareLock);
-	leases_direct = ok;
-	return ok;
+	leases_direct = OidIsValid(leases_pkey);
+	return leases_direct;
 }
 
 typedef struct LeaseScan
@@ -939,18 +910,8 @@ lease_write(LeaseScan *ls, const Datum *values, const bool *nulls, const bool *r
 	result = table_tuple_update(ls->rel, &ls->slot->tts_tid, slot, GetCurrentCommandId(true),
 								GetActiveSnapshot(), InvalidSnapshot, true,
 								&tmfd, &lockmode, &update_indexes);
-	if (result == TM_Ok && !update_indexes_none_compat(update_indexes))
-	{
-		/* not a HOT update: the new version needs its index entries */
-		EState	   *estate = CreateExecutorState();
-		ResultRelInfo *rri = makeNode(ResultRelInfo);
-
-		InitResultRelInfo(rri, ls->rel, 0, NULL, 0);
-		ExecOpenIndices(rri, false);
-		(void) ExecUpdateIndexTuples_compat(rri, slot, estate, update_indexes);
-		ExecCloseIndices(rri);
-		FreeExecutorState(estate);
-	}
+	if (result == TM_Ok)
+		direct_update_indexes(ls->rel, slot, (int) update_indexes);
 	ExecDropSingleTupleTableSlot(slot);
 
 	switch (result)

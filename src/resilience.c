@@ -14,10 +14,17 @@
  */
 #include "shmem.h"
 
+#include "access/genam.h"
+#include "access/tableam.h"
+#include "catalog/pg_am.h"
+#include "catalog/pg_class.h"
+#include "commands/extension.h"
+#include "executor/executor.h"
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "commands/extension.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/varlena.h"
 
 #include <limits.h>
@@ -458,4 +465,65 @@ sync_standbys_flushed(XLogRecPtr lsn)
 		lsn <= WalSndCtl->lsn[SYNC_REP_WAIT_FLUSH];
 	LWLockRelease(SyncRepLock);
 	return flushed;
+}
+
+/* ---- rows updated without the executor (locks.c, events.c) ---- */
+
+/*
+ * May a direct path (a primary-key probe and table_tuple_update, no
+ * executor) write rel, as it is now?  Only a plain table with the ncols
+ * named columns of these types (their numbers into attnums), no triggers
+ * (foreign keys included), rules, row security, check constraints or
+ * generated columns, and a one-column unique btree primary key on column
+ * key_col: anything else would need what the executor does.  Returns the
+ * primary key's oid, or InvalidOid.
+ */
+Oid
+direct_update_layout(Relation rel, int ncols, const char *const *names, const Oid *types,
+					 AttrNumber *attnums, int key_col)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	Oid			pkey;
+	Relation	idx;
+	bool		ok;
+
+	for (int c = 0; c < ncols; c++)
+	{
+		attnums[c] = get_attnum(RelationGetRelid(rel), names[c]);
+		if (attnums[c] <= 0 || TupleDescAttr(desc, attnums[c] - 1)->atttypid != types[c])
+			return InvalidOid;
+	}
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->trigdesc != NULL ||
+		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
+		(desc->constr != NULL &&
+		 (desc->constr->num_check > 0 || desc->constr->has_generated_stored)))
+		return InvalidOid;
+	list_free(RelationGetIndexList(rel));	/* sets rd_pkindex */
+	pkey = rel->rd_pkindex;
+	if (!OidIsValid(pkey))
+		return InvalidOid;
+	idx = index_open(pkey, AccessShareLock);
+	ok = idx->rd_rel->relam == BTREE_AM_OID &&
+		idx->rd_index->indnkeyatts == 1 && idx->rd_index->indisunique &&
+		idx->rd_index->indkey.values[0] == attnums[key_col];
+	index_close(idx, AccessShareLock);
+	return ok ? pkey : InvalidOid;
+}
+
+/* After table_tuple_update of slot: the index entries of a version that is not HOT. */
+void
+direct_update_indexes(Relation rel, TupleTableSlot *slot, int update_indexes)
+{
+	EState	   *estate;
+	ResultRelInfo *rri;
+
+	if (update_indexes_none_compat((UpdateIndexes_compat) update_indexes))
+		return;
+	estate = CreateExecutorState();
+	rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(rri, rel, 0, NULL, 0);
+	ExecOpenIndices(rri, false);
+	(void) ExecUpdateIndexTuples_compat(rri, slot, estate, (UpdateIndexes_compat) update_indexes);
+	ExecCloseIndices(rri);
+	FreeExecutorState(estate);
 }

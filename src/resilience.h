@@ -15,6 +15,7 @@
 #include "datatype/timestamp.h"
 #include "fmgr.h"
 #include "utils/guc.h"
+#include "utils/relcache.h"
 
 /* What a shared-memory table does when it is full (resilience.when_full). */
 typedef enum ResilienceWhenFull
@@ -155,6 +156,16 @@ extern bool citus_present(void);
 
 /* WAL up to lsn flushed by the synchronous standbys, or none configured? */
 extern bool sync_standbys_flushed(XLogRecPtr lsn);
+
+/*
+ * Rows updated without the executor (leases, stream head rows): may rel be,
+ * and the index entries of a version that is not HOT (src/resilience.c).
+ */
+struct TupleTableSlot;
+extern Oid	direct_update_layout(Relation rel, int ncols, const char *const *names,
+								 const Oid *types, AttrNumber *attnums, int key_col);
+/* update_indexes: table_tuple_update's (a bool before 16, an enum from 16) */
+extern void direct_update_indexes(Relation rel, struct TupleTableSlot *slot, int update_indexes);
 
 /*
  * The relay's per-route limits (sink_http.c): a token bucket and a bulkhead
