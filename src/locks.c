@@ -518,6 +518,19 @@ typedef enum LeasePlan
  * lease's owner role when the caller has its privileges).  A lease with no
  * owner role yet (from 0.1) becomes $5's when taken, renewed or released.
  */
+/* Only rows of the role acted as ($5), or of nobody (a lease from 0.1). */
+#define OWNER_IS_5 \
+	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5)"
+/* renew, release and check of the lease held with token $2 (plan_sql, plan_sql_citus) */
+#define HELD_BY_TOKEN \
+	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2" \
+	" AND expires_at OPERATOR(pg_catalog.>) $3"
+#define RENEW_SQL \
+	"UPDATE resilience.leases SET expires_at = $4, owner_role = $5" HELD_BY_TOKEN
+#define RELEASE_SQL \
+	"UPDATE resilience.leases SET expires_at = $3, released_at = $3, owner_role = $5" HELD_BY_TOKEN
+#define CHECK_SQL "SELECT token FROM resilience.leases" HELD_BY_TOKEN
+
 static const char *const plan_sql[NUM_PLANS] = {
 	/*
 	 * take over an expired or released lease; the sub-select sees the row as
@@ -526,7 +539,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	"UPDATE resilience.leases SET owner = $2, token = pg_catalog.nextval('resilience.fencing_tokens'),"
 	" acquired_at = $3, expires_at = $4, released_at = NULL, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
-	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5)"
+	OWNER_IS_5
 	" RETURNING token, (SELECT o.released_at IS NULL FROM resilience.leases o"
 	"                    WHERE o.name OPERATOR(pg_catalog.=) $1)",
 	/* a name never seen (or reaped) */
@@ -535,18 +548,9 @@ static const char *const plan_sql[NUM_PLANS] = {
 	" ON CONFLICT (name) DO NOTHING RETURNING token",
 	/* when the current holder's lease ends, and whose the name is */
 	"SELECT expires_at, owner_role::pg_catalog.oid FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
-	"UPDATE resilience.leases SET expires_at = $4, owner_role = $5"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3"
-	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) RETURNING token",
-	"UPDATE resilience.leases SET expires_at = $3, released_at = $3, owner_role = $5"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3"
-	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) RETURNING token",
-	"SELECT token FROM resilience.leases"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3"
-	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5)",
+	RENEW_SQL OWNER_IS_5 " RETURNING token",
+	RELEASE_SQL OWNER_IS_5 " RETURNING token",
+	CHECK_SQL OWNER_IS_5,
 	/* a fence moves forward only */
 	"INSERT INTO resilience.fences AS f (resource, token, updated_at) VALUES ($1, $2, $3)"
 	" ON CONFLICT (resource) DO UPDATE SET token = excluded.token, updated_at = excluded.updated_at"
@@ -562,7 +566,7 @@ static const char *const plan_sql[NUM_PLANS] = {
 	 */
 	"SELECT released_at IS NULL FROM resilience.leases"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3"
-	" AND (owner_role IS NULL OR owner_role::pg_catalog.oid OPERATOR(pg_catalog.=) $5) FOR UPDATE",
+	OWNER_IS_5 " FOR UPDATE",
 	"UPDATE resilience.leases SET owner = $2, token = $6,"
 	" acquired_at = $3, expires_at = $4, released_at = NULL, owner_role = $5"
 	" WHERE name OPERATOR(pg_catalog.=) $1 RETURNING token",
@@ -584,18 +588,9 @@ static const char *const plan_sql_citus[NUM_PLANS] = {
 	[PLAN_EXPIRY] =
 	"SELECT expires_at, owner_role::pg_catalog.text FROM resilience.leases"
 	" WHERE name OPERATOR(pg_catalog.=) $1",
-	[PLAN_RENEW] =
-	"UPDATE resilience.leases SET expires_at = $4, owner_role = $5"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
-	[PLAN_RELEASE] =
-	"UPDATE resilience.leases SET expires_at = $3, released_at = $3, owner_role = $5"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
-	[PLAN_CHECK] =
-	"SELECT token FROM resilience.leases"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3",
+	[PLAN_RENEW] = RENEW_SQL " RETURNING token",
+	[PLAN_RELEASE] = RELEASE_SQL " RETURNING token",
+	[PLAN_CHECK] = CHECK_SQL,
 	[PLAN_TAKEOVER_LOCK] =
 	"SELECT released_at IS NULL, owner_role::pg_catalog.text FROM resilience.leases"
 	" WHERE name OPERATOR(pg_catalog.=) $1 AND expires_at OPERATOR(pg_catalog.<=) $3 FOR UPDATE",
@@ -621,17 +616,10 @@ static const char *const plan_sql_0_1[NUM_PLANS] = {
 	[PLAN_EXPIRY] =
 	"SELECT expires_at, NULL::pg_catalog.oid FROM resilience.leases WHERE name OPERATOR(pg_catalog.=) $1",
 	[PLAN_RENEW] =
-	"UPDATE resilience.leases SET expires_at = $4"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
+	"UPDATE resilience.leases SET expires_at = $4" HELD_BY_TOKEN " RETURNING token",
 	[PLAN_RELEASE] =
-	"UPDATE resilience.leases SET expires_at = $3"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3 RETURNING token",
-	[PLAN_CHECK] =
-	"SELECT token FROM resilience.leases"
-	" WHERE name OPERATOR(pg_catalog.=) $1 AND token OPERATOR(pg_catalog.=) $2"
-	" AND expires_at OPERATOR(pg_catalog.>) $3",
+	"UPDATE resilience.leases SET expires_at = $3" HELD_BY_TOKEN " RETURNING token",
+	[PLAN_CHECK] = CHECK_SQL,
 };
 
 static SPIPlanPtr plans[NUM_PLANS];

@@ -1187,50 +1187,42 @@ step_row_read(Saga *s, int stepno, bool compensation, char **state, int *attempt
 
 /* ---- context ---- */
 
-/* Push "key": value (a string, an integer or a boolean) into an object. */
+/* Push "key": v into the object being built (v NULL: a string, str). */
 static void
-jv_push_key(JsonbParseState **state, const char *key)
+jv_push(JsonbParseState **state, const char *key, JsonbValue *v, const char *str)
 {
 	JsonbValue	k;
+	JsonbValue	s;
 
 	k.type = jbvString;
 	k.val.string.val = (char *) key;
 	k.val.string.len = strlen(key);
 	pushJsonbValue(state, WJB_KEY, &k);
+	if (v == NULL)
+	{
+		s.type = jbvString;
+		s.val.string.val = (char *) str;
+		s.val.string.len = strlen(str);
+		v = &s;
+	}
+	pushJsonbValue(state, WJB_VALUE, v);
 }
 
-static void
-jv_push_str(JsonbParseState **state, const char *key, const char *value)
+/* An integer or a boolean as a JsonbValue, for jv_push. */
+static JsonbValue *
+jv_int(JsonbValue *v, int64 value)
 {
-	JsonbValue	v;
-
-	jv_push_key(state, key);
-	v.type = jbvString;
-	v.val.string.val = (char *) value;
-	v.val.string.len = strlen(value);
-	pushJsonbValue(state, WJB_VALUE, &v);
+	v->type = jbvNumeric;
+	v->val.numeric = int64_to_numeric(value);
+	return v;
 }
 
-static void
-jv_push_int(JsonbParseState **state, const char *key, int64 value)
+static JsonbValue *
+jv_bool(JsonbValue *v, bool value)
 {
-	JsonbValue	v;
-
-	jv_push_key(state, key);
-	v.type = jbvNumeric;
-	v.val.numeric = int64_to_numeric(value);
-	pushJsonbValue(state, WJB_VALUE, &v);
-}
-
-static void
-jv_push_bool(JsonbParseState **state, const char *key, bool value)
-{
-	JsonbValue	v;
-
-	jv_push_key(state, key);
-	v.type = jbvBool;
-	v.val.boolean = value;
-	pushJsonbValue(state, WJB_VALUE, &v);
+	v->type = jbvBool;
+	v->val.boolean = value;
+	return v;
 }
 
 /*
@@ -1243,21 +1235,26 @@ step_context(Saga *s, SagaStepDef *st, bool compensation, int attempt)
 {
 	SagaStepDef *current = &s->def->steps[s->step - 1];
 	JsonbParseState *state = NULL;
+	JsonbValue	k;
+	JsonbValue	v;
 	JsonbValue *call;
 
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	jv_push_key(&state, "_saga");
+	k.type = jbvString;
+	k.val.string.val = "_saga";
+	k.val.string.len = strlen("_saga");
+	pushJsonbValue(&state, WJB_KEY, &k);
 	pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	jv_push_int(&state, "id", s->id);
-	jv_push_str(&state, "name", s->def->name);
-	jv_push_int(&state, "version", s->def->version);
-	jv_push_str(&state, "step", st->name);
-	jv_push_int(&state, "step_no", s->step);
+	jv_push(&state, "id", jv_int(&v, s->id), NULL);
+	jv_push(&state, "name", NULL, s->def->name);
+	jv_push(&state, "version", jv_int(&v, s->def->version), NULL);
+	jv_push(&state, "step", NULL, st->name);
+	jv_push(&state, "step_no", jv_int(&v, s->step), NULL);
 	if (st != current)
-		jv_push_str(&state, "group", current->name);
-	jv_push_int(&state, "attempt", attempt);
-	jv_push_bool(&state, "compensating", compensation);
-	jv_push_str(&state, "idempotency_key", idempotency_key(s, st->name, compensation));
+		jv_push(&state, "group", NULL, current->name);
+	jv_push(&state, "attempt", jv_int(&v, attempt), NULL);
+	jv_push(&state, "compensating", jv_bool(&v, compensation), NULL);
+	jv_push(&state, "idempotency_key", NULL, idempotency_key(s, st->name, compensation));
 	pushJsonbValue(&state, WJB_END_OBJECT, NULL);
 	call = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
 	return DatumGetJsonbP(DirectFunctionCall2(jsonb_concat, JsonbPGetDatum(s->context),
