@@ -61,6 +61,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
+#include "utils/varlena.h"
 
 #define TENANT_NAME_MAX 255
 #define OWNER_CACHE_MAX 4096
@@ -617,27 +618,13 @@ stream_gate(PG_FUNCTION_ARGS)
 Oid
 tenant_role_by_name(const char *s)
 {
-	Oid			role;
+	char	   *raw = pstrdup(s);
+	List	   *names;
+	Oid			role = InvalidOid;
 
-	if (s[0] == '"')
-	{
-		char	   *name = palloc(strlen(s) + 1);
-		char	   *out = name;
-
-		for (s++; *s; s++)
-		{
-			if (*s == '"' && s[1] != '"')
-				break;
-			if (*s == '"')
-				s++;
-			*out++ = *s;
-		}
-		*out = '\0';
-		role = get_role_oid(name, true);
-	}
-	else if (strspn(s, "0123456789") == strlen(s))
-		role = InvalidOid;		/* a dropped role: not a role named so */
-	else
-		role = get_role_oid(s, true);
+	/* digits are a dropped role's oid, not a role named so */
+	if (strspn(s, "0123456789") != strlen(s) &&
+		SplitIdentifierString(raw, '.', &names) && list_length(names) == 1)
+		role = get_role_oid(linitial(names), true);
 	return OidIsValid(role) ? role : OID_MAX;
 }
